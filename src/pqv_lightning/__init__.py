@@ -1,0 +1,33 @@
+"""pqv-lightning: structured pruning, quantization and mobile export of Vision Transformers as
+PyTorch Lightning callbacks."""
+
+from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
+from .importance import GradientStatistics, make_importance
+from .pruning import (
+    PruningConfig,
+    PruningEvent,
+    StructuredPruner,
+    count_macs,
+    count_params,
+    prune_once,
+    restore_structure,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientStatistics",
+    "ModelAdapter",
+    "PruningConfig",
+    "PruningEvent",
+    "StructuredPruner",
+    "count_macs",
+    "count_params",
+    "find_adapter",
+    "locate_model",
+    "make_importance",
+    "prune_once",
+    "register_adapter",
+    "restore_structure",
+    "__version__",
+]

@@ -1,0 +1,234 @@
+"""Model-family adapters: what the pruner must know about an architecture, kept out of the pruning code.
+
+An adapter answers four questions for one family of models:
+
+* which modules are multi-head attention, and how many heads each has (Torch-Pruning needs
+  ``num_heads={qkv_linear: heads}``);
+* which layers are the classifier and stay untouched by default;
+* which bare ``nn.Parameter`` tokens (``cls_token``, ``pos_embed``, ...) carry the embedding width;
+* how to re-synchronise module attributes after channels were removed (timm's ``Attention`` keeps
+  ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` as plain Python attributes).
+
+Adapters live in a registry keyed by model class and are found along the class's MRO, so a subclass
+of a registered model (e.g. timm's ``VisionTransformerDistilled``) is handled by its parent's
+adapter unless it registers its own. Add a family with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AttentionInfo",
+    "ModelAdapter",
+    "VisionTransformerAdapter",
+    "find_adapter",
+    "register_adapter",
+    "registered_model_types",
+]
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """One attention module: its dotted name, the module, its fused qkv Linear and head count."""
+
+    name: str
+    module: nn.Module
+    qkv: nn.Linear
+    num_heads: int
+
+
+class ModelAdapter:
+    """Base class of model-family adapters. Subclasses override the methods that differ."""
+
+    def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
+        """All multi-head attention modules of ``model`` with a fused ``qkv`` projection."""
+        return []
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        """Dotted names of the classifier layers, kept whole by default."""
+        return []
+
+    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        """Bare parameters (not owned by a Linear/Conv/Norm) and the dim that carries channels."""
+        return []
+
+    def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+        """Shape of a batch-1 input that a forward pass accepts (used to trace dependencies)."""
+        raise NotImplementedError
+
+    def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+        """Re-derive Python attributes from the (pruned) parameter shapes.
+
+        ``num_heads`` maps an attention module's dotted name to its current head count.
+        """
+
+
+_REGISTRY: dict[type, ModelAdapter] = {}
+
+
+def register_adapter(model_type: type) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator: ``@register_adapter(MyViT) class MyViTAdapter(ModelAdapter): ...``."""
+
+    def deco(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
+        _REGISTRY[model_type] = adapter_cls()
+        return adapter_cls
+
+    return deco
+
+
+def registered_model_types() -> list[type]:
+    """Model classes that have an adapter."""
+    return list(_REGISTRY)
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter | None:
+    """The adapter of the closest registered class in ``type(model).__mro__``, or None."""
+    for klass in type(model).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    return None
+
+
+def _timm_attention_types() -> tuple[type, ...]:
+    from timm.models import vision_transformer as vt
+
+    types: list[type] = [vt.Attention]
+    try:  # timm >= 1.0.20 defines Attention in timm.layers and re-exports it
+        from timm.layers.attention import Attention as LayerAttention
+
+        types.append(LayerAttention)
+    except ImportError:  # pragma: no cover - older timm
+        pass
+    return tuple(dict.fromkeys(types))
+
+
+def _iter_timm_attention(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    attn_types = _timm_attention_types()
+    for name, module in model.named_modules():
+        if isinstance(module, attn_types) and isinstance(getattr(module, "qkv", None), nn.Linear):
+            yield name, module
+
+
+try:
+    from timm.models.vision_transformer import VisionTransformer as _TimmViT
+except ImportError:  # pragma: no cover - timm is a hard dependency
+    _TimmViT = None
+
+
+if _TimmViT is not None:
+
+    @register_adapter(_TimmViT)
+    class VisionTransformerAdapter(ModelAdapter):
+        """timm ``VisionTransformer`` and its subclasses: ViT, DeiT (incl. distilled), DeiT3.
+
+        Pruning head dims or whole heads changes ``qkv``/``proj`` widths; this adapter then sets
+        ``num_heads``, ``head_dim = qkv.out_features // (3 * num_heads)``, ``attn_dim`` and
+        ``scale = head_dim ** -0.5`` so the fused (SDPA, which always scales by the current head
+        dim) and the manual attention path agree.
+        """
+
+        def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
+            return [
+                AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in _iter_timm_attention(model)
+            ]
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            names = []
+            for attr in ("head", "head_dist"):
+                layer = getattr(model, attr, None)
+                if isinstance(layer, nn.Module) and any(True for _ in layer.parameters()):
+                    names.append(attr)
+            return names
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            out = []
+            for attr in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+                p = getattr(model, attr, None)
+                if isinstance(p, nn.Parameter):
+                    out.append((p, p.dim() - 1))
+            return out
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            pe = model.patch_embed
+            in_chans = pe.proj.in_channels
+            img_size = getattr(pe, "img_size", None)
+            if img_size is None:
+                raise ValueError(
+                    "cannot infer the input size of this VisionTransformer (patch_embed.img_size is None); "
+                    "pass example_input_shape=[C, H, W]"
+                )
+            h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            return (1, in_chans, int(h), int(w))
+
+        def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+            for name, m in _iter_timm_attention(model):
+                heads = int(num_heads.get(name, m.num_heads))
+                qkv_out = m.qkv.out_features
+                if qkv_out % (3 * heads):
+                    raise RuntimeError(
+                        f"{name}: qkv has {qkv_out} outputs, not divisible by 3 x {heads} heads"
+                    )
+                m.num_heads = heads
+                m.head_dim = qkv_out // (3 * heads)
+                m.attn_dim = heads * m.head_dim
+                m.scale = m.head_dim**-0.5
+
+
+def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Module, ModelAdapter]:
+    """Find the prunable network inside ``root`` (usually a LightningModule).
+
+    With ``attr`` (a dotted path such as ``"model"`` or ``"net.backbone"``) that submodule is used.
+    Otherwise ``root`` itself if it has an adapter, else the *outermost* submodules that have one;
+    exactly one must exist.
+    """
+    if attr:
+        module: nn.Module = root
+        for part in attr.split("."):
+            if not hasattr(module, part):
+                raise ValueError(f"model_attr={attr!r}: {type(module).__name__} has no attribute {part!r}")
+            module = getattr(module, part)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"model_attr={attr!r} is a {type(module).__name__}, not an nn.Module")
+        adapter = find_adapter(module)
+        if adapter is None:
+            raise ValueError(
+                f"model_attr={attr!r} is a {type(module).__name__}; supported model classes: "
+                f"{[t.__name__ for t in registered_model_types()]} (register others with register_adapter)"
+            )
+        return attr, module, adapter
+    adapter = find_adapter(root)
+    if adapter is not None:
+        return "", root, adapter
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if not name or find_adapter(module) is None:
+            continue
+        if any(name.startswith(prev + ".") for prev, _ in found):
+            continue
+        found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"no prunable model found in {type(root).__name__}: none of its submodules is one of "
+            f"{[t.__name__ for t in registered_model_types()]}; pass model_attr= or register an adapter"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"several prunable models found in {type(root).__name__}: {[n for n, _ in found]}; "
+            "choose one with model_attr="
+        )
+    name, module = found[0]
+    return name, module, find_adapter(module)  # type: ignore[return-value]
+
+
+def example_inputs_for(model: nn.Module, adapter: ModelAdapter, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A random batch-1 input on the model's device and dtype."""
+    shape = tuple(shape) if shape is not None else adapter.example_input_shape(model)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    p = next(model.parameters())
+    return torch.randn(shape, device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)

@@ -1,0 +1,314 @@
+"""Importance criteria for structured pruning, and the gradient statistics they are computed from.
+
+Gradient criteria never run extra forward/backward passes: they fold the gradients of the real
+training steps into compact per-channel accumulators (:class:`GradientStatistics`):
+
+* ``taylor``: first-order Taylor saliency ``sum_t |w_t * g_t|`` over the optimizer steps of the
+  window, ``g_t`` being the (unscaled, DDP-synchronised) gradient the optimizer is about to apply;
+* ``hessian``: Optimal Brain Damage saliency ``w^2 * F`` with ``F`` a diagonal empirical Fisher,
+  accumulated as ``sum_k (w * g_k)^2`` over **every micro-batch** ``k`` of the window (each
+  backward pass, including the ones inside Lightning's ``accumulate_grad_batches``). The gradient
+  of each micro-batch is taken by a tensor hook before it is added into ``.grad``, so it is the
+  per-micro-batch gradient, not the running sum. (Torch-Pruning 1.6.1's own
+  ``GroupHessianImportance.accumulate_grad`` keeps only the last sample.)
+
+For a weight of shape ``(out, in, ...)`` only two vectors are kept: the sum over everything but
+dim 0 (the score of each output channel) and over everything but dim 1 (each input channel);
+1-D weights (LayerNorm) keep one value per element. That is all Torch-Pruning's group importance
+needs, so the statistics cost two small vectors per layer and survive checkpointing cheaply.
+
+Magnitude (``l1``, ``l2``) and ``random`` need no statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as tpf
+
+__all__ = [
+    "IMPORTANCE_NAMES",
+    "GRADIENT_CRITERIA",
+    "GradientStatistics",
+    "StatisticsImportance",
+    "SeededRandomImportance",
+    "make_importance",
+]
+
+ImportanceName = Literal["taylor", "hessian", "l1", "l2", "random"]
+IMPORTANCE_NAMES: tuple[str, ...] = ("taylor", "hessian", "l1", "l2", "random")
+GRADIENT_CRITERIA: tuple[str, ...] = ("taylor", "hessian")
+
+_TRACKED_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm)
+
+
+def tracked_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights whose channels can be scored: those of Linear, Conv and LayerNorm modules."""
+    out = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, _TRACKED_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            out[f"{mname}.weight" if mname else "weight"] = module.weight
+    return out
+
+
+def _channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-output-channel sum, per-input-channel sum) of a non-negative elementwise score."""
+    x = x.float()
+    if x.dim() == 1:
+        return x, None
+    out = x.sum(dim=tuple(d for d in range(x.dim()) if d != 0))
+    inp = x.sum(dim=tuple(d for d in range(x.dim()) if d != 1))
+    return out, inp
+
+
+class GradientStatistics:
+    """Per-channel gradient statistics of a model, accumulated over a window of training steps.
+
+    Usable without Lightning::
+
+        stats = GradientStatistics(model, "taylor")
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            stats.step()          # before optimizer.step(): reads the gradients
+            opt.step(); opt.zero_grad()
+
+    For ``"hessian"``, :meth:`attach` registers gradient hooks that record every backward pass
+    (micro-batch) and :meth:`step` commits them once the optimizer step is known to be finite.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Literal["taylor", "hessian"]):
+        if criterion not in GRADIENT_CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is not a gradient criterion; allowed: {GRADIENT_CRITERIA}")
+        self.model = model
+        self.criterion = criterion
+        self.out_scores: dict[str, torch.Tensor] = {}
+        self.in_scores: dict[str, torch.Tensor] = {}
+        self.steps = 0  # optimizer steps folded in
+        self.samples = 0  # gradient evaluations folded in (micro-batches for hessian, steps for taylor)
+        self.skipped = 0  # non-finite steps ignored
+        self._pending_out: dict[str, torch.Tensor] = {}
+        self._pending_in: dict[str, torch.Tensor] = {}
+        self._pending_samples = 0
+        self._pending_calls: dict[str, int] = {}
+        self._grad_scale = 1.0
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ accumulation
+    def set_grad_scale(self, scale: float) -> None:
+        """The loss scale of the coming backward pass (AMP ``GradScaler``); hooks divide it out."""
+        self._grad_scale = float(scale)
+
+    def attach(self) -> None:
+        """(Re-)register the per-micro-batch hooks on the current parameters (``hessian`` only)."""
+        self.detach()
+        if self.criterion != "hessian":
+            return
+        for name, p in tracked_weights(self.model).items():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._make_hook(name, p)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str, param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                g = grad.detach().float()
+                if self._grad_scale != 1.0:
+                    g = g / self._grad_scale
+                score = (param.detach().float() * g).square_()
+                _add(self._pending_out, self._pending_in, name, *_channel_sums(score))
+                self._pending_calls[name] = self._pending_calls.get(name, 0) + 1
+                self._pending_samples = max(self._pending_samples, self._pending_calls[name])
+
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Fold the current optimizer step in. Returns False (and drops it) if non-finite."""
+        if self.criterion == "taylor":
+            self._pending_out.clear()
+            self._pending_in.clear()
+            for name, p in tracked_weights(self.model).items():
+                if p.grad is None:
+                    continue
+                score = (p.detach().float() * p.grad.detach().float()).abs_()
+                _add(self._pending_out, self._pending_in, name, *_channel_sums(score))
+            self._pending_samples = 1 if self._pending_out else 0
+        pending = list(self._pending_out.values()) + list(self._pending_in.values())
+        ok = bool(pending) and bool(torch.isfinite(torch.stack([t.sum() for t in pending])).all())
+        if ok:
+            for name, t in self._pending_out.items():
+                _add(self.out_scores, self.in_scores, name, t, self._pending_in.get(name))
+            self.steps += 1
+            self.samples += self._pending_samples
+        elif pending:
+            self.skipped += 1
+        self._pending_out.clear()
+        self._pending_in.clear()
+        self._pending_calls.clear()
+        self._pending_samples = 0
+        return ok
+
+    def reset(self) -> None:
+        """Forget everything (called after each pruning event: channel indices changed)."""
+        self.out_scores.clear()
+        self.in_scores.clear()
+        self._pending_out.clear()
+        self._pending_in.clear()
+        self._pending_calls.clear()
+        self.steps = self.samples = self.skipped = self._pending_samples = 0
+
+    # ------------------------------------------------------------------ distributed / state
+    @torch.no_grad()
+    def all_reduce(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Average the accumulators over processes (``reduce_mean`` is e.g. ``strategy.reduce``).
+
+        Names are sorted so every rank packs the same layout; the result is bitwise identical on
+        every rank, hence so are the pruning decisions.
+        """
+        keys = sorted(self.out_scores)
+        if not keys:
+            return
+        parts = [self.out_scores[k] for k in keys] + [self.in_scores[k] for k in sorted(self.in_scores)]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        flat = reduce_mean(flat)
+        offset = 0
+        for k in keys:
+            n = self.out_scores[k].numel()
+            self.out_scores[k] = flat[offset : offset + n].clone()
+            offset += n
+        for k in sorted(self.in_scores):
+            n = self.in_scores[k].numel()
+            self.in_scores[k] = flat[offset : offset + n].clone()
+            offset += n
+
+    def state_dict(self) -> dict:
+        return {
+            "criterion": self.criterion,
+            "out_scores": {k: v.detach().cpu() for k, v in self.out_scores.items()},
+            "in_scores": {k: v.detach().cpu() for k, v in self.in_scores.items()},
+            "steps": self.steps,
+            "samples": self.samples,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("criterion") != self.criterion:
+            raise ValueError(
+                f"statistics were gathered for {state.get('criterion')!r}, this run uses {self.criterion!r}"
+            )
+        device = next(self.model.parameters()).device
+        self.out_scores = {k: v.to(device) for k, v in state["out_scores"].items()}
+        self.in_scores = {k: v.to(device) for k, v in state["in_scores"].items()}
+        self.steps, self.samples, self.skipped = int(state["steps"]), int(state["samples"]), int(state["skipped"])
+
+    def channel_scores(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.out_scores.get(name), self.in_scores.get(name)
+
+
+def _add(out_d: dict, in_d: dict, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
+    if name in out_d and out_d[name].shape == out.shape:
+        out_d[name] += out
+    else:
+        out_d[name] = out.clone()
+    if inp is not None:
+        if name in in_d and in_d[name].shape == inp.shape:
+            in_d[name] += inp
+        else:
+            in_d[name] = inp.clone()
+
+
+class StatisticsImportance(tp.importance.GroupMagnitudeImportance):
+    """Torch-Pruning group importance read from :class:`GradientStatistics`.
+
+    Mirrors ``GroupMagnitudeImportance``'s traversal (output rows of Linear/Conv, input columns,
+    LayerNorm gamma; reduced over the group with ``group_reduction`` and normalised with
+    ``normalizer``) but scores each channel with the accumulated statistic instead of ``|w|^p``.
+    """
+
+    def __init__(self, stats: GradientStatistics, group_reduction: str = "mean", normalizer: str = "mean"):
+        super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer, bias=False)
+        self.stats = stats
+        self._names: dict[int, str] = {}
+
+    def bind_names(self, model: nn.Module) -> None:
+        """Map the live parameters to the names the statistics are keyed by (call before a step)."""
+        self._names = {id(p): n for n, p in tracked_weights(model).items()}
+
+    @torch.no_grad()
+    def __call__(self, group):
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, prune_fn = dep.layer, dep.pruning_fn
+            if not isinstance(layer, tuple(self.target_types)) or getattr(layer, "weight", None) is None:
+                continue
+            name = self._names.get(id(layer.weight))
+            if name is None:
+                continue
+            out_s, in_s = self.stats.channel_scores(name)
+            if prune_fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels, tpf.prune_layernorm_out_channels):
+                scores = out_s
+            elif prune_fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
+                scores = in_s
+            else:
+                continue
+            if scores is None:
+                continue
+            group_imp.append(scores[torch.as_tensor(idxs, device=scores.device, dtype=torch.long)])
+            group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+class SeededRandomImportance(tp.importance.Importance):
+    """Uniform random scores from a seeded generator: identical on every DDP rank."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self.event = 0
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def start_event(self, event: int) -> None:
+        self.event = event
+        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + event)
+
+    @torch.no_grad()
+    def __call__(self, group):
+        _, idxs = group[0]
+        return torch.rand(len(idxs), generator=self._gen)
+
+
+def make_importance(name: str, stats: GradientStatistics | None = None, seed: int = 0) -> tp.importance.Importance:
+    """Importance object for a criterion name (see :data:`IMPORTANCE_NAMES`)."""
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "random":
+        return SeededRandomImportance(seed)
+    if name in GRADIENT_CRITERIA:
+        if stats is None or stats.criterion != name:
+            raise ValueError(f"importance={name!r} needs GradientStatistics(model, {name!r})")
+        return StatisticsImportance(stats)
+    raise ValueError(f"importance={name!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+
+
+def check_trainable(weights: Iterable[tuple[str, nn.Parameter]], criterion: str) -> None:
+    """Gradient criteria need gradients: refuse frozen weights that would be scored."""
+    frozen = [n for n, p in weights if not p.requires_grad]
+    if frozen and criterion in GRADIENT_CRITERIA:
+        shown = ", ".join(frozen[:5]) + (f" (+{len(frozen) - 5} more)" if len(frozen) > 5 else "")
+        raise ValueError(
+            f"importance={criterion!r} needs gradients, but {len(frozen)} prunable weights are frozen "
+            f"(requires_grad=False): {shown}. Unfreeze them, add them to ignored_layers, or use "
+            "importance='l1'/'l2'/'random'"
+        )

@@ -1,0 +1,481 @@
+"""Structured pruning of Vision Transformers without a Trainer.
+
+:class:`StructuredPruner` wraps one Torch-Pruning ``BasePruner`` (DepGraph groups) for a whole
+iterative schedule and adds what a training loop needs around each event:
+
+* importance from accumulated training gradients (:mod:`pqv_lightning.importance`),
+* optimizers re-pointed at the replacement parameters with their state sliced
+  (:mod:`pqv_lightning.optim`),
+* model-family attributes re-synchronised through the adapter registry
+  (:mod:`pqv_lightning.adapters`),
+* a small JSON-able ``state_dict`` from which a fresh, unpruned copy of the model is reshaped
+  (:func:`restore_structure`), and from which the schedule continues exactly.
+
+Example (plain PyTorch)::
+
+    pruner = StructuredPruner(model, PruningConfig(importance="taylor", pruning_ratio=0.5, iterative_steps=2))
+    for step, (x, y) in enumerate(loader):
+        F.cross_entropy(model(x), y).backward()
+        pruner.accumulate()                 # Taylor statistics from this step's gradients
+        opt.step(); opt.zero_grad()
+        if step in (100, 200):
+            event = pruner.step(optimizers=[opt])
+            print(event.params_after, event.macs_after)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import ModelAdapter, example_inputs_for, find_adapter
+from .importance import (
+    GRADIENT_CRITERIA,
+    IMPORTANCE_NAMES,
+    GradientStatistics,
+    SeededRandomImportance,
+    StatisticsImportance,
+    check_trainable,
+    make_importance,
+    tracked_weights,
+)
+from .optim import record_parameter_replacements, remap_optimizer, restore_requires_grad
+
+__all__ = [
+    "PruningConfig",
+    "PruningEvent",
+    "StructuredPruner",
+    "count_macs",
+    "count_params",
+    "prune_once",
+    "restore_structure",
+]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class PruningConfig:
+    """What to prune and how (Torch-Pruning semantics).
+
+    Args:
+        importance: ``"taylor"``, ``"hessian"`` (gradient statistics), ``"l1"``, ``"l2"`` (group
+            weight magnitude) or ``"random"``.
+        pruning_ratio: final fraction of channels removed from every prunable dimension (embedding
+            width, head dims, MLP hidden), in ``[0, 1)``. Parameters shrink roughly by
+            ``(1 - ratio)^2``.
+        iterative_steps: number of pruning events; the ratio grows linearly to its final value.
+        prune_num_heads: remove whole attention heads.
+        head_pruning_ratio: final fraction of heads removed when ``prune_num_heads`` (defaults to
+            ``pruning_ratio``).
+        prune_head_dims: remove dimensions inside every head (all heads keep equal ``head_dim``).
+        round_to: keep channel counts multiples of this (e.g. 8 for SIMD/tensor-core friendly shapes).
+        ignored_layers: dotted module names or glob patterns (relative to the pruned model) whose
+            output channels are never pruned. ``None`` means the classifier head(s).
+        global_pruning: rank channels across layers instead of the same ratio per layer.
+        seed: seed of the ``random`` criterion.
+    """
+
+    importance: str = "taylor"
+    pruning_ratio: float = 0.25
+    iterative_steps: int = 1
+    prune_num_heads: bool = False
+    head_pruning_ratio: float | None = None
+    prune_head_dims: bool = True
+    round_to: int | None = None
+    ignored_layers: list[str] | None = None
+    global_pruning: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.importance not in IMPORTANCE_NAMES:
+            raise ValueError(f"importance={self.importance!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+        _check_ratio("pruning_ratio", self.pruning_ratio)
+        if self.head_pruning_ratio is not None:
+            _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
+        if not isinstance(self.iterative_steps, int) or isinstance(self.iterative_steps, bool) or self.iterative_steps < 1:
+            raise ValueError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to={self.round_to!r} must be None or an integer >= 1")
+        if not (self.prune_num_heads or self.prune_head_dims):
+            # Still valid: attention internals are then left alone, embedding and MLP are pruned.
+            pass
+
+    @property
+    def effective_head_ratio(self) -> float:
+        if not self.prune_num_heads:
+            return 0.0
+        return self.pruning_ratio if self.head_pruning_ratio is None else self.head_pruning_ratio
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: a number in [0, 1)")
+
+
+@dataclass
+class PruningEvent:
+    """What one pruning event did."""
+
+    index: int  # 1-based event number
+    target_ratio: float  # cumulative channel ratio asked for at this event
+    ratio_reached: float  # fraction of prunable output channels actually removed so far
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    seconds: float  # wall time of the structural change (scoring, removal, optimizer remap)
+    widths: dict[str, list[int]] = field(default_factory=dict)  # layer -> [in, out] after the event
+    heads: dict[str, int] = field(default_factory=dict)  # attention module -> heads after the event
+    optimizer_params_remapped: int = 0
+
+    def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
+        return {
+            f"{prefix}event": float(self.index),
+            f"{prefix}params": float(self.params_after),
+            f"{prefix}macs": float(self.macs_after),
+            f"{prefix}target_ratio": self.target_ratio,
+            f"{prefix}ratio_reached": self.ratio_reached,
+            f"{prefix}event_seconds": self.seconds,
+        }
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (matmuls, convs and attention; PyTorch's counter)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
+class _BasePruner(tp.pruner.BasePruner):
+    """Torch-Pruning's pruner with local head pruning made cumulative.
+
+    In 1.6.1, local head pruning removes ``ceil(ratio_k * current_heads)`` heads at step ``k``
+    although ``ratio_k`` is a cumulative target, so 6 heads at 50 % go 6 -> 5 -> 3 -> 1. Here the
+    ratio handed to that formula is rewritten so that after step ``k`` exactly
+    ``max(1, int(initial_heads * (1 - ratio_k)))`` heads remain.
+    """
+
+    def get_target_head_pruning_ratio(self, module) -> float:  # noqa: D401 - TP override
+        cumulative = super().get_target_head_pruning_ratio(module)
+        if self.global_pruning or cumulative <= 0:
+            return cumulative
+        initial, current = self.init_num_heads.get(module), self.num_heads.get(module)
+        if not initial or not current:
+            return cumulative
+        target = max(1, int(initial * (1 - cumulative)))
+        remove = current - target
+        if remove <= 0:
+            return 0.0
+        # ceil((remove - 0.5) / current * current) == remove, immune to float round-off
+        return (remove - 0.5) / current
+
+
+class StructuredPruner:
+    """Iterative structured pruning of one model (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruningConfig | None = None,
+        *,
+        example_inputs: torch.Tensor | None = None,
+        adapter: ModelAdapter | None = None,
+        measure: bool = True,
+    ):
+        self.config = config = config or PruningConfig()
+        config.validate()
+        self.model = model
+        self.adapter = adapter or find_adapter(model)
+        if self.adapter is None:
+            raise ValueError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
+        if example_inputs is None:
+            example_inputs = example_inputs_for(model, self.adapter)
+        self.input_shape = list(example_inputs.shape)
+        self.measure = measure
+        self.ignored_names = self._resolve_ignored(config.ignored_layers)
+        ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
+        ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
+        scored = [(n, p) for n, p in tracked_weights(model).items() if id(p) not in ignored_ids]
+        check_trainable(scored, config.importance)
+
+        self.stats = GradientStatistics(model, config.importance) if config.importance in GRADIENT_CRITERIA else None
+        self.importance = make_importance(config.importance, self.stats, seed=config.seed)
+        attn = self.adapter.attention_modules(model)
+        self._attn_names = {id(a.qkv): a.name for a in attn}
+        num_heads = {a.qkv: a.num_heads for a in attn}
+        was_training = model.training
+        try:
+            # DepGraph traces a forward with autograd (asserts grad mode) and leaves eval() on.
+            # A tracing input that requires grad keeps frozen first layers in the graph.
+            with torch.enable_grad():
+                self._tp = _BasePruner(
+                    model,
+                    example_inputs.detach().clone().requires_grad_(True),
+                    importance=self.importance,
+                    pruning_ratio=config.pruning_ratio,
+                    iterative_steps=config.iterative_steps,
+                    ignored_layers=ignored_modules,
+                    global_pruning=config.global_pruning,
+                    round_to=config.round_to,
+                    num_heads=num_heads,
+                    prune_num_heads=config.prune_num_heads,
+                    prune_head_dims=config.prune_head_dims,
+                    head_pruning_ratio=config.effective_head_ratio,
+                    unwrapped_parameters=self.adapter.unwrapped_parameters(model),
+                    in_channel_groups={},  # TP 1.6.1 mutates shared default dicts
+                    out_channel_groups={},
+                )
+        finally:
+            model.train(was_training)
+        if self._tp.initial_total_channels == 0:
+            if config.ignored_layers:
+                raise ValueError(
+                    f"ignored_layers={config.ignored_layers!r} cover every prunable layer of "
+                    f"{type(model).__name__}; nothing would be pruned"
+                )
+            raise ValueError(f"no prunable layers found in {type(model).__name__}")
+        self._example_inputs = example_inputs.detach()
+        self.initial_params = count_params(model)
+        self.initial_macs = count_macs(model, self._example_inputs) if measure else 0
+        self._initial_widths = self._prunable_out_widths()
+        self.events: list[PruningEvent] = []
+        if self.stats is not None:
+            self.stats.attach()
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve_ignored(self, patterns: Sequence[str] | None) -> list[str]:
+        if patterns is None:
+            return list(self.adapter.classifier_names(self.model))
+        if isinstance(patterns, str):
+            raise ValueError(f"ignored_layers={patterns!r} must be a list of module names or glob patterns")
+        names = [n for n, _ in self.model.named_modules() if n]
+        chosen: list[str] = []
+        for pat in patterns:
+            hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(
+                    f"ignored_layers entry {pat!r} matches no module of {type(self.model).__name__}; "
+                    f"module names look like {names[:4]}..."
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+        return chosen
+
+    def _prunable_out_widths(self) -> dict[str, int]:
+        ignored = tuple(self.ignored_names)
+        out = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not any(
+                name == i or name.startswith(i + ".") for i in ignored
+            ):
+                out[name] = m.weight.shape[0]
+        return out
+
+    @property
+    def completed_events(self) -> int:
+        return int(self._tp.current_step)
+
+    @property
+    def iterative_steps(self) -> int:
+        return self.config.iterative_steps
+
+    def current_heads(self) -> dict[str, int]:
+        return {self._attn_names[id(q)]: int(n) for q, n in self._tp.num_heads.items() if id(q) in self._attn_names}
+
+    def widths(self) -> dict[str, list[int]]:
+        out = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Linear):
+                out[name] = [m.in_features, m.out_features]
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                out[name] = [m.in_channels, m.out_channels]
+            elif isinstance(m, nn.LayerNorm):
+                out[name] = [int(m.normalized_shape[-1])] * 2
+        return out
+
+    def ratio_reached(self) -> float:
+        now = self._prunable_out_widths()
+        total = sum(self._initial_widths.values())
+        return 1.0 - sum(now.get(k, 0) for k in self._initial_widths) / total if total else 0.0
+
+    # ------------------------------------------------------------------ statistics
+    def accumulate(self) -> bool:
+        """Fold the current gradients into the statistics (gradient criteria; no-op otherwise)."""
+        return self.stats.step() if self.stats is not None else True
+
+    # ------------------------------------------------------------------ one event
+    def step(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> PruningEvent:
+        """Run the next pruning event on the live model and return what it did.
+
+        ``optimizers`` are re-pointed at the new parameters with sliced state. ``reduce_mean``
+        averages gradient statistics over processes first (DDP).
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("pruning under torch.inference_mode() would create inference tensors; prune in a training hook")
+        if self.completed_events >= self.iterative_steps:
+            raise RuntimeError(f"all {self.iterative_steps} pruning events have already run")
+        if self.stats is not None:
+            if reduce_mean is not None:
+                self.stats.all_reduce(reduce_mean)
+            if self.stats.steps == 0:
+                raise RuntimeError(
+                    f"importance={self.config.importance!r}: no gradient statistics were gathered before "
+                    "this pruning event (call accumulate() after backward, before optimizer.step())"
+                )
+            assert isinstance(self.importance, StatisticsImportance)
+            self.importance.bind_names(self.model)
+        if isinstance(self.importance, SeededRandomImportance):
+            self.importance.start_event(self.completed_events + 1)
+        params_before = count_params(self.model)
+        macs_before = self.events[-1].macs_after if self.events else self.initial_macs
+        was_training = self.model.training
+        t0 = time.perf_counter()
+        with record_parameter_replacements() as log, torch.enable_grad():
+            self._tp.step()
+        live = list(self.model.parameters())
+        remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
+        restore_requires_grad(log, live)
+        self.adapter.sync_attributes(self.model, self.current_heads())
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        seconds = time.perf_counter() - t0
+        if self.stats is not None:
+            self.stats.reset()
+            self.stats.attach()
+        event = PruningEvent(
+            index=self.completed_events,
+            target_ratio=float(self._tp.per_step_pruning_ratio[self.completed_events]),
+            ratio_reached=self.ratio_reached(),
+            params_before=params_before,
+            params_after=count_params(self.model),
+            macs_before=macs_before,
+            macs_after=count_macs(self.model, self._example_inputs) if self.measure else 0,
+            seconds=seconds,
+            widths=self.widths(),
+            heads=self.current_heads(),
+            optimizer_params_remapped=remapped,
+        )
+        self.events.append(event)
+        return event
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the pruned structure and continue the schedule.
+
+        Plain Python types only, so checkpoints load with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "version": STATE_VERSION,
+            "config": asdict(self.config),
+            "input_shape": list(self.input_shape),
+            "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self._tp.pruning_history()],
+            "current_step": int(self._tp.current_step),
+            "scope_initial_channels": {str(k): int(v) for k, v in self._tp._scope_initial_channels.items()},
+            "num_heads": self.current_heads(),
+            "initial_params": int(self.initial_params),
+            "initial_macs": int(self.initial_macs),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay a saved structure on this (still unpruned) model and restore the schedule."""
+        _check_state(state)
+        if self.completed_events:
+            raise RuntimeError("load_state_dict needs a pruner whose model has not been pruned yet")
+        if state["current_step"] > self.iterative_steps:
+            raise ValueError(
+                f"the checkpoint ran {state['current_step']} pruning events but this run allows only "
+                f"iterative_steps={self.iterative_steps}"
+            )
+        was_training = self.model.training
+        with torch.enable_grad():
+            self._tp.DG.load_pruning_history([list(h) for h in state["history"]])
+        self.model.train(was_training)
+        by_name = {name: q for q_id, name in self._attn_names.items() for q in self._tp.num_heads if id(q) == q_id}
+        for name, heads in state["num_heads"].items():
+            qkv = by_name.get(name)
+            if qkv is not None:
+                self._tp.num_heads[qkv] = int(heads)
+                if qkv in self._tp.out_channel_groups:
+                    self._tp.out_channel_groups[qkv] = int(heads)
+        self._tp._scope_initial_channels = dict(state["scope_initial_channels"])
+        self._tp.current_step = int(state["current_step"])
+        self.adapter.sync_attributes(self.model, state["num_heads"])
+        self.initial_params = int(state.get("initial_params", self.initial_params))
+        self.initial_macs = int(state.get("initial_macs", self.initial_macs))
+        if self.stats is not None:
+            self.stats.reset()
+            self.stats.attach()
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, dict) or "history" not in state:
+        raise ValueError("not a pqv_lightning pruning state (no 'history')")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"pruning state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+
+
+def restore_structure(model: nn.Module, state: dict[str, Any], adapter: ModelAdapter | None = None) -> nn.Module:
+    """Reshape a freshly built, unpruned ``model`` in place to the structure saved in ``state``
+    (from :meth:`StructuredPruner.state_dict`), so that a pruned ``state_dict`` loads into it."""
+    _check_state(state)
+    adapter = adapter or find_adapter(model)
+    if adapter is None:
+        raise ValueError(f"no adapter for {type(model).__name__}")
+    was_training = model.training
+    example = example_inputs_for(model, adapter, tuple(state["input_shape"]))
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(
+            model,
+            example.requires_grad_(True),
+            unwrapped_parameters=adapter.unwrapped_parameters(model),
+            verbose=False,
+        )
+        dg.load_pruning_history([list(h) for h in state["history"]])
+    adapter.sync_attributes(model, state["num_heads"])
+    model.train(was_training)
+    return model
+
+
+def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: Any) -> PruningEvent:
+    """One-shot pruning: run every event of ``config`` back to back on ``model`` (in place).
+
+    Only criteria that need no training statistics make sense here (``l1``, ``l2``, ``random``),
+    unless ``kwargs['calibrate']`` is a callable that runs forward/backward passes: it is called
+    before each event and its gradients are folded into the statistics.
+    """
+    calibrate = kwargs.pop("calibrate", None)
+    pruner = StructuredPruner(model, config, **kwargs)
+    event = None
+    for _ in range(pruner.iterative_steps):
+        if pruner.stats is not None:
+            if calibrate is None:
+                raise ValueError(f"importance={pruner.config.importance!r} needs calibrate=callable for one-shot pruning")
+            model.zero_grad(set_to_none=True)
+            calibrate(model)
+            pruner.accumulate()
+        event = pruner.step()
+    assert event is not None
+    return event
