@@ -1,6 +1,8 @@
 """pqv-lightning: structured pruning, quantization and mobile export of Vision Transformers as
 PyTorch Lightning callbacks."""
 
+from .callbacks import CHECKPOINT_KEY, StructuredPruning
+from .checkpoint import load_pruned_checkpoint, restore_pruned_module
 from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
 from .importance import GradientStatistics, make_importance
 from .pruning import (
@@ -16,6 +18,10 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHECKPOINT_KEY",
+    "StructuredPruning",
+    "load_pruned_checkpoint",
+    "restore_pruned_module",
     "GradientStatistics",
     "ModelAdapter",
     "PruningConfig",

@@ -97,6 +97,7 @@ class GradientStatistics:
         self._pending_calls: dict[str, int] = {}
         self._grad_scale = 1.0
         self._handles: list = []
+        self.enabled = True  # hessian hooks record only while True (the callback opens it per window)
 
     # ------------------------------------------------------------------ accumulation
     def set_grad_scale(self, scale: float) -> None:
@@ -119,6 +120,8 @@ class GradientStatistics:
 
     def _make_hook(self, name: str, param: nn.Parameter) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if not self.enabled:
+                return
             with torch.no_grad():
                 g = grad.detach().float()
                 if self._grad_scale != 1.0:
@@ -130,9 +133,20 @@ class GradientStatistics:
 
         return hook
 
+    def discard_pending(self) -> None:
+        """Drop micro-batch terms recorded since the last :meth:`step` (outside a window)."""
+        self._pending_out.clear()
+        self._pending_in.clear()
+        self._pending_calls.clear()
+        self._pending_samples = 0
+
     @torch.no_grad()
-    def step(self) -> bool:
-        """Fold the current optimizer step in. Returns False (and drops it) if non-finite."""
+    def step(self, grad_scale: float = 1.0) -> bool:
+        """Fold the current optimizer step in. Returns False (and drops it) if non-finite.
+
+        ``grad_scale``: for ``taylor``, the factor the gradients are still multiplied by (AMP with
+        an optimizer that unscales inside ``step``); 1 when they are already unscaled.
+        """
         if self.criterion == "taylor":
             self._pending_out.clear()
             self._pending_in.clear()
@@ -140,6 +154,8 @@ class GradientStatistics:
                 if p.grad is None:
                     continue
                 score = (p.detach().float() * p.grad.detach().float()).abs_()
+                if grad_scale != 1.0:
+                    score.div_(grad_scale)
                 _add(self._pending_out, self._pending_in, name, *_channel_sums(score))
             self._pending_samples = 1 if self._pending_out else 0
         pending = list(self._pending_out.values()) + list(self._pending_in.values())
@@ -151,10 +167,7 @@ class GradientStatistics:
             self.samples += self._pending_samples
         elif pending:
             self.skipped += 1
-        self._pending_out.clear()
-        self._pending_in.clear()
-        self._pending_calls.clear()
-        self._pending_samples = 0
+        self.discard_pending()
         return ok
 
     def reset(self) -> None:
@@ -215,15 +228,14 @@ class GradientStatistics:
 
 
 def _add(out_d: dict, in_d: dict, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
-    if name in out_d and out_d[name].shape == out.shape:
-        out_d[name] += out
-    else:
-        out_d[name] = out.clone()
-    if inp is not None:
-        if name in in_d and in_d[name].shape == inp.shape:
-            in_d[name] += inp
+    for d, value in ((out_d, out), (in_d, inp)):
+        if value is None:
+            continue
+        old = d.get(name)
+        if old is not None and old.shape == value.shape:
+            d[name] = old.to(value.device).add_(value) if old.device != value.device else old.add_(value)
         else:
-            in_d[name] = inp.clone()
+            d[name] = value.clone()
 
 
 class StatisticsImportance(tp.importance.GroupMagnitudeImportance):

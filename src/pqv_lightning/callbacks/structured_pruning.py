@@ -1,0 +1,415 @@
+"""Lightning glue for :class:`pqv_lightning.pruning.StructuredPruner`."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..adapters import example_inputs_for, locate_model
+from ..pruning import PruningConfig, PruningEvent, StructuredPruner
+
+__all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
+
+#: Top-level checkpoint key holding the pruned structure (written for weights-only checkpoints too).
+CHECKPOINT_KEY = "pqv_structured_pruning"
+
+_SHADOWED = ("on_save_checkpoint", "on_load_checkpoint")
+
+
+class StructuredPruning(Callback):
+    r"""Iteratively prune a timm Vision Transformer while it fine-tunes: channels, head dims, whole
+    heads and MLP units are physically removed (Torch-Pruning DepGraph groups), not masked.
+
+    Add it to an existing ``Trainer``; the ``LightningModule`` stays unchanged.
+
+    The pruned network is found as ``getattr(pl_module, model_attr)`` (a dotted path such as
+    ``"model"`` or ``"net.backbone"``) or, when ``model_attr`` is None, as the module itself or its
+    single outermost submodule of a supported class (see :func:`pqv_lightning.register_adapter`).
+
+    Schedule: ``iterative_steps`` events. Before event ``k`` (0-based) a statistics window opens at
+    epoch ``start + k * frequency`` (``interval="epoch"``) or after optimizer step
+    ``start + k * frequency`` (``interval="step"``); the event runs right after the window's
+    ``accumulate_batches``-th optimizer step, whose gradients (unscaled, synchronised across DDP
+    ranks, non-finite steps skipped) feed the ``taylor`` / ``hessian`` scores. Magnitude and random
+    criteria ignore the statistics but keep the same timing.
+
+    After each event the optimizers hold exactly the new parameters with their state (e.g. Adam
+    moments) sliced to the kept channels, LR schedulers continue, DDP is re-wrapped, and params,
+    MACs, the ratio reached and the event time go to every logger (plus per-event and per-layer
+    tables with ``WandbLogger``).
+
+    Checkpoints carry the structure under ``checkpoint["pqv_structured_pruning"]`` (also in
+    weights-only checkpoints), so ``trainer.fit(ckpt_path=...)`` resumes with pruned shapes and
+    :func:`pqv_lightning.load_pruned_checkpoint` loads the pruned module.
+
+    Args:
+        importance: ``"taylor"``, ``"hessian"``, ``"l1"``, ``"l2"`` or ``"random"``.
+        pruning_ratio: final channel ratio removed, in ``[0, 1)`` (Torch-Pruning semantics).
+        iterative_steps: number of pruning events.
+        accumulate_batches: optimizer steps of gradient statistics gathered before each event.
+        interval: ``"epoch"`` or ``"step"``: the unit of ``start`` and ``frequency``.
+        start: epoch / optimizer step at which the first window opens.
+        frequency: epochs / optimizer steps between consecutive windows.
+        prune_num_heads: remove whole heads (``head_pruning_ratio``, default ``pruning_ratio``).
+        head_pruning_ratio: final fraction of heads removed when ``prune_num_heads``.
+        prune_head_dims: remove dims inside every head.
+        round_to: keep widths multiples of this.
+        ignored_layers: module names / glob patterns (relative to the pruned model) never pruned;
+            ``None`` = the classifier head(s).
+        global_pruning: rank channels across layers.
+        model_attr: dotted path of the network inside the LightningModule.
+        example_input_shape: ``[C, H, W]`` for tracing when the model cannot tell its input size.
+        seed: seed of the ``random`` criterion.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from pqv_lightning import StructuredPruning
+
+        trainer = pl.Trainer(max_epochs=4, callbacks=[
+            StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=3,
+                              accumulate_batches=16, interval="epoch", start=0, frequency=1),
+        ])
+        trainer.fit(lit_module, datamodule=dm)   # lit_module.model is a timm ViT / DeiT
+    """
+
+    def __init__(
+        self,
+        importance: Literal["taylor", "hessian", "l1", "l2", "random"] = "taylor",
+        pruning_ratio: float = 0.25,
+        iterative_steps: int = 4,
+        accumulate_batches: int = 8,
+        interval: Literal["epoch", "step"] = "epoch",
+        start: int = 0,
+        frequency: int = 1,
+        prune_num_heads: bool = False,
+        head_pruning_ratio: float | None = None,
+        prune_head_dims: bool = True,
+        round_to: int | None = None,
+        ignored_layers: list[str] | None = None,
+        global_pruning: bool = False,
+        model_attr: str | None = None,
+        example_input_shape: list[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = PruningConfig(
+            importance=importance,
+            pruning_ratio=pruning_ratio,
+            iterative_steps=iterative_steps,
+            prune_num_heads=prune_num_heads,
+            head_pruning_ratio=head_pruning_ratio,
+            prune_head_dims=prune_head_dims,
+            round_to=round_to,
+            ignored_layers=list(ignored_layers) if ignored_layers is not None else None,
+            global_pruning=global_pruning,
+            seed=seed,
+        )
+        self.config.validate()
+        _check_int("accumulate_batches", accumulate_batches, 1)
+        _check_int("start", start, 0)
+        _check_int("frequency", frequency, 1)
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"interval={interval!r} is not supported; allowed: 'epoch', 'step'")
+        if interval == "step" and frequency < accumulate_batches:
+            raise ValueError(
+                f"frequency={frequency} steps is shorter than accumulate_batches={accumulate_batches}: "
+                "statistics windows would overlap; allowed: frequency >= accumulate_batches"
+            )
+        if example_input_shape is not None and len(example_input_shape) not in (3, 4):
+            raise ValueError(f"example_input_shape={example_input_shape!r} must be [C, H, W]")
+        self.accumulate_batches = accumulate_batches
+        self.interval = interval
+        self.start = start
+        self.frequency = frequency
+        self.model_attr = model_attr
+        self.example_input_shape = example_input_shape
+        self.pruner: StructuredPruner | None = None
+        self.events: list[PruningEvent] = []
+        self._located_attr: str | None = None
+        self._window_steps = 0
+        self._stepped = False
+        self._window_open_now = False
+        self._pending_stats: dict | None = None
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            importance=self.config.importance, pruning_ratio=self.config.pruning_ratio, model_attr=self.model_attr
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        stats = self.pruner.stats.state_dict() if self.pruner is not None and self.pruner.stats is not None else None
+        return {
+            "window_steps": self._window_steps,
+            "stats": stats,
+            "events": [asdict(e) for e in self.events],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._window_steps = int(state_dict.get("window_steps", 0))
+        self.events = [PruningEvent(**e) for e in state_dict.get("events", [])]
+        stats = state_dict.get("stats")
+        if stats is not None and self.pruner is not None and self.pruner.stats is not None:
+            self.pruner.stats.load_state_dict(stats)
+
+    # ------------------------------------------------------------------ setup / teardown
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        self._check_schedule_against_trainer(trainer)
+        attr, model, adapter = locate_model(pl_module, self.model_attr)
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # pragma: no cover - defensive
+            raise ValueError("StructuredPruning cannot prune a torch.compile'd module; compile after pruning")
+        if self.pruner is None or self.pruner.model is not model:
+            example = None
+            if self.example_input_shape is not None:
+                example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
+            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
+            self._located_attr = attr
+            rank_zero_info(
+                f"StructuredPruning: pruning {type(model).__name__} at "
+                f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
+                f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
+            )
+        self._install_module_hooks(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for name in _SHADOWED:
+            pl_module.__dict__.pop(name, None)
+        if self.pruner is not None and self.pruner.stats is not None:
+            self.pruner.stats.detach()
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch import strategies as st
+
+        refused = tuple(
+            getattr(st, n) for n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") if hasattr(st, n)
+        )
+        strategy = trainer.strategy
+        if isinstance(strategy, refused) or strategy.restore_checkpoint_after_setup:
+            raise ValueError(
+                f"StructuredPruning does not support strategy {type(strategy).__name__}: it shards or flattens "
+                "parameters, so they cannot be reshaped mid-fit. Supported: single device, 'ddp', 'ddp_spawn', "
+                "'ddp_find_unused_parameters_true'"
+            )
+        from lightning.pytorch import callbacks as cb
+
+        averaging = tuple(getattr(cb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(cb, n))
+        clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]
+        if clash:
+            raise ValueError(
+                f"StructuredPruning cannot run with {clash}: they keep a copy of the model whose shapes would go stale"
+            )
+
+    def _check_schedule_against_trainer(self, trainer: pl.Trainer) -> None:
+        last_window = self.start + (self.config.iterative_steps - 1) * self.frequency
+        if self.interval == "epoch":
+            max_epochs = trainer.max_epochs
+            if max_epochs is not None and max_epochs >= 0 and last_window >= max_epochs:
+                raise ValueError(
+                    f"the pruning schedule needs epoch {last_window} (start={self.start}, frequency={self.frequency}, "
+                    f"iterative_steps={self.config.iterative_steps}) but max_epochs={max_epochs}; allowed: "
+                    f"start + (iterative_steps - 1) * frequency < max_epochs"
+                )
+        else:
+            last_step = last_window + self.accumulate_batches
+            if trainer.max_steps is not None and trainer.max_steps > 0 and last_step > trainer.max_steps:
+                raise ValueError(
+                    f"the pruning schedule needs optimizer step {last_step} (start={self.start}, frequency="
+                    f"{self.frequency}, iterative_steps={self.config.iterative_steps}, accumulate_batches="
+                    f"{self.accumulate_batches}) but max_steps={trainer.max_steps}"
+                )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            if self.interval == "epoch" and self.accumulate_batches > steps_per_epoch:
+                raise ValueError(
+                    f"accumulate_batches={self.accumulate_batches} exceeds the {steps_per_epoch} optimizer steps of "
+                    f"one epoch; allowed: 1..{steps_per_epoch} with interval='epoch'"
+                )
+            if self.interval == "step" and trainer.max_epochs is not None and trainer.max_epochs > 0:
+                budget = steps_per_epoch * trainer.max_epochs
+                if trainer.max_steps is not None and trainer.max_steps > 0:
+                    budget = min(budget, trainer.max_steps)
+                last_step = self.start + (self.config.iterative_steps - 1) * self.frequency + self.accumulate_batches
+                if last_step > budget:
+                    raise ValueError(
+                        f"the pruning schedule needs optimizer step {last_step} but this fit runs {budget} steps "
+                        f"(max_epochs={trainer.max_epochs})"
+                    )
+        assert self.pruner is not None
+        if self.pruner.stats is not None:
+            self.pruner.stats.attach()  # parameters may have been replaced by a checkpoint replay
+
+    # ------------------------------------------------------------------ checkpoint structure
+    def _install_module_hooks(self, pl_module: pl.LightningModule) -> None:
+        for name in _SHADOWED:
+            pl_module.__dict__.pop(name, None)
+        original_save, original_load = pl_module.on_save_checkpoint, pl_module.on_load_checkpoint
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original_save(checkpoint)
+            assert self.pruner is not None
+            checkpoint[CHECKPOINT_KEY] = {"model_attr": self._located_attr, **self.pruner.state_dict()}
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get(CHECKPOINT_KEY)
+            if state is not None:
+                assert self.pruner is not None
+                if state.get("model_attr") != self._located_attr:
+                    raise ValueError(
+                        f"checkpoint was pruned at model_attr={state.get('model_attr')!r}, this run prunes "
+                        f"{self._located_attr!r}"
+                    )
+                if self.pruner.completed_events == 0 and state["history"]:
+                    self.pruner.load_state_dict(state)
+                    self.events = []
+            original_load(checkpoint)
+
+        pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ schedule
+    def _done(self) -> bool:
+        return self.pruner is None or self.pruner.completed_events >= self.config.iterative_steps
+
+    def _window_open(self, trainer: pl.Trainer) -> bool:
+        if self._done():
+            return False
+        assert self.pruner is not None
+        opens_at = self.start + self.pruner.completed_events * self.frequency
+        now = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+        return now >= opens_at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._window_open_now = self._window_open(trainer)
+        if self.pruner is not None and self.pruner.stats is not None:
+            self.pruner.stats.enabled = self._window_open_now
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        stats = self.pruner.stats if self.pruner is not None else None
+        if stats is not None and stats.criterion == "hessian" and self._window_open_now:
+            stats.set_grad_scale(self._loss_scale(trainer))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._stepped = True
+        if not self._window_open_now:
+            if self.pruner is not None and self.pruner.stats is not None:
+                self.pruner.stats.discard_pending()
+            return
+        assert self.pruner is not None
+        if self.pruner.stats is None:
+            self._window_steps += 1
+            return
+        # Lightning unscales before this hook, except for optimizers that unscale in step().
+        scale = self._loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else 1.0
+        if self.pruner.stats.step(grad_scale=scale):
+            self._window_steps += 1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._stepped:
+            return  # inside a gradient-accumulation window: never prune here
+        self._stepped = False
+        if self._window_open_now and self._window_steps >= self.accumulate_batches:
+            self._prune(trainer, pl_module)
+
+    @staticmethod
+    def _loss_scale(trainer: pl.Trainer) -> float:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    # ------------------------------------------------------------------ one event
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.pruner is not None
+        strategy = trainer.strategy
+        distributed = trainer.world_size > 1
+
+        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t, reduce_op="mean")
+
+        event = self.pruner.step(optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None)
+        self._window_steps = 0
+        if distributed:
+            self._rewrap_ddp(trainer)
+            digest = _digest(self.pruner.state_dict()["history"])
+            reference = strategy.broadcast(digest, src=0)
+            if reference != digest:
+                raise RuntimeError(
+                    f"pruning decisions differ between ranks at event {event.index} (rank {trainer.global_rank}); "
+                    "refusing to continue with diverged models"
+                )
+        self.events.append(event)
+        self._log_event(trainer, event)
+
+    @staticmethod
+    def _rewrap_ddp(trainer: pl.Trainer) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+        from torch.nn.parallel import DistributedDataParallel
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            # The old reducer registered hooks on the replaced parameters; drop it before re-wrapping.
+            strategy.model = strategy.lightning_module
+            gc.collect()
+            strategy.configure_ddp()
+
+    def _log_event(self, trainer: pl.Trainer, event: PruningEvent) -> None:
+        if not trainer.is_global_zero:
+            return
+        rank_zero_info(
+            f"StructuredPruning event {event.index}/{self.config.iterative_steps} at step {trainer.global_step}: "
+            f"params {event.params_before:,} -> {event.params_after:,}, MACs {event.macs_before / 1e6:.1f}M -> "
+            f"{event.macs_after / 1e6:.1f}M, channel ratio {event.ratio_reached:.3f} "
+            f"(target {event.target_ratio:.3f}), {event.seconds:.2f} s"
+        )
+        metrics = event.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(
+                    key="pruning/events",
+                    columns=["event", "target_ratio", "ratio_reached", "params", "macs", "seconds"],
+                    data=[
+                        [e.index, e.target_ratio, e.ratio_reached, e.params_after, e.macs_after, e.seconds]
+                        for e in self.events
+                    ],
+                    step=trainer.global_step,
+                )
+                logger.log_table(
+                    key=f"pruning/widths_event_{event.index}",
+                    columns=["layer", "in", "out"],
+                    data=[[name, io[0], io[1]] for name, io in event.widths.items()],
+                    step=trainer.global_step,
+                )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,158 @@
+"""Model builders, the Fashion-MNIST ViT checkpoint format, and a plain image-classification
+LightningModule used by the examples (the callbacks do not need it: they work with any module)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = [
+    "LOCAL_MODELS",
+    "ImageClassifier",
+    "create_vit",
+    "load_vit_checkpoint",
+    "save_vit_checkpoint",
+]
+
+#: Architectures that are not in timm's registry; used by name like timm models.
+LOCAL_MODELS: dict[str, dict[str, Any]] = {
+    # The Fashion-MNIST ViT of shared/models/vit_tiny_fmnist.pt (5.36 M parameters).
+    "vit_tiny_fmnist": dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=12, num_heads=3),
+    # A tiny ViT for unit tests (depth 2, dim 64, 32x32).
+    "vit_test_tiny": dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=4),
+}
+
+
+def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A local architecture from :data:`LOCAL_MODELS` or any timm model by name.
+
+    ``pretrained=True`` downloads timm weights from the hub (needs network access).
+    """
+    if model_name in LOCAL_MODELS:
+        if pretrained:
+            raise ValueError(f"{model_name!r} has no hub weights; load a checkpoint with load_vit_checkpoint")
+        return VisionTransformer(**{**LOCAL_MODELS[model_name], **kwargs})
+    if not timm.is_model(model_name):
+        raise ValueError(
+            f"unknown model_name={model_name!r}: not a timm model nor one of {sorted(LOCAL_MODELS)} "
+            "(timm.list_models('deit*') lists DeiT variants)"
+        )
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Load a checkpoint in the ``vit_tiny_fmnist.pt`` format: ``{config, state_dict, input,
+    normalize, pad}``. Returns the float32 model (eval mode) and the metadata without weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ViT checkpoint {str(path)!r} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a ViT checkpoint (expected keys 'config' and 'state_dict')")
+    cfg = dict(blob["config"])
+    model = VisionTransformer(**cfg)
+    model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+def save_vit_checkpoint(model: VisionTransformer, path: str | Path, config: dict[str, Any], **meta: Any) -> Path:
+    """Write ``model`` in the ``vit_tiny_fmnist.pt`` format (float16 weights), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"config": dict(config), "state_dict": {k: v.detach().half().cpu() for k, v in model.state_dict().items()}, **meta}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm ViT classifier: ``self.model`` is the network, AdamW + warm-up/cosine schedule.
+
+    Args:
+        model_name: a timm model name or one of :data:`LOCAL_MODELS`.
+        num_classes: output classes (passed to the builder).
+        checkpoint: optional ``vit_tiny_fmnist.pt``-format file to start from.
+        pretrained: load timm hub weights (needs network access).
+        lr, weight_decay, label_smoothing, warmup_steps: optimisation settings.
+        model_kwargs: extra builder arguments (e.g. ``img_size``, ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_fmnist",
+        num_classes: int = 10,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        lr: float = 2e-4,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.1,
+        warmup_steps: int = 0,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if checkpoint:
+            self.model, _ = load_vit_checkpoint(checkpoint)
+        else:
+            self.model = create_vit(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "dist_token")) else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warmup = self.hparams.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
