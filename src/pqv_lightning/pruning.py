@@ -137,6 +137,8 @@ class PruningEvent:
     widths: dict[str, list[int]] = field(default_factory=dict)  # layer -> [in, out] after the event
     heads: dict[str, int] = field(default_factory=dict)  # attention module -> heads after the event
     optimizer_params_remapped: int = 0
+    statistics_steps: int = 0  # optimizer steps whose gradients scored this event (gradient criteria)
+    statistics_samples: int = 0  # gradient evaluations folded in (micro-batches for hessian)
 
     def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
         return {
@@ -349,6 +351,8 @@ class StructuredPruner:
             self.importance.bind_names(self.model)
         if isinstance(self.importance, SeededRandomImportance):
             self.importance.start_event(self.completed_events + 1)
+        stat_steps = self.stats.steps if self.stats is not None else 0
+        stat_samples = self.stats.samples if self.stats is not None else 0
         params_before = count_params(self.model)
         macs_before = self.events[-1].macs_after if self.events else self.initial_macs
         was_training = self.model.training
@@ -377,6 +381,8 @@ class StructuredPruner:
             widths=self.widths(),
             heads=self.current_heads(),
             optimizer_params_remapped=remapped,
+            statistics_steps=stat_steps,
+            statistics_samples=stat_samples,
         )
         self.events.append(event)
         return event

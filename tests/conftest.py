@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import lightning.pytorch as pl  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from pqv_lightning.models import ImageClassifier  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
+    torch.manual_seed(seed)
+    cfg = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=4)
+    cfg.update(kw)
+    return VisionTransformer(**cfg)
+
+
+def random_loader(n: int = 128, batch_size: int = 16, seed: int = 0, shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def make_trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kw)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+@pytest.fixture
+def lit_model():
+    pl.seed_everything(0, verbose=False)
+    return ImageClassifier("vit_test_tiny", lr=1e-3)

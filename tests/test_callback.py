@@ -1,0 +1,278 @@
+import csv
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from pqv_lightning import CHECKPOINT_KEY, StructuredPruning, load_pruned_checkpoint
+from pqv_lightning.models import ImageClassifier
+
+from conftest import make_trainer, random_loader
+
+
+class EventProbe(pl.Callback):
+    """Records the global step whenever the parameter count changes (runs after StructuredPruning)."""
+
+    def __init__(self):
+        self.steps, self.params, self.optimizer_exact = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = sum(p.numel() for p in pl_module.parameters())
+        if not self.params or n != self.params[-1]:
+            self.steps.append(trainer.global_step)
+            self.params.append(n)
+        live = {id(p) for p in pl_module.parameters()}
+        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        self.optimizer_exact.append(live == held)
+
+
+def test_epoch_schedule_prunes_after_the_window_and_keeps_optimizer_exact(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=3,
+                                interval="epoch", start=0, frequency=2)
+    probe = EventProbe()
+    trainer = make_trainer(tmp_path, [pruning, probe], max_epochs=3)
+    trainer.fit(lit_model, random_loader(128, 16))  # 8 steps per epoch
+    # baseline, event after step 3 of epoch 0, event after step 3 of epoch 2
+    assert probe.steps == [1, 3, 19]
+    assert [e.index for e in pruning.events] == [1, 2]
+    assert [e.statistics_steps for e in pruning.events] == [3, 3]
+    assert all(probe.optimizer_exact)
+    assert lit_model.model.patch_embed.proj.out_channels == 32
+
+
+def test_step_schedule_and_lr_scheduler_and_adam_state_continue(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
+                                interval="step", start=3, frequency=5)
+    probe = EventProbe()
+    trainer = make_trainer(tmp_path, [pruning, probe], max_epochs=2)
+    trainer.fit(lit_model, random_loader(128, 16))
+    assert probe.steps == [1, 5, 10]
+    opt = trainer.optimizers[0]
+    steps_in_state = {int(s["step"]) for s in opt.state.values()}
+    assert steps_in_state == {16}  # Adam state was sliced, never reset
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 16 and sched.optimizer is opt
+    total = 16
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 16 / total)), abs=1e-12)
+
+
+def test_gradient_accumulation_hessian_uses_every_micro_batch(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="hessian", pruning_ratio=0.25, iterative_steps=1, accumulate_batches=2)
+    probe = EventProbe()
+    trainer = make_trainer(tmp_path, [pruning, probe], max_epochs=1, accumulate_grad_batches=4)
+    trainer.fit(lit_model, random_loader(128, 8))  # 16 micro-batches, 4 optimizer steps
+    (event,) = pruning.events
+    assert event.statistics_steps == 2 and event.statistics_samples == 8
+    assert probe.steps == [0, 2]  # only at an optimizer-step boundary
+    assert all(probe.optimizer_exact)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed-scaler", "bf16-mixed"])
+def test_mixed_precision_keeps_working(tmp_path, lit_model, precision):
+    kwargs = {}
+    if precision == "16-mixed-scaler":  # Lightning would silently use bf16 on CPU; force a real GradScaler
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))]
+    else:
+        kwargs["precision"] = "bf16-mixed"
+    pruning = StructuredPruning(importance="hessian", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2)
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2, **kwargs)
+    trainer.fit(lit_model, random_loader(64, 16))
+    assert len(pruning.events) == 2
+    assert lit_model.model.patch_embed.proj.out_channels == 32
+    assert all(torch.isfinite(p).all() for p in lit_model.parameters())
+
+
+def test_events_are_logged_to_every_logger(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="l1", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(lit_model, random_loader(64, 16))
+    with open(logger.experiment.metrics_file_path) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("pruning/params")]
+    assert [int(float(r["pruning/event"])) for r in rows] == [1, 2]
+    assert int(float(rows[-1]["pruning/params"])) == sum(p.numel() for p in lit_model.parameters())
+    assert float(rows[-1]["pruning/ratio_reached"]) == pytest.approx(0.5, abs=0.02)
+    assert float(rows[0]["pruning/macs"]) > float(rows[1]["pruning/macs"]) > 0
+    assert float(rows[0]["pruning/event_seconds"]) > 0
+
+
+def _fit_count(model):
+    calls = {"n": 0}
+    original = model.training_step
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    model.training_step = counting
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kwargs, trainer_kwargs, message",
+    [
+        (dict(iterative_steps=3, start=1, frequency=1), dict(max_epochs=3),
+         r"needs epoch 3 .* but max_epochs=3"),
+        (dict(iterative_steps=2, interval="step", start=10, frequency=10, accumulate_batches=4), dict(max_steps=20),
+         r"needs optimizer step 24 .* max_steps=20"),
+        (dict(iterative_steps=1, accumulate_batches=50), dict(max_epochs=1),
+         r"accumulate_batches=50 exceeds the 8 optimizer steps of one epoch"),
+        (dict(iterative_steps=2, interval="step", start=5, frequency=5, accumulate_batches=2), dict(max_epochs=1),
+         r"needs optimizer step 12 but this fit runs 8 steps"),
+    ],
+)
+def test_schedule_errors_are_raised_before_training(tmp_path, lit_model, kwargs, trainer_kwargs, message):
+    calls = _fit_count(lit_model)
+    trainer = make_trainer(tmp_path, [StructuredPruning(**kwargs)], **trainer_kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(lit_model, random_loader(128, 16))
+    assert calls["n"] == 0
+
+
+def test_frozen_parameters_with_gradient_criterion_are_refused_before_training(tmp_path, lit_model):
+    lit_model.model.blocks[1].requires_grad_(False)
+    calls = _fit_count(lit_model)
+    trainer = make_trainer(tmp_path, [StructuredPruning(importance="taylor", iterative_steps=1)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"importance='taylor' needs gradients.*blocks\.1"):
+        trainer.fit(lit_model, random_loader(64, 16))
+    assert calls["n"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(interval="batch"), r"interval='batch' is not supported; allowed: 'epoch', 'step'"),
+        (dict(interval="step", frequency=2, accumulate_batches=4), r"frequency=2 steps is shorter than accumulate"),
+        (dict(accumulate_batches=0), r"accumulate_batches=0 must be an integer >= 1"),
+        (dict(pruning_ratio=1.5), r"pruning_ratio=1.5 is out of range; allowed: a number in \[0, 1\)"),
+        (dict(importance="snip"), r"importance='snip' is not supported"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredPruning(**kwargs)
+
+
+def test_sharding_strategies_are_refused(tmp_path, lit_model):
+    class RestoresAfterSetup(SingleDeviceStrategy):  # the property FSDP/DeepSpeed/ModelParallel set
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1,
+                           strategy=RestoresAfterSetup(device=torch.device("cpu")))
+    with pytest.raises(ValueError, match="does not support strategy RestoresAfterSetup"):
+        trainer.fit(lit_model, random_loader(64, 16))
+
+
+def test_fsdp_and_weight_averaging_are_refused_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    pruning = StructuredPruning(iterative_steps=1)
+    with pytest.raises(ValueError, match="does not support strategy FSDPStrategy"):
+        pruning._check_strategy(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]))
+    swa = SimpleNamespace(strategy=SingleDeviceStrategy(device=torch.device("cpu")),
+                          callbacks=[StochasticWeightAveraging(swa_lrs=0.1)])
+    with pytest.raises(ValueError, match=r"cannot run with \['StochasticWeightAveraging'\]"):
+        pruning._check_strategy(swa)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class StopAfterEpoch(pl.Callback):
+    """Simulates an interrupted run: stops after the given epoch (checkpoints of it are written)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None):
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier("vit_test_tiny", lr=1e-3)
+    # windows of 4 steps opening after steps 6 and 14 straddle the epoch boundaries (8 steps / epoch)
+    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=4,
+                                interval="step", start=6, frequency=8)
+    cbs = [pruning] + ([ckpt_cb] if ckpt_cb else []) + ([StopAfterEpoch(stop_after)] if stop_after is not None else [])
+    trainer = make_trainer(tmp_path / name, cbs, max_epochs=3, enable_checkpointing=ckpt_cb is not None)
+    return model, pruning, trainer
+
+
+def test_resume_mid_window_matches_uninterrupted_run(tmp_path):
+    ref_model, ref_pruning, ref_trainer = _resume_setup(tmp_path, "ref")
+    ref_trainer.fit(ref_model, random_loader(128, 16))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, pruning, trainer = _resume_setup(tmp_path, "a", 0, ckpt)
+    trainer.fit(model, random_loader(128, 16))
+    path = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved[CHECKPOINT_KEY]["current_step"] == 0  # checkpoint inside the first window...
+    assert saved["callbacks"][pruning.state_key]["window_steps"] == 2  # ...with 2 of its 4 steps gathered
+
+    model2, pruning2, trainer2 = _resume_setup(tmp_path, "b")
+    trainer2.fit(model2, random_loader(128, 16), ckpt_path=str(path))
+    assert [e.index for e in pruning2.events] == [1, 2]
+    ref_sd, sd = ref_model.state_dict(), model2.state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    for k, v in ref_sd.items():
+        torch.testing.assert_close(sd[k], v, rtol=0, atol=1e-5)
+
+
+def test_resume_after_an_event_restores_pruned_shapes_and_skips_nothing(tmp_path):
+    ref_model, _, ref_trainer = _resume_setup(tmp_path, "ref")
+    ref_trainer.fit(ref_model, random_loader(128, 16))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, _, trainer = _resume_setup(tmp_path, "a", 1, ckpt)
+    trainer.fit(model, random_loader(128, 16))
+    path = tmp_path / "ckpt" / "epoch=1-step=16.ckpt"
+    assert torch.load(path, weights_only=True)[CHECKPOINT_KEY]["current_step"] == 1
+
+    model2, pruning2, trainer2 = _resume_setup(tmp_path, "b")
+    trainer2.fit(model2, random_loader(128, 16), ckpt_path=str(path))
+    assert [e.index for e in pruning2.pruner.events] == [2]  # this run: event 1 not repeated, event 2 not skipped
+    assert [e.index for e in pruning2.events] == [1, 2]  # the callback's record survives the resume
+    for k, v in ref_model.state_dict().items():
+        assert model2.state_dict()[k].shape == v.shape
+        torch.testing.assert_close(model2.state_dict()[k], v, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_load_pruned_checkpoint(tmp_path, lit_model, weights_only):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_weights_only=weights_only)
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(lit_model, random_loader(64, 16))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ImageClassifier.load_from_checkpoint(path)  # why the helper exists
+    loaded = load_pruned_checkpoint(ImageClassifier, path, map_location="cpu")
+    assert "on_load_checkpoint" not in ImageClassifier.__dict__  # the temporary hook is gone
+    lit_model.eval(), loaded.eval()
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.equal(lit_model(x), loaded(x))
+    assert loaded.model.blocks[0].attn.head_dim == lit_model.model.blocks[0].attn.head_dim == 8
+
+
+def test_load_pruned_checkpoint_rejects_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned_checkpoint(ImageClassifier, tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match="LightningModule subclass"):
+        load_pruned_checkpoint(torch.nn.Linear, tmp_path / "missing.ckpt")
+
+
+def test_module_hooks_are_removed_after_fit(tmp_path, lit_model):
+    trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1, accumulate_batches=1)], max_epochs=1)
+    trainer.fit(lit_model, random_loader(32, 16))
+    assert "on_save_checkpoint" not in lit_model.__dict__ and "on_load_checkpoint" not in lit_model.__dict__

@@ -1,0 +1,253 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+from pqv_lightning import PruningConfig, StructuredPruner, count_params, prune_once, restore_structure
+from pqv_lightning.adapters import locate_model
+
+from conftest import tiny_vit
+
+
+def _train_steps(model, opt, pruner, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        pruner.accumulate()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("importance", ["taylor", "hessian", "l1", "l2", "random"])
+def test_event_physically_removes_channels_and_model_still_trains(importance):
+    model = tiny_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = StructuredPruner(model, PruningConfig(importance=importance, pruning_ratio=0.5, iterative_steps=2))
+    before = count_params(model)
+    _train_steps(model, opt, pruner)
+    event = pruner.step([opt])
+    assert event.params_before == before and event.params_after == count_params(model) < before
+    assert event.macs_after < event.macs_before
+    # embed 64 -> 48, head_dim 16 -> 12, MLP 256 -> 192, classifier keeps its 10 outputs
+    assert model.patch_embed.proj.out_channels == 48 and model.pos_embed.shape[-1] == 48
+    attn = model.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (4, 12, 48)
+    assert attn.scale == pytest.approx(12**-0.5)
+    assert model.blocks[0].mlp.fc1.out_features == 192 and model.head.out_features == 10
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    _train_steps(model, opt, pruner)
+    event2 = pruner.step([opt])
+    assert event2.index == 2 and model.patch_embed.proj.out_channels == 32
+    assert event2.ratio_reached == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(RuntimeError, match="already run"):
+        pruner.step([opt])
+
+
+def test_fused_and_manual_attention_agree_after_head_dim_pruning():
+    model = tiny_vit()
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    pruner.step()
+    model.eval()
+    x = torch.randn(3, 1, 32, 32)
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    fused = model(x)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    manual = model(x)
+    torch.testing.assert_close(fused, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_local_head_pruning_is_cumulative_not_compounding():
+    """Torch-Pruning 1.6.1 alone would go 6 -> 5 -> 3 -> 1 heads for a 50 % target."""
+    model = tiny_vit(embed_dim=96, num_heads=6)
+    pruner = StructuredPruner(
+        model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=3, prune_num_heads=True,
+                             prune_head_dims=False)
+    )
+    heads = []
+    for _ in range(3):
+        pruner.step()
+        heads.append(model.blocks[0].attn.num_heads)
+    assert heads == [5, 4, 3]
+    assert model.blocks[0].attn.head_dim == 16
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
+    model = tiny_vit()
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
+         {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}], lr=1e-3)
+    pruner = StructuredPruner(model, PruningConfig(importance="taylor", pruning_ratio=0.25))
+    _train_steps(model, opt, pruner, n=3)
+    fc1 = model.blocks[1].mlp.fc1
+    old_state = {k: v.clone() for k, v in opt.state[fc1.weight].items()}
+    pruner.step([opt])
+    live = list(model.parameters())
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in live} == {id(p) for p in held} and len(held) == len(live)
+    # weight-decay groups are preserved
+    assert all(p.ndim > 1 for p in opt.param_groups[0]["params"])
+    # recover the kept rows/cols from the history and compare moments
+    hist = {(n, out): idx for n, out, idx in pruner.state_dict()["history"]}
+    removed_rows = set(hist[("blocks.1.mlp.fc1", True)])
+    kept_rows = [i for i in range(256) if i not in removed_rows]
+    new_state = opt.state[fc1.weight]
+    assert torch.equal(new_state["step"], old_state["step"])  # bias correction continues
+    assert new_state["exp_avg"].shape == fc1.weight.shape
+    # the embedding (residual) group is rooted at one of the layers writing the residual stream
+    emb_root = [idx for (n, out), idx in hist.items() if out and n.endswith(("mlp.fc2", "attn.proj", "patch_embed.proj"))]
+    assert len(emb_root) == 1
+    kept_cols = [i for i in range(64) if i not in set(emb_root[0])]
+    expected = old_state["exp_avg"][kept_rows][:, kept_cols]
+    torch.testing.assert_close(new_state["exp_avg"], expected)
+    _train_steps(model, opt, pruner, n=1)  # and it keeps training the new tensors
+    assert opt.state[fc1.weight]["step"] == old_state["step"] + 1
+
+
+def test_state_round_trip_restores_identical_model():
+    model = tiny_vit()
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2,
+                                                   prune_num_heads=True))
+    pruner.step()
+    pruner.step()
+    state = pruner.state_dict()
+    import json
+
+    json.dumps(state)  # plain types only
+    fresh = restore_structure(tiny_vit(seed=1), state)
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_resumed_pruner_continues_the_schedule_like_an_uninterrupted_one():
+    ref = tiny_vit()
+    ref_pruner = StructuredPruner(ref, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=3))
+    ref_pruner.step()
+    state = ref_pruner.state_dict()
+    weights = copy.deepcopy(ref.state_dict())
+    ref_pruner.step()
+    ref_pruner.step()
+
+    resumed = tiny_vit(seed=3)
+    pruner = StructuredPruner(resumed, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=3))
+    pruner.load_state_dict(state)
+    resumed.load_state_dict(weights)
+    assert pruner.completed_events == 1
+    pruner.step()
+    pruner.step()
+    assert {k: v.shape for k, v in resumed.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v)
+
+
+def test_round_to_keeps_widths_multiples():
+    model = tiny_vit()
+    StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.3, round_to=8)).step()
+    assert model.patch_embed.proj.out_channels % 8 == 0
+    assert model.blocks[0].mlp.fc1.out_features % 8 == 0
+    assert model.blocks[0].attn.attn_dim % 8 == 0
+
+
+def test_frozen_ignored_layer_stays_frozen_and_untouched():
+    model = tiny_vit()
+    model.head.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    pruner = StructuredPruner(model, PruningConfig(importance="taylor", pruning_ratio=0.25))
+    _train_steps(model, opt, pruner)
+    pruner.step([opt])
+    assert model.head.out_features == 10
+    assert not model.head.weight.requires_grad  # Torch-Pruning would have made it trainable
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head"))
+
+
+def test_distilled_deit_and_deit3_style_models_prune():
+    torch.manual_seed(0)
+    distilled = VisionTransformerDistilled(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64,
+                                           depth=2, num_heads=4)
+    p = StructuredPruner(distilled, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert p.ignored_names == ["head", "head_dist"]
+    p.step()
+    assert distilled.dist_token.shape[-1] == 48 and distilled.head_dist.out_features == 10
+    distilled.eval()
+    assert distilled(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+
+    deit3 = VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2,
+                              num_heads=4, init_values=1e-4, no_embed_class=True, class_token=True)
+    StructuredPruner(deit3, PruningConfig(importance="l1", pruning_ratio=0.25)).step()
+    assert deit3.blocks[0].ls1.gamma.shape == (48,)
+    assert deit3(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_prune_once_needs_calibration_for_gradient_criteria():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="calibrate"):
+        prune_once(model, PruningConfig(importance="taylor", pruning_ratio=0.25))
+
+    def calibrate(m):
+        F.cross_entropy(m(torch.randn(8, 1, 32, 32)), torch.randint(0, 10, (8,))).backward()
+
+    event = prune_once(tiny_vit(), PruningConfig(importance="taylor", pruning_ratio=0.25, iterative_steps=2),
+                       calibrate=calibrate)
+    assert event.index == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pruning_ratio=1.0), r"pruning_ratio=1.0 is out of range; allowed: a number in \[0, 1\)"),
+        (dict(pruning_ratio=-0.1), r"pruning_ratio=-0.1 is out of range"),
+        (dict(pruning_ratio="half"), r"pruning_ratio='half' is out of range"),
+        (dict(importance="fisher"), r"importance='fisher' is not supported; allowed: \['taylor'"),
+        (dict(iterative_steps=0), r"iterative_steps=0 must be an integer >= 1"),
+        (dict(round_to=0), r"round_to=0 must be None or an integer >= 1"),
+        (dict(head_pruning_ratio=2.0, prune_num_heads=True), r"head_pruning_ratio=2.0 is out of range"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_value_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredPruner(tiny_vit(), PruningConfig(**kwargs))
+
+
+def test_bad_layers_are_rejected():
+    with pytest.raises(ValueError, match="cover every prunable layer"):
+        StructuredPruner(tiny_vit(), PruningConfig(importance="l2", ignored_layers=["*"]))
+    with pytest.raises(ValueError, match="'nonexistent' matches no module"):
+        StructuredPruner(tiny_vit(), PruningConfig(importance="l2", ignored_layers=["nonexistent"]))
+    frozen = tiny_vit()
+    frozen.blocks[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"importance='taylor' needs gradients.*blocks\.0\."):
+        StructuredPruner(frozen, PruningConfig(importance="taylor"))
+    StructuredPruner(frozen, PruningConfig(importance="l2"))  # magnitude needs no gradients
+
+
+def test_locate_model_rules():
+    import torch.nn as nn
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Module()
+            self.net.backbone = tiny_vit()
+            self.other = nn.Linear(2, 2)
+
+    w = Wrapper()
+    name, model, _ = locate_model(w)
+    assert name == "net.backbone" and model is w.net.backbone
+    assert locate_model(w, "net.backbone")[1] is w.net.backbone
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        locate_model(w, "net.missing")
+    with pytest.raises(ValueError, match="supported model classes"):
+        locate_model(w, "other")
+    w.second = tiny_vit()
+    with pytest.raises(ValueError, match=r"several prunable models found.*\['net.backbone', 'second'\]"):
+        locate_model(w)
+    with pytest.raises(ValueError, match="no prunable model found"):
+        locate_model(nn.Sequential(nn.Linear(2, 2)))
