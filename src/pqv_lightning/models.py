@@ -51,6 +51,19 @@ def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.M
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
+def _vit_kwargs(blob: dict[str, Any]) -> dict[str, Any]:
+    """VisionTransformer arguments from the checkpoint's ``config`` (dim/depth/heads + recipe keys)."""
+    cfg, shape = blob["config"], list(blob.get("input", [1, 32, 32]))
+    try:
+        return dict(
+            img_size=int(shape[-1]), in_chans=int(shape[0]), patch_size=int(cfg.get("patch_size", 4)),
+            num_classes=int(cfg.get("num_classes", 10)), embed_dim=int(cfg["dim"]), depth=int(cfg["depth"]),
+            num_heads=int(cfg["heads"]),
+        )
+    except KeyError as exc:
+        raise ValueError(f"checkpoint config {cfg} lacks {exc}; expected dim, depth and heads") from exc
+
+
 def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
     """Load a checkpoint in the ``vit_tiny_fmnist.pt`` format: ``{config, state_dict, input,
     normalize, pad}``. Returns the float32 model (eval mode) and the metadata without weights."""
@@ -60,18 +73,23 @@ def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, 
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path} is not a ViT checkpoint (expected keys 'config' and 'state_dict')")
-    cfg = dict(blob["config"])
-    model = VisionTransformer(**cfg)
+    model = VisionTransformer(**_vit_kwargs(blob))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
 
 
-def save_vit_checkpoint(model: VisionTransformer, path: str | Path, config: dict[str, Any], **meta: Any) -> Path:
-    """Write ``model`` in the ``vit_tiny_fmnist.pt`` format (float16 weights), atomically."""
+def save_vit_checkpoint(model: VisionTransformer, path: str | Path, recipe: dict[str, Any] | None = None, **meta: Any) -> Path:
+    """Write an unpruned timm ``VisionTransformer`` in the ``vit_tiny_fmnist.pt`` format (float16
+    weights), atomically. ``recipe`` (epochs, lr, ...) is stored beside dim/depth/heads in ``config``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"config": dict(config), "state_dict": {k: v.detach().half().cpu() for k, v in model.state_dict().items()}, **meta}
+    pe = model.patch_embed
+    config = {"dim": model.embed_dim, "depth": len(model.blocks), "heads": model.blocks[0].attn.num_heads,
+              "patch_size": pe.patch_size[0], "num_classes": model.num_classes, **(recipe or {})}
+    shape = [pe.proj.in_channels, *pe.img_size]
+    blob = {"config": config, "input": shape, **meta,
+            "state_dict": {k: v.detach().half().cpu() for k, v in model.state_dict().items()}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
