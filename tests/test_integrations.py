@@ -91,3 +91,19 @@ def test_lightning_cli_yaml_callbacks(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SystemExit):
         LightningCLI(ImageClassifier, RandomDataModule, args=["fit", "--config", str(path)])
+
+
+def test_shipped_example_config_parses_and_builds(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("example_cli", root / "examples" / "cli.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cli = example.main(args=["--config", str(root / "examples" / "configs" / "fmnist_prune.yaml"),
+                             "--model.checkpoint=null", "--model.model_name=vit_test_tiny",
+                             f"--trainer.default_root_dir={tmp_path}"], run=False)
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, StructuredPruning)]
+    assert (pruning.config.importance, pruning.config.pruning_ratio, pruning.frequency) == ("taylor", 0.5, 60)
+    assert cli.datamodule.train_subset == 16384

@@ -1,0 +1,90 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from pqv_lightning.data import DEFAULT_FMNIST_DIR, FashionMNISTDataModule, read_idx
+from pqv_lightning.models import ImageClassifier, create_vit, load_vit_checkpoint, save_vit_checkpoint
+from pqv_lightning.recipes import default_checkpoint, evaluate, train_vit_checkpoint
+
+from pathlib import Path
+
+HAVE_FMNIST = Path(DEFAULT_FMNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
+
+
+def _write_idx(path, array: torch.Tensor):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.dim()) + struct.pack(">" + "I" * array.dim(), *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.numpy().tobytes())
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    arr = torch.randint(0, 255, (3, 28, 28), dtype=torch.uint8)
+    _write_idx(tmp_path / "x.gz", arr)
+    assert torch.equal(read_idx(tmp_path / "x.gz"), arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="bad magic number"):
+        read_idx(tmp_path / "bad")
+    with gzip.open(tmp_path / "short.gz", "wb") as fh:
+        fh.write(struct.pack(">BBBBI", 0, 0, 8, 1, 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="expected 18"):
+        read_idx(tmp_path / "short.gz")
+
+
+def test_fmnist_datamodule_from_custom_dir(tmp_path):
+    for split, n in (("train", 12), ("t10k", 4)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", torch.full((n, 28, 28), 255, dtype=torch.uint8))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), batch_size=4, val_size=4, augment=False)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 32, 32) and y.dtype == torch.long
+    white = (1 - 0.2860) / 0.3530
+    assert x[0, 0, 16, 16].item() == pytest.approx(white) and x[0, 0, 0, 0].item() == pytest.approx(-0.2860 / 0.3530)
+    assert len(dm.val_set) == 4 and len(dm.test_set) == 4
+
+
+def test_fmnist_missing_dir_is_a_clear_error(tmp_path):
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        dm.setup("fit")
+
+
+def test_create_vit_errors():
+    with pytest.raises(ValueError, match="unknown model_name='not_a_model'"):
+        create_vit("not_a_model")
+    with pytest.raises(ValueError, match="no hub weights"):
+        create_vit("vit_test_tiny", pretrained=True)
+    assert create_vit("deit_tiny_patch16_224", num_classes=3).head.out_features == 3
+
+
+def test_checkpoint_format_round_trip(tmp_path):
+    model = create_vit("vit_test_tiny").eval()
+    path = save_vit_checkpoint(model, tmp_path / "m.pt", recipe={"epochs": 1}, normalize=[0.286, 0.353], pad=2)
+    assert not list(tmp_path.glob(".*.tmp"))
+    loaded, meta = load_vit_checkpoint(path)
+    assert meta["config"]["dim"] == 64 and meta["input"] == [1, 32, 32]
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(loaded(x), model.half().float()(x), rtol=1e-3, atol=1e-3)
+    with pytest.raises(FileNotFoundError):
+        load_vit_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.skipif(default_checkpoint() is None, reason="shared/models/vit_tiny_fmnist.pt is not beside the repo")
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_shared_checkpoint_loads_with_its_published_accuracy():
+    model, meta = load_vit_checkpoint(default_checkpoint())
+    assert sum(p.numel() for p in model.parameters()) == 5_356_618
+    dm = FashionMNISTDataModule(test_subset=2000)
+    assert evaluate(model, dm) > 0.88  # 90.9 % on all 10,000 test images
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_project_can_make_its_own_checkpoint(tmp_path):
+    path = train_vit_checkpoint(tmp_path / "own.pt", dim=32, depth=1, heads=2, epochs=1, batch_size=64,
+                                train_subset=512, precision="32-true")
+    model, meta = load_vit_checkpoint(path)
+    assert meta["config"]["dim"] == 32 and 0.0 <= meta["test_accuracy"] <= 1.0
+    lit = ImageClassifier(checkpoint=str(path))
+    assert lit.model.embed_dim == 32
