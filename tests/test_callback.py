@@ -276,3 +276,20 @@ def test_module_hooks_are_removed_after_fit(tmp_path, lit_model):
     trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1, accumulate_batches=1)], max_epochs=1)
     trainer.fit(lit_model, random_loader(32, 16))
     assert "on_save_checkpoint" not in lit_model.__dict__ and "on_load_checkpoint" not in lit_model.__dict__
+
+
+def test_module_without_a_vit_is_refused_before_training(tmp_path):
+    class NoViT(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1024, 10)
+
+        def training_step(self, batch, batch_idx):
+            raise AssertionError("training must not start")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1)
+    with pytest.raises(ValueError, match="no prunable model found in NoViT"):
+        trainer.fit(NoViT(), random_loader(32, 16))

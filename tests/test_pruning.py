@@ -251,3 +251,11 @@ def test_locate_model_rules():
         locate_model(w)
     with pytest.raises(ValueError, match="no prunable model found"):
         locate_model(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_bfloat16_model_prunes_and_keeps_its_dtype():
+    model = tiny_vit().to(torch.bfloat16)
+    event = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25)).step()
+    assert event.macs_after < event.macs_before
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model(torch.randn(1, 1, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16

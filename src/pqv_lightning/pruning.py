@@ -258,13 +258,18 @@ class StructuredPruner:
             raise ValueError(f"no prunable layers found in {type(model).__name__}")
         self._example_inputs = example_inputs.detach()
         self.initial_params = count_params(model)
-        self.initial_macs = count_macs(model, self._example_inputs) if measure else 0
+        self.initial_macs = count_macs(model, self._example()) if measure else 0
         self._initial_widths = self._prunable_out_widths()
         self.events: list[PruningEvent] = []
         if self.stats is not None:
             self.stats.attach()
 
     # ------------------------------------------------------------------ helpers
+    def _example(self) -> torch.Tensor:
+        """The tracing input on the model's current device and floating dtype (it may have moved)."""
+        p = next(self.model.parameters())
+        return self._example_inputs.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+
     def _resolve_ignored(self, patterns: Sequence[str] | None) -> list[str]:
         if patterns is None:
             return list(self.adapter.classifier_names(self.model))
@@ -376,7 +381,7 @@ class StructuredPruner:
             params_before=params_before,
             params_after=count_params(self.model),
             macs_before=macs_before,
-            macs_after=count_macs(self.model, self._example_inputs) if self.measure else 0,
+            macs_after=count_macs(self.model, self._example()) if self.measure else 0,
             seconds=seconds,
             widths=self.widths(),
             heads=self.current_heads(),
