@@ -208,44 +208,33 @@ def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None):
     return model, pruning, trainer
 
 
-def test_resume_mid_window_matches_uninterrupted_run(tmp_path):
-    ref_model, ref_pruning, ref_trainer = _resume_setup(tmp_path, "ref")
-    ref_trainer.fit(ref_model, random_loader(128, 16))
-
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model, pruning, trainer = _resume_setup(tmp_path, "a", 0, ckpt)
-    trainer.fit(model, random_loader(128, 16))
-    path = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
-    saved = torch.load(path, weights_only=True)
-    assert saved[CHECKPOINT_KEY]["current_step"] == 0  # checkpoint inside the first window...
-    assert saved["callbacks"][pruning.state_key]["window_steps"] == 2  # ...with 2 of its 4 steps gathered
-
-    model2, pruning2, trainer2 = _resume_setup(tmp_path, "b")
-    trainer2.fit(model2, random_loader(128, 16), ckpt_path=str(path))
-    assert [e.index for e in pruning2.events] == [1, 2]
-    ref_sd, sd = ref_model.state_dict(), model2.state_dict()
-    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}
-    for k, v in ref_sd.items():
-        torch.testing.assert_close(sd[k], v, rtol=0, atol=1e-5)
-
-
-def test_resume_after_an_event_restores_pruned_shapes_and_skips_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "stop_after, saved_events, saved_window, events_after_resume",
+    [
+        (0, 0, 2, [1, 2]),  # interrupted inside the first window: 2 of its 4 steps gathered
+        (1, 1, 2, [2]),  # after event 1 and half of window 2: event 1 not repeated, event 2 not skipped
+    ],
+)
+def test_resume_matches_uninterrupted_run(tmp_path, stop_after, saved_events, saved_window, events_after_resume):
     ref_model, _, ref_trainer = _resume_setup(tmp_path, "ref")
     ref_trainer.fit(ref_model, random_loader(128, 16))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model, _, trainer = _resume_setup(tmp_path, "a", 1, ckpt)
+    model, pruning, trainer = _resume_setup(tmp_path, "a", stop_after, ckpt)
     trainer.fit(model, random_loader(128, 16))
-    path = tmp_path / "ckpt" / "epoch=1-step=16.ckpt"
-    assert torch.load(path, weights_only=True)[CHECKPOINT_KEY]["current_step"] == 1
+    path = tmp_path / "ckpt" / f"epoch={stop_after}-step={8 * (stop_after + 1)}.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved[CHECKPOINT_KEY]["current_step"] == saved_events
+    assert saved["callbacks"][pruning.state_key]["window_steps"] == saved_window
 
     model2, pruning2, trainer2 = _resume_setup(tmp_path, "b")
     trainer2.fit(model2, random_loader(128, 16), ckpt_path=str(path))
-    assert [e.index for e in pruning2.pruner.events] == [2]  # this run: event 1 not repeated, event 2 not skipped
+    assert [e.index for e in pruning2.pruner.events] == events_after_resume  # events run by this process
     assert [e.index for e in pruning2.events] == [1, 2]  # the callback's record survives the resume
-    for k, v in ref_model.state_dict().items():
-        assert model2.state_dict()[k].shape == v.shape
-        torch.testing.assert_close(model2.state_dict()[k], v, rtol=0, atol=1e-5)
+    ref_sd, sd = ref_model.state_dict(), model2.state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    for k, v in ref_sd.items():
+        torch.testing.assert_close(sd[k], v, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("weights_only", [False, True])
