@@ -129,6 +129,7 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         if checkpoint:
             self.model, _ = load_vit_checkpoint(checkpoint)
+            self.model.train()
         else:
             self.model = create_vit(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -337,7 +337,8 @@ class StructuredPruner:
     ) -> PruningEvent:
         """Run the next pruning event on the live model and return what it did.
 
-        ``optimizers`` are re-pointed at the new parameters with sliced state. ``reduce_mean``
+        ``optimizers`` are re-pointed at the new parameters with sliced state; ``.grad`` is cleared
+        (call it after the optimizer step, as the callback does). ``reduce_mean``
         averages gradient statistics over processes first (DDP).
         """
         if torch.is_inference_mode_enabled():
@@ -362,13 +363,14 @@ class StructuredPruner:
         macs_before = self.events[-1].macs_after if self.events else self.initial_macs
         was_training = self.model.training
         t0 = time.perf_counter()
+        # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
+        self.model.zero_grad(set_to_none=True)
         with record_parameter_replacements() as log, torch.enable_grad():
             self._tp.step()
         live = list(self.model.parameters())
         remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
         restore_requires_grad(log, live)
         self.adapter.sync_attributes(self.model, self.current_heads())
-        self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
         seconds = time.perf_counter() - t0
         if self.stats is not None:
