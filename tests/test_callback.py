@@ -282,3 +282,21 @@ def test_module_without_a_vit_is_refused_before_training(tmp_path):
     trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1)
     with pytest.raises(ValueError, match="no prunable model found in NoViT"):
         trainer.fit(NoViT(), random_loader(32, 16))
+
+
+def test_test_and_validate_with_ckpt_path_rebuild_pruned_shapes(tmp_path, lit_model):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(lit_model, random_loader(32, 16), random_loader(32, 16))
+    last = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
+    first = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    trainer.validate(lit_model, random_loader(32, 16), ckpt_path=str(last))  # same structure as in memory
+    with pytest.raises(ValueError, match="after 1 pruning events, the model in memory has had 2"):
+        trainer.validate(lit_model, random_loader(32, 16), ckpt_path=str(first))
+
+    pl.seed_everything(0, verbose=False)
+    fresh = ImageClassifier("vit_test_tiny", lr=1e-3)  # an unpruned module, a new Trainer
+    tester = make_trainer(tmp_path / "t", [StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2)])
+    (metrics,) = tester.test(fresh, random_loader(32, 16), ckpt_path=str(first))
+    assert fresh.model.patch_embed.proj.out_channels == 48 and "test/acc" in metrics

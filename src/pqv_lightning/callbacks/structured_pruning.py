@@ -165,10 +165,9 @@ class StructuredPruning(Callback):
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._check_strategy(trainer)
-        self._check_schedule_against_trainer(trainer)
+        if stage == "fit":
+            self._check_strategy(trainer)
+            self._check_schedule_against_trainer(trainer)
         attr, model, adapter = locate_model(pl_module, self.model_attr)
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # pragma: no cover - defensive
             raise ValueError("StructuredPruning cannot prune a torch.compile'd module; compile after pruning")
@@ -183,14 +182,13 @@ class StructuredPruning(Callback):
                 f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
                 f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
             )
+        # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         for name in _SHADOWED:
             pl_module.__dict__.pop(name, None)
-        if self.pruner is not None and self.pruner.stats is not None:
+        if stage == "fit" and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
@@ -277,7 +275,14 @@ class StructuredPruning(Callback):
                         f"checkpoint was pruned at model_attr={state.get('model_attr')!r}, this run prunes "
                         f"{self._located_attr!r}"
                     )
-                if self.pruner.completed_events == 0 and state["history"]:
+                current = self.pruner.state_dict()["history"]
+                if state["history"] != current:
+                    if self.pruner.completed_events:
+                        raise ValueError(
+                            f"this checkpoint holds the structure after {state['current_step']} pruning events, the "
+                            f"model in memory has had {self.pruner.completed_events} other ones; load the checkpoint "
+                            "into a fresh module (pqv_lightning.load_pruned_checkpoint)"
+                        )
                     self.pruner.load_state_dict(state)
                     self.events = []
             original_load(checkpoint)
