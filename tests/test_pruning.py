@@ -259,3 +259,14 @@ def test_bfloat16_model_prunes_and_keeps_its_dtype():
     assert event.macs_after < event.macs_before
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model(torch.randn(1, 1, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_global_pruning_ranks_across_layers_and_counts_heads_globally():
+    model = tiny_vit(embed_dim=96, num_heads=6)
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25, global_pruning=True,
+                                                   prune_num_heads=True, head_pruning_ratio=0.5))
+    pruner.step()
+    widths = [b.mlp.fc1.out_features for b in model.blocks]
+    assert widths[0] != widths[1] and all(w < 384 for w in widths)  # one threshold, not 288 per layer
+    assert sum(b.attn.num_heads for b in model.blocks) == 6  # 12 heads in total, half removed
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
