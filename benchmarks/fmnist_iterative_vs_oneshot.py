@@ -3,11 +3,13 @@
 Fine-tunes the pretrained Fashion-MNIST ViT (shared/models/vit_tiny_fmnist.pt) on the CPU with
 Taylor importance to 25 % and 50 % channels, twice each:
 
-* iterative: ``--events`` pruning events spread over the first 60 % of the optimizer steps;
+* iterative: ``--events`` pruning events spread evenly over the first ``--spans`` fraction(s) of
+  the optimizer steps (one row per span);
 * one-shot:  a single event after the first statistics window, then fine-tuning for the rest.
 
 Both see exactly the same images, steps, learning-rate schedule and seed. Writes a Markdown table
-and JSON to benchmarks/results/ and prints the table.
+and JSON to benchmarks/results/ and prints the table. Finished rows are kept in the JSON and not
+recomputed when the script is run again with the same settings (delete the JSON to start over).
 
     python benchmarks/fmnist_iterative_vs_oneshot.py                 # 2 epochs x 16,384 images
     python benchmarks/fmnist_iterative_vs_oneshot.py --train-subset 55000 --epochs 2   # full budget
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--importance", default="taylor")
     ap.add_argument("--events", type=int, default=4)
+    ap.add_argument("--spans", type=float, nargs="+", default=[0.6, 0.25],
+                    help="fractions of the steps over which the iterative events are spread")
     ap.add_argument("--accumulate", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-subset", type=int, default=16384)
@@ -42,18 +46,36 @@ def main() -> None:
     ckpt = args.checkpoint or default_checkpoint()
     budget = dict(epochs=args.epochs, train_subset=args.train_subset, accumulate_batches=args.accumulate,
                   importance=args.importance)
-    rows = [finetune_with_pruning(ckpt, label="pretrained (no fine-tune)", pruning_ratio=0.0, epochs=0)]
-    for ratio in args.ratios:
-        rows.append(finetune_with_pruning(ckpt, label=f"one-shot {ratio:g}", pruning_ratio=ratio, iterative_steps=1,
-                                          **budget))
-        rows.append(finetune_with_pruning(ckpt, label=f"iterative {ratio:g}", pruning_ratio=ratio,
-                                          iterative_steps=args.events, **budget))
-        print(format_table(rows), flush=True)
     OUT.mkdir(exist_ok=True)
+    cache_file = OUT / f"{args.name}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "ratios", "spans", "name")}
+    cached = {}
+    if cache_file.is_file():
+        old = json.loads(cache_file.read_text())
+        if old.get("settings") == settings:
+            cached = {r["label"]: r for r in old["rows"]}
+    rows = []
+
+    def run(label, **kw):
+        if label not in cached:
+            cached[label] = asdict(finetune_with_pruning(ckpt, label=label, **kw))
+            save()
+        rows.append(cached[label])
+        print(format_table(rows), flush=True)
+
+    def save():
+        cache_file.write_text(json.dumps({"settings": settings, "meta": meta, "rows": list(cached.values())}, indent=1))
+
     meta = {"command": "python benchmarks/fmnist_iterative_vs_oneshot.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("checkpoint", "ratios", "name")),
+        f"--{k.replace('_', '-')} {v}" for k, v in settings.items()),
         "host": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
-    (OUT / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    run("pretrained (no fine-tune)", pruning_ratio=0.0, epochs=0)
+    for ratio in args.ratios:
+        run(f"one-shot {ratio:g}", pruning_ratio=ratio, iterative_steps=1, **budget)
+        for span in args.spans:
+            label = f"iterative {ratio:g}, events in first {span:.0%}"
+            run(label, pruning_ratio=ratio, iterative_steps=args.events, prune_span=span, **budget)
+    save()
     (OUT / f"{args.name}.md").write_text(f"`{meta['command']}` (torch {meta['torch']}, {args.threads} threads)\n\n"
                                          + format_table(rows) + "\n")
     print(format_table(rows))

@@ -74,11 +74,14 @@ def finetune_with_pruning(
     test_subset: int | None = None,
     seed: int = 0,
     precision: str = "32-true",
+    prune_span: float = 0.6,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` for ``epochs`` over ``train_subset`` images while
-    :class:`StructuredPruning` runs ``iterative_steps`` events spread over the first ~60 % of the
-    optimizer steps (``iterative_steps=1``: one-shot after one statistics window, then fine-tuning
-    for the rest of the same budget). Returns test accuracy, params and MACs of the result."""
+    :class:`StructuredPruning` runs ``iterative_steps`` events spread evenly over the first
+    ``prune_span`` of the optimizer steps (``iterative_steps=1``: one-shot after one statistics
+    window, then fine-tuning for the rest of the same budget). Returns test accuracy, params and MACs."""
+    if not 0 < prune_span <= 1:
+        raise ValueError(f"prune_span={prune_span} must be in (0, 1]")
     pl.seed_everything(seed, verbose=False)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset,
                                 test_subset=test_subset, seed=seed)
@@ -87,7 +90,7 @@ def finetune_with_pruning(
     steps = epochs * (len(dm.train_set) // batch_size)
     callbacks: list[pl.Callback] = []
     if pruning_ratio > 0:
-        span = max(1, int(0.6 * steps) - accumulate_batches)
+        span = max(1, int(prune_span * steps) - accumulate_batches)
         frequency = max(accumulate_batches, span // max(1, iterative_steps - 1)) if iterative_steps > 1 else accumulate_batches
         callbacks.append(StructuredPruning(
             importance=importance, pruning_ratio=pruning_ratio, iterative_steps=iterative_steps,
