@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     if ckpt is None:
         print("no checkpoint found: pass --checkpoint or run examples/train_fmnist_vit.py first", file=sys.stderr)
         return 2
-    common = dict(data_dir=args.data_dir, batch_size=args.batch_size)
+    common = dict(data_dir=args.data_dir, batch_size=args.batch_size, test_subset=args.test_subset)
     print(f"checkpoint: {ckpt}")
     rows = [finetune_with_pruning(ckpt, label="pretrained", pruning_ratio=0.0, epochs=0, **common)]
     print(format_table(rows), flush=True)

@@ -88,3 +88,19 @@ def test_project_can_make_its_own_checkpoint(tmp_path):
     assert meta["config"]["dim"] == 32 and 0.0 <= meta["test_accuracy"] <= 1.0
     lit = ImageClassifier(checkpoint=str(path))
     assert lit.model.embed_dim == 32
+
+
+@pytest.mark.skipif(default_checkpoint() is None, reason="shared/models/vit_tiny_fmnist.pt is not beside the repo")
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_demo_runs_end_to_end_at_a_tiny_size(capsys):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(["--train-subset", "512", "--batch-size", "32", "--events", "2", "--accumulate", "2",
+                      "--test-subset", "128", "--ratio", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "| pretrained | - | 0 | 0 | 0 |" in out
+    assert "| pruned + fine-tuned | taylor | 0.25 | 2 | 16 |" in out and "3.02 M" in out
