@@ -270,3 +270,19 @@ def test_global_pruning_ranks_across_layers_and_counts_heads_globally():
     assert widths[0] != widths[1] and all(w < 384 for w in widths)  # one threshold, not 288 per layer
     assert sum(b.attn.num_heads for b in model.blocks) == 6  # 12 heads in total, half removed
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_cubic_ratio_schedule_prunes_most_in_the_first_events():
+    from pqv_lightning.pruning import cubic_schedule, linear_schedule
+
+    assert linear_schedule(0.5, 4) == [0.0, 0.125, 0.25, 0.375, 0.5]
+    assert cubic_schedule(0.5, 4) == [0.0, 0.2890625, 0.4375, 0.4921875, 0.5]
+    model = tiny_vit()
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2,
+                                                   ratio_schedule="cubic"))
+    first = pruner.step()
+    assert first.target_ratio == pytest.approx(0.4375)
+    assert model.patch_embed.proj.out_channels == 36  # int(64 * (1 - 0.4375))
+    assert pruner.step().target_ratio == pytest.approx(0.5) and model.patch_embed.proj.out_channels == 32
+    with pytest.raises(ValueError, match=r"ratio_schedule='exp' is not supported; allowed: \['cubic', 'linear'\]"):
+        PruningConfig(ratio_schedule="exp").validate()

@@ -63,6 +63,19 @@ __all__ = [
 STATE_VERSION = 1
 
 
+def linear_schedule(ratio: float, steps: int) -> list[float]:
+    """Cumulative target after event k (k = 0..steps): ``ratio * k / steps``."""
+    return [ratio * k / steps for k in range(steps + 1)]
+
+
+def cubic_schedule(ratio: float, steps: int) -> list[float]:
+    """Cumulative target after event k: ``ratio * (1 - (1 - k / steps) ** 3)`` (gradual pruning)."""
+    return [ratio * (1 - (1 - k / steps) ** 3) for k in range(steps + 1)]
+
+
+RATIO_SCHEDULES = {"linear": linear_schedule, "cubic": cubic_schedule}
+
+
 @dataclass
 class PruningConfig:
     """What to prune and how (Torch-Pruning semantics).
@@ -83,6 +96,9 @@ class PruningConfig:
             output channels are never pruned. ``None`` means the classifier head(s).
         global_pruning: rank channels across layers instead of the same ratio per layer.
         seed: seed of the ``random`` criterion.
+        ratio_schedule: how the cumulative ratio grows over the events: ``"linear"`` (equal steps,
+            Torch-Pruning's default) or ``"cubic"`` (Zhu & Gupta 2017: large steps first, small ones
+            late, ``r_k = r (1 - (1 - k/n)^3)``).
     """
 
     importance: str = "taylor"
@@ -95,8 +111,13 @@ class PruningConfig:
     ignored_layers: list[str] | None = None
     global_pruning: bool = False
     seed: int = 0
+    ratio_schedule: str = "linear"
 
     def validate(self) -> None:
+        if self.ratio_schedule not in RATIO_SCHEDULES:
+            raise ValueError(
+                f"ratio_schedule={self.ratio_schedule!r} is not supported; allowed: {sorted(RATIO_SCHEDULES)}"
+            )
         if self.importance not in IMPORTANCE_NAMES:
             raise ValueError(f"importance={self.importance!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
         _check_ratio("pruning_ratio", self.pruning_ratio)
@@ -236,6 +257,7 @@ class StructuredPruner:
                     importance=self.importance,
                     pruning_ratio=config.pruning_ratio,
                     iterative_steps=config.iterative_steps,
+                    iterative_pruning_ratio_scheduler=RATIO_SCHEDULES[config.ratio_schedule],
                     ignored_layers=ignored_modules,
                     global_pruning=config.global_pruning,
                     round_to=config.round_to,

@@ -75,6 +75,7 @@ def finetune_with_pruning(
     seed: int = 0,
     precision: str = "32-true",
     prune_span: float = 0.6,
+    ratio_schedule: str = "linear",
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` for ``epochs`` over ``train_subset`` images while
     :class:`StructuredPruning` runs ``iterative_steps`` events spread evenly over the first
@@ -95,6 +96,7 @@ def finetune_with_pruning(
         callbacks.append(StructuredPruning(
             importance=importance, pruning_ratio=pruning_ratio, iterative_steps=iterative_steps,
             accumulate_batches=accumulate_batches, interval="step", start=0, frequency=frequency,
+            ratio_schedule=ratio_schedule,
         ))
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,

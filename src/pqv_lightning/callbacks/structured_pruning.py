@@ -69,6 +69,8 @@ class StructuredPruning(Callback):
         model_attr: dotted path of the network inside the LightningModule.
         example_input_shape: ``[C, H, W]`` for tracing when the model cannot tell its input size.
         seed: seed of the ``random`` criterion.
+        ratio_schedule: ``"linear"`` (equal steps) or ``"cubic"`` (large steps first) growth of the
+            cumulative ratio over the events.
 
     Example::
 
@@ -100,6 +102,7 @@ class StructuredPruning(Callback):
         model_attr: str | None = None,
         example_input_shape: list[int] | None = None,
         seed: int = 0,
+        ratio_schedule: Literal["linear", "cubic"] = "linear",
     ) -> None:
         super().__init__()
         self.config = PruningConfig(
@@ -113,6 +116,7 @@ class StructuredPruning(Callback):
             ignored_layers=list(ignored_layers) if ignored_layers is not None else None,
             global_pruning=global_pruning,
             seed=seed,
+            ratio_schedule=ratio_schedule,
         )
         self.config.validate()
         _check_int("accumulate_batches", accumulate_batches, 1)
