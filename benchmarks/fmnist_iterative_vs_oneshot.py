@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=4)
     ap.add_argument("--spans", type=float, nargs="+", default=[0.6, 0.25],
                     help="fractions of the steps over which the iterative events are spread")
+    ap.add_argument("--schedules", nargs="+", default=["linear"], choices=["linear", "cubic"],
+                    help="growth of the ratio over the iterative events")
     ap.add_argument("--accumulate", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-subset", type=int, default=16384)
@@ -48,7 +50,7 @@ def main() -> None:
                   importance=args.importance)
     OUT.mkdir(exist_ok=True)
     cache_file = OUT / f"{args.name}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "ratios", "spans", "name")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "ratios", "spans", "schedules", "name")}
     cached = {}
     if cache_file.is_file():
         old = json.loads(cache_file.read_text())
@@ -72,9 +74,13 @@ def main() -> None:
     run("pretrained (no fine-tune)", pruning_ratio=0.0, epochs=0)
     for ratio in args.ratios:
         run(f"one-shot {ratio:g}", pruning_ratio=ratio, iterative_steps=1, **budget)
-        for span in args.spans:
-            label = f"iterative {ratio:g}, events in first {span:.0%}"
-            run(label, pruning_ratio=ratio, iterative_steps=args.events, prune_span=span, **budget)
+        for schedule in args.schedules:
+            for span in args.spans:
+                label = f"iterative {ratio:g}, events in first {span:.0%}"
+                if schedule != "linear":
+                    label += f", {schedule}"
+                run(label, pruning_ratio=ratio, iterative_steps=args.events, prune_span=span,
+                    ratio_schedule=schedule, **budget)
     save()
     (OUT / f"{args.name}.md").write_text(f"`{meta['command']}` (torch {meta['torch']}, {args.threads} threads)\n\n"
                                          + format_table(rows) + "\n")
