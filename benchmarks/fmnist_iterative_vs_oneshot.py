@@ -68,8 +68,10 @@ def main() -> None:
     def save():
         cache_file.write_text(json.dumps({"settings": settings, "meta": meta, "rows": list(cached.values())}, indent=1))
 
+    shown = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "name")}
     meta = {"command": "python benchmarks/fmnist_iterative_vs_oneshot.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in settings.items()),
+        f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+        for k, v in shown.items()),
         "host": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
     run("pretrained (no fine-tune)", pruning_ratio=0.0, epochs=0)
     for ratio in args.ratios:
