@@ -300,3 +300,10 @@ def test_test_and_validate_with_ckpt_path_rebuild_pruned_shapes(tmp_path, lit_mo
     tester = make_trainer(tmp_path / "t", [StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2)])
     (metrics,) = tester.test(fresh, random_loader(32, 16), ckpt_path=str(first))
     assert fresh.model.patch_embed.proj.out_channels == 48 and "test/acc" in metrics
+
+
+def test_compiled_network_is_refused(tmp_path, lit_model):
+    lit_model.model = torch.compile(lit_model.model)
+    trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1)
+    with pytest.raises(ValueError, match="inside a torch.compile wrapper"):
+        trainer.fit(lit_model, random_loader(32, 16))

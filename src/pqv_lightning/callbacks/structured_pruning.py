@@ -143,7 +143,6 @@ class StructuredPruning(Callback):
         self._window_steps = 0
         self._stepped = False
         self._window_open_now = False
-        self._pending_stats: dict | None = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -173,8 +172,11 @@ class StructuredPruning(Callback):
             self._check_strategy(trainer)
             self._check_schedule_against_trainer(trainer)
         attr, model, adapter = locate_model(pl_module, self.model_attr)
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # pragma: no cover - defensive
-            raise ValueError("StructuredPruning cannot prune a torch.compile'd module; compile after pruning")
+        if "_orig_mod" in attr.split("."):
+            raise ValueError(
+                f"StructuredPruning found the network inside a torch.compile wrapper (pl_module.{attr}); every "
+                "event would force a recompile. Compile after pruning, or pass the uncompiled module"
+            )
         if self.pruner is None or self.pruner.model is not model:
             example = None
             if self.example_input_shape is not None:
