@@ -4,16 +4,19 @@ print the before/after table (test accuracy on the 10,000 test images, params, M
     python examples/demo.py                      # ~5 minutes on a 2-core CPU
     python examples/demo.py --ratio 0.5 --train-subset 55000 --epochs 2   # a fuller run
 
-The checkpoint defaults to ``../shared/models/vit_tiny_fmnist.pt`` (or ``$PQV_FMNIST_CHECKPOINT``);
-without one, train your own first with ``python examples/train_fmnist_vit.py``.
+The checkpoint defaults to ``../shared/models/vit_tiny_fmnist.pt`` (or ``$PQV_FMNIST_CHECKPOINT``).
+Without one the demo first trains a small ViT for a couple of minutes (``runs/vit_fmnist_quick.pt``);
+``python examples/train_fmnist_vit.py`` makes a full-size one.
 """
 
 import argparse
-import sys
+from pathlib import Path
 
 import torch
 
-from pqv_lightning.recipes import default_checkpoint, finetune_with_pruning, format_table
+from pqv_lightning.recipes import default_checkpoint, finetune_with_pruning, format_table, train_vit_checkpoint
+
+QUICK_CHECKPOINT = Path("runs") / "vit_fmnist_quick.pt"
 
 
 def main(argv=None) -> int:
@@ -33,8 +36,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or default_checkpoint()
     if ckpt is None:
-        print("no checkpoint found: pass --checkpoint or run examples/train_fmnist_vit.py first", file=sys.stderr)
-        return 2
+        if not QUICK_CHECKPOINT.is_file():
+            print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)
+            train_vit_checkpoint(QUICK_CHECKPOINT, dim=96, depth=6, heads=3, epochs=2, batch_size=128,
+                                 train_subset=16384, data_dir=args.data_dir, precision="32-true")
+        ckpt = QUICK_CHECKPOINT
     common = dict(data_dir=args.data_dir, batch_size=args.batch_size, test_subset=args.test_subset)
     print(f"checkpoint: {ckpt}")
     rows = [finetune_with_pruning(ckpt, label="pretrained", pruning_ratio=0.0, epochs=0, **common)]
