@@ -85,7 +85,7 @@ def main() -> None:
                     ratio_schedule=schedule, **budget)
     save()
     (OUT / f"{args.name}.md").write_text(f"`{meta['command']}` (torch {meta['torch']}, {args.threads} threads)\n\n"
-                                         + format_table(rows) + "\n")
+                                         + format_table(rows, show_time=False) + "\n")
     print(format_table(rows))
 
 

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--importance", default="taylor", choices=["taylor", "hessian", "l1", "l2", "random"])
     ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
     ap.add_argument("--events", type=int, default=4, help="number of pruning events")
+    ap.add_argument("--schedule", default="cubic", choices=["linear", "cubic"], help="growth of the ratio over events")
     ap.add_argument("--accumulate", type=int, default=8, help="optimizer steps of statistics per event")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
@@ -38,8 +39,9 @@ def main(argv=None) -> int:
     if ckpt is None:
         if not QUICK_CHECKPOINT.is_file():
             print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)
-            train_vit_checkpoint(QUICK_CHECKPOINT, dim=96, depth=6, heads=3, epochs=2, batch_size=128,
-                                 train_subset=16384, data_dir=args.data_dir, precision="32-true")
+            train_vit_checkpoint(QUICK_CHECKPOINT, dim=64, depth=4, heads=2, epochs=3, batch_size=128, lr=2e-3,
+                                 train_subset=16384, data_dir=args.data_dir, precision="32-true",
+                                 warmup_epochs=0.25, drop_path_rate=0.0)
         ckpt = QUICK_CHECKPOINT
     common = dict(data_dir=args.data_dir, batch_size=args.batch_size, test_subset=args.test_subset)
     print(f"checkpoint: {ckpt}")
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     rows.append(finetune_with_pruning(
         ckpt, label="pruned + fine-tuned", importance=args.importance, pruning_ratio=args.ratio,
         iterative_steps=args.events, accumulate_batches=args.accumulate, train_subset=args.train_subset,
+        ratio_schedule=args.schedule,
         epochs=args.epochs, **common))
     print()
     print(format_table(rows))
