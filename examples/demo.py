@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if ckpt is None:
         if not QUICK_CHECKPOINT.is_file():
             print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)
-            train_vit_checkpoint(QUICK_CHECKPOINT, dim=64, depth=4, heads=2, epochs=3, batch_size=128, lr=2e-3,
+            train_vit_checkpoint(QUICK_CHECKPOINT, dim=64, depth=4, heads=2, epochs=6, batch_size=128, lr=2e-3,
                                  train_subset=16384, data_dir=args.data_dir, precision="32-true",
                                  warmup_epochs=0.25, drop_path_rate=0.0)
         ckpt = QUICK_CHECKPOINT
