@@ -159,3 +159,16 @@ def test_make_importance_rejects_unknown_names_and_missing_statistics():
         make_importance("taylor")
     with pytest.raises(ValueError, match="not a gradient criterion"):
         GradientStatistics(tiny_vit(), "l2")
+
+
+def test_all_reduce_layout_does_not_depend_on_what_a_rank_gathered():
+    """A rank that skipped every step must still send the same layout (else DDP would hang)."""
+    model = tiny_vit()
+    full, empty = GradientStatistics(model, "taylor"), GradientStatistics(model, "taylor")
+    _grads(model, *_batch(0))
+    full.step()
+    sizes = []
+    full.all_reduce(lambda t: sizes.append(t.numel()) or t)
+    empty.all_reduce(lambda t: sizes.append(t.numel()) or t)
+    assert sizes[0] == sizes[1] > 0
+    assert all(float(v.abs().sum()) == 0.0 for v in empty.out_scores.values())

@@ -184,23 +184,21 @@ class GradientStatistics:
     def all_reduce(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Average the accumulators over processes (``reduce_mean`` is e.g. ``strategy.reduce``).
 
-        Names are sorted so every rank packs the same layout; the result is bitwise identical on
-        every rank, hence so are the pruning decisions.
+        The packed layout comes from the model's weights, not from what this rank gathered, so
+        every rank sends the same shape even if one of them skipped every step (zeros stand in).
+        The result is bitwise identical on every rank, hence so are the pruning decisions.
         """
-        keys = sorted(self.out_scores)
-        if not keys:
-            return
-        parts = [self.out_scores[k] for k in keys] + [self.in_scores[k] for k in sorted(self.in_scores)]
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        flat = reduce_mean(flat)
+        layout = []
+        for name, p in sorted(tracked_weights(self.model).items()):
+            layout.append((self.out_scores, name, p.shape[0] if p.dim() > 1 else p.numel()))
+            if p.dim() > 1:
+                layout.append((self.in_scores, name, p.shape[1]))
+        device = next(self.model.parameters()).device
+        parts = [d[name].to(device) if name in d else torch.zeros(n, device=device) for d, name, n in layout]
+        flat = reduce_mean(torch.cat(parts))
         offset = 0
-        for k in keys:
-            n = self.out_scores[k].numel()
-            self.out_scores[k] = flat[offset : offset + n].clone()
-            offset += n
-        for k in sorted(self.in_scores):
-            n = self.in_scores[k].numel()
-            self.in_scores[k] = flat[offset : offset + n].clone()
+        for d, name, n in layout:
+            d[name] = flat[offset : offset + n].clone()
             offset += n
 
     def state_dict(self) -> dict:

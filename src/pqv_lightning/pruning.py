@@ -448,7 +448,8 @@ class StructuredPruner:
         with torch.enable_grad():
             self._tp.DG.load_pruning_history([list(h) for h in state["history"]])
         self.model.train(was_training)
-        by_name = {name: q for q_id, name in self._attn_names.items() for q in self._tp.num_heads if id(q) == q_id}
+        qkv_by_id = {id(q): q for q in self._tp.num_heads}
+        by_name = {name: qkv_by_id[i] for i, name in self._attn_names.items() if i in qkv_by_id}
         for name, heads in state["num_heads"].items():
             qkv = by_name.get(name)
             if qkv is not None:

@@ -3,6 +3,7 @@ structured pruning and measure test accuracy, parameters and MACs before and aft
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,6 @@ __all__ = ["FinetuneResult", "default_checkpoint", "evaluate", "finetune_with_pr
 
 def default_checkpoint() -> Path | None:
     """``shared/models/vit_tiny_fmnist.pt`` beside the repository (or ``$PQV_FMNIST_CHECKPOINT``)."""
-    import os
-
     env = os.environ.get("PQV_FMNIST_CHECKPOINT")
     if env:
         return Path(env)
