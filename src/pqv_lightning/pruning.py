@@ -127,9 +127,6 @@ class PruningConfig:
             raise ValueError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to={self.round_to!r} must be None or an integer >= 1")
-        if not (self.prune_num_heads or self.prune_head_dims):
-            # Still valid: attention internals are then left alone, embedding and MLP are pruned.
-            pass
 
     @property
     def effective_head_ratio(self) -> float:
