@@ -15,7 +15,7 @@ from .pruning import (
     restore_structure,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CHECKPOINT_KEY",

@@ -1,0 +1,140 @@
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import pqv_lightning.export as export_mod
+from pqv_lightning.export import ENGINES, PRECISIONS, MobileExportConfig, export_mobile, host_default_engine
+
+from conftest import tiny_vit
+
+SUPPORTED = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+
+
+def _data(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def _config(tmp_path, **kw):
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    kw.setdefault("repeats", 2)
+    kw.setdefault("warmup", 1)
+    return MobileExportConfig(**kw)
+
+
+@pytest.mark.parametrize("dim", [64, 256])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_and_engine_round_trips_through_the_lite_interpreter(tmp_path, precision, dim):
+    model = tiny_vit(embed_dim=dim, depth=1, num_heads=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # random-init logits are nearly tied, so top-1 agreement is a noisy signal here: cosine is the real check
+    config = _config(tmp_path, precisions=[precision], engines=SUPPORTED, min_top1_agreement=0.7)
+    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
+    engine_dependent = precision.startswith("int8")
+    assert len(manifest["artifacts"]) == (len(SUPPORTED) if engine_dependent else 1)
+    for entry in manifest["artifacts"]:
+        assert entry["status"] == "ok", entry.get("reason")
+        path = tmp_path / "out" / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert entry["size_bytes"] == path.stat().st_size
+        v = entry["verification"]
+        assert v["samples"] == 24 and v["top1_agreement"] >= 0.7 and v["cosine"] > 0.99
+        assert 0.0 <= v["top1_accuracy"] <= 1.0
+        assert entry["latency"]["median_ms"] > 0 and entry["latency"]["speedup_vs_fp32_eager"] > 0
+        if torch._C._is_xnnpack_enabled():
+            assert "torch.utils.mobile_optimizer.optimize_for_mobile" in entry["optimizations_applied"]
+        else:  # never claim an optimization that did not run
+            assert not any("optimize_for_mobile" in o for o in entry["optimizations_applied"])
+            assert any("XNNPACK" in s for s in entry["optimizations_skipped"])
+    # the source model is untouched (no quantized modules, same weights)
+    assert all(type(m).__module__.startswith(("timm", "torch.nn.modules")) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["artifacts"] == json.loads(json.dumps(manifest["artifacts"]))
+
+
+def test_default_engine_is_named_in_the_manifest(tmp_path):
+    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["int8-dynamic"]))
+    assert manifest["host"]["default_engine"] == host_default_engine()
+    assert manifest["artifacts"][0]["engine"] == host_default_engine()
+    assert manifest["artifacts"][0]["verification"]["samples"] == 1  # example input only
+
+
+def test_threshold_marks_failure_or_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "_verify", lambda run, ref, batches: {
+        "samples": 1, "top1_agreement": 0.5, "max_abs_logit_error": 1.0, "cosine": 0.1})
+    with pytest.warns(UserWarning, match="failed verification"):
+        manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
+    assert manifest["artifacts"][0]["status"] == "failed"
+    assert "top-1 agreement 0.5000 < min_top1_agreement 0.9" in manifest["artifacts"][0]["reason"]
+    with pytest.raises(RuntimeError, match="model_fp32.ptl: top-1 agreement"), pytest.warns(UserWarning):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
+                      _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")))
+
+
+def test_interrupt_mid_export_leaves_no_partial_artifact_or_entry(tmp_path, monkeypatch):
+    real = export_mod._latency
+    calls = {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # baseline, fp32 artifact, then Ctrl-C while timing the int8 artifact
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(export_mod, "_latency", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
+                      _config(tmp_path, precisions=["fp32", "int8-dynamic"], engines=[SUPPORTED[0]]))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_fp32.ptl"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["file"] for a in manifest["artifacts"]] == ["model_fp32.ptl"]
+
+
+def test_untraceable_model_is_skipped_with_the_reason(tmp_path):
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_vit()
+
+        def forward(self, x):
+            return {"logits": self.vit(x)}
+
+    manifest = export_mobile(DictOut(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "skipped" and "dict" in entry["reason"].lower()
+    assert not (tmp_path / "out" / "model_fp32.ptl").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(precisions=["int4"]), r"precisions=\['int4'\]: unknown \['int4'\]; allowed: \['fp32', 'fp16'"),
+        (dict(engines=["tensorrt"]), r"engines=\['tensorrt'\]: unknown \['tensorrt'\]; allowed"),
+        (dict(on_failure="ignore"), r"on_failure='ignore'; allowed: 'warn', 'raise'"),
+        (dict(repeats=0), r"repeats=0 must be >= 1"),
+    ],
+)
+def test_bad_config(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, **kwargs))
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="'int8-static' needs calibration_data"):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["int8-static"]))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.ptl").write_text("x")
+    with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, output_dir=str(tmp_path / "full")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, output_dir=str(tmp_path / "file")))
+    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
+                             _config(tmp_path, precisions=["fp32"], output_dir=str(tmp_path / "full"), overwrite=True))
+    assert manifest["artifacts"][0]["status"] == "ok"
