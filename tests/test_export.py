@@ -22,6 +22,7 @@ def _config(tmp_path, **kw):
     kw.setdefault("output_dir", str(tmp_path / "out"))
     kw.setdefault("repeats", 2)
     kw.setdefault("warmup", 1)
+    kw.setdefault("measure_memory", False)
     return MobileExportConfig(**kw)
 
 
@@ -57,8 +58,11 @@ def test_every_precision_and_engine_round_trips_through_the_lite_interpreter(tmp
     assert on_disk["artifacts"] == json.loads(json.dumps(manifest["artifacts"]))
 
 
-def test_default_engine_is_named_in_the_manifest(tmp_path):
-    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["int8-dynamic"]))
+def test_default_engine_is_named_in_the_manifest_and_memory_is_measured(tmp_path):
+    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
+                             _config(tmp_path, precisions=["int8-dynamic"], measure_memory=True))
+    memory = manifest["artifacts"][0]["memory"]
+    assert memory["peak_rss_mb"] > memory["load_and_inference_mb"] > 0
     assert manifest["host"]["default_engine"] == host_default_engine()
     assert manifest["artifacts"][0]["engine"] == host_default_engine()
     assert manifest["artifacts"][0]["verification"]["samples"] == 1  # example input only

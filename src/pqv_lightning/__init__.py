@@ -1,9 +1,10 @@
 """pqv-lightning: structured pruning, quantization and mobile export of Vision Transformers as
 PyTorch Lightning callbacks."""
 
-from .callbacks import CHECKPOINT_KEY, StructuredPruning
+from .callbacks import CHECKPOINT_KEY, MobileExport, StructuredPruning
 from .checkpoint import load_pruned_checkpoint, restore_pruned_module
 from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
+from .export import MobileExportConfig, export_mobile
 from .importance import GradientStatistics, make_importance
 from .pruning import (
     PruningConfig,
@@ -19,6 +20,9 @@ from ._version import __version__
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "MobileExport",
+    "MobileExportConfig",
+    "export_mobile",
     "StructuredPruning",
     "load_pruned_checkpoint",
     "restore_pruned_module",

@@ -15,7 +15,8 @@
 * each ``.ptl`` is reloaded with ``_load_for_lite_interpreter`` and compared with the fp32 eager
   model on the given batches (top-1 agreement, max abs logit error, cosine, accuracy with labels);
 * latency of every artifact and of the fp32 eager model, in the same process with fixed threads,
-  warm-up and repeats (median, p90, ratio to fp32 eager);
+  warm-up and repeats (median, p90, ratio to fp32 eager), and peak memory of inference (a fresh
+  process per artifact);
 * ``manifest.json`` beside the artifacts; every file is written to a temporary name and renamed,
   so an interruption leaves neither a half-written artifact nor a manifest entry for it.
 """
@@ -42,7 +43,7 @@ from torch import nn
 
 from ._version import __version__
 
-__all__ = ["ENGINES", "PRECISIONS", "MobileExportConfig", "export_mobile", "host_default_engine"]
+__all__ = ["ENGINES", "PRECISIONS", "MobileExportConfig", "check_output_dir", "export_mobile", "host_default_engine"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
@@ -73,6 +74,9 @@ class MobileExportConfig:
         threads: torch threads for verification and latency.
         warmup, repeats: latency measurement (batch of ``example_input``).
         verify_batches, calibration_batches: how many batches of the loaders to use.
+        measure_memory: peak resident memory of loading + 3 inferences, measured in a fresh
+            process per artifact (about 2 s each; an in-process number would include everything
+            else the process ever allocated).
     """
 
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8-dynamic"])
@@ -86,6 +90,7 @@ class MobileExportConfig:
     repeats: int = 20
     verify_batches: int = 8
     calibration_batches: int = 8
+    measure_memory: bool = True
 
     def validate(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -184,15 +189,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prepare_dir(config: MobileExportConfig) -> Path:
+def check_output_dir(config: MobileExportConfig) -> None:
+    """Refuse an output folder that is a file, not writable, or not empty without ``overwrite``.
+    Touches nothing, so it can run before a long fit."""
+    if not config.output_dir:
+        raise ValueError("output_dir is empty; give a folder for the artifacts")
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir={str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()) and not config.overwrite:
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
         raise ValueError(f"output_dir={str(out)!r} is not empty; pass overwrite=True to replace its artifacts")
-    if not os.access(out, os.W_OK):
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
         raise ValueError(f"output_dir={str(out)!r} is not writable")
+
+
+def _prepare_dir(config: MobileExportConfig) -> Path:
+    check_output_dir(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -219,6 +234,45 @@ def _verify(run, reference: nn.Module, batches: Sequence[tuple[torch.Tensor, tor
         result["top1_accuracy"] = float(multiclass_accuracy(logits, torch.cat(labels), num_classes=logits.shape[-1],
                                                             average="micro"))
     return result
+
+
+_MEMORY_PROBE = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+if sys.argv[4] != "-":
+    torch.backends.quantized.engine = sys.argv[4]
+from torch.jit.mobile import _load_for_lite_interpreter
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key))
+
+x = torch.randn(*[int(d) for d in sys.argv[2].split(",")])
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+    fh.write("5")
+before = status("VmRSS:")
+model = _load_for_lite_interpreter(sys.argv[1])
+with torch.no_grad():
+    for _ in range(3):
+        model(x)
+print(before, status("VmHWM:"))
+"""
+
+
+def _inference_memory(path: str, shape: Sequence[int], threads: int, engine: str | None) -> dict[str, float]:
+    """Peak RSS of a fresh process while it loads ``path`` and runs 3 inferences (Linux /proc), and
+    how much of it the model added over the process with torch imported."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, path, ",".join(map(str, shape)), str(threads), engine or "-"],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    before, after = (int(v) for v in proc.stdout.split()[-2:])  # KiB
+    return {"peak_rss_mb": after / 1024, "load_and_inference_mb": (after - before) / 1024}
 
 
 @torch.no_grad()
@@ -349,6 +403,8 @@ def _export_one(reference, precision, engine, example, calibration, verify, conf
             lite = _load_for_lite_interpreter(tmp)
             checks = _verify(lite, reference, verify)
             latency = _latency(lite, example, config.warmup, config.repeats)
+            memory = (_inference_memory(tmp, example.shape, config.threads, entry["engine"])
+                      if config.measure_memory else None)
             digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
     latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
     ok = checks["top1_agreement"] >= config.min_top1_agreement
@@ -357,7 +413,7 @@ def _export_one(reference, precision, engine, example, calibration, verify, conf
         reason=None if ok else (f"top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
                                 f"{config.min_top1_agreement}"),
         sha256=digest, size_bytes=size, optimizations_applied=applied,
-        optimizations_skipped=skipped, verification=checks, latency=latency,
+        optimizations_skipped=skipped, verification=checks, latency=latency, memory=memory,
     )
     if not ok:
         warnings.warn(f"MobileExport: {name} failed verification: {entry['reason']}", stacklevel=3)

@@ -1,0 +1,198 @@
+"""Lightning glue for :func:`pqv_lightning.export.export_mobile`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..adapters import example_inputs_for, locate_model
+from ..export import MobileExportConfig, check_output_dir, export_mobile
+
+__all__ = ["MobileExport"]
+
+
+class MobileExport(Callback):
+    r"""When ``fit`` ends (and/or after ``trainer.test``), quantize the trained network, export it to
+    Lite Interpreter files per precision and engine, verify and time every artifact, and write
+    ``manifest.json``. Works with or without :class:`~pqv_lightning.StructuredPruning` in the same
+    Trainer (it exports the network as it is then, pruned or not).
+
+    Runs on global rank zero only, on a deep copy: the trained module is never converted.
+    Verification uses ``verify_batches`` batches of the validation loader (the datamodule's, or the
+    one given to ``fit``); ``int8-static`` calibrates on ``calibration_batches`` batches of the
+    ``calibration_loader`` ("val" or "train"). Results go to every logger as ``export/<file>/...``
+    metrics; with ``WandbLogger`` also a manifest table and a W&B Artifact (type ``model``) holding
+    the files, with the manifest as metadata.
+
+    Args:
+        precisions: any of ``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``.
+        engines: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
+        output_dir: where to write; default ``<trainer.default_root_dir>/mobile_export``.
+        overwrite: allow a non-empty ``output_dir``. Checked before training starts.
+        min_top1_agreement, on_failure: verification threshold and what a failure does
+            (``"warn"``: marked failed in the manifest; ``"raise"``: error).
+        run_on: ``["fit"]``, ``["test"]`` or both.
+        model_attr: dotted path of the network inside the LightningModule (as for StructuredPruning).
+        input_normalization: recorded in the manifest (e.g. ``{"mean": [0.286], "std": [0.353]}``).
+        log_artifact: upload the files as a W&B Artifact when a ``WandbLogger`` is attached.
+        measure_memory: peak inference memory per artifact (a fresh process each, ~2 s).
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=3, callbacks=[
+            StructuredPruning(pruning_ratio=0.25, iterative_steps=2),
+            MobileExport(precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86", "qnnpack"]),
+        ])
+        trainer.fit(lit_module, datamodule=dm)
+        print(trainer.callbacks[1].manifest["artifacts"])
+    """
+
+    def __init__(
+        self,
+        precisions: list[Literal["fp32", "fp16", "int8-dynamic", "int8-static"]] | None = None,
+        engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = None,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+        min_top1_agreement: float = 0.9,
+        on_failure: Literal["warn", "raise"] = "warn",
+        verify_batches: int = 8,
+        calibration_batches: int = 8,
+        calibration_loader: Literal["val", "train"] = "val",
+        threads: int = 2,
+        warmup: int = 3,
+        repeats: int = 20,
+        run_on: list[Literal["fit", "test"]] | None = None,
+        model_attr: str | None = None,
+        example_input_shape: list[int] | None = None,
+        input_normalization: dict[str, Any] | None = None,
+        log_artifact: bool = True,
+        measure_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = MobileExportConfig(
+            precisions=list(precisions or ["fp32", "int8-dynamic"]), engines=list(engines) if engines else None,
+            output_dir=output_dir or "", overwrite=overwrite, min_top1_agreement=min_top1_agreement,
+            on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
+            calibration_batches=calibration_batches, measure_memory=measure_memory,
+        )
+        self.config.validate()
+        if calibration_loader not in ("val", "train"):
+            raise ValueError(f"calibration_loader={calibration_loader!r}; allowed: 'val', 'train'")
+        self.run_on = list(run_on or ["fit"])
+        bad = [r for r in self.run_on if r not in ("fit", "test")]
+        if bad or not self.run_on:
+            raise ValueError(f"run_on={run_on!r}; allowed: a non-empty subset of ['fit', 'test']")
+        self.calibration_loader = calibration_loader
+        self.model_attr = model_attr
+        self.example_input_shape = example_input_shape
+        self.input_normalization = input_normalization
+        self.log_artifact = log_artifact
+        self.manifest: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ early checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in self.run_on:
+            return
+        if not self.config.output_dir:
+            self.config.output_dir = str(Path(trainer.default_root_dir) / "mobile_export")
+        locate_model(pl_module, self.model_attr)  # a clear error now rather than after a long fit
+        if trainer.is_global_zero:
+            check_output_dir(self.config)
+
+    # ------------------------------------------------------------------ triggers
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "fit" in self.run_on:
+            self.export(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test" in self.run_on:
+            self.export(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the work
+    def _loader(self, trainer: pl.Trainer, which: str):
+        dm = trainer.datamodule
+        if dm is not None:
+            try:
+                return dm.val_dataloader() if which == "val" else dm.train_dataloader()
+            except (NotImplementedError, AttributeError):
+                pass
+        loaders = trainer.val_dataloaders if which == "val" else trainer.train_dataloader
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None and which == "val" and trainer.test_dataloaders is not None:
+            loaders = trainer.test_dataloaders
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+        return loaders
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        """Export now (rank zero only). Returns the manifest."""
+        if not trainer.is_global_zero:
+            return None
+        _, model, adapter = locate_model(pl_module, self.model_attr)
+        val = self._loader(trainer, "val")
+        calibration = self._loader(trainer, self.calibration_loader) or val
+        if val is not None:
+            x = next(iter(val))
+            example = (x if isinstance(x, torch.Tensor) else x[0])[:1]
+        else:
+            example = example_inputs_for(model, adapter, tuple(self.example_input_shape) if self.example_input_shape else None)
+        # trainer.test runs its end hooks under inference_mode; quantization and tracing need it off
+        with torch.inference_mode(False):
+            self.manifest = export_mobile(
+                model, example.detach().cpu().clone(), self.config, validation_data=val, calibration_data=calibration,
+                input_normalization=self.input_normalization,
+            )
+        self._log(trainer)
+        ok = sum(a["status"] == "ok" for a in self.manifest["artifacts"])
+        rank_zero_info(f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in {self.config.output_dir}")
+        return self.manifest
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        assert self.manifest is not None
+        metrics: dict[str, float] = {}
+        rows = []
+        for a in self.manifest["artifacts"]:
+            stem = Path(a["file"]).stem
+            if a["status"] == "skipped":
+                rows.append([a["file"], a["precision"], a["engine"], a["status"], None, None, None, None, None])
+                continue
+            v, lat = a["verification"], a["latency"]
+            metrics.update({
+                f"export/{stem}/size_mb": a["size_bytes"] / 2**20,
+                f"export/{stem}/latency_median_ms": lat["median_ms"],
+                f"export/{stem}/latency_p90_ms": lat["p90_ms"],
+                f"export/{stem}/speedup_vs_fp32_eager": lat["speedup_vs_fp32_eager"],
+                f"export/{stem}/top1_agreement": v["top1_agreement"],
+                f"export/{stem}/cosine": v["cosine"],
+            })
+            if "top1_accuracy" in v:
+                metrics[f"export/{stem}/top1_accuracy"] = v["top1_accuracy"]
+            rows.append([a["file"], a["precision"], a["engine"], a["status"], a["size_bytes"], lat["median_ms"],
+                         lat["speedup_vs_fp32_eager"], v["top1_agreement"], v.get("top1_accuracy")])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            logger.log_table(key="export/manifest", columns=["file", "precision", "engine", "status", "size_bytes",
+                                                             "latency_median_ms", "speedup", "top1_agreement",
+                                                             "top1_accuracy"], data=rows)
+            if self.log_artifact:
+                import wandb
+
+                run = logger.experiment
+                artifact = wandb.Artifact(name=f"mobile-export-{run.id}", type="model", metadata=self.manifest)
+                out = Path(self.config.output_dir)
+                artifact.add_file(str(out / "manifest.json"))
+                for a in self.manifest["artifacts"]:
+                    if a["status"] == "ok":
+                        artifact.add_file(str(out / a["file"]))
+                run.log_artifact(artifact, aliases=["latest"])
