@@ -156,8 +156,11 @@ def _script(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptMo
         if torch._C._is_xnnpack_enabled():
             from torch.utils.mobile_optimizer import optimize_for_mobile
 
-            scripted = optimize_for_mobile(scripted)
-            applied.append("torch.utils.mobile_optimizer.optimize_for_mobile")
+            try:
+                scripted = optimize_for_mobile(scripted)
+                applied.append("torch.utils.mobile_optimizer.optimize_for_mobile")
+            except Exception as exc:  # never lose the end of a long fit to the mobile optimizer
+                skipped.append(f"optimize_for_mobile: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         else:
             skipped.append("optimize_for_mobile: this torch build has no XNNPACK (torch._C._is_xnnpack_enabled() is False)")
     return scripted, applied, skipped
@@ -388,24 +391,28 @@ def _export_one(reference, precision, engine, example, calibration, verify, conf
     path = out / name
     entry: dict[str, Any] = {"file": name, "precision": precision,
                              "engine": engine if precision in _ENGINE_DEPENDENT else None, "format": "ptl"}
-    with _Engine(engine):
-        try:
+    stage = "quantize"
+    try:
+        with _Engine(engine):
             quantized = _quantize(reference, precision, engine, example, [x for x, _ in calibration])
+            stage = "script"
             scripted, applied, skipped = _script(quantized, example)
-        except Exception as exc:  # an untraceable model or unsupported op: skip this variant, say why
-            entry.update(status="skipped", reason=f"{type(exc).__name__}: {exc}")
-            return entry
-        # verify and time the staged file; it gets its final name only when all of that succeeded
-        with _staged(path) as tmp:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                scripted._save_for_lite_interpreter(tmp)
-            lite = _load_for_lite_interpreter(tmp)
-            checks = _verify(lite, reference, verify)
-            latency = _latency(lite, example, config.warmup, config.repeats)
-            memory = (_inference_memory(tmp, example.shape, config.threads, entry["engine"])
-                      if config.measure_memory else None)
-            digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
+            # verify and time the staged file; it gets its final name only when all of that succeeded
+            stage = "save, reload and verify"
+            with _staged(path) as tmp:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scripted._save_for_lite_interpreter(tmp)
+                lite = _load_for_lite_interpreter(tmp)
+                checks = _verify(lite, reference, verify)
+                latency = _latency(lite, example, config.warmup, config.repeats)
+                memory = (_inference_memory(tmp, example.shape, config.threads, entry["engine"])
+                          if config.measure_memory else None)
+                digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
+    except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
+        entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
+        warnings.warn(f"MobileExport: {name} skipped: {entry['reason']}", stacklevel=3)
+        return entry
     latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
     ok = checks["top1_agreement"] >= config.min_top1_agreement
     entry.update(

@@ -136,7 +136,8 @@ class MobileExport(Callback):
             return None
         _, model, adapter = locate_model(pl_module, self.model_attr)
         val = self._loader(trainer, "val")
-        calibration = self._loader(trainer, self.calibration_loader) or val
+        # int8-static always finds data inside a Trainer: the chosen loader, else val, else train
+        calibration = self._loader(trainer, self.calibration_loader) or val or self._loader(trainer, "train")
         if val is not None:
             x = next(iter(val))
             example = (x if isinstance(x, torch.Tensor) else x[0])[:1]
@@ -150,7 +151,9 @@ class MobileExport(Callback):
             )
         self._log(trainer)
         ok = sum(a["status"] == "ok" for a in self.manifest["artifacts"])
-        rank_zero_info(f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in {self.config.output_dir}")
+        engines = self.config.engines or [f"{self.manifest['host']['default_engine']} (host default)"]
+        rank_zero_info(f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in "
+                       f"{self.config.output_dir}; engines {engines}")
         return self.manifest
 
     def _log(self, trainer: pl.Trainer) -> None:
