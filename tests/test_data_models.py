@@ -92,7 +92,7 @@ def test_project_can_make_its_own_checkpoint(tmp_path):
 
 @pytest.mark.skipif(default_checkpoint() is None, reason="shared/models/vit_tiny_fmnist.pt is not beside the repo")
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
-def test_demo_runs_end_to_end_at_a_tiny_size(capsys):
+def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
@@ -100,7 +100,9 @@ def test_demo_runs_end_to_end_at_a_tiny_size(capsys):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert demo.main(["--train-subset", "512", "--batch-size", "32", "--events", "2", "--accumulate", "2",
-                      "--test-subset", "128", "--ratio", "0.25"]) == 0
+                      "--test-subset", "128", "--ratio", "0.25", "--export-dir", str(tmp_path / "export")]) == 0
     out = capsys.readouterr().out
     assert "| pretrained | - | 0 | 0 | 0 |" in out
     assert "| pruned + fine-tuned | taylor | 0.25 | 2 | 16 |" in out and "3.02 M" in out
+    assert "| model_fp32.ptl | ok |" in out and "model_int8-static_" in out
+    assert (tmp_path / "export" / "manifest.json").is_file()

@@ -140,6 +140,9 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, output_dir=str(tmp_path / "file")))
+    (tmp_path / "full" / "model_int8-dynamic_x86.ptl").write_text("stale artifact of an earlier export")
     manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
                              _config(tmp_path, precisions=["fp32"], output_dir=str(tmp_path / "full"), overwrite=True))
     assert manifest["artifacts"][0]["status"] == "ok"
+    # overwrite replaces our own artifacts (none left stale beside the new manifest), never other files
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["manifest.json", "model_fp32.ptl", "old.ptl"]

@@ -120,10 +120,15 @@ class MobileExportConfig:
 # ---------------------------------------------------------------------------------------------- quantization
 def _quantize(model: nn.Module, precision: str, engine: str, example: torch.Tensor,
               calibration: Sequence[torch.Tensor]) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
+        return _quantize_copy(copy.deepcopy(model).eval().float(), precision, engine, example, calibration)
+
+
+def _quantize_copy(copy_: nn.Module, precision: str, engine: str, example: torch.Tensor,
+                   calibration: Sequence[torch.Tensor]) -> nn.Module:
     from torch.ao.quantization import QConfigMapping, float16_dynamic_qconfig, get_default_qconfig, quantize_dynamic
 
-    copy_ = copy.deepcopy(model).eval().float()
-    warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
     if precision == "fp32":
         return copy_
     if precision == "fp16":
@@ -211,6 +216,9 @@ def _prepare_dir(config: MobileExportConfig) -> Path:
     check_output_dir(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:  # replace our own previous artifacts (never other files) so none goes stale
+        for old in [*out.glob("model_*.ptl"), out / "manifest.json"]:
+            old.unlink(missing_ok=True)
     return out
 
 

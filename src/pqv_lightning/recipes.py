@@ -17,7 +17,7 @@ from .data import FashionMNISTDataModule
 from .models import ImageClassifier
 from .pruning import count_macs, count_params
 
-__all__ = ["FinetuneResult", "default_checkpoint", "evaluate", "finetune_with_pruning", "format_table"]
+__all__ = ["FinetuneResult", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
 
 def default_checkpoint() -> Path | None:
@@ -75,6 +75,7 @@ def finetune_with_pruning(
     precision: str = "32-true",
     prune_span: float = 0.6,
     ratio_schedule: str = "linear",
+    extra_callbacks: list[pl.Callback] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` for ``epochs`` over ``train_subset`` images while
     :class:`StructuredPruning` runs ``iterative_steps`` events spread evenly over the first
@@ -97,6 +98,7 @@ def finetune_with_pruning(
             accumulate_batches=accumulate_batches, interval="step", start=0, frequency=frequency,
             ratio_schedule=ratio_schedule,
         ))
+    callbacks += list(extra_callbacks or [])
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, precision=precision,
@@ -125,6 +127,23 @@ def format_table(rows: list[FinetuneResult | dict[str, Any]], show_time: bool = 
                  f"{100 * d['test_acc']:.2f} %", f"{d['params'] / 1e6:.2f} M", f"{d['macs'] / 1e6:.1f} M"]
         cells += [f"{d['seconds']:.0f} s"] if show_time else []
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def export_table(manifest: dict[str, Any]) -> str:
+    """A Markdown table of a MobileExport manifest."""
+    base = manifest["baseline_fp32_eager"]["latency"]["median_ms"]
+    lines = ["| artifact | status | size | latency (median / p90) | vs fp32 eager | top-1 agreement | top-1 acc |",
+             "|---|---|---|---|---|---|---|", f"| fp32 eager (baseline) | - | - | {base:.2f} ms | 1.00x | - | - |"]
+    for a in manifest["artifacts"]:
+        if a["status"] == "skipped":
+            lines.append(f"| {a['file']} | skipped: {a['reason']} | | | | | |")
+            continue
+        lat, v = a["latency"], a["verification"]
+        acc = f"{100 * v['top1_accuracy']:.2f} %" if "top1_accuracy" in v else "-"
+        lines.append(f"| {a['file']} | {a['status']} | {a['size_bytes'] / 2**20:.1f} MB | {lat['median_ms']:.2f} / "
+                     f"{lat['p90_ms']:.2f} ms | {lat['speedup_vs_fp32_eager']:.2f}x | "
+                     f"{100 * v['top1_agreement']:.1f} % | {acc} |")
     return "\n".join(lines)
 
 

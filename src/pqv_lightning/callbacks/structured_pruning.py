@@ -197,6 +197,10 @@ class StructuredPruning(Callback):
         if stage == "fit" and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is not None and self.pruner.stats is not None:
+            self.pruner.stats.detach()  # no gradient hooks left on the model that gets exported
+
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         from lightning.pytorch import strategies as st
 
