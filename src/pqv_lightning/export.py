@@ -4,7 +4,8 @@
 
 * works on a deep copy: the model passed in is never converted;
 * precisions ``fp32``, ``fp16`` (dynamic fp16 Linear), ``int8-dynamic`` (int8 weights, dynamic
-  activations) and ``int8-static`` (weights and activations, calibrated); only Linear layers are
+  activations) and ``int8-static`` (weights and activations, calibrated); only Linear layers (and,
+  for ``int8-static``, the patch-embedding conv: PyTorch has no dynamic conv kernels) are
   quantized — LayerNorm, softmax, GELU and the residual adds stay float (quantizing the residual
   stream of a ViT destroys its accuracy);
 * engines ``x86``, ``fbgemm``, ``qnnpack``, ``onednn`` (PyTorch quantized engines): one artifact
@@ -138,7 +139,8 @@ def _quantize_copy(copy_: nn.Module, precision: str, engine: str, example: torch
     if precision == "int8-static":
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-        mapping = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig(engine))
+        qconfig = get_default_qconfig(engine)
+        mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
         prepared = prepare_fx(copy_, mapping, (example,))
         with torch.no_grad():
             for x in calibration:
