@@ -41,3 +41,16 @@ def make_trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
 def lit_model():
     pl.seed_everything(0, verbose=False)
     return ImageClassifier("vit_test_tiny", lr=1e-3)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """A WandbLogger in WANDB_MODE=offline writing under tmp_path; the run is finished afterwards."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(project="pqv-test", save_dir=str(tmp_path))
+    yield logger
+    wandb.finish()

@@ -14,13 +14,8 @@ from pqv_lightning.models import ImageClassifier
 from conftest import make_trainer, random_loader
 
 
-def test_wandb_offline_gets_metrics_and_tables(tmp_path, lit_model, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    logger = WandbLogger(project="pqv-test", save_dir=str(tmp_path))
+def test_wandb_offline_gets_metrics_and_tables(tmp_path, lit_model, monkeypatch, offline_wandb):
+    logger = offline_wandb
     logged = []
     original = logger.log_metrics
 
@@ -29,13 +24,10 @@ def test_wandb_offline_gets_metrics_and_tables(tmp_path, lit_model, monkeypatch)
         return original(metrics, step)
 
     monkeypatch.setattr(logger, "log_metrics", spy)
-    try:
-        pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
-        trainer = make_trainer(tmp_path, [pruning], max_epochs=2, logger=logger, log_every_n_steps=1)
-        trainer.fit(lit_model, random_loader(64, 16))
-        run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    finally:
-        wandb.finish()
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(lit_model, random_loader(64, 16))
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     table_dir = run_dir / "files" / "media" / "table" / "pruning"
     events = sorted(table_dir.glob("events_*.table.json"), key=lambda p: p.stat().st_mtime)
     assert events, f"no event table in {table_dir}"

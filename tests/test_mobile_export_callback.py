@@ -75,24 +75,15 @@ def test_bad_arguments(tmp_path, kwargs, message):
         _export(tmp_path, **kwargs)
 
 
-def test_wandb_offline_gets_a_model_artifact_with_the_manifest(tmp_path, lit_model, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    logger = WandbLogger(project="pqv-test", save_dir=str(tmp_path))
+def test_wandb_offline_gets_a_model_artifact_with_the_manifest(tmp_path, lit_model, monkeypatch, offline_wandb):
     logged = []
-    try:
-        run = logger.experiment
-        original = run.log_artifact
-        monkeypatch.setattr(run, "log_artifact", lambda art, **kw: logged.append((art, kw)) or original(art, **kw))
-        export = _export(tmp_path, precisions=["fp32", "int8-dynamic"])
-        trainer = make_trainer(tmp_path, [export], max_epochs=1, logger=logger)
-        trainer.fit(lit_model, random_loader(32, 16), random_loader(32, 16))
-        run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    finally:
-        wandb.finish()
+    run = offline_wandb.experiment
+    original = run.log_artifact
+    monkeypatch.setattr(run, "log_artifact", lambda art, **kw: logged.append((art, kw)) or original(art, **kw))
+    export = _export(tmp_path, precisions=["fp32", "int8-dynamic"])
+    trainer = make_trainer(tmp_path, [export], max_epochs=1, logger=offline_wandb)
+    trainer.fit(lit_model, random_loader(32, 16), random_loader(32, 16))
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     (artifact, kw), = [(a, kw) for a, kw in logged if a.type == "model"]
     assert kw["aliases"] == ["latest"]
     assert artifact.metadata["artifacts"][0]["file"] == "model_fp32.ptl"
