@@ -87,7 +87,7 @@ def accumulation_overhead(name: str, batch: int, warmup: int, repeats: int) -> d
 
 def event_time(name: str, ratio: float, repeats: int, importance: str) -> dict:
     builds, events = [], []
-    params = macs = None
+    params = None
     for r in range(repeats):
         torch.manual_seed(r)
         model = timm.create_model(name, pretrained=False)
