@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import pqv_lightning.export as export_mod
+import pqv_lightning.export.core as export_mod
 from pqv_lightning.export import ENGINES, PRECISIONS, MobileExportConfig, export_mobile, host_default_engine
 
 from conftest import tiny_vit
@@ -112,7 +112,7 @@ def test_untraceable_model_is_skipped_with_the_reason(tmp_path):
     with pytest.warns(UserWarning, match="model_fp32.ptl skipped"):
         manifest = export_mobile(DictOut(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
     (entry,) = manifest["artifacts"]
-    assert entry["status"] == "skipped" and entry["reason"].startswith("script failed") and "dict" in entry["reason"].lower()
+    assert entry["status"] == "skipped" and entry["reason"].startswith("export failed") and "dict" in entry["reason"].lower()
     assert not (tmp_path / "out" / "model_fp32.ptl").exists()
 
 

@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -39,8 +40,8 @@ def test_exports_the_pruned_network_after_fit_and_leaves_the_module_alone(tmp_pa
     assert lit_model.model.patch_embed.proj.out_channels == 32
     assert all("quantized" not in type(m).__module__ for m in lit_model.modules())
     with open(logger.experiment.metrics_file_path) as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("export/model_fp32/latency_median_ms")]
-    assert len(rows) == 1 and float(rows[0]["export/model_fp32/size_mb"]) > 0
+        rows = [r for r in csv.DictReader(fh) if r.get("export/model_fp32_ptl/latency_median_ms")]
+    assert len(rows) == 1 and float(rows[0]["export/model_fp32_ptl/size_mb"]) > 0
 
 
 def test_non_empty_output_dir_is_refused_before_training(tmp_path, lit_model):
@@ -90,3 +91,19 @@ def test_wandb_offline_gets_a_model_artifact_with_the_manifest(tmp_path, lit_mod
     assert sorted(artifact.manifest.entries) == sorted(["manifest.json", "model_fp32.ptl",
                                                         f"model_int8-dynamic_{host_default_engine()}.ptl"])
     assert list((run_dir / "files" / "media" / "table" / "export").glob("manifest_*.table.json"))
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("executorch", "onnxruntime", "onnxscript")),
+                    reason="extras not installed: pip install 'pqv-lightning[executorch,onnx]'")
+def test_pte_and_onnx_targets_after_fit_are_verified_and_logged(tmp_path, lit_model):
+    export = _export(tmp_path, precisions=["fp32", "int8-dynamic"], formats=["pte", "onnx"])
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(tmp_path, [export], max_epochs=1, logger=logger)
+    trainer.fit(lit_model, random_loader(32, 16), random_loader(32, 16))
+    files = [a["file"] for a in export.manifest["artifacts"]]
+    assert files == ["model_fp32.pte", "model_int8-dynamic.pte", "model_fp32.onnx", "model_int8-dynamic.onnx"]
+    assert all(a["status"] == "ok" and a["verification"]["samples"] == 32 for a in export.manifest["artifacts"])
+    assert export.manifest["artifacts"][0]["partitions"] <= 2
+    with open(logger.experiment.metrics_file_path) as fh:
+        row = next(r for r in csv.DictReader(fh) if r.get("export/model_fp32_pte/latency_median_ms"))
+    assert float(row["export/model_int8-dynamic_onnx/size_mb"]) < float(row["export/model_fp32_onnx/size_mb"])

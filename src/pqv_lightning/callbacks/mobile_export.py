@@ -18,20 +18,27 @@ __all__ = ["MobileExport"]
 
 class MobileExport(Callback):
     r"""When ``fit`` ends (and/or after ``trainer.test``), quantize the trained network, export it to
-    Lite Interpreter files per precision and engine, verify and time every artifact, and write
-    ``manifest.json``. Works with or without :class:`~pqv_lightning.StructuredPruning` in the same
+    ExecuTorch ``.pte``, ONNX and/or Lite Interpreter ``.ptl`` files per precision (and, for
+    ``.ptl`` int8, per engine), verify every file with the runtime that will execute it, time it,
+    and write ``manifest.json``. Works with or without :class:`~pqv_lightning.StructuredPruning` in the same
     Trainer (it exports the network as it is then, pruned or not).
 
     Runs on global rank zero only, on a deep copy: the trained module is never converted.
     Verification uses ``verify_batches`` batches of the validation loader (the datamodule's, or the
     one given to ``fit``); ``int8-static`` calibrates on ``calibration_batches`` batches of the
     ``calibration_loader`` ("val" or "train"). Results go to every logger as ``export/<file>/...``
-    metrics; with ``WandbLogger`` also a manifest table and a W&B Artifact (type ``model``) holding
+    metrics (the file name with ``.`` as ``_``, e.g. ``export/model_int8-dynamic_pte/latency_median_ms``);
+    with ``WandbLogger`` also a manifest table and a W&B Artifact (type ``model``) holding
     the files, with the manifest as metadata.
 
     Args:
         precisions: any of ``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``.
-        engines: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
+        formats: any of ``pte`` (ExecuTorch + XNNPACK; extra ``executorch``), ``onnx`` (ONNX
+            Runtime; extra ``onnx``), ``ptl`` (TorchScript Lite Interpreter, deprecated upstream).
+            Default ``["ptl"]``. A missing extra is reported when the callback is created.
+        engines: for ``ptl`` int8: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
+        delegation_friendly: for ``pte``: swap timm Attention/LayerNorm for numerically identical
+            modules that XNNPACK delegates whole (2 partitions instead of ~62 for a ViT).
         output_dir: where to write; default ``<trainer.default_root_dir>/mobile_export``.
         overwrite: allow a non-empty ``output_dir``. Checked before training starts.
         min_top1_agreement, on_failure: verification threshold and what a failure does
@@ -46,7 +53,7 @@ class MobileExport(Callback):
 
         trainer = pl.Trainer(max_epochs=3, callbacks=[
             StructuredPruning(pruning_ratio=0.25, iterative_steps=2),
-            MobileExport(precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86", "qnnpack"]),
+            MobileExport(precisions=["fp32", "int8-dynamic", "int8-static"], formats=["pte", "onnx"]),
         ])
         trainer.fit(lit_module, datamodule=dm)
         print(trainer.callbacks[1].manifest["artifacts"])
@@ -55,7 +62,9 @@ class MobileExport(Callback):
     def __init__(
         self,
         precisions: list[Literal["fp32", "fp16", "int8-dynamic", "int8-static"]] | None = None,
+        formats: list[Literal["pte", "onnx", "ptl"]] | None = None,
         engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = None,
+        delegation_friendly: bool = True,
         output_dir: str | None = None,
         overwrite: bool = False,
         min_top1_agreement: float = 0.9,
@@ -75,7 +84,8 @@ class MobileExport(Callback):
     ) -> None:
         super().__init__()
         self.config = MobileExportConfig(
-            precisions=list(precisions or ["fp32", "int8-dynamic"]), engines=list(engines) if engines else None,
+            precisions=list(precisions or ["fp32", "int8-dynamic"]), formats=list(formats or ["ptl"]),
+            engines=list(engines) if engines else None, delegation_friendly=delegation_friendly,
             output_dir=output_dir or "", overwrite=overwrite, min_top1_agreement=min_top1_agreement,
             on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
             calibration_batches=calibration_batches, measure_memory=measure_memory,
@@ -161,9 +171,10 @@ class MobileExport(Callback):
         metrics: dict[str, float] = {}
         rows = []
         for a in self.manifest["artifacts"]:
-            stem = Path(a["file"]).stem
+            stem = a["file"].replace(".", "_")
             if a["status"] == "skipped":
-                rows.append([a["file"], a["precision"], a["engine"], a["status"], None, None, None, None, None])
+                rows.append([a["file"], a["format"], a["precision"], a["engine"], a["status"], None, None, None, None,
+                             None])
                 continue
             v, lat = a["verification"], a["latency"]
             metrics.update({
@@ -176,7 +187,7 @@ class MobileExport(Callback):
             })
             if "top1_accuracy" in v:
                 metrics[f"export/{stem}/top1_accuracy"] = v["top1_accuracy"]
-            rows.append([a["file"], a["precision"], a["engine"], a["status"], a["size_bytes"], lat["median_ms"],
+            rows.append([a["file"], a["format"], a["precision"], a["engine"], a["status"], a["size_bytes"], lat["median_ms"],
                          lat["speedup_vs_fp32_eager"], v["top1_agreement"], v.get("top1_accuracy")])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -185,7 +196,7 @@ class MobileExport(Callback):
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            logger.log_table(key="export/manifest", columns=["file", "precision", "engine", "status", "size_bytes",
+            logger.log_table(key="export/manifest", columns=["file", "format", "precision", "engine", "status", "size_bytes",
                                                              "latency_median_ms", "speedup", "top1_agreement",
                                                              "top1_accuracy"], data=rows)
             if self.log_artifact:

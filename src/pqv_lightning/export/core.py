@@ -1,20 +1,23 @@
-"""Post-training quantization and TorchScript / Lite Interpreter export, every artifact verified.
+"""Post-training quantization and export to mobile/edge file formats, every artifact verified.
 
-:func:`export_mobile` is the Trainer-free entry point (the ``MobileExport`` callback will wrap it):
+:func:`export_mobile` is the Trainer-free entry point (the ``MobileExport`` callback wraps it):
 
 * works on a deep copy: the model passed in is never converted;
-* precisions ``fp32``, ``fp16`` (dynamic fp16 Linear), ``int8-dynamic`` (int8 weights, dynamic
-  activations) and ``int8-static`` (weights and activations, calibrated); only Linear layers (and,
-  for ``int8-static``, the patch-embedding conv: PyTorch has no dynamic conv kernels) are
-  quantized — LayerNorm, softmax, GELU and the residual adds stay float (quantizing the residual
-  stream of a ViT destroys its accuracy);
-* engines ``x86``, ``fbgemm``, ``qnnpack``, ``onednn`` (PyTorch quantized engines): one artifact
-  per engine for int8 precisions, whose kernels depend on it;
-* TorchScript (trace), ``torch.jit.freeze``, PyTorch's mobile optimizer where this torch build has
-  XNNPACK (stock torch >= 2.13 wheels do not; the manifest records exactly which passes ran), and a
-  Lite Interpreter ``.ptl``;
-* each ``.ptl`` is reloaded with ``_load_for_lite_interpreter`` and compared with the fp32 eager
-  model on the given batches (top-1 agreement, max abs logit error, cosine, accuracy with labels);
+* formats (``formats=[...]``, one target class each in :data:`TARGETS`):
+
+  - ``pte``: ExecuTorch program with the XNNPACK delegate (extra ``executorch``);
+  - ``onnx``: ONNX with ONNX Runtime quantization (extra ``onnx``);
+  - ``ptl``: TorchScript Lite Interpreter (legacy, deprecated upstream; one file per torch
+    quantized engine ``x86``, ``fbgemm``, ``qnnpack``, ``onednn`` for int8);
+
+* precisions ``fp32``, ``fp16``, ``int8-dynamic`` (int8 weights, activations quantized per call)
+  and ``int8-static`` (weights and activations, calibrated); only Linear layers (plus MatMul/Conv
+  in ONNX, the patch-embedding conv in ``.ptl`` static) are quantized — LayerNorm, softmax, GELU
+  and the residual adds stay float (quantizing the residual stream of a ViT destroys its accuracy);
+* each file is loaded back with the runtime that will execute it (Lite Interpreter, ExecuTorch
+  runtime, ONNX Runtime) and compared with the fp32 eager model on the given batches (top-1
+  agreement, max abs logit error, cosine, accuracy with labels); pt2e-quantized ``.pte`` files are
+  also compared with their in-Python quantized model, which checks the lowering alone;
 * latency of every artifact and of the fp32 eager model, in the same process with fixed threads,
   warm-up and repeats (median, p90, ratio to fp32 eager), and peak memory of inference (a fresh
   process per artifact);
@@ -42,10 +45,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
+from .._version import __version__
+from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
+from . import onnx_target as _onnx_target  # noqa: F401
+from . import torchscript_target as _torchscript_target  # noqa: F401
+from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "PRECISIONS", "MobileExportConfig", "check_output_dir", "export_mobile", "host_default_engine"]
+__all__ = ["ENGINES", "FORMATS", "PRECISIONS", "MobileExportConfig", "check_output_dir", "export_mobile",
+           "host_default_engine"]
 
+FORMATS: tuple[str, ...] = tuple(TARGETS)
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
 _ENGINE_DEPENDENT = ("int8-dynamic", "int8-static")
@@ -67,8 +76,13 @@ class MobileExportConfig:
 
     Args:
         precisions: subset of :data:`PRECISIONS`.
-        engines: subset of :data:`ENGINES`; ``None`` = :func:`host_default_engine`.
-        output_dir: folder for the ``.ptl`` files and ``manifest.json``.
+        formats: subset of :data:`FORMATS` (``pte``, ``onnx``, ``ptl``); ``pte`` and ``onnx`` need
+            the extras of the same name (checked here, before any training).
+        engines: subset of :data:`ENGINES`, for ``ptl`` int8 files; ``None`` = :func:`host_default_engine`.
+        delegation_friendly: for ``pte``, swap timm Attention/LayerNorm for numerically identical
+            modules XNNPACK can take whole (2 partitions instead of ~62 for a ViT); see
+            :mod:`pqv_lightning.export.delegation`.
+        output_dir: folder for the artifacts and ``manifest.json``.
         overwrite: allow a non-empty ``output_dir`` (its previous artifacts are replaced).
         min_top1_agreement: an artifact whose top-1 agreement with fp32 eager is below this fails.
         on_failure: ``"warn"`` (mark it failed in the manifest) or ``"raise"``.
@@ -81,7 +95,9 @@ class MobileExportConfig:
     """
 
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8-dynamic"])
+    formats: list[str] = field(default_factory=lambda: ["ptl"])
     engines: list[str] | None = None
+    delegation_friendly: bool = True
     output_dir: str = "mobile_export"
     overwrite: bool = False
     min_top1_agreement: float = 0.9
@@ -97,6 +113,13 @@ class MobileExportConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"precisions={self.precisions!r}: unknown {bad}; allowed: {list(PRECISIONS)}")
+        bad = [f for f in self.formats if f not in TARGETS]
+        if bad or not self.formats:
+            raise ValueError(f"formats={self.formats!r}: unknown {bad}; allowed: {list(TARGETS)}")
+        for fmt in self.formats:
+            reason = TARGETS[fmt].missing()
+            if reason:
+                raise ValueError(reason)
         engines = self.engines or []
         bad = [e for e in engines if e not in ENGINES]
         if bad:
@@ -116,61 +139,6 @@ class MobileExportConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r} must be >= 0")
-
-
-# ---------------------------------------------------------------------------------------------- quantization
-def _quantize(model: nn.Module, precision: str, engine: str, example: torch.Tensor,
-              calibration: Sequence[torch.Tensor]) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
-        return _quantize_copy(copy.deepcopy(model).eval().float(), precision, engine, example, calibration)
-
-
-def _quantize_copy(copy_: nn.Module, precision: str, engine: str, example: torch.Tensor,
-                   calibration: Sequence[torch.Tensor]) -> nn.Module:
-    from torch.ao.quantization import QConfigMapping, float16_dynamic_qconfig, get_default_qconfig, quantize_dynamic
-
-    if precision == "fp32":
-        return copy_
-    if precision == "fp16":
-        return quantize_dynamic(copy_, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16)
-    if precision == "int8-dynamic":
-        return quantize_dynamic(copy_, {nn.Linear}, dtype=torch.qint8)
-    if precision == "int8-static":
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-        qconfig = get_default_qconfig(engine)
-        mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
-        prepared = prepare_fx(copy_, mapping, (example,))
-        with torch.no_grad():
-            for x in calibration:
-                prepared(x)
-        return convert_fx(prepared)
-    raise ValueError(f"precision={precision!r}; allowed: {list(PRECISIONS)}")  # pragma: no cover - validated
-
-
-def _script(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, list[str], list[str]]:
-    """Trace, freeze and (where possible) mobile-optimize. Returns (module, applied, skipped)."""
-    applied, skipped = ["torch.jit.trace"], []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.trace(model, example, check_trace=False)
-        try:
-            scripted = torch.jit.freeze(scripted.eval())
-            applied.append("torch.jit.freeze (constant folding, dropout removal, conv-bn folding)")
-        except Exception as exc:  # pragma: no cover - freeze works for every variant we export
-            skipped.append(f"torch.jit.freeze: {type(exc).__name__}: {exc}")
-        if torch._C._is_xnnpack_enabled():
-            from torch.utils.mobile_optimizer import optimize_for_mobile
-
-            try:
-                scripted = optimize_for_mobile(scripted)
-                applied.append("torch.utils.mobile_optimizer.optimize_for_mobile")
-            except Exception as exc:  # never lose the end of a long fit to the mobile optimizer
-                skipped.append(f"optimize_for_mobile: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        else:
-            skipped.append("optimize_for_mobile: this torch build has no XNNPACK (torch._C._is_xnnpack_enabled() is False)")
-    return scripted, applied, skipped
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -219,7 +187,8 @@ def _prepare_dir(config: MobileExportConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.overwrite:  # replace our own previous artifacts (never other files) so none goes stale
-        for old in [*out.glob("model_*.ptl"), out / "manifest.json"]:
+        old_files = [p for t in TARGETS.values() for p in out.glob(f"model_*{t.suffix}")]
+        for old in [*old_files, out / "manifest.json"]:
             old.unlink(missing_ok=True)
     return out
 
@@ -249,37 +218,15 @@ def _verify(run, reference: nn.Module, batches: Sequence[tuple[torch.Tensor, tor
     return result
 
 
-_MEMORY_PROBE = """
-import sys, torch
-torch.set_num_threads(int(sys.argv[3]))
-if sys.argv[4] != "-":
-    torch.backends.quantized.engine = sys.argv[4]
-from torch.jit.mobile import _load_for_lite_interpreter
-
-def status(key):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(key))
-
-x = torch.randn(*[int(d) for d in sys.argv[2].split(",")])
-with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
-    fh.write("5")
-before = status("VmRSS:")
-model = _load_for_lite_interpreter(sys.argv[1])
-with torch.no_grad():
-    for _ in range(3):
-        model(x)
-print(before, status("VmHWM:"))
-"""
-
-
-def _inference_memory(path: str, shape: Sequence[int], threads: int, engine: str | None) -> dict[str, float]:
+def _inference_memory(probe: str, path: str, shape: Sequence[int], threads: int,
+                      engine: str | None) -> dict[str, float]:
     """Peak RSS of a fresh process while it loads ``path`` and runs 3 inferences (Linux /proc), and
     how much of it the model added over the process with torch imported."""
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, path, ",".join(map(str, shape)), str(threads), engine or "-"],
+        [sys.executable, "-c", probe, path, ",".join(map(str, shape)), str(threads), engine or "-"],
         capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:
@@ -332,6 +279,18 @@ class _Engine:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__, "pqv_lightning": __version__}
+    for dist in ("executorch", "torchao", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def export_mobile(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -341,17 +300,19 @@ def export_mobile(
     calibration_data: Iterable | None = None,
     input_normalization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize, script and export ``model`` to Lite Interpreter files; verify and time each one.
+    """Quantize and export ``model`` to every format x precision of ``config``; verify and time each file.
 
     ``validation_data`` / ``calibration_data`` yield tensors or ``(x, y)`` pairs (a DataLoader).
     Verification uses ``validation_data`` (``example_input`` when None); ``int8-static`` needs
-    ``calibration_data`` (or ``validation_data``). Returns the manifest (also in
-    ``output_dir/manifest.json``).
+    ``calibration_data`` (or ``validation_data``). ``.pte`` programs take inputs of exactly
+    ``example_input``'s shape (use batch 1 for a phone); ``.onnx`` files take any batch. Returns the
+    manifest (also in ``output_dir/manifest.json``).
 
     Example::
 
         manifest = export_mobile(model, torch.randn(1, 1, 32, 32),
-                                 MobileExportConfig(precisions=["fp32", "int8-dynamic"], output_dir="out"),
+                                 MobileExportConfig(precisions=["fp32", "int8-dynamic"], formats=["pte", "onnx"],
+                                                    output_dir="out"),
                                  validation_data=dm.val_dataloader())
     """
     config = config or MobileExportConfig()
@@ -370,7 +331,7 @@ def export_mobile(
     torch.set_num_threads(config.threads)
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"torch": torch.__version__, "pqv_lightning": __version__},
+        "versions": _versions(),
         "host": {"machine": platform.machine(), "threads": config.threads,
                  "default_engine": host_default_engine(), "xnnpack": bool(torch._C._is_xnnpack_enabled())},
         "input": {"shape": list(example.shape), "dtype": str(example.dtype), "normalization": input_normalization},
@@ -381,42 +342,53 @@ def export_mobile(
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
-        for precision in config.precisions:
-            for engine in engines if precision in _ENGINE_DEPENDENT else [engines[0]]:
-                entry = _export_one(reference, precision, engine, example, calibration, verify, config, out, baseline)
-                manifest["artifacts"].append(entry)
-                _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
-                if entry["status"] == "failed" and config.on_failure == "raise":
-                    raise RuntimeError(f"{entry['file']}: {entry['reason']}")
+        for fmt in config.formats:
+            target = TARGETS[fmt]
+            for precision in config.precisions:
+                per_engine = target.engine_dependent and precision in _ENGINE_DEPENDENT
+                for engine in engines if per_engine else [None]:
+                    entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
+                                        verify, config, out, baseline)
+                    manifest["artifacts"].append(entry)
+                    _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+                    if entry["status"] == "failed" and config.on_failure == "raise":
+                        raise RuntimeError(f"{entry['file']}: {entry['reason']}")
     finally:
         torch.set_num_threads(previous_threads)
     _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 
-def _export_one(reference, precision, engine, example, calibration, verify, config, out, baseline) -> dict[str, Any]:
-    from torch.jit.mobile import _load_for_lite_interpreter
+def _cosine(run, reference, batches) -> float:
+    total, cos = 0, 0.0
+    for x, _ in batches:
+        cos += float(torch.nn.functional.cosine_similarity(reference(x), run(x), dim=-1).sum())
+        total += len(x)
+    return cos / total
 
-    name = f"model_{precision}" + (f"_{engine}" if precision in _ENGINE_DEPENDENT else "") + ".ptl"
+
+def _export_one(target: ExportTarget, reference, precision, engine, default_engine, example, calibration, verify,
+                config, out, baseline) -> dict[str, Any]:
+    name = f"model_{precision}" + (f"_{engine}" if engine else "") + target.suffix
     path = out / name
-    entry: dict[str, Any] = {"file": name, "precision": precision,
-                             "engine": engine if precision in _ENGINE_DEPENDENT else None, "format": "ptl"}
-    stage = "quantize"
+    entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision, "engine": engine}
+    stage = "export"
+    options = {"delegation_friendly": config.delegation_friendly}
     try:
-        with _Engine(engine):
-            quantized = _quantize(reference, precision, engine, example, [x for x, _ in calibration])
-            stage = "script"
-            scripted, applied, skipped = _script(quantized, example)
+        with _Engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
-            stage = "save, reload and verify"
             with _staged(path) as tmp:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    scripted._save_for_lite_interpreter(tmp)
-                lite = _load_for_lite_interpreter(tmp)
-                checks = _verify(lite, reference, verify)
-                latency = _latency(lite, example, config.warmup, config.repeats)
-                memory = (_inference_memory(tmp, example.shape, config.threads, entry["engine"])
+                built = target.write(reference, precision, engine or default_engine, example,
+                                     [x for x, _ in calibration], tmp, options)
+                stage = "load and verify"
+                run = target.load(tmp, example, config.threads)
+                checks = _verify(run, reference, verify)
+                if built.quantized_reference is not None:
+                    checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, verify)
+                stage = "time"
+                latency = _latency(run, example, config.warmup, config.repeats)
+                del run
+                memory = (_inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
                           if config.measure_memory else None)
                 digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
@@ -429,8 +401,8 @@ def _export_one(reference, precision, engine, example, calibration, verify, conf
         status="ok" if ok else "failed",
         reason=None if ok else (f"top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
                                 f"{config.min_top1_agreement}"),
-        sha256=digest, size_bytes=size, optimizations_applied=applied,
-        optimizations_skipped=skipped, verification=checks, latency=latency, memory=memory,
+        sha256=digest, size_bytes=size, optimizations_applied=built.applied,
+        optimizations_skipped=built.skipped, **built.details, verification=checks, latency=latency, memory=memory,
     )
     if not ok:
         warnings.warn(f"MobileExport: {name} failed verification: {entry['reason']}", stacklevel=3)

@@ -1,0 +1,167 @@
+"""ExecuTorch target: ``torch.export`` → pt2e quantization → XNNPACK delegate → ``.pte``.
+
+Needs the ``executorch`` extra (``pip install 'pqv-lightning[executorch]'``: executorch 1.5 and
+torchao 0.18, built against torch 2.14).
+
+* ``fp32``: exported as is.
+* ``int8-dynamic``: int8 per-channel weights, activations quantized per call
+  (``XNNPACKQuantizer``, ``is_dynamic=True``).
+* ``int8-static``: int8 weights and activations, activation ranges calibrated on the data given.
+* Both int8 precisions annotate **Linear layers only**: quantizing LayerNorm inputs and the
+  residual adds of a ViT ruins its accuracy (cosine 0.96 vs 0.999 on DeiT-S).
+* ``fp16``: the model in half precision with input and output kept fp32 and **LayerNorm kept in
+  fp32** (ExecuTorch 1.5.1 computes fp16 LayerNorm wrongly for widths >= 256 on x86).
+
+With ``delegation_friendly`` (default) timm's Attention and LayerNorm are first swapped for
+numerically identical modules built from ops XNNPACK takes (:mod:`.delegation`), so a ViT lowers
+into 2 partitions instead of ~62. The manifest records the partition count and which ops were
+left outside XNNPACK.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delegation import keep_layernorm_fp32, make_delegation_friendly
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, Runner, chunked, register_target
+
+__all__ = ["ExecuTorchTarget", "lower_to_executorch", "delegation_report"]
+
+
+class _Fp16Body(nn.Module):
+    """fp32 in, fp32 out, fp16 inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.float16)).float()
+
+
+def _symbolic_batch(ep: torch.export.ExportedProgram) -> bool:
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            return isinstance(node.meta["val"].shape[0], torch.SymInt)
+    return False  # pragma: no cover - a model always has an input
+
+
+def _pt2e_quantize(model: nn.Module, precision: str, example: torch.Tensor,
+                   calibration: Sequence[torch.Tensor]) -> tuple[nn.Module, bool]:
+    """The pt2e-converted model, and whether it takes any batch size (else only ``len(example)``)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    dynamic = precision == "int8-dynamic"
+    quantizer = XNNPACKQuantizer().set_module_type(
+        nn.Linear, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    # export with a free batch size when the model allows it, so calibration runs on whole batches
+    # (from a batch of 2: a batch of 1 would specialize the batch dimension)
+    pair = torch.cat([example, example])
+    ep = torch.export.export(model, (pair,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    with torch.no_grad():
+        data = [example] if dynamic else list(calibration)
+        any_batch = _symbolic_batch(ep)
+        run = prepared if any_batch else chunked(prepared, len(example))
+        for x in data:
+            run(x)
+    return convert_pt2e(prepared), any_batch
+
+
+def delegation_report(edge_program: torch.export.ExportedProgram) -> dict[str, Any]:
+    """Number of delegated partitions and the ops left to ExecuTorch's own CPU kernels."""
+    partitions, other = 0, set()
+    for node in edge_program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            partitions += 1
+        elif name != "getitem":
+            other.add(str(getattr(node.target, "_op", node.target)).replace("<EdgeOpOverload: ", "").split(">")[0])
+    return {"partitions": partitions, "non_delegated_ops": sorted(other)}
+
+
+def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str,
+                        calibration: Sequence[torch.Tensor] = (), *, delegation_friendly: bool = True
+                        ) -> tuple[bytes, dict[str, Any], Runner | None]:
+    """Lower a copy of ``model`` to an ExecuTorch program for XNNPACK.
+
+    Returns ``(pte bytes, details, runner of the quantized reference model or None)``. The program
+    takes inputs of exactly ``example``'s shape (fp32 for every precision).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = copy.deepcopy(model).eval().float()
+    details: dict[str, Any] = {"module_swaps": make_delegation_friendly(model) if delegation_friendly else {}}
+    reference = None
+    if precision == "fp16":
+        details["fp32_layernorms"] = keep_layernorm_fp32(model.half())
+        model = _Fp16Body(model)
+    elif precision in ("int8-dynamic", "int8-static"):
+        model, any_batch = _pt2e_quantize(model, precision, example, calibration)
+        reference = model if any_batch else chunked(model, len(example))
+    elif precision != "fp32":
+        raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+    with torch.no_grad():
+        ep = torch.export.export(model, (example,))
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    details.update(delegation_report(edge.exported_program()))
+    return edge.to_executorch().buffer, details, reference
+
+
+def _runtime(threads: int):
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    portable_lib._unsafe_reset_threadpool(threads)
+    return Runtime.get()
+
+
+@register_target
+class ExecuTorchTarget(ExportTarget):
+    format = "pte"
+    suffix = ".pte"
+    extra = "executorch"
+    requires = ("executorch", "torchao")
+    memory_probe = PROBE_HEAD + """
+from executorch.extension.pybindings import portable_lib
+from executorch.runtime import Runtime
+portable_lib._unsafe_reset_threadpool(int(sys.argv[3]))
+runtime = Runtime.get()
+""" + PROBE_RESET + """
+method = runtime.load_program(sys.argv[1]).load_method("forward")
+for _ in range(3):
+    method.execute([x])
+""" + PROBE_TAIL
+
+    def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
+        friendly = options.get("delegation_friendly", True)
+        buffer, details, quantized = lower_to_executorch(reference, example, precision, calibration,
+                                                         delegation_friendly=friendly)
+        with open(path, "wb") as fh:
+            fh.write(buffer)
+        applied = ["torch.export", "to_edge_transform_and_lower(XnnpackPartitioner)"]
+        if precision.startswith("int8"):
+            applied.insert(1, f"pt2e XNNPACKQuantizer (Linear only, per-channel, "
+                              f"{'dynamic' if precision == 'int8-dynamic' else 'static, calibrated'})")
+        if friendly:
+            applied.insert(0, "delegation-friendly module swaps")
+        if precision == "fp16":
+            applied.insert(0, "LayerNorm kept fp32 (ExecuTorch 1.5.1 fp16 LayerNorm bug)")
+        return Built(applied=applied, details=details, quantized_reference=quantized)
+
+    def load(self, path, example, threads):
+        method = _runtime(threads).load_program(path).load_method("forward")
+        return chunked(lambda x: method.execute([x])[0], len(example))
+

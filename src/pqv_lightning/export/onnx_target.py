@@ -1,0 +1,161 @@
+"""ONNX target: ``torch.onnx.export(dynamo=True)`` + ONNX Runtime quantization → ``.onnx``.
+
+Needs the ``onnx`` extra (``pip install 'pqv-lightning[onnx]'``: onnx, onnxscript, onnxruntime).
+
+* One self-contained file (weights inside; models over the 2 GB protobuf limit are refused), with
+  a free batch dimension.
+* ``fp32``: as exported. ``fp16``: ``onnxruntime.transformers.float16`` with fp32 input/output.
+* ``int8-dynamic``: ``quantize_dynamic`` (int8 weights, activations quantized per call).
+* ``int8-static``: ``quantize_static``, QDQ format, per-channel weights, restricted to
+  MatMul / Gemm / Conv (LayerNorm and the residual adds stay float), calibrated on the data given.
+* Every quantization starts from ``quant_pre_process`` (shape inference + graph optimization), as
+  ONNX Runtime recommends.
+* Runs with ONNX Runtime's CPU provider, fixed threads, and **idle-thread spinning off**, so that
+  its threads do not steal the cores from whatever is timed next in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, register_target
+
+__all__ = ["ONNXTarget", "export_onnx", "ort_session"]
+
+_PROTOBUF_LIMIT = 2 * 1024**3
+STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
+
+
+def ort_session(path: str, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and no idle spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter and quantizer print progress and advice on every call; keep errors only."""
+    loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxscript", "torch.onnx", "root")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _calibration_reader(input_name: str, batches: Sequence[torch.Tensor]):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over a list of batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter([{input_name: b.float().cpu().numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self._items, None)
+
+    return Reader()
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, precision: str, path: str,
+                calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+    """Export a copy of ``model`` to ONNX at ``precision`` (written to ``path``). Returns details."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if precision not in ("fp32", "fp16", "int8-dynamic", "int8-static"):
+        raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+    model = copy.deepcopy(model).eval().float()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weight_bytes >= _PROTOBUF_LIMIT:
+        raise ValueError(f"the model has {weight_bytes / 2**30:.2f} GiB of weights; a single .onnx file holds < 2 GiB "
+                         "(external-data exports are not supported by this target)")
+    details: dict[str, Any] = {"opset": None, "dynamic_batch": True}
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".onnx-") as work, _quiet():
+        fp32 = str(Path(work) / "fp32.onnx")
+        pair = torch.cat([example, example])  # a batch of 2: a batch of 1 would specialize the batch dimension
+        torch.onnx.export(model, (pair,), fp32, dynamo=True, external_data=False, optimize=True, verbose=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        details["opset"] = next((o.version for o in onnx.load(fp32, load_external_data=False).opset_import
+                                 if o.domain in ("", "ai.onnx")), None)
+        if precision == "fp32":
+            Path(fp32).replace(path)
+            return details
+        if precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            onnx.save(convert_float_to_float16(onnx.load(fp32), keep_io_types=True), path)
+            return details
+        pre = str(Path(work) / "pre.onnx")
+        quant_pre_process(fp32, pre)
+        if precision == "int8-dynamic":
+            quantize_dynamic(pre, path, weight_type=QuantType.QInt8, per_channel=True)
+            details["quantized_op_types"] = "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)"
+        else:
+            quantize_static(pre, path, _calibration_reader("input", calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                            op_types_to_quantize=list(STATIC_OP_TYPES))
+            details["quantized_op_types"] = list(STATIC_OP_TYPES)
+    return details
+
+
+@register_target
+class ONNXTarget(ExportTarget):
+    format = "onnx"
+    suffix = ".onnx"
+    extra = "onnx"
+    requires = ("onnx", "onnxscript", "onnxruntime")
+    memory_probe = PROBE_HEAD + """
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(sys.argv[3])
+options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+feed = x.numpy()
+""" + PROBE_RESET + """
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+for _ in range(3):
+    session.run(None, {session.get_inputs()[0].name: feed})
+""" + PROBE_TAIL
+
+    def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
+        details = export_onnx(reference, example, precision, path, calibration)
+        applied = ["torch.onnx.export(dynamo=True, external_data=False)"]
+        if precision != "fp32":
+            applied.append({"fp16": "onnxruntime float16 conversion (fp32 input/output)",
+                            "int8-dynamic": "quant_pre_process + quantize_dynamic (int8 per-channel weights)",
+                            "int8-static": "quant_pre_process + quantize_static (QDQ, per-channel, MatMul/Gemm/Conv)",
+                            }[precision])
+        return Built(applied=applied, details=details)
+
+    def load(self, path, example, threads):
+        session = ort_session(path, threads)
+        name = session.get_inputs()[0].name
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
+
+        run.session = session  # keep it reachable for callers that want it
+        return run

@@ -1,0 +1,104 @@
+"""Legacy target: torch.ao quantization + TorchScript + Lite Interpreter ``.ptl``.
+
+TorchScript, torch.ao.quantization and the Lite Interpreter are deprecated (the mobile runtime
+stopped at 2.1); prefer the ``pte`` (ExecuTorch) target for phones. Kept because existing apps
+still load ``.ptl`` files, and because it is the only path to the four PyTorch quantized engines.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, register_target
+
+__all__ = ["TorchScriptTarget", "quantize_torch_ao", "script_for_mobile"]
+
+
+def quantize_torch_ao(model: nn.Module, precision: str, engine: str, example: torch.Tensor,
+                      calibration: Sequence[torch.Tensor]) -> nn.Module:
+    """A quantized copy for the given torch quantized engine (the caller selects the engine).
+
+    Only Linear layers (and, for ``int8-static``, the patch-embedding conv: PyTorch has no dynamic
+    conv kernels) are quantized; LayerNorm, softmax, GELU and residual adds stay float."""
+    from torch.ao.quantization import QConfigMapping, float16_dynamic_qconfig, get_default_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
+        model = copy.deepcopy(model).eval().float()
+        if precision == "fp32":
+            return model
+        if precision == "fp16":
+            return quantize_dynamic(model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16)
+        if precision == "int8-dynamic":
+            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        if precision == "int8-static":
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+            qconfig = get_default_qconfig(engine)
+            mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
+            prepared = prepare_fx(model, mapping, (example,))
+            with torch.no_grad():
+                for x in calibration:
+                    prepared(x)
+            return convert_fx(prepared)
+    raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+
+
+def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, list[str], list[str]]:
+    """Trace, freeze and (where this torch has XNNPACK) mobile-optimize. Returns (module, applied, skipped)."""
+    applied, skipped = ["torch.jit.trace"], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(model, example, check_trace=False)
+        try:
+            scripted = torch.jit.freeze(scripted.eval())
+            applied.append("torch.jit.freeze (constant folding, dropout removal, conv-bn folding)")
+        except Exception as exc:  # pragma: no cover - freeze works for every variant we export
+            skipped.append(f"torch.jit.freeze: {type(exc).__name__}: {exc}")
+        if torch._C._is_xnnpack_enabled():
+            from torch.utils.mobile_optimizer import optimize_for_mobile
+
+            try:
+                scripted = optimize_for_mobile(scripted)
+                applied.append("torch.utils.mobile_optimizer.optimize_for_mobile")
+            except Exception as exc:  # never lose the end of a long fit to the mobile optimizer
+                skipped.append(f"optimize_for_mobile: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        else:
+            skipped.append("optimize_for_mobile: this torch build has no XNNPACK (torch._C._is_xnnpack_enabled() is False)")
+    return scripted, applied, skipped
+
+
+@register_target
+class TorchScriptTarget(ExportTarget):
+    format = "ptl"
+    suffix = ".ptl"
+    engine_dependent = True
+    memory_probe = PROBE_HEAD + """
+if sys.argv[4] != "-":
+    torch.backends.quantized.engine = sys.argv[4]
+from torch.jit.mobile import _load_for_lite_interpreter
+""" + PROBE_RESET + """
+model = _load_for_lite_interpreter(sys.argv[1])
+with torch.no_grad():
+    for _ in range(3):
+        model(x)
+""" + PROBE_TAIL
+
+    def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
+        quantized = quantize_torch_ao(reference, precision, engine, example, calibration)
+        scripted, applied, skipped = script_for_mobile(quantized, example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted._save_for_lite_interpreter(path)
+        return Built(applied=applied, skipped=skipped)
+
+    def load(self, path, example, threads):
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        return _load_for_lite_interpreter(path)

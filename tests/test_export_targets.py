@@ -1,0 +1,242 @@
+"""ExecuTorch (.pte) and ONNX targets: round trips through their runtimes, manifest fields,
+delegation, the fp16 LayerNorm workaround, and the module swaps behind them."""
+
+import copy
+import hashlib
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pqv_lightning import PruningConfig, prune_once
+from pqv_lightning.export import MobileExportConfig, export_mobile
+from pqv_lightning.export.delegation import (
+    DelegatableAttention,
+    DelegatableLayerNorm,
+    Fp32LayerNorm,
+    keep_layernorm_fp32,
+    make_delegation_friendly,
+)
+
+from conftest import tiny_vit
+
+HAS_ET = importlib.util.find_spec("executorch") is not None and importlib.util.find_spec("torchao") is not None
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+needs_et = pytest.mark.skipif(not HAS_ET, reason="extra not installed: pip install 'pqv-lightning[executorch]'")
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")
+ALLOWED_OUTSIDE_XNNPACK = {"aten.expand_copy.default", "aten.select_copy.int"}  # cls-token expand, cls-token pick
+
+
+def _data(n=3, seed=0, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def _export(tmp_path, model, formats, precisions, **kw):
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    kw.setdefault("repeats", 2)
+    kw.setdefault("warmup", 1)
+    kw.setdefault("measure_memory", False)
+    kw.setdefault("min_top1_agreement", 0.7)  # random-init logits are nearly tied: cosine is the real check
+    config = MobileExportConfig(formats=formats, precisions=precisions, **kw)
+    return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
+
+
+def _check_file(tmp_path, entry):
+    assert entry["status"] == "ok", entry.get("reason")
+    path = tmp_path / "out" / entry["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    assert entry["size_bytes"] == path.stat().st_size
+    v = entry["verification"]
+    assert v["samples"] == 24 and 0.0 <= v["top1_accuracy"] <= 1.0
+    assert entry["latency"]["median_ms"] > 0 and entry["latency"]["speedup_vs_fp32_eager"] > 0
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- module swaps
+@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True), dict(init_values=1e-1, no_embed_class=True),
+                                 dict(embed_dim=256, num_heads=8, global_pool="avg")])
+def test_delegation_swaps_compute_the_same_function(kw):
+    model = tiny_vit(**kw).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swapped = copy.deepcopy(model)
+    counts = make_delegation_friendly(swapped)
+    assert counts.get("Attention") == 2
+    assert counts.get("LayerNorm", 0) >= 5 + (4 if kw.get("qk_norm") else 0)  # 2 per block + final (+ q/k norms)
+    assert not any(isinstance(m, nn.LayerNorm) for m in swapped.modules())
+    if kw.get("qk_norm"):  # the q/k norms inside the swapped attention were swapped first
+        assert all(isinstance(m.q_norm, DelegatableLayerNorm) for m in swapped.modules()
+                   if isinstance(m, DelegatableAttention))
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), model(x), rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():  # the source model is untouched
+        assert torch.equal(v, before[k])
+
+
+def test_delegatable_attention_refuses_masks():
+    attn = DelegatableAttention(tiny_vit().blocks[0].attn)
+    with pytest.raises(ValueError, match="unmasked self-attention only"):
+        attn(torch.randn(1, 5, 64), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+def test_fp32_layernorm_wrapper_computes_in_fp32():
+    norm = nn.LayerNorm(256)
+    nn.init.normal_(norm.weight)
+    x = torch.randn(2, 7, 256) * 10 + 3
+    half = keep_layernorm_fp32(nn.Sequential(copy.deepcopy(norm)).half())
+    assert half == 1
+    wrapped = Fp32LayerNorm(copy.deepcopy(norm))
+    out = wrapped(x.half())
+    assert out.dtype == torch.float16 and wrapped.norm.weight.dtype == torch.float32
+    torch.testing.assert_close(out.float(), norm(x.half().float()), rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- ExecuTorch
+@needs_et
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
+    model = tiny_vit(depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    manifest = _export(tmp_path, model, ["pte"], [precision])
+    (entry,) = manifest["artifacts"]
+    assert entry["file"] == f"model_{precision}.pte" and entry["format"] == "pte" and entry["engine"] is None
+    v = _check_file(tmp_path, entry)
+    assert entry["module_swaps"] == {"Attention": 1, "LayerNorm": 3}
+    if precision == "fp32":
+        assert v["max_abs_logit_error"] < 1e-4
+    elif precision == "fp16":
+        assert v["cosine"] > 0.999 and entry["fp32_layernorms"] == 3
+    else:
+        assert v["cosine"] > 0.99
+        # the .pte reproduces its in-Python pt2e model: the lowering itself is faithful
+        assert v["quantized_reference_cosine"] > (0.9999 if precision == "int8-static" else 0.999)
+    if precision != "fp16":  # the whole network is one XNNPACK partition after the cls-token pick
+        assert entry["partitions"] <= 2
+        assert set(entry["non_delegated_ops"]) <= ALLOWED_OUTSIDE_XNNPACK
+    else:
+        assert entry["partitions"] >= 1
+    assert any("XnnpackPartitioner" in o for o in entry["optimizations_applied"])
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k])
+
+
+@needs_et
+def test_pte_fp16_keeps_layernorm_fp32_at_width_256(tmp_path):
+    """ExecuTorch 1.5.1 computes fp16 LayerNorm wrongly for widths >= 256 on x86; ours must be right."""
+    manifest = _export(tmp_path, tiny_vit(embed_dim=256, num_heads=8, depth=1), ["pte"], ["fp16"],
+                       delegation_friendly=False)
+    (entry,) = manifest["artifacts"]
+    assert entry["verification"]["cosine"] > 0.999, entry["verification"]
+    assert entry["fp32_layernorms"] == 3 and entry["module_swaps"] == {}
+    assert any("LayerNorm kept fp32" in o for o in entry["optimizations_applied"])
+
+
+@needs_et
+def test_executorch_fp16_layernorm_bug_still_exists():
+    """Canary for the workaround above: when this fails, ExecuTorch fixed fp16 LayerNorm and the
+    fp32 LayerNorm wrapper can go."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(256).half().eval()
+    x = (torch.randn(1, 8, 256) * 4).half()
+    program = to_edge_transform_and_lower(torch.export.export(norm, (x,))).to_executorch()
+    out = Runtime.get().load_program(program.buffer).load_method("forward").execute([x])[0]
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), norm(x).float().flatten(), dim=0)
+    assert cos < 0.99
+
+
+@needs_et
+def test_without_swaps_a_vit_splits_into_many_partitions(tmp_path):
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte"], ["fp32"], delegation_friendly=False)
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok" and entry["partitions"] > 2
+    assert "aten.native_layer_norm.default" in entry["non_delegated_ops"]
+
+
+@needs_et
+def test_pruned_network_exports_to_pte(tmp_path):
+    model = tiny_vit(embed_dim=64, depth=2, num_heads=4)
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25, prune_head_dims=True, round_to=2))
+    assert model.blocks[0].attn.head_dim < 16
+    manifest = _export(tmp_path, model, ["pte"], ["fp32", "int8-dynamic"])
+    fp32, int8 = manifest["artifacts"]
+    assert fp32["status"] == int8["status"] == "ok"
+    assert fp32["verification"]["max_abs_logit_error"] < 1e-4 and int8["verification"]["cosine"] > 0.99
+    assert fp32["partitions"] <= 2
+
+
+@needs_et
+def test_pte_memory_probe_runs_in_a_fresh_process(tmp_path):
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte"], ["int8-dynamic"], measure_memory=True)
+    memory = manifest["artifacts"][0]["memory"]
+    assert "error" not in memory, memory
+    assert memory["peak_rss_mb"] > memory["load_and_inference_mb"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+@needs_onnx
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+def test_onnx_round_trips_through_onnxruntime(tmp_path, precision):
+    import onnx
+
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], [precision])
+    (entry,) = manifest["artifacts"]
+    assert entry["file"] == f"model_{precision}.onnx" and entry["format"] == "onnx"
+    v = _check_file(tmp_path, entry)
+    if precision == "fp32":
+        assert v["max_abs_logit_error"] < 1e-4
+    else:
+        assert v["cosine"] > (0.999 if precision == "fp16" else 0.99)
+    path = tmp_path / "out" / entry["file"]
+    proto = onnx.load(str(path), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)  # one file
+    assert not list((tmp_path / "out").glob("*.data"))
+    ops = {n.op_type for n in proto.graph.node}
+    if precision == "int8-static":
+        assert "QuantizeLinear" in ops and entry["quantized_op_types"] == ["MatMul", "Gemm", "Conv"]
+    if precision == "int8-dynamic":
+        assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    assert entry["opset"] >= 17
+
+
+@needs_onnx
+def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(tmp_path):
+    from pqv_lightning.export.onnx_target import ort_session
+
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], ["fp32"], measure_memory=True)
+    memory = manifest["artifacts"][0]["memory"]
+    assert "error" not in memory and memory["load_and_inference_mb"] > 0
+    session = ort_session(str(tmp_path / "out" / "model_fp32.onnx"), threads=2)
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+    for batch in (1, 5):
+        assert session.run(None, {"input": torch.randn(batch, 1, 32, 32).numpy()})[0].shape == (batch, 10)
+
+
+# ---------------------------------------------------------------------------------------------- all together
+@needs_et
+@needs_onnx
+def test_every_format_in_one_manifest_and_overwrite_replaces_all_of_them(tmp_path):
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte", "onnx", "ptl"], ["int8-dynamic"], engines=["x86"])
+    assert [a["file"] for a in manifest["artifacts"]] == [
+        "model_int8-dynamic.pte", "model_int8-dynamic.onnx", "model_int8-dynamic_x86.ptl"]
+    assert all(a["status"] == "ok" for a in manifest["artifacts"])
+    assert {"executorch", "onnxruntime", "torch"} <= set(manifest["versions"])
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], ["fp32"], overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model_fp32.onnx"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"][0]["file"] == "model_fp32.onnx"
+
+
+def test_missing_extra_is_named_before_any_work(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
+    with pytest.raises(ValueError, match=r"format 'pte' needs \['executorch'\]: pip install 'pqv-lightning\[executorch\]'"):
+        MobileExportConfig(formats=["pte"]).validate()
+    with pytest.raises(ValueError, match=r"formats=\['tflite'\]: unknown \['tflite'\]; allowed: \["):
+        MobileExportConfig(formats=["tflite"]).validate()
