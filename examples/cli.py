@@ -1,17 +1,14 @@
-"""LightningCLI entry point for the example configs in examples/configs/.
+"""LightningCLI entry point for the example configs in examples/configs/ (same as ``pqv fit``).
 
     python examples/cli.py fit --config examples/configs/fmnist_prune.yaml
     python examples/cli.py fit --config examples/configs/fmnist_prune.yaml --print_config
 """
 
-from lightning.pytorch.cli import LightningCLI
-
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.lightning_cli import run_cli
 
 
 def main(args=None, run=True):
-    return LightningCLI(ImageClassifier, save_config_kwargs={"overwrite": True}, args=args, run=run,
-                        subclass_mode_data=True)
+    return run_cli(args, run)
 
 
 if __name__ == "__main__":

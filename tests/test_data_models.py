@@ -1,4 +1,5 @@
 import gzip
+import json
 import struct
 
 import pytest
@@ -100,9 +101,14 @@ def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert demo.main(["--train-subset", "512", "--batch-size", "32", "--events", "2", "--accumulate", "2",
-                      "--test-subset", "128", "--ratio", "0.25", "--export-dir", str(tmp_path / "export")]) == 0
+                      "--test-subset", "128", "--ratio", "0.25", "--export-dir", str(tmp_path / "export"),
+                      "--plots-dir", str(tmp_path / "plots"), "--precisions", "fp32", "int8-dynamic"]) == 0
     out = capsys.readouterr().out
     assert "| pretrained | - | 0 | 0 | 0 |" in out
     assert "| pruned + fine-tuned | taylor | 0.25 | 2 | 16 |" in out and "3.02 M" in out
-    assert "| model_fp32.ptl | ok |" in out and "model_int8-static_" in out
+    assert "| model_fp32.pte | ok |" in out and "| model_int8-dynamic.onnx | ok |" in out  # the extras are installed
     assert (tmp_path / "export" / "manifest.json").is_file()
+    for name in ("demo_accuracy.png", "demo_export.png"):  # real PNG files
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "plots" / "demo_results.json").read_text())
+    assert [r["label"] for r in results["finetune"]] == ["pretrained", "pruned + fine-tuned"]

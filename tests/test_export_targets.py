@@ -145,7 +145,9 @@ def test_executorch_fp16_layernorm_bug_still_exists():
     norm = nn.LayerNorm(256).half().eval()
     x = (torch.randn(1, 8, 256) * 4).half()
     program = to_edge_transform_and_lower(torch.export.export(norm, (x,))).to_executorch()
-    out = Runtime.get().load_program(program.buffer).load_method("forward").execute([x])[0]
+    buffer = program.buffer  # the runtime program borrows these bytes: keep them alive while it runs
+    loaded = Runtime.get().load_program(buffer)
+    out = loaded.load_method("forward").execute([x])[0]
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(), norm(x).float().flatten(), dim=0)
     assert cos < 0.99
 

@@ -112,13 +112,17 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.train_set = self.val_set = self.test_set = None
 
-    def _load(self, split: str) -> TensorDataset:
-        missing = [f for f in _FILES[split] if not (self.data_dir / f).is_file()]
+    def check_files(self, splits: tuple[str, ...] = ("train", "test")) -> None:
+        """Raise ``FileNotFoundError`` naming the folder and the missing files (reads nothing)."""
+        missing = [f for split in splits for f in _FILES[split] if not (self.data_dir / f).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"Fashion-MNIST files {missing} not found in data_dir={str(self.data_dir)!r}; install the Debian "
                 "package 'dataset-fashion-mnist' or pass data_dir= / set PQV_FMNIST_DIR"
             )
+
+    def _load(self, split: str) -> TensorDataset:
+        self.check_files((split,))
         images = read_idx(self.data_dir / _FILES[split][0])
         labels = read_idx(self.data_dir / _FILES[split][1]).long()
         return TensorDataset(fmnist_preprocess(images), labels)

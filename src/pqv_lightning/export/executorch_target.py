@@ -162,6 +162,12 @@ for _ in range(3):
         return Built(applied=applied, details=details, quantized_reference=quantized)
 
     def load(self, path, example, threads):
-        method = _runtime(threads).load_program(path).load_method("forward")
-        return chunked(lambda x: method.execute([x])[0], len(example))
+        program = _runtime(threads).load_program(path)
+        method = program.load_method("forward")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            # the closure holds the program too: the method must not outlive the program it came from
+            return method.execute([x])[0] if program is not None else None
+
+        return chunked(run, len(example))
 

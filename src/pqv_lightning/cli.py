@@ -1,0 +1,185 @@
+"""The ``pqv`` command line (also ``python -m pqv_lightning``).
+
+    pqv demo                         # prune + fine-tune the Fashion-MNIST ViT, export, table + plots
+    pqv fit --config x.yaml          # LightningCLI with the plugin's callbacks and model builders
+    pqv bench out/*.pte out/*.onnx deit_small_patch16_224   # latency + memory, round-robin
+
+Bad input (an unknown model, a missing file or data folder, a malformed option) ends with one
+line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency and memory of exported files and timm models",
+                       description="Latency (median/p90/min over all timed calls) and peak memory of exported "
+                                   "artifacts (.pte, .onnx, .ptl, torch.save'd .pt modules) and of timm models by "
+                                   "name, each timed in a fresh process, round-robin; ratios against the first "
+                                   "candidate (or --baseline), measured in the same run.")
+    p.add_argument("candidates", nargs="+", metavar="PATH_OR_MODEL",
+                   help="an artifact file, or a timm / pqv model name (timed eagerly in fp32)")
+    p.add_argument("--shape", default=None,
+                   help="input shape, e.g. 1,3,224,224 (default: the manifest.json beside an artifact, else the "
+                        "model's default input size at batch 1)")
+    p.add_argument("--engine", default=None, help="torch quantized engine for .ptl files (default: from the manifest)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--baseline", default=None, help="label of the baseline candidate (default: the first)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    p.add_argument("--csv", dest="csv_out", default=None, help="write the results as CSV here")
+
+
+def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
+    manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return None, None
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{manifest}: not valid JSON ({exc})") from exc
+    entry = next((a for a in data.get("artifacts", []) if a.get("file") == path.name), None)
+    return data, entry
+
+
+def _resolve_candidates(args, workdir: Path):
+    import torch
+
+    from .benchmark import SUFFIXES, Candidate
+    from .models import create_vit
+
+    shape = [int(d) for d in args.shape.split(",")] if args.shape else None
+    candidates, shapes = [], []
+    for item in args.candidates:
+        path = Path(item)
+        if path.suffix in SUFFIXES or path.exists():
+            if not path.is_file():
+                raise CLIError(f"{item}: no such file")
+            if path.suffix not in SUFFIXES:
+                raise CLIError(f"{item}: unsupported file type {path.suffix!r}; allowed: {list(SUFFIXES)}")
+            manifest, entry = _manifest_entry(path)
+            engine = args.engine or (entry or {}).get("engine")
+            if manifest is not None:
+                shapes.append(manifest["input"]["shape"])
+            candidates.append(Candidate(path.name if path.name not in [c.label for c in candidates] else item,
+                                        str(path), engine))
+        else:
+            try:
+                model = create_vit(item).eval()
+            except (ValueError, RuntimeError) as exc:
+                raise CLIError(f"{item}: not a file, and {exc}") from exc
+            saved = workdir / f"{item}.pt"
+            torch.save(model, saved)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            size = cfg.get("input_size") or (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+            shapes.append([1, *size])
+            candidates.append(Candidate(f"{item} (fp32 eager)", str(saved)))
+    if shape is None:
+        if not shapes:
+            raise CLIError("no input shape: pass --shape, e.g. --shape 1,3,224,224")
+        if any(s != shapes[0] for s in shapes):
+            raise CLIError(f"candidates disagree on the input shape ({shapes}); pass --shape")
+        shape = list(shapes[0])
+    return candidates, shape
+
+
+def cmd_bench(args) -> int:
+    from .benchmark import round_robin
+
+    with tempfile.TemporaryDirectory(prefix="pqv-bench-") as work:
+        candidates, shape = _resolve_candidates(args, Path(work))
+        labels = [c.label for c in candidates]
+        baseline = args.baseline or labels[0]
+        if baseline not in labels:
+            raise CLIError(f"--baseline {baseline!r} is not one of {labels}")
+        total = args.rounds * len(candidates)
+        done = [0]
+
+        def progress(r, label):
+            done[0] += 1
+            print(f"\r[{done[0]}/{total}] round {r + 1}: {label}" + " " * 20, end="", file=sys.stderr, flush=True)
+
+        try:
+            stats = round_robin(candidates, shape, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+                                calls=args.calls, baseline=baseline, progress=progress)
+        except RuntimeError as exc:
+            raise CLIError(str(exc)) from exc
+        print(file=sys.stderr)
+    rows = [{"candidate": label, **s} for label, s in stats.items()]
+    print(f"input {shape}, {args.threads} threads, {args.rounds} rounds x {args.calls} calls, a fresh process each; "
+          f"baseline: {baseline}")
+    print("| candidate | median ms | p90 ms | min ms | x baseline | peak RSS MB | load+inference MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['candidate']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | "
+              f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} |")
+    meta = {"shape": shape, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
+            "warmup": args.warmup, "baseline": baseline}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({**meta, "results": rows}, indent=1))
+    if args.csv_out:
+        with open(args.csv_out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- fit
+def cmd_fit(rest: list[str]) -> int:
+    from .lightning_cli import run_cli
+
+    run_cli(["fit", *rest])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    from .demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser(prog="pqv", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench}")
+    add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
+    sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "fit":
+            return cmd_fit(argv[1:])
+        args = _parser().parse_args(argv)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+        return cmd_bench(args)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"pqv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pqv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

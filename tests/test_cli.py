@@ -1,0 +1,136 @@
+"""The ``pqv`` command line: each command end to end at a tiny size, and one-line errors."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pqv_lightning.cli import main
+from pqv_lightning.export import MobileExportConfig, export_mobile
+
+from conftest import tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pqv: error: "), err
+    for f in fragments:
+        assert f in err[0], err[0]
+
+
+def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, capsys):
+    out = tmp_path / "export"
+    export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32),
+                  MobileExportConfig(precisions=["int8-dynamic"], formats=["onnx", "ptl"], engines=["x86"],
+                                     output_dir=str(out), repeats=1, warmup=0, measure_memory=False))
+    argv = ["bench", "vit_test_tiny", str(out / "model_int8-dynamic.onnx"), str(out / "model_int8-dynamic_x86.ptl"),
+            "--rounds", "2", "--calls", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"),
+            "--csv", str(tmp_path / "b.csv")]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "input [1, 1, 32, 32]" in stdout and "baseline: vit_test_tiny (fp32 eager)" in stdout
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["candidate"]: r for r in result["results"]}
+    assert list(rows) == ["vit_test_tiny (fp32 eager)", "model_int8-dynamic.onnx", "model_int8-dynamic_x86.ptl"]
+    assert rows["vit_test_tiny (fp32 eager)"]["speedup_vs_baseline"] == 1.0
+    for r in rows.values():
+        assert r["calls"] == 4 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["peak_rss_mb"] > r["load_and_inference_mb"] > 0
+    with open(tmp_path / "b.csv") as fh:
+        assert [r["candidate"] for r in csv.DictReader(fh)] == list(rows)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["bench", "no_such_model_xyz"], ["no_such_model_xyz: not a file", "unknown model_name"]),
+    (["bench", "missing.pte"], ["missing.pte: no such file"]),
+    (["bench", "vit_test_tiny", "--baseline", "other"], ["--baseline 'other' is not one of"]),
+    (["demo", "--data-dir", "/no/such/folder"], ["--data-dir /no/such/folder: no such folder"]),
+    (["demo", "--ratio", "1.5"], ["--ratio 1.5: must be in [0, 1)"]),
+    (["demo", "--checkpoint", "nope.pt"], ["--checkpoint nope.pt: no such file"]),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
+    _one_line_error(capsys, argv, *fragments)
+
+
+def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["demo", "--data-dir", str(tmp_path / "empty")], "Fashion-MNIST files", "not found")
+
+
+def _run_pqv(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pqv_lightning", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900, check=False, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+
+
+def test_fit_runs_a_tiny_config_with_both_callbacks(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: 4
+  limit_val_batches: 1
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: pqv_lightning.StructuredPruning
+      init_args: {{importance: taylor, pruning_ratio: 0.5, iterative_steps: 1, accumulate_batches: 2,
+                  interval: step, start: 0, frequency: 2}}
+    - class_path: pqv_lightning.MobileExport
+      init_args: {{precisions: [fp32], formats: [onnx], output_dir: {tmp_path / 'export'}, repeats: 1,
+                  measure_memory: false, min_top1_agreement: 0.0}}
+model:
+  model_name: vit_test_tiny
+data:
+  class_path: pqv_lightning.data.FashionMNISTDataModule
+  init_args: {{batch_size: 16, train_subset: 64}}
+""")
+    proc = _run_pqv("fit", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok" and entry["file"] == "model_fp32.onnx"
+    assert manifest["input"]["shape"] == [1, 1, 32, 32]
+
+
+def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  max_steps: [not, a, number\n")
+    proc = _run_pqv("fit", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "error" in proc.stderr.lower()
+
+
+@pytest.mark.parametrize("name", ["fmnist_prune.yaml", "imagefolder_deit.yaml", "fmnist_wandb.yaml"])
+def test_shipped_configs_parse(tmp_path, name):
+    from pqv_lightning.lightning_cli import run_cli
+
+    args = ["--config", str(ROOT / "examples" / "configs" / name), f"--trainer.default_root_dir={tmp_path}"]
+    if name == "imagefolder_deit.yaml":
+        args += [f"--data.init_args.root={tmp_path}", "--model.model_name=vit_test_tiny", "--model.pretrained=false"]
+    else:
+        args += ["--model.checkpoint=null", "--model.model_name=vit_test_tiny"]
+    cli = run_cli(args, run=False)
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"StructuredPruning", "MobileExport"} <= names
+
+
+def test_python_dash_m_and_console_script_show_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "pqv_lightning", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0 and "{demo,fit,bench}" in proc.stdout
+    script = Path(sys.executable).parent / "pqv"
+    if script.exists():  # installed with pip install -e .
+        proc = subprocess.run([str(script), "bench", "no_such_model_xyz"], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("pqv: error: no_such_model_xyz")
