@@ -3,6 +3,7 @@
     pqv demo                         # prune + fine-tune the Fashion-MNIST ViT, export, table + plots
     pqv fit --config x.yaml          # LightningCLI with the plugin's callbacks and model builders
     pqv bench out/*.pte out/*.onnx deit_small_patch16_224   # latency + memory, round-robin
+    pqv sweep [--quick]              # the paper's experiments: resumable, CSV + plots + results.md
 
 Bad input (an unknown model, a missing file or data folder, a malformed option) ends with one
 line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback.
@@ -141,6 +142,57 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+def _sweep_parser(sub) -> None:
+    from .sweep import EXPERIMENTS
+
+    p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
+                       description="The PQV-Mobile experiments (latency/memory vs pruning x precision, models, "
+                                   "engines, accuracy vs pruning x precision, importance criteria) as one run. "
+                                   "Finished cells are kept in OUT/cells.jsonl and never recomputed: rerun the same "
+                                   "command to continue after an interruption.")
+    p.add_argument("--quick", action="store_true", help="CI size: tiny models, a few hundred images (minutes)")
+    p.add_argument("--out", default=None, help="output folder (default runs/sweep, or runs/sweep_quick with --quick)")
+    p.add_argument("--experiments", nargs="+", default=None, choices=list(EXPERIMENTS))
+    p.add_argument("--format", default=None, choices=["pte", "onnx", "ptl"],
+                   help="export format of the latency/accuracy cells (default pte; onnx with --quick)")
+    p.add_argument("--models", nargs="+", default=None, help="models of the latency cells (the first also for engines)")
+    p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    from .sweep import FULL, QUICK, run_sweep
+
+    config = dataclasses.replace(QUICK if args.quick else FULL)
+    for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("format", args.format),
+                        ("latency_models", args.models), ("checkpoint", args.checkpoint),
+                        ("data_dir", args.data_dir), ("threads", args.threads)):
+        if value is not None:
+            setattr(config, name, value)
+    if config.threads < 1:
+        raise CLIError(f"--threads {config.threads}: must be >= 1")
+    if config.data_dir and not Path(config.data_dir).is_dir():
+        raise CLIError(f"--data-dir {config.data_dir}: no such folder")
+    if args.models:
+        from .models import create_vit
+
+        for name in args.models:
+            create_vit(name)  # an unknown name fails now, not after an hour of other cells
+
+    def progress(i, total, key, cached):
+        print(f"[{i + 1}/{total}] {'cached ' if cached else ''}{key}", file=sys.stderr, flush=True)
+
+    run_sweep(config, progress)
+    out = Path(config.out_dir)
+    print((out / "results.md").read_text())
+    print(f"-> {out}/sweep.csv, results.json, results.md and fig*.png")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- fit
 def cmd_fit(rest: list[str]) -> int:
     from .lightning_cli import run_cli
@@ -155,10 +207,11 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pqv", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep}")
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)
     _bench_parser(sub)
+    _sweep_parser(sub)
     return parser
 
 
@@ -172,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         return cmd_bench(args)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"pqv: error: {exc}", file=sys.stderr)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
 from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401
@@ -235,18 +235,10 @@ def _inference_memory(probe: str, path: str, shape: Sequence[int], threads: int,
     return {"peak_rss_mb": after / 1024, "load_and_inference_mb": (after - before) / 1024}
 
 
-@torch.no_grad()
 def _latency(run, example: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        run(example)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(example)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
-            "min_ms": 1e3 * times[0], "repeats": repeats, "warmup": warmup}
+    stats = summarize(time_calls(run, example, warmup, repeats))
+    return {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "min_ms": stats["min_ms"],
+            "repeats": repeats, "warmup": warmup}
 
 
 def _batches(data: Iterable | None, limit: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

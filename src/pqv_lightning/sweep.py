@@ -1,0 +1,287 @@
+"""``pqv sweep``: the PQV-Mobile paper's experiments as one resumable run, with CSV and plots.
+
+Experiments (figure numbers of arXiv 2408.08437):
+
+* ``latency`` (Fig. 2): latency, size and peak memory vs pruning level x precision, per model
+  (random-init weights: latency does not depend on the values), with each variant's achieved
+  GOP/s as a fraction of the host's measured GEMM throughput (``gemm``);
+* ``models`` (Fig. 6): the same cells for a second model at equal pruning levels;
+* ``engines`` (Fig. 7): ``.ptl`` int8 latency per PyTorch quantized engine;
+* ``accuracy`` (Fig. 4): Fashion-MNIST test accuracy after pruning + fine-tuning, and the top-1
+  accuracy of every exported precision on validation images;
+* ``importance`` (Fig. 5): Taylor vs Hessian vs L1 vs L2 at equal pruning, same budget.
+
+Every finished cell is appended to ``cells.jsonl`` in the output folder and never recomputed: rerun
+the same command after an interruption and it continues. ``--quick`` is a CI-sized version
+(tiny models, a few hundred images), the default is the full size (hours on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FULL", "QUICK", "SweepConfig", "gemm_throughput", "run_sweep"]
+
+
+@dataclass
+class SweepConfig:
+    out_dir: str = "runs/sweep"
+    latency_models: list[str] = field(default_factory=lambda: ["deit_base_patch16_224", "deit3_medium_patch16_224"])
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
+    format: str = "pte"
+    engine_ratio: float = 0.09375
+    accuracy_ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
+    importances: list[str] = field(default_factory=lambda: ["taylor", "hessian", "l1", "l2"])
+    importance_ratio: float = 0.25
+    checkpoint: str | None = None
+    data_dir: str | None = None
+    train_subset: int = 16384
+    test_subset: int | None = None
+    epochs: int = 2
+    batch_size: int = 128
+    verify_batches: int = 8
+    threads: int = 2
+    repeats: int = 20
+    experiments: list[str] = field(default_factory=lambda: ["gemm", "latency", "engines", "accuracy", "importance"])
+
+
+FULL = SweepConfig()
+QUICK = SweepConfig(
+    out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
+    format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5,
+    train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=5,
+)
+EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
+
+
+class CellStore:
+    """Finished cells, one JSON line each; a torn last line (a crash mid-write) is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cells: dict[str, list[dict[str, Any]]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.cells[item["key"]] = item["rows"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.cells
+
+    def add(self, key: str, rows: list[dict[str, Any]]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"key": key, "rows": rows}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.cells[key] = rows
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, float]:
+    """Measured fp32 (``torch.mm``) and int8 (``torch._int_mm``) GEMM throughput of this host, GOP/s."""
+    from .benchmark import summarize, time_calls
+
+    torch.set_num_threads(threads)
+    ops = 2 * size**3
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
+    qa, qb = torch.randint(-128, 127, (size, size), dtype=torch.int8), torch.randint(-128, 127, (size, size),
+                                                                                       dtype=torch.int8)
+    int8 = summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]
+    return {"fp32_gops": ops / (fp32 * 1e6), "int8_gops": ops / (int8 * 1e6), "size": size, "threads": threads}
+
+
+def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
+                  engines: list[str] | None, work: Path) -> list[dict[str, Any]]:
+    from .export import MobileExportConfig, export_mobile
+    from .models import create_vit
+    from .pruning import PruningConfig, count_macs, count_params, prune_once
+
+    torch.manual_seed(0)
+    model = create_vit(model_name).eval()
+    if ratio > 0:  # random weights: magnitude importance gives the same structure as any criterion
+        prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=2))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    shape = (1, *(cfg.get("input_size") or (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, *shape[1:], generator=g) for _ in range(2)]
+    macs = count_macs(model, data[0][:1])
+    out = work / "export"
+    manifest = export_mobile(model, data[0][:1], MobileExportConfig(
+        precisions=precisions, formats=formats, engines=engines, output_dir=str(out), overwrite=True,
+        threads=config.threads, repeats=config.repeats, warmup=3, verify_batches=2, calibration_batches=2,
+        min_top1_agreement=0.0), validation_data=data)
+    shutil.rmtree(out, ignore_errors=True)
+    base = manifest["baseline_fp32_eager"]["latency"]
+    common = {"model": model_name, "ratio": ratio, "params": count_params(model), "macs": macs}
+    rows = [{**common, "variant": "fp32 eager", "format": "eager", "precision": "fp32", "engine": None,
+             "median_ms": base["median_ms"], "p90_ms": base["p90_ms"], "size_mb": None, "peak_rss_mb": None,
+             "cosine": 1.0}]
+    for a in manifest["artifacts"]:
+        if a["status"] == "skipped":
+            continue
+        rows.append({**common, "variant": a["file"], "format": a["format"], "precision": a["precision"],
+                     "engine": a["engine"], "median_ms": a["latency"]["median_ms"], "p90_ms": a["latency"]["p90_ms"],
+                     "size_mb": a["size_bytes"] / 2**20, "peak_rss_mb": (a.get("memory") or {}).get("peak_rss_mb"),
+                     "cosine": a["verification"]["cosine"], "partitions": a.get("partitions")})
+    for r in rows:
+        r["achieved_gops"] = 2 * macs / (r["median_ms"] * 1e6)
+    return rows
+
+
+def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importance: str, precisions: list[str],
+                   work: Path) -> list[dict[str, Any]]:
+    from .callbacks import MobileExport
+    from .recipes import finetune_with_pruning
+
+    export = MobileExport(precisions=precisions, formats=[config.format], output_dir=str(work / "export"),
+                          overwrite=True, threads=config.threads, repeats=3, warmup=1,
+                          verify_batches=config.verify_batches, calibration_batches=2, min_top1_agreement=0.0,
+                          measure_memory=False, log_artifact=False)
+    steps = config.epochs * (config.train_subset // config.batch_size)
+    events = 4 if steps >= 64 else 1  # short budgets: one-shot after one statistics window
+    result = finetune_with_pruning(
+        checkpoint, label=f"{importance} {ratio:g}", importance=importance, pruning_ratio=ratio,
+        iterative_steps=events, accumulate_batches=min(8, max(1, steps // 8)),
+        train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
+        data_dir=config.data_dir, test_subset=config.test_subset, ratio_schedule="cubic",
+        extra_callbacks=[export])
+    shutil.rmtree(work / "export", ignore_errors=True)
+    common = {"ratio": ratio, "importance": importance, "test_acc": result.test_acc, "params": result.params,
+              "macs": result.macs, "steps": result.steps, "seconds": result.seconds}
+    rows = [{**common, "precision": "fp32 eager", "val_acc": None}]
+    for a in (export.manifest or {}).get("artifacts", []):
+        if a["status"] != "skipped":
+            rows.append({**common, "precision": a["precision"], "val_acc": a["verification"].get("top1_accuracy"),
+                         "val_images": a["verification"]["samples"], "top1_agreement": a["verification"]["top1_agreement"]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, Callable[[Path], list[dict]]]]:
+    import torch.backends.quantized as q
+
+    cells: list[tuple[str, str, Callable[[Path], list[dict]]]] = []
+    if "gemm" in config.experiments:
+        cells.append(("gemm", "gemm", lambda w: [gemm_throughput(config.threads)]))
+    if "latency" in config.experiments:
+        for m in config.latency_models:
+            for r in config.ratios:
+                cells.append(("latency", f"latency|{config.format}|{m}|{r}|{','.join(config.precisions)}",
+                              lambda w, m=m, r=r: _latency_cell(config, m, r, [config.format], config.precisions,
+                                                                None, w)))
+    if "engines" in config.experiments:
+        engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
+        m = config.latency_models[0]
+        cells.append(("engines", f"engines|{m}|{config.engine_ratio}|{','.join(engines)}",
+                      lambda w: _latency_cell(config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"], engines, w)))
+    needs_data = {"accuracy", "importance"} & set(config.experiments)
+    if needs_data and checkpoint is None:
+        raise FileNotFoundError("the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
+                                "--checkpoint (or put vit_tiny_fmnist.pt in ../shared/models)")
+    data = f"{config.train_subset}|{config.epochs}|{config.batch_size}|{config.test_subset}|{checkpoint}"
+    if "accuracy" in config.experiments:
+        for r in config.accuracy_ratios:
+            cells.append(("accuracy", f"accuracy|{config.format}|{r}|{data}",
+                          lambda w, r=r: _accuracy_cell(config, checkpoint, r, "taylor", config.precisions, w)))
+    if "importance" in config.experiments:
+        for imp in config.importances:
+            cells.append(("importance", f"importance|{imp}|{config.importance_ratio}|{data}",
+                          lambda w, imp=imp: _accuracy_cell(config, checkpoint, config.importance_ratio, imp,
+                                                            ["fp32"], w)))
+    return cells
+
+
+def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], None] | None = None) -> dict[str, Any]:
+    """Run every cell not yet in ``out_dir/cells.jsonl``; write ``sweep.csv``, ``results.json``,
+    ``results.md`` and the plots. Returns ``{experiment: rows}``."""
+    from .recipes import default_checkpoint
+
+    bad = [e for e in config.experiments if e not in EXPERIMENTS]
+    if bad or not config.experiments:
+        raise ValueError(f"experiments={config.experiments!r}: unknown {bad}; allowed: {list(EXPERIMENTS)}")
+    if config.format not in ("pte", "onnx", "ptl"):
+        raise ValueError(f"format={config.format!r}; allowed: 'pte', 'onnx', 'ptl'")
+    checkpoint = config.checkpoint or (str(default_checkpoint()) if default_checkpoint() else None)
+    if checkpoint and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = CellStore(out / "cells.jsonl")
+    cells = _cells(config, checkpoint)
+    previous_threads = torch.get_num_threads()
+    try:
+        for i, (_, key, compute) in enumerate(cells):
+            cached = key in store
+            if progress is not None:
+                progress(i, len(cells), key, cached)
+            if cached:
+                continue
+            with tempfile.TemporaryDirectory(dir=out, prefix=".cell-") as work:
+                t0 = time.perf_counter()
+                rows = compute(Path(work))
+                for r in rows:
+                    r["cell_seconds"] = time.perf_counter() - t0
+            store.add(key, rows)
+    finally:
+        torch.set_num_threads(previous_threads)
+    results: dict[str, list[dict[str, Any]]] = {e: [] for e in EXPERIMENTS}
+    for experiment, key, _ in cells:
+        results[experiment] += store.cells[key]
+    _attach_peak_fraction(results)
+    _write(out, config, results)
+    return results
+
+
+def _attach_peak_fraction(results: dict[str, list[dict[str, Any]]]) -> None:
+    if not results["gemm"]:
+        return
+    peak = results["gemm"][0]
+    for row in results["latency"] + results["engines"]:
+        ref = peak["int8_gops"] if str(row["precision"]).startswith("int8") else peak["fp32_gops"]
+        row["fraction_of_host_gemm"] = row["achieved_gops"] / ref
+
+
+def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> None:
+    from .sweep_report import markdown_report, sweep_plots
+
+    rows = [{"experiment": e, **r} for e, rs in results.items() for r in rs]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write_csv(p: str) -> None:
+        with open(p, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic(out / "sweep.csv", write_csv)
+    _atomic(out / "results.json", lambda p: Path(p).write_text(json.dumps(
+        {"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)))
+    plots = sweep_plots(results, out)
+    _atomic(out / "results.md", lambda p: Path(p).write_text(markdown_report(results, config, plots)))
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

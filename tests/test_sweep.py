@@ -1,0 +1,84 @@
+"""``pqv sweep --quick`` end to end, resuming, and its bad input."""
+
+import csv
+import json
+
+import pytest
+
+import pqv_lightning.sweep as sweep_mod
+from pqv_lightning.cli import main
+from pqv_lightning.models import save_vit_checkpoint
+from pqv_lightning.sweep import CellStore
+
+from conftest import tiny_vit
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return str(save_vit_checkpoint(tiny_vit(depth=1), tmp_path / "tiny.pt"))
+
+
+def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_path, checkpoint, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--quick", "--out", str(out), "--checkpoint", checkpoint, "--models", "vit_test_tiny",
+            "vit_tiny_fmnist"]
+    monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    kinds = [c["key"].split("|")[0] for c in cells]
+    assert kinds.count("latency") == 4 and kinds.count("engines") == 1 and kinds.count("gemm") == 1
+    assert kinds.count("accuracy") == 2 and kinds.count("importance") == 2
+    results = json.loads((out / "results.json").read_text())["results"]
+    gemm = results["gemm"][0]
+    assert gemm["fp32_gops"] > 0 and gemm["int8_gops"] > 0
+    lat = results["latency"]
+    assert {r["precision"] for r in lat} == {"fp32", "fp16", "int8-dynamic"}
+    assert {(r["model"], r["ratio"]) for r in lat} == {(m, r) for m in ("vit_test_tiny", "vit_tiny_fmnist")
+                                                      for r in (0.0, 0.5)}
+    pruned = {r["model"]: r["params"] for r in lat if r["ratio"] == 0.5}
+    unpruned = {r["model"]: r["params"] for r in lat if r["ratio"] == 0.0}
+    assert all(pruned[m] < unpruned[m] for m in pruned)
+    for r in lat:
+        assert r["median_ms"] > 0 and 0 < r["fraction_of_host_gemm"] and r["achieved_gops"] > 0
+        if r["format"] != "eager":
+            assert r["peak_rss_mb"] > 0 and r["cosine"] > 0.9
+    assert {r["engine"] for r in results["engines"]} >= {"x86", "onednn", None}
+    acc = results["accuracy"]
+    assert {r["precision"] for r in acc} == {"fp32 eager", "fp32", "fp16", "int8-dynamic"}
+    assert all(0 <= r["test_acc"] <= 1 for r in acc)
+    assert {r["importance"] for r in results["importance"]} == {"taylor", "l2"}
+    for name in ("fig2_latency_memory.png", "fig4_accuracy.png", "fig5_importance.png", "fig6_models.png",
+                 "fig7_engines.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    with open(out / "sweep.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == sum(len(c["rows"]) for c in cells)
+    assert "Measured GEMM throughput" in first.out and "| vit_test_tiny |" in first.out
+
+    # a second run recomputes nothing
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(sweep_mod, "_latency_cell", boom)
+    monkeypatch.setattr(sweep_mod, "_accuracy_cell", boom)
+    monkeypatch.setattr(sweep_mod, "gemm_throughput", boom)
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("cached ") == len(cells)
+
+
+def test_torn_last_line_is_ignored_and_the_cell_redone(tmp_path):
+    path = tmp_path / "cells.jsonl"
+    path.write_text(json.dumps({"key": "a", "rows": [{"x": 1}]}) + "\n" + '{"key": "b", "ro')
+    store = CellStore(path)
+    assert "a" in store and "b" not in store
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sweep", "--quick", "--models", "no_such_model_xyz"], "unknown model_name='no_such_model_xyz'"),
+    (["sweep", "--quick", "--checkpoint", "missing.pt"], "checkpoint missing.pt: no such file"),
+    (["sweep", "--quick", "--data-dir", "/no/such"], "--data-dir /no/such: no such folder"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, fragment):
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pqv: error: ") and fragment in err[0], err
