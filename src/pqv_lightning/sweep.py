@@ -3,8 +3,9 @@
 Experiments (figure numbers of arXiv 2408.08437):
 
 * ``latency`` (Fig. 2): latency, size and peak memory vs pruning level x precision, per model
-  (random-init weights: latency does not depend on the values), with each variant's achieved
-  GOP/s as a fraction of the host's measured GEMM throughput (``gemm``);
+  (random-init weights: latency does not depend on the values; every file and the eager model
+  timed in a fresh process, round-robin, see :mod:`pqv_lightning.benchmark`), with each variant's
+  achieved GOP/s as a fraction of the host's measured GEMM throughput (``gemm``);
 * ``models`` (Fig. 6): the same cells for a second model at equal pruning levels;
 * ``engines`` (Fig. 7): ``.ptl`` int8 latency per PyTorch quantized engine;
 * ``accuracy`` (Fig. 4): Fashion-MNIST test accuracy after pruning + fine-tuning, and the top-1
@@ -22,7 +23,6 @@ import copy
 import csv
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,7 +54,8 @@ class SweepConfig:
     batch_size: int = 128
     verify_batches: int = 8
     threads: int = 2
-    repeats: int = 20
+    repeats: int = 10  # timed calls per candidate and round (latency cells)
+    rounds: int = 3
     experiments: list[str] = field(default_factory=lambda: ["gemm", "latency", "engines", "accuracy", "importance"])
 
 
@@ -62,7 +63,7 @@ FULL = SweepConfig()
 QUICK = SweepConfig(
     out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
     format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5,
-    train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=5,
+    train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
 )
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
 
@@ -93,22 +94,54 @@ class CellStore:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, float]:
-    """Measured fp32 (``torch.mm``) and int8 (``torch._int_mm``) GEMM throughput of this host, GOP/s."""
+def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
+    """Median ms of an int8 ``MatMulInteger`` (uint8 x int8 -> int32) in ONNX Runtime, or None without it."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    from .benchmark import summarize, time_calls
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("B", TensorProto.INT8, [size, size],
+                                rng.integers(-128, 127, (size, size), dtype=np.int8).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
+                              [helper.make_tensor_value_info("C", TensorProto.INT32, [size, size])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"A": rng.integers(0, 255, (size, size), dtype=np.uint8)}
+    return summarize(time_calls(lambda _: session.run(None, feed), None, 3, calls))["median_ms"]
+
+
+def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
+    """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
+    ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
     from .benchmark import summarize, time_calls
 
     torch.set_num_threads(threads)
     ops = 2 * size**3
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
-    qa, qb = torch.randint(-128, 127, (size, size), dtype=torch.int8), torch.randint(-128, 127, (size, size),
-                                                                                       dtype=torch.int8)
-    int8 = summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]
-    return {"fp32_gops": ops / (fp32 * 1e6), "int8_gops": ops / (int8 * 1e6), "size": size, "threads": threads}
+    qa = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    qb = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    int8 = {"torch._int_mm": summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]}
+    ort_ms = _ort_int8_gemm_ms(size, threads, calls)
+    if ort_ms is not None:
+        int8["onnxruntime MatMulInteger"] = ort_ms
+    source = min(int8, key=int8.get)
+    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
+            "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
+            "size": size, "threads": threads}
 
 
 def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
                   engines: list[str] | None, work: Path) -> list[dict[str, Any]]:
+    from .benchmark import Candidate, round_robin
     from .export import MobileExportConfig, export_mobile
     from .models import create_vit
     from .pruning import PruningConfig, count_macs, count_params, prune_once
@@ -125,21 +158,22 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     out = work / "export"
     manifest = export_mobile(model, data[0][:1], MobileExportConfig(
         precisions=precisions, formats=formats, engines=engines, output_dir=str(out), overwrite=True,
-        threads=config.threads, repeats=config.repeats, warmup=3, verify_batches=2, calibration_batches=2,
-        min_top1_agreement=0.0), validation_data=data)
-    shutil.rmtree(out, ignore_errors=True)
-    base = manifest["baseline_fp32_eager"]["latency"]
+        threads=config.threads, repeats=1, warmup=0, verify_batches=2, calibration_batches=2,
+        min_top1_agreement=0.0, measure_memory=False), validation_data=data)
+    # latency and memory: every file and the eager model in a fresh process, round-robin
+    torch.save(model, work / "eager.pt")
+    ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]
+    candidates = [Candidate("fp32 eager", str(work / "eager.pt"))]
+    candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
+    stats = round_robin(candidates, list(shape), threads=config.threads, rounds=config.rounds, warmup=3,
+                        calls=config.repeats, baseline="fp32 eager")
     common = {"model": model_name, "ratio": ratio, "params": count_params(model), "macs": macs}
     rows = [{**common, "variant": "fp32 eager", "format": "eager", "precision": "fp32", "engine": None,
-             "median_ms": base["median_ms"], "p90_ms": base["p90_ms"], "size_mb": None, "peak_rss_mb": None,
-             "cosine": 1.0}]
-    for a in manifest["artifacts"]:
-        if a["status"] == "skipped":
-            continue
+             "size_mb": None, "cosine": 1.0, **stats["fp32 eager"]}]
+    for a in ok:
         rows.append({**common, "variant": a["file"], "format": a["format"], "precision": a["precision"],
-                     "engine": a["engine"], "median_ms": a["latency"]["median_ms"], "p90_ms": a["latency"]["p90_ms"],
-                     "size_mb": a["size_bytes"] / 2**20, "peak_rss_mb": (a.get("memory") or {}).get("peak_rss_mb"),
-                     "cosine": a["verification"]["cosine"], "partitions": a.get("partitions")})
+                     "engine": a["engine"], "size_mb": a["size_bytes"] / 2**20, "cosine": a["verification"]["cosine"],
+                     "partitions": a.get("partitions"), **stats[a["file"]]})
     for r in rows:
         r["achieved_gops"] = 2 * macs / (r["median_ms"] * 1e6)
     return rows
@@ -162,7 +196,6 @@ def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importanc
         train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
         data_dir=config.data_dir, test_subset=config.test_subset, ratio_schedule="cubic",
         extra_callbacks=[export])
-    shutil.rmtree(work / "export", ignore_errors=True)
     common = {"ratio": ratio, "importance": importance, "test_acc": result.test_acc, "params": result.params,
               "macs": result.macs, "steps": result.steps, "seconds": result.seconds}
     rows = [{**common, "precision": "fp32 eager", "val_acc": None}]

@@ -114,7 +114,11 @@ def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: lis
     if results["gemm"]:
         g = results["gemm"][0]
         lines += ["", f"Measured GEMM throughput of this host ({g['size']}^3, {g['threads']} threads): fp32 "
-                      f"`torch.mm` {g['fp32_gops']:.0f} GOP/s, int8 `torch._int_mm` {g['int8_gops']:.0f} GOP/s."]
+                      f"`{g['fp32_source']}` {g['fp32_gops']:.0f} GOP/s, int8 `{g['int8_source']}` "
+                      f"{g['int8_gops']:.0f} GOP/s (the best of " +
+                      ", ".join(f"{k[10:-1]} {v:.0f}" for k, v in g.items() if k.startswith("int8_gops[")) + ")."]
+    lines += ["", "Latency: median / p90 over all timed calls, every candidate in a fresh process, round-robin "
+                  f"({config.rounds} rounds x {config.repeats} calls); peak RSS of that process."]
     for name, rows, title in (("latency", results["latency"], "Latency and memory vs pruning x precision"),
                               ("engines", results["engines"], "Quantized engines (.ptl int8)")):
         if not rows:
