@@ -27,6 +27,7 @@ __all__ = [
     "ModelAdapter",
     "VisionTransformerAdapter",
     "find_adapter",
+    "input_shape_for",
     "register_adapter",
     "registered_model_types",
 ]
@@ -223,6 +224,14 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
         )
     name, module = found[0]
     return name, module, find_adapter(module)  # type: ignore[return-value]
+
+
+def input_shape_for(model: nn.Module) -> tuple[int, ...]:
+    """The batch-1 input shape of a supported model (e.g. ``(1, 3, 224, 224)`` for DeiT-S)."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise ValueError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly")
+    return tuple(adapter.example_input_shape(model))
 
 
 def example_inputs_for(model: nn.Module, adapter: ModelAdapter, shape: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -62,6 +62,7 @@ def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
 def _resolve_candidates(args, workdir: Path):
     import torch
 
+    from .adapters import input_shape_for
     from .benchmark import SUFFIXES, Candidate
     from .models import create_vit
 
@@ -87,9 +88,8 @@ def _resolve_candidates(args, workdir: Path):
                 raise CLIError(f"{item}: not a file, and {exc}") from exc
             saved = workdir / f"{item}.pt"
             torch.save(model, saved)
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            size = cfg.get("input_size") or (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-            shapes.append([1, *size])
+            if shape is None:  # given --shape, models without a known input size are fine too
+                shapes.append(list(input_shape_for(model)))
             candidates.append(Candidate(f"{item} (fp32 eager)", str(saved)))
     if shape is None:
         if not shapes:

@@ -141,6 +141,7 @@ def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str
 
 def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
                   engines: list[str] | None, work: Path) -> list[dict[str, Any]]:
+    from .adapters import input_shape_for
     from .benchmark import Candidate, round_robin
     from .export import MobileExportConfig, export_mobile
     from .models import create_vit
@@ -150,8 +151,7 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     model = create_vit(model_name).eval()
     if ratio > 0:  # random weights: magnitude importance gives the same structure as any criterion
         prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=2))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    shape = (1, *(cfg.get("input_size") or (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)))
+    shape = input_shape_for(model)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(2, *shape[1:], generator=g) for _ in range(2)]
     macs = count_macs(model, data[0][:1])
