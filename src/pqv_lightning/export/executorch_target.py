@@ -166,8 +166,8 @@ for _ in range(3):
         method = program.load_method("forward")
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            # the closure holds the program too: the method must not outlive the program it came from
-            return method.execute([x])[0] if program is not None else None
+            return method.execute([x])[0]
 
+        run.program = program  # the method must not outlive the program it came from
         return chunked(run, len(example))
 

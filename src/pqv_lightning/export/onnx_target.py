@@ -159,5 +159,4 @@ for _ in range(3):
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
 
-        run.session = session  # keep it reachable for callers that want it
         return run
