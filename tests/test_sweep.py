@@ -1,7 +1,9 @@
 """``pqv sweep --quick`` end to end, resuming, and its bad input."""
 
 import csv
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,7 @@ import pqv_lightning.sweep as sweep_mod
 from pqv_lightning.cli import main
 from pqv_lightning.models import save_vit_checkpoint
 from pqv_lightning.sweep import CellStore
+from pqv_lightning.sweep_report import splice_between_markers
 
 from conftest import tiny_vit
 
@@ -23,6 +26,7 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     argv = ["sweep", "--quick", "--out", str(out), "--checkpoint", checkpoint, "--models", "vit_test_tiny",
             "vit_tiny_fmnist"]
     monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
+    monkeypatch.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
     assert main(argv) == 0
     first = capsys.readouterr()
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
@@ -54,6 +58,25 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     with open(out / "sweep.csv") as fh:
         assert len(list(csv.DictReader(fh))) == sum(len(c["rows"]) for c in cells)
     assert "Measured GEMM throughput" in first.out and "| vit_test_tiny |" in first.out
+    assert gemm["host"]["logical_cpus"] >= 1 and gemm["host"]["torch"]
+
+    # the README summary: headline ratio per model, one pivot line per (model, ratio), the published files
+    summary = (out / "summary.md").read_text()
+    assert "The paper's headline configuration" in summary
+    for model in ("vit_test_tiny", "vit_tiny_fmnist"):
+        assert summary.count(f"| {model} | 0 % |") == 3 and summary.count(f"| {model} | 50 % |") == 3
+        base = next(r for r in lat if r["model"] == model and r["ratio"] == 0 and r["format"] == "eager")
+        best = min((r for r in lat if r["model"] == model and r["ratio"] == 0.5 and r["precision"] == "int8-dynamic"),
+                   key=lambda r: r["median_ms"])
+        assert f"**{base['median_ms'] / best['median_ms']:.2f}x**" in summary
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- sweep:begin -->\nold numbers\n<!-- sweep:end -->\n\nafter\n")
+    assert _publisher().main(["--sweep", str(out), "--readme", str(readme), "--dest", str(tmp_path / "pub")]) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and summary.strip() in text and text.endswith("after\n")
+    assert "![fig2_latency_memory](pub/fig2_latency_memory.png)" in text
+    assert (tmp_path / "pub" / "fig7_engines.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "pub" / "sweep.csv").read_text() == (out / "sweep.csv").read_text()
 
     # a second run recomputes nothing
     def boom(*a, **k):
@@ -82,3 +105,32 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, fragment):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pqv: error: ") and fragment in err[0], err
+
+
+def _publisher():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_to_readme.py"
+    spec = importlib.util.spec_from_file_location("sweep_to_readme", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_splice_replaces_only_the_marked_block():
+    text = "a\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\nb\n"
+    assert splice_between_markers(text, "new\n") == "a\n<!-- sweep:begin -->\nnew\n<!-- sweep:end -->\nb\n"
+    for bad in ("no markers", "<!-- sweep:end --> <!-- sweep:begin -->",
+                "<!-- sweep:begin --><!-- sweep:begin --><!-- sweep:end -->"):
+        with pytest.raises(ValueError, match="expected one"):
+            splice_between_markers(bad, "x")
+
+
+def test_publishing_an_unfinished_sweep_fails_and_leaves_the_readme_alone(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- sweep:begin -->\nkeep\n<!-- sweep:end -->\n")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.md").write_text("partial")
+    assert _publisher().main(["--sweep", str(tmp_path / "sweep"), "--readme", str(readme),
+                              "--dest", str(tmp_path / "pub")]) == 2
+    err = capsys.readouterr().err
+    assert "no summary.md, results.json, sweep.csv" in err and readme.read_text().endswith("keep\n<!-- sweep:end -->\n")
+    assert not (tmp_path / "pub").exists()

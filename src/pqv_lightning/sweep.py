@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FULL", "QUICK", "SweepConfig", "gemm_throughput", "run_sweep"]
+__all__ = ["FULL", "QUICK", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
 
 
 @dataclass
@@ -118,6 +118,28 @@ def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
     return summarize(time_calls(lambda _: session.run(None, feed), None, 3, calls))["median_ms"]
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
+
+
+def host_description() -> dict[str, Any]:
+    """CPU model, core count and the SIMD features that decide GEMM speed (from /proc/cpuinfo where it
+    exists), with the OS and the torch version: the host line of a sweep report."""
+    import platform
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's entries
+    except OSError:
+        pass
+    cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+            "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
     """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
     ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
@@ -136,7 +158,7 @@ def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str
     source = min(int8, key=int8.get)
     return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
             "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
-            "size": size, "threads": threads}
+            "size": size, "threads": threads, "host": host_description()}
 
 
 def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
@@ -243,7 +265,7 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
 
 def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], None] | None = None) -> dict[str, Any]:
     """Run every cell not yet in ``out_dir/cells.jsonl``; write ``sweep.csv``, ``results.json``,
-    ``results.md`` and the plots. Returns ``{experiment: rows}``."""
+    ``results.md``, ``summary.md`` and the plots. Returns ``{experiment: rows}``."""
     from .recipes import default_checkpoint
 
     bad = [e for e in config.experiments if e not in EXPERIMENTS]
@@ -292,7 +314,7 @@ def _attach_peak_fraction(results: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> None:
-    from .sweep_report import markdown_report, sweep_plots
+    from .sweep_report import markdown_report, summary_markdown, sweep_plots
 
     rows = [{"experiment": e, **r} for e, rs in results.items() for r in rs]
     fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -308,6 +330,7 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
         {"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)))
     plots = sweep_plots(results, out)
     _atomic(out / "results.md", lambda p: Path(p).write_text(markdown_report(results, config, plots)))
+    _atomic(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(results, config)))
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:

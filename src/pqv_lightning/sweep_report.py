@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .plots import _pyplot, save_figure
 
-__all__ = ["markdown_report", "sweep_plots"]
+__all__ = ["host_line", "markdown_report", "splice_between_markers", "summary_markdown", "sweep_plots"]
 
 
 def _by(rows, key):
@@ -109,8 +106,7 @@ def _num(key, spec, scale=1.0):
 
 
 def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: list[Path]) -> str:
-    lines = [f"Host: {platform.machine()}, {config.threads} threads, torch {torch.__version__}; "
-             f"export format `{config.format}`; batch 1."]
+    lines = [f"Host: {host_line(results, config)}; export format `{config.format}`; batch 1."]
     if results["gemm"]:
         g = results["gemm"][0]
         lines += ["", f"Measured GEMM throughput of this host ({g['size']}^3, {g['threads']} threads): fp32 "
@@ -144,3 +140,130 @@ def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: lis
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{Path(p).name}`" for p in plots)]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def host_line(results: dict[str, list[dict[str, Any]]], config) -> str:
+    """The measuring host (recorded with the GEMM cell; the current host for older caches)."""
+    from .sweep import host_description
+
+    gemm = results["gemm"][0] if results["gemm"] else {}
+    h = gemm.get("host") or host_description()
+    isa = ", ".join(h["isa"]) or "no AVX2/AVX-512/NEON flags"
+    return (f"{h['cpu']} ({h['machine']}, {h['logical_cpus']} logical CPUs; {isa}), {config.threads} threads, "
+            f"{h['system']}, Python {h['python']}, torch {h['torch']}")
+
+
+def _label(r) -> str:
+    return "fp32 eager" if r["format"] == "eager" else f"{r['precision']} .{r['format']}"
+
+
+def _pivot(rows, row_key, lead_cols, col_key, cell) -> list[str]:
+    """A table with one line per ``row_key`` value, the ``lead_cols`` of its first row, then one column per
+    ``col_key`` value (in first-seen order) holding ``cell(row)``."""
+    columns = list(dict.fromkeys(col_key(r) for r in rows))
+    lines = {}
+    for r in rows:
+        lines.setdefault(row_key(r), {})[col_key(r)] = r
+    header = [c for c, _ in lead_cols] + columns
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells in lines.values():
+        first = next(iter(cells.values()))
+        out.append("| " + " | ".join([fmt(first) for _, fmt in lead_cols] +
+                                     [cell(cells[c]) if c in cells else "" for c in columns]) + " |")
+    return out
+
+
+def _speedups(rows) -> None:
+    """``x_vs_unpruned_eager``: each latency row against the unpruned fp32 eager row of its model."""
+    base = {r["model"]: r["median_ms"] for r in rows if r["format"] == "eager" and r["ratio"] == 0}
+    for r in rows:
+        if r["model"] in base:
+            r["x_vs_unpruned_eager"] = base[r["model"]] / r["median_ms"]
+
+
+def _headline(rows, ratio: float) -> list[str]:
+    def find(model, r, int8):
+        hits = [x for x in rows if x["model"] == model and x["ratio"] == r and
+                (str(x["precision"]).startswith("int8") if int8 else x["format"] == "eager")]
+        return min(hits, key=lambda x: x["median_ms"]) if hits else None
+
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base, pruned, q, both = (find(model, 0.0, False), find(model, ratio, False), find(model, 0.0, True),
+                                 find(model, ratio, True))
+        if None in (base, pruned, q, both):
+            continue
+        out.append(f"| {model} | {base['median_ms']:.1f} ms | {base['median_ms'] / pruned['median_ms']:.2f}x | "
+                   f"{base['median_ms'] / q['median_ms']:.2f}x | {both['median_ms']:.1f} ms ({_label(both)}) | "
+                   f"**{base['median_ms'] / both['median_ms']:.2f}x** |")
+    if not out:
+        return []
+    return ([f"**The paper's headline configuration** ({100 * ratio:g} % pruning + int8; the paper reports 7.18x "
+             "lower latency than fp32), against the unpruned fp32 eager model:", "",
+             "| model | fp32 eager, unpruned | pruning alone | int8 alone | pruned + int8 | both |",
+             "|---|---|---|---|---|---|"] + out + [""])
+
+
+def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
+    """The compact version of ``results.md`` for a README: the headline ratio, then one pivot table per
+    figure (latency, memory, efficiency, engines, accuracy, importance)."""
+    lines = [f"Host: {host_line(results, config)}. Batch 1; latency is the median over "
+             f"{config.rounds} rounds x {config.repeats} calls, every candidate in a fresh process, round-robin.", ""]
+    lat = [dict(r) for r in results["latency"]]
+    if lat:
+        _speedups(lat)
+        lines += _headline(lat, config.engine_ratio)
+        lead = [("model", lambda r: r["model"]), ("pruned", lambda r: f"{100 * r['ratio']:g} %"),
+                ("params", lambda r: f"{r['params'] / 1e6:.1f} M"), ("GMACs", lambda r: f"{r['macs'] / 1e9:.2f}")]
+        key = lambda r: (r["model"], r["ratio"])  # noqa: E731
+        lines += ["**Latency vs pruning x precision** (paper Fig. 2 and 6): median ms (speedup vs the unpruned "
+                  "fp32 eager model)", ""]
+        lines += _pivot(lat, key, lead, _label, lambda r: f"{r['median_ms']:.1f} ({r['x_vs_unpruned_eager']:.2f}x)")
+        files = [r for r in lat if r["format"] != "eager"]
+        lines += ["", "**Memory**: file size MB / peak RSS MB of a fresh process that loads and runs it", ""]
+        lines += _pivot(lat, key, lead[:2], _label, lambda r: ("-" if r.get("size_mb") is None else
+                                                               f"{r['size_mb']:.0f}") + f" / {r['peak_rss_mb']:.0f}")
+        if files and "fraction_of_host_gemm" in files[0]:
+            g = results["gemm"][0]
+            lines += ["", f"**Efficiency**: achieved GOP/s (2 x MACs / latency) as a share of this host's measured "
+                          f"GEMM throughput (fp32 {g['fp32_gops']:.0f} GOP/s, int8 {g['int8_gops']:.0f} GOP/s)", ""]
+            lines += _pivot(lat, key, lead[:2], _label,
+                            lambda r: f"{r['achieved_gops']:.0f} ({100 * r['fraction_of_host_gemm']:.0f} %)")
+    eng = results["engines"]
+    if eng:
+        base = next((r["median_ms"] for r in eng if r["format"] == "eager"), None)
+        lines += ["", f"**Quantized engines** (paper Fig. 7): {eng[0]['model']}, {100 * eng[0]['ratio']:g} % pruned, "
+                      "int8-dynamic `.ptl`", "", "| engine | median ms | p90 ms | vs fp32 eager | size MB |",
+                  "|---|---|---|---|---|"]
+        for r in eng:
+            lines.append(f"| {r['engine'] or 'fp32 eager'} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                         f"{base / r['median_ms']:.2f}x | " + ("-" if r.get("size_mb") is None else
+                                                               f"{r['size_mb']:.0f}") + " |")
+    acc = results["accuracy"]
+    if acc:
+        images = max((r.get("val_images") or 0 for r in acc), default=0)
+        lines += ["", "**Accuracy vs pruning x precision** (paper Fig. 4, Fashion-MNIST): the fine-tuned fp32 model on "
+                      f"the test set, each exported file on {images} validation images", ""]
+        lines += _pivot(acc, lambda r: r["ratio"], [
+            ("pruned", lambda r: f"{100 * r['ratio']:g} %"), ("params", lambda r: f"{r['params'] / 1e6:.2f} M"),
+            ("MMACs", lambda r: f"{r['macs'] / 1e6:.0f}"), ("test acc", lambda r: f"{100 * r['test_acc']:.2f} %")],
+            lambda r: r["precision"],
+            lambda r: "" if r.get("val_acc") is None else f"{100 * r['val_acc']:.2f} %")
+    imp = [r for r in results["importance"] if r["precision"] == "fp32 eager"]
+    if imp:
+        lines += ["", f"**Importance criteria** (paper Fig. 5) at {100 * imp[0]['ratio']:g} % pruning, same budget "
+                      f"({imp[0]['steps']} steps)", "", "| criterion | test acc | params |", "|---|---|---|"]
+        lines += [f"| {r['importance']} | {100 * r['test_acc']:.2f} % | {r['params'] / 1e6:.2f} M |" for r in imp]
+    return "\n".join(lines) + "\n"
+
+
+def splice_between_markers(text: str, block: str, name: str = "sweep") -> str:
+    """Replace what lies between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``text`` with ``block``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"expected one {begin!r} followed by one {end!r}; found {text.count(begin)} and "
+                         f"{text.count(end)}")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{block.strip()}\n{end}{tail}"

@@ -1,0 +1,69 @@
+"""Publish a finished ``pqv sweep`` run: copy its report, CSV, JSON and plots into the repository and
+regenerate the README's sweep section (between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->``)
+from its ``summary.md``.
+
+    .venv/bin/pqv sweep                       # hours; resumable, rerun it to continue
+    .venv/bin/python scripts/sweep_to_readme.py --sweep runs/sweep
+
+Nothing is measured here: every number comes from the sweep's own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from pqv_lightning.sweep_report import splice_between_markers
+
+PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:
+    missing = [n for n in PUBLISHED if not (sweep / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{sweep}: no {', '.join(missing)} (run `pqv sweep --out {sweep}` to the end first)")
+    text = readme.read_text()
+    figures = sorted(sweep.glob("fig*.png"))
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in [sweep / n for n in PUBLISHED] + figures:
+        target = dest / src.name
+        shutil.copyfile(src, target.with_name(f".{target.name}.tmp"))
+        os.replace(target.with_name(f".{target.name}.tmp"), target)
+        copied.append(target)
+    rel = os.path.relpath(dest, readme.parent)
+    pictures = "\n".join(f"![{f.stem}]({rel}/{f.name})" for f in figures)
+    block = (f"{(sweep / 'summary.md').read_text().strip()}\n\n{pictures}\n\nEvery row, with p90, size, cosine and "
+             f"GOP/s: [{rel}/results.md]({rel}/results.md) (CSV: [{rel}/sweep.csv]({rel}/sweep.csv)).")
+    _write_atomic(readme, splice_between_markers(text, block))
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", default="runs/sweep", type=Path, help="the pqv sweep output folder")
+    parser.add_argument("--readme", default="README.md", type=Path)
+    parser.add_argument("--dest", default="benchmarks/results/sweep", type=Path, help="where the files are copied")
+    args = parser.parse_args(argv)
+    try:
+        copied = publish(args.sweep, args.readme, args.dest)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sweep_to_readme: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.readme}: sweep section regenerated; copied {len(copied)} files to {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
