@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pqv_lightning.benchmark import summarize, time_calls
+
 OUT = Path(__file__).parent / "results"
 ORDER = ("unpruned fp32", "unpruned int8", "pruned int8")
 
@@ -39,19 +41,11 @@ def child(paths: list[str], threads: int, warmup: int, repeats: int) -> dict:
         module = torch.jit.load(path)
         modules[label] = module
         t0 = time.perf_counter()
-        with torch.autograd.profiler.profile(use_cuda=False) as prof:
+        with torch.autograd.profiler.profile() as prof:  # the paper passes use_cuda=False (removed since)
             module(img)
         out[label] = {"paper_ms": prof.self_cpu_time_total / 1000, "first_call_wall_ms": 1e3 * (time.perf_counter() - t0)}
-    with torch.no_grad():
-        for label, module in modules.items():
-            for _ in range(warmup):
-                module(img)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                module(img)
-                times.append(1e3 * (time.perf_counter() - t0))
-            out[label]["warm_median_ms"] = statistics.median(times)
+    for label, module in modules.items():  # ours: warm-up, then the median of wall-clock calls
+        out[label]["warm_median_ms"] = summarize(time_calls(module, img, warmup, repeats))["median_ms"]
     return out
 
 
@@ -96,7 +90,9 @@ def main() -> None:
         for _ in range(args.trials):
             run = subprocess.run([sys.executable, __file__, "--child", *files, "--threads", str(args.threads),
                                   "--warmup", str(args.warmup), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(f"child process failed:\n{run.stderr[-3000:]}")
             trials.append(json.loads(run.stdout.strip().splitlines()[-1]))
     cmd = (f"python benchmarks/paper_timing_method.py --model {args.model} --ratio {args.ratio} --threads "
            f"{args.threads} --trials {args.trials} --warmup {args.warmup} --repeats {args.repeats}")

@@ -32,7 +32,8 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     kinds = [c["key"].split("|")[0] for c in cells]
     assert kinds.count("latency") == 4 and kinds.count("engines") == 1 and kinds.count("gemm") == 1
-    assert kinds.count("accuracy") == 2 and kinds.count("importance") == 2
+    # taylor at the importance ratio is the accuracy cell at that ratio: computed once, shared
+    assert kinds.count("accuracy") == 2 and kinds.count("importance") == 1
     results = json.loads((out / "results.json").read_text())["results"]
     gemm = results["gemm"][0]
     assert gemm["fp32_gops"] > 0 and gemm["int8_gops"] > 0
@@ -51,12 +52,16 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     acc = results["accuracy"]
     assert {r["precision"] for r in acc} == {"fp32 eager", "fp32", "fp16", "int8-dynamic"}
     assert all(0 <= r["test_acc"] <= 1 for r in acc)
-    assert {r["importance"] for r in results["importance"]} == {"taylor", "l2"}
+    imp = results["importance"]
+    assert sorted((r["importance"], r["precision"]) for r in imp) == [
+        ("l2", "fp32"), ("l2", "fp32 eager"), ("taylor", "fp32"), ("taylor", "fp32 eager")]
+    taylor = next(r for r in imp if r["importance"] == "taylor")
+    assert taylor["test_acc"] == next(r["test_acc"] for r in acc if r["ratio"] == 0.5)
     for name in ("fig2_latency_memory.png", "fig4_accuracy.png", "fig5_importance.png", "fig6_models.png",
                  "fig7_engines.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     with open(out / "sweep.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == sum(len(c["rows"]) for c in cells)
+        assert len(list(csv.DictReader(fh))) == sum(len(rows) for rows in results.values())
     assert "Measured GEMM throughput" in first.out and "| vit_test_tiny |" in first.out
     assert gemm["host"]["logical_cpus"] >= 1 and gemm["host"]["torch"]
 
@@ -86,7 +91,19 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     monkeypatch.setattr(sweep_mod, "_accuracy_cell", boom)
     monkeypatch.setattr(sweep_mod, "gemm_throughput", boom)
     assert main(argv) == 0
-    assert capsys.readouterr().err.count("cached ") == len(cells)
+    assert capsys.readouterr().err.count("cached ") == len(cells) + 1  # + the shared taylor cell
+
+    # --report-only with a cell missing: computes nothing, reports the rest and names the missing cell
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    dropped = next(json.loads(line)["key"] for line in lines if line.startswith('{"key": "importance'))
+    (out / "cells.jsonl").write_text("\n".join(line for line in lines if dropped not in line) + "\n")
+    assert main([*argv, "--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cached ") == len(cells) - 1 + 1 and f"not run yet, skipped: {dropped}" in err
+    for name in ("results.md", "summary.md"):
+        assert (out / name).read_text().startswith(f"**Partial report**: 1 cell(s) not run yet: `{dropped}`")
+    partial = json.loads((out / "results.json").read_text())["results"]["importance"]
+    assert {r["importance"] for r in partial} == {"taylor"}  # l2 dropped, taylor comes from the accuracy cell
 
 
 def test_torn_last_line_is_ignored_and_the_cell_redone(tmp_path):
@@ -134,3 +151,14 @@ def test_publishing_an_unfinished_sweep_fails_and_leaves_the_readme_alone(tmp_pa
     err = capsys.readouterr().err
     assert "no summary.md, results.json, sweep.csv" in err and readme.read_text().endswith("keep\n<!-- sweep:end -->\n")
     assert not (tmp_path / "pub").exists()
+
+
+def test_a_failing_cell_worker_is_one_error_line_and_keeps_finished_cells(tmp_path, capsys):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "o"
+    argv = ["sweep", "--quick", "--out", str(out), "--checkpoint", str(bad), "--experiments", "gemm", "accuracy"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pqv: error: sweep cell 'accuracy|") and "failed in its worker process" in err[-1]
+    assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == ["gemm"]

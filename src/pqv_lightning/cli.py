@@ -160,6 +160,8 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report and plots from the finished cells only (a partial report); compute nothing")
 
 
 def cmd_sweep(args) -> int:
@@ -173,6 +175,7 @@ def cmd_sweep(args) -> int:
                         ("data_dir", args.data_dir), ("threads", args.threads)):
         if value is not None:
             setattr(config, name, value)
+    config.report_only = args.report_only
     if config.threads < 1:
         raise CLIError(f"--threads {config.threads}: must be >= 1")
     if config.data_dir and not Path(config.data_dir).is_dir():
@@ -184,7 +187,8 @@ def cmd_sweep(args) -> int:
             create_vit(name)  # an unknown name fails now, not after an hour of other cells
 
     def progress(i, total, key, cached):
-        print(f"[{i + 1}/{total}] {'cached ' if cached else ''}{key}", file=sys.stderr, flush=True)
+        state = "cached " if cached else ("not run yet, skipped: " if config.report_only else "")
+        print(f"[{i + 1}/{total}] {state}{key}", file=sys.stderr, flush=True)
 
     run_sweep(config, progress)
     out = Path(config.out_dir)
@@ -231,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"pqv: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .sweep import SweepCellError
+
+        if not isinstance(exc, SweepCellError):
+            raise
+        print(f"pqv: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pqv: interrupted", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FULL", "QUICK", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
+__all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
 
 
 @dataclass
@@ -57,6 +57,8 @@ class SweepConfig:
     repeats: int = 10  # timed calls per candidate and round (latency cells)
     rounds: int = 3
     experiments: list[str] = field(default_factory=lambda: ["gemm", "latency", "engines", "accuracy", "importance"])
+    report_only: bool = False  # write the report from the finished cells; compute nothing
+    isolate: bool = True  # every cell in a fresh worker process: memory is returned between cells
 
 
 FULL = SweepConfig()
@@ -66,6 +68,10 @@ QUICK = SweepConfig(
     train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
 )
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
+
+
+class SweepCellError(RuntimeError):
+    """A cell's worker process failed (its traceback is on stderr); finished cells are kept."""
 
 
 class CellStore:
@@ -229,10 +235,12 @@ def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importanc
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, Callable[[Path], list[dict]]]]:
+def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, Callable[[Path], list[dict]] | None]]:
+    """``(experiment, key, compute)`` in run order; ``compute`` is None for a cell that shares the key (and
+    rows) of an earlier one."""
     import torch.backends.quantized as q
 
-    cells: list[tuple[str, str, Callable[[Path], list[dict]]]] = []
+    cells: list[tuple[str, str, Callable[[Path], list[dict]] | None]] = []
     if "gemm" in config.experiments:
         cells.append(("gemm", "gemm", lambda w: [gemm_throughput(config.threads)]))
     if "latency" in config.experiments:
@@ -257,10 +265,37 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
                           lambda w, r=r: _accuracy_cell(config, checkpoint, r, "taylor", config.precisions, w)))
     if "importance" in config.experiments:
         for imp in config.importances:
+            if (imp == "taylor" and "accuracy" in config.experiments and
+                    config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
+                cells.append(("importance", f"accuracy|{config.format}|{config.importance_ratio}|{data}", None))
+                continue
             cells.append(("importance", f"importance|{imp}|{config.importance_ratio}|{data}",
                           lambda w, imp=imp: _accuracy_cell(config, checkpoint, config.importance_ratio, imp,
                                                             ["fp32"], w)))
     return cells
+
+
+def _cell_worker(config: dict[str, Any], checkpoint: str | None, key: str, work: str, result: str) -> None:
+    compute = next(c for _, k, c in _cells(SweepConfig(**config), checkpoint) if k == key and c is not None)
+    rows = compute(Path(work))
+    _atomic(Path(result), lambda p: Path(p).write_text(json.dumps(rows)))
+
+
+def _in_worker(config: SweepConfig, checkpoint: str | None, key: str, work: Path) -> list[dict[str, Any]]:
+    """Compute one cell in a fresh ``spawn`` process. Lowering and fine-tuning DeiT-sized models leaves
+    gigabytes behind in a long-lived process (allocator caches, export state); a worker per cell
+    gives it all back, so the sweep's memory stays that of its largest cell."""
+    import multiprocessing
+
+    result = work / "rows.json"
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_cell_worker, args=(asdict(config), checkpoint, key, str(work), str(result)), name=f"sweep {key}")
+    worker.start()
+    worker.join()
+    if worker.exitcode != 0 or not result.is_file():
+        raise SweepCellError(f"sweep cell {key!r} failed in its worker process (exit code {worker.exitcode}); its "
+                           "traceback is printed above. Finished cells are kept: rerun the same command to continue.")
+    return json.loads(result.read_text())
 
 
 def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], None] | None = None) -> dict[str, Any]:
@@ -286,21 +321,25 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
             cached = key in store
             if progress is not None:
                 progress(i, len(cells), key, cached)
-            if cached:
+            if cached or config.report_only:
                 continue
             with tempfile.TemporaryDirectory(dir=out, prefix=".cell-") as work:
                 t0 = time.perf_counter()
-                rows = compute(Path(work))
+                rows = _in_worker(config, checkpoint, key, Path(work)) if config.isolate else compute(Path(work))
                 for r in rows:
                     r["cell_seconds"] = time.perf_counter() - t0
             store.add(key, rows)
     finally:
         torch.set_num_threads(previous_threads)
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in EXPERIMENTS}
+    missing = list(dict.fromkeys(key for _, key, _ in cells if key not in store))
     for experiment, key, _ in cells:
-        results[experiment] += store.cells[key]
+        rows = store.cells.get(key, [])
+        if experiment == "importance":  # fp32 only (a shared accuracy cell also has the other precisions)
+            rows = [r for r in rows if r["precision"] in ("fp32 eager", "fp32")]
+        results[experiment] += rows
     _attach_peak_fraction(results)
-    _write(out, config, results)
+    _write(out, config, results, missing)
     return results
 
 
@@ -313,7 +352,7 @@ def _attach_peak_fraction(results: dict[str, list[dict[str, Any]]]) -> None:
         row["fraction_of_host_gemm"] = row["achieved_gops"] / ref
 
 
-def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> None:
+def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any]]], missing: list[str]) -> None:
     from .sweep_report import markdown_report, summary_markdown, sweep_plots
 
     rows = [{"experiment": e, **r} for e, rs in results.items() for r in rs]
@@ -329,8 +368,10 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
     _atomic(out / "results.json", lambda p: Path(p).write_text(json.dumps(
         {"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)))
     plots = sweep_plots(results, out)
-    _atomic(out / "results.md", lambda p: Path(p).write_text(markdown_report(results, config, plots)))
-    _atomic(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(results, config)))
+    note = (f"**Partial report**: {len(missing)} cell(s) not run yet: " + ", ".join(f"`{k}`" for k in missing) +
+            ". Rerun the sweep without `--report-only` to finish them.\n\n") if missing else ""
+    _atomic(out / "results.md", lambda p: Path(p).write_text(note + markdown_report(results, config, plots)))
+    _atomic(out / "summary.md", lambda p: Path(p).write_text(note + summary_markdown(results, config)))
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:

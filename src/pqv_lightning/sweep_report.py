@@ -20,8 +20,7 @@ def _by(rows, key):
 def _fig_latency(rows, out: Path, name: str, title: str) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (model, precision), rs in sorted(_by([{**r, "mp": (r["model"], r["precision"] if r["format"] != "eager"
-                                                         else "fp32 eager")} for r in rows], "mp").items()):
+    for (model, precision), rs in sorted(_by([{**r, "mp": (r["model"], _label(r))} for r in rows], "mp").items()):
         rs = sorted(rs, key=lambda r: r["ratio"])
         label = f"{model} {precision}" if len({r['model'] for r in rows}) > 1 else precision
         axes[0].plot([100 * r["ratio"] for r in rs], [r["median_ms"] for r in rs], "o-", label=label)
@@ -245,10 +244,11 @@ def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
         images = max((r.get("val_images") or 0 for r in acc), default=0)
         lines += ["", "**Accuracy vs pruning x precision** (paper Fig. 4, Fashion-MNIST): the fine-tuned fp32 model on "
                       f"the test set, each exported file on {images} validation images", ""]
-        lines += _pivot(acc, lambda r: r["ratio"], [
+        files = [r for r in acc if r["precision"] != "fp32 eager"] or acc
+        lines += _pivot(files, lambda r: r["ratio"], [
             ("pruned", lambda r: f"{100 * r['ratio']:g} %"), ("params", lambda r: f"{r['params'] / 1e6:.2f} M"),
             ("MMACs", lambda r: f"{r['macs'] / 1e6:.0f}"), ("test acc", lambda r: f"{100 * r['test_acc']:.2f} %")],
-            lambda r: r["precision"],
+            lambda r: f"{r['precision']} .{config.format}",
             lambda r: "" if r.get("val_acc") is None else f"{100 * r['val_acc']:.2f} %")
     imp = [r for r in results["importance"] if r["precision"] == "fp32 eager"]
     if imp:
