@@ -14,39 +14,30 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from pqv_lightning.sweep import _atomic  # temp file + rename: never a half-written file
 from pqv_lightning.sweep_report import splice_between_markers
 
 PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:
     missing = [n for n in PUBLISHED if not (sweep / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{sweep}: no {', '.join(missing)} (run `pqv sweep --out {sweep}` to the end first)")
-    text = readme.read_text()
     figures = sorted(sweep.glob("fig*.png"))
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for src in [sweep / n for n in PUBLISHED] + figures:
-        target = dest / src.name
-        shutil.copyfile(src, target.with_name(f".{target.name}.tmp"))
-        os.replace(target.with_name(f".{target.name}.tmp"), target)
-        copied.append(target)
     rel = os.path.relpath(dest, readme.parent)
     pictures = "\n".join(f"![{f.stem}]({rel}/{f.name})" for f in figures)
     block = (f"{(sweep / 'summary.md').read_text().strip()}\n\n{pictures}\n\nEvery row, with p90, size, cosine and "
              f"GOP/s: [{rel}/results.md]({rel}/results.md) (CSV: [{rel}/sweep.csv]({rel}/sweep.csv)).")
-    _write_atomic(readme, splice_between_markers(text, block))
+    spliced = splice_between_markers(readme.read_text(), block)  # bad markers fail before anything is copied
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in [sweep / n for n in PUBLISHED] + figures:
+        _atomic(dest / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        copied.append(dest / src.name)
+    _atomic(readme, lambda tmp: Path(tmp).write_text(spliced))
     return copied
 
 
