@@ -261,10 +261,64 @@ def test_load_pruned_checkpoint_rejects_bad_input(tmp_path):
         load_pruned_checkpoint(torch.nn.Linear, tmp_path / "missing.ckpt")
 
 
-def test_module_hooks_are_removed_after_fit(tmp_path, lit_model):
+def test_module_hooks_after_fit_leave_a_picklable_structure_writer(tmp_path, lit_model):
+    import copy
+    import pickle
+
     trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1, accumulate_batches=1)], max_epochs=1)
     trainer.fit(lit_model, random_loader(32, 16))
-    assert "on_save_checkpoint" not in lit_model.__dict__ and "on_load_checkpoint" not in lit_model.__dict__
+    assert "on_load_checkpoint" not in lit_model.__dict__  # the load-side shadow belongs to one stage
+    clone = pickle.loads(pickle.dumps(lit_model))  # ddp_spawn / torch.save(module) still work
+    assert clone.on_save_checkpoint.module is clone and copy.deepcopy(lit_model).on_save_checkpoint.module is not lit_model
+    checkpoint = {}
+    lit_model.on_save_checkpoint(checkpoint)
+    assert checkpoint[CHECKPOINT_KEY]["current_step"] == 1
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_checkpoint_saved_after_fit_reloads_pruned(tmp_path, lit_model, weights_only):
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2)
+    trainer.fit(lit_model, random_loader(64, 16))
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path, weights_only=weights_only)  # the usual way to keep the final model
+    assert torch.load(path, weights_only=True)[CHECKPOINT_KEY]["current_step"] == 2
+    loaded = load_pruned_checkpoint(ImageClassifier, path, map_location="cpu")
+    lit_model.eval(), loaded.eval()
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.equal(lit_model(x), loaded(x))
+
+
+def test_model_checkpoint_last_and_best_files_carry_the_structure(tmp_path, lit_model):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/loss", save_top_k=1,
+                           filename="best")
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(lit_model, random_loader(64, 16), random_loader(32, 16))
+    for name in ("last.ckpt", "best.ckpt"):
+        saved = torch.load(tmp_path / "ckpt" / name, weights_only=True)
+        assert saved[CHECKPOINT_KEY]["current_step"] >= 1, name
+        loaded = load_pruned_checkpoint(ImageClassifier, tmp_path / "ckpt" / name, map_location="cpu")
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, saved["state_dict"][key]), (name, key)
+
+
+def test_pruned_weights_without_structure_give_one_clear_error(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=1, accumulate_batches=1)
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=1)
+    trainer.fit(lit_model, random_loader(32, 16))
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint[CHECKPOINT_KEY]  # as an older release or a hand-made save would write it
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"other shapes than ImageClassifier in \d+ tensors .*no 'pqv_structured_pruning'"):
+        load_pruned_checkpoint(ImageClassifier, path)
+    # the same inside a Trainer stage: a fresh, unpruned module validated on that file
+    fresh = ImageClassifier("vit_test_tiny", lr=1e-3)
+    tester = make_trainer(tmp_path / "v", [StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=1)])
+    with pytest.raises(ValueError, match="no 'pqv_structured_pruning' entry"):
+        tester.validate(fresh, random_loader(32, 16), ckpt_path=str(path))
 
 
 def test_module_without_a_vit_is_refused_before_training(tmp_path):

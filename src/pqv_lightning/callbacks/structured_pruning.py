@@ -15,14 +15,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..adapters import example_inputs_for, locate_model
+from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
-#: Top-level checkpoint key holding the pruned structure (written for weights-only checkpoints too).
-CHECKPOINT_KEY = "pqv_structured_pruning"
-
 _SHADOWED = ("on_save_checkpoint", "on_load_checkpoint")
+
+
+class _WriteStructure:
+    """The ``on_save_checkpoint`` left on a pruned LightningModule once the Trainer is done with it.
+
+    Lightning skips callbacks' ``on_save_checkpoint`` for weights-only saves, but always calls the
+    module's, so a pruned module keeps writing its (now frozen) structure into every checkpoint.
+    Unlike a closure over the callback it pickles and deep-copies with the module (``ddp_spawn``,
+    ``torch.save(module)``, ``copy.deepcopy``): it holds only the module and plain data.
+    """
+
+    def __init__(self, module: pl.LightningModule, structure: dict[str, Any]) -> None:
+        self.module, self.structure = module, structure
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        type(self.module).on_save_checkpoint(self.module, checkpoint)
+        checkpoint[CHECKPOINT_KEY] = self.structure
 
 
 class StructuredPruning(Callback):
@@ -194,6 +209,9 @@ class StructuredPruning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for name in _SHADOWED:
             pl_module.__dict__.pop(name, None)
+        if self.pruner is not None and self.pruner.completed_events:
+            # the module is pruned for good: keep its structure in every later checkpoint of it
+            pl_module.on_save_checkpoint = _WriteStructure(pl_module, self._structure())  # type: ignore[method-assign]
         if stage == "fit" and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()
 
@@ -266,19 +284,33 @@ class StructuredPruning(Callback):
             self.pruner.stats.attach()  # parameters may have been replaced by a checkpoint replay
 
     # ------------------------------------------------------------------ checkpoint structure
+    def _structure(self) -> dict[str, Any]:
+        assert self.pruner is not None
+        return {"model_attr": self._located_attr, **self.pruner.state_dict()}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every full save while this callback is in the Trainer: during fit, and after it
+        # (``trainer.save_checkpoint("final.ckpt")``), when ``teardown`` has removed the module hooks.
+        if self.pruner is not None:
+            checkpoint[CHECKPOINT_KEY] = self._structure()
+
     def _install_module_hooks(self, pl_module: pl.LightningModule) -> None:
+        # Instance attributes shadow the module's own hooks for the length of one stage. The load side
+        # must be the *module's* hook: Lightning calls it before the weights load, callbacks' hooks run
+        # after, too late to reshape. The save side covers weights-only saves, which skip callbacks.
         for name in _SHADOWED:
             pl_module.__dict__.pop(name, None)
         original_save, original_load = pl_module.on_save_checkpoint, pl_module.on_load_checkpoint
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             original_save(checkpoint)
-            assert self.pruner is not None
-            checkpoint[CHECKPOINT_KEY] = {"model_attr": self._located_attr, **self.pruner.state_dict()}
+            checkpoint[CHECKPOINT_KEY] = self._structure()
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get(CHECKPOINT_KEY)
-            if state is not None:
+            if state is None:
+                check_checkpoint_shapes(pl_module, checkpoint)
+            else:
                 assert self.pruner is not None
                 if state.get("model_attr") != self._located_attr:
                     raise ValueError(
