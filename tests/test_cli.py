@@ -59,6 +59,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
     _one_line_error(capsys, argv, *fragments)
 
 
+def test_an_unexpected_error_keeps_its_traceback_and_is_not_bad_input(monkeypatch, capsys):
+    import pqv_lightning.demo as demo
+
+    def deep_bug(args):
+        raise ValueError("internal: shapes 3 and 4 disagree")  # e.g. a bug deep in training or export
+
+    monkeypatch.setattr(demo, "run_demo", deep_bug)
+    with pytest.raises(ValueError, match="internal: shapes"):  # propagates: Python prints it and exits 1
+        main(["demo"])
+    assert "pqv: error" not in capsys.readouterr().err
+    env = {**__import__("os").environ, "PQV_FMNIST_CHECKPOINT": "/no/such/vit.pt"}
+    proc = subprocess.run([sys.executable, "-m", "pqv_lightning", "demo"], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip() == "pqv: error: $PQV_FMNIST_CHECKPOINT=/no/such/vit.pt: no such file"
+
+
 def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
     (tmp_path / "model.tflite").write_bytes(b"x")
     _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")
@@ -119,7 +135,7 @@ def test_shipped_configs_parse(tmp_path, name):
     if name == "imagefolder_deit.yaml":
         args += [f"--data.init_args.root={tmp_path}", "--model.model_name=vit_test_tiny", "--model.pretrained=false"]
     else:
-        args += ["--model.checkpoint=null", "--model.model_name=vit_test_tiny"]
+        args += ["--model.pretrained=false", "--model.model_name=vit_test_tiny"]
     cli = run_cli(args, run=False)
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"StructuredPruning", "MobileExport"} <= names

@@ -72,9 +72,33 @@ def test_checkpoint_format_round_trip(tmp_path):
         load_vit_checkpoint(tmp_path / "missing.pt")
 
 
-@pytest.mark.skipif(default_checkpoint() is None, reason="shared/models/vit_tiny_fmnist.pt is not beside the repo")
+def test_bundled_checkpoint_is_the_documented_file_and_ships_as_package_data(monkeypatch):
+    import hashlib
+    import tomllib
+
+    from pqv_lightning.models import BUNDLED_CHECKPOINTS, bundled_checkpoint, create_vit
+
+    path = bundled_checkpoint("vit_tiny_fmnist")
+    digest = BUNDLED_CHECKPOINTS["vit_tiny_fmnist"][1]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert digest in (path.parent / "README.md").read_text()  # documented with its recipe
+    package_data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "assets/*.pt" in package_data["tool"]["setuptools"]["package-data"]["pqv_lightning"]
+    monkeypatch.delenv("PQV_FMNIST_CHECKPOINT", raising=False)
+    assert default_checkpoint() == path
+    monkeypatch.setenv("PQV_FMNIST_CHECKPOINT", "/elsewhere/vit.pt")
+    assert str(default_checkpoint()) == "/elsewhere/vit.pt"  # the environment variable still wins
+    model = create_vit("vit_tiny_fmnist", pretrained=True)
+    assert sum(p.numel() for p in model.parameters()) == 5_356_618 and model.training
+    with pytest.raises(ValueError, match=r"fixed architecture .*'embed_dim': 64"):
+        create_vit("vit_tiny_fmnist", pretrained=True, embed_dim=64)
+    with pytest.raises(ValueError, match="no pretrained weights; bundled: \\['vit_tiny_fmnist'\\]"):
+        create_vit("vit_test_tiny", pretrained=True)
+    assert ImageClassifier("vit_tiny_fmnist", pretrained=True).model.embed_dim == 192
+
+
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
-def test_shared_checkpoint_loads_with_its_published_accuracy():
+def test_bundled_checkpoint_loads_with_its_published_accuracy():
     model, meta = load_vit_checkpoint(default_checkpoint())
     assert sum(p.numel() for p in model.parameters()) == 5_356_618
     dm = FashionMNISTDataModule(test_subset=2000)
@@ -91,7 +115,6 @@ def test_project_can_make_its_own_checkpoint(tmp_path):
     assert lit.model.embed_dim == 32
 
 
-@pytest.mark.skipif(default_checkpoint() is None, reason="shared/models/vit_tiny_fmnist.pt is not beside the repo")
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
     import importlib.util

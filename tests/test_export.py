@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 import pqv_lightning.export.core as export_mod
-from pqv_lightning.export import ENGINES, PRECISIONS, MobileExportConfig, export_mobile, host_default_engine
+from pqv_lightning.export import (
+    ENGINES,
+    PRECISIONS,
+    ExportFailedError,
+    MobileExportConfig,
+    export_mobile,
+    host_default_engine,
+)
 
 from conftest import tiny_vit
 
@@ -75,9 +82,28 @@ def test_threshold_marks_failure_or_raises(tmp_path, monkeypatch):
         manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
     assert manifest["artifacts"][0]["status"] == "failed"
     assert "top-1 agreement 0.5000 < min_top1_agreement 0.9" in manifest["artifacts"][0]["reason"]
-    with pytest.raises(RuntimeError, match="model_fp32.ptl: top-1 agreement"), pytest.warns(UserWarning):
+    with pytest.raises(ExportFailedError, match="model_fp32.ptl: verification failed: top-1 agreement"), \
+            pytest.warns(UserWarning):
         export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
                       _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")))
+
+
+def test_on_failure_raise_stops_at_an_artifact_whose_export_throws(tmp_path, monkeypatch):
+    from pqv_lightning.export.targets import TARGETS
+
+    target = TARGETS["ptl"]
+
+    def broken(*args, **kwargs):
+        raise KeyError("unsupported op aten::foo")
+
+    monkeypatch.setattr(target, "write", broken)
+    with pytest.warns(UserWarning, match="skipped: export failed"):  # warn: marked skipped, the run goes on
+        manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
+    assert manifest["artifacts"][0]["status"] == "skipped"
+    with pytest.raises(ExportFailedError, match=r"model_fp32.ptl: export failed: KeyError: .*aten::foo") as info:
+        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
+                      _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")))
+    assert isinstance(info.value.__cause__, KeyError)
 
 
 def test_interrupt_mid_export_leaves_no_partial_artifact_or_entry(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_shipped_example_config_parses_and_builds(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     cli = example.main(args=["--config", str(root / "examples" / "configs" / "fmnist_prune.yaml"),
-                             "--model.checkpoint=null", "--model.model_name=vit_test_tiny",
+                             "--model.pretrained=false", "--model.model_name=vit_test_tiny",
                              f"--trainer.default_root_dir={tmp_path}"], run=False)
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, StructuredPruning)]
     assert (pruning.config.importance, pruning.config.pruning_ratio, pruning.frequency) == ("taylor", 0.5, 60)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from .errors import ConfigError
 
 __all__ = [
     "AttentionInfo",
@@ -159,7 +160,7 @@ if _TimmViT is not None:
             in_chans = pe.proj.in_channels
             img_size = getattr(pe, "img_size", None)
             if img_size is None:
-                raise ValueError(
+                raise ConfigError(
                     "cannot infer the input size of this VisionTransformer (patch_embed.img_size is None); "
                     "pass example_input_shape=[C, H, W]"
                 )
@@ -191,13 +192,13 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
         module: nn.Module = root
         for part in attr.split("."):
             if not hasattr(module, part):
-                raise ValueError(f"model_attr={attr!r}: {type(module).__name__} has no attribute {part!r}")
+                raise ConfigError(f"model_attr={attr!r}: {type(module).__name__} has no attribute {part!r}")
             module = getattr(module, part)
         if not isinstance(module, nn.Module):
-            raise ValueError(f"model_attr={attr!r} is a {type(module).__name__}, not an nn.Module")
+            raise ConfigError(f"model_attr={attr!r} is a {type(module).__name__}, not an nn.Module")
         adapter = find_adapter(module)
         if adapter is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model_attr={attr!r} is a {type(module).__name__}; supported model classes: "
                 f"{[t.__name__ for t in registered_model_types()]} (register others with register_adapter)"
             )
@@ -213,12 +214,12 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
             continue
         found.append((name, module))
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"no prunable model found in {type(root).__name__}: none of its submodules is one of "
             f"{[t.__name__ for t in registered_model_types()]}; pass model_attr= or register an adapter"
         )
     if len(found) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"several prunable models found in {type(root).__name__}: {[n for n, _ in found]}; "
             "choose one with model_attr="
         )
@@ -230,7 +231,7 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
     """The batch-1 input shape of a supported model (e.g. ``(1, 3, 224, 224)`` for DeiT-S)."""
     adapter = find_adapter(model)
     if adapter is None:
-        raise ValueError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly")
+        raise ConfigError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly")
     return tuple(adapter.example_input_shape(model))
 
 

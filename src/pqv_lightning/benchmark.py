@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from .errors import ConfigError, InputNotFoundError
 
 __all__ = ["Candidate", "load_runner", "round_robin", "summarize", "time_calls"]
 
@@ -42,9 +43,9 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if Path(self.path).suffix not in SUFFIXES:
-            raise ValueError(f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(SUFFIXES)}")
+            raise ConfigError(f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(SUFFIXES)}")
         if not Path(self.path).is_file():
-            raise FileNotFoundError(f"{self.path!r}: no such file")
+            raise InputNotFoundError(f"{self.path!r}: no such file")
 
 
 def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | None = None, *,
@@ -69,7 +70,7 @@ def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | Non
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
     if suffix not in by_suffix:
-        raise ValueError(f"{path!r}: unsupported file type {suffix!r}; allowed: {list(SUFFIXES)}")
+        raise ConfigError(f"{path!r}: unsupported file type {suffix!r}; allowed: {list(SUFFIXES)}")
     target = by_suffix[suffix]
     reason = target.missing()
     if reason:
@@ -115,12 +116,12 @@ def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, thread
     ``speedup_vs_baseline`` when ``baseline`` (a label) is given."""
     labels = [c.label for c in candidates]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"candidate labels must be unique: {labels}")
+        raise ConfigError(f"candidate labels must be unique: {labels}")
     if baseline is not None and baseline not in labels:
-        raise ValueError(f"baseline={baseline!r} is not one of the candidates {labels}")
+        raise ConfigError(f"baseline={baseline!r} is not one of the candidates {labels}")
     for name, value in (("threads", threads), ("rounds", rounds), ("calls", calls)):
         if value < 1:
-            raise ValueError(f"{name}={value!r} must be >= 1")
+            raise ConfigError(f"{name}={value!r} must be >= 1")
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
     memory: dict[str, dict[str, float]] = {c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates}
     for r in range(rounds):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 from torch import nn
 
+from .errors import ConfigError, InputNotFoundError
 from .adapters import locate_model
 from .pruning import restore_structure
 
@@ -64,7 +65,7 @@ def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any], limit
     if diff:
         shown = "; ".join(f"{k}: checkpoint {list(a)} vs module {list(b)}" for k, a, b in diff[:limit])
         more = f" (and {len(diff) - limit} more)" if len(diff) > limit else ""
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint's weights have other shapes than {type(module).__name__} in {len(diff)} tensors "
             f"({shown}{more}), and the checkpoint has no {CHECKPOINT_KEY!r} entry that would rebuild a pruned "
             "structure: it was saved from a pruned model without StructuredPruning in the Trainer (or by an older "
@@ -106,6 +107,6 @@ def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, *
     if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
         raise TypeError(f"module_class must be a LightningModule subclass, got {module_class!r}")
     if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(f"checkpoint_path={str(checkpoint_path)!r} does not exist")
+        raise InputNotFoundError(f"checkpoint_path={str(checkpoint_path)!r} does not exist")
     with _pre_load_hook(module_class):
         return module_class.load_from_checkpoint(checkpoint_path, **kwargs)

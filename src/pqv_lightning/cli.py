@@ -5,8 +5,10 @@
     pqv bench out/*.pte out/*.onnx deit_small_patch16_224   # latency + memory, round-robin
     pqv sweep [--quick]              # the paper's experiments: resumable, CSV + plots + results.md
 
-Bad input (an unknown model, a missing file or data folder, a malformed option) ends with one
-line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback.
+Bad input (an unknown model, a missing file or data folder, a malformed option or config value)
+ends with one line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback. Those are the
+errors the CLI and the library validate (:class:`pqv_lightning.errors.ConfigError`). Anything else is
+a failure of the run or a bug: it keeps its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+from .errors import ConfigError
+
+
+class CLIError(ConfigError):
+    """A user error found by the CLI itself: printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -84,7 +89,7 @@ def _resolve_candidates(args, workdir: Path):
         else:
             try:
                 model = create_vit(item).eval()
-            except (ValueError, RuntimeError) as exc:
+            except ConfigError as exc:
                 raise CLIError(f"{item}: not a file, and {exc}") from exc
             saved = workdir / f"{item}.pt"
             torch.save(model, saved)
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return cmd_sweep(args)
         return cmd_bench(args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
+    except ConfigError as exc:  # validated user input only; a bug elsewhere keeps its traceback
         print(f"pqv: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

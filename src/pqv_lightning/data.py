@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from .errors import ConfigError, InputNotFoundError
 
 __all__ = [
     "DEFAULT_FMNIST_DIR",
@@ -106,7 +107,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         super().__init__()
         self.data_dir = Path(data_dir or os.environ.get("PQV_FMNIST_DIR", DEFAULT_FMNIST_DIR))
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_size, self.train_subset, self.test_subset = val_size, train_subset, test_subset
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
@@ -116,7 +117,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         """Raise ``FileNotFoundError`` naming the folder and the missing files (reads nothing)."""
         missing = [f for split in splits for f in _FILES[split] if not (self.data_dir / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"Fashion-MNIST files {missing} not found in data_dir={str(self.data_dir)!r}; install the Debian "
                 "package 'dataset-fashion-mnist' or pass data_dir= / set PQV_FMNIST_DIR"
             )
@@ -175,7 +176,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
         path = self.root / split
         if not path.is_dir():
-            raise FileNotFoundError(f"ImageFolder split {str(path)!r} does not exist (expected {self.root}/{{train,val}}/<class>/)")
+            raise InputNotFoundError(f"ImageFolder split {str(path)!r} does not exist (expected {self.root}/{{train,val}}/<class>/)")
         aug = [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()] if train else [
             T.Resize(int(self.image_size * 256 / 224)), T.CenterCrop(self.image_size)]
         return datasets.ImageFolder(str(path), T.Compose([*aug, T.ToTensor(), T.Normalize(self.mean, self.std)]))

@@ -4,11 +4,12 @@ CPU, export the result with MobileExport, print the trade-off table and write pl
     pqv demo                                             # ~6 minutes on a 2-core CPU
     pqv demo --ratio 0.5 --train-subset 55000 --epochs 2 # a fuller run
 
-The checkpoint defaults to ``../shared/models/vit_tiny_fmnist.pt`` (or ``$PQV_FMNIST_CHECKPOINT``).
-Without one the demo first trains a small ViT for a couple of minutes (``runs/vit_fmnist_quick.pt``);
-``python examples/train_fmnist_vit.py`` makes a full-size one. ``--data-dir`` takes the Fashion-MNIST
-IDX folder, or an ImageFolder root (``root/{train,val}/<class>/``) with ``--checkpoint`` naming a
-model for it.
+The checkpoint is ``--checkpoint``, else ``$PQV_FMNIST_CHECKPOINT``, else the pretrained ViT bundled
+with the package (``pqv_lightning/assets/vit_tiny_fmnist.pt``). Only if that file was removed from an
+installation does the demo first train a small ViT for a couple of minutes
+(``runs/vit_fmnist_quick.pt``); ``python examples/train_fmnist_vit.py`` makes a full-size one.
+``--data-dir`` takes the Fashion-MNIST IDX folder (the demo is a Fashion-MNIST demo; use ``pqv fit``
+with ``ImageFolderDataModule`` for your own images).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import importlib.util
 import json
 from pathlib import Path
+from .errors import ConfigError, InputNotFoundError
 
 QUICK_CHECKPOINT = Path("runs") / "vit_fmnist_quick.pt"
 
@@ -34,8 +36,11 @@ def _default_formats() -> list[str]:
 
 def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.description = __doc__.split("\n\n")[0]
-    ap.add_argument("--checkpoint", default=None, help="vit_tiny_fmnist.pt-format checkpoint")
-    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the Debian package path)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)")
+    ap.add_argument("--data-dir", default=None,
+                    help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
+                         "the Debian package's /usr/share/datasets/fashion-mnist)")
     ap.add_argument("--importance", default="taylor", choices=["taylor", "hessian", "l1", "l2", "random"])
     ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
     ap.add_argument("--events", type=int, default=4, help="number of pruning events")
@@ -57,14 +62,14 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     if not 0.0 <= args.ratio < 1.0:
-        raise ValueError(f"--ratio {args.ratio}: must be in [0, 1)")
+        raise ConfigError(f"--ratio {args.ratio}: must be in [0, 1)")
     for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        raise InputNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     if args.data_dir and not Path(args.data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {args.data_dir}: no such folder")
+        raise InputNotFoundError(f"--data-dir {args.data_dir}: no such folder")
 
 
 def run_demo(args) -> int:
@@ -78,6 +83,8 @@ def run_demo(args) -> int:
     FashionMNISTDataModule(data_dir=args.data_dir).check_files()  # a missing dataset fails now, in one line
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or default_checkpoint()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise InputNotFoundError(f"$PQV_FMNIST_CHECKPOINT={ckpt}: no such file")
     if ckpt is None:
         if not QUICK_CHECKPOINT.is_file():
             print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)

@@ -29,6 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tpf
+from .errors import ConfigError
 
 __all__ = [
     "IMPORTANCE_NAMES",
@@ -309,7 +310,7 @@ def make_importance(name: str, stats: GradientStatistics | None = None, seed: in
         if stats is None or stats.criterion != name:
             raise ValueError(f"importance={name!r} needs GradientStatistics(model, {name!r})")
         return StatisticsImportance(stats)
-    raise ValueError(f"importance={name!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+    raise ConfigError(f"importance={name!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
 
 
 def check_trainable(weights: Iterable[tuple[str, nn.Parameter]], criterion: str) -> None:

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from .errors import ConfigError, InputNotFoundError
 
 __all__ = [
+    "BUNDLED_CHECKPOINTS",
     "LOCAL_MODELS",
     "ImageClassifier",
+    "bundled_checkpoint",
     "create_vit",
     "load_vit_checkpoint",
     "save_vit_checkpoint",
@@ -34,17 +37,48 @@ LOCAL_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Weights shipped inside the package (``pqv_lightning/assets/``): local model name -> (file, sha256).
+#: ``assets/README.md`` documents each file's recipe.
+BUNDLED_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "vit_tiny_fmnist": ("vit_tiny_fmnist.pt", "ace3f5e02bc9ebf1515440b794defead989effb1a4e1b45b31f2c39b448a5ede"),
+}
+
+
+def bundled_checkpoint(model_name: str = "vit_tiny_fmnist") -> Path:
+    """Path of the checkpoint shipped with the package for ``model_name`` (see :data:`BUNDLED_CHECKPOINTS`).
+
+    Raises:
+        ValueError: no weights are bundled for ``model_name``.
+        FileNotFoundError: the file is missing from this installation.
+    """
+    if model_name not in BUNDLED_CHECKPOINTS:
+        raise ConfigError(f"no bundled weights for model_name={model_name!r}; bundled: {sorted(BUNDLED_CHECKPOINTS)}")
+    path = Path(__file__).resolve().parent / "assets" / BUNDLED_CHECKPOINTS[model_name][0]
+    if not path.is_file():
+        raise InputNotFoundError(f"the bundled checkpoint {str(path)!r} is missing from this installation of "
+                                "pqv-lightning; reinstall it, or pass a checkpoint path")
+    return path
+
+
 def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """A local architecture from :data:`LOCAL_MODELS` or any timm model by name.
 
-    ``pretrained=True`` downloads timm weights from the hub (needs network access).
+    ``pretrained=True`` loads the weights bundled with the package for a local model
+    (:data:`BUNDLED_CHECKPOINTS`), and downloads timm weights from the hub for a timm model (needs
+    network access).
     """
     if model_name in LOCAL_MODELS:
         if pretrained:
-            raise ValueError(f"{model_name!r} has no hub weights; load a checkpoint with load_vit_checkpoint")
+            if model_name not in BUNDLED_CHECKPOINTS:
+                raise ConfigError(f"{model_name!r} has no pretrained weights; bundled: {sorted(BUNDLED_CHECKPOINTS)}")
+            other = {k: v for k, v in kwargs.items() if LOCAL_MODELS[model_name].get(k, object()) != v}
+            if other:
+                raise ConfigError(f"pretrained {model_name!r} has a fixed architecture "
+                                 f"({LOCAL_MODELS[model_name]}); got {other}")
+            return load_vit_checkpoint(bundled_checkpoint(model_name))[0].train()
         return VisionTransformer(**{**LOCAL_MODELS[model_name], **kwargs})
     if not timm.is_model(model_name):
-        raise ValueError(
+        raise ConfigError(
             f"unknown model_name={model_name!r}: not a timm model nor one of {sorted(LOCAL_MODELS)} "
             "(timm.list_models('deit*') lists DeiT variants)"
         )
@@ -61,7 +95,7 @@ def _vit_kwargs(blob: dict[str, Any]) -> dict[str, Any]:
             num_heads=int(cfg["heads"]),
         )
     except KeyError as exc:
-        raise ValueError(f"checkpoint config {cfg} lacks {exc}; expected dim, depth and heads") from exc
+        raise ConfigError(f"checkpoint config {cfg} lacks {exc}; expected dim, depth and heads") from exc
 
 
 def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -69,10 +103,10 @@ def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, 
     normalize, pad}``. Returns the float32 model (eval mode) and the metadata without weights."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ViT checkpoint {str(path)!r} does not exist")
+        raise InputNotFoundError(f"ViT checkpoint {str(path)!r} does not exist")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path} is not a ViT checkpoint (expected keys 'config' and 'state_dict')")
+        raise ConfigError(f"{path} is not a ViT checkpoint (expected keys 'config' and 'state_dict')")
     model = VisionTransformer(**_vit_kwargs(blob))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
@@ -108,7 +142,8 @@ class ImageClassifier(pl.LightningModule):
         model_name: a timm model name or one of :data:`LOCAL_MODELS`.
         num_classes: output classes (passed to the builder).
         checkpoint: optional ``vit_tiny_fmnist.pt``-format file to start from.
-        pretrained: load timm hub weights (needs network access).
+        pretrained: timm models: load hub weights (needs network access); ``vit_tiny_fmnist``: the
+            weights bundled with the package.
         lr, weight_decay, label_smoothing, warmup_steps: optimisation settings.
         model_kwargs: extra builder arguments (e.g. ``img_size``, ``drop_path_rate``).
     """

@@ -37,6 +37,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ConfigError
 from .adapters import ModelAdapter, example_inputs_for, find_adapter
 from .importance import (
     GRADIENT_CRITERIA,
@@ -115,18 +116,18 @@ class PruningConfig:
 
     def validate(self) -> None:
         if self.ratio_schedule not in RATIO_SCHEDULES:
-            raise ValueError(
+            raise ConfigError(
                 f"ratio_schedule={self.ratio_schedule!r} is not supported; allowed: {sorted(RATIO_SCHEDULES)}"
             )
         if self.importance not in IMPORTANCE_NAMES:
-            raise ValueError(f"importance={self.importance!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+            raise ConfigError(f"importance={self.importance!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
         _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
         if not isinstance(self.iterative_steps, int) or isinstance(self.iterative_steps, bool) or self.iterative_steps < 1:
-            raise ValueError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
+            raise ConfigError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"round_to={self.round_to!r} must be None or an integer >= 1")
+            raise ConfigError(f"round_to={self.round_to!r} must be None or an integer >= 1")
 
     @property
     def effective_head_ratio(self) -> float:
@@ -137,7 +138,7 @@ class PruningConfig:
 
 def _check_ratio(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a number in [0, 1)")
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: a number in [0, 1)")
 
 
 @dataclass
@@ -227,7 +228,7 @@ class StructuredPruner:
         self.model = model
         self.adapter = adapter or find_adapter(model)
         if self.adapter is None:
-            raise ValueError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
+            raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
         if example_inputs is None:
             example_inputs = example_inputs_for(model, self.adapter)
         self.input_shape = list(example_inputs.shape)
@@ -293,13 +294,13 @@ class StructuredPruner:
         if patterns is None:
             return list(self.adapter.classifier_names(self.model))
         if isinstance(patterns, str):
-            raise ValueError(f"ignored_layers={patterns!r} must be a list of module names or glob patterns")
+            raise ConfigError(f"ignored_layers={patterns!r} must be a list of module names or glob patterns")
         names = [n for n, _ in self.model.named_modules() if n]
         chosen: list[str] = []
         for pat in patterns:
             hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
             if not hits:
-                raise ValueError(
+                raise ConfigError(
                     f"ignored_layers entry {pat!r} matches no module of {type(self.model).__name__}; "
                     f"module names look like {names[:4]}..."
                 )
@@ -476,7 +477,7 @@ def restore_structure(model: nn.Module, state: dict[str, Any], adapter: ModelAda
     _check_state(state)
     adapter = adapter or find_adapter(model)
     if adapter is None:
-        raise ValueError(f"no adapter for {type(model).__name__}")
+        raise ConfigError(f"no adapter for {type(model).__name__}")
     was_training = model.training
     example = example_inputs_for(model, adapter, tuple(state["input_shape"]))
     with torch.enable_grad():

@@ -12,25 +12,25 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from .errors import ConfigError
 from .callbacks import StructuredPruning
 from .data import FashionMNISTDataModule
-from .models import ImageClassifier
+from .models import ImageClassifier, bundled_checkpoint
 from .pruning import count_macs, count_params
 
 __all__ = ["FinetuneResult", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
 
 def default_checkpoint() -> Path | None:
-    """``shared/models/vit_tiny_fmnist.pt`` beside the repository (or ``$PQV_FMNIST_CHECKPOINT``)."""
+    """The pretrained Fashion-MNIST ViT: ``$PQV_FMNIST_CHECKPOINT`` if set, else the checkpoint
+    bundled with the package (``pqv_lightning/assets/vit_tiny_fmnist.pt``); None when neither exists."""
     env = os.environ.get("PQV_FMNIST_CHECKPOINT")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent.parent / "shared" / "models" / "vit_tiny_fmnist.pt"
-        if candidate.is_file():
-            return candidate
-    return None
+    try:
+        return bundled_checkpoint("vit_tiny_fmnist")
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
@@ -82,7 +82,7 @@ def finetune_with_pruning(
     ``prune_span`` of the optimizer steps (``iterative_steps=1``: one-shot after one statistics
     window, then fine-tuning for the rest of the same budget). Returns test accuracy, params and MACs."""
     if not 0 < prune_span <= 1:
-        raise ValueError(f"prune_span={prune_span} must be in (0, 1]")
+        raise ConfigError(f"prune_span={prune_span} must be in (0, 1]")
     pl.seed_everything(seed, verbose=False)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset,
                                 test_subset=test_subset, seed=seed)

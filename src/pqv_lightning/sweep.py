@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from .errors import ConfigError, InputNotFoundError
 
 __all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
 
@@ -256,8 +257,8 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
                       lambda w: _latency_cell(config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"], engines, w)))
     needs_data = {"accuracy", "importance"} & set(config.experiments)
     if needs_data and checkpoint is None:
-        raise FileNotFoundError("the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
-                                "--checkpoint (or put vit_tiny_fmnist.pt in ../shared/models)")
+        raise InputNotFoundError("the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
+                                "--checkpoint (or set $PQV_FMNIST_CHECKPOINT; the bundled one is missing from this installation)")
     data = f"{config.train_subset}|{config.epochs}|{config.batch_size}|{config.test_subset}|{checkpoint}"
     if "accuracy" in config.experiments:
         for r in config.accuracy_ratios:
@@ -305,12 +306,12 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
 
     bad = [e for e in config.experiments if e not in EXPERIMENTS]
     if bad or not config.experiments:
-        raise ValueError(f"experiments={config.experiments!r}: unknown {bad}; allowed: {list(EXPERIMENTS)}")
+        raise ConfigError(f"experiments={config.experiments!r}: unknown {bad}; allowed: {list(EXPERIMENTS)}")
     if config.format not in ("pte", "onnx", "ptl"):
-        raise ValueError(f"format={config.format!r}; allowed: 'pte', 'onnx', 'ptl'")
+        raise ConfigError(f"format={config.format!r}; allowed: 'pte', 'onnx', 'ptl'")
     checkpoint = config.checkpoint or (str(default_checkpoint()) if default_checkpoint() else None)
     if checkpoint and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
+        raise InputNotFoundError(f"checkpoint {checkpoint}: no such file")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = CellStore(out / "cells.jsonl")

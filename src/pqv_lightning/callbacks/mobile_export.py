@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
 from ..export import MobileExportConfig, check_output_dir, export_mobile
 
@@ -92,11 +93,11 @@ class MobileExport(Callback):
         )
         self.config.validate()
         if calibration_loader not in ("val", "train"):
-            raise ValueError(f"calibration_loader={calibration_loader!r}; allowed: 'val', 'train'")
+            raise ConfigError(f"calibration_loader={calibration_loader!r}; allowed: 'val', 'train'")
         self.run_on = list(run_on or ["fit"])
         bad = [r for r in self.run_on if r not in ("fit", "test")]
         if bad or not self.run_on:
-            raise ValueError(f"run_on={run_on!r}; allowed: a non-empty subset of ['fit', 'test']")
+            raise ConfigError(f"run_on={run_on!r}; allowed: a non-empty subset of ['fit', 'test']")
         self.calibration_loader = calibration_loader
         self.model_attr = model_attr
         self.example_input_shape = example_input_shape

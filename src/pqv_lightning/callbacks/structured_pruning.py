@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
 from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner
@@ -138,14 +139,14 @@ class StructuredPruning(Callback):
         _check_int("start", start, 0)
         _check_int("frequency", frequency, 1)
         if interval not in ("epoch", "step"):
-            raise ValueError(f"interval={interval!r} is not supported; allowed: 'epoch', 'step'")
+            raise ConfigError(f"interval={interval!r} is not supported; allowed: 'epoch', 'step'")
         if interval == "step" and frequency < accumulate_batches:
-            raise ValueError(
+            raise ConfigError(
                 f"frequency={frequency} steps is shorter than accumulate_batches={accumulate_batches}: "
                 "statistics windows would overlap; allowed: frequency >= accumulate_batches"
             )
         if example_input_shape is not None and len(example_input_shape) not in (3, 4):
-            raise ValueError(f"example_input_shape={example_input_shape!r} must be [C, H, W]")
+            raise ConfigError(f"example_input_shape={example_input_shape!r} must be [C, H, W]")
         self.accumulate_batches = accumulate_batches
         self.interval = interval
         self.start = start
@@ -188,7 +189,7 @@ class StructuredPruning(Callback):
             self._check_schedule_against_trainer(trainer)
         attr, model, adapter = locate_model(pl_module, self.model_attr)
         if "_orig_mod" in attr.split("."):
-            raise ValueError(
+            raise ConfigError(
                 f"StructuredPruning found the network inside a torch.compile wrapper (pl_module.{attr}); every "
                 "event would force a recompile. Compile after pruning, or pass the uncompiled module"
             )
@@ -227,7 +228,7 @@ class StructuredPruning(Callback):
         )
         strategy = trainer.strategy
         if isinstance(strategy, refused) or strategy.restore_checkpoint_after_setup:
-            raise ValueError(
+            raise ConfigError(
                 f"StructuredPruning does not support strategy {type(strategy).__name__}: it shards or flattens "
                 "parameters, so they cannot be reshaped mid-fit. Supported: single device, 'ddp', 'ddp_spawn', "
                 "'ddp_find_unused_parameters_true'"
@@ -237,7 +238,7 @@ class StructuredPruning(Callback):
         averaging = tuple(getattr(cb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(cb, n))
         clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]
         if clash:
-            raise ValueError(
+            raise ConfigError(
                 f"StructuredPruning cannot run with {clash}: they keep a copy of the model whose shapes would go stale"
             )
 
@@ -246,7 +247,7 @@ class StructuredPruning(Callback):
         if self.interval == "epoch":
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and last_window >= max_epochs:
-                raise ValueError(
+                raise ConfigError(
                     f"the pruning schedule needs epoch {last_window} (start={self.start}, frequency={self.frequency}, "
                     f"iterative_steps={self.config.iterative_steps}) but max_epochs={max_epochs}; allowed: "
                     f"start + (iterative_steps - 1) * frequency < max_epochs"
@@ -254,7 +255,7 @@ class StructuredPruning(Callback):
         else:
             last_step = last_window + self.accumulate_batches
             if trainer.max_steps is not None and trainer.max_steps > 0 and last_step > trainer.max_steps:
-                raise ValueError(
+                raise ConfigError(
                     f"the pruning schedule needs optimizer step {last_step} (start={self.start}, frequency="
                     f"{self.frequency}, iterative_steps={self.config.iterative_steps}, accumulate_batches="
                     f"{self.accumulate_batches}) but max_steps={trainer.max_steps}"
@@ -265,7 +266,7 @@ class StructuredPruning(Callback):
         if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
             steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
             if self.interval == "epoch" and self.accumulate_batches > steps_per_epoch:
-                raise ValueError(
+                raise ConfigError(
                     f"accumulate_batches={self.accumulate_batches} exceeds the {steps_per_epoch} optimizer steps of "
                     f"one epoch; allowed: 1..{steps_per_epoch} with interval='epoch'"
                 )
@@ -275,7 +276,7 @@ class StructuredPruning(Callback):
                     budget = min(budget, trainer.max_steps)
                 last_step = self.start + (self.config.iterative_steps - 1) * self.frequency + self.accumulate_batches
                 if last_step > budget:
-                    raise ValueError(
+                    raise ConfigError(
                         f"the pruning schedule needs optimizer step {last_step} but this fit runs {budget} steps "
                         f"(max_epochs={trainer.max_epochs})"
                     )
@@ -313,14 +314,14 @@ class StructuredPruning(Callback):
             else:
                 assert self.pruner is not None
                 if state.get("model_attr") != self._located_attr:
-                    raise ValueError(
+                    raise ConfigError(
                         f"checkpoint was pruned at model_attr={state.get('model_attr')!r}, this run prunes "
                         f"{self._located_attr!r}"
                     )
                 current = self.pruner.state_dict()["history"]
                 if state["history"] != current:
                     if self.pruner.completed_events:
-                        raise ValueError(
+                        raise ConfigError(
                             f"this checkpoint holds the structure after {state['current_step']} pruning events, the "
                             f"model in memory has had {self.pruner.completed_events} other ones; load the checkpoint "
                             "into a fresh module (pqv_lightning.load_pruned_checkpoint)"
@@ -455,7 +456,7 @@ class StructuredPruning(Callback):
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def _digest(obj: Any) -> str:

@@ -1,6 +1,6 @@
 """Quantize and export models to ``.pte`` (ExecuTorch), ``.onnx`` and ``.ptl`` files; see :mod:`.core`."""
 
-from .core import ENGINES, FORMATS, PRECISIONS, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
+from .core import ENGINES, FORMATS, PRECISIONS, ExportFailedError, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
 from .delegation import make_delegation_friendly, register_delegation_swap
 from .targets import TARGETS, ExportTarget, register_target
 
@@ -9,6 +9,7 @@ __all__ = [
     "FORMATS",
     "PRECISIONS",
     "TARGETS",
+    "ExportFailedError",
     "ExportTarget",
     "MobileExportConfig",
     "check_output_dir",

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .._version import __version__
 from ..benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
@@ -51,8 +52,8 @@ from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401
 from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "FORMATS", "PRECISIONS", "MobileExportConfig", "check_output_dir", "export_mobile",
-           "host_default_engine"]
+__all__ = ["ENGINES", "FORMATS", "PRECISIONS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
+           "export_mobile", "host_default_engine"]
 
 FORMATS: tuple[str, ...] = tuple(TARGETS)
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
@@ -85,7 +86,10 @@ class MobileExportConfig:
         output_dir: folder for the artifacts and ``manifest.json``.
         overwrite: allow a non-empty ``output_dir`` (its previous artifacts are replaced).
         min_top1_agreement: an artifact whose top-1 agreement with fp32 eager is below this fails.
-        on_failure: ``"warn"`` (mark it failed in the manifest) or ``"raise"``.
+        on_failure: ``"warn"`` (an artifact that fails export, loading, verification or timing is
+            marked ``skipped``/``failed`` in the manifest with the stage and reason, and the rest go on)
+            or ``"raise"`` (the first artifact that is not ``ok`` raises :class:`ExportFailedError`
+            naming the file and the stage; the manifest keeps the artifacts finished before it).
         threads: torch threads for verification and latency.
         warmup, repeats: latency measurement (batch of ``example_input``).
         verify_batches, calibration_batches: how many batches of the loaders to use.
@@ -112,33 +116,33 @@ class MobileExportConfig:
     def validate(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
-            raise ValueError(f"precisions={self.precisions!r}: unknown {bad}; allowed: {list(PRECISIONS)}")
+            raise ConfigError(f"precisions={self.precisions!r}: unknown {bad}; allowed: {list(PRECISIONS)}")
         bad = [f for f in self.formats if f not in TARGETS]
         if bad or not self.formats:
-            raise ValueError(f"formats={self.formats!r}: unknown {bad}; allowed: {list(TARGETS)}")
+            raise ConfigError(f"formats={self.formats!r}: unknown {bad}; allowed: {list(TARGETS)}")
         for fmt in self.formats:
             reason = TARGETS[fmt].missing()
             if reason:
-                raise ValueError(reason)
+                raise ConfigError(reason)
         engines = self.engines or []
         bad = [e for e in engines if e not in ENGINES]
         if bad:
-            raise ValueError(f"engines={self.engines!r}: unknown {bad}; allowed: {list(ENGINES)}")
+            raise ConfigError(f"engines={self.engines!r}: unknown {bad}; allowed: {list(ENGINES)}")
         missing = [e for e in engines if e not in torch.backends.quantized.supported_engines]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"engines {missing} are not supported by this torch build; supported: "
                 f"{torch.backends.quantized.supported_engines}"
             )
         if self.on_failure not in ("warn", "raise"):
-            raise ValueError(f"on_failure={self.on_failure!r}; allowed: 'warn', 'raise'")
+            raise ConfigError(f"on_failure={self.on_failure!r}; allowed: 'warn', 'raise'")
         if not 0.0 <= self.min_top1_agreement <= 1.0:
-            raise ValueError(f"min_top1_agreement={self.min_top1_agreement!r} must be in [0, 1]")
+            raise ConfigError(f"min_top1_agreement={self.min_top1_agreement!r} must be in [0, 1]")
         for name in ("threads", "repeats", "verify_batches", "calibration_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.warmup < 0:
-            raise ValueError(f"warmup={self.warmup!r} must be >= 0")
+            raise ConfigError(f"warmup={self.warmup!r} must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -171,15 +175,15 @@ def check_output_dir(config: MobileExportConfig) -> None:
     """Refuse an output folder that is a file, not writable, or not empty without ``overwrite``.
     Touches nothing, so it can run before a long fit."""
     if not config.output_dir:
-        raise ValueError("output_dir is empty; give a folder for the artifacts")
+        raise ConfigError("output_dir is empty; give a folder for the artifacts")
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir={str(out)!r} exists and is not a directory")
+        raise ConfigError(f"output_dir={str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise ValueError(f"output_dir={str(out)!r} is not empty; pass overwrite=True to replace its artifacts")
+        raise ConfigError(f"output_dir={str(out)!r} is not empty; pass overwrite=True to replace its artifacts")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"output_dir={str(out)!r} is not writable")
+        raise ConfigError(f"output_dir={str(out)!r} is not writable")
 
 
 def _prepare_dir(config: MobileExportConfig) -> Path:
@@ -271,6 +275,10 @@ class _Engine:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+class ExportFailedError(RuntimeError):
+    """``on_failure="raise"``: an artifact was not ``ok``; the message names the file and the stage."""
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -313,7 +321,7 @@ def export_mobile(
     calibration = _batches(calibration_data if calibration_data is not None else validation_data,
                            config.calibration_batches)
     if "int8-static" in config.precisions and not calibration:
-        raise ValueError("precision 'int8-static' needs calibration_data (or validation_data) to calibrate on")
+        raise ConfigError("precision 'int8-static' needs calibration_data (or validation_data) to calibrate on")
     out = _prepare_dir(config)
     example = example_input.detach().float().cpu()
     verify = _batches(validation_data, config.verify_batches) or [(example, None)]
@@ -343,8 +351,8 @@ def export_mobile(
                                         verify, config, out, baseline)
                     manifest["artifacts"].append(entry)
                     _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
-                    if entry["status"] == "failed" and config.on_failure == "raise":
-                        raise RuntimeError(f"{entry['file']}: {entry['reason']}")
+                    if entry["status"] != "ok" and config.on_failure == "raise":
+                        raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
     finally:
         torch.set_num_threads(previous_threads)
     _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
@@ -385,13 +393,15 @@ def _export_one(target: ExportTarget, reference, precision, engine, default_engi
                 digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
+        if config.on_failure == "raise":
+            raise ExportFailedError(f"{name}: {entry['reason']}") from exc
         warnings.warn(f"MobileExport: {name} skipped: {entry['reason']}", stacklevel=3)
         return entry
     latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
     ok = checks["top1_agreement"] >= config.min_top1_agreement
     entry.update(
         status="ok" if ok else "failed",
-        reason=None if ok else (f"top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
+        reason=None if ok else (f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
                                 f"{config.min_top1_agreement}"),
         sha256=digest, size_bytes=size, optimizations_applied=built.applied,
         optimizations_skipped=built.skipped, **built.details, verification=checks, latency=latency, memory=memory,
