@@ -135,3 +135,25 @@ def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "plots" / "demo_results.json").read_text())
     assert [r["label"] for r in results["finetune"]] == ["pretrained", "pruned + fine-tuned"]
+
+
+def _augmented_batches(num_workers: int, epochs: int = 2) -> list[list[torch.Tensor]]:
+    """Every sample is the same image, so each output differs only by its augmentation."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pqv_lightning.data import _ShiftFlip
+
+    image = torch.arange(32 * 32, dtype=torch.float32).reshape(1, 32, 32)
+    dataset = _ShiftFlip(TensorDataset(image.expand(16, 1, 32, 32).clone(), torch.zeros(16, dtype=torch.long)))
+    loader = DataLoader(dataset, batch_size=4, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    return [[x for x, _ in loader] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmentations_differ_across_workers_and_epochs_and_are_reproducible(num_workers):
+    first, second = _augmented_batches(num_workers)
+    # worker 0 loads batches 0 and 2, worker 1 batches 1 and 3: their draws must not be the same
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[2], first[3])
+    assert not torch.equal(torch.stack(first), torch.stack(second))  # a new epoch, new augmentations
+    again = _augmented_batches(num_workers)[0]
+    assert torch.equal(torch.stack(first), torch.stack(again))  # a seeded loader replays exactly

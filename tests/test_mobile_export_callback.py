@@ -107,3 +107,34 @@ def test_pte_and_onnx_targets_after_fit_are_verified_and_logged(tmp_path, lit_mo
     with open(logger.experiment.metrics_file_path) as fh:
         row = next(r for r in csv.DictReader(fh) if r.get("export/model_fp32_pte/latency_median_ms"))
     assert float(row["export/model_int8-dynamic_onnx/size_mb"]) < float(row["export/model_fp32_onnx/size_mb"])
+
+
+def test_an_error_inside_the_users_val_dataloader_surfaces(tmp_path, lit_model):
+    import lightning.pytorch as pl
+
+    class DataModule(pl.LightningDataModule):
+        def train_dataloader(self):
+            return random_loader(32, 16)
+
+        def val_dataloader(self):
+            return self.val_set  # a user's bug: never assigned
+
+    export = _export(tmp_path, precisions=["fp32"], formats=["ptl"])
+    trainer = make_trainer(tmp_path, [export], max_epochs=1, limit_val_batches=0)
+    with pytest.raises(AttributeError, match="val_set"):
+        trainer.fit(lit_model, datamodule=DataModule())
+    assert export.manifest is None
+
+
+def test_a_datamodule_without_val_dataloader_falls_back_to_the_example_input(tmp_path, lit_model):
+    import lightning.pytorch as pl
+
+    class TrainOnly(pl.LightningDataModule):
+        def train_dataloader(self):
+            return random_loader(32, 16)
+
+    export = _export(tmp_path, precisions=["fp32"], formats=["ptl"], min_top1_agreement=0.0)
+    trainer = make_trainer(tmp_path, [export], max_epochs=1, limit_val_batches=0)
+    trainer.fit(lit_model, datamodule=TrainOnly())
+    (entry,) = export.manifest["artifacts"]
+    assert entry["status"] == "ok" and entry["verification"]["samples"] == 1

@@ -49,6 +49,12 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
         if r["format"] != "eager":
             assert r["peak_rss_mb"] > 0 and r["cosine"] > 0.9
     assert {r["engine"] for r in results["engines"]} >= {"x86", "onednn", None}
+    # every ratio is timed against the unpruned fp32 eager model in its own cell's round-robin
+    for r in lat + results["engines"]:
+        assert r["x_vs_unpruned_eager"] == pytest.approx(r["unpruned_eager_ms"] / r["median_ms"])
+        if r["ratio"] == 0 and r["format"] == "eager":
+            assert r["x_vs_unpruned_eager"] == 1.0
+    assert len({r["unpruned_eager_ms"] for r in lat if r["model"] == "vit_test_tiny"}) == 2  # one per cell
     acc = results["accuracy"]
     assert {r["precision"] for r in acc} == {"fp32 eager", "fp32", "fp16", "int8-dynamic"}
     assert all(0 <= r["test_acc"] <= 1 for r in acc)
@@ -70,10 +76,11 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     assert "The paper's headline configuration" in summary
     for model in ("vit_test_tiny", "vit_tiny_fmnist"):
         assert summary.count(f"| {model} | 0 % |") == 3 and summary.count(f"| {model} | 50 % |") == 3
-        base = next(r for r in lat if r["model"] == model and r["ratio"] == 0 and r["format"] == "eager")
         best = min((r for r in lat if r["model"] == model and r["ratio"] == 0.5 and r["precision"] == "int8-dynamic"),
                    key=lambda r: r["median_ms"])
-        assert f"**{base['median_ms'] / best['median_ms']:.2f}x**" in summary
+        # within the 50 % cell: its own unpruned fp32 eager timing, not the 0 % cell's
+        assert f"| {best['unpruned_eager_ms']:.1f} ms |" in summary
+        assert f"**{best['unpruned_eager_ms'] / best['median_ms']:.2f}x**" in summary
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- sweep:begin -->\nold numbers\n<!-- sweep:end -->\n\nafter\n")
     assert _publisher().main(["--sweep", str(out), "--readme", str(readme), "--dest", str(tmp_path / "pub")]) == 0
@@ -161,4 +168,33 @@ def test_a_failing_cell_worker_is_one_error_line_and_keeps_finished_cells(tmp_pa
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pqv: error: sweep cell 'accuracy|") and "failed in its worker process" in err[-1]
-    assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == ["gemm"]
+    assert [json.loads(line)["key"] for line in (out / "cells.jsonl").read_text().splitlines()] == ["gemm|threads=2"]
+
+
+def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint):
+    import dataclasses
+    import shutil
+
+    base = dataclasses.replace(sweep_mod.QUICK, out_dir=str(tmp_path))
+
+    def keys(**changes):
+        config = dataclasses.replace(base, **{k: v for k, v in changes.items() if k != "ckpt"})
+        return [(e, k) for e, k, _ in sweep_mod._cells(config, changes.get("ckpt", checkpoint))]
+
+    reference = keys()
+    computed = [k for _, k, compute in sweep_mod._cells(base, checkpoint) if compute is not None]
+    assert len(set(computed)) == len(computed)  # no two cells share a key by accident
+    for change, affected in [
+        (dict(threads=1), {"gemm", "latency", "engines", "accuracy", "importance"}),
+        (dict(rounds=5), {"latency", "engines"}), (dict(repeats=7), {"latency", "engines"}),
+        (dict(precisions=["fp32"]), {"latency", "accuracy", "importance"}),  # importance shares taylor's cell
+        (dict(verify_batches=3), {"accuracy", "importance"}), (dict(test_subset=128), {"accuracy", "importance"}),
+        (dict(engine_ratio=0.25), {"engines"}), (dict(format="ptl"), {"latency", "accuracy", "importance"}),
+    ]:
+        changed = {e for (e, k), (_, old) in zip(keys(**change), reference) if k != old}
+        assert changed == affected, change
+    # the checkpoint counts by content: a copy elsewhere is the same cell, another file is not
+    shutil.copy(checkpoint, tmp_path / "copy.pt")
+    assert keys(ckpt=str(tmp_path / "copy.pt")) == reference
+    other = save_vit_checkpoint(tiny_vit(seed=1, depth=1), tmp_path / "other.pt")
+    assert {e for (e, k), (_, old) in zip(keys(ckpt=str(other)), reference) if k != old} == {"accuracy", "importance"}

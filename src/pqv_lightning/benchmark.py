@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from .errors import ConfigError, InputNotFoundError
+from .settings import set_executorch_threads
 
 __all__ = ["Candidate", "load_runner", "round_robin", "summarize", "time_calls"]
 
@@ -50,12 +52,14 @@ class Candidate:
 
 def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | None = None, *,
                 ort_spinning: bool = False):
-    """A callable ``x -> logits`` for the file at ``path``, using ``threads`` threads."""
+    """A callable ``x -> logits`` for the file at ``path``.
+
+    ``threads`` sizes ONNX Runtime's session; torch's thread count, its quantized engine (``engine``,
+    for ``.ptl`` int8) and ExecuTorch's thread pool are process-wide: set them around the calls
+    (:mod:`pqv_lightning.settings`), as the benchmark worker does for its own process.
+    """
     from .export.targets import TARGETS
 
-    torch.set_num_threads(threads)
-    if engine:
-        torch.backends.quantized.engine = engine
     suffix = Path(path).suffix
     if suffix == ".pt":
         model = torch.load(path, weights_only=False, map_location="cpu")
@@ -151,6 +155,12 @@ def _main(argv: list[str]) -> None:
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
         fh.write("5")
     before = _status_kib("VmRSS:")
+    # this process exists to time one file: its settings are set for good
+    torch.set_num_threads(int(threads))
+    if path.endswith(".pte"):
+        set_executorch_threads(int(threads))
+    if engine != "-":
+        torch.backends.quantized.engine = engine
     run = load_runner(path, shape, int(threads), None if engine == "-" else engine, ort_spinning=True)
     times = time_calls(run, x, int(warmup), int(calls))
     peak = _status_kib("VmHWM:")

@@ -161,7 +161,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--experiments", nargs="+", default=None, choices=list(EXPERIMENTS))
     p.add_argument("--format", default=None, choices=["pte", "onnx", "ptl"],
                    help="export format of the latency/accuracy cells (default pte; onnx with --quick)")
-    p.add_argument("--models", nargs="+", default=None, help="models of the latency cells (the first also for engines)")
+    p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
+    p.add_argument("--engine-models", nargs="+", default=None,
+                   help="models of the engine comparison (default deit3_medium_patch16_224, as in the paper's Fig. 7)")
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--threads", type=int, default=None)
@@ -176,7 +178,8 @@ def cmd_sweep(args) -> int:
 
     config = dataclasses.replace(QUICK if args.quick else FULL)
     for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("format", args.format),
-                        ("latency_models", args.models), ("checkpoint", args.checkpoint),
+                        ("latency_models", args.models), ("engine_models", args.engine_models),
+                        ("checkpoint", args.checkpoint),
                         ("data_dir", args.data_dir), ("threads", args.threads)):
         if value is not None:
             setattr(config, name, value)
@@ -185,10 +188,10 @@ def cmd_sweep(args) -> int:
         raise CLIError(f"--threads {config.threads}: must be >= 1")
     if config.data_dir and not Path(config.data_dir).is_dir():
         raise CLIError(f"--data-dir {config.data_dir}: no such folder")
-    if args.models:
+    if args.models or args.engine_models:
         from .models import create_vit
 
-        for name in args.models:
+        for name in (args.models or []) + (args.engine_models or []):
             create_vit(name)  # an unknown name fails now, not after an hour of other cells
 
     def progress(i, total, key, cached):

@@ -57,17 +57,29 @@ def fmnist_preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 class _ShiftFlip(Dataset):
-    """Random translation of up to ``shift`` px (edge filled with black) and horizontal flips."""
+    """Random translation of up to ``shift`` px (edge filled with black) and horizontal flips.
+
+    In the main process (``num_workers=0``) one generator seeded with ``seed`` runs on across epochs.
+    A DataLoader worker gets a pickled copy of that generator; every worker, and every epoch's new
+    workers, would replay the same draws. So inside a worker the generator is reseeded from the
+    worker's own seed (base seed from the loader's generator, new each epoch, plus the worker id):
+    different per worker and per epoch, reproducible for a seeded loader.
+    """
 
     def __init__(self, base: Dataset, shift: int = 2, seed: int = 0):
         self.base, self.shift = base, shift
         self.fill = -FMNIST_MEAN / FMNIST_STD
         self.gen = torch.Generator().manual_seed(seed)
+        self._worker_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            self._worker_seed = worker.seed
+            self.gen.manual_seed(worker.seed)
         x, y = self.base[i]
         s = self.shift
         dx, dy = torch.randint(-s, s + 1, (2,), generator=self.gen).tolist()

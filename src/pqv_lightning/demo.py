@@ -73,15 +73,20 @@ def _check(args) -> None:
 
 
 def run_demo(args) -> int:
-    import torch
+    """The demo for parsed ``args``; torch's thread count is set to ``--threads`` for the run only."""
+    from .settings import torch_threads
 
+    _check(args)
+    with torch_threads(args.threads):
+        return _run_demo(args)
+
+
+def _run_demo(args) -> int:
     from .callbacks import MobileExport
     from .data import FashionMNISTDataModule
     from .recipes import default_checkpoint, export_table, finetune_with_pruning, format_table, train_vit_checkpoint
 
-    _check(args)
     FashionMNISTDataModule(data_dir=args.data_dir).check_files()  # a missing dataset fails now, in one line
-    torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or default_checkpoint()
     if ckpt is not None and not Path(ckpt).is_file():
         raise InputNotFoundError(f"$PQV_FMNIST_CHECKPOINT={ckpt}: no such file")

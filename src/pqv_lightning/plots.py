@@ -1,4 +1,5 @@
-"""PNG plots of demo and benchmark results (matplotlib, headless Agg backend).
+"""PNG plots of demo and benchmark results (matplotlib ``Figure`` objects rendered by Agg; pyplot and
+the process-wide backend are never touched, so plotting changes nothing in the caller's process).
 
 Every function takes plain results (dicts, as written to JSON) and a folder, writes PNG files
 atomically and returns their paths.
@@ -11,16 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo_plots", "save_figure"]
+__all__ = ["demo_plots", "save_figure", "subplots"]
 
 
-def _pyplot():
-    import matplotlib
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **kwargs: Any):
+    """``plt.subplots`` without pyplot: a standalone ``Figure`` (no backend switch, no global figure list)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -33,18 +33,16 @@ def save_figure(fig, path: str | Path) -> Path:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    _pyplot().close(fig)
     return path
 
 
 def demo_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Accuracy vs parameters / MACs before and after pruning, and latency + size per exported file."""
-    plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     rows = results["finetune"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = subplots(1, 2, figsize=(9, 3.6))
     for ax, key, unit in ((axes[0], "params", "parameters (M)"), (axes[1], "macs", "MACs (M)")):
         xs = [r[key] / 1e6 for r in rows]
         ys = [100 * r["test_acc"] for r in rows]
@@ -64,7 +62,7 @@ def demo_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         median = [base] + [a["latency"]["median_ms"] for a in ok]
         p90 = [manifest["baseline_fp32_eager"]["latency"]["p90_ms"]] + [a["latency"]["p90_ms"] for a in ok]
         sizes = [None] + [a["size_bytes"] / 2**20 for a in ok]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(labels) + 1.5), sharey=True)
+        fig, axes = subplots(1, 2, figsize=(10, 0.45 * len(labels) + 1.5), sharey=True)
         ys = list(range(len(labels)))
         axes[0].barh(ys, median, color="tab:green", label="median")
         axes[0].errorbar(median, ys, xerr=[[0] * len(ys), [p - m for p, m in zip(p90, median)]], fmt="none",

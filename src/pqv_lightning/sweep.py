@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from .errors import ConfigError, InputNotFoundError
+from .settings import torch_threads
 
 __all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
 
@@ -44,6 +46,8 @@ class SweepConfig:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
     format: str = "pte"
     engine_ratio: float = 0.09375
+    # the paper's engine comparison (Fig. 7) measures the 9.375 %-pruned DeiT3-medium
+    engine_models: list[str] = field(default_factory=lambda: ["deit3_medium_patch16_224"])
     accuracy_ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
     importances: list[str] = field(default_factory=lambda: ["taylor", "hessian", "l1", "l2"])
     importance_ratio: float = 0.25
@@ -65,6 +69,7 @@ class SweepConfig:
 FULL = SweepConfig()
 QUICK = SweepConfig(
     out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
+    engine_models=["vit_test_tiny"],
     format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5,
     train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
 )
@@ -150,9 +155,13 @@ def host_description() -> dict[str, Any]:
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
     """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
     ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
+    with torch_threads(threads):
+        return _gemm_throughput(threads, size, calls)
+
+
+def _gemm_throughput(threads: int, size: int, calls: int) -> dict[str, Any]:
     from .benchmark import summarize, time_calls
 
-    torch.set_num_threads(threads)
     ops = 2 * size**3
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
@@ -178,7 +187,13 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
 
     torch.manual_seed(0)
     model = create_vit(model_name).eval()
-    if ratio > 0:  # random weights: magnitude importance gives the same structure as any criterion
+    candidates = []
+    if ratio > 0:
+        # the unpruned fp32 eager model runs in this cell's round-robin too: every ratio against it is
+        # measured in one run (dividing by another cell's number carried this VM's drift, ~8 %)
+        torch.save(model, work / "unpruned.pt")
+        candidates.append(Candidate("unpruned fp32 eager", str(work / "unpruned.pt")))
+        # random weights: magnitude importance gives the same structure as any criterion
         prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=2))
     shape = input_shape_for(model)
     g = torch.Generator().manual_seed(0)
@@ -192,10 +207,11 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     # latency and memory: every file and the eager model in a fresh process, round-robin
     torch.save(model, work / "eager.pt")
     ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]
-    candidates = [Candidate("fp32 eager", str(work / "eager.pt"))]
+    candidates.append(Candidate("fp32 eager", str(work / "eager.pt")))
     candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
+    baseline = candidates[0].label  # the unpruned fp32 eager model of this cell
     stats = round_robin(candidates, list(shape), threads=config.threads, rounds=config.rounds, warmup=3,
-                        calls=config.repeats, baseline="fp32 eager")
+                        calls=config.repeats, baseline=baseline)
     common = {"model": model_name, "ratio": ratio, "params": count_params(model), "macs": macs}
     rows = [{**common, "variant": "fp32 eager", "format": "eager", "precision": "fp32", "engine": None,
              "size_mb": None, "cosine": 1.0, **stats["fp32 eager"]}]
@@ -205,6 +221,8 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
                      "partitions": a.get("partitions"), **stats[a["file"]]})
     for r in rows:
         r["achieved_gops"] = 2 * macs / (r["median_ms"] * 1e6)
+        r["unpruned_eager_ms"] = stats[baseline]["median_ms"]
+        r["x_vs_unpruned_eager"] = r.pop("speedup_vs_baseline")  # same cell, same run
     return rows
 
 
@@ -242,38 +260,65 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
     import torch.backends.quantized as q
 
     cells: list[tuple[str, str, Callable[[Path], list[dict]] | None]] = []
+    # Every setting that changes a cell's numbers is in its key, so a resumed run never mixes cells
+    # measured under other settings (they are recomputed instead).
+    timing = dict(threads=config.threads, rounds=config.rounds, repeats=config.repeats)
     if "gemm" in config.experiments:
-        cells.append(("gemm", "gemm", lambda w: [gemm_throughput(config.threads)]))
+        cells.append(("gemm", _key("gemm", threads=config.threads), lambda w: [gemm_throughput(config.threads)]))
     if "latency" in config.experiments:
         for m in config.latency_models:
             for r in config.ratios:
-                cells.append(("latency", f"latency|{config.format}|{m}|{r}|{','.join(config.precisions)}",
+                cells.append(("latency", _key("latency", format=config.format, model=m, ratio=r,
+                                              precisions=config.precisions, **timing),
                               lambda w, m=m, r=r: _latency_cell(config, m, r, [config.format], config.precisions,
                                                                 None, w)))
     if "engines" in config.experiments:
         engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
-        m = config.latency_models[0]
-        cells.append(("engines", f"engines|{m}|{config.engine_ratio}|{','.join(engines)}",
-                      lambda w: _latency_cell(config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"], engines, w)))
+        for m in config.engine_models:
+            cells.append(("engines", _key("engines", model=m, ratio=config.engine_ratio, engines=engines, **timing),
+                          lambda w, m=m: _latency_cell(config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"],
+                                                       engines, w)))
     needs_data = {"accuracy", "importance"} & set(config.experiments)
     if needs_data and checkpoint is None:
         raise InputNotFoundError("the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
-                                "--checkpoint (or set $PQV_FMNIST_CHECKPOINT; the bundled one is missing from this installation)")
-    data = f"{config.train_subset}|{config.epochs}|{config.batch_size}|{config.test_subset}|{checkpoint}"
+                                 "--checkpoint (or set $PQV_FMNIST_CHECKPOINT; the bundled one is missing from this "
+                                 "installation)")
+    data = dict(train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
+                test_subset=config.test_subset, data_dir=config.data_dir, verify_batches=config.verify_batches,
+                threads=config.threads, checkpoint=_digest(checkpoint) if needs_data else None)
+    accuracy_key = lambda r: _key("accuracy", format=config.format, ratio=r, precisions=config.precisions,  # noqa: E731
+                                  **data)
     if "accuracy" in config.experiments:
         for r in config.accuracy_ratios:
-            cells.append(("accuracy", f"accuracy|{config.format}|{r}|{data}",
+            cells.append(("accuracy", accuracy_key(r),
                           lambda w, r=r: _accuracy_cell(config, checkpoint, r, "taylor", config.precisions, w)))
     if "importance" in config.experiments:
         for imp in config.importances:
             if (imp == "taylor" and "accuracy" in config.experiments and
                     config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
-                cells.append(("importance", f"accuracy|{config.format}|{config.importance_ratio}|{data}", None))
+                cells.append(("importance", accuracy_key(config.importance_ratio), None))
                 continue
-            cells.append(("importance", f"importance|{imp}|{config.importance_ratio}|{data}",
+            cells.append(("importance", _key("importance", format=config.format, importance=imp,
+                                             ratio=config.importance_ratio, **data),
                           lambda w, imp=imp: _accuracy_cell(config, checkpoint, config.importance_ratio, imp,
                                                             ["fp32"], w)))
     return cells
+
+
+def _key(kind: str, **settings: Any) -> str:
+    """``kind|name=value|...``: a cell's identity, with every setting that changes its numbers."""
+    return "|".join([kind] + [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                              for k, v in settings.items()])
+
+
+def _digest(path: str | None) -> str | None:
+    """A checkpoint's identity by content (its sha256, 16 hex digits), not by where it lies."""
+    if path is None:
+        return None
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def _cell_worker(config: dict[str, Any], checkpoint: str | None, key: str, work: str, result: str) -> None:
@@ -316,8 +361,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
     out.mkdir(parents=True, exist_ok=True)
     store = CellStore(out / "cells.jsonl")
     cells = _cells(config, checkpoint)
-    previous_threads = torch.get_num_threads()
-    try:
+    with torch_threads(config.threads):  # the caller's thread count is back afterwards
         for i, (_, key, compute) in enumerate(cells):
             cached = key in store
             if progress is not None:
@@ -330,8 +374,6 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
                 for r in rows:
                     r["cell_seconds"] = time.perf_counter() - t0
             store.add(key, rows)
-    finally:
-        torch.set_num_threads(previous_threads)
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in EXPERIMENTS}
     missing = list(dict.fromkeys(key for _, key, _ in cells if key not in store))
     for experiment, key, _ in cells:

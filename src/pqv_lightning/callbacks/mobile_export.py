@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
@@ -127,11 +128,9 @@ class MobileExport(Callback):
     # ------------------------------------------------------------------ the work
     def _loader(self, trainer: pl.Trainer, which: str):
         dm = trainer.datamodule
-        if dm is not None:
-            try:
-                return dm.val_dataloader() if which == "val" else dm.train_dataloader()
-            except (NotImplementedError, AttributeError):
-                pass
+        hook = "val_dataloader" if which == "val" else "train_dataloader"
+        if dm is not None and is_overridden(hook, dm):
+            return getattr(dm, hook)()  # the user's code: whatever it raises surfaces
         loaders = trainer.val_dataloaders if which == "val" else trainer.train_dataloader
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None

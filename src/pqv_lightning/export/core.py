@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
 from ..benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
@@ -260,21 +261,6 @@ def _batches(data: Iterable | None, limit: int) -> list[tuple[torch.Tensor, torc
     return out
 
 
-class _Engine:
-    """Context manager: select a quantized engine for the duration of a block."""
-
-    def __init__(self, engine: str):
-        self.engine, self.previous = engine, None
-
-    def __enter__(self):
-        self.previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = self.engine
-
-    def __exit__(self, *exc):
-        torch.backends.quantized.engine = self.previous
-
-
-# ---------------------------------------------------------------------------------------------- entry point
 class ExportFailedError(RuntimeError):
     """``on_failure="raise"``: an artifact was not ``ok``; the message names the file and the stage."""
 
@@ -327,8 +313,6 @@ def export_mobile(
     verify = _batches(validation_data, config.verify_batches) or [(example, None)]
     reference = copy.deepcopy(model).eval().float().cpu()
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
@@ -338,7 +322,13 @@ def export_mobile(
         "artifacts": [],
     }
     manifest_path = out / "manifest.json"
-    try:
+    # threads (torch's and, for .pte, ExecuTorch's pool) and the quantized engine are the caller's again
+    # when this returns
+    threads = contextlib.ExitStack()
+    threads.enter_context(torch_threads(config.threads))
+    if "pte" in config.formats:
+        threads.enter_context(executorch_threads(config.threads))
+    with threads:
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
@@ -353,8 +343,6 @@ def export_mobile(
                     _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
                     if entry["status"] != "ok" and config.on_failure == "raise":
                         raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
-    finally:
-        torch.set_num_threads(previous_threads)
     _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     return manifest
 
@@ -375,7 +363,7 @@ def _export_one(target: ExportTarget, reference, precision, engine, default_engi
     stage = "export"
     options = {"delegation_friendly": config.delegation_friendly}
     try:
-        with _Engine(engine or default_engine), torch.no_grad():
+        with quantized_engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
             with _staged(path) as tmp:
                 built = target.write(reference, precision, engine or default_engine, example,

@@ -120,11 +120,11 @@ def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     return edge.to_executorch().buffer, details, reference
 
 
-def _runtime(threads: int):
-    from executorch.extension.pybindings import portable_lib
+def _runtime():
+    # The thread pool is process-wide: export_mobile sizes it for its block (settings.executorch_threads),
+    # a benchmark worker for its whole process.
     from executorch.runtime import Runtime
 
-    portable_lib._unsafe_reset_threadpool(threads)
     return Runtime.get()
 
 
@@ -162,7 +162,7 @@ for _ in range(3):
         return Built(applied=applied, details=details, quantized_reference=quantized)
 
     def load(self, path, example, threads):
-        program = _runtime(threads).load_program(path)
+        program = _runtime().load_program(path)
         method = program.load_method("forward")
 
         def run(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..settings import logger_levels
 from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, register_target
 
 __all__ = ["ONNXTarget", "export_onnx", "ort_session"]
@@ -54,17 +55,10 @@ def ort_session(path: str, threads: int, spinning: bool = False):
 @contextlib.contextmanager
 def _quiet():
     """The exporter and quantizer print progress and advice on every call; keep errors only."""
-    loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxscript", "torch.onnx", "root")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with logger_levels(("onnxruntime", "onnxscript", "torch.onnx", ""), logging.ERROR), \
+            warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _calibration_reader(input_name: str, batches: Sequence[torch.Tensor]):

@@ -1,0 +1,83 @@
+"""Process-wide runtime settings as context managers that put back what they found.
+
+Torch's intra-op thread count, its quantized engine, ExecuTorch's thread pool and logger levels are
+global to the process. Library calls (``export_mobile``, ``gemm_throughput``, ``pqv demo`` run
+in-process, ...) change them only inside these blocks, so the caller's process is left as it was.
+Code that owns its process (a benchmark worker) may set them for good instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["executorch_threads", "logger_levels", "quantized_engine", "set_executorch_threads", "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block only."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """``torch.backends.quantized.engine = engine`` inside the block only."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _portable_lib():
+    if importlib.util.find_spec("executorch") is None:
+        return None
+    from executorch.extension.pybindings import portable_lib
+
+    return portable_lib
+
+
+def set_executorch_threads(threads: int) -> None:
+    """Resize ExecuTorch's (process-wide) thread pool; a no-op without ExecuTorch. For processes that
+    own their settings; library code uses :func:`executorch_threads`."""
+    lib = _portable_lib()
+    if lib is not None and lib._threadpool_get_thread_count() != threads:
+        lib._unsafe_reset_threadpool(threads)
+
+
+@contextlib.contextmanager
+def executorch_threads(threads: int) -> Iterator[None]:
+    """ExecuTorch's thread pool at ``threads`` threads inside the block, its old size after it."""
+    lib = _portable_lib()
+    previous = lib._threadpool_get_thread_count() if lib is not None else None
+    set_executorch_threads(threads)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_executorch_threads(previous)
+
+
+@contextlib.contextmanager
+def logger_levels(names: Sequence[str], level: int) -> Iterator[None]:
+    """Set the named loggers (``""`` or ``"root"``: the root logger) to ``level`` inside the block only."""
+    loggers = [logging.getLogger(None if n in ("", "root") else n) for n in names]
+    previous = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(level)
+        yield
+    finally:
+        for lg, old in zip(loggers, previous):
+            lg.setLevel(old)
