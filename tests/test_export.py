@@ -172,3 +172,22 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     assert manifest["artifacts"][0]["status"] == "ok"
     # overwrite replaces our own artifacts (none left stale beside the new manifest), never other files
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["manifest.json", "model_fp32.ptl", "old.ptl"]
+
+
+def test_every_int8_artifact_is_at_most_0_3x_its_fp32_file(tmp_path):
+    """int8 weights are a quarter of fp32 ones. For a model whose weights dominate, every int8 file of
+    every format and engine must show it (x86/FBGEMM .ptl files once stored their weights twice)."""
+    import importlib.util
+
+    formats = ["ptl"] + [f for f, mods in (("pte", ["executorch"]), ("onnx", ["onnx", "onnxruntime"]))
+                         if all(importlib.util.find_spec(m) for m in mods)]
+    model = tiny_vit(embed_dim=256, depth=2, num_heads=4)  # 1.6 M weights in Linears, 6 MB in fp32
+    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), _config(
+        tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], formats=formats, engines=SUPPORTED,
+        repeats=1, warmup=0, min_top1_agreement=0.0), validation_data=_data(1))  # random-init logits tie
+    fp32 = {a["format"]: a["size_bytes"] for a in manifest["artifacts"] if a["precision"] == "fp32"}
+    int8 = [a for a in manifest["artifacts"] if a["precision"].startswith("int8")]
+    assert len(int8) == 2 * len(SUPPORTED) + 2 * (len(formats) - 1)
+    ratios = {a["file"]: a["size_bytes"] / fp32[a["format"]] for a in int8 if a["status"] == "ok"}
+    assert len(ratios) == len(int8), [a.get("reason") for a in int8 if a["status"] != "ok"]
+    assert all(r <= 0.3 for r in ratios.values()), ratios
