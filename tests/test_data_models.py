@@ -55,7 +55,7 @@ def test_fmnist_missing_dir_is_a_clear_error(tmp_path):
 def test_create_vit_errors():
     with pytest.raises(ValueError, match="unknown model_name='not_a_model'"):
         create_vit("not_a_model")
-    with pytest.raises(ValueError, match="no hub weights"):
+    with pytest.raises(ValueError, match="has no pretrained weights"):
         create_vit("vit_test_tiny", pretrained=True)
     assert create_vit("deit_tiny_patch16_224", num_classes=3).head.out_features == 3
 
