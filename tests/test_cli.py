@@ -75,6 +75,15 @@ def test_an_unexpected_error_keeps_its_traceback_and_is_not_bad_input(monkeypatc
     assert proc.returncode == 2 and proc.stderr.strip() == "pqv: error: $PQV_FMNIST_CHECKPOINT=/no/such/vit.pt: no such file"
 
 
+def test_demo_help_claims_only_what_the_demo_reads(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ImageFolder" not in text  # the demo reads Fashion-MNIST IDX files only
+    assert "Fashion-MNIST folder with the four IDX *-ubyte.gz files" in text
+    assert "$PQV_FMNIST_CHECKPOINT, else the bundled one" in text
+
+
 def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
     (tmp_path / "model.tflite").write_bytes(b"x")
     _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")

@@ -1,10 +1,11 @@
 """pqv-lightning: structured pruning, quantization and mobile export of Vision Transformers as
 PyTorch Lightning callbacks."""
 
-from .callbacks import CHECKPOINT_KEY, MobileExport, StructuredPruning
+from .callbacks import CHECKPOINT_KEY, KnowledgeDistillation, MobileExport, StructuredPruning
 from .checkpoint import load_pruned_checkpoint, restore_pruned_module
 from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
 from .export import MobileExportConfig, export_mobile
+from .distillation import distillation_loss, frozen_teacher
 from .importance import GradientStatistics, make_importance
 from .pruning import (
     PruningConfig,
@@ -20,6 +21,9 @@ from ._version import __version__
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "KnowledgeDistillation",
+    "distillation_loss",
+    "frozen_teacher",
     "MobileExport",
     "MobileExportConfig",
     "export_mobile",

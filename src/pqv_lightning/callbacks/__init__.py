@@ -1,6 +1,7 @@
 """Lightning callbacks of pqv-lightning."""
 
+from .distillation import KnowledgeDistillation
 from .mobile_export import MobileExport
 from .structured_pruning import CHECKPOINT_KEY, StructuredPruning
 
-__all__ = ["CHECKPOINT_KEY", "MobileExport", "StructuredPruning"]
+__all__ = ["CHECKPOINT_KEY", "KnowledgeDistillation", "MobileExport", "StructuredPruning"]

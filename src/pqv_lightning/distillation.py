@@ -1,0 +1,95 @@
+"""Knowledge distillation, the pure part: the loss and the frozen teacher (no Lightning here).
+
+:class:`pqv_lightning.KnowledgeDistillation` is the Lightning glue around these functions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["TEACHER_PRECISIONS", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
+           "teacher_logits"]
+
+#: How the teacher runs: ``fp32``; ``bf16`` (autocast on the input's device); ``fp16`` (a half
+#: copy, CUDA only); ``int8-dynamic`` (PyTorch dynamic int8 Linear layers, CPU only).
+TEACHER_PRECISIONS = ("fp32", "bf16", "fp16", "int8-dynamic")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0,
+                      hard: bool = False) -> torch.Tensor:
+    """``tau² · KL(softmax(teacher/tau) ‖ softmax(student/tau))`` averaged over the batch (Hinton et
+    al.), or with ``hard=True`` the cross-entropy of the student against the teacher's top-1 class.
+
+    ``tau²`` keeps the gradient scale of the soft term independent of ``tau``. Logits are compared in
+    float32 whatever their dtype.
+    """
+    if student.shape != teacher.shape:
+        raise ConfigError(f"the teacher's output shape {tuple(teacher.shape)} differs from the student's "
+                          f"{tuple(student.shape)}; allowed: a teacher with the same number of classes")
+    if tau <= 0:
+        raise ConfigError(f"tau={tau!r} must be > 0")
+    student, teacher = student.float(), teacher.float().detach()
+    if hard:
+        return F.cross_entropy(student, teacher.argmax(-1))
+    log_p_student = F.log_softmax(student / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / tau, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * tau**2
+
+
+def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
+    """An independent, frozen copy of ``network`` (eval mode, no gradients) in ``precision``.
+
+    The copy shares nothing with ``network``: pruning the student later never touches it.
+    """
+    if precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"teacher_precision={precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
+    teacher = copy.deepcopy(network).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if precision == "int8-dynamic":
+        from torch.ao.quantization import quantize_dynamic
+
+        teacher = quantize_dynamic(teacher.cpu().float(), {nn.Linear}, dtype=torch.qint8)
+    elif precision == "fp16":
+        teacher = teacher.half()
+    return teacher
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The teacher's logits for ``x`` (float32, on ``x``'s device), run the way ``precision`` says."""
+    if precision == "int8-dynamic":
+        return teacher(x.detach().float().cpu()).float().to(x.device)
+    if precision == "fp16":
+        return teacher(x.detach().half()).float()
+    if precision == "bf16":
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return teacher(x.detach()).float()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return teacher(x.detach().float()).float()
+
+
+def check_teacher_precision(precision: str, device: torch.device) -> None:
+    """``fp16`` needs CUDA, ``int8-dynamic`` runs on the CPU (it may still teach a GPU student)."""
+    if precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"teacher_precision={precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"teacher_precision='fp16' needs a CUDA device (this run is on {device.type}); on a "
+                          "CPU use 'bf16' or 'int8-dynamic'")
+
+
+def split_loss(output: Any) -> tuple[torch.Tensor | None, Any]:
+    """The loss of a ``training_step`` output (a tensor, or a dict with ``"loss"``), and a function of the
+    new loss that rebuilds the output around it."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda loss: loss
+    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"], lambda loss: {**output, "loss": loss}
+    return None, None
