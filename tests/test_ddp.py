@@ -48,3 +48,14 @@ def test_without_rewrapping_ddp_breaks(tmp_path):
         assert any(a["digest"] != b["digest"] for a, b in zip(r0, r1))
     else:
         assert "not used in producing the loss" in proc.stderr
+
+
+@pytest.mark.ddp
+def test_ddp_with_distillation_bf16_and_accumulation_keeps_ranks_identical(tmp_path):
+    (r0, r1), events = _run(tmp_path, "taylor", "kd")
+    assert len(events) == 2 and len(r0) == len(r1) == 24
+    for a, b in zip(r0, r1):
+        assert a["digest"] == b["digest"], f"students diverged at step {a['step']}"
+        assert a["teacher"] == b["teacher"], f"teachers differ at step {a['step']}"
+    assert len({rec["teacher"] for rec in r0}) == 1  # the teacher never changes, through both events
+    assert len({rec["n_params"] for rec in r0}) == 3  # while the student is pruned twice

@@ -1,4 +1,5 @@
-"""Run by tests/test_ddp.py: 2-process CPU (gloo) DDP fit with StructuredPruning.
+"""Run by tests/test_ddp.py: 2-process CPU (gloo) DDP fit with StructuredPruning (mode ``kd``: also
+KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too).
 
 Each rank writes, after every optimizer step, a digest of its model's weights to
 OUT/rank{r}.json, plus the parameter shapes and whether the optimizer holds exactly the live params.
@@ -13,13 +14,18 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pqv_lightning import StructuredPruning
+from pqv_lightning import KnowledgeDistillation, StructuredPruning
 from pqv_lightning.models import ImageClassifier
 
 
+def _digest(module) -> str:
+    flat = torch.cat([p.detach().float().reshape(-1) for p in module.parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
 class Probe(pl.Callback):
-    def __init__(self, out: Path):
-        self.out, self.records = out, []
+    def __init__(self, out: Path, kd=None):
+        self.out, self.records, self.kd = out, [], kd
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
@@ -31,6 +37,7 @@ class Probe(pl.Callback):
             "n_params": int(flat.numel()),
             "optimizer_exact": live == held,
             "ddp_wraps_live": sorted(id(p) for p in trainer.strategy.model.parameters()) == sorted(live),
+            "teacher": _digest(self.kd.teacher) if self.kd is not None else None,
         })
 
     def on_train_end(self, trainer, pl_module):
@@ -47,10 +54,12 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2,
                                 accumulate_batches=2, interval="step", start=1, frequency=4)
+    kd = KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision="bf16") if rewrap == "kd" else None
+    callbacks = [pruning] + ([kd] if kd else []) + [Probe(out_dir, kd)]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, Probe(out_dir)],
-        accumulate_grad_batches=2,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accumulate_grad_batches=2, precision="bf16-mixed" if kd else "32-true",
     )
     trainer.fit(model, DataLoader(ds, batch_size=8, shuffle=True))
     if trainer.global_rank == 0:
