@@ -265,6 +265,7 @@ class ExportFailedError(RuntimeError):
     """``on_failure="raise"``: an artifact was not ``ok``; the message names the file and the stage."""
 
 
+# ---------------------------------------------------------------------------------------------- entry point
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -324,11 +325,10 @@ def export_mobile(
     manifest_path = out / "manifest.json"
     # threads (torch's and, for .pte, ExecuTorch's pool) and the quantized engine are the caller's again
     # when this returns
-    threads = contextlib.ExitStack()
-    threads.enter_context(torch_threads(config.threads))
-    if "pte" in config.formats:
-        threads.enter_context(executorch_threads(config.threads))
-    with threads:
+    with contextlib.ExitStack() as settings:
+        settings.enter_context(torch_threads(config.threads))
+        if "pte" in config.formats:
+            settings.enter_context(executorch_threads(config.threads))
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
