@@ -361,3 +361,36 @@ def test_compiled_network_is_refused(tmp_path, lit_model):
     trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1)
     with pytest.raises(ValueError, match="inside a torch.compile wrapper"):
         trainer.fit(lit_model, random_loader(32, 16))
+
+
+def test_a_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
+    from pqv_lightning.pruning import count_macs
+
+    x = torch.randn(1, 1, 32, 32)
+    full = count_macs(lit_model.model, x)
+    pruning = StructuredPruning(importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1,
+                                ratio_schedule="cubic")
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2)
+    trainer.fit(lit_model, random_loader(64, 16))
+    macs = count_macs(lit_model.model, x)
+    assert 0.5 * full < macs <= 0.55 * full  # on the budget, within a channel group
+    assert pruning.events[-1].macs_after == macs and "target_macs" in pruning.state_key
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pruning_ratio=0.3, target_macs=0.5), "give a pruning_ratio .* or a budget"),
+    (dict(target_macs=0.5, target_params=0.5), "give one budget, not both"),
+    (dict(target_params=-1), r"target_params=-1 is out of range"),
+    (dict(target_macs=0.5, global_pruning=True), "needs global_pruning=False"),
+])
+def test_bad_budgets_are_refused_when_the_callback_is_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredPruning(**kwargs)
+
+
+def test_an_unreachable_budget_fails_before_training(tmp_path, lit_model):
+    calls = _fit_count(lit_model)
+    trainer = make_trainer(tmp_path, [StructuredPruning(target_params=1000, iterative_steps=1)], max_epochs=1)
+    with pytest.raises(ValueError, match="target_params=1000 .* cannot be reached"):
+        trainer.fit(lit_model, random_loader(32, 16))
+    assert calls["n"] == 0

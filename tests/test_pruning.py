@@ -286,3 +286,43 @@ def test_cubic_ratio_schedule_prunes_most_in_the_first_events():
     assert pruner.step().target_ratio == pytest.approx(0.5) and model.patch_embed.proj.out_channels == 32
     with pytest.raises(ValueError, match=r"ratio_schedule='exp' is not supported; allowed: \['cubic', 'linear'\]"):
         PruningConfig(ratio_schedule="exp").validate()
+
+
+@pytest.mark.parametrize("kind, target", [("target_macs", 0.6), ("target_params", 0.5), ("target_params", 60_000)])
+def test_ratio_for_budget_lands_within_one_channel_of_the_target(kind, target):
+    import copy
+    import dataclasses
+
+    from pqv_lightning.pruning import PruningConfig, count_macs, count_params, prune_once, ratio_for_budget
+
+    model, x = tiny_vit(), torch.randn(1, 1, 32, 32)
+    measure = (lambda m: count_macs(m, x)) if kind == "target_macs" else count_params
+    full = measure(model)
+    absolute = target * full if target < 1 else target
+    ratio = ratio_for_budget(model, PruningConfig(), example_inputs=x, **{kind: target})
+    assert measure(model) == full  # the model itself is untouched
+
+    def pruned(r):
+        m = copy.deepcopy(model)
+        prune_once(m, dataclasses.replace(PruningConfig(), pruning_ratio=r, importance="l2"), example_inputs=x)
+        return measure(m)
+
+    assert pruned(ratio) <= absolute < pruned(ratio - 1 / 64)  # one channel of 64 less would miss it
+
+
+def test_ratio_for_budget_rejects_impossible_budgets():
+    from pqv_lightning.errors import ConfigError
+    from pqv_lightning.pruning import PruningConfig, ratio_for_budget
+
+    model = tiny_vit()
+    for kwargs, message in [
+        (dict(target_macs=1.5e12), r"target_macs=1500000000000.0 is not below the unpruned model"),
+        (dict(target_params=0), r"target_params=0 is out of range"),
+        (dict(target_params=100), r"target_params=100 \(100\) cannot be reached"),
+        (dict(target_macs=0.5, target_params=0.5), "exactly one of"),
+        (dict(), "exactly one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ratio_for_budget(model, PruningConfig(), **kwargs)
+    with pytest.raises(ConfigError, match="need global_pruning=False"):
+        ratio_for_budget(model, PruningConfig(global_pruning=True), target_macs=0.5)

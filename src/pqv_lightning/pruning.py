@@ -25,6 +25,8 @@ Example (plain PyTorch)::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import math
 import time
@@ -58,6 +60,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "prune_once",
+    "ratio_for_budget",
     "restore_structure",
 ]
 
@@ -513,3 +516,75 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
         event = pruner.step()
     assert event is not None
     return event
+
+
+def ratio_for_budget(
+    model: nn.Module,
+    config: PruningConfig | None = None,
+    *,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    example_inputs: torch.Tensor | None = None,
+    adapter: ModelAdapter | None = None,
+    iterations: int = 14,
+) -> float:
+    """The smallest channel ``pruning_ratio`` at which ``model`` pruned with ``config`` has at most
+    ``target_macs`` MACs or ``target_params`` parameters (absolute, or a fraction of the unpruned model
+    when < 1). ``model`` is not changed: every trial prunes a copy (bisection, ``iterations`` trials).
+
+    With uniform allocation (``global_pruning=False``, the default) each layer keeps the same share of
+    its channels whichever criterion picks them, so the structure, and with it MACs and parameters,
+    depends on the ratio alone: the ratio found here lands on the budget within one channel group at
+    the last event of any schedule. Global allocation depends on the scores the run will gather and is
+    refused.
+
+    Raises:
+        ConfigError: neither or both targets, a target <= 0 or >= the unpruned model, a budget this model
+            cannot reach with its ignored layers, or ``global_pruning=True``.
+    """
+    config = config or PruningConfig()
+    if (target_macs is None) == (target_params is None):
+        raise ConfigError(f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
+                          f"target_params={target_params!r})")
+    if config.global_pruning:
+        raise ConfigError("target_macs / target_params need global_pruning=False: with global allocation the "
+                          "structure depends on the importance scores gathered during the run")
+    adapter = adapter or find_adapter(model)
+    if adapter is None:
+        raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model, adapter)
+    name, target = ("target_macs", target_macs) if target_macs is not None else ("target_params", target_params)
+
+    def measure(m: nn.Module) -> int:
+        return count_macs(m, example_inputs) if name == "target_macs" else count_params(m)
+
+    full = measure(model)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
+        raise ConfigError(f"{name}={target!r} is out of range; allowed: a fraction in (0, 1) of the unpruned "
+                          f"model or an absolute count below {full:,}")
+    absolute = target * full if target < 1 else target
+    if absolute >= full:
+        raise ConfigError(f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
+                          f"(0, 1) or an absolute count below {full:,}")
+
+    def after(ratio: float) -> int:
+        trial = copy.deepcopy(model)
+        trial_config = dataclasses.replace(config, pruning_ratio=ratio, iterative_steps=1, importance="l2")
+        if ratio > 0:
+            prune_once(trial, trial_config, example_inputs=example_inputs, adapter=adapter)
+        return measure(trial)
+
+    hi = 0.99
+    smallest = after(hi)
+    if smallest > absolute:
+        raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning 99 % of the channels "
+                          f"leaves {smallest:,} (ignored layers and the embedding keep the rest)")
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if after(mid) <= absolute:
+            hi = mid
+        else:
+            lo = mid
+    return hi

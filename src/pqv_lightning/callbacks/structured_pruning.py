@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
 from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
-from ..pruning import PruningConfig, PruningEvent, StructuredPruner
+from ..pruning import PruningConfig, PruningEvent, StructuredPruner, ratio_for_budget
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
@@ -69,7 +69,13 @@ class StructuredPruning(Callback):
 
     Args:
         importance: ``"taylor"``, ``"hessian"``, ``"l1"``, ``"l2"`` or ``"random"``.
-        pruning_ratio: final channel ratio removed, in ``[0, 1)`` (Torch-Pruning semantics).
+        pruning_ratio: final channel ratio removed, in ``[0, 1)`` (Torch-Pruning semantics); default
+            0.25, or derived from a budget.
+        target_macs, target_params: a budget instead of a ratio: the final model's MACs / parameters,
+            absolute or as a fraction (< 1) of the unpruned model. Before training, the smallest
+            uniform channel ratio that meets it is found on copies of the network
+            (:func:`pqv_lightning.pruning.ratio_for_budget`); the last event lands on the budget within
+            one channel group. Not with ``pruning_ratio`` or ``global_pruning``.
         iterative_steps: number of pruning events.
         accumulate_batches: optimizer steps of gradient statistics gathered before each event.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start`` and ``frequency``.
@@ -103,7 +109,7 @@ class StructuredPruning(Callback):
     def __init__(
         self,
         importance: Literal["taylor", "hessian", "l1", "l2", "random"] = "taylor",
-        pruning_ratio: float = 0.25,
+        pruning_ratio: float | None = None,
         iterative_steps: int = 4,
         accumulate_batches: int = 8,
         interval: Literal["epoch", "step"] = "epoch",
@@ -119,11 +125,26 @@ class StructuredPruning(Callback):
         example_input_shape: list[int] | None = None,
         seed: int = 0,
         ratio_schedule: Literal["linear", "cubic"] = "linear",
+        target_macs: float | None = None,
+        target_params: float | None = None,
     ) -> None:
         super().__init__()
+        budget = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
+        if len(budget) > 1:
+            raise ConfigError(f"give one budget, not both: {budget}")
+        if budget and pruning_ratio is not None:
+            raise ConfigError(f"give a pruning_ratio ({pruning_ratio!r}) or a budget ({budget}), not both")
+        if budget and global_pruning:
+            raise ConfigError(f"a budget ({budget}) needs global_pruning=False: with global allocation the structure "
+                              "depends on the scores gathered during the run")
+        for name, value in budget.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned "
+                                  "model or an absolute count")
+        self.budget = budget
         self.config = PruningConfig(
             importance=importance,
-            pruning_ratio=pruning_ratio,
+            pruning_ratio=0.25 if pruning_ratio is None else pruning_ratio,
             iterative_steps=iterative_steps,
             prune_num_heads=prune_num_heads,
             head_pruning_ratio=head_pruning_ratio,
@@ -163,6 +184,8 @@ class StructuredPruning(Callback):
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
+        if self.budget:  # the ratio is derived in setup; the budget is what identifies the callback
+            return self._generate_state_key(importance=self.config.importance, model_attr=self.model_attr, **self.budget)
         return self._generate_state_key(
             importance=self.config.importance, pruning_ratio=self.config.pruning_ratio, model_attr=self.model_attr
         )
@@ -197,6 +220,11 @@ class StructuredPruning(Callback):
             example = None
             if self.example_input_shape is not None:
                 example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
+            if self.budget:  # before training: an unreachable budget fails here
+                self.config.pruning_ratio = ratio_for_budget(model, self.config, example_inputs=example,
+                                                             adapter=adapter, **self.budget)
+                rank_zero_info(f"StructuredPruning: budget {self.budget} -> channel ratio "
+                               f"{self.config.pruning_ratio:.4f}")
             self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
             self._located_attr = attr
             rank_zero_info(
