@@ -48,8 +48,7 @@ def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
 
     The copy shares nothing with ``network``: pruning the student later never touches it.
     """
-    if precision not in TEACHER_PRECISIONS:
-        raise ConfigError(f"teacher_precision={precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
+    check_teacher_precision(precision)
     teacher = copy.deepcopy(network).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -76,11 +75,12 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, precision: str = "fp32")
         return teacher(x.detach().float()).float()
 
 
-def check_teacher_precision(precision: str, device: torch.device) -> None:
-    """``fp16`` needs CUDA, ``int8-dynamic`` runs on the CPU (it may still teach a GPU student)."""
+def check_teacher_precision(precision: str, device: torch.device | None = None) -> None:
+    """One of :data:`TEACHER_PRECISIONS`; given the run's ``device``, also that it can run there:
+    ``fp16`` needs CUDA, ``int8-dynamic`` runs on the CPU (it may still teach a GPU student)."""
     if precision not in TEACHER_PRECISIONS:
         raise ConfigError(f"teacher_precision={precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
+    if device is not None and precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"teacher_precision='fp16' needs a CUDA device (this run is on {device.type}); on a "
                           "CPU use 'bf16' or 'int8-dynamic'")
 

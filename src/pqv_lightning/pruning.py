@@ -518,6 +518,13 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     return event
 
 
+def check_budget_value(name: str, value: Any) -> None:
+    """A MAC / parameter budget is a finite number > 0 (a fraction when < 1, else absolute)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned model "
+                          "or an absolute count")
+
+
 def ratio_for_budget(
     model: nn.Module,
     config: PruningConfig | None = None,
@@ -559,10 +566,8 @@ def ratio_for_budget(
     def measure(m: nn.Module) -> int:
         return count_macs(m, example_inputs) if name == "target_macs" else count_params(m)
 
+    check_budget_value(name, target)
     full = measure(model)
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
-        raise ConfigError(f"{name}={target!r} is out of range; allowed: a fraction in (0, 1) of the unpruned "
-                          f"model or an absolute count below {full:,}")
     absolute = target * full if target < 1 else target
     if absolute >= full:
         raise ConfigError(f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "

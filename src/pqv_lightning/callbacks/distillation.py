@@ -13,7 +13,6 @@ from torch import nn
 
 from ..adapters import locate_model
 from ..distillation import (
-    TEACHER_PRECISIONS,
     check_teacher_precision,
     distillation_loss,
     frozen_teacher,
@@ -87,8 +86,7 @@ class KnowledgeDistillation(Callback):
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: a number in [0, 1]")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
             raise ConfigError(f"tau={tau!r} must be a number > 0")
-        if teacher_precision not in TEACHER_PRECISIONS:
-            raise ConfigError(f"teacher_precision={teacher_precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
+        check_teacher_precision(teacher_precision)
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ConfigError(f"teacher={teacher!r}; allowed: None, an nn.Module or a checkpoint path")
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
 from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
-from ..pruning import PruningConfig, PruningEvent, StructuredPruner, ratio_for_budget
+from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
@@ -138,9 +138,7 @@ class StructuredPruning(Callback):
             raise ConfigError(f"a budget ({budget}) needs global_pruning=False: with global allocation the structure "
                               "depends on the scores gathered during the run")
         for name, value in budget.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned "
-                                  "model or an absolute count")
+            check_budget_value(name, value)
         self.budget = budget
         self.config = PruningConfig(
             importance=importance,
