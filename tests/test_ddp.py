@@ -51,7 +51,7 @@ def test_without_rewrapping_ddp_breaks(tmp_path):
 
 
 @pytest.mark.ddp
-def test_ddp_with_distillation_bf16_and_accumulation_keeps_ranks_identical(tmp_path):
+def test_ddp_with_distillation_regularization_bf16_and_accumulation_keeps_ranks_identical(tmp_path):
     (r0, r1), events = _run(tmp_path, "taylor", "kd")
     assert len(events) == 2 and len(r0) == len(r1) == 24
     for a, b in zip(r0, r1):

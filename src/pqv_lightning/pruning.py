@@ -52,6 +52,7 @@ from .importance import (
     tracked_weights,
 )
 from .optim import record_parameter_replacements, remap_optimizer, restore_requires_grad
+from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, check_threshold, coupled_groups, units_below_threshold
 
 __all__ = [
     "PruningConfig",
@@ -103,6 +104,11 @@ class PruningConfig:
         ratio_schedule: how the cumulative ratio grows over the events: ``"linear"`` (equal steps,
             Torch-Pruning's default) or ``"cubic"`` (Zhu & Gupta 2017: large steps first, small ones
             late, ``r_k = r (1 - (1 - k/n)^3)``).
+        threshold: threshold mode, alongside the ratio: at every event, after the ratio's removals,
+            also remove the units (channels with every coupled weight, see
+            :mod:`pqv_lightning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
+            norm of their group, e.g. ``0.05``; in ``(0, 1)``. Meant for group-sparsity training,
+            which drives units to zero. ``pruning_ratio=0`` leaves the threshold alone in charge.
     """
 
     importance: str = "taylor"
@@ -116,6 +122,7 @@ class PruningConfig:
     global_pruning: bool = False
     seed: int = 0
     ratio_schedule: str = "linear"
+    threshold: float | None = None
 
     def validate(self) -> None:
         if self.ratio_schedule not in RATIO_SCHEDULES:
@@ -131,6 +138,8 @@ class PruningConfig:
             raise ConfigError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ConfigError(f"round_to={self.round_to!r} must be None or an integer >= 1")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
 
     @property
     def effective_head_ratio(self) -> float:
@@ -161,6 +170,8 @@ class PruningEvent:
     optimizer_params_remapped: int = 0
     statistics_steps: int = 0  # optimizer steps whose gradients scored this event (gradient criteria)
     statistics_samples: int = 0  # gradient evaluations folded in (micro-batches for hessian)
+    removed_by_ratio: int = 0  # prunable channels (group root channels) the ratio rule removed at this event
+    removed_by_threshold: int = 0  # ... and the threshold rule (threshold mode)
 
     def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
         return {
@@ -170,6 +181,8 @@ class PruningEvent:
             f"{prefix}target_ratio": self.target_ratio,
             f"{prefix}ratio_reached": self.ratio_reached,
             f"{prefix}event_seconds": self.seconds,
+            f"{prefix}removed_by_ratio": float(self.removed_by_ratio),
+            f"{prefix}removed_by_threshold": float(self.removed_by_threshold),
         }
 
 
@@ -284,6 +297,7 @@ class StructuredPruner:
         self.initial_macs = count_macs(model, self._example()) if measure else 0
         self._initial_widths = self._prunable_out_widths()
         self.events: list[PruningEvent] = []
+        self._groups: list[CoupledGroup] | None = None  # coupled groups of the current structure
         if self.stats is not None:
             self.stats.attach()
 
@@ -347,6 +361,43 @@ class StructuredPruner:
         total = sum(self._initial_widths.values())
         return 1.0 - sum(now.get(k, 0) for k in self._initial_widths) / total if total else 0.0
 
+    def coupled_groups(self) -> list[CoupledGroup]:
+        """The groups of the current structure with every coupled parameter slice (cached until
+        the structure changes)."""
+        if self._groups is None:
+            self._groups = coupled_groups(self)
+        return self._groups
+
+    def prunable_channels(self) -> int:
+        """Root channels over all groups (what the ratio and threshold rules remove from)."""
+        return sum(g.n_units * g.heads for g in coupled_groups(self))
+
+    @torch.no_grad()
+    def regularize(self, reg: GroupSparsity) -> float:
+        """Add the group-sparsity gradient (:func:`pqv_lightning.sparsity.add_sparsity_gradient`) to
+        the live parameters' ``.grad``; call after backward, before ``optimizer.step()``. Returns
+        the penalty's value."""
+        return add_sparsity_gradient(self.coupled_groups(), reg)
+
+    def _threshold_prune(self) -> int:
+        """Remove the units below ``config.threshold`` (see :class:`PruningConfig`); returns the root
+        channels removed."""
+        assert self.config.threshold is not None
+        removed = 0
+        dg = self._tp.DG
+        round_to = self.config.round_to or 1
+        for g in coupled_groups(self):
+            units = units_below_threshold(g, self.config.threshold, keep_at_least=max(1, round_to))
+            excess = (g.n_units - len(units)) % round_to
+            if excess:  # keep the strongest of them so that the width stays a multiple of round_to
+                units = units[: max(0, len(units) - excess)]
+            if len(units) == 0:
+                continue
+            idxs = g.root_indices(units)
+            dg.get_pruning_group(g.root, g.handler, idxs).prune()
+            removed += len(idxs)
+        return removed
+
     # ------------------------------------------------------------------ statistics
     def accumulate(self) -> bool:
         """Fold the current gradients into the statistics (gradient criteria; no-op otherwise)."""
@@ -388,8 +439,14 @@ class StructuredPruner:
         t0 = time.perf_counter()
         # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
         self.model.zero_grad(set_to_none=True)
+        channels_before = self.prunable_channels()
+        removed_by_threshold = 0
         with record_parameter_replacements() as log, torch.enable_grad():
             self._tp.step()
+            removed_by_ratio = channels_before - self.prunable_channels()
+            if self.config.threshold is not None:
+                removed_by_threshold = self._threshold_prune()
+        self._groups = None
         live = list(self.model.parameters())
         remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
         restore_requires_grad(log, live)
@@ -413,6 +470,8 @@ class StructuredPruner:
             optimizer_params_remapped=remapped,
             statistics_steps=stat_steps,
             statistics_samples=stat_samples,
+            removed_by_ratio=removed_by_ratio,
+            removed_by_threshold=removed_by_threshold,
         )
         self.events.append(event)
         return event
@@ -459,6 +518,7 @@ class StructuredPruner:
                     self._tp.out_channel_groups[qkv] = int(heads)
         self._tp._scope_initial_channels = dict(state["scope_initial_channels"])
         self._tp.current_step = int(state["current_step"])
+        self._groups = None
         self.adapter.sync_attributes(self.model, state["num_heads"])
         self.initial_params = int(state.get("initial_params", self.initial_params))
         self.initial_macs = int(state.get("initial_macs", self.initial_macs))

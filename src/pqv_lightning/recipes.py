@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import torch
 
 from .errors import ConfigError
-from .callbacks import StructuredPruning
+from .callbacks import KnowledgeDistillation, StructuredPruning
 from .data import FashionMNISTDataModule
 from .models import ImageClassifier, bundled_checkpoint
 from .pruning import count_macs, count_params
 
-__all__ = ["FinetuneResult", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
+__all__ = ["RECIPES", "FinetuneResult", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
 
 def default_checkpoint() -> Path | None:
@@ -31,6 +31,16 @@ def default_checkpoint() -> Path | None:
         return bundled_checkpoint("vit_tiny_fmnist")
     except FileNotFoundError:
         return None
+
+
+#: Named fine-tuning recipes (keyword arguments of :func:`finetune_with_pruning`), all 256 optimizer
+#: steps of batch 128. ``"v0.2"`` is the recipe of releases up to 0.2; ``"default"`` is the best one
+#: measured by ``benchmarks/fmnist_recovery.py`` and is what the demo and the sweep use.
+RECIPES: dict[str, dict[str, Any]] = {
+    "v0.2": {"lr": 2e-4, "warmup_steps": 0, "epochs": 2, "train_subset": 16384, "iterative_steps": 4,
+             "prune_span": 0.25, "ratio_schedule": "cubic"},
+}
+RECIPES["default"] = dict(RECIPES["v0.2"])
 
 
 @dataclass
@@ -74,19 +84,36 @@ def finetune_with_pruning(
     seed: int = 0,
     precision: str = "32-true",
     prune_span: float = 0.6,
+    prune_start: float = 0.0,
     ratio_schedule: str = "linear",
+    warmup_steps: int = 0,
+    label_smoothing: float = 0.1,
+    distill_alpha: float = 0.0,
+    distill_tau: float = 1.0,
+    teacher_precision: str = "bf16",
+    pruning_kwargs: dict[str, Any] | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` for ``epochs`` over ``train_subset`` images while
     :class:`StructuredPruning` runs ``iterative_steps`` events spread evenly over the first
     ``prune_span`` of the optimizer steps (``iterative_steps=1``: one-shot after one statistics
-    window, then fine-tuning for the rest of the same budget). Returns test accuracy, params and MACs."""
+    window, then fine-tuning for the rest of the same budget). Returns test accuracy, params and MACs.
+
+    ``warmup_steps`` / ``label_smoothing`` / ``lr`` go to :class:`ImageClassifier`; ``distill_alpha > 0``
+    adds :class:`KnowledgeDistillation` (``distill_tau``, ``teacher_precision``) from the unpruned
+    network; ``pruning_kwargs`` are extra :class:`StructuredPruning` arguments (e.g. regularization).
+    ``prune_start``: fraction of the steps before the first statistics window (a sparse-training
+    phase when ``pruning_kwargs`` holds a regularization)."""
     if not 0 < prune_span <= 1:
         raise ConfigError(f"prune_span={prune_span} must be in (0, 1]")
+    if not 0 <= prune_start < 1 or prune_start + prune_span > 1:
+        raise ConfigError(f"prune_start={prune_start} must be in [0, 1) with prune_start + prune_span <= 1 "
+                          f"(prune_span={prune_span})")
     pl.seed_everything(seed, verbose=False)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset,
                                 test_subset=test_subset, seed=seed)
-    module = ImageClassifier(checkpoint=str(checkpoint), lr=lr)
+    module = ImageClassifier(checkpoint=str(checkpoint), lr=lr, warmup_steps=warmup_steps,
+                             label_smoothing=label_smoothing)
     dm.setup("fit")
     steps = epochs * (len(dm.train_set) // batch_size)
     callbacks: list[pl.Callback] = []
@@ -95,9 +122,11 @@ def finetune_with_pruning(
         frequency = max(accumulate_batches, span // max(1, iterative_steps - 1)) if iterative_steps > 1 else accumulate_batches
         callbacks.append(StructuredPruning(
             importance=importance, pruning_ratio=pruning_ratio, iterative_steps=iterative_steps,
-            accumulate_batches=accumulate_batches, interval="step", start=0, frequency=frequency,
-            ratio_schedule=ratio_schedule,
+            accumulate_batches=accumulate_batches, interval="step", start=int(prune_start * steps), frequency=frequency,
+            ratio_schedule=ratio_schedule, **(pruning_kwargs or {}),
         ))
+    if distill_alpha > 0:
+        callbacks.append(KnowledgeDistillation(alpha=distill_alpha, tau=distill_tau, teacher_precision=teacher_precision))
     callbacks += list(extra_callbacks or [])
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,5 +1,6 @@
 """Run by tests/test_ddp.py: 2-process CPU (gloo) DDP fit with StructuredPruning (mode ``kd``: also
-KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too).
+KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, and group-sparsity
+regularization with threshold mode).
 
 Each rank writes, after every optimizer step, a digest of its model's weights to
 OUT/rank{r}.json, plus the parameter shapes and whether the optimizer holds exactly the live params.
@@ -52,8 +53,10 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     gen = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(256, 1, 32, 32, generator=gen), torch.randint(0, 10, (256,), generator=gen))
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
+    # mode "kd" also adds group-sparsity regularization and threshold mode
+    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, prune_threshold=0.05) if rewrap == "kd" else {}
     pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2,
-                                accumulate_batches=2, interval="step", start=1, frequency=4)
+                                accumulate_batches=2, interval="step", start=1, frequency=4, **extra)
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision="bf16") if rewrap == "kd" else None
     callbacks = [pruning] + ([kd] if kd else []) + [Probe(out_dir, kd)]
     trainer = pl.Trainer(

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..adapters import example_inputs_for, locate_model
 from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
+from ..sparsity import GroupSparsity
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
@@ -93,6 +94,18 @@ class StructuredPruning(Callback):
         seed: seed of the ``random`` criterion.
         ratio_schedule: ``"linear"`` (equal steps) or ``"cubic"`` (large steps first) growth of the
             cumulative ratio over the events.
+        regularization: ``"l2"`` (group lasso) or ``"l1"``: group-sparsity regularization of every
+            dependency group (:mod:`pqv_lightning.sparsity`: Linear rows/columns, biases, LayerNorm,
+            tokens, q/k/v head dims), its gradient added to the real (unscaled, DDP-synchronised)
+            gradients in ``on_before_optimizer_step`` from the first optimizer step until the last
+            event. The steps before the first window (``start``) form a sparse-training phase.
+        reg_strength: λ at the first step, >= 0.
+        reg_strength_end: λ at the last event (it grows linearly from ``reg_strength``); None = constant.
+        reg_alpha: less important units of a group (smaller norm) shrink up to this many times
+            harder, >= 1 (1 = all alike).
+        prune_threshold: threshold mode: at each event also remove the units whose L2 norm fell below
+            this fraction of their group's mean unit norm (in ``(0, 1)``); the event log says how many
+            channels each rule removed (``removed_by_ratio`` / ``removed_by_threshold``).
 
     Example::
 
@@ -127,6 +140,11 @@ class StructuredPruning(Callback):
         ratio_schedule: Literal["linear", "cubic"] = "linear",
         target_macs: float | None = None,
         target_params: float | None = None,
+        regularization: Literal["l1", "l2"] | None = None,
+        reg_strength: float = 1e-4,
+        reg_strength_end: float | None = None,
+        reg_alpha: float = 4.0,
+        prune_threshold: float | None = None,
     ) -> None:
         super().__init__()
         budget = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
@@ -152,8 +170,17 @@ class StructuredPruning(Callback):
             global_pruning=global_pruning,
             seed=seed,
             ratio_schedule=ratio_schedule,
+            threshold=prune_threshold,
         )
         self.config.validate()
+        self.regularization = None
+        self.reg_strength_end = reg_strength_end
+        if regularization is not None:
+            self.regularization = GroupSparsity(regularization, reg_strength, reg_alpha)
+            if reg_strength_end is not None:
+                GroupSparsity(regularization, reg_strength_end, reg_alpha)  # same checks, named below
+        elif reg_strength_end is not None:
+            raise ConfigError(f"reg_strength_end={reg_strength_end!r} needs regularization='l1' or 'l2'")
         _check_int("accumulate_batches", accumulate_batches, 1)
         _check_int("start", start, 0)
         _check_int("frequency", frequency, 1)
@@ -178,6 +205,7 @@ class StructuredPruning(Callback):
         self._window_steps = 0
         self._stepped = False
         self._window_open_now = False
+        self._reg_last_step: int | None = None  # optimizer step of the last event (for the growing strength)
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -306,6 +334,11 @@ class StructuredPruning(Callback):
                         f"the pruning schedule needs optimizer step {last_step} but this fit runs {budget} steps "
                         f"(max_epochs={trainer.max_epochs})"
                     )
+            if self.interval == "epoch":
+                last_window = (self.start + (self.config.iterative_steps - 1) * self.frequency) * steps_per_epoch
+                self._reg_last_step = last_window + self.accumulate_batches
+        if self.interval == "step":
+            self._reg_last_step = self.start + (self.config.iterative_steps - 1) * self.frequency + self.accumulate_batches
         assert self.pruner is not None
         if self.pruner.stats is not None:
             self.pruner.stats.attach()  # parameters may have been replaced by a checkpoint replay
@@ -385,6 +418,27 @@ class StructuredPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
+        self._collect_statistics(trainer, optimizer)
+        if self.regularization is not None and not self._done():
+            # after the statistics: Taylor / Hessian scores see the task gradients only
+            assert self.pruner is not None
+            reg = self.reg_at(trainer.global_step)
+            penalty = self.pruner.regularize(reg)
+            pl_module.log_dict({"pruning/reg_penalty": penalty, "pruning/reg_strength": reg.strength},
+                               on_step=True, on_epoch=False)
+
+    def reg_at(self, step: int) -> GroupSparsity:
+        """The regularization at optimizer step ``step``: the strength grows linearly from
+        ``reg_strength`` to ``reg_strength_end`` at the last event."""
+        assert self.regularization is not None
+        reg = self.regularization
+        if self.reg_strength_end is None or not self._reg_last_step:
+            return reg
+        progress = min(1.0, step / self._reg_last_step)
+        strength = reg.strength + (self.reg_strength_end - reg.strength) * progress
+        return GroupSparsity(reg.norm, strength, reg.alpha)
+
+    def _collect_statistics(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         if not self._window_open_now:
             if self.pruner is not None and self.pruner.stats is not None:
                 self.pruner.stats.discard_pending()
@@ -455,6 +509,8 @@ class StructuredPruning(Callback):
             f"params {event.params_before:,} -> {event.params_after:,}, MACs {event.macs_before / 1e6:.1f}M -> "
             f"{event.macs_after / 1e6:.1f}M, channel ratio {event.ratio_reached:.3f} "
             f"(target {event.target_ratio:.3f}), {event.seconds:.2f} s"
+            + (f"; channels removed by ratio {event.removed_by_ratio}, by threshold {event.removed_by_threshold}"
+               if self.config.threshold is not None else "")
         )
         metrics = event.metrics()
         for logger in trainer.loggers:
@@ -465,9 +521,11 @@ class StructuredPruning(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_table(
                     key="pruning/events",
-                    columns=["event", "target_ratio", "ratio_reached", "params", "macs", "seconds"],
+                    columns=["event", "target_ratio", "ratio_reached", "params", "macs", "seconds",
+                             "removed_by_ratio", "removed_by_threshold"],
                     data=[
-                        [e.index, e.target_ratio, e.ratio_reached, e.params_after, e.macs_after, e.seconds]
+                        [e.index, e.target_ratio, e.ratio_reached, e.params_after, e.macs_after, e.seconds,
+                         e.removed_by_ratio, e.removed_by_threshold]
                         for e in self.events
                     ],
                     step=trainer.global_step,

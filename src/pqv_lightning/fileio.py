@@ -1,0 +1,38 @@
+"""File helpers shared by the library and the applications: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_write_text", "file_digest", "staged"]
+
+
+@contextlib.contextmanager
+def staged(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; it replaces ``path`` only if the block succeeds,
+    so a reader never sees a half-written file and a failure leaves the old file untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`staged`)."""
+    with staged(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """A file's identity by content: the first ``length`` hex digits of its sha256."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:length]
