@@ -377,11 +377,23 @@ def test_a_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
     assert pruning.events[-1].macs_after == macs and "target_macs" in pruning.state_key
 
 
+def test_a_global_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
+    from pqv_lightning.pruning import count_macs
+
+    x = torch.randn(1, 1, 32, 32)
+    full = count_macs(lit_model.model, x)
+    pruning = StructuredPruning(importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1,
+                                global_pruning=True)
+    make_trainer(tmp_path, [pruning], max_epochs=2).fit(lit_model, random_loader(64, 16))
+    macs = count_macs(lit_model.model, x)
+    assert 0.97 * 0.55 * full < macs <= 0.55 * full
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(pruning_ratio=0.3, target_macs=0.5), "give a pruning_ratio .* or a budget"),
     (dict(target_macs=0.5, target_params=0.5), "give one budget, not both"),
     (dict(target_params=-1), r"target_params=-1 is out of range"),
-    (dict(target_macs=0.5, global_pruning=True), "needs global_pruning=False"),
+    (dict(target_macs=0.5, global_pruning=True, importance="random"), "needs a deterministic criterion"),
 ])
 def test_bad_budgets_are_refused_when_the_callback_is_made(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -324,5 +324,32 @@ def test_ratio_for_budget_rejects_impossible_budgets():
     ]:
         with pytest.raises(ConfigError, match=message):
             ratio_for_budget(model, PruningConfig(), **kwargs)
-    with pytest.raises(ConfigError, match="need global_pruning=False"):
-        ratio_for_budget(model, PruningConfig(global_pruning=True), target_macs=0.5)
+    # global allocation: the uniform ratio is the nominal one (the last event settles the real ratio)
+    assert ratio_for_budget(model, PruningConfig(global_pruning=True), target_macs=0.5) == ratio_for_budget(
+        model, PruningConfig(), target_macs=0.5)
+    with pytest.raises(ConfigError, match="deterministic criterion"):
+        StructuredPruner(model, PruningConfig(importance="random", global_pruning=True), budget={"target_macs": 0.5})
+    with pytest.raises(ConfigError, match="budget=.*must be"):
+        StructuredPruner(model, PruningConfig(), budget={"macs": 0.5})
+
+
+@pytest.mark.parametrize("kind", ["target_macs", "target_params"])
+def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
+    from pqv_lightning.pruning import PruningConfig, count_macs, count_params, ratio_for_budget
+
+    model = tiny_vit(depth=3)
+    x = torch.randn(1, 1, 32, 32)
+
+    def measure(m):
+        return count_macs(m, x) if kind == "target_macs" else count_params(m)
+
+    full = measure(model)
+    config = PruningConfig(importance="l2", global_pruning=True, iterative_steps=2)
+    config.pruning_ratio = ratio_for_budget(model, config, example_inputs=x, **{kind: 0.5})
+    pruner = StructuredPruner(model, config, example_inputs=x, budget={kind: 0.5})
+    first = pruner.step()
+    assert measure(model) > 0.5 * full  # the first event follows the nominal schedule
+    pruner.step()
+    assert 0.97 * 0.5 * full < measure(model) <= 0.5 * full
+    widths = {n: w[1] for n, w in first.widths.items() if n.endswith("mlp.fc1")}
+    assert len(set(pruner.widths()[n][1] for n in widths)) > 1  # global: layers lose different shares

@@ -238,9 +238,11 @@ class StructuredPruner:
         example_inputs: torch.Tensor | None = None,
         adapter: ModelAdapter | None = None,
         measure: bool = True,
+        budget: dict[str, float] | None = None,
     ):
         self.config = config = config or PruningConfig()
         config.validate()
+        self.budget = _check_budget_dict(budget, config)
         self.model = model
         self.adapter = adapter or find_adapter(model)
         if self.adapter is None:
@@ -298,6 +300,12 @@ class StructuredPruner:
         self._initial_widths = self._prunable_out_widths()
         self.events: list[PruningEvent] = []
         self._groups: list[CoupledGroup] | None = None  # coupled groups of the current structure
+        if self.budget:  # absolute numbers from now on
+            name, target = next(iter(self.budget.items()))
+            full = self.initial_macs if name == "target_macs" else self.initial_params
+            if name == "target_macs" and not measure:
+                full = count_macs(model, self._example())
+            self.budget = {name: target * full if target < 1 else float(target)}
         if self.stats is not None:
             self.stats.attach()
 
@@ -398,6 +406,48 @@ class StructuredPruner:
             removed += len(idxs)
         return removed
 
+    def _measure(self, model: nn.Module, name: str) -> int:
+        return count_macs(model, self._example()) if name == "target_macs" else count_params(model)
+
+    def _global_ratio_for_budget(self, iterations: int = 8) -> float:
+        """The smallest cumulative ratio at which this event, ranking channels globally with the
+        scores gathered for it, meets the budget. Each trial prunes a copy of the model with a pruner
+        that carries this one's statistics and initial channel counts."""
+        assert self.budget
+        name, absolute = next(iter(self.budget.items()))
+        stats_state = self.stats.state_dict() if self.stats is not None else None
+        done = float(self._tp.per_step_pruning_ratio[self.completed_events])
+
+        def after(ratio: float) -> int:
+            trial_model = copy.deepcopy(self.model)
+            trial = StructuredPruner(trial_model, dataclasses.replace(self.config, pruning_ratio=ratio, iterative_steps=1,
+                                                                      threshold=None),
+                                     example_inputs=self._example_inputs, adapter=self.adapter, measure=False)
+            trial._tp._scope_initial_channels = dict(self._tp._scope_initial_channels)
+            if stats_state is not None and trial.stats is not None:
+                trial.stats.load_state_dict(stats_state)
+            trial.step()
+            return self._measure(trial_model, name)
+
+        # MACs/params need not fall monotonically at extreme global ratios (Torch-Pruning stops pruning
+        # groups that hit their limits), so find the first feasible ratio on a coarse grid, then bisect.
+        grid = [done + (0.99 - done) * k / 20 for k in range(1, 21)]
+        lo = done
+        for hi in grid:
+            if after(hi) <= absolute:
+                break
+            lo = hi
+        else:
+            raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at the last event "
+                              f"(tried cumulative ratios up to 0.99)")
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if after(mid) <= absolute:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
     # ------------------------------------------------------------------ statistics
     def accumulate(self) -> bool:
         """Fold the current gradients into the statistics (gradient criteria; no-op otherwise)."""
@@ -438,6 +488,9 @@ class StructuredPruner:
         was_training = self.model.training
         t0 = time.perf_counter()
         # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
+        if self.budget and self.config.global_pruning and self.completed_events + 1 == self.iterative_steps:
+            # global allocation: the last event's ratio is settled on copies with this event's scores
+            self._tp.per_step_pruning_ratio[-1] = self._global_ratio_for_budget()
         self.model.zero_grad(set_to_none=True)
         channels_before = self.prunable_channels()
         removed_by_threshold = 0
@@ -578,6 +631,18 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     return event
 
 
+def _check_budget_dict(budget: dict[str, float] | None, config: PruningConfig) -> dict[str, float]:
+    if not budget:
+        return {}
+    if len(budget) != 1 or next(iter(budget)) not in ("target_macs", "target_params"):
+        raise ConfigError(f"budget={budget!r} must be {{'target_macs': x}} or {{'target_params': x}}")
+    name, value = next(iter(budget.items()))
+    check_budget_value(name, value)
+    if config.global_pruning and config.importance == "random":
+        raise ConfigError("a budget with global_pruning=True needs a deterministic criterion, not importance='random'")
+    return dict(budget)
+
+
 def check_budget_value(name: str, value: Any) -> None:
     """A MAC / parameter budget is a finite number > 0 (a fraction when < 1, else absolute)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -602,20 +667,19 @@ def ratio_for_budget(
     With uniform allocation (``global_pruning=False``, the default) each layer keeps the same share of
     its channels whichever criterion picks them, so the structure, and with it MACs and parameters,
     depends on the ratio alone: the ratio found here lands on the budget within one channel group at
-    the last event of any schedule. Global allocation depends on the scores the run will gather and is
-    refused.
+    the last event of any schedule. With global allocation the structure depends on the scores the run
+    gathers: the uniform ratio returned here is only the schedule's nominal ratio (and the check that
+    the budget is reachable); ``StructuredPruner(budget=...)`` settles the last event's ratio with that
+    event's scores.
 
     Raises:
-        ConfigError: neither or both targets, a target <= 0 or >= the unpruned model, a budget this model
-            cannot reach with its ignored layers, or ``global_pruning=True``.
+        ConfigError: neither or both targets, a target <= 0 or >= the unpruned model, or a budget this
+            model cannot reach with its ignored layers.
     """
     config = config or PruningConfig()
     if (target_macs is None) == (target_params is None):
         raise ConfigError(f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
                           f"target_params={target_params!r})")
-    if config.global_pruning:
-        raise ConfigError("target_macs / target_params need global_pruning=False: with global allocation the "
-                          "structure depends on the importance scores gathered during the run")
     adapter = adapter or find_adapter(model)
     if adapter is None:
         raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
@@ -635,7 +699,8 @@ def ratio_for_budget(
 
     def after(ratio: float) -> int:
         trial = copy.deepcopy(model)
-        trial_config = dataclasses.replace(config, pruning_ratio=ratio, iterative_steps=1, importance="l2")
+        trial_config = dataclasses.replace(config, pruning_ratio=ratio, iterative_steps=1, importance="l2",
+                                           global_pruning=False, threshold=None)
         if ratio > 0:
             prune_once(trial, trial_config, example_inputs=example_inputs, adapter=adapter)
         return measure(trial)

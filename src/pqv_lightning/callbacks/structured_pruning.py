@@ -76,7 +76,9 @@ class StructuredPruning(Callback):
             absolute or as a fraction (< 1) of the unpruned model. Before training, the smallest
             uniform channel ratio that meets it is found on copies of the network
             (:func:`pqv_lightning.pruning.ratio_for_budget`); the last event lands on the budget within
-            one channel group. Not with ``pruning_ratio`` or ``global_pruning``.
+            one channel group. With ``global_pruning=True`` that ratio drives the earlier events and the
+            last event's ratio is found on copies with that event's scores (a few seconds per event on
+            a small ViT). Not with ``pruning_ratio``.
         iterative_steps: number of pruning events.
         accumulate_batches: optimizer steps of gradient statistics gathered before each event.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start`` and ``frequency``.
@@ -152,9 +154,9 @@ class StructuredPruning(Callback):
             raise ConfigError(f"give one budget, not both: {budget}")
         if budget and pruning_ratio is not None:
             raise ConfigError(f"give a pruning_ratio ({pruning_ratio!r}) or a budget ({budget}), not both")
-        if budget and global_pruning:
-            raise ConfigError(f"a budget ({budget}) needs global_pruning=False: with global allocation the structure "
-                              "depends on the scores gathered during the run")
+        if budget and global_pruning and importance == "random":
+            raise ConfigError(f"a budget ({budget}) with global_pruning=True needs a deterministic criterion, not "
+                              "importance='random'")
         for name, value in budget.items():
             check_budget_value(name, value)
         self.budget = budget
@@ -251,7 +253,8 @@ class StructuredPruning(Callback):
                                                              adapter=adapter, **self.budget)
                 rank_zero_info(f"StructuredPruning: budget {self.budget} -> channel ratio "
                                f"{self.config.pruning_ratio:.4f}")
-            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
+            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter,
+                                           budget=self.budget)
             self._located_attr = attr
             rank_zero_info(
                 f"StructuredPruning: pruning {type(model).__name__} at "
