@@ -33,7 +33,8 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     kinds = [c["key"].split("|")[0] for c in cells]
     assert kinds.count("latency") == 4 and kinds.count("engines") == 1 and kinds.count("gemm") == 1
     # taylor at the importance ratio is the accuracy cell at that ratio: computed once, shared
-    assert kinds.count("accuracy") == 2 and kinds.count("importance") == 1
+    # (seed 0; seed 1 gets its own taylor cell): 2 criteria x 2 seeds - 1 shared
+    assert kinds.count("accuracy") == 2 and kinds.count("importance") == 3
     results = json.loads((out / "results.json").read_text())["results"]
     gemm = results["gemm"][0]
     assert gemm["fp32_gops"] > 0 and gemm["int8_gops"] > 0
@@ -59,9 +60,9 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     assert {r["precision"] for r in acc} == {"fp32 eager", "fp32", "fp16", "int8-dynamic"}
     assert all(0 <= r["test_acc"] <= 1 for r in acc)
     imp = results["importance"]
-    assert sorted((r["importance"], r["precision"]) for r in imp) == [
-        ("l2", "fp32"), ("l2", "fp32 eager"), ("taylor", "fp32"), ("taylor", "fp32 eager")]
-    taylor = next(r for r in imp if r["importance"] == "taylor")
+    assert sorted((r["importance"], r["seed"], r["precision"]) for r in imp) == [
+        (c, seed, p) for c in ("l2", "taylor") for seed in (0, 1) for p in ("fp32", "fp32 eager")]
+    taylor = next(r for r in imp if r["importance"] == "taylor" and r["seed"] == 0)
     assert taylor["test_acc"] == next(r["test_acc"] for r in acc if r["ratio"] == 0.5)
     for name in ("fig2_latency_memory.png", "fig4_accuracy.png", "fig5_importance.png", "fig6_models.png",
                  "fig7_engines.png"):
@@ -110,7 +111,9 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     for name in ("results.md", "summary.md"):
         assert (out / name).read_text().startswith(f"**Partial report**: 1 cell(s) not run yet: `{dropped}`")
     partial = json.loads((out / "results.json").read_text())["results"]["importance"]
-    assert {r["importance"] for r in partial} == {"taylor"}  # l2 dropped, taylor comes from the accuracy cell
+    # l2 seed 0 dropped; taylor seed 0 still comes from the accuracy cell
+    assert {(r["importance"], r["seed"]) for r in partial} == {("taylor", 0), ("taylor", 1), ("l2", 1)}
+    assert "| l2 | " in (out / "results.md").read_text()  # the report aggregates what there is
 
 
 def test_torn_last_line_is_ignored_and_the_cell_redone(tmp_path):
@@ -190,6 +193,7 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
         (dict(precisions=["fp32"]), {"latency", "accuracy", "importance"}),  # importance shares taylor's cell
         (dict(verify_batches=3), {"accuracy", "importance"}), (dict(test_subset=128), {"accuracy", "importance"}),
         (dict(engine_ratio=0.25), {"engines"}), (dict(format="ptl"), {"latency", "accuracy", "importance"}),
+        (dict(recipe="v0.2"), {"accuracy", "importance"}), (dict(seeds=[0, 2]), {"importance"}),
     ]:
         changed = {e for (e, k), (_, old) in zip(keys(**change), reference) if k != old}
         assert changed == affected, change
@@ -198,3 +202,25 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
     assert keys(ckpt=str(tmp_path / "copy.pt")) == reference
     other = save_vit_checkpoint(tiny_vit(seed=1, depth=1), tmp_path / "other.pt")
     assert {e for (e, k), (_, old) in zip(keys(ckpt=str(other)), reference) if k != old} == {"accuracy", "importance"}
+
+
+def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error():
+    from pqv_lightning.sweep_report import importance_summary
+
+    rows = [{"importance": c, "seed": s, "precision": p, "test_acc": acc, "ratio": 0.25, "steps": 256, "params": 3e6,
+             "test_images": 10_000}
+            for c, accs in (("taylor", (0.90, 0.91, 0.89)), ("l2", (0.88,))) for s, acc in enumerate(accs)
+            for p in ("fp32 eager", "int8-dynamic")]
+    summary = {r["importance"]: r for r in importance_summary(rows)}
+    assert summary["taylor"]["accs"] == pytest.approx([90.0, 91.0, 89.0])
+    assert summary["taylor"]["mean"] == pytest.approx(90.0) and summary["taylor"]["std"] == pytest.approx(1.0)
+    assert summary["taylor"]["se"] == pytest.approx(100 * (0.9 * 0.1 / 10_000) ** 0.5)
+    assert summary["l2"]["accs"] == pytest.approx([88.0]) and summary["l2"]["std"] != summary["l2"]["std"]  # nan
+
+
+def test_unknown_recipe_and_bad_seeds_fail_before_any_cell(tmp_path, capsys):
+    assert main(["sweep", "--quick", "--out", str(tmp_path), "--seeds", "1", "1"]) == 2
+    assert "seeds=[1, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--quick", "--out", str(tmp_path), "--recipe", "nope"])
+    assert not (tmp_path / "cells.jsonl").exists()

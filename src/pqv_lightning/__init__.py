@@ -7,6 +7,7 @@ from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
 from .export import MobileExportConfig, export_mobile
 from .distillation import distillation_loss, frozen_teacher
 from .importance import GradientStatistics, make_importance
+from .sparsity import GroupSparsity, add_sparsity_gradient, coupled_groups
 from .pruning import (
     PruningConfig,
     PruningEvent,
@@ -20,6 +21,9 @@ from .pruning import (
 from ._version import __version__
 
 __all__ = [
+    "GroupSparsity",
+    "add_sparsity_gradient",
+    "coupled_groups",
     "CHECKPOINT_KEY",
     "KnowledgeDistillation",
     "distillation_loss",

@@ -149,6 +149,7 @@ def cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- sweep
 def _sweep_parser(sub) -> None:
+    from .recipes import RECIPES
     from .sweep import EXPERIMENTS
 
     p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
@@ -167,6 +168,10 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="fine-tuning recipe of the accuracy cells (default: 'default', the best one measured)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of the importance experiment (default 0 1 2; 0 1 with --quick)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report and plots from the finished cells only (a partial report); compute nothing")
 
@@ -180,7 +185,8 @@ def cmd_sweep(args) -> int:
     for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("format", args.format),
                         ("latency_models", args.models), ("engine_models", args.engine_models),
                         ("checkpoint", args.checkpoint),
-                        ("data_dir", args.data_dir), ("threads", args.threads)):
+                        ("data_dir", args.data_dir), ("threads", args.threads), ("recipe", args.recipe),
+                        ("seeds", args.seeds)):
         if value is not None:
             setattr(config, name, value)
     config.report_only = args.report_only

@@ -35,6 +35,8 @@ def _default_formats() -> list[str]:
 
 
 def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .recipes import RECIPES
+
     ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--checkpoint", default=None,
                     help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)")
@@ -42,9 +44,13 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
     ap.add_argument("--importance", default="taylor", choices=["taylor", "hessian", "l1", "l2", "random"])
+    ap.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                    help="fine-tuning recipe: learning rate, warm-up, distillation, regularization (see "
+                         "pqv_lightning.recipes.RECIPES; 'default' is the best one measured)")
     ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
-    ap.add_argument("--events", type=int, default=4, help="number of pruning events")
-    ap.add_argument("--schedule", default="cubic", choices=["linear", "cubic"], help="growth of the ratio over events")
+    ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
+    ap.add_argument("--schedule", default=None, choices=["linear", "cubic"],
+                    help="growth of the ratio over events (default: the recipe's)")
     ap.add_argument("--accumulate", type=int, default=8, help="optimizer steps of statistics per event")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
@@ -64,7 +70,7 @@ def _check(args) -> None:
     if not 0.0 <= args.ratio < 1.0:
         raise ConfigError(f"--ratio {args.ratio}: must be in [0, 1)")
     for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise InputNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
@@ -84,7 +90,14 @@ def run_demo(args) -> int:
 def _run_demo(args) -> int:
     from .callbacks import MobileExport
     from .data import FashionMNISTDataModule
-    from .recipes import default_checkpoint, export_table, finetune_with_pruning, format_table, train_vit_checkpoint
+    from .recipes import (
+        default_checkpoint,
+        export_table,
+        finetune_with_pruning,
+        format_table,
+        recipe_settings,
+        train_vit_checkpoint,
+    )
 
     FashionMNISTDataModule(data_dir=args.data_dir).check_files()  # a missing dataset fails now, in one line
     ckpt = args.checkpoint or default_checkpoint()
@@ -107,10 +120,13 @@ def _run_demo(args) -> int:
         export = MobileExport(precisions=args.precisions, formats=formats, output_dir=args.export_dir,
                               overwrite=True, threads=args.threads, verify_batches=4, calibration_batches=4,
                               input_normalization={"mean": [0.2860], "std": [0.3530], "pad": 2})
+    recipe = recipe_settings(args.recipe, budget=False)
+    recipe.update({k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule))
+                   if v is not None})
     rows.append(finetune_with_pruning(
         ckpt, label="pruned + fine-tuned", importance=args.importance, pruning_ratio=args.ratio,
-        iterative_steps=args.events, accumulate_batches=args.accumulate, train_subset=args.train_subset,
-        ratio_schedule=args.schedule, epochs=args.epochs, extra_callbacks=[export] if export else None, **common))
+        accumulate_batches=args.accumulate, train_subset=args.train_subset, epochs=args.epochs,
+        extra_callbacks=[export] if export else None, **recipe, **common))
     print()
     print(format_table(rows))
     if export is not None and export.manifest is not None:

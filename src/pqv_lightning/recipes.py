@@ -3,6 +3,7 @@ structured pruning and measure test accuracy, parameters and MACs before and aft
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from .data import FashionMNISTDataModule
 from .models import ImageClassifier, bundled_checkpoint
 from .pruning import count_macs, count_params
 
-__all__ = ["RECIPES", "FinetuneResult", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
+__all__ = ["RECIPES", "FinetuneResult", "recipe_settings", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
 
 def default_checkpoint() -> Path | None:
@@ -41,6 +42,16 @@ RECIPES: dict[str, dict[str, Any]] = {
              "prune_span": 0.25, "ratio_schedule": "cubic"},
 }
 RECIPES["default"] = dict(RECIPES["v0.2"])
+#: Keys of a recipe that set the data budget (the demo and the sweep choose their own).
+BUDGET_KEYS = ("epochs", "train_subset")
+
+
+def recipe_settings(name: str, budget: bool = True) -> dict[str, Any]:
+    """The :func:`finetune_with_pruning` keyword arguments of recipe ``name`` (a copy); ``budget=False``
+    leaves out the data budget (:data:`BUDGET_KEYS`)."""
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r} is not defined; allowed: {sorted(RECIPES)}")
+    return {k: copy.deepcopy(v) for k, v in RECIPES[name].items() if budget or k not in BUDGET_KEYS}
 
 
 @dataclass
@@ -54,6 +65,7 @@ class FinetuneResult:
     params: int
     macs: int
     seconds: float
+    test_images: int = 0
 
 
 @torch.no_grad()
@@ -138,10 +150,12 @@ def finetune_with_pruning(
         trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     model = module.model
+    test_acc = evaluate(model, dm)
     return FinetuneResult(
         label=label, importance=importance if pruning_ratio > 0 else "-", pruning_ratio=pruning_ratio,
-        events=iterative_steps if pruning_ratio > 0 else 0, steps=steps, test_acc=evaluate(model, dm),
+        events=iterative_steps if pruning_ratio > 0 else 0, steps=steps, test_acc=test_acc,
         params=count_params(model), macs=count_macs(model, torch.randn(1, 1, 32, 32)), seconds=seconds,
+        test_images=len(dm.test_set),
     )
 
 

@@ -51,6 +51,8 @@ class SweepConfig:
     accuracy_ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
     importances: list[str] = field(default_factory=lambda: ["taylor", "hessian", "l1", "l2"])
     importance_ratio: float = 0.25
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the importance experiment's seeds
+    recipe: str = "default"  # fine-tuning recipe of the accuracy cells (pqv_lightning.recipes.RECIPES)
     checkpoint: str | None = None
     data_dir: str | None = None
     train_subset: int = 16384
@@ -70,7 +72,7 @@ FULL = SweepConfig()
 QUICK = SweepConfig(
     out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
     engine_models=["vit_test_tiny"],
-    format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5,
+    format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5, seeds=[0, 1],
     train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
 )
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
@@ -227,23 +229,25 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
 
 
 def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importance: str, precisions: list[str],
-                   work: Path) -> list[dict[str, Any]]:
+                   work: Path, seed: int = 0) -> list[dict[str, Any]]:
     from .callbacks import MobileExport
-    from .recipes import finetune_with_pruning
+    from .recipes import finetune_with_pruning, recipe_settings
 
     export = MobileExport(precisions=precisions, formats=[config.format], output_dir=str(work / "export"),
                           overwrite=True, threads=config.threads, repeats=3, warmup=1,
                           verify_batches=config.verify_batches, calibration_batches=2, min_top1_agreement=0.0,
                           measure_memory=False, log_artifact=False)
     steps = config.epochs * (config.train_subset // config.batch_size)
-    events = 4 if steps >= 64 else 1  # short budgets: one-shot after one statistics window
+    recipe = recipe_settings(config.recipe, budget=False)
+    if steps < 64:  # short budgets: one-shot after one statistics window
+        recipe["iterative_steps"] = 1
     result = finetune_with_pruning(
         checkpoint, label=f"{importance} {ratio:g}", importance=importance, pruning_ratio=ratio,
-        iterative_steps=events, accumulate_batches=min(8, max(1, steps // 8)),
-        train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
-        data_dir=config.data_dir, test_subset=config.test_subset, ratio_schedule="cubic",
-        extra_callbacks=[export])
-    common = {"ratio": ratio, "importance": importance, "test_acc": result.test_acc, "params": result.params,
+        accumulate_batches=min(8, max(1, steps // 8)), train_subset=config.train_subset, epochs=config.epochs,
+        batch_size=config.batch_size, data_dir=config.data_dir, test_subset=config.test_subset, seed=seed,
+        extra_callbacks=[export], **recipe)
+    common = {"ratio": ratio, "importance": importance, "seed": seed, "recipe": config.recipe,
+              "test_acc": result.test_acc, "test_images": result.test_images, "params": result.params,
               "macs": result.macs, "steps": result.steps, "seconds": result.seconds}
     rows = [{**common, "precision": "fp32 eager", "val_acc": None}]
     for a in (export.manifest or {}).get("artifacts", []):
@@ -285,7 +289,8 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
                                  "installation)")
     data = dict(train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
                 test_subset=config.test_subset, data_dir=config.data_dir, verify_batches=config.verify_batches,
-                threads=config.threads, checkpoint=_digest(checkpoint) if needs_data else None)
+                threads=config.threads, checkpoint=_digest(checkpoint) if needs_data else None,
+                recipe=_recipe_digest(config.recipe) if needs_data else None)
     accuracy_key = lambda r: _key("accuracy", format=config.format, ratio=r, precisions=config.precisions,  # noqa: E731
                                   **data)
     if "accuracy" in config.experiments:
@@ -293,16 +298,27 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
             cells.append(("accuracy", accuracy_key(r),
                           lambda w, r=r: _accuracy_cell(config, checkpoint, r, "taylor", config.precisions, w)))
     if "importance" in config.experiments:
-        for imp in config.importances:
-            if (imp == "taylor" and "accuracy" in config.experiments and
-                    config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
-                cells.append(("importance", accuracy_key(config.importance_ratio), None))
-                continue
-            cells.append(("importance", _key("importance", format=config.format, importance=imp,
-                                             ratio=config.importance_ratio, **data),
-                          lambda w, imp=imp: _accuracy_cell(config, checkpoint, config.importance_ratio, imp,
-                                                            ["fp32"], w)))
+        for seed in config.seeds:  # seed-major: an interrupted run has every criterion at the first seeds
+            for imp in config.importances:
+                if (imp == "taylor" and seed == 0 and "accuracy" in config.experiments and
+                        config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
+                    cells.append(("importance", accuracy_key(config.importance_ratio), None))
+                    continue
+                cells.append(("importance", _key("importance", format=config.format, importance=imp,
+                                                 ratio=config.importance_ratio, seed=seed, **data),
+                              lambda w, imp=imp, seed=seed: _accuracy_cell(config, checkpoint, config.importance_ratio,
+                                                                           imp, ["fp32"], w, seed=seed)))
     return cells
+
+
+def _recipe_digest(name: str) -> str:
+    """A recipe's identity by content: a changed recipe recomputes the cells that used it."""
+    import hashlib
+
+    from .recipes import recipe_settings
+
+    settings = recipe_settings(name, budget=False)
+    return f"{name}:" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _key(kind: str, **settings: Any) -> str:
@@ -349,6 +365,11 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
     ``results.md``, ``summary.md`` and the plots. Returns ``{experiment: rows}``."""
     from .recipes import default_checkpoint
 
+    from .recipes import recipe_settings
+
+    recipe_settings(config.recipe)  # an unknown recipe fails here, before any cell runs
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds={config.seeds!r} must be a non-empty list of distinct integers")
     bad = [e for e in config.experiments if e not in EXPERIMENTS]
     if bad or not config.experiments:
         raise ConfigError(f"experiments={config.experiments!r}: unknown {bad}; allowed: {list(EXPERIMENTS)}")

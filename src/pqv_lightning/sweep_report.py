@@ -76,9 +76,10 @@ def sweep_plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Pat
                                       "models at equal pruning"))
     if results["accuracy"]:
         paths.append(_fig_accuracy(results["accuracy"], out))
-    imp = [r for r in results["importance"] if r["precision"] == "fp32 eager"]
+    imp = importance_summary(results["importance"])
     if imp:
-        paths.append(_fig_bars([r["importance"] for r in imp], [100 * r["test_acc"] for r in imp], "test accuracy (%)",
+        paths.append(_fig_bars([f"{r['importance']} (n={len(r['accs'])})" for r in imp], [r["mean"] for r in imp],
+                               "test accuracy (%), mean over seeds",
                                f"importance criteria at {100 * imp[0]['ratio']:g} % pruning", out,
                                "fig5_importance.png"))
     eng = results["engines"]
@@ -251,12 +252,37 @@ def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
             ("MMACs", lambda r: f"{r['macs'] / 1e6:.0f}"), ("test acc", lambda r: f"{100 * r['test_acc']:.2f} %")],
             lambda r: f"{r['precision']} .{config.format}",
             lambda r: "" if r.get("val_acc") is None else f"{100 * r['val_acc']:.2f} %")
-    imp = [r for r in results["importance"] if r["precision"] == "fp32 eager"]
+    imp = importance_summary(results["importance"])
     if imp:
         lines += ["", f"**Importance criteria** (paper Fig. 5) at {100 * imp[0]['ratio']:g} % pruning, same budget "
-                      f"({imp[0]['steps']} steps)", "", "| criterion | test acc | params |", "|---|---|---|"]
-        lines += [f"| {r['importance']} | {100 * r['test_acc']:.2f} % | {r['params'] / 1e6:.2f} M |" for r in imp]
+                      f"({imp[0]['steps']} steps), mean ± std over seeds (standard error of one accuracy on "
+                      f"{imp[0]['test_images']:,} test images: {imp[0]['se']:.2f} pt)", "",
+                  "| criterion | test acc (mean ± std) | seeds | per seed | params |", "|---|---|---|---|---|"]
+        lines += [f"| {r['importance']} | {r['mean']:.2f} ± {r['std']:.2f} % | {len(r['accs'])} | "
+                  f"{', '.join(f'{a:.2f}' for a in r['accs'])} | {r['params'] / 1e6:.2f} M |" for r in imp]
     return "\n".join(lines) + "\n"
+
+
+def importance_summary(rows: list[dict[str, Any]], test_images: int | None = None) -> list[dict[str, Any]]:
+    """The importance experiment's fp32 rows grouped by criterion: test accuracy (%) per seed, mean,
+    sample std (nan with one seed) and the binomial standard error of one accuracy on the test set."""
+    import math
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["precision"] in ("fp32 eager", "fp32"):
+            by.setdefault(r["importance"], []).append(r)
+    out = []
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r.get("seed", 0))
+        accs = [100 * r["test_acc"] for r in rs]
+        mean = statistics.mean(accs)
+        n = test_images or rs[0].get("test_images") or 10_000
+        out.append({"importance": name, "ratio": rs[0]["ratio"], "steps": rs[0]["steps"], "params": rs[0]["params"],
+                    "accs": accs, "mean": mean, "std": statistics.stdev(accs) if len(accs) > 1 else float("nan"),
+                    "test_images": n, "se": 100 * math.sqrt(mean / 100 * (1 - mean / 100) / n)})
+    return out
 
 
 def splice_between_markers(text: str, block: str, name: str = "sweep") -> str:
