@@ -32,7 +32,8 @@ def test_wandb_offline_gets_metrics_and_tables(tmp_path, lit_model, monkeypatch,
     events = sorted(table_dir.glob("events_*.table.json"), key=lambda p: p.stat().st_mtime)
     assert events, f"no event table in {table_dir}"
     table = json.loads(events[-1].read_text())
-    assert table["columns"] == ["event", "target_ratio", "ratio_reached", "params", "macs", "seconds"]
+    assert table["columns"] == ["event", "target_ratio", "ratio_reached", "params", "macs", "seconds",
+                                "removed_by_ratio", "removed_by_threshold"]
     assert [row[0] for row in table["data"]] == [1, 2]
     widths = sorted(table_dir.glob("widths_event_2_*.table.json"))
     rows = {r[0]: r[1:] for r in json.loads(widths[-1].read_text())["data"]}

@@ -261,3 +261,31 @@ def test_callback_regularization_gradient_matches_the_pure_function(tmp_path, li
     add_sparsity_gradient(coupled_groups(_pruner(reference_model)), GroupSparsity("l1", 1e-3))
     for n, p in reference_model.named_parameters():
         torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_under_a_grad_scaler_the_penalty_is_added_to_the_unscaled_gradients(tmp_path, lit_model):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Snapshot(Callback):  # placed before and after StructuredPruning
+        def __init__(self):
+            self.grads, self.models = [], []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads.append({n: p.grad.detach().float().clone() for n, p in pl_module.model.named_parameters()
+                               if p.grad is not None})
+            self.models.append(copy.deepcopy(pl_module.model))
+
+    before, after = Snapshot(), _CaptureGrads()
+    cb = StructuredPruning(importance="l2", pruning_ratio=0.25, iterative_steps=1, accumulate_batches=1,
+                           interval="step", start=3, frequency=1, regularization="l2", reg_strength=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    make_trainer(tmp_path, [before, cb, after], max_steps=4, max_epochs=1,
+                 plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(lit_model, random_loader(n=64, batch_size=16))
+    for step in range(2):
+        model = before.models[step]
+        model.zero_grad(set_to_none=True)
+        add_sparsity_gradient(coupled_groups(_pruner(model)), GroupSparsity("l2", 1e-2))
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(after.grads[step][n] - before.grads[step][n], p.grad, rtol=1e-3,
+                                           atol=1e-6, msg=n)
