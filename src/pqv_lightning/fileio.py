@@ -13,11 +13,12 @@ __all__ = ["atomic_write_text", "file_digest", "staged"]
 
 
 @contextlib.contextmanager
-def staged(path: str | Path) -> Iterator[str]:
+def staged(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary file name beside ``path``; it replaces ``path`` only if the block succeeds,
-    so a reader never sees a half-written file and a failure leaves the old file untouched."""
+    so a reader never sees a half-written file and a failure leaves the old file untouched.
+    ``suffix``: the temporary name's ending (writers that pick a format by extension need it)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp

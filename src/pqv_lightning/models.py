@@ -4,8 +4,6 @@ LightningModule used by the examples (the callbacks do not need it: they work wi
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from .fileio import staged
 from .errors import ConfigError, InputNotFoundError
 
 __all__ = [
@@ -124,14 +123,8 @@ def save_vit_checkpoint(model: VisionTransformer, path: str | Path, recipe: dict
     shape = [pe.proj.in_channels, *pe.img_size]
     blob = {"config": config, "input": shape, **meta,
             "state_dict": {k: v.detach().half().cpu() for k, v in model.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with staged(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -440,13 +440,7 @@ class StructuredPruner:
         else:
             raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at the last event "
                               f"(tried cumulative ratios up to 0.99)")
-        for _ in range(iterations):
-            mid = (lo + hi) / 2
-            if after(mid) <= absolute:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        return _bisect_ratio(lambda r: after(r) <= absolute, lo, hi, iterations)
 
     # ------------------------------------------------------------------ statistics
     def accumulate(self) -> bool:
@@ -710,10 +704,14 @@ def ratio_for_budget(
     if smallest > absolute:
         raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning 99 % of the channels "
                           f"leaves {smallest:,} (ignored layers and the embedding keep the rest)")
-    lo = 0.0
+    return _bisect_ratio(lambda r: after(r) <= absolute, 0.0, hi, iterations)
+
+
+def _bisect_ratio(meets: Callable[[float], bool], lo: float, hi: float, iterations: int) -> float:
+    """The smallest ratio in ``(lo, hi]`` that ``meets`` the budget (``hi`` does), to ``(hi - lo) / 2**iterations``."""
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        if after(mid) <= absolute:
+        if meets(mid):
             hi = mid
         else:
             lo = mid

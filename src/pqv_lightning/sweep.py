@@ -439,10 +439,7 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from .fileio import staged
+
+    with staged(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..fileio import staged
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
 from ..benchmark import summarize, time_calls
@@ -147,20 +147,8 @@ class MobileExportConfig:
 
 
 # ---------------------------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def _staged(path: Path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _atomic_write(path: Path, write) -> None:
-    with _staged(path) as tmp:
+    with staged(path) as tmp:
         write(tmp)
 
 
@@ -365,7 +353,7 @@ def _export_one(target: ExportTarget, reference, precision, engine, default_engi
     try:
         with quantized_engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
-            with _staged(path) as tmp:
+            with staged(path) as tmp:
                 built = target.write(reference, precision, engine or default_engine, example,
                                      [x for x, _ in calibration], tmp, options)
                 stage = "load and verify"
