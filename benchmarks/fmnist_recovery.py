@@ -16,6 +16,7 @@ Markdown report shows mean ± std over the seeds that finished and the test set'
 
     python benchmarks/fmnist_recovery.py --grid methods --seeds 0 1 2
     python benchmarks/fmnist_recovery.py --grid recipe --seeds 0
+    python benchmarks/fmnist_recovery.py --grid methods --report-only   # the table of what finished
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--name", default=None, help="results file stem (default fmnist_recovery_<grid>)")
+    ap.add_argument("--report-only", action="store_true", help="write the report from the cached rows; run nothing")
     args = ap.parse_args(argv)
     ckpt = Path(args.checkpoint or default_checkpoint())
     digest = file_digest(ckpt)
@@ -121,12 +123,13 @@ def main(argv: list[str] | None = None) -> None:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    command = "python benchmarks/fmnist_recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python benchmarks/fmnist_recovery.py " + " ".join(shown)
     with torch_threads(args.threads):
         for seed in args.seeds:          # seed-major: every row gets one seed before any gets a second
             for label, settings in rows:
                 k = _key(settings, seed, digest)
-                if k in cache:
+                if k in cache or args.report_only:
                     continue
                 res = asdict(finetune_with_pruning(ckpt, label=label, seed=seed, **settings))
                 cache[k] = {**res, "seed": seed, "settings": settings, "host": host, "threads": args.threads,
