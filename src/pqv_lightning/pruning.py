@@ -376,9 +376,10 @@ class StructuredPruner:
             self._groups = coupled_groups(self)
         return self._groups
 
-    def prunable_channels(self) -> int:
-        """Root channels over all groups (what the ratio and threshold rules remove from)."""
-        return sum(g.n_units * g.heads for g in coupled_groups(self))
+    def prunable_channels(self, groups: list[CoupledGroup] | None = None) -> int:
+        """Root channels over ``groups`` (default: the current structure's), what the ratio and
+        threshold rules remove from."""
+        return sum(g.n_units * g.heads for g in (self.coupled_groups() if groups is None else groups))
 
     @torch.no_grad()
     def regularize(self, reg: GroupSparsity) -> float:
@@ -387,14 +388,14 @@ class StructuredPruner:
         the penalty's value."""
         return add_sparsity_gradient(self.coupled_groups(), reg)
 
-    def _threshold_prune(self) -> int:
+    def _threshold_prune(self, groups: list[CoupledGroup]) -> int:
         """Remove the units below ``config.threshold`` (see :class:`PruningConfig`); returns the root
         channels removed."""
         assert self.config.threshold is not None
         removed = 0
         dg = self._tp.DG
         round_to = self.config.round_to or 1
-        for g in coupled_groups(self):
+        for g in groups:
             units = units_below_threshold(g, self.config.threshold, keep_at_least=max(1, round_to))
             excess = (g.n_units - len(units)) % round_to
             if excess:  # keep the strongest of them so that the width stays a multiple of round_to
@@ -405,9 +406,6 @@ class StructuredPruner:
             dg.get_pruning_group(g.root, g.handler, idxs).prune()
             removed += len(idxs)
         return removed
-
-    def _measure(self, model: nn.Module, name: str) -> int:
-        return count_macs(model, self._example()) if name == "target_macs" else count_params(model)
 
     def _global_ratio_for_budget(self, iterations: int = 8) -> float:
         """The smallest cumulative ratio at which this event, ranking channels globally with the
@@ -427,7 +425,7 @@ class StructuredPruner:
             if stats_state is not None and trial.stats is not None:
                 trial.stats.load_state_dict(stats_state)
             trial.step()
-            return self._measure(trial_model, name)
+            return _budget_measure(trial_model, name, self._example())
 
         # MACs/params need not fall monotonically at extreme global ratios (Torch-Pruning stops pruning
         # groups that hit their limits), so find the first feasible ratio on a coarse grid, then bisect.
@@ -490,9 +488,10 @@ class StructuredPruner:
         removed_by_threshold = 0
         with record_parameter_replacements() as log, torch.enable_grad():
             self._tp.step()
-            removed_by_ratio = channels_before - self.prunable_channels()
+            after_ratio = coupled_groups(self)
+            removed_by_ratio = channels_before - self.prunable_channels(after_ratio)
             if self.config.threshold is not None:
-                removed_by_threshold = self._threshold_prune()
+                removed_by_threshold = self._threshold_prune(after_ratio)
         self._groups = None
         live = list(self.model.parameters())
         remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
@@ -682,7 +681,7 @@ def ratio_for_budget(
     name, target = ("target_macs", target_macs) if target_macs is not None else ("target_params", target_params)
 
     def measure(m: nn.Module) -> int:
-        return count_macs(m, example_inputs) if name == "target_macs" else count_params(m)
+        return _budget_measure(m, name, example_inputs)
 
     check_budget_value(name, target)
     full = measure(model)
@@ -705,6 +704,11 @@ def ratio_for_budget(
         raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning 99 % of the channels "
                           f"leaves {smallest:,} (ignored layers and the embedding keep the rest)")
     return _bisect_ratio(lambda r: after(r) <= absolute, 0.0, hi, iterations)
+
+
+def _budget_measure(model: nn.Module, name: str, example_inputs: torch.Tensor) -> int:
+    """What a budget named ``name`` counts: MACs for ``target_macs``, else parameters."""
+    return count_macs(model, example_inputs) if name == "target_macs" else count_params(model)
 
 
 def _bisect_ratio(meets: Callable[[float], bool], lo: float, hi: float, iterations: int) -> float:
