@@ -26,7 +26,7 @@ from pqv_lightning.data import FashionMNISTDataModule
 from pqv_lightning.distillation import frozen_teacher, teacher_logits
 from pqv_lightning.models import ImageClassifier, bundled_checkpoint
 from pqv_lightning.settings import torch_threads
-from pqv_lightning.sweep import host_description
+from pqv_lightning.export.host import host_description
 
 
 class StepTimer(pl.Callback):

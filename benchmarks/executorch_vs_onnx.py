@@ -4,7 +4,7 @@ For each model: ``export_mobile`` writes and verifies fp32 / int8-dynamic / int8
 every format (``.ptl`` int8 for the x86 and oneDNN engines; the faster one is "best engine"), plus
 the int8-dynamic ``.pte`` exported without the delegation-friendly module swaps, for comparison.
 Then every artifact and the fp32 eager model are timed **round-robin, each in a fresh process**
-(``pqv_lightning.benchmark.round_robin``): ``--rounds`` rounds, each giving every candidate
+(``pqv_lightning.export.benchmark.round_robin``): ``--rounds`` rounds, each giving every candidate
 ``--calls`` timed calls after ``--warmup`` untimed ones, so a slow phase of the shared machine hits
 all candidates alike and no runtime's thread pool disturbs another's. Median and p90 are over all
 timed calls; ratios are against fp32 eager from the same rounds. Fixed threads everywhere.
@@ -30,7 +30,7 @@ import timm
 import torch
 
 from pqv_lightning import MobileExportConfig, export_mobile
-from pqv_lightning.benchmark import Candidate, round_robin
+from pqv_lightning.export.benchmark import Candidate, round_robin
 
 OUT = Path(__file__).parent / "results"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pqv_lightning.recipes import default_checkpoint, finetune_with_pruning, format_table
+from pqv_lightning.apps.recipes import default_checkpoint, finetune_with_pruning, format_table
 
 OUT = Path(__file__).parent / "results"
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pqv_lightning.recipes import RECIPES, default_checkpoint, finetune_with_pruning
+from pqv_lightning.apps.recipes import RECIPES, default_checkpoint, finetune_with_pruning
 from pqv_lightning.settings import torch_threads
 from pqv_lightning.fileio import atomic_write_text, file_digest
 

@@ -2,7 +2,7 @@
 
 One DeiT-base MLP (197 tokens, Linear 768 -> 3072 -> 768, no activation: only GEMMs), exported
 to a ``.pte`` (XNNPACK, dynamic int8) and to ONNX (ONNX Runtime ``quantize_dynamic``), fp32 and
-int8, timed round-robin in fresh processes (``pqv_lightning.benchmark.round_robin``). Reports the
+int8, timed round-robin in fresh processes (``pqv_lightning.export.benchmark.round_robin``). Reports the
 achieved GOP/s of each runtime's GEMMs on this host (2 x 197 x 768 x 3072 x 2 ops per call).
 
     python benchmarks/gemm_int8_executorch_vs_onnxruntime.py     # ~2 minutes
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pqv_lightning.benchmark import Candidate, round_robin
+from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.executorch_target import lower_to_executorch
 from pqv_lightning.export.onnx_target import export_onnx
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pqv_lightning.benchmark import summarize, time_calls
+from pqv_lightning.export.benchmark import summarize, time_calls
 
 OUT = Path(__file__).parent / "results"
 ORDER = ("unpruned fp32", "unpruned int8", "pruned int8")

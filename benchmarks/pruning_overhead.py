@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pqv_lightning import PruningConfig, StructuredPruner
-from pqv_lightning.importance import GradientStatistics
+from pqv_lightning.pruning.importance import GradientStatistics
 from pqv_lightning.models import create_vit
 
 OUT = Path(__file__).parent / "results"

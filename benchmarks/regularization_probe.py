@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from pqv_lightning.data import FashionMNISTDataModule
 from pqv_lightning.models import load_vit_checkpoint
 from pqv_lightning.pruning import PruningConfig, StructuredPruner
-from pqv_lightning.recipes import default_checkpoint, evaluate
-from pqv_lightning.sparsity import GroupSparsity, unit_norms
+from pqv_lightning.apps.recipes import default_checkpoint, evaluate
+from pqv_lightning.pruning.sparsity import GroupSparsity, unit_norms
 
 
 def main() -> None:

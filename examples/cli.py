@@ -4,7 +4,7 @@
     python examples/cli.py fit --config examples/configs/fmnist_prune.yaml --print_config
 """
 
-from pqv_lightning.lightning_cli import run_cli
+from pqv_lightning.apps.lightning_cli import run_cli
 
 
 def main(args=None, run=True):

@@ -8,7 +8,7 @@ pruning, export it with MobileExport, print the trade-off table and write plots.
 
 import sys
 
-from pqv_lightning.demo import main
+from pqv_lightning.apps.demo import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -7,7 +7,7 @@
 import argparse
 
 from pqv_lightning.models import load_vit_checkpoint
-from pqv_lightning.recipes import train_vit_checkpoint
+from pqv_lightning.apps.recipes import train_vit_checkpoint
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from pqv_lightning.sweep import _atomic  # temp file + rename: never a half-written file
-from pqv_lightning.sweep_report import splice_between_markers
+from pqv_lightning.apps.sweep import _atomic  # temp file + rename: never a half-written file
+from pqv_lightning.apps.sweep_report import splice_between_markers
 
 PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv")
 

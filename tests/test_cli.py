@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pqv_lightning.cli import main
+from pqv_lightning.apps.cli import main
 from pqv_lightning.export import MobileExportConfig, export_mobile
 
 from conftest import tiny_vit
@@ -60,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
 
 
 def test_an_unexpected_error_keeps_its_traceback_and_is_not_bad_input(monkeypatch, capsys):
-    import pqv_lightning.demo as demo
+    import pqv_lightning.apps.demo as demo
 
     def deep_bug(args):
         raise ValueError("internal: shapes 3 and 4 disagree")  # e.g. a bug deep in training or export
@@ -138,7 +138,7 @@ def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", ["fmnist_prune.yaml", "imagefolder_deit.yaml", "fmnist_wandb.yaml"])
 def test_shipped_configs_parse(tmp_path, name):
-    from pqv_lightning.lightning_cli import run_cli
+    from pqv_lightning.apps.lightning_cli import run_cli
 
     args = ["--config", str(ROOT / "examples" / "configs" / name), f"--trainer.default_root_dir={tmp_path}"]
     if name == "imagefolder_deit.yaml":

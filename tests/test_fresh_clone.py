@@ -45,7 +45,7 @@ def _pqv(copy: Path, *args, timeout=900, **env) -> subprocess.CompletedProcess:
 
 
 def test_the_bare_copy_imports_its_own_package_and_finds_the_bundled_checkpoint(bare_copy):
-    code = "import pqv_lightning.recipes as r; print(r.__file__); print(r.default_checkpoint())"
+    code = "import pqv_lightning.apps.recipes as r; print(r.__file__); print(r.default_checkpoint())"
     out = subprocess.run([sys.executable, "-c", code], cwd=bare_copy, env=_env(bare_copy), capture_output=True,
                          text=True, check=True, timeout=300).stdout.split()
     assert out[0].startswith(str(bare_copy / "src"))

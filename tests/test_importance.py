@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from pqv_lightning.importance import GradientStatistics, StatisticsImportance, make_importance, tracked_weights
+from pqv_lightning.pruning.importance import GradientStatistics, StatisticsImportance, make_importance, tracked_weights
 
 from conftest import tiny_vit
 

@@ -9,11 +9,11 @@ import matplotlib
 import pytest
 import torch
 
-from pqv_lightning.benchmark import load_runner
+from pqv_lightning.export.benchmark import load_runner
 from pqv_lightning.export import MobileExportConfig, export_mobile
-from pqv_lightning.plots import demo_plots
+from pqv_lightning.apps.plots import demo_plots
 from pqv_lightning.settings import executorch_threads, logger_levels, quantized_engine, torch_threads
-from pqv_lightning.sweep import gemm_throughput
+from pqv_lightning.export.host import gemm_throughput
 
 from conftest import tiny_vit
 

@@ -7,7 +7,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from pqv_lightning import PruningConfig, StructuredPruner, count_params, prune_once, restore_structure
-from pqv_lightning.adapters import locate_model
+from pqv_lightning.pruning.adapters import locate_model
 
 from conftest import tiny_vit
 

@@ -1,4 +1,4 @@
-"""Group-sparsity regularization and threshold pruning (pqv_lightning.sparsity + pruner + callback)."""
+"""Group-sparsity regularization and threshold pruning (pqv_lightning.pruning.sparsity + pruner + callback)."""
 
 import copy
 import math
@@ -13,7 +13,7 @@ from lightning.pytorch import Callback
 from pqv_lightning import StructuredPruning
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.pruning import PruningConfig, StructuredPruner
-from pqv_lightning.sparsity import (
+from pqv_lightning.pruning.sparsity import (
     GroupSparsity,
     add_sparsity_gradient,
     coupled_groups,

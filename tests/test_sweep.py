@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import pqv_lightning.sweep as sweep_mod
-from pqv_lightning.cli import main
+import pqv_lightning.apps.sweep as sweep_mod
+from pqv_lightning.apps.cli import main
 from pqv_lightning.models import save_vit_checkpoint
-from pqv_lightning.sweep import CellStore
-from pqv_lightning.sweep_report import splice_between_markers
+from pqv_lightning.apps.sweep import CellStore
+from pqv_lightning.apps.sweep_report import splice_between_markers
 
 from conftest import tiny_vit
 
@@ -205,7 +205,7 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
 
 
 def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error():
-    from pqv_lightning.sweep_report import importance_summary
+    from pqv_lightning.apps.sweep_report import importance_summary
 
     rows = [{"importance": c, "seed": s, "precision": p, "test_acc": acc, "ratio": 0.25, "steps": 256, "params": 3e6,
              "test_images": 10_000}

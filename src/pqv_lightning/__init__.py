@@ -2,13 +2,13 @@
 PyTorch Lightning callbacks."""
 
 from .callbacks import CHECKPOINT_KEY, KnowledgeDistillation, MobileExport, StructuredPruning
-from .checkpoint import load_pruned_checkpoint, restore_pruned_module
-from .adapters import ModelAdapter, find_adapter, locate_model, register_adapter
+from .pruning.checkpoint import load_pruned_checkpoint, restore_pruned_module
+from .pruning.adapters import ModelAdapter, find_adapter, locate_model, register_adapter
 from .export import MobileExportConfig, export_mobile
 from .distillation import distillation_loss, frozen_teacher
-from .importance import GradientStatistics, make_importance
-from .sparsity import GroupSparsity, add_sparsity_gradient, coupled_groups
-from .pruning import (
+from .pruning.importance import GradientStatistics, make_importance
+from .pruning.sparsity import GroupSparsity, add_sparsity_gradient, coupled_groups
+from .pruning.pruner import (
     PruningConfig,
     PruningEvent,
     StructuredPruner,
@@ -19,6 +19,9 @@ from .pruning import (
 )
 
 from ._version import __version__
+from . import _compat
+
+_compat.install()
 
 __all__ = [
     "GroupSparsity",

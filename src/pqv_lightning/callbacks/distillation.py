@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..adapters import locate_model
+from ..pruning.adapters import locate_model
 from ..distillation import (
     check_teacher_precision,
     distillation_loss,

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..errors import ConfigError
-from ..adapters import example_inputs_for, locate_model
+from ..pruning.adapters import example_inputs_for, locate_model
 from ..export import MobileExportConfig, check_output_dir, export_mobile
 
 __all__ = ["MobileExport"]

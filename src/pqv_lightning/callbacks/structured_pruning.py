@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError
-from ..adapters import example_inputs_for, locate_model
-from ..checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
+from ..pruning.adapters import example_inputs_for, locate_model
+from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
-from ..sparsity import GroupSparsity
+from ..pruning.sparsity import GroupSparsity
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
@@ -97,7 +97,7 @@ class StructuredPruning(Callback):
         ratio_schedule: ``"linear"`` (equal steps) or ``"cubic"`` (large steps first) growth of the
             cumulative ratio over the events.
         regularization: ``"l2"`` (group lasso) or ``"l1"``: group-sparsity regularization of every
-            dependency group (:mod:`pqv_lightning.sparsity`: Linear rows/columns, biases, LayerNorm,
+            dependency group (:mod:`pqv_lightning.pruning.sparsity`: Linear rows/columns, biases, LayerNorm,
             tokens, q/k/v head dims), its gradient added to the real (unscaled, DDP-synchronised)
             gradients in ``on_before_optimizer_step`` from the first optimizer step until the last
             event. The steps before the first window (``start``) form a sparse-training phase.

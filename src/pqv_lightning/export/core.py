@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ..fileio import staged
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
-from ..benchmark import summarize, time_calls
+from .benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
 from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401

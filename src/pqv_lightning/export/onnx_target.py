@@ -37,8 +37,9 @@ _PROTOBUF_LIMIT = 2 * 1024**3
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
 
 
-def ort_session(path: str, threads: int, spinning: bool = False):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads. Idle spinning is off by
+def ort_session(model: str | bytes, threads: int, spinning: bool = False):
+    """An ONNX Runtime CPU session for ``model`` (a path or serialized bytes) with ``threads``
+    intra-op threads; the one place sessions are made. Idle spinning is off by
     default: spinning threads make everything else in the process slower (turn it on only where
     ONNX Runtime has the process to itself, as ONNX Runtime's own default does)."""
     import onnxruntime as ort
@@ -49,7 +50,7 @@ def ort_session(path: str, threads: int, spinning: bool = False):
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
@@ -126,8 +127,11 @@ class ONNXTarget(ExportTarget):
     requires = ("onnx", "onnxscript", "onnxruntime")
     memory_probe = PROBE_HEAD + """
 import onnxruntime as ort
+# the probe imports only the runtime (not pqv_lightning), so its peak RSS is the runtime's own;
+# its session settings mirror ort_session()
 options = ort.SessionOptions()
 options.intra_op_num_threads = int(sys.argv[3])
+options.inter_op_num_threads = 1
 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 feed = x.numpy()
 """ + PROBE_RESET + """

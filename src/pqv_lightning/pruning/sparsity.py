@@ -45,10 +45,10 @@ import torch
 from torch import nn
 from torch_pruning import ops
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .pruning import StructuredPruner
+    from .pruner import StructuredPruner
 
 __all__ = [
     "SPARSITY_NORMS",

@@ -18,11 +18,11 @@ import argparse
 import importlib.util
 import json
 from pathlib import Path
-from .errors import ConfigError, InputNotFoundError
+from ..errors import ConfigError, InputNotFoundError
 
 QUICK_CHECKPOINT = Path("runs") / "vit_fmnist_quick.pt"
 
-__all__ = ["add_demo_arguments", "run_demo"]
+__all__ = ["add_demo_arguments", "main", "run_demo"]
 
 
 def _default_formats() -> list[str]:
@@ -46,7 +46,7 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--importance", default="taylor", choices=["taylor", "hessian", "l1", "l2", "random"])
     ap.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                     help="fine-tuning recipe: learning rate, warm-up, distillation, regularization (see "
-                         "pqv_lightning.recipes.RECIPES; 'default' is the best one measured)")
+                         "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)")
     ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
     ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
     ap.add_argument("--schedule", default=None, choices=["linear", "cubic"],
@@ -80,7 +80,7 @@ def _check(args) -> None:
 
 def run_demo(args) -> int:
     """The demo for parsed ``args``; torch's thread count is set to ``--threads`` for the run only."""
-    from .settings import torch_threads
+    from ..settings import torch_threads
 
     _check(args)
     with torch_threads(args.threads):
@@ -88,8 +88,8 @@ def run_demo(args) -> int:
 
 
 def _run_demo(args) -> int:
-    from .callbacks import MobileExport
-    from .data import FashionMNISTDataModule
+    from ..callbacks import MobileExport
+    from ..data import FashionMNISTDataModule
     from .recipes import (
         default_checkpoint,
         export_table,
@@ -147,6 +147,10 @@ def _run_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python examples/demo.py`` entry: the same as ``pqv demo``."""
-    from .cli import main as pqv_main
+    import sys
 
-    return pqv_main(["demo", *(argv or [])])
+    from .command import run_command
+
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="pqv demo", description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return run_command(lambda: run_demo(args))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "AttentionInfo",

@@ -29,7 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tpf
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "IMPORTANCE_NAMES",

@@ -3,11 +3,11 @@
 :class:`StructuredPruner` wraps one Torch-Pruning ``BasePruner`` (DepGraph groups) for a whole
 iterative schedule and adds what a training loop needs around each event:
 
-* importance from accumulated training gradients (:mod:`pqv_lightning.importance`),
+* importance from accumulated training gradients (:mod:`pqv_lightning.pruning.importance`),
 * optimizers re-pointed at the replacement parameters with their state sliced
-  (:mod:`pqv_lightning.optim`),
+  (:mod:`pqv_lightning.pruning.optim`),
 * model-family attributes re-synchronised through the adapter registry
-  (:mod:`pqv_lightning.adapters`),
+  (:mod:`pqv_lightning.pruning.adapters`),
 * a small JSON-able ``state_dict`` from which a fresh, unpruned copy of the model is reshaped
   (:func:`restore_structure`), and from which the schedule continues exactly.
 
@@ -39,7 +39,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .adapters import ModelAdapter, example_inputs_for, find_adapter
 from .importance import (
     GRADIENT_CRITERIA,
@@ -106,7 +106,7 @@ class PruningConfig:
             late, ``r_k = r (1 - (1 - k/n)^3)``).
         threshold: threshold mode, alongside the ratio: at every event, after the ratio's removals,
             also remove the units (channels with every coupled weight, see
-            :mod:`pqv_lightning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
+            :mod:`pqv_lightning.pruning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
             norm of their group, e.g. ``0.05``; in ``(0, 1)``. Meant for group-sparsity training,
             which drives units to zero. ``pruning_ratio=0`` leaves the threshold alone in charge.
     """
@@ -383,7 +383,7 @@ class StructuredPruner:
 
     @torch.no_grad()
     def regularize(self, reg: GroupSparsity) -> float:
-        """Add the group-sparsity gradient (:func:`pqv_lightning.sparsity.add_sparsity_gradient`) to
+        """Add the group-sparsity gradient (:func:`pqv_lightning.pruning.sparsity.add_sparsity_gradient`) to
         the live parameters' ``.grad``; call after backward, before ``optimizer.step()``. Returns
         the penalty's value."""
         return add_sparsity_gradient(self.coupled_groups(), reg)

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, InputNotFoundError
-from .settings import set_executorch_threads
+from ..errors import ConfigError, InputNotFoundError
+from ..settings import set_executorch_threads
 
 __all__ = ["Candidate", "load_runner", "round_robin", "summarize", "time_calls"]
 
@@ -58,7 +58,7 @@ def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | Non
     for ``.ptl`` int8) and ExecuTorch's thread pool are process-wide: set them around the calls
     (:mod:`pqv_lightning.settings`), as the benchmark worker does for its own process.
     """
-    from .export.targets import TARGETS
+    from .targets import TARGETS
 
     suffix = Path(path).suffix
     if suffix == ".pt":
@@ -68,7 +68,7 @@ def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | Non
         return model.eval()
     by_suffix = {t.suffix: t for t in TARGETS.values()}
     if suffix == ".onnx" and by_suffix[suffix].missing() is None:
-        from .export.onnx_target import ort_session
+        from .onnx_target import ort_session
 
         session = ort_session(path, threads, spinning=ort_spinning)
         name = session.get_inputs()[0].name
@@ -103,7 +103,7 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
 
 def _time_in_subprocess(candidate: Candidate, shape: Sequence[int], threads: int, warmup: int,
                         calls: int) -> dict[str, Any]:
-    args = [sys.executable, "-m", "pqv_lightning.benchmark", candidate.path, ",".join(map(str, shape)), str(threads),
+    args = [sys.executable, "-m", "pqv_lightning.export.benchmark", candidate.path, ",".join(map(str, shape)), str(threads),
             candidate.engine or "-", str(warmup), str(calls)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:

@@ -13,11 +13,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from .errors import ConfigError
-from .callbacks import KnowledgeDistillation, StructuredPruning
-from .data import FashionMNISTDataModule
-from .models import ImageClassifier, bundled_checkpoint
-from .pruning import count_macs, count_params
+from ..errors import ConfigError
+from ..callbacks import KnowledgeDistillation, StructuredPruning
+from ..data import FashionMNISTDataModule
+from ..models import ImageClassifier, bundled_checkpoint
+from ..pruning import count_macs, count_params
 
 __all__ = ["RECIPES", "FinetuneResult", "recipe_settings", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
@@ -222,7 +222,7 @@ def train_vit_checkpoint(
     batch 512, 1 warm-up epoch then cosine, label smoothing 0.1, shifts/flips, bf16, clipping 1.0,
     drop-path 0.1): minutes on a GPU, many hours on a CPU — shrink ``dim``/``depth``/``epochs`` there.
     """
-    from .models import save_vit_checkpoint
+    from ..models import save_vit_checkpoint
 
     pl.seed_everything(seed, verbose=False)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset, seed=seed)

@@ -4,7 +4,7 @@ Experiments (figure numbers of arXiv 2408.08437):
 
 * ``latency`` (Fig. 2): latency, size and peak memory vs pruning level x precision, per model
   (random-init weights: latency does not depend on the values; every file and the eager model
-  timed in a fresh process, round-robin, see :mod:`pqv_lightning.benchmark`), with each variant's
+  timed in a fresh process, round-robin, see :mod:`pqv_lightning.export.benchmark`), with each variant's
   achieved GOP/s as a fraction of the host's measured GEMM throughput (``gemm``);
 * ``models`` (Fig. 6): the same cells for a second model at equal pruning levels;
 * ``engines`` (Fig. 7): ``.ptl`` int8 latency per PyTorch quantized engine;
@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, InputNotFoundError
-from .settings import torch_threads
+from ..errors import ConfigError, InputNotFoundError
+from ..export.host import gemm_throughput
+from .command import CommandFailed
+from ..settings import torch_threads
 
-__all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "gemm_throughput", "host_description", "run_sweep"]
+__all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "run_sweep"]
 
 
 @dataclass
@@ -52,7 +54,7 @@ class SweepConfig:
     importances: list[str] = field(default_factory=lambda: ["taylor", "hessian", "l1", "l2"])
     importance_ratio: float = 0.25
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the importance experiment's seeds
-    recipe: str = "default"  # fine-tuning recipe of the accuracy cells (pqv_lightning.recipes.RECIPES)
+    recipe: str = "default"  # fine-tuning recipe of the accuracy cells (pqv_lightning.apps.recipes.RECIPES)
     checkpoint: str | None = None
     data_dir: str | None = None
     train_subset: int = 16384
@@ -78,7 +80,7 @@ QUICK = SweepConfig(
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
 
 
-class SweepCellError(RuntimeError):
+class SweepCellError(CommandFailed):
     """A cell's worker process failed (its traceback is on stderr); finished cells are kept."""
 
 
@@ -108,84 +110,13 @@ class CellStore:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
-    """Median ms of an int8 ``MatMulInteger`` (uint8 x int8 -> int32) in ONNX Runtime, or None without it."""
-    try:
-        import numpy as np
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    from .benchmark import summarize, time_calls
-
-    rng = np.random.default_rng(0)
-    weight = helper.make_tensor("B", TensorProto.INT8, [size, size],
-                                rng.integers(-128, 127, (size, size), dtype=np.int8).tobytes(), raw=True)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "gemm",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
-                              [helper.make_tensor_value_info("C", TensorProto.INT32, [size, size])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"A": rng.integers(0, 255, (size, size), dtype=np.uint8)}
-    return summarize(time_calls(lambda _: session.run(None, feed), None, 3, calls))["median_ms"]
-
-
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
-
-
-def host_description() -> dict[str, Any]:
-    """CPU model, core count and the SIMD features that decide GEMM speed (from /proc/cpuinfo where it
-    exists), with the OS and the torch version: the host line of a sweep report."""
-    import platform
-
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first processor's entries
-    except OSError:
-        pass
-    cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
-    return {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
-            "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
-
-def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
-    """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
-    ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
-    with torch_threads(threads):
-        return _gemm_throughput(threads, size, calls)
-
-
-def _gemm_throughput(threads: int, size: int, calls: int) -> dict[str, Any]:
-    from .benchmark import summarize, time_calls
-
-    ops = 2 * size**3
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
-    qa = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    qb = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    int8 = {"torch._int_mm": summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]}
-    ort_ms = _ort_int8_gemm_ms(size, threads, calls)
-    if ort_ms is not None:
-        int8["onnxruntime MatMulInteger"] = ort_ms
-    source = min(int8, key=int8.get)
-    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
-            "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
-            "size": size, "threads": threads, "host": host_description()}
-
-
 def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
                   engines: list[str] | None, work: Path) -> list[dict[str, Any]]:
-    from .adapters import input_shape_for
-    from .benchmark import Candidate, round_robin
-    from .export import MobileExportConfig, export_mobile
-    from .models import create_vit
-    from .pruning import PruningConfig, count_macs, count_params, prune_once
+    from ..pruning.adapters import input_shape_for
+    from ..export.benchmark import Candidate, round_robin
+    from ..export import MobileExportConfig, export_mobile
+    from ..models import create_vit
+    from ..pruning import PruningConfig, count_macs, count_params, prune_once
 
     torch.manual_seed(0)
     model = create_vit(model_name).eval()
@@ -230,7 +161,7 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
 
 def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importance: str, precisions: list[str],
                    work: Path, seed: int = 0) -> list[dict[str, Any]]:
-    from .callbacks import MobileExport
+    from ..callbacks import MobileExport
     from .recipes import finetune_with_pruning, recipe_settings
 
     export = MobileExport(precisions=precisions, formats=[config.format], output_dir=str(work / "export"),
@@ -439,7 +370,7 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    from .fileio import staged
+    from ..fileio import staged
 
     with staged(path) as tmp:
         write(tmp)

@@ -23,11 +23,8 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-from .errors import ConfigError
-
-
-class CLIError(ConfigError):
-    """A user error found by the CLI itself: printed as one line, exit status 2."""
+from ..errors import ConfigError
+from .command import CLIError, run_command
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -67,9 +64,9 @@ def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
 def _resolve_candidates(args, workdir: Path):
     import torch
 
-    from .adapters import input_shape_for
-    from .benchmark import SUFFIXES, Candidate
-    from .models import create_vit
+    from ..pruning.adapters import input_shape_for
+    from ..export.benchmark import SUFFIXES, Candidate
+    from ..models import create_vit
 
     shape = [int(d) for d in args.shape.split(",")] if args.shape else None
     candidates, shapes = [], []
@@ -106,7 +103,7 @@ def _resolve_candidates(args, workdir: Path):
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import round_robin
+    from ..export.benchmark import round_robin
 
     with tempfile.TemporaryDirectory(prefix="pqv-bench-") as work:
         candidates, shape = _resolve_candidates(args, Path(work))
@@ -195,7 +192,7 @@ def cmd_sweep(args) -> int:
     if config.data_dir and not Path(config.data_dir).is_dir():
         raise CLIError(f"--data-dir {config.data_dir}: no such folder")
     if args.models or args.engine_models:
-        from .models import create_vit
+        from ..models import create_vit
 
         for name in (args.models or []) + (args.engine_models or []):
             create_vit(name)  # an unknown name fails now, not after an hour of other cells
@@ -235,30 +232,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "fit":
-            return cmd_fit(argv[1:])
-        args = _parser().parse_args(argv)
-        if args.command == "demo":
-            from .demo import run_demo
+    return run_command(lambda: _dispatch(argv))
 
-            return run_demo(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        return cmd_bench(args)
-    except ConfigError as exc:  # validated user input only; a bug elsewhere keeps its traceback
-        print(f"pqv: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from .sweep import SweepCellError
 
-        if not isinstance(exc, SweepCellError):
-            raise
-        print(f"pqv: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pqv: interrupted", file=sys.stderr)
-        return 130
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "fit":
+        return cmd_fit(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
+    return cmd_bench(args)
 
 
 if __name__ == "__main__":

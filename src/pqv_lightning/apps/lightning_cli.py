@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from .models import ImageClassifier
+from ..models import ImageClassifier
 
 __all__ = ["run_cli"]
 

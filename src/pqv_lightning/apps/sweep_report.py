@@ -1,4 +1,4 @@
-"""Plots and the Markdown report of a ``pqv sweep`` run (see :mod:`pqv_lightning.sweep`)."""
+"""Plots and the Markdown report of a ``pqv sweep`` run (see :mod:`pqv_lightning.apps.sweep`)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: lis
 # ---------------------------------------------------------------------------------------------- summary
 def host_line(results: dict[str, list[dict[str, Any]]], config) -> str:
     """The measuring host (recorded with the GEMM cell; the current host for older caches)."""
-    from .sweep import host_description
+    from ..export.host import host_description
 
     gemm = results["gemm"][0] if results["gemm"] else {}
     h = gemm.get("host") or host_description()

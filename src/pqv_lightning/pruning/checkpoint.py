@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 from torch import nn
 
-from .errors import ConfigError, InputNotFoundError
+from ..errors import ConfigError, InputNotFoundError
 from .adapters import locate_model
-from .pruning import restore_structure
+from .pruner import restore_structure
 
 __all__ = ["CHECKPOINT_KEY", "check_checkpoint_shapes", "load_pruned_checkpoint", "restore_pruned_module"]
 

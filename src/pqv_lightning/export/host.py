@@ -1,0 +1,80 @@
+"""What this host is and how fast its GEMMs are: the host line and the throughput ceiling of every
+latency report (the sweep's ``gemm`` cell, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..settings import torch_threads
+from .benchmark import summarize, time_calls
+from .onnx_target import ort_session
+
+__all__ = ["gemm_throughput", "host_description"]
+
+
+def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
+    """Median ms of an int8 ``MatMulInteger`` (uint8 x int8 -> int32) in ONNX Runtime, or None without it."""
+    try:
+        import numpy as np
+        import onnxruntime  # noqa: F401
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("B", TensorProto.INT8, [size, size],
+                                rng.integers(-128, 127, (size, size), dtype=np.int8).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
+                              [helper.make_tensor_value_info("C", TensorProto.INT32, [size, size])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort_session(model.SerializeToString(), threads)
+    feed = {"A": rng.integers(0, 255, (size, size), dtype=np.uint8)}
+    return summarize(time_calls(lambda _: session.run(None, feed), None, 3, calls))["median_ms"]
+
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
+
+
+def host_description() -> dict[str, Any]:
+    """CPU model, core count and the SIMD features that decide GEMM speed (from /proc/cpuinfo where it
+    exists), with the OS and the torch version: the host line of a sweep report."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's entries
+    except OSError:
+        pass
+    cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+            "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
+    """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
+    ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
+    with torch_threads(threads):
+        return _gemm_throughput(threads, size, calls)
+
+
+def _gemm_throughput(threads: int, size: int, calls: int) -> dict[str, Any]:
+    ops = 2 * size**3
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
+    qa = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    qb = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    int8 = {"torch._int_mm": summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]}
+    ort_ms = _ort_int8_gemm_ms(size, threads, calls)
+    if ort_ms is not None:
+        int8["onnxruntime MatMulInteger"] = ort_ms
+    source = min(int8, key=int8.get)
+    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
+            "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
+            "size": size, "threads": threads, "host": host_description()}
