@@ -26,18 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 from pqv_lightning import MobileExportConfig, export_mobile
+from pqv_lightning.models import paper_model
 from pqv_lightning.export.benchmark import Candidate, round_robin
 
 OUT = Path(__file__).parent / "results"
 
 
 def bench_model(name: str, args) -> list[dict]:
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    model = paper_model(name)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(2)]
     x = data[0][:1]

@@ -17,10 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import timm
 import torch
 
-from pqv_lightning import MobileExportConfig, PruningConfig, export_mobile, prune_once
+from pqv_lightning import MobileExportConfig, export_mobile
+from pqv_lightning.models import paper_model
 from pqv_lightning.export import ENGINES, PRECISIONS
 
 OUT = Path(__file__).parent / "results"
@@ -43,10 +43,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         for ratio in args.ratios:
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False).eval()
-            if ratio > 0:  # random weights: magnitude importance, same structure as any criterion
-                prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=2))
+            model = paper_model(name, ratio)
             params = sum(p.numel() for p in model.parameters())
             out = Path(tempfile.mkdtemp(prefix="pqv-export-"))
             try:

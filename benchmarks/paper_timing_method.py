@@ -51,17 +51,13 @@ def child(paths: list[str], threads: int, warmup: int, repeats: int) -> dict:
 
 def export(model_name: str, ratio: float, work: Path, threads: int) -> list[str]:
     from pqv_lightning.export import MobileExportConfig, export_mobile
-    from pqv_lightning.models import create_vit
-    from pqv_lightning.pruning import PruningConfig, prune_once
+    from pqv_lightning.models import paper_model
 
     x = torch.randn(1, 3, 224, 224)
     files = []
     for label, r, precision in (("unpruned", 0.0, "fp32"), ("unpruned", 0.0, "int8-dynamic"),
                                 ("pruned", ratio, "int8-dynamic")):
-        torch.manual_seed(0)
-        model = create_vit(model_name).eval()
-        if r:
-            prune_once(model, PruningConfig(importance="l2", pruning_ratio=r, round_to=2))
+        model = paper_model(model_name, r)
         out = work / f"{label}_{precision}"
         manifest = export_mobile(model, x, MobileExportConfig(
             precisions=[precision], formats=["ptl"], engines=["x86"], output_dir=str(out), overwrite=True,

@@ -92,7 +92,7 @@ def test_bundled_checkpoint_is_the_documented_file_and_ships_as_package_data(mon
     assert sum(p.numel() for p in model.parameters()) == 5_356_618 and model.training
     with pytest.raises(ValueError, match=r"fixed architecture .*'embed_dim': 64"):
         create_vit("vit_tiny_fmnist", pretrained=True, embed_dim=64)
-    with pytest.raises(ValueError, match="no pretrained weights; bundled: \\['vit_tiny_fmnist'\\]"):
+    with pytest.raises(ValueError, match=r"'vit_test_tiny' has no pretrained weights; families with weights: \['vit_tiny_fmnist'"):
         create_vit("vit_test_tiny", pretrained=True)
     assert ImageClassifier("vit_tiny_fmnist", pretrained=True).model.embed_dim == 192
 

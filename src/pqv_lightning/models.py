@@ -1,10 +1,26 @@
-"""Model builders, the Fashion-MNIST ViT checkpoint format, and a plain image-classification
-LightningModule used by the examples (the callbacks do not need it: they work with any module)."""
+"""Model families, the Fashion-MNIST ViT checkpoint format, and a plain image-classification
+LightningModule used by the examples (the callbacks do not need it: they work with any module).
+
+:data:`MODELS` is the registry of model families the CLI, the sweep and the benchmarks build by
+name (:func:`create_vit`); any other name is looked up in timm. Adding a family::
+
+    from pqv_lightning.models import MODELS, ModelFamily
+    from timm.models.vision_transformer import VisionTransformer
+
+    MODELS.register("vit_micro_cifar", ModelFamily(
+        build=lambda **kw: VisionTransformer(**{"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6,
+                                                "num_heads": 3, "num_classes": 10, **kw}),
+        description="a 6-block ViT for 32x32 RGB images"))
+
+    create_vit("vit_micro_cifar")
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,15 +30,20 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
-from .fileio import staged
 from .errors import ConfigError, InputNotFoundError
+from .fileio import staged
+from .registry import Registry
 
 __all__ = [
     "BUNDLED_CHECKPOINTS",
     "LOCAL_MODELS",
+    "MODELS",
+    "PAPER_MODELS",
     "ImageClassifier",
+    "ModelFamily",
     "bundled_checkpoint",
     "create_vit",
+    "paper_model",
     "load_vit_checkpoint",
     "save_vit_checkpoint",
 ]
@@ -59,29 +80,93 @@ def bundled_checkpoint(model_name: str = "vit_tiny_fmnist") -> Path:
     return path
 
 
-def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A local architecture from :data:`LOCAL_MODELS` or any timm model by name.
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to build one model family by name.
 
-    ``pretrained=True`` loads the weights bundled with the package for a local model
-    (:data:`BUNDLED_CHECKPOINTS`), and downloads timm weights from the hub for a timm model (needs
-    network access).
+    Args:
+        build: ``(**kwargs) -> nn.Module`` with random weights (kwargs override the defaults).
+        pretrained: ``(**kwargs) -> nn.Module`` with trained weights, or None when there are none.
+        description: one line for docs and error messages.
     """
-    if model_name in LOCAL_MODELS:
-        if pretrained:
-            if model_name not in BUNDLED_CHECKPOINTS:
-                raise ConfigError(f"{model_name!r} has no pretrained weights; bundled: {sorted(BUNDLED_CHECKPOINTS)}")
-            other = {k: v for k, v in kwargs.items() if LOCAL_MODELS[model_name].get(k, object()) != v}
-            if other:
-                raise ConfigError(f"pretrained {model_name!r} has a fixed architecture "
-                                 f"({LOCAL_MODELS[model_name]}); got {other}")
-            return load_vit_checkpoint(bundled_checkpoint(model_name))[0].train()
-        return VisionTransformer(**{**LOCAL_MODELS[model_name], **kwargs})
+
+    build: Callable[..., nn.Module]
+    pretrained: Callable[..., nn.Module] | None = None
+    description: str = ""
+
+
+#: name -> :class:`ModelFamily`; :func:`create_vit` falls back to timm for other names.
+MODELS: Registry[ModelFamily] = Registry("model family", argument="model_name")
+
+
+def _local_vit(name: str) -> ModelFamily:
+    arch = LOCAL_MODELS[name]
+
+    def build(**kwargs: Any) -> nn.Module:
+        return VisionTransformer(**{**arch, **kwargs})
+
+    def pretrained(**kwargs: Any) -> nn.Module:
+        other = {k: v for k, v in kwargs.items() if arch.get(k, object()) != v}
+        if other:
+            raise ConfigError(f"pretrained {name!r} has a fixed architecture ({arch}); got {other}")
+        return load_vit_checkpoint(bundled_checkpoint(name))[0].train()
+
+    return ModelFamily(build, pretrained if name in BUNDLED_CHECKPOINTS else None,
+                       f"timm VisionTransformer {arch}")
+
+
+def _timm_family(name: str, description: str) -> ModelFamily:
+    return ModelFamily(lambda **kw: timm.create_model(name, pretrained=False, **kw),
+                       lambda **kw: timm.create_model(name, pretrained=True, **kw), description)
+
+
+MODELS.register("vit_tiny_fmnist", _local_vit("vit_tiny_fmnist"))
+MODELS.register("vit_test_tiny", _local_vit("vit_test_tiny"))
+#: The paper's two models (PQV-Mobile, arXiv 2408.08437): built from timm, weights from the hub.
+PAPER_MODELS: tuple[str, ...] = ("deit_base_patch16_224", "deit3_medium_patch16_224")
+MODELS.register(PAPER_MODELS[0], _timm_family(PAPER_MODELS[0], "DeiT-base (86.6 M parameters), the paper's first model"))
+MODELS.register(PAPER_MODELS[1], _timm_family(PAPER_MODELS[1], "DeiT3-medium (38.8 M), the paper's second model"))
+
+
+def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A model family from :data:`MODELS`, or any timm model, by name.
+
+    ``pretrained=True`` loads the family's weights: the ones bundled with the package for
+    ``vit_tiny_fmnist`` (:data:`BUNDLED_CHECKPOINTS`), timm's hub weights for timm models (needs
+    network access).
+
+    Raises:
+        ConfigError: an unknown name, or ``pretrained=True`` for a family without weights.
+    """
+    if model_name in MODELS:
+        family = MODELS[model_name]
+        if not pretrained:
+            return family.build(**kwargs)
+        if family.pretrained is None:
+            raise ConfigError(f"{model_name!r} has no pretrained weights; families with weights: "
+                              f"{[n for n, f in MODELS.items() if f.pretrained is not None]}")
+        return family.pretrained(**kwargs)
     if not timm.is_model(model_name):
         raise ConfigError(
-            f"unknown model_name={model_name!r}: not a timm model nor one of {sorted(LOCAL_MODELS)} "
+            f"unknown model_name={model_name!r}: not a timm model nor one of {list(MODELS)} "
             "(timm.list_models('deit*') lists DeiT variants)"
         )
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def paper_model(model_name: str, ratio: float = 0.0, *, seed: int = 0, round_to: int | None = 2,
+                **kwargs: Any) -> nn.Module:
+    """The benchmark model of the sweep and the latency benchmarks: ``model_name`` with random weights
+    (seeded), in eval mode, with ``ratio`` of its channels removed by one L2-magnitude pruning step
+    (on random weights every criterion gives the same structure; only the shapes matter for speed).
+    """
+    from .pruning import PruningConfig, prune_once
+
+    torch.manual_seed(seed)
+    model = create_vit(model_name, **kwargs).eval()
+    if ratio > 0:
+        prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=round_to))
+    return model
 
 
 def _vit_kwargs(blob: dict[str, Any]) -> dict[str, Any]:

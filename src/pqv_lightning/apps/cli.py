@@ -147,6 +147,7 @@ def cmd_bench(args) -> int:
 # ---------------------------------------------------------------------------------------------- sweep
 def _sweep_parser(sub) -> None:
     from .recipes import RECIPES
+    from ..export import TARGETS
     from .sweep import EXPERIMENTS
 
     p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
@@ -157,7 +158,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="CI size: tiny models, a few hundred images (minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/sweep, or runs/sweep_quick with --quick)")
     p.add_argument("--experiments", nargs="+", default=None, choices=list(EXPERIMENTS))
-    p.add_argument("--format", default=None, choices=["pte", "onnx", "ptl"],
+    p.add_argument("--format", default=None, choices=TARGETS.names(),
                    help="export format of the latency/accuracy cells (default pte; onnx with --quick)")
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
     p.add_argument("--engine-models", nargs="+", default=None,

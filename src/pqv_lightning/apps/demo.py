@@ -35,6 +35,8 @@ def _default_formats() -> list[str]:
 
 
 def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..export import PRECISIONS, TARGETS
+    from ..pruning.importance import IMPORTANCE
     from .recipes import RECIPES
 
     ap.description = __doc__.split("\n\n")[0]
@@ -43,7 +45,7 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None,
                     help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--importance", default="taylor", choices=["taylor", "hessian", "l1", "l2", "random"])
+    ap.add_argument("--importance", default="taylor", choices=IMPORTANCE.names())
     ap.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                     help="fine-tuning recipe: learning rate, warm-up, distillation, regularization (see "
                          "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)")
@@ -57,10 +59,10 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", nargs="+", default=None, choices=["pte", "onnx", "ptl"],
+    ap.add_argument("--formats", nargs="+", default=None, choices=TARGETS.names(),
                     help="export formats (default: pte and onnx where their extras are installed, else ptl)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8-dynamic", "int8-static"],
-                    choices=["fp32", "fp16", "int8-dynamic", "int8-static"])
+                    choices=PRECISIONS.names())
     ap.add_argument("--export-dir", default="runs/demo_export", help="where MobileExport writes ('' to skip)")
     ap.add_argument("--plots-dir", default="runs/demo_plots", help="where the PNG plots go ('' to skip)")
     return ap

@@ -115,19 +115,16 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     from ..pruning.adapters import input_shape_for
     from ..export.benchmark import Candidate, round_robin
     from ..export import MobileExportConfig, export_mobile
-    from ..models import create_vit
-    from ..pruning import PruningConfig, count_macs, count_params, prune_once
+    from ..models import paper_model
+    from ..pruning import count_macs, count_params
 
-    torch.manual_seed(0)
-    model = create_vit(model_name).eval()
     candidates = []
     if ratio > 0:
         # the unpruned fp32 eager model runs in this cell's round-robin too: every ratio against it is
         # measured in one run (dividing by another cell's number carried this VM's drift, ~8 %)
-        torch.save(model, work / "unpruned.pt")
+        torch.save(paper_model(model_name), work / "unpruned.pt")
         candidates.append(Candidate("unpruned fp32 eager", str(work / "unpruned.pt")))
-        # random weights: magnitude importance gives the same structure as any criterion
-        prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=2))
+    model = paper_model(model_name, ratio)
     shape = input_shape_for(model)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(2, *shape[1:], generator=g) for _ in range(2)]
@@ -304,8 +301,12 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
     bad = [e for e in config.experiments if e not in EXPERIMENTS]
     if bad or not config.experiments:
         raise ConfigError(f"experiments={config.experiments!r}: unknown {bad}; allowed: {list(EXPERIMENTS)}")
-    if config.format not in ("pte", "onnx", "ptl"):
-        raise ConfigError(f"format={config.format!r}; allowed: 'pte', 'onnx', 'ptl'")
+    from ..export import PRECISIONS, TARGETS
+    from ..pruning.importance import IMPORTANCE
+
+    TARGETS.check(config.format, "format")
+    PRECISIONS.check(config.precisions)
+    IMPORTANCE.check(config.importances, "importances")
     checkpoint = config.checkpoint or (str(default_checkpoint()) if default_checkpoint() else None)
     if checkpoint and not Path(checkpoint).is_file():
         raise InputNotFoundError(f"checkpoint {checkpoint}: no such file")

@@ -34,9 +34,11 @@ class MobileExport(Callback):
     the files, with the manifest as metadata.
 
     Args:
-        precisions: any of ``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``.
-        formats: any of ``pte`` (ExecuTorch + XNNPACK; extra ``executorch``), ``onnx`` (ONNX
-            Runtime; extra ``onnx``), ``ptl`` (TorchScript Lite Interpreter, deprecated upstream).
+        precisions: names in :data:`~pqv_lightning.export.PRECISIONS`: ``fp32``, ``fp16``,
+            ``int8-dynamic``, ``int8-static`` or ones you registered.
+        formats: names in :data:`~pqv_lightning.export.TARGETS`: ``pte`` (ExecuTorch + XNNPACK; extra
+            ``executorch``), ``onnx`` (ONNX Runtime; extra ``onnx``), ``ptl`` (TorchScript Lite
+            Interpreter, deprecated upstream), or ones you registered.
             Default ``["ptl"]``. A missing extra is reported when the callback is created.
         engines: for ``ptl`` int8: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
         delegation_friendly: for ``pte``: swap timm Attention/LayerNorm for numerically identical
@@ -63,8 +65,8 @@ class MobileExport(Callback):
 
     def __init__(
         self,
-        precisions: list[Literal["fp32", "fp16", "int8-dynamic", "int8-static"]] | None = None,
-        formats: list[Literal["pte", "onnx", "ptl"]] | None = None,
+        precisions: list[str] | None = None,
+        formats: list[str] | None = None,
         engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = None,
         delegation_friendly: bool = True,
         output_dir: str | None = None,

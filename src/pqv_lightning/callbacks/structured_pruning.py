@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..pruning.adapters import example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
+from ..pruning.importance import IMPORTANCE
 from ..pruning.sparsity import GroupSparsity
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
@@ -69,7 +70,8 @@ class StructuredPruning(Callback):
     :func:`pqv_lightning.load_pruned_checkpoint` loads the pruned module.
 
     Args:
-        importance: ``"taylor"``, ``"hessian"``, ``"l1"``, ``"l2"`` or ``"random"``.
+        importance: a criterion registered in :data:`~pqv_lightning.pruning.importance.IMPORTANCE`:
+            ``"taylor"``, ``"hessian"``, ``"l1"``, ``"l2"``, ``"random"`` or your own.
         pruning_ratio: final channel ratio removed, in ``[0, 1)`` (Torch-Pruning semantics); default
             0.25, or derived from a budget.
         target_macs, target_params: a budget instead of a ratio: the final model's MACs / parameters,
@@ -123,7 +125,7 @@ class StructuredPruning(Callback):
 
     def __init__(
         self,
-        importance: Literal["taylor", "hessian", "l1", "l2", "random"] = "taylor",
+        importance: str = "taylor",
         pruning_ratio: float | None = None,
         iterative_steps: int = 4,
         accumulate_batches: int = 8,
@@ -154,9 +156,10 @@ class StructuredPruning(Callback):
             raise ConfigError(f"give one budget, not both: {budget}")
         if budget and pruning_ratio is not None:
             raise ConfigError(f"give a pruning_ratio ({pruning_ratio!r}) or a budget ({budget}), not both")
-        if budget and global_pruning and importance == "random":
+        IMPORTANCE.check(importance)
+        if budget and global_pruning and not IMPORTANCE[importance].deterministic:
             raise ConfigError(f"a budget ({budget}) with global_pruning=True needs a deterministic criterion, not "
-                              "importance='random'")
+                              f"importance={importance!r}")
         for name, value in budget.items():
             check_budget_value(name, value)
         self.budget = budget

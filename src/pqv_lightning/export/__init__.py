@@ -1,13 +1,22 @@
-"""Quantize and export models to ``.pte`` (ExecuTorch), ``.onnx`` and ``.ptl`` files; see :mod:`.core`."""
+"""Quantize and export models to ``.pte`` (ExecuTorch), ``.onnx`` and ``.ptl`` files; see :mod:`.core`.
 
-from .core import ENGINES, FORMATS, PRECISIONS, ExportFailedError, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
-from .delegation import make_delegation_friendly, register_delegation_swap
+Extension points: :data:`TARGETS` (formats), :data:`PRECISIONS` (precision configs),
+:data:`~.delegation.DELEGATION_SWAPS` (module swaps before ExecuTorch lowering)."""
+
+from .core import ENGINES, ExportFailedError, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
+from .delegation import DELEGATION_SWAPS, make_delegation_friendly, register_delegation_swap
+from .precisions import FP16, FP32, PRECISIONS, Int8Dynamic, Int8Static, Precision
 from .targets import TARGETS, ExportTarget, register_target
 
 __all__ = [
+    "DELEGATION_SWAPS",
     "ENGINES",
-    "FORMATS",
+    "FP16",
+    "FP32",
+    "Int8Dynamic",
+    "Int8Static",
     "PRECISIONS",
+    "Precision",
     "TARGETS",
     "ExportFailedError",
     "ExportTarget",
@@ -19,3 +28,9 @@ __all__ = [
     "register_delegation_swap",
     "register_target",
 ]
+
+
+def __getattr__(attr: str):
+    if attr == "FORMATS":  # the 0.1 tuple, now a live view of the registry
+        return TARGETS.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -51,15 +51,20 @@ from .benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
 from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401
+from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "FORMATS", "PRECISIONS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
+__all__ = ["ENGINES", "PRECISIONS", "TARGETS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
            "export_mobile", "host_default_engine"]
 
-FORMATS: tuple[str, ...] = tuple(TARGETS)
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
+#: torch's quantized engines (fixed by torch, not an extension point)
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
-_ENGINE_DEPENDENT = ("int8-dynamic", "int8-static")
+
+
+def __getattr__(attr: str):
+    if attr == "FORMATS":  # the 0.1 tuple, now a live view of the registry
+        return TARGETS.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def host_default_engine() -> str:
@@ -77,8 +82,9 @@ class MobileExportConfig:
     """What to export and how to check it.
 
     Args:
-        precisions: subset of :data:`PRECISIONS`.
-        formats: subset of :data:`FORMATS` (``pte``, ``onnx``, ``ptl``); ``pte`` and ``onnx`` need
+        precisions: names in :data:`PRECISIONS` (``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``
+            and any you registered).
+        formats: names in :data:`TARGETS` (``pte``, ``onnx``, ``ptl``); ``pte`` and ``onnx`` need
             the extras of the same name (checked here, before any training).
         engines: subset of :data:`ENGINES`, for ``ptl`` int8 files; ``None`` = :func:`host_default_engine`.
         delegation_friendly: for ``pte``, swap timm Attention/LayerNorm for numerically identical
@@ -115,16 +121,14 @@ class MobileExportConfig:
     measure_memory: bool = True
 
     def validate(self) -> None:
-        bad = [p for p in self.precisions if p not in PRECISIONS]
-        if bad or not self.precisions:
-            raise ConfigError(f"precisions={self.precisions!r}: unknown {bad}; allowed: {list(PRECISIONS)}")
-        bad = [f for f in self.formats if f not in TARGETS]
-        if bad or not self.formats:
-            raise ConfigError(f"formats={self.formats!r}: unknown {bad}; allowed: {list(TARGETS)}")
+        PRECISIONS.check(self.precisions)
+        TARGETS.check(self.formats)
         for fmt in self.formats:
             reason = TARGETS[fmt].missing()
             if reason:
                 raise ConfigError(reason)
+            for name in self.precisions:
+                TARGETS[fmt].handler(PRECISIONS[name])  # raises when the format cannot apply it
         engines = self.engines or []
         bad = [e for e in engines if e not in ENGINES]
         if bad:
@@ -295,8 +299,10 @@ def export_mobile(
     engines = list(config.engines or [host_default_engine()])
     calibration = _batches(calibration_data if calibration_data is not None else validation_data,
                            config.calibration_batches)
-    if "int8-static" in config.precisions and not calibration:
-        raise ConfigError("precision 'int8-static' needs calibration_data (or validation_data) to calibrate on")
+    precisions = [PRECISIONS[p] for p in config.precisions]
+    calibrated = [p.name for p in precisions if p.needs_calibration]
+    if calibrated and not calibration:
+        raise ConfigError(f"precisions {calibrated} need calibration_data (or validation_data) to calibrate on")
     out = _prepare_dir(config)
     example = example_input.detach().float().cpu()
     verify = _batches(validation_data, config.verify_batches) or [(example, None)]
@@ -322,8 +328,8 @@ def export_mobile(
         manifest["baseline_fp32_eager"] = {"latency": baseline}
         for fmt in config.formats:
             target = TARGETS[fmt]
-            for precision in config.precisions:
-                per_engine = target.engine_dependent and precision in _ENGINE_DEPENDENT
+            for precision in precisions:
+                per_engine = target.engine_dependent and precision.engine_dependent
                 for engine in engines if per_engine else [None]:
                     entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
                                         verify, config, out, baseline)
@@ -343,11 +349,11 @@ def _cosine(run, reference, batches) -> float:
     return cos / total
 
 
-def _export_one(target: ExportTarget, reference, precision, engine, default_engine, example, calibration, verify,
-                config, out, baseline) -> dict[str, Any]:
-    name = f"model_{precision}" + (f"_{engine}" if engine else "") + target.suffix
+def _export_one(target: ExportTarget, reference, precision: Precision, engine, default_engine, example, calibration,
+                verify, config, out, baseline) -> dict[str, Any]:
+    name = f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
     path = out / name
-    entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision, "engine": engine}
+    entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision.name, "engine": engine}
     stage = "export"
     options = {"delegation_friendly": config.delegation_friendly}
     try:

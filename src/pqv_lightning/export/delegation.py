@@ -24,12 +24,17 @@ user's module. :func:`register_delegation_swap` adds swaps for other module type
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import Registry
+
 __all__ = [
+    "DELEGATION_SWAPS",
+    "DelegationSwap",
     "DelegatableAttention",
     "DelegatableLayerNorm",
     "Fp32LayerNorm",
@@ -38,14 +43,27 @@ __all__ = [
     "keep_layernorm_fp32",
 ]
 
-_SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {}
+@dataclass(frozen=True)
+class DelegationSwap:
+    """Replace every module of exactly one of ``module_types`` by ``build(module)`` (exact types: a
+    subclass may compute something else, so it needs its own entry)."""
+
+    module_types: tuple[type, ...]
+    build: Callable[[nn.Module], nn.Module]
 
 
-def register_delegation_swap(module_type: type) -> Callable:
-    """Decorator: ``fn(module) -> replacement`` is applied to every module of exactly ``module_type``."""
+#: name -> :class:`DelegationSwap`; applied by :func:`make_delegation_friendly` before ExecuTorch lowering.
+DELEGATION_SWAPS: Registry[DelegationSwap] = Registry("delegation swap", types=lambda swap: swap.module_types,
+                                                      mro=False)
+
+
+def register_delegation_swap(module_type: type, name: str | None = None) -> Callable:
+    """Decorator: ``fn(module) -> replacement`` is applied to every module of exactly ``module_type``
+    (registered in :data:`DELEGATION_SWAPS` under ``name``, default the type's qualified name)."""
 
     def wrap(fn: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
-        _SWAPS[module_type] = fn
+        DELEGATION_SWAPS.register(name or f"{module_type.__module__}.{module_type.__qualname__}",
+                                  DelegationSwap((module_type,), fn), overwrite=True)
         return fn
 
     return wrap
@@ -158,7 +176,11 @@ def make_delegation_friendly(model: nn.Module) -> dict[str, int]:
 
     Call it on a copy (the exporter does): the swapped modules share the original parameters.
     """
-    return _replace(model, lambda m: _SWAPS.get(type(m)))
+    def pick(module: nn.Module):
+        swap = DELEGATION_SWAPS.for_type(module)
+        return None if swap is None else swap.build
+
+    return _replace(model, pick)
 
 
 def keep_layernorm_fp32(model: nn.Module) -> int:

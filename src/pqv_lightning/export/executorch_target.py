@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .delegation import keep_layernorm_fp32, make_delegation_friendly
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, Runner, chunked, register_target
+from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, Runner, chunked, register_target
 
 __all__ = ["ExecuTorchTarget", "lower_to_executorch", "delegation_report"]
 
@@ -51,7 +52,7 @@ def _symbolic_batch(ep: torch.export.ExportedProgram) -> bool:
     return False  # pragma: no cover - a model always has an input
 
 
-def _pt2e_quantize(model: nn.Module, precision: str, example: torch.Tensor,
+def _pt2e_quantize(model: nn.Module, precision: Int8Dynamic | Int8Static, example: torch.Tensor,
                    calibration: Sequence[torch.Tensor]) -> tuple[nn.Module, bool]:
     """The pt2e-converted model, and whether it takes any batch size (else only ``len(example)``)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -60,9 +61,9 @@ def _pt2e_quantize(model: nn.Module, precision: str, example: torch.Tensor,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    dynamic = precision == "int8-dynamic"
+    dynamic = isinstance(precision, Int8Dynamic)
     quantizer = XNNPACKQuantizer().set_module_type(
-        nn.Linear, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+        nn.Linear, get_symmetric_quantization_config(is_per_channel=precision.per_channel, is_dynamic=dynamic))
     # export with a free batch size when the model allows it, so calibration runs on whole batches
     # (from a batch of 2: a batch of 1 would specialize the batch dimension)
     pair = torch.cat([example, example])
@@ -91,7 +92,7 @@ def delegation_report(edge_program: torch.export.ExportedProgram) -> dict[str, A
     return {"partitions": partitions, "non_delegated_ops": sorted(other)}
 
 
-def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str,
+def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str | Precision,
                         calibration: Sequence[torch.Tensor] = (), *, delegation_friendly: bool = True
                         ) -> tuple[bytes, dict[str, Any], Runner | None]:
     """Lower a copy of ``model`` to an ExecuTorch program for XNNPACK.
@@ -102,17 +103,13 @@ def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    precision = resolve_precision(precision)
+    apply = TARGETS["pte"].handler(precision)
     model = copy.deepcopy(model).eval().float()
     details: dict[str, Any] = {"module_swaps": make_delegation_friendly(model) if delegation_friendly else {}}
-    reference = None
-    if precision == "fp16":
-        details["fp32_layernorms"] = keep_layernorm_fp32(model.half())
-        model = _Fp16Body(model)
-    elif precision in ("int8-dynamic", "int8-static"):
-        model, any_batch = _pt2e_quantize(model, precision, example, calibration)
-        reference = model if any_batch else chunked(model, len(example))
-    elif precision != "fp32":
-        raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+    # handlers: (model, precision, example, calibration, details) -> (model to export, quantized reference
+    # or None); they add what they did to details["applied"]
+    model, reference = apply(model, precision, example, calibration, details)
     with torch.no_grad():
         ep = torch.export.export(model, (example,))
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
@@ -151,14 +148,8 @@ for _ in range(3):
                                                          delegation_friendly=friendly)
         with open(path, "wb") as fh:
             fh.write(buffer)
-        applied = ["torch.export", "to_edge_transform_and_lower(XnnpackPartitioner)"]
-        if precision.startswith("int8"):
-            applied.insert(1, f"pt2e XNNPACKQuantizer (Linear only, per-channel, "
-                              f"{'dynamic' if precision == 'int8-dynamic' else 'static, calibrated'})")
-        if friendly:
-            applied.insert(0, "delegation-friendly module swaps")
-        if precision == "fp16":
-            applied.insert(0, "LayerNorm kept fp32 (ExecuTorch 1.5.1 fp16 LayerNorm bug)")
+        applied = (["delegation-friendly module swaps"] if friendly else []) + [
+            *details.pop("applied"), "torch.export", "to_edge_transform_and_lower(XnnpackPartitioner)"]
         return Built(applied=applied, details=details, quantized_reference=quantized)
 
     def load(self, path, example, threads):
@@ -171,3 +162,24 @@ for _ in range(3):
         run.program = program  # the method must not outlive the program it came from
         return chunked(run, len(example))
 
+
+@ExecuTorchTarget.handles(FP32)
+def _fp32(model, precision, example, calibration, details):
+    details["applied"] = []
+    return model, None
+
+
+@ExecuTorchTarget.handles(FP16)
+def _fp16(model, precision, example, calibration, details):
+    details["fp32_layernorms"] = keep_layernorm_fp32(model.half())
+    details["applied"] = ["LayerNorm kept fp32 (ExecuTorch 1.5.1 fp16 LayerNorm bug)"]
+    return _Fp16Body(model), None
+
+
+@ExecuTorchTarget.handles(Int8Dynamic, Int8Static)
+def _int8(model, precision, example, calibration, details):
+    quantized, any_batch = _pt2e_quantize(model, precision, example, calibration)
+    kind = "dynamic" if isinstance(precision, Int8Dynamic) else "static, calibrated"
+    scales = "per-channel" if precision.per_channel else "per-tensor"
+    details["applied"] = [f"pt2e XNNPACKQuantizer (Linear only, {scales}, {kind})"]
+    return quantized, (quantized if any_batch else chunked(quantized, len(example)))

@@ -4,6 +4,8 @@ Needs the ``onnx`` extra (``pip install 'pqv-lightning[onnx]'``: onnx, onnxscrip
 
 * One self-contained file (weights inside; models over the 2 GB protobuf limit are refused), with
   a free batch dimension.
+* One handler per precision config (registered with ``ONNXTarget.handles``), applied to the fp32
+  export:
 * ``fp32``: as exported. ``fp16``: ``onnxruntime.transformers.float16`` with fp32 input/output.
 * ``int8-dynamic``: ``quantize_dynamic`` (int8 weights, activations quantized per call).
 * ``int8-static``: ``quantize_static``, QDQ format, per-channel weights, restricted to
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 
 from ..settings import logger_levels
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, register_target
+from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
 
 __all__ = ["ONNXTarget", "export_onnx", "ort_session"]
 
@@ -76,15 +79,14 @@ def _calibration_reader(input_name: str, batches: Sequence[torch.Tensor]):
     return Reader()
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, precision: str, path: str,
+def export_onnx(model: nn.Module, example: torch.Tensor, precision: str | Precision, path: str,
                 calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
-    """Export a copy of ``model`` to ONNX at ``precision`` (written to ``path``). Returns details."""
+    """Export a copy of ``model`` to ONNX at ``precision`` (written to ``path``). Returns details
+    (``applied``: what the precision's handler did)."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if precision not in ("fp32", "fp16", "int8-dynamic", "int8-static"):
-        raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+    precision = resolve_precision(precision)
+    apply = TARGETS["onnx"].handler(precision)
     model = copy.deepcopy(model).eval().float()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if weight_bytes >= _PROTOBUF_LIMIT:
@@ -99,24 +101,19 @@ def export_onnx(model: nn.Module, example: torch.Tensor, precision: str, path: s
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
         details["opset"] = next((o.version for o in onnx.load(fp32, load_external_data=False).opset_import
                                  if o.domain in ("", "ai.onnx")), None)
-        if precision == "fp32":
-            Path(fp32).replace(path)
-            return details
-        if precision == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            onnx.save(convert_float_to_float16(onnx.load(fp32), keep_io_types=True), path)
-            return details
-        pre = str(Path(work) / "pre.onnx")
-        quant_pre_process(fp32, pre)
-        if precision == "int8-dynamic":
-            quantize_dynamic(pre, path, weight_type=QuantType.QInt8, per_channel=True)
-            details["quantized_op_types"] = "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)"
-        else:
-            quantize_static(pre, path, _calibration_reader("input", calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                            op_types_to_quantize=list(STATIC_OP_TYPES))
-            details["quantized_op_types"] = list(STATIC_OP_TYPES)
+        # handlers: (fp32 .onnx, output path, work folder, precision, calibration) -> details
+        details.update(apply(fp32, path, work, precision, calibration))
     return details
+
+
+def _pre_processed(fp32: str, work: str) -> str:
+    """``quant_pre_process`` (shape inference + graph optimization), as ONNX Runtime recommends
+    before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = str(Path(work) / "pre.onnx")
+    quant_pre_process(fp32, pre)
+    return pre
 
 
 @register_target
@@ -142,12 +139,7 @@ for _ in range(3):
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_onnx(reference, example, precision, path, calibration)
-        applied = ["torch.onnx.export(dynamo=True, external_data=False)"]
-        if precision != "fp32":
-            applied.append({"fp16": "onnxruntime float16 conversion (fp32 input/output)",
-                            "int8-dynamic": "quant_pre_process + quantize_dynamic (int8 per-channel weights)",
-                            "int8-static": "quant_pre_process + quantize_static (QDQ, per-channel, MatMul/Gemm/Conv)",
-                            }[precision])
+        applied = ["torch.onnx.export(dynamo=True, external_data=False)", *details.pop("applied")]
         return Built(applied=applied, details=details)
 
     def load(self, path, example, threads):
@@ -158,3 +150,40 @@ for _ in range(3):
             return torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
 
         return run
+
+
+@ONNXTarget.handles(FP32)
+def _fp32(fp32: str, path: str, work: str, precision: Precision, calibration) -> dict[str, Any]:
+    Path(fp32).replace(path)
+    return {"applied": []}
+
+
+@ONNXTarget.handles(FP16)
+def _fp16(fp32: str, path: str, work: str, precision: Precision, calibration) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(fp32), keep_io_types=True), path)
+    return {"applied": ["onnxruntime float16 conversion (fp32 input/output)"]}
+
+
+@ONNXTarget.handles(Int8Dynamic)
+def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calibration) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(_pre_processed(fp32, work), path, weight_type=QuantType.QInt8, per_channel=precision.per_channel)
+    scales = "per-channel" if precision.per_channel else "per-tensor"
+    return {"applied": [f"quant_pre_process + quantize_dynamic (int8 {scales} weights)"],
+            "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)"}
+
+
+@ONNXTarget.handles(Int8Static)
+def _int8_static(fp32: str, path: str, work: str, precision: Int8Static, calibration) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    quantize_static(_pre_processed(fp32, work), path, _calibration_reader("input", calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=precision.per_channel,
+                    op_types_to_quantize=list(STATIC_OP_TYPES))
+    scales = "per-channel" if precision.per_channel else "per-tensor"
+    return {"applied": [f"quant_pre_process + quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
+            "quantized_op_types": list(STATIC_OP_TYPES)}

@@ -4,6 +4,17 @@ A target turns the fp32 reference model into a file at a given precision, loads 
 with the runtime that will execute it on the device, and says how to measure its memory in a
 fresh process. Everything around it (verification, latency, manifest, atomic writes) is shared
 in :mod:`pqv_lightning.export.core`.
+
+Targets are entries of :data:`TARGETS` (format name -> target). A target applies a precision
+config (:mod:`.precisions`) with the handler it registered for that config's class::
+
+    @register_target
+    class MyTarget(ExportTarget):
+        format, suffix = "my", ".my"
+        ...
+
+    @MyTarget.handles(Int8Dynamic)
+    def _my_int8_dynamic(model, precision, ...): ...
 """
 
 from __future__ import annotations
@@ -16,7 +27,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["TARGETS", "Built", "ExportTarget", "Runner", "chunked", "register_target"]
+from ..errors import ConfigError
+from ..registry import Registry
+from .precisions import Precision
+
+__all__ = ["TARGETS", "Built", "ExportTarget", "Runner", "UnsupportedPrecisionError", "chunked", "register_target"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,8 +48,13 @@ class Built:
     quantized_reference: Runner | None = None
 
 
+class UnsupportedPrecisionError(ConfigError):
+    """A target has no handler for a precision config."""
+
+
 class ExportTarget:
-    """Base class. Subclasses set the class attributes and implement :meth:`write` and :meth:`load`."""
+    """Base class. Subclasses set the class attributes, implement :meth:`write` and :meth:`load`,
+    and register one handler per precision config class with :meth:`handles`."""
 
     format: ClassVar[str]
     suffix: ClassVar[str]
@@ -42,6 +62,39 @@ class ExportTarget:
     requires: ClassVar[tuple[str, ...]] = ()  # importable modules it needs
     engine_dependent: ClassVar[bool] = False  # one file per torch quantized engine for int8
     memory_probe: ClassVar[str]  # python source; argv: path, shape "1,3,224,224", threads, engine or "-"
+    _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handlers = dict(cls._handlers)  # a subclass starts from its parent's handlers
+
+    @classmethod
+    def handles(cls, *config_types: type[Precision]) -> Callable:
+        """Decorator: the function applies precision configs of these classes (and their subclasses)
+        for this target. Its signature is the target's own (see each target's ``write``)."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            for config_type in config_types:
+                cls._handlers[config_type] = fn
+            return fn
+
+        return deco
+
+    def handler(self, precision: Precision) -> Callable[..., Any]:
+        """The handler for ``precision`` (closest config class along its MRO).
+
+        Raises:
+            UnsupportedPrecisionError: no handler applies.
+        """
+        for klass in type(precision).__mro__:
+            if klass in self._handlers:
+                return self._handlers[klass]
+        raise UnsupportedPrecisionError(
+            f"format {self.format!r} cannot apply precision {precision.name!r} ({type(precision).__name__}); "
+            f"it handles {sorted(t.__name__ for t in self._handlers)}")
+
+    def supports(self, precision: Precision) -> bool:
+        return any(klass in self._handlers for klass in type(precision).__mro__)
 
     def missing(self) -> str | None:
         """Why this target cannot run here (a missing package), or None."""
@@ -51,7 +104,7 @@ class ExportTarget:
         hint = f"pip install 'pqv-lightning[{self.extra}]'" if self.extra else f"install {absent}"
         return f"format {self.format!r} needs {absent}: {hint}"
 
-    def write(self, reference: nn.Module, precision: str, engine: str, example: torch.Tensor,
+    def write(self, reference: nn.Module, precision: Precision, engine: str, example: torch.Tensor,
               calibration: Sequence[torch.Tensor], path: str, options: dict[str, Any]) -> Built:
         raise NotImplementedError
 
@@ -59,12 +112,13 @@ class ExportTarget:
         raise NotImplementedError
 
 
-TARGETS: dict[str, ExportTarget] = {}
+#: format name -> :class:`ExportTarget`; what ``formats=[...]`` accepts everywhere.
+TARGETS: Registry[ExportTarget] = Registry("export format", argument="formats")
 
 
 def register_target(cls: type[ExportTarget]) -> type[ExportTarget]:
     """Class decorator: make ``cls.format`` available to ``MobileExportConfig(formats=[...])``."""
-    TARGETS[cls.format] = cls()
+    TARGETS.register(cls.format, cls())
     return cls
 
 

@@ -15,39 +15,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, Built, ExportTarget, register_target
+from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
 
 __all__ = ["TorchScriptTarget", "quantize_torch_ao", "script_for_mobile"]
 
 
-def quantize_torch_ao(model: nn.Module, precision: str, engine: str, example: torch.Tensor,
+def quantize_torch_ao(model: nn.Module, precision: str | Precision, engine: str, example: torch.Tensor,
                       calibration: Sequence[torch.Tensor]) -> nn.Module:
     """A quantized copy for the given torch quantized engine (the caller selects the engine).
 
     Only Linear layers (and, for ``int8-static``, the patch-embedding conv: PyTorch has no dynamic
     conv kernels) are quantized; LayerNorm, softmax, GELU and residual adds stay float."""
-    from torch.ao.quantization import QConfigMapping, float16_dynamic_qconfig, get_default_qconfig, quantize_dynamic
-
+    precision = resolve_precision(precision)
+    apply = TARGETS["ptl"].handler(precision)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
-        model = copy.deepcopy(model).eval().float()
-        if precision == "fp32":
-            return model
-        if precision == "fp16":
-            return quantize_dynamic(model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16)
-        if precision == "int8-dynamic":
-            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-        if precision == "int8-static":
-            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-            qconfig = get_default_qconfig(engine)
-            mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
-            prepared = prepare_fx(model, mapping, (example,))
-            with torch.no_grad():
-                for x in calibration:
-                    prepared(x)
-            return convert_fx(prepared)
-    raise ValueError(f"precision={precision!r}; allowed: fp32, fp16, int8-dynamic, int8-static")
+        return apply(copy.deepcopy(model).eval().float(), precision, engine, example, calibration)
 
 
 def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, list[str], list[str]]:
@@ -98,6 +82,7 @@ with torch.no_grad():
 """ + PROBE_TAIL
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
+        # handlers: (fp32 copy, precision, engine, example, calibration) -> module to script
         quantized = quantize_torch_ao(reference, precision, engine, example, calibration)
         scripted, applied, skipped = script_for_mobile(quantized, example)
         with warnings.catch_warnings():
@@ -109,3 +94,38 @@ with torch.no_grad():
         from torch.jit.mobile import _load_for_lite_interpreter
 
         return _load_for_lite_interpreter(path)
+
+
+@TorchScriptTarget.handles(FP32)
+def _fp32(model, precision, engine, example, calibration):
+    return model
+
+
+@TorchScriptTarget.handles(FP16)
+def _fp16(model, precision, engine, example, calibration):
+    from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16)
+
+
+@TorchScriptTarget.handles(Int8Dynamic)
+def _int8_dynamic(model, precision, engine, example, calibration):
+    # torch.ao's dynamic default for every engine (per-tensor weights); ``per_channel`` is not read here
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+@TorchScriptTarget.handles(Int8Static)
+def _int8_static(model, precision, engine, example, calibration):
+    # the engine's default qconfig (its own weight observer); ``per_channel`` is not read here
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    qconfig = get_default_qconfig(engine)
+    mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
+    prepared = prepare_fx(model, mapping, (example,))
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+    return convert_fx(prepared)

@@ -9,9 +9,10 @@ An adapter answers four questions for one family of models:
 * how to re-synchronise module attributes after channels were removed (timm's ``Attention`` keeps
   ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` as plain Python attributes).
 
-Adapters live in a registry keyed by model class and are found along the class's MRO, so a subclass
-of a registered model (e.g. timm's ``VisionTransformerDistilled``) is handled by its parent's
-adapter unless it registers its own. Add a family with :func:`register_adapter`.
+Adapters live in the registry :data:`ADAPTERS` (name -> adapter, each naming the model classes it
+handles) and are found along the model class's MRO, so a subclass of a registered model (e.g.
+timm's ``VisionTransformerDistilled``) is handled by its parent's adapter unless it registers its
+own. Add a family with :func:`register_adapter`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from ..errors import ConfigError
+from ..registry import Registry
 
 __all__ = [
+    "ADAPTERS",
     "AttentionInfo",
     "ModelAdapter",
     "VisionTransformerAdapter",
@@ -45,7 +48,10 @@ class AttentionInfo:
 
 
 class ModelAdapter:
-    """Base class of model-family adapters. Subclasses override the methods that differ."""
+    """Base class of model-family adapters. Subclasses override the methods that differ;
+    ``model_types`` (set by :func:`register_adapter`) are the model classes it handles."""
+
+    model_types: tuple[type, ...] = ()
 
     def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
         """All multi-head attention modules of ``model`` with a fused ``qkv`` projection."""
@@ -70,14 +76,20 @@ class ModelAdapter:
         """
 
 
-_REGISTRY: dict[type, ModelAdapter] = {}
+#: name -> :class:`ModelAdapter`, looked up by model class along its MRO (:func:`find_adapter`).
+ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", types=lambda adapter: adapter.model_types)
 
 
-def register_adapter(model_type: type) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
-    """Class decorator: ``@register_adapter(MyViT) class MyViTAdapter(ModelAdapter): ...``."""
+def register_adapter(*model_types: type, name: str | None = None) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator: ``@register_adapter(MyViT) class MyViTAdapter(ModelAdapter): ...`` registers an
+    instance in :data:`ADAPTERS` under ``name`` (default the adapter class's qualified name)."""
+    if not model_types:
+        raise ConfigError("register_adapter needs at least one model class")
 
     def deco(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
-        _REGISTRY[model_type] = adapter_cls()
+        adapter = adapter_cls()
+        adapter.model_types = tuple(model_types)
+        ADAPTERS.register(name or f"{adapter_cls.__module__}.{adapter_cls.__qualname__}", adapter, overwrite=True)
         return adapter_cls
 
     return deco
@@ -85,15 +97,12 @@ def register_adapter(model_type: type) -> Callable[[type[ModelAdapter]], type[Mo
 
 def registered_model_types() -> list[type]:
     """Model classes that have an adapter."""
-    return list(_REGISTRY)
+    return [t for adapter in ADAPTERS.values() for t in adapter.model_types]
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter | None:
     """The adapter of the closest registered class in ``type(model).__mro__``, or None."""
-    for klass in type(model).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-    return None
+    return ADAPTERS.for_type(model)
 
 
 def _timm_attention_types() -> tuple[type, ...]:

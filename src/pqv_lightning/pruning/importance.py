@@ -18,11 +18,24 @@ dim 0 (the score of each output channel) and over everything but dim 1 (each inp
 needs, so the statistics cost two small vectors per layer and survive checkpointing cheaply.
 
 Magnitude (``l1``, ``l2``) and ``random`` need no statistics.
+
+Criteria live in the registry :data:`IMPORTANCE` (name -> :class:`Criterion`); the pruner, the
+callback, the CLI and the sweep read their allowed names from it. Adding one::
+
+    import torch_pruning as tp
+    from pqv_lightning.pruning.importance import IMPORTANCE, Criterion
+
+    IMPORTANCE.register("l1-sum", Criterion(
+        build=lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum"),
+        description="L1 norm of the weights, summed over the coupled layers"))
+
+    StructuredPruning(importance="l1-sum", pruning_ratio=0.25)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,19 +43,20 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tpf
 from ..errors import ConfigError
+from ..registry import Registry
 
 __all__ = [
-    "IMPORTANCE_NAMES",
-    "GRADIENT_CRITERIA",
+    "IMPORTANCE",
+    "STATISTICS_KINDS",
+    "Criterion",
     "GradientStatistics",
     "StatisticsImportance",
     "SeededRandomImportance",
     "make_importance",
 ]
 
-ImportanceName = Literal["taylor", "hessian", "l1", "l2", "random"]
-IMPORTANCE_NAMES: tuple[str, ...] = ("taylor", "hessian", "l1", "l2", "random")
-GRADIENT_CRITERIA: tuple[str, ...] = ("taylor", "hessian")
+#: The kinds of gradient statistics :class:`GradientStatistics` can accumulate.
+STATISTICS_KINDS: tuple[str, ...] = ("taylor", "hessian")
 
 _TRACKED_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm)
 
@@ -83,8 +97,8 @@ class GradientStatistics:
     """
 
     def __init__(self, model: nn.Module, criterion: Literal["taylor", "hessian"]):
-        if criterion not in GRADIENT_CRITERIA:
-            raise ValueError(f"criterion={criterion!r} is not a gradient criterion; allowed: {GRADIENT_CRITERIA}")
+        if criterion not in STATISTICS_KINDS:
+            raise ValueError(f"criterion={criterion!r} is not a gradient criterion; allowed: {STATISTICS_KINDS}")
         self.model = model
         self.criterion = criterion
         self.out_scores: dict[str, torch.Tensor] = {}
@@ -298,25 +312,78 @@ class SeededRandomImportance(tp.importance.Importance):
         return torch.rand(len(idxs), generator=self._gen)
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """An importance criterion: how to build Torch-Pruning's importance object, and what it needs.
+
+    Args:
+        build: ``(statistics or None, seed) -> tp.importance.Importance``.
+        statistics: the :class:`GradientStatistics` kind it reads (``"taylor"``/``"hessian"``), or
+            None when it needs no gradients.
+        deterministic: the same weights always give the same scores (``random`` does not, so the
+            global budget search, which compares candidate ratios, refuses it).
+        description: one line for docs and ``--help``.
+    """
+
+    build: Callable[[GradientStatistics | None, int], tp.importance.Importance]
+    statistics: str | None = None
+    deterministic: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.statistics is not None and self.statistics not in STATISTICS_KINDS:
+            raise ConfigError(f"statistics={self.statistics!r}; allowed: {list(STATISTICS_KINDS)} or None")
+
+
+def _from_statistics(stats: GradientStatistics | None, seed: int) -> tp.importance.Importance:
+    return StatisticsImportance(stats)
+
+
+#: name -> :class:`Criterion`; what ``importance=`` accepts everywhere.
+IMPORTANCE: Registry[Criterion] = Registry("importance criterion", argument="importance")
+IMPORTANCE.register("taylor", Criterion(_from_statistics, statistics="taylor",
+                                        description="first-order Taylor saliency |w * g| over the training steps"))
+IMPORTANCE.register("hessian", Criterion(_from_statistics, statistics="hessian",
+                                         description="Optimal Brain Damage w^2 * diagonal empirical Fisher, per micro-batch"))
+IMPORTANCE.register("l1", Criterion(lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=1),
+                                    description="L1 norm of the coupled weights"))
+IMPORTANCE.register("l2", Criterion(lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=2),
+                                    description="L2 norm of the coupled weights"))
+IMPORTANCE.register("random", Criterion(lambda stats, seed: SeededRandomImportance(seed), deterministic=False,
+                                        description="seeded random scores (a control)"))
+
+
 def make_importance(name: str, stats: GradientStatistics | None = None, seed: int = 0) -> tp.importance.Importance:
-    """Importance object for a criterion name (see :data:`IMPORTANCE_NAMES`)."""
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "random":
-        return SeededRandomImportance(seed)
-    if name in GRADIENT_CRITERIA:
-        if stats is None or stats.criterion != name:
-            raise ValueError(f"importance={name!r} needs GradientStatistics(model, {name!r})")
-        return StatisticsImportance(stats)
-    raise ConfigError(f"importance={name!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+    """Importance object for a criterion registered in :data:`IMPORTANCE`.
+
+    Raises:
+        ConfigError: ``name`` is not registered.
+        ValueError: the criterion reads gradient statistics and ``stats`` is missing or of another kind.
+    """
+    criterion = IMPORTANCE[name]
+    if criterion.statistics is not None and (stats is None or stats.criterion != criterion.statistics):
+        raise ValueError(f"importance={name!r} needs GradientStatistics(model, {criterion.statistics!r})")
+    return criterion.build(stats, seed)
+
+
+def statistics_kind(name: str) -> str | None:
+    """The :class:`GradientStatistics` kind criterion ``name`` needs, or None."""
+    return IMPORTANCE[name].statistics
+
+
+def __getattr__(attr: str):
+    # live views of the registry, for code written against the 0.1 tuples
+    if attr == "IMPORTANCE_NAMES":
+        return IMPORTANCE.names()
+    if attr == "GRADIENT_CRITERIA":
+        return tuple(n for n, c in IMPORTANCE.items() if c.statistics is not None)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def check_trainable(weights: Iterable[tuple[str, nn.Parameter]], criterion: str) -> None:
     """Gradient criteria need gradients: refuse frozen weights that would be scored."""
     frozen = [n for n, p in weights if not p.requires_grad]
-    if frozen and criterion in GRADIENT_CRITERIA:
+    if frozen and IMPORTANCE[criterion].statistics is not None:
         shown = ", ".join(frozen[:5]) + (f" (+{len(frozen) - 5} more)" if len(frozen) > 5 else "")
         raise ValueError(
             f"importance={criterion!r} needs gradients, but {len(frozen)} prunable weights are frozen "

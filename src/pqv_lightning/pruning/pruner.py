@@ -42,8 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import ConfigError
 from .adapters import ModelAdapter, example_inputs_for, find_adapter
 from .importance import (
-    GRADIENT_CRITERIA,
-    IMPORTANCE_NAMES,
+    IMPORTANCE,
     GradientStatistics,
     SeededRandomImportance,
     StatisticsImportance,
@@ -86,8 +85,9 @@ class PruningConfig:
     """What to prune and how (Torch-Pruning semantics).
 
     Args:
-        importance: ``"taylor"``, ``"hessian"`` (gradient statistics), ``"l1"``, ``"l2"`` (group
-            weight magnitude) or ``"random"``.
+        importance: a name in :data:`~pqv_lightning.pruning.importance.IMPORTANCE`: ``"taylor"``,
+            ``"hessian"`` (gradient statistics), ``"l1"``, ``"l2"`` (group weight magnitude),
+            ``"random"``, or one you registered.
         pruning_ratio: final fraction of channels removed from every prunable dimension (embedding
             width, head dims, MLP hidden), in ``[0, 1)``. Parameters shrink roughly by
             ``(1 - ratio)^2``.
@@ -129,8 +129,7 @@ class PruningConfig:
             raise ConfigError(
                 f"ratio_schedule={self.ratio_schedule!r} is not supported; allowed: {sorted(RATIO_SCHEDULES)}"
             )
-        if self.importance not in IMPORTANCE_NAMES:
-            raise ConfigError(f"importance={self.importance!r} is not supported; allowed: {list(IMPORTANCE_NAMES)}")
+        IMPORTANCE.check(self.importance)
         _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
@@ -257,7 +256,8 @@ class StructuredPruner:
         scored = [(n, p) for n, p in tracked_weights(model).items() if id(p) not in ignored_ids]
         check_trainable(scored, config.importance)
 
-        self.stats = GradientStatistics(model, config.importance) if config.importance in GRADIENT_CRITERIA else None
+        kind = IMPORTANCE[config.importance].statistics
+        self.stats = GradientStatistics(model, kind) if kind is not None else None
         self.importance = make_importance(config.importance, self.stats, seed=config.seed)
         attn = self.adapter.attention_modules(model)
         self._attn_names = {id(a.qkv): a.name for a in attn}
@@ -631,8 +631,9 @@ def _check_budget_dict(budget: dict[str, float] | None, config: PruningConfig) -
         raise ConfigError(f"budget={budget!r} must be {{'target_macs': x}} or {{'target_params': x}}")
     name, value = next(iter(budget.items()))
     check_budget_value(name, value)
-    if config.global_pruning and config.importance == "random":
-        raise ConfigError("a budget with global_pruning=True needs a deterministic criterion, not importance='random'")
+    if config.global_pruning and not IMPORTANCE[config.importance].deterministic:
+        raise ConfigError(f"a budget with global_pruning=True needs a deterministic criterion, not "
+                          f"importance={config.importance!r}")
     return dict(budget)
 
 

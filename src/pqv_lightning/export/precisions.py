@@ -1,0 +1,88 @@
+"""Precisions as config objects, in the spirit of torchao's ``quantize_(model, Config())``.
+
+A precision says *what* to do (``Int8Static(per_channel=True)``); each export target says *how* it
+does it for its runtime, with one handler per config class registered by
+:meth:`~pqv_lightning.export.targets.ExportTarget.handles`. Users name precisions by string
+(``MobileExportConfig(precisions=["fp32", "int8-dynamic"])``, YAML, CLI); the strings are the keys
+of :data:`PRECISIONS`.
+
+Adding a precision (e.g. int8 weights without per-channel scales)::
+
+    from pqv_lightning.export.precisions import PRECISIONS, Int8Dynamic
+
+    PRECISIONS.register("int8-dynamic-per-tensor", Int8Dynamic(name="int8-dynamic-per-tensor", per_channel=False))
+
+Every target whose handler is registered for :class:`Int8Dynamic` (or a base class) now exports it;
+a new config *class* needs a handler in each target that should support it (targets without one
+mark the artifact ``skipped`` and say so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..registry import Registry
+
+__all__ = ["FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision", "resolve_precision"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Base class. ``name`` is the string users write; class attributes describe the family."""
+
+    name: str
+    #: int8 kernels differ per torch quantized engine (``.ptl`` writes one file per engine)
+    engine_dependent: ClassVar[bool] = False
+    #: needs calibration batches (activation ranges)
+    needs_calibration: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class FP32(Precision):
+    """The model as trained."""
+
+    name: str = "fp32"
+
+
+@dataclass(frozen=True)
+class FP16(Precision):
+    """Half-precision weights and compute; inputs and outputs stay fp32."""
+
+    name: str = "fp16"
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(Precision):
+    """int8 weights (Linear layers), activations quantized per call. ``per_channel``: one weight scale
+    per output channel (``.pte``, ``.onnx``; ``.ptl`` uses torch.ao's per-tensor dynamic kernels)."""
+
+    name: str = "int8-dynamic"
+    per_channel: bool = True
+    engine_dependent: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Int8Static(Precision):
+    """int8 weights and activations, activation ranges calibrated on data. ``per_channel``: one weight
+    scale per output channel (``.pte``, ``.onnx``; ``.ptl`` uses the engine's default qconfig)."""
+
+    name: str = "int8-static"
+    per_channel: bool = True
+    engine_dependent: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
+
+
+#: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
+PRECISIONS: Registry[Precision] = Registry("precision", argument="precisions")
+for _config in (FP32(), FP16(), Int8Dynamic(), Int8Static()):
+    PRECISIONS.register(_config.name, _config)
+
+
+def resolve_precision(precision: str | Precision) -> Precision:
+    """The config object for a registered name (a config object is returned as is).
+
+    Raises:
+        ConfigError: an unregistered name.
+    """
+    return precision if isinstance(precision, Precision) else PRECISIONS[precision]

@@ -1,0 +1,138 @@
+"""One registry class for every extension point.
+
+Model families (:data:`pqv_lightning.models.MODELS`), importance criteria
+(:data:`pqv_lightning.pruning.importance.IMPORTANCE`), model adapters
+(:data:`pqv_lightning.pruning.adapters.ADAPTERS`), export formats
+(:data:`pqv_lightning.export.targets.TARGETS`), precisions
+(:data:`pqv_lightning.export.precisions.PRECISIONS`) and delegation swaps
+(:data:`pqv_lightning.export.delegation.DELEGATION_SWAPS`) are all a :class:`Registry`: a read-only
+mapping from a name to an entry, filled with :meth:`Registry.register`. Every list of allowed values
+(CLI choices, error messages, config validation) is read from the registry at the moment it is
+needed, so an entry registered by a user is accepted everywhere at once.
+
+Registries whose entries apply to module types (adapters, delegation swaps) also answer "which
+entry handles this module?" with :meth:`Registry.for_type`.
+
+Example::
+
+    from pqv_lightning.registry import Registry
+
+    GREETINGS = Registry("greeting", argument="style")
+
+    @GREETINGS.register("plain")
+    def plain(name): return f"hello {name}"
+
+    GREETINGS["plain"]("ada")        # 'hello ada'
+    GREETINGS["loud"]                # ConfigError: style='loud' is not registered; allowed: ['plain']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from .errors import ConfigError
+
+__all__ = ["Registry", "UnknownNameError"]
+
+T = TypeVar("T")
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name that is not in a registry (a ``ConfigError`` for users, a ``KeyError`` for mappings)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Named entries of one extension point.
+
+    Args:
+        kind: what an entry is, for messages (``"importance criterion"``).
+        argument: the option users spell the name in, for messages (``"importance"``); defaults to
+            ``kind``.
+        types: for registries of per-type entries: ``entry -> tuple of types`` it applies to
+            (enables :meth:`for_type`).
+        mro: :meth:`for_type` also matches base classes (closest first); ``False`` = exact type only.
+    """
+
+    def __init__(self, kind: str, *, argument: str | None = None,
+                 types: Callable[[T], Iterable[type]] | None = None, mro: bool = True) -> None:
+        self.kind = kind
+        self.argument = argument or kind
+        self._types = types
+        self._mro = mro
+        self._entries: dict[str, T] = {}
+
+    # ------------------------------------------------------------------ filling
+    def register(self, name: str, entry: T | None = None, *, overwrite: bool = False) -> Any:
+        """Add ``entry`` under ``name``; without ``entry``, a decorator that registers what it decorates
+        (and returns it unchanged). Registering a taken name raises unless ``overwrite=True``."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{self.kind} name={name!r} must be a non-empty string")
+
+        def add(obj: T) -> T:
+            if name in self._entries and not overwrite:
+                raise ConfigError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
+            self._entries[name] = obj
+            return obj
+
+        return add if entry is None else add(entry)
+
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry (for tests and plugins that replace a built-in)."""
+        entry = self[name]
+        del self._entries[name]
+        return entry
+
+    # ------------------------------------------------------------------ reading
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise UnknownNameError(f"{self.argument}={name!r} is not registered; allowed: {list(self._entries)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return name in self._entries
+        except TypeError:
+            return False
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, in registration order (what CLI choices and messages list)."""
+        return tuple(self._entries)
+
+    def check(self, values: str | Iterable[str], argument: str | None = None) -> None:
+        """Raise one :class:`UnknownNameError` naming every unknown value (and an empty list)."""
+        argument = argument or self.argument
+        if isinstance(values, str):
+            if values not in self:
+                raise UnknownNameError(f"{argument}={values!r} is not registered; allowed: {list(self._entries)}")
+            return
+        given = list(values)
+        bad = [v for v in given if v not in self]
+        if bad or not given:
+            raise UnknownNameError(f"{argument}={given!r}: " + (f"unknown {bad}" if bad else "empty")
+                                   + f"; allowed: {list(self._entries)}")
+
+    def for_type(self, obj: Any) -> T | None:
+        """The entry that applies to ``type(obj)`` — the closest class along its MRO, or only the
+        exact type when the registry was made with ``mro=False`` — or None."""
+        if self._types is None:
+            raise TypeError(f"the {self.kind} registry is not keyed by type")
+        classes = type(obj).__mro__ if self._mro else (type(obj),)
+        for klass in classes:
+            for entry in reversed(list(self._entries.values())):  # a later registration wins
+                if klass in tuple(self._types(entry)):
+                    return entry
+        return None
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {list(self._entries)})"
