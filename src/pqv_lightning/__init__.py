@@ -2,7 +2,7 @@
 PyTorch Lightning callbacks."""
 
 from .callbacks import CHECKPOINT_KEY, KnowledgeDistillation, MobileExport, StructuredPruning
-from .pruning.checkpoint import load_pruned_checkpoint, restore_pruned_module
+from .callbacks.checkpoint import load_pruned_checkpoint, restore_pruned_module
 from .pruning.adapters import ModelAdapter, find_adapter, locate_model, register_adapter
 from .export import MobileExportConfig, export_mobile
 from .distillation import distillation_loss, frozen_teacher

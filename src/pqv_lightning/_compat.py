@@ -24,7 +24,7 @@ MOVED: dict[str, str] = {
     "pqv_lightning.sparsity": "pqv_lightning.pruning.sparsity",
     "pqv_lightning.optim": "pqv_lightning.pruning.optim",
     "pqv_lightning.adapters": "pqv_lightning.pruning.adapters",
-    "pqv_lightning.checkpoint": "pqv_lightning.pruning.checkpoint",
+    "pqv_lightning.checkpoint": "pqv_lightning.callbacks.checkpoint",
     "pqv_lightning.benchmark": "pqv_lightning.export.benchmark",
     "pqv_lightning.cli": "pqv_lightning.apps.cli",
     "pqv_lightning.demo": "pqv_lightning.apps.demo",

@@ -6,9 +6,10 @@ Extension points: :data:`TARGETS` (formats), :data:`PRECISIONS` (precision confi
 from .core import ENGINES, ExportFailedError, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
 from .delegation import DELEGATION_SWAPS, make_delegation_friendly, register_delegation_swap
 from .precisions import FP16, FP32, PRECISIONS, Int8Dynamic, Int8Static, Precision
-from .targets import TARGETS, ExportTarget, register_target
+from .targets import TARGETS, Built, ExportTarget, register_target
 
 __all__ = [
+    "Built",
     "DELEGATION_SWAPS",
     "ENGINES",
     "FP16",

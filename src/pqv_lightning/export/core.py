@@ -371,7 +371,7 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
                 latency = _latency(run, example, config.warmup, config.repeats)
                 del run
                 memory = (_inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
-                          if config.measure_memory else None)
+                          if config.measure_memory and target.memory_probe else None)
                 digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")

@@ -61,7 +61,9 @@ class ExportTarget:
     extra: ClassVar[str | None] = None  # pip extra that installs the runtime
     requires: ClassVar[tuple[str, ...]] = ()  # importable modules it needs
     engine_dependent: ClassVar[bool] = False  # one file per torch quantized engine for int8
-    memory_probe: ClassVar[str]  # python source; argv: path, shape "1,3,224,224", threads, engine or "-"
+    # python source run in a fresh process to measure inference memory; argv: path, shape "1,3,224,224",
+    # threads, engine or "-" (see PROBE_HEAD/PROBE_RESET/PROBE_TAIL); None: memory is not measured
+    memory_probe: ClassVar[str | None] = None
     _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

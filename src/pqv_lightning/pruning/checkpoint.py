@@ -3,30 +3,26 @@
 A checkpoint written while :class:`~pqv_lightning.StructuredPruning` was active holds the pruned
 ``state_dict`` *and* ``checkpoint["pqv_structured_pruning"]``: the pruning history, head counts and
 the dotted path of the pruned network. ``LightningModule.load_from_checkpoint`` alone fails, since
-``__init__`` builds the original, unpruned shapes. :func:`load_pruned_checkpoint` first replays the
-structure on the freshly built network, then loads the weights.
+``__init__`` builds the original, unpruned shapes. :func:`restore_pruned_module` replays the
+structure on a freshly built network (no Lightning needed);
+:func:`pqv_lightning.callbacks.checkpoint.load_pruned_checkpoint` wraps it around
+``load_from_checkpoint``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import lightning.pytorch as pl
 from torch import nn
 
-from ..errors import ConfigError, InputNotFoundError
+from ..errors import ConfigError
 from .adapters import locate_model
 from .pruner import restore_structure
 
-__all__ = ["CHECKPOINT_KEY", "check_checkpoint_shapes", "load_pruned_checkpoint", "restore_pruned_module"]
+__all__ = ["CHECKPOINT_KEY", "check_checkpoint_shapes", "restore_pruned_module"]
 
 #: Top-level checkpoint key holding the pruned structure (written for weights-only checkpoints too).
 CHECKPOINT_KEY = "pqv_structured_pruning"
-
-M = TypeVar("M", bound=pl.LightningModule)
 
 
 def restore_pruned_module(module: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
@@ -72,41 +68,3 @@ def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any], limit
             "pqv-lightning), or it belongs to another model. Save it again with StructuredPruning in the Trainer, "
             "or build a module of the checkpoint's shapes"
         )
-
-
-@contextlib.contextmanager
-def _pre_load_hook(module_class: type[pl.LightningModule]) -> Iterator[None]:
-    had_own = "on_load_checkpoint" in module_class.__dict__
-    original = module_class.on_load_checkpoint
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_pruned_module(self, checkpoint)
-        original(self, checkpoint)
-
-    module_class.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if had_own:
-            module_class.on_load_checkpoint = original  # type: ignore[method-assign]
-        else:
-            del module_class.on_load_checkpoint
-
-
-def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, **kwargs: Any) -> M:
-    """``module_class.load_from_checkpoint(checkpoint_path, **kwargs)`` that understands pruned shapes.
-
-    Works with full and weights-only checkpoints written under :class:`StructuredPruning`, and with
-    ordinary checkpoints (then it is exactly ``load_from_checkpoint``). ``kwargs`` go to
-    ``load_from_checkpoint`` (``map_location``, ``strict``, hyper-parameter overrides, ...).
-
-    Example::
-
-        model = load_pruned_checkpoint(LitClassifier, "checkpoints/last.ckpt", map_location="cpu")
-    """
-    if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
-        raise TypeError(f"module_class must be a LightningModule subclass, got {module_class!r}")
-    if not Path(checkpoint_path).is_file():
-        raise InputNotFoundError(f"checkpoint_path={str(checkpoint_path)!r} does not exist")
-    with _pre_load_hook(module_class):
-        return module_class.load_from_checkpoint(checkpoint_path, **kwargs)

@@ -1,0 +1,239 @@
+"""The layout and the extension points: no import circles, one-way layers, registries that agree
+with every list of allowed values, and the examples of docs/architecture.md (run here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from _imports import PACKAGE, ROOT, cycles, import_graph, module_name
+from pqv_lightning.errors import ConfigError
+from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig
+from pqv_lightning.export.delegation import DELEGATION_SWAPS
+from pqv_lightning.models import MODELS
+from pqv_lightning.pruning.adapters import ADAPTERS
+from pqv_lightning.pruning.importance import IMPORTANCE
+from pqv_lightning.registry import Registry, UnknownNameError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+REGISTRIES = {"IMPORTANCE": IMPORTANCE, "MODELS": MODELS, "ADAPTERS": ADAPTERS, "TARGETS": TARGETS,
+              "PRECISIONS": PRECISIONS, "DELEGATION_SWAPS": DELEGATION_SWAPS}
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def test_the_package_has_no_import_circles():
+    graph = import_graph()
+    assert len(graph) > 30  # the graph really was read
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _imports_of(prefixes: tuple[str, ...]) -> dict[str, set[str]]:
+    return {m: deps for m, deps in import_graph().items() if m.startswith(prefixes)}
+
+
+def test_layers_point_one_way():
+    apps = f"{PACKAGE}.apps"
+    for mod, deps in import_graph().items():
+        if not mod.startswith(apps) and mod not in (PACKAGE, f"{PACKAGE}.__main__", f"{PACKAGE}._compat"):
+            assert not {d for d in deps if d.startswith(apps)}, f"{mod} imports an application module"
+    library = tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "fileio", "settings",
+                                              "distillation"))
+    for mod, deps in _imports_of(library).items():
+        assert not {d for d in deps if d.startswith(f"{PACKAGE}.callbacks")}, f"{mod} imports the callbacks"
+
+
+def test_the_library_never_imports_lightning():
+    library = [p for p in ROOT.rglob("*.py") if module_name(p).startswith(
+        tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "fileio", "settings",
+                                        "distillation")))]
+    assert len(library) > 15
+    for path in library:
+        text = path.read_text()
+        assert not re.search(r"^\s*(import lightning|from lightning)", text, re.M), path
+
+
+@pytest.mark.parametrize("old,new", [("pqv_lightning.importance", "pqv_lightning.pruning.importance"),
+                                     ("pqv_lightning.sweep", "pqv_lightning.apps.sweep"),
+                                     ("pqv_lightning.checkpoint", "pqv_lightning.callbacks.checkpoint")])
+def test_old_module_paths_forward_with_a_deprecation_warning(old, new):
+    import sys
+
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+    target = importlib.import_module(new)
+    public = [n for n in getattr(target, "__all__", []) if not n.startswith("_")]
+    assert public and all(getattr(module, n) is getattr(target, n) for n in public)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_register_lookup_and_errors():
+    reg: Registry = Registry("greeting", argument="style")
+    reg.register("plain", str.lower)
+
+    @reg.register("loud")
+    def loud(s):
+        return s.upper()
+
+    assert reg["loud"] is loud and list(reg) == ["plain", "loud"] and reg.names() == ("plain", "loud")
+    assert "plain" in reg and "soft" not in reg and 3 not in reg and len(reg) == 2
+    with pytest.raises(UnknownNameError, match=r"style='soft' is not registered; allowed: \['plain', 'loud'\]"):
+        reg["soft"]
+    with pytest.raises(KeyError):  # a Mapping's contract, too
+        reg["soft"]
+    assert reg.get("soft") is None
+    with pytest.raises(ConfigError, match="'plain' is already registered"):
+        reg.register("plain", str.title)
+    reg.register("plain", str.title, overwrite=True)
+    assert reg["plain"] is str.title
+    with pytest.raises(ConfigError, match=r"style=\['loud', 'x', 'y'\]: unknown \['x', 'y'\]"):
+        reg.check(["loud", "x", "y"])
+    with pytest.raises(ConfigError, match="empty"):
+        reg.check([])
+    reg.check("loud")
+    assert reg.unregister("loud") is loud and "loud" not in reg
+    with pytest.raises(TypeError, match="not keyed by type"):
+        reg.for_type(1)
+
+
+def test_registry_lookup_by_type_mro_and_exact():
+    class Base: ...
+    class Child(Base): ...
+    class Grandchild(Child): ...
+
+    by_mro: Registry = Registry("handler", types=lambda e: e[0])
+    by_mro.register("base", ((Base,), "base"))
+    by_mro.register("child", ((Child,), "child"))
+    assert by_mro.for_type(Grandchild())[1] == "child" and by_mro.for_type(Base())[1] == "base"
+    assert by_mro.for_type(1) is None
+    exact: Registry = Registry("swap", types=lambda e: e[0], mro=False)
+    exact.register("base", ((Base,), "base"))
+    assert exact.for_type(Base())[1] == "base" and exact.for_type(Child()) is None
+
+
+def test_builtin_registries_hold_the_builtin_entries():
+    assert IMPORTANCE.names() == ("taylor", "hessian", "l1", "l2", "random")
+    assert {n for n, c in IMPORTANCE.items() if c.statistics} == {"taylor", "hessian"}
+    assert not IMPORTANCE["random"].deterministic
+    assert set(TARGETS.names()) == {"pte", "onnx", "ptl"}
+    assert PRECISIONS.names() == ("fp32", "fp16", "int8-dynamic", "int8-static")
+    assert all(TARGETS[f].supports(PRECISIONS[p]) for f in TARGETS for p in PRECISIONS)
+    assert {"vit_tiny_fmnist", "vit_test_tiny", "deit_base_patch16_224", "deit3_medium_patch16_224"} <= set(MODELS)
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Attention, VisionTransformer
+    from torch import nn
+
+    assert ADAPTERS.for_type(VisionTransformerDistilled.__new__(VisionTransformerDistilled)) is not None  # by MRO
+    assert VisionTransformer in [t for a in ADAPTERS.values() for t in a.model_types]
+    assert DELEGATION_SWAPS.for_type(nn.LayerNorm(4)) is not None
+    assert DELEGATION_SWAPS.for_type(Attention(8, num_heads=2)) is not None
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+def _choices(parser: argparse.ArgumentParser, dest: str) -> tuple:
+    action = next(a for a in parser._actions if a.dest == dest)
+    return tuple(action.choices)
+
+
+def test_cli_choices_are_the_registries():
+    from pqv_lightning.apps.cli import _parser
+    from pqv_lightning.apps.demo import add_demo_arguments
+
+    demo = add_demo_arguments(argparse.ArgumentParser())
+    assert _choices(demo, "importance") == IMPORTANCE.names()
+    assert _choices(demo, "formats") == TARGETS.names()
+    assert _choices(demo, "precisions") == PRECISIONS.names()
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert _choices(sub.choices["sweep"], "format") == TARGETS.names()
+    assert _choices(sub.choices["demo"], "importance") == IMPORTANCE.names()
+
+
+def test_errors_list_every_registered_name():
+    from pqv_lightning import StructuredPruning
+    from pqv_lightning.apps.sweep import QUICK, run_sweep
+    from dataclasses import replace
+
+    def allowed(exc: pytest.ExceptionInfo) -> list[str]:
+        return eval(str(exc.value).rsplit("allowed: ", 1)[1])
+
+    with pytest.raises(ConfigError) as exc:
+        StructuredPruning(importance="fisher")
+    assert allowed(exc) == list(IMPORTANCE.names())
+    with pytest.raises(ConfigError) as exc:
+        MobileExportConfig(formats=["tflite"]).validate()
+    assert allowed(exc) == list(TARGETS.names())
+    with pytest.raises(ConfigError) as exc:
+        MobileExportConfig(precisions=["int4"]).validate()
+    assert allowed(exc) == list(PRECISIONS.names())
+    with pytest.raises(ConfigError) as exc:
+        run_sweep(replace(QUICK, importances=["fisher"], out_dir="/nonexistent/never-made"))
+    assert allowed(exc) == list(IMPORTANCE.names())
+
+
+def test_a_registered_criterion_is_accepted_everywhere_at_once():
+    import torch_pruning as tp
+    from pqv_lightning import StructuredPruning
+    from pqv_lightning.apps.demo import add_demo_arguments
+    from pqv_lightning.pruning.importance import Criterion
+
+    IMPORTANCE.register("l1-test", Criterion(lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=1)))
+    try:
+        assert StructuredPruning(importance="l1-test").config.importance == "l1-test"
+        assert "l1-test" in _choices(add_demo_arguments(argparse.ArgumentParser()), "importance")
+    finally:
+        IMPORTANCE.unregister("l1-test")
+    with pytest.raises(ConfigError):
+        StructuredPruning(importance="l1-test")
+
+
+def test_a_format_without_a_handler_for_a_precision_is_refused_before_work():
+    from pqv_lightning.export import FP32, ExportTarget, register_target
+
+    @register_target
+    class Fp32Only(ExportTarget):
+        format, suffix = "fp32only-test", ".fp32only"
+
+    Fp32Only.handles(FP32)(lambda model: model)
+    try:
+        MobileExportConfig(formats=["fp32only-test"], precisions=["fp32"]).validate()
+        with pytest.raises(ConfigError, match="'fp32only-test' cannot apply precision 'int8-dynamic'"):
+            MobileExportConfig(formats=["fp32only-test"], precisions=["fp32", "int8-dynamic"]).validate()
+    finally:
+        TARGETS.unregister("fp32only-test")
+
+
+# ---------------------------------------------------------------------------------------------- the docs
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+
+
+def test_the_architecture_doc_has_its_examples():
+    assert len(_doc_blocks()) == 4
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_architecture_doc_example_runs(index, tmp_path, monkeypatch):
+    block = _doc_blocks()[index]
+    if "onnx" in block:
+        pytest.importorskip("onnxruntime", reason="pip install 'pqv-lightning[onnx]'")
+    monkeypatch.chdir(tmp_path)
+    before = {name: set(reg) for name, reg in REGISTRIES.items()}
+    try:
+        exec(compile(block, f"{DOC.name}[{index}]", "exec"), {"__name__": "doc_example"})
+        added = {name: set(reg) - before[name] for name, reg in REGISTRIES.items()}
+        assert any(added.values()), "every example registers something"
+    finally:
+        for name, reg in REGISTRIES.items():
+            for new in set(reg) - before[name]:
+                reg.unregister(new)
