@@ -1,5 +1,5 @@
 """Publish a finished ``pqv sweep`` run: copy its report, CSV, JSON and plots into the repository and
-regenerate the README's sweep section (between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->``)
+regenerate the sweep section of docs/results.md (between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->``)
 from its ``summary.md``.
 
     .venv/bin/pqv sweep                       # hours; resumable, rerun it to continue
@@ -44,7 +44,7 @@ def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", default="runs/sweep", type=Path, help="the pqv sweep output folder")
-    parser.add_argument("--readme", default="README.md", type=Path)
+    parser.add_argument("--readme", default="docs/results.md", type=Path, help="the page with the sweep markers")
     parser.add_argument("--dest", default="benchmarks/results/sweep", type=Path, help="where the files are copied")
     args = parser.parse_args(argv)
     try:

@@ -136,6 +136,17 @@ def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and "error" in proc.stderr.lower()
 
 
+def test_fit_with_a_value_a_callback_refuses_is_one_error_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  callbacks:\n  - class_path: pqv_lightning.StructuredPruning\n"
+                      "    init_args: {importance: fisher}\nmodel: {model_name: vit_test_tiny}\n"
+                      "data: {class_path: pqv_lightning.data.FashionMNISTDataModule}\n")
+    proc = _run_pqv("fit", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "pqv: error: importance='fisher' is not registered; allowed: ['taylor', 'hessian'" in proc.stderr
+
+
 @pytest.mark.parametrize("name", ["fmnist_prune.yaml", "imagefolder_deit.yaml", "fmnist_wandb.yaml"])
 def test_shipped_configs_parse(tmp_path, name):
     from pqv_lightning.apps.lightning_cli import run_cli

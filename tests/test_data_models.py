@@ -157,3 +157,35 @@ def test_augmentations_differ_across_workers_and_epochs_and_are_reproducible(num
     assert not torch.equal(torch.stack(first), torch.stack(second))  # a new epoch, new augmentations
     again = _augmented_batches(num_workers)[0]
     assert torch.equal(torch.stack(first), torch.stack(again))  # a seeded loader replays exactly
+
+
+def test_image_folder_datamodule_reads_real_image_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pqv_lightning.data import ImageFolderDataModule
+    from pqv_lightning.errors import InputNotFoundError
+
+    colors = {"cat": (200, 40, 40), "dog": (10, 120, 250)}  # one flat color per class
+    for split, n in (("train", 4), ("val", 2)):
+        for cls, rgb in colors.items():
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = np.empty((40, 50, 3), dtype=np.uint8)
+                img[:] = rgb
+                Image.fromarray(img).save(tmp_path / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}", quality=100)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=32, batch_size=4, num_workers=0, mean=mean, std=std)
+    dm.setup("fit")
+    assert dm.train_set.classes == ["cat", "dog"] and len(dm.train_set) == 8 and len(dm.val_set) == 4
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and set(y.tolist()) <= {0, 1}
+    xv, yv = next(iter(dm.val_dataloader()))
+    assert xv.shape == (4, 3, 32, 32) and yv.tolist() == [0, 0, 1, 1]
+    # a flat image stays flat through resize + crop; each channel is (value / 255 - mean) / std
+    for img, label in zip(xv, yv):
+        rgb = colors[dm.val_set.classes[label]]
+        expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, mean, std)])
+        assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=0.05)
+    with pytest.raises(InputNotFoundError, match=r"ImageFolder split .*missing.*train"):
+        ImageFolderDataModule(str(tmp_path / "missing")).setup("fit")

@@ -59,3 +59,16 @@ def test_ddp_with_distillation_regularization_bf16_and_accumulation_keeps_ranks_
         assert a["teacher"] == b["teacher"], f"teachers differ at step {a['step']}"
     assert len({rec["teacher"] for rec in r0}) == 1  # the teacher never changes, through both events
     assert len({rec["n_params"] for rec in r0}) == 3  # while the student is pruned twice
+
+
+@pytest.mark.ddp
+def test_ddp_resume_from_a_checkpoint_between_events_equals_the_uninterrupted_run(tmp_path):
+    (a0, a1), events_a = _run(tmp_path, "taylor", "resume-a")  # uninterrupted; saves after epoch 0 (step 16)
+    assert (tmp_path / "ckpt" / "epoch=0-step=16.ckpt").is_file()
+    (b0, b1), events_b = _run(tmp_path, "taylor", "resume-b")  # a fresh, unpruned module resumed from it
+    assert events_a == events_b == [61114, 28458]  # the first event restored from the checkpoint, the second run
+    assert len(a0) == 32 and len(b0) == len(b1) == 16  # epoch 1: steps 17..32
+    assert [r["n_params"] for r in b0] == [61114] * 2 + [28458] * 14  # resumed pruned, pruned again after step 18
+    for a, b in zip(b0, b1):
+        assert a["digest"] == b["digest"] and a["optimizer_exact"] and b["optimizer_exact"] and b["ddp_wraps_live"]
+    assert [r["digest"] for r in b0] == [r["digest"] for r in a0[16:]]  # every step equals the uninterrupted run

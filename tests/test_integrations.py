@@ -82,8 +82,13 @@ def test_lightning_cli_yaml_callbacks(tmp_path):
     bad["trainer"] = {**config["trainer"], "callbacks": [{"class_path": "pqv_lightning.StructuredPruning",
                                                           "init_args": {"importance": "fisher"}}]}
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError) as exc:  # the callback's own error, wrapped by jsonargparse
         LightningCLI(ImageClassifier, RandomDataModule, args=["fit", "--config", str(path)])
+    chain, e = [], exc.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("importance='fisher' is not registered; allowed: ['taylor'" in m for m in chain)
 
 
 def test_shipped_example_config_parses_and_builds(tmp_path):

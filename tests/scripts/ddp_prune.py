@@ -1,6 +1,8 @@
 """Run by tests/test_ddp.py: 2-process CPU (gloo) DDP fit with StructuredPruning (mode ``kd``: also
 KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, and group-sparsity
-regularization with threshold mode).
+regularization with threshold mode; modes ``resume-a`` / ``resume-b``: an uninterrupted run that saves
+a checkpoint at the end of its first epoch, and a second run that resumes from it with
+``fit(ckpt_path=...)``; the second pruning event happens after the resume point).
 
 Each rank writes, after every optimizer step, a digest of its model's weights to
 OUT/rank{r}.json, plus the parameter shapes and whether the optimizer holds exactly the live params.
@@ -55,16 +57,26 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # mode "kd" also adds group-sparsity regularization and threshold mode
     extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, prune_threshold=0.05) if rewrap == "kd" else {}
+    resume = rewrap in ("resume-a", "resume-b")
+    ckpt_dir = out_dir.parent / "ckpt"
     pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2,
-                                accumulate_batches=2, interval="step", start=1, frequency=4, **extra)
+                                accumulate_batches=2, interval="step", start=1, frequency=16 if resume else 4, **extra)
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision="bf16") if rewrap == "kd" else None
     callbacks = [pruning] + ([kd] if kd else []) + [Probe(out_dir, kd)]
+    if rewrap == "resume-a":  # 16 optimizer steps per epoch: a checkpoint after step 16, between the events
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1))
+    # resume modes: 2 epochs, no accumulation (Lightning 2.6 itself does not resume an epoch-end checkpoint
+    # exactly under max_steps: it runs one extra batch first)
+    length = dict(max_epochs=2) if resume else dict(max_steps=12, accumulate_grad_batches=2)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-        accumulate_grad_batches=2, precision="bf16-mixed" if kd else "32-true",
+        accelerator="cpu", devices=2, strategy="ddp", logger=False,
+        enable_checkpointing=rewrap == "resume-a", enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, precision="bf16-mixed" if kd else "32-true", **length,
     )
-    trainer.fit(model, DataLoader(ds, batch_size=8, shuffle=True))
+    ckpt_path = str(next(ckpt_dir.glob("epoch=0-*.ckpt"))) if rewrap == "resume-b" else None
+    trainer.fit(model, DataLoader(ds, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
         (out_dir / "events.json").write_text(json.dumps([e.params_after for e in pruning.events]))
 

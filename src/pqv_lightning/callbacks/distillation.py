@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 from torch import nn
 
 from ..pruning.adapters import locate_model
@@ -106,19 +107,23 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ identity / state
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, tau=self.tau, model_attr=self.model_attr)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.teacher_source is not None or not self.store_teacher or self.teacher is None:
             return {"teacher": None}
         assert self._fp32_teacher is not None
         return {"teacher": {k: v.detach().cpu() for k, v in self._fp32_teacher.state_dict().items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("teacher")
 
     # ------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -127,6 +132,7 @@ class KnowledgeDistillation(Callback):
         self._skeleton = copy.deepcopy(network).cpu() if self.teacher_source is None else None
         self._restored = None
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _, network, _ = locate_model(pl_module, self.model_attr)
         check_teacher_precision(self.teacher_precision, pl_module.device)
@@ -161,6 +167,7 @@ class KnowledgeDistillation(Callback):
         except ValueError as exc:
             raise ConfigError(f"teacher={str(self.teacher_source)!r}: {exc}") from exc
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -49,6 +50,9 @@ class MobileExport(Callback):
             (``"warn"``: marked failed in the manifest; ``"raise"``: error).
         run_on: ``["fit"]``, ``["test"]`` or both.
         model_attr: dotted path of the network inside the LightningModule (as for StructuredPruning).
+        example_input_shape: ``[C, H, W]`` of the example the files are traced with (``.pte``
+            programs take exactly this shape, batch 1); default: the first validation sample's
+            shape, else the network's own input size.
         input_normalization: recorded in the manifest (e.g. ``{"mean": [0.286], "std": [0.353]}``).
         log_artifact: upload the files as a W&B Artifact when a ``WandbLogger`` is attached.
         measure_memory: peak inference memory per artifact (a fresh process each, ~2 s).
@@ -61,6 +65,13 @@ class MobileExport(Callback):
         ])
         trainer.fit(lit_module, datamodule=dm)
         print(trainer.callbacks[1].manifest["artifacts"])
+
+    Raises:
+        ConfigError: when created, for an unknown precision, format or engine, a format whose extra
+            is not installed, a format that cannot apply a precision, or other out-of-range values;
+            at ``setup`` (before training), for an output folder that is a file, not writable, or
+            not empty without ``overwrite``, and a network that cannot be found.
+        ExportFailedError: with ``on_failure="raise"``, the first artifact that is not ``ok``.
     """
 
     def __init__(
@@ -109,6 +120,7 @@ class MobileExport(Callback):
         self.manifest: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ early checks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in self.run_on:
             return
@@ -119,10 +131,12 @@ class MobileExport(Callback):
             check_output_dir(self.config)
 
     # ------------------------------------------------------------------ triggers
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "fit" in self.run_on:
             self.export(trainer, pl_module)
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.run_on:
             self.export(trainer, pl_module)
@@ -150,10 +164,10 @@ class MobileExport(Callback):
         val = self._loader(trainer, "val")
         # int8-static always finds data inside a Trainer: the chosen loader, else val, else train
         calibration = self._loader(trainer, self.calibration_loader) or val or self._loader(trainer, "train")
-        if val is not None:
+        if self.example_input_shape is None and val is not None:
             x = next(iter(val))
             example = (x if isinstance(x, torch.Tensor) else x[0])[:1]
-        else:
+        else:  # the shape the user gave wins over the data's; without either, the network's own
             example = example_inputs_for(model, adapter, tuple(self.example_input_shape) if self.example_input_shape else None)
         # trainer.test runs its end hooks under inference_mode; quantization and tracing need it off
         with torch.inference_mode(False):

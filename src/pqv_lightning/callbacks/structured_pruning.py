@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError
@@ -121,6 +122,16 @@ class StructuredPruning(Callback):
                               accumulate_batches=16, interval="epoch", start=0, frequency=1),
         ])
         trainer.fit(lit_module, datamodule=dm)   # lit_module.model is a timm ViT / DeiT
+
+    Raises:
+        ConfigError: when created, for any argument out of range (ratios, schedule, criterion not in
+            ``IMPORTANCE``, both a ratio and a budget, two budgets, a global budget with a random
+            criterion, negative ``reg_strength``, ``prune_threshold`` outside ``(0, 1)``); at
+            ``setup`` (before the first step), for a budget the model cannot reach, a schedule that
+            does not fit ``max_epochs`` / ``max_steps``, a strategy that reshapes or restores
+            parameters behind the callback's back (FSDP, DeepSpeed, ModelParallel), a network that
+            cannot be found or several candidates; when a checkpoint is loaded, for one pruned at
+            another ``model_attr`` or with another history than this run can replay.
     """
 
     def __init__(
@@ -214,6 +225,7 @@ class StructuredPruning(Callback):
 
     # ------------------------------------------------------------------ identity / state
     @property
+    @override
     def state_key(self) -> str:
         if self.budget:  # the ratio is derived in setup; the budget is what identifies the callback
             return self._generate_state_key(importance=self.config.importance, model_attr=self.model_attr, **self.budget)
@@ -221,6 +233,7 @@ class StructuredPruning(Callback):
             importance=self.config.importance, pruning_ratio=self.config.pruning_ratio, model_attr=self.model_attr
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         stats = self.pruner.stats.state_dict() if self.pruner is not None and self.pruner.stats is not None else None
         return {
@@ -229,6 +242,7 @@ class StructuredPruning(Callback):
             "events": [asdict(e) for e in self.events],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._window_steps = int(state_dict.get("window_steps", 0))
         self.events = [PruningEvent(**e) for e in state_dict.get("events", [])]
@@ -237,6 +251,7 @@ class StructuredPruning(Callback):
             self.pruner.stats.load_state_dict(stats)
 
     # ------------------------------------------------------------------ setup / teardown
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_strategy(trainer)
@@ -267,6 +282,7 @@ class StructuredPruning(Callback):
         # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for name in _SHADOWED:
             pl_module.__dict__.pop(name, None)
@@ -276,6 +292,7 @@ class StructuredPruning(Callback):
         if stage == "fit" and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()  # no gradient hooks left on the model that gets exported
@@ -321,6 +338,7 @@ class StructuredPruning(Callback):
                     f"{self.accumulate_batches}) but max_steps={trainer.max_steps}"
                 )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batches = trainer.num_training_batches
         if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
@@ -354,6 +372,7 @@ class StructuredPruning(Callback):
         assert self.pruner is not None
         return {"model_attr": self._located_attr, **self.pruner.state_dict()}
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every full save while this callback is in the Trainer: during fit, and after it
         # (``trainer.save_checkpoint("final.ckpt")``), when ``teardown`` has removed the module hooks.
@@ -410,16 +429,19 @@ class StructuredPruning(Callback):
         now = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
         return now >= opens_at
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._window_open_now = self._window_open(trainer)
         if self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.enabled = self._window_open_now
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         stats = self.pruner.stats if self.pruner is not None else None
         if stats is not None and stats.criterion == "hessian" and self._window_open_now:
             stats.set_grad_scale(self._loss_scale(trainer))
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -458,6 +480,7 @@ class StructuredPruning(Callback):
         if self.pruner.stats.step(grad_scale=scale):
             self._window_steps += 1
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
