@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pqv_lightning.apps.sweep import _atomic  # temp file + rename: never a half-written file
+from pqv_lightning.fileio import atomic_write  # temp file + rename: never a half-written file
 from pqv_lightning.apps.sweep_report import splice_between_markers
 
 PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv")
@@ -35,9 +35,9 @@ def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for src in [sweep / n for n in PUBLISHED] + figures:
-        _atomic(dest / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        atomic_write(dest / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
         copied.append(dest / src.name)
-    _atomic(readme, lambda tmp: Path(tmp).write_text(spliced))
+    atomic_write(readme, lambda tmp: Path(tmp).write_text(spliced))
     return copied
 
 

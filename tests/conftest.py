@@ -14,6 +14,13 @@ from pqv_lightning.models import ImageClassifier  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    # the 2-process DDP runs belong to the slow tier (each spawns its own ranks: ~15-30 s)
+    for item in items:
+        if item.get_closest_marker("ddp") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
     torch.manual_seed(seed)
     cfg = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=4)

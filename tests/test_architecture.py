@@ -237,3 +237,15 @@ def test_architecture_doc_example_runs(index, tmp_path, monkeypatch):
         for name, reg in REGISTRIES.items():
             for new in set(reg) - before[name]:
                 reg.unregister(new)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    root = DOC.parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"```bash\n# 1\..*?\n(.*?)\n# 2\..*?\n(.*?)\n```", readme, re.S)
+    assert block, "the Quick start block with the two commands"
+    demo, tests = block.group(1).strip(), block.group(2).strip()
+    assert demo == "bash scripts/setup.sh && .venv/bin/pqv demo"
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [tests]
+    assert '-m "not slow"' in tests and "-m slow" in tests  # both tiers

@@ -208,6 +208,7 @@ def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None):
     return model, pruning, trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stop_after, saved_events, saved_window, events_after_resume",
     [
@@ -363,6 +364,7 @@ def test_compiled_network_is_refused(tmp_path, lit_model):
         trainer.fit(lit_model, random_loader(32, 16))
 
 
+@pytest.mark.slow
 def test_a_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
     from pqv_lightning.pruning import count_macs
 
@@ -377,6 +379,7 @@ def test_a_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
     assert pruning.events[-1].macs_after == macs and "target_macs" in pruning.state_key
 
 
+@pytest.mark.slow
 def test_a_global_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
     from pqv_lightning.pruning import count_macs
 

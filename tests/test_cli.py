@@ -25,6 +25,7 @@ def _one_line_error(capsys, argv, *fragments):
         assert f in err[0], err[0]
 
 
+@pytest.mark.slow
 def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, capsys):
     out = tmp_path / "export"
     export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32),
@@ -96,6 +97,7 @@ def _run_pqv(*args, cwd):
                           timeout=900, check=False, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
 
 
+@pytest.mark.slow
 def test_fit_runs_a_tiny_config_with_both_callbacks(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"""

@@ -97,6 +97,7 @@ def test_bundled_checkpoint_is_the_documented_file_and_ships_as_package_data(mon
     assert ImageClassifier("vit_tiny_fmnist", pretrained=True).model.embed_dim == 192
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_bundled_checkpoint_loads_with_its_published_accuracy():
     model, meta = load_vit_checkpoint(default_checkpoint())
@@ -115,6 +116,7 @@ def test_project_can_make_its_own_checkpoint(tmp_path):
     assert lit.model.embed_dim == 32
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
     import importlib.util

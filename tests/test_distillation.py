@@ -115,6 +115,7 @@ def test_the_combined_loss_goes_through_lightning(tmp_path, accumulate):
     assert _same(distilled, relabelled) and not _same(distilled, plain, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_rebuilds_the_teacher_and_matches_an_uninterrupted_run(tmp_path):
     def run(name, ckpt_path=None, stop=False):
         pl.seed_everything(0, verbose=False)

@@ -174,6 +174,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["manifest.json", "model_fp32.ptl", "old.ptl"]
 
 
+@pytest.mark.slow
 def test_every_int8_artifact_is_at_most_0_3x_its_fp32_file(tmp_path):
     """int8 weights are a quarter of fp32 ones. For a model whose weights dominate, every int8 file of
     every format and engine must show it (x86/FBGEMM .ptl files once stored their weights twice)."""

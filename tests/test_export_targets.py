@@ -160,6 +160,7 @@ def test_without_swaps_a_vit_splits_into_many_partitions(tmp_path):
     assert "aten.native_layer_norm.default" in entry["non_delegated_ops"]
 
 
+@pytest.mark.slow
 @needs_et
 def test_pruned_network_exports_to_pte(tmp_path):
     model = tiny_vit(embed_dim=64, depth=2, num_heads=4)

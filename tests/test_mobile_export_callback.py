@@ -93,6 +93,7 @@ def test_wandb_offline_gets_a_model_artifact_with_the_manifest(tmp_path, lit_mod
     assert list((run_dir / "files" / "media" / "table" / "export").glob("manifest_*.table.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("executorch", "onnxruntime", "onnxscript")),
                     reason="extras not installed: pip install 'pqv-lightning[executorch,onnx]'")
 def test_pte_and_onnx_targets_after_fit_are_verified_and_logged(tmp_path, lit_model):

@@ -310,6 +310,7 @@ def test_ratio_for_budget_lands_within_one_channel_of_the_target(kind, target):
     assert pruned(ratio) <= absolute < pruned(ratio - 1 / 64)  # one channel of 64 less would miss it
 
 
+@pytest.mark.slow
 def test_ratio_for_budget_rejects_impossible_budgets():
     from pqv_lightning.errors import ConfigError
     from pqv_lightning.pruning import PruningConfig, ratio_for_budget
@@ -333,6 +334,7 @@ def test_ratio_for_budget_rejects_impossible_budgets():
         StructuredPruner(model, PruningConfig(), budget={"macs": 0.5})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["target_macs", "target_params"])
 def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
     from pqv_lightning.pruning import PruningConfig, count_macs, count_params, ratio_for_budget

@@ -21,14 +21,39 @@ def checkpoint(tmp_path):
     return str(save_vit_checkpoint(tiny_vit(depth=1), tmp_path / "tiny.pt"))
 
 
-def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_path, checkpoint, capsys, monkeypatch):
-    out = tmp_path / "sweep"
-    argv = ["sweep", "--quick", "--out", str(out), "--checkpoint", checkpoint, "--models", "vit_test_tiny",
-            "vit_tiny_fmnist"]
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    """One ``pqv sweep --quick`` run shared by the tests below (two models, 0 % and 50 %): its output
+    folder, its argv without ``--out`` and what it printed. Tests that change the folder copy it."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("quick_sweep")
+    ckpt = str(save_vit_checkpoint(tiny_vit(depth=1), root / "tiny.pt"))
+    argv = ["sweep", "--quick", "--checkpoint", ckpt, "--models", "vit_test_tiny", "vit_tiny_fmnist"]
+    out, printed = root / "sweep", io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
+        mp.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+        assert main([*argv, "--out", str(out)]) == 0
+    return out, argv, printed.getvalue()
+
+
+@pytest.fixture
+def sweep_copy(quick_sweep, tmp_path, monkeypatch):
+    import shutil
+
+    out, argv, _ = quick_sweep
     monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
     monkeypatch.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
-    assert main(argv) == 0
-    first = capsys.readouterr()
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    return copy, [*argv, "--out", str(copy)]
+
+
+@pytest.mark.slow
+def test_quick_sweep_writes_every_cell_figure_and_table(quick_sweep):
+    out, _, printed = quick_sweep
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     kinds = [c["key"].split("|")[0] for c in cells]
     assert kinds.count("latency") == 4 and kinds.count("engines") == 1 and kinds.count("gemm") == 1
@@ -69,10 +94,15 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     with open(out / "sweep.csv") as fh:
         assert len(list(csv.DictReader(fh))) == sum(len(rows) for rows in results.values())
-    assert "Measured GEMM throughput" in first.out and "| vit_test_tiny |" in first.out
+    assert "Measured GEMM throughput" in printed and "| vit_test_tiny |" in printed
     assert gemm["host"]["logical_cpus"] >= 1 and gemm["host"]["torch"]
 
-    # the README summary: headline ratio per model, one pivot line per (model, ratio), the published files
+
+@pytest.mark.slow
+def test_quick_sweep_summary_is_what_the_results_page_publishes(quick_sweep, tmp_path):
+    out, _, _ = quick_sweep
+    lat = json.loads((out / "results.json").read_text())["results"]["latency"]
+    # the published summary: headline ratio per model, one pivot line per (model, ratio), the files
     summary = (out / "summary.md").read_text()
     assert "The paper's headline configuration" in summary
     for model in ("vit_test_tiny", "vit_tiny_fmnist"):
@@ -91,7 +121,12 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     assert (tmp_path / "pub" / "fig7_engines.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "pub" / "sweep.csv").read_text() == (out / "sweep.csv").read_text()
 
-    # a second run recomputes nothing
+
+@pytest.mark.slow
+def test_quick_sweep_rerun_recomputes_nothing(sweep_copy, monkeypatch, capsys):
+    out, argv = sweep_copy
+    cells = (out / "cells.jsonl").read_text().splitlines()
+
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
@@ -101,8 +136,12 @@ def test_quick_sweep_writes_every_figure_and_resumes_without_recomputing(tmp_pat
     assert main(argv) == 0
     assert capsys.readouterr().err.count("cached ") == len(cells) + 1  # + the shared taylor cell
 
+
+@pytest.mark.slow
+def test_quick_sweep_report_only_names_the_missing_cell(sweep_copy, capsys):
     # --report-only with a cell missing: computes nothing, reports the rest and names the missing cell
-    lines = (out / "cells.jsonl").read_text().splitlines()
+    out, argv = sweep_copy
+    cells = lines = (out / "cells.jsonl").read_text().splitlines()
     dropped = next(json.loads(line)["key"] for line in lines if line.startswith('{"key": "importance'))
     (out / "cells.jsonl").write_text("\n".join(line for line in lines if dropped not in line) + "\n")
     assert main([*argv, "--report-only"]) == 0

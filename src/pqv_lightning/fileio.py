@@ -6,10 +6,10 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "file_digest", "staged"]
+__all__ = ["atomic_write", "atomic_write_text", "file_digest", "staged"]
 
 
 @contextlib.contextmanager
@@ -25,6 +25,13 @@ def staged(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str = ".tmp") -> Path:
+    """``write(temporary name)``, then rename it to ``path`` (see :func:`staged`). Returns ``path``."""
+    with staged(path, suffix) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

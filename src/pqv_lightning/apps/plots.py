@@ -7,10 +7,10 @@ atomically and returns their paths.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write
 
 __all__ = ["demo_plots", "save_figure", "subplots"]
 
@@ -25,15 +25,7 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | N
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` through a temporary file (never a half-written PNG)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"), suffix=".png")
 
 
 def demo_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:

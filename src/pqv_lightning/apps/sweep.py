@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ConfigError, InputNotFoundError
 from ..export.host import gemm_throughput
+from ..fileio import atomic_write
 from .command import CommandFailed
 from ..settings import torch_threads
 
@@ -268,7 +269,7 @@ def _digest(path: str | None) -> str | None:
 def _cell_worker(config: dict[str, Any], checkpoint: str | None, key: str, work: str, result: str) -> None:
     compute = next(c for _, k, c in _cells(SweepConfig(**config), checkpoint) if k == key and c is not None)
     rows = compute(Path(work))
-    _atomic(Path(result), lambda p: Path(p).write_text(json.dumps(rows)))
+    atomic_write(Path(result), lambda p: Path(p).write_text(json.dumps(rows)))
 
 
 def _in_worker(config: SweepConfig, checkpoint: str | None, key: str, work: Path) -> list[dict[str, Any]]:
@@ -360,18 +361,11 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic(out / "sweep.csv", write_csv)
-    _atomic(out / "results.json", lambda p: Path(p).write_text(json.dumps(
+    atomic_write(out / "sweep.csv", write_csv)
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(
         {"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)))
     plots = sweep_plots(results, out)
     note = (f"**Partial report**: {len(missing)} cell(s) not run yet: " + ", ".join(f"`{k}`" for k in missing) +
             ". Rerun the sweep without `--report-only` to finish them.\n\n") if missing else ""
-    _atomic(out / "results.md", lambda p: Path(p).write_text(note + markdown_report(results, config, plots)))
-    _atomic(out / "summary.md", lambda p: Path(p).write_text(note + summary_markdown(results, config)))
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    from ..fileio import staged
-
-    with staged(path) as tmp:
-        write(tmp)
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(note + markdown_report(results, config, plots)))
+    atomic_write(out / "summary.md", lambda p: Path(p).write_text(note + summary_markdown(results, config)))

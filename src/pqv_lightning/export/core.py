@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..fileio import staged
+from ..fileio import atomic_write_text, file_digest, staged
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
 from .benchmark import summarize, time_calls
@@ -151,19 +150,6 @@ class MobileExportConfig:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write) -> None:
-    with staged(path) as tmp:
-        write(tmp)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_output_dir(config: MobileExportConfig) -> None:
     """Refuse an output folder that is a file, not writable, or not empty without ``overwrite``.
     Touches nothing, so it can run before a long fit."""
@@ -334,10 +320,10 @@ def export_mobile(
                     entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
                                         verify, config, out, baseline)
                     manifest["artifacts"].append(entry)
-                    _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+                    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
                     if entry["status"] != "ok" and config.on_failure == "raise":
                         raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
-    _atomic_write(manifest_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -372,7 +358,7 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
                 del run
                 memory = (_inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
                           if config.measure_memory and target.memory_probe else None)
-                digest, size = _sha256(Path(tmp)), Path(tmp).stat().st_size
+                digest, size = file_digest(tmp, 64), Path(tmp).stat().st_size
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
         if config.on_failure == "raise":
