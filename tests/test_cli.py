@@ -7,12 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pqv_lightning.apps.cli import main
-from pqv_lightning.export import MobileExportConfig, export_mobile
-
-from conftest import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +22,10 @@ def _one_line_error(capsys, argv, *fragments):
 
 
 @pytest.mark.slow
-def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, capsys):
-    out = tmp_path / "export"
-    export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32),
-                  MobileExportConfig(precisions=["int8-dynamic"], formats=["onnx", "ptl"], engines=["x86"],
-                                     output_dir=str(out), repeats=1, warmup=0, measure_memory=False))
+def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, capsys, exported_tiny):
+    out, manifest = exported_tiny
+    if not (out / "model_int8-dynamic.onnx").is_file():
+        pytest.skip("needs the onnx extra: pip install 'pqv-lightning[onnx]'")
     argv = ["bench", "vit_test_tiny", str(out / "model_int8-dynamic.onnx"), str(out / "model_int8-dynamic_x86.ptl"),
             "--rounds", "2", "--calls", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"),
             "--csv", str(tmp_path / "b.csv")]

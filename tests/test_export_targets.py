@@ -174,9 +174,9 @@ def test_pruned_network_exports_to_pte(tmp_path):
 
 
 @needs_et
-def test_pte_memory_probe_runs_in_a_fresh_process(tmp_path):
-    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte"], ["int8-dynamic"], measure_memory=True)
-    memory = manifest["artifacts"][0]["memory"]
+def test_pte_memory_probe_runs_in_a_fresh_process(exported_tiny):
+    _, manifest = exported_tiny
+    memory = next(a for a in manifest["artifacts"] if a["file"] == "model_int8-dynamic.pte")["memory"]
     assert "error" not in memory, memory
     assert memory["peak_rss_mb"] > memory["load_and_inference_mb"] > 0
 
@@ -208,13 +208,13 @@ def test_onnx_round_trips_through_onnxruntime(tmp_path, precision):
 
 
 @needs_onnx
-def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(tmp_path):
+def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(exported_tiny):
     from pqv_lightning.export.onnx_target import ort_session
 
-    manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], ["fp32"], measure_memory=True)
-    memory = manifest["artifacts"][0]["memory"]
+    out, manifest = exported_tiny
+    memory = next(a for a in manifest["artifacts"] if a["file"] == "model_fp32.onnx")["memory"]
     assert "error" not in memory and memory["load_and_inference_mb"] > 0
-    session = ort_session(str(tmp_path / "out" / "model_fp32.onnx"), threads=2)
+    session = ort_session(str(out / "model_fp32.onnx"), threads=2)
     options = session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == 2
