@@ -9,6 +9,8 @@ Grids (``--grid``):
   warm-up / data budget to use: the unpruned control and 25 % one-shot under recipe variants.
 * ``methods`` — at 25 % and 50 % channels: one-shot, iterative, + distillation, + group-sparsity
   regularization, + both; and the unpruned control with and without distillation.
+* ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
+  ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
 
 Each (row, seed) is cached in ``benchmarks/results/<name>.json`` as soon as it finishes (keyed by
 every setting and the checkpoint's content hash), so the script resumes where it stopped; the
@@ -77,6 +79,23 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
                    ("unpruned + distillation", {**base, **kd, "pruning_ratio": 0.0})]
 
 
+def distillation_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """Iterative + distillation with other weights, temperatures and teacher precisions (the methods
+    grid's row is alpha 0.5, tau 2, bf16)."""
+    base = {k: v for k, v in recipe.items() if k not in ("distill_alpha", "distill_tau", "teacher_precision")}
+    rows = []
+    for r in ratios:
+        for alpha, tau, teacher in ((0.9, 2.0, "bf16"), (0.5, 4.0, "bf16"), (0.9, 4.0, "bf16"), (0.9, 4.0, "fp32")):
+            rows.append((f"{r:g} iterative + distillation (alpha {alpha:g}, tau {tau:g}, {teacher} teacher)",
+                         {**base, "distill_alpha": alpha, "distill_tau": tau, "teacher_precision": teacher,
+                          "pruning_ratio": r}))
+    return rows
+
+
+GRIDS = {"recipe": lambda recipe, ratios: recipe_grid(recipe), "methods": methods_grid,
+         "distillation": distillation_grid}
+
+
 def _key(settings: dict[str, Any], seed: int, digest: str) -> str:
     return hashlib.sha256(json.dumps([settings, seed, digest], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -98,7 +117,7 @@ def summarize(rows: list[tuple[str, dict[str, Any]]], cache: dict[str, Any], see
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=["recipe", "methods"], default="methods")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="methods")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="base recipe of the methods grid")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -114,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(exist_ok=True)
     cache_file = OUT / f"{name}.json"
     cache: dict[str, Any] = json.loads(cache_file.read_text())["rows"] if cache_file.is_file() else {}
-    rows = recipe_grid(RECIPES[args.recipe]) if args.grid == "recipe" else methods_grid(RECIPES[args.recipe], args.ratios)
+    rows = GRIDS[args.grid](RECIPES[args.recipe], args.ratios)
     if args.only:
         rows = [r for r in rows if args.only in r[0]]
     host = platform.processor() or platform.machine()
