@@ -87,11 +87,14 @@ class Registry(Mapping[str, T], Generic[T]):
         return entry
 
     # ------------------------------------------------------------------ reading
+    def _unknown(self, name: object, argument: str | None = None) -> UnknownNameError:
+        return UnknownNameError(f"{argument or self.argument}={name!r} is not registered; allowed: {list(self._entries)}")
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise UnknownNameError(f"{self.argument}={name!r} is not registered; allowed: {list(self._entries)}") from None
+            raise self._unknown(name) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
@@ -114,7 +117,7 @@ class Registry(Mapping[str, T], Generic[T]):
         argument = argument or self.argument
         if isinstance(values, str):
             if values not in self:
-                raise UnknownNameError(f"{argument}={values!r} is not registered; allowed: {list(self._entries)}")
+                raise self._unknown(values, argument)
             return
         given = list(values)
         bad = [v for v in given if v not in self]
