@@ -67,16 +67,18 @@ def offline_wandb(tmp_path, monkeypatch):
 def exported_tiny(tmp_path_factory):
     """One exported artifact set for the tests that only read files (never write into it):
     ``tiny_vit(depth=1)`` at fp32 and int8-dynamic in every format whose extra is installed (``.ptl``
-    for the x86 engine), verified on 2 random batches, memory measured. Returns (folder, manifest)."""
+    for the x86 engine), verified on 2 random batches, memory measured, ranked round-robin (1 round
+    of 3 calls). Returns (folder, manifest)."""
     from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
 
-    formats = [f for f in ("pte", "onnx", "ptl") if TARGETS[f].missing() is None]
+    formats = [f for f in ("pte", "onnx", "openvino", "ptl") if TARGETS[f].missing() is None]
     out = tmp_path_factory.mktemp("exported_tiny") / "out"
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 1, 32, 32, generator=g) for _ in range(2)]
     manifest = export_mobile(tiny_vit(depth=1), data[0][:1], MobileExportConfig(
         precisions=["fp32", "int8-dynamic"], formats=formats, engines=["x86"], output_dir=str(out), repeats=2,
-        warmup=1, verify_batches=2, min_top1_agreement=0.0), validation_data=data)
+        warmup=1, verify_batches=2, min_top1_agreement=0.0, rank="round-robin", rank_rounds=1, rank_calls=3),
+        validation_data=data)
     # random-init logits are nearly tied, so top-1 agreement is noisy here: cosine is the check
     assert all(a["status"] == "ok" and a["verification"]["cosine"] > 0.99 for a in manifest["artifacts"])
     return out, manifest

@@ -45,7 +45,7 @@ def _pruning(**kw) -> StructuredPruning:
 
 def _export(tmp_path, **kw) -> MobileExport:
     return MobileExport(precisions=["fp32"], formats=["ptl"], output_dir=str(tmp_path / "export"), repeats=2,
-                        warmup=0, verify_batches=1, measure_memory=False, **kw)
+                        warmup=0, verify_batches=1, measure_memory=False, rank="in-process", **kw)
 
 
 @pytest.mark.parametrize("callback", ["pruning", "export"])

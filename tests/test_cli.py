@@ -41,6 +41,8 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
         assert r["peak_rss_mb"] > r["load_and_inference_mb"] > 0
     with open(tmp_path / "b.csv") as fh:
         assert [r["candidate"] for r in csv.DictReader(fh)] == list(rows)
+    fastest = min(rows, key=lambda label: rows[label]["median_ms"])
+    assert result["best"] == fastest and f"fastest: {fastest} (" in stdout
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -110,7 +112,7 @@ trainer:
                   interval: step, start: 0, frequency: 2}}
     - class_path: pqv_lightning.MobileExport
       init_args: {{precisions: [fp32], formats: [onnx], output_dir: {tmp_path / 'export'}, repeats: 1,
-                  measure_memory: false, min_top1_agreement: 0.0}}
+                  measure_memory: false, rank: in-process, min_top1_agreement: 0.0}}
 model:
   model_name: vit_test_tiny
 data:

@@ -91,7 +91,7 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
 
 def test_mobile_export_of_a_cuda_trained_module(tmp_path, lit_model):
     export = MobileExport(precisions=["fp32", "int8-dynamic"], formats=["ptl"], output_dir=str(tmp_path / "out"),
-                          repeats=2, warmup=1, measure_memory=False, min_top1_agreement=0.5)
+                          repeats=2, warmup=1, measure_memory=False, rank="in-process", min_top1_agreement=0.5)
     pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=1, accumulate_batches=1)
     trainer = _trainer(tmp_path, [pruning, export], "16-mixed", max_epochs=1)
     trainer.fit(lit_model, random_loader(64, 16), random_loader(32, 16))

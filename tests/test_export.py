@@ -30,6 +30,7 @@ def _config(tmp_path, **kw):
     kw.setdefault("repeats", 2)
     kw.setdefault("warmup", 1)
     kw.setdefault("measure_memory", False)
+    kw.setdefault("rank", "in-process")  # round-robin ranking has its own tests
     return MobileExportConfig(**kw)
 
 

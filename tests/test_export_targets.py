@@ -1,4 +1,4 @@
-"""ExecuTorch (.pte) and ONNX targets: round trips through their runtimes, manifest fields,
+"""ExecuTorch (.pte), ONNX and OpenVINO targets: round trips through their runtimes, manifest fields,
 delegation, the fp16 LayerNorm workaround, and the module swaps behind them."""
 
 import copy
@@ -26,6 +26,8 @@ HAS_ET = importlib.util.find_spec("executorch") is not None and importlib.util.f
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_et = pytest.mark.skipif(not HAS_ET, reason="extra not installed: pip install 'pqv-lightning[executorch]'")
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")
+HAS_OV = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+needs_ov = pytest.mark.skipif(not HAS_OV, reason="extra not installed: pip install 'pqv-lightning[openvino]'")
 ALLOWED_OUTSIDE_XNNPACK = {"aten.expand_copy.default", "aten.select_copy.int"}  # cls-token expand, cls-token pick
 
 
@@ -39,6 +41,7 @@ def _export(tmp_path, model, formats, precisions, **kw):
     kw.setdefault("repeats", 2)
     kw.setdefault("warmup", 1)
     kw.setdefault("measure_memory", False)
+    kw.setdefault("rank", "in-process")  # round-robin ranking has its own tests
     kw.setdefault("min_top1_agreement", 0.7)  # random-init logits are nearly tied: cosine is the real check
     config = MobileExportConfig(formats=formats, precisions=precisions, **kw)
     return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
@@ -222,15 +225,75 @@ def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(exported_tiny):
         assert session.run(None, {"input": torch.randn(batch, 1, 32, 32).numpy()})[0].shape == (batch, 10)
 
 
+# ---------------------------------------------------------------------------------------------- OpenVINO
+@needs_ov
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+def test_openvino_round_trips_through_the_openvino_runtime(tmp_path, precision):
+    import openvino as ov
+
+    from pqv_lightning.export.openvino_target import compile_ir
+
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["openvino"], [precision])
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok", entry.get("reason")
+    assert entry["file"] == f"model_{precision}.xml" and entry["companions"] == [f"model_{precision}.bin"]
+    xml, weights = tmp_path / "out" / entry["file"], tmp_path / "out" / entry["companions"][0]
+    assert hashlib.sha256(xml.read_bytes()).hexdigest() == entry["sha256"]
+    assert entry["size_bytes"] == xml.stat().st_size + weights.stat().st_size
+    assert entry["runtime"].startswith("OpenVINO") and entry["inference_precision"] in ("f32", "bf16", "f16")
+    v = entry["verification"]
+    assert v["samples"] == 24
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()}
+    if precision == "fp32":  # fp32 means fp32, also on hosts where the plugin would pick bf16
+        assert entry["inference_precision"] == "f32" and entry["runtime_options"] == {"INFERENCE_PRECISION_HINT": "f32"}
+        assert v["max_abs_logit_error"] < 1e-4
+    else:
+        assert v["cosine"] > (0.999 if precision == "fp16" else 0.99)
+    if precision == "int8-static":
+        assert "FakeQuantize" in ops
+    element_types = {op.get_output_element_type(0).type_name for op in ov.Core().read_model(str(xml)).get_ops()
+                     if op.get_type_name() == "Constant"}
+    if precision == "int8-dynamic":
+        assert "i8" in element_types  # int8 weights in the file
+    if precision == "fp16":
+        assert "f16" in element_types
+    assert not list((tmp_path / "out").glob(".*"))  # no staged leftovers
+    compiled = compile_ir(str(xml), threads=2)
+    for batch in (1, 5):  # any batch
+        assert compiled(torch.randn(batch, 1, 32, 32).numpy())[0].shape == (batch, 10)
+
+
+@needs_ov
+def test_openvino_interrupt_leaves_neither_xml_nor_bin(tmp_path, monkeypatch):
+    import pqv_lightning.export.core as core
+
+    real, calls = core._latency, {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the baseline: while timing the staged IR
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(core, "_latency", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        _export(tmp_path, tiny_vit(depth=1), ["openvino"], ["fp32"])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- all together
 @needs_et
 @needs_onnx
+@needs_ov
 def test_every_format_in_one_manifest_and_overwrite_replaces_all_of_them(tmp_path):
-    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte", "onnx", "ptl"], ["int8-dynamic"], engines=["x86"])
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte", "onnx", "openvino", "ptl"], ["int8-dynamic"], engines=["x86"])
     assert [a["file"] for a in manifest["artifacts"]] == [
-        "model_int8-dynamic.pte", "model_int8-dynamic.onnx", "model_int8-dynamic_x86.ptl"]
+        "model_int8-dynamic.pte", "model_int8-dynamic.onnx", "model_int8-dynamic.xml", "model_int8-dynamic_x86.ptl"]
     assert all(a["status"] == "ok" for a in manifest["artifacts"])
-    assert {"executorch", "onnxruntime", "torch"} <= set(manifest["versions"])
+    assert [a["runtime"] for a in manifest["artifacts"]] == [
+        "ExecuTorch (XNNPACK delegate)", "ONNX Runtime (CPU)", "OpenVINO (CPU plugin)", "Lite Interpreter"]
+    assert {"executorch", "onnxruntime", "openvino", "nncf", "torch"} <= set(manifest["versions"])
+    assert (tmp_path / "out" / "model_int8-dynamic.bin").is_file()
     manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], ["fp32"], overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model_fp32.onnx"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"][0]["file"] == "model_fp32.onnx"
@@ -241,5 +304,8 @@ def test_missing_extra_is_named_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
     with pytest.raises(ValueError, match=r"format 'pte' needs \['executorch'\]: pip install 'pqv-lightning\[executorch\]'"):
         MobileExportConfig(formats=["pte"]).validate()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    with pytest.raises(ValueError, match=r"format 'openvino' needs \['nncf'\]: pip install 'pqv-lightning\[openvino\]'"):
+        MobileExportConfig(formats=["openvino"]).validate()
     with pytest.raises(ValueError, match=r"formats=\['tflite'\]: unknown \['tflite'\]; allowed: \["):
         MobileExportConfig(formats=["tflite"]).validate()

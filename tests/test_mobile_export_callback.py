@@ -17,6 +17,7 @@ def _export(tmp_path, **kw):
     kw.setdefault("repeats", 2)
     kw.setdefault("warmup", 1)
     kw.setdefault("measure_memory", False)
+    kw.setdefault("rank", "in-process")  # round-robin ranking: test_export_ranking.py
     kw.setdefault("min_top1_agreement", 0.5)  # random-init logits are nearly tied
     return MobileExport(**kw)
 
@@ -42,6 +43,9 @@ def test_exports_the_pruned_network_after_fit_and_leaves_the_module_alone(tmp_pa
     with open(logger.experiment.metrics_file_path) as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("export/model_fp32_ptl/latency_median_ms")]
     assert len(rows) == 1 and float(rows[0]["export/model_fp32_ptl/size_mb"]) > 0
+    best = manifest["best"]  # rank="in-process": the fastest ok artifact by the latency measured in export
+    assert best["file"] == min(manifest["artifacts"], key=lambda a: a["latency"]["median_ms"])["file"]
+    assert float(rows[0]["export/best/speedup_vs_fp32_eager"]) == pytest.approx(best["speedup_vs_fp32_eager"])
 
 
 def test_non_empty_output_dir_is_refused_before_training(tmp_path, lit_model):

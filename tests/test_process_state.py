@@ -58,7 +58,7 @@ def test_export_benchmark_gemm_and_plots_restore_process_state(tmp_path, unusual
     formats = ["ptl"] + (["pte"] if HAVE_ET else []) + (["onnx"] if HAVE_ONNX else [])
     manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), MobileExportConfig(
         precisions=["fp32", "int8-dynamic"], formats=formats, engines=["x86"], output_dir=str(tmp_path / "out"),
-        threads=2, repeats=1, warmup=0, measure_memory=False))
+        threads=2, repeats=1, warmup=0, measure_memory=False, rank="in-process"))
     assert {a["status"] for a in manifest["artifacts"]} == {"ok"}
     assert _snapshot() == before
     for a in manifest["artifacts"]:

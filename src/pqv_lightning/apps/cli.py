@@ -132,8 +132,10 @@ def cmd_bench(args) -> int:
     for r in rows:
         print(f"| {r['candidate']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | "
               f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} |")
+    best = min(rows, key=lambda r: r["median_ms"])
+    print(f"fastest: {best['candidate']} ({best['median_ms']:.2f} ms, {best['speedup_vs_baseline']:.2f}x {baseline})")
     meta = {"shape": shape, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
-            "warmup": args.warmup, "baseline": baseline}
+            "warmup": args.warmup, "baseline": baseline, "best": best["candidate"]}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({**meta, "results": rows}, indent=1))
     if args.csv_out:

@@ -15,7 +15,6 @@ with ``ImageFolderDataModule`` for your own images).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from ..errors import ConfigError, InputNotFoundError
@@ -26,12 +25,10 @@ __all__ = ["add_demo_arguments", "main", "run_demo"]
 
 
 def _default_formats() -> list[str]:
-    formats = []
-    if importlib.util.find_spec("executorch") and importlib.util.find_spec("torchao"):
-        formats.append("pte")
-    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
-        formats.append("onnx")
-    return formats or ["ptl"]
+    """pte, onnx and openvino where their extras are installed, else ptl."""
+    from ..export import TARGETS
+
+    return [f for f in ("pte", "onnx", "openvino") if TARGETS[f].missing() is None] or ["ptl"]
 
 
 def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,7 +57,7 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", nargs="+", default=None, choices=TARGETS.names(),
-                    help="export formats (default: pte and onnx where their extras are installed, else ptl)")
+                    help="export formats (default: pte, onnx and openvino where their extras are installed, else ptl)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8-dynamic", "int8-static"],
                     choices=PRECISIONS.names())
     ap.add_argument("--export-dir", default="runs/demo_export", help="where MobileExport writes ('' to skip)")

@@ -196,6 +196,10 @@ def export_table(manifest: dict[str, Any]) -> str:
         lines.append(f"| {a['file']} | {a['status']} | {a['size_bytes'] / 2**20:.1f} MB | {lat['median_ms']:.2f} / "
                      f"{lat['p90_ms']:.2f} ms | {lat['speedup_vs_fp32_eager']:.2f}x | "
                      f"{100 * v['top1_agreement']:.1f} % | {acc} |")
+    best = manifest.get("best")
+    if best:
+        lines.append(f"\nfastest verified artifact on this host: {best['file']} ({best['runtime']}), "
+                     f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager [{best['method']}]")
     return "\n".join(lines)
 
 

@@ -21,9 +21,10 @@ __all__ = ["MobileExport"]
 
 class MobileExport(Callback):
     r"""When ``fit`` ends (and/or after ``trainer.test``), quantize the trained network, export it to
-    ExecuTorch ``.pte``, ONNX and/or Lite Interpreter ``.ptl`` files per precision (and, for
+    ExecuTorch ``.pte``, ONNX, OpenVINO IR and/or Lite Interpreter ``.ptl`` files per precision (and, for
     ``.ptl`` int8, per engine), verify every file with the runtime that will execute it, time it,
-    and write ``manifest.json``. Works with or without :class:`~pqv_lightning.StructuredPruning` in the same
+    rank the verified files by latency on this host and write ``manifest.json`` (with the fastest
+    as ``best``: file, runtime, ratio to fp32 eager). Works with or without :class:`~pqv_lightning.StructuredPruning` in the same
     Trainer (it exports the network as it is then, pruned or not).
 
     Runs on global rank zero only, on a deep copy: the trained module is never converted.
@@ -38,8 +39,9 @@ class MobileExport(Callback):
         precisions: names in :data:`~pqv_lightning.export.PRECISIONS`: ``fp32``, ``fp16``,
             ``int8-dynamic``, ``int8-static`` or ones you registered.
         formats: names in :data:`~pqv_lightning.export.TARGETS`: ``pte`` (ExecuTorch + XNNPACK; extra
-            ``executorch``), ``onnx`` (ONNX Runtime; extra ``onnx``), ``ptl`` (TorchScript Lite
-            Interpreter, deprecated upstream), or ones you registered.
+            ``executorch``), ``onnx`` (ONNX Runtime; extra ``onnx``), ``openvino`` (OpenVINO IR,
+            ``.xml`` + ``.bin``; extra ``openvino``), ``ptl`` (TorchScript Lite Interpreter,
+            deprecated upstream), or ones you registered.
             Default ``["ptl"]``. A missing extra is reported when the callback is created.
         engines: for ``ptl`` int8: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
         delegation_friendly: for ``pte``: swap timm Attention/LayerNorm for numerically identical
@@ -56,6 +58,11 @@ class MobileExport(Callback):
         input_normalization: recorded in the manifest (e.g. ``{"mean": [0.286], "std": [0.353]}``).
         log_artifact: upload the files as a W&B Artifact when a ``WandbLogger`` is attached.
         measure_memory: peak inference memory per artifact (a fresh process each, ~2 s).
+        rank, rank_rounds, rank_calls: how ``best`` is chosen: ``"round-robin"`` (default: every
+            verified file and the fp32 eager model timed in a fresh process each, in turn,
+            ``rank_rounds`` x ``rank_calls`` calls, as ``pqv bench`` does; ~3 s per file and round),
+            ``"in-process"`` (the latencies measured during export, no extra time) or ``"none"``.
+            Logged as ``export/best/speedup_vs_fp32_eager`` and ``export/best/latency_median_ms``.
 
     Example::
 
@@ -96,6 +103,9 @@ class MobileExport(Callback):
         input_normalization: dict[str, Any] | None = None,
         log_artifact: bool = True,
         measure_memory: bool = True,
+        rank: Literal["round-robin", "in-process", "none"] = "round-robin",
+        rank_rounds: int = 3,
+        rank_calls: int = 10,
     ) -> None:
         super().__init__()
         self.config = MobileExportConfig(
@@ -103,7 +113,8 @@ class MobileExport(Callback):
             engines=list(engines) if engines else None, delegation_friendly=delegation_friendly,
             output_dir=output_dir or "", overwrite=overwrite, min_top1_agreement=min_top1_agreement,
             on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
-            calibration_batches=calibration_batches, measure_memory=measure_memory,
+            calibration_batches=calibration_batches, measure_memory=measure_memory, rank=rank,
+            rank_rounds=rank_rounds, rank_calls=rank_calls,
         )
         self.config.validate()
         if calibration_loader not in ("val", "train"):
@@ -180,6 +191,11 @@ class MobileExport(Callback):
         engines = self.config.engines or [f"{self.manifest['host']['default_engine']} (host default)"]
         rank_zero_info(f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in "
                        f"{self.config.output_dir}; engines {engines}")
+        best = self.manifest.get("best")
+        if best:
+            rank_zero_info(f"MobileExport: fastest verified artifact on this host: {best['file']} ({best['runtime']}), "
+                           f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager "
+                           f"[{best['method']}]")
         return self.manifest
 
     def _log(self, trainer: pl.Trainer) -> None:
@@ -205,6 +221,10 @@ class MobileExport(Callback):
                 metrics[f"export/{stem}/top1_accuracy"] = v["top1_accuracy"]
             rows.append([a["file"], a["format"], a["precision"], a["engine"], a["status"], a["size_bytes"], lat["median_ms"],
                          lat["speedup_vs_fp32_eager"], v["top1_agreement"], v.get("top1_accuracy")])
+        best = self.manifest.get("best")
+        if best:
+            metrics["export/best/latency_median_ms"] = best["median_ms"]
+            metrics["export/best/speedup_vs_fp32_eager"] = best["speedup_vs_fp32_eager"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         from lightning.pytorch.loggers import WandbLogger
@@ -224,5 +244,6 @@ class MobileExport(Callback):
                 artifact.add_file(str(out / "manifest.json"))
                 for a in self.manifest["artifacts"]:
                     if a["status"] == "ok":
-                        artifact.add_file(str(out / a["file"]))
+                        for name in (a["file"], *a.get("companions", ())):
+                            artifact.add_file(str(out / name))
                 run.log_artifact(artifact, aliases=["latest"])

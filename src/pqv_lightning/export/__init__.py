@@ -1,9 +1,19 @@
-"""Quantize and export models to ``.pte`` (ExecuTorch), ``.onnx`` and ``.ptl`` files; see :mod:`.core`.
+"""Quantize and export models to ``.pte`` (ExecuTorch), ``.onnx``, OpenVINO IR (``.xml`` + ``.bin``) and
+``.ptl`` files, and name the fastest verified one on this host; see :mod:`.core`.
 
 Extension points: :data:`TARGETS` (formats), :data:`PRECISIONS` (precision configs),
 :data:`~.delegation.DELEGATION_SWAPS` (module swaps before ExecuTorch lowering)."""
 
-from .core import ENGINES, ExportFailedError, MobileExportConfig, check_output_dir, export_mobile, host_default_engine
+from .core import (
+    ENGINES,
+    RANKINGS,
+    ExportFailedError,
+    MobileExportConfig,
+    check_output_dir,
+    export_mobile,
+    host_default_engine,
+    rank_artifacts,
+)
 from .delegation import DELEGATION_SWAPS, make_delegation_friendly, register_delegation_swap
 from .precisions import FP16, FP32, PRECISIONS, Int8Dynamic, Int8Static, Precision
 from .targets import TARGETS, Built, ExportTarget, register_target
@@ -18,6 +28,7 @@ __all__ = [
     "Int8Static",
     "PRECISIONS",
     "Precision",
+    "RANKINGS",
     "TARGETS",
     "ExportFailedError",
     "ExportTarget",
@@ -26,6 +37,7 @@ __all__ = [
     "export_mobile",
     "host_default_engine",
     "make_delegation_friendly",
+    "rank_artifacts",
     "register_delegation_swap",
     "register_target",
 ]

@@ -8,8 +8,8 @@ turn for ``rounds`` rounds, so a slow phase of a shared machine hits all of them
 p90 and min are over all timed calls of a candidate; ratios are against a baseline from the same
 rounds.
 
-Candidates are files: ``.pte`` (ExecuTorch), ``.onnx`` (ONNX Runtime), ``.ptl`` (Lite
-Interpreter; give the quantized engine it was built for) or ``.pt`` (a whole ``nn.Module`` saved
+Candidates are files: ``.pte`` (ExecuTorch), ``.onnx`` (ONNX Runtime), ``.xml`` (OpenVINO IR,
+its ``.bin`` beside it), ``.ptl`` (Lite Interpreter; give the quantized engine it was built for) or ``.pt`` (a whole ``nn.Module`` saved
 with ``torch.save``, timed eagerly). Since each has its process to itself, ONNX Runtime runs with
 its default idle spinning here (about 20 % faster at batch 1 than with spinning off, which is what
 the exporter uses while it shares a process with other runtimes).
@@ -34,7 +34,7 @@ from ..settings import set_executorch_threads
 
 __all__ = ["Candidate", "load_runner", "round_robin", "summarize", "time_calls"]
 
-SUFFIXES = (".pte", ".onnx", ".ptl", ".pt")
+SUFFIXES = (".pte", ".onnx", ".xml", ".ptl", ".pt")
 
 
 @dataclass

@@ -50,14 +50,17 @@ from .benchmark import summarize, time_calls
 from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
 from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401
+from . import openvino_target as _openvino_target  # noqa: F401
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "PRECISIONS", "TARGETS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
-           "export_mobile", "host_default_engine"]
+__all__ = ["ENGINES", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", "MobileExportConfig",
+           "check_output_dir", "export_mobile", "host_default_engine", "rank_artifacts"]
 
 #: torch's quantized engines (fixed by torch, not an extension point)
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
+#: how the manifest's ``best`` artifact is chosen (see :func:`rank_artifacts`)
+RANKINGS: tuple[str, ...] = ("round-robin", "in-process", "none")
 
 
 def __getattr__(attr: str):
@@ -102,6 +105,12 @@ class MobileExportConfig:
         measure_memory: peak resident memory of loading + 3 inferences, measured in a fresh
             process per artifact (about 2 s each; an in-process number would include everything
             else the process ever allocated).
+        rank: how the manifest's ``best`` (the fastest verified artifact on this host) is chosen:
+            ``"round-robin"`` times every ``ok`` artifact and the fp32 eager model each in a fresh
+            process, in turn, ``rank_rounds`` rounds of ``rank_calls`` calls (the method of
+            ``pqv bench``; about 3 s of process start per artifact and round, plus the calls);
+            ``"in-process"`` ranks by the latency measured above (no extra time; runtimes in one
+            process disturb each other, so a close ranking can be wrong); ``"none"``: no ``best``.
     """
 
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8-dynamic"])
@@ -118,6 +127,9 @@ class MobileExportConfig:
     verify_batches: int = 8
     calibration_batches: int = 8
     measure_memory: bool = True
+    rank: str = "round-robin"
+    rank_rounds: int = 3
+    rank_calls: int = 10
 
     def validate(self) -> None:
         PRECISIONS.check(self.precisions)
@@ -138,11 +150,13 @@ class MobileExportConfig:
                 f"engines {missing} are not supported by this torch build; supported: "
                 f"{torch.backends.quantized.supported_engines}"
             )
+        if self.rank not in RANKINGS:
+            raise ConfigError(f"rank={self.rank!r}; allowed: {list(RANKINGS)}")
         if self.on_failure not in ("warn", "raise"):
             raise ConfigError(f"on_failure={self.on_failure!r}; allowed: 'warn', 'raise'")
         if not 0.0 <= self.min_top1_agreement <= 1.0:
             raise ConfigError(f"min_top1_agreement={self.min_top1_agreement!r} must be in [0, 1]")
-        for name in ("threads", "repeats", "verify_batches", "calibration_batches"):
+        for name in ("threads", "repeats", "verify_batches", "calibration_batches", "rank_rounds", "rank_calls"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.warmup < 0:
@@ -170,7 +184,8 @@ def _prepare_dir(config: MobileExportConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.overwrite:  # replace our own previous artifacts (never other files) so none goes stale
-        old_files = [p for t in TARGETS.values() for p in out.glob(f"model_*{t.suffix}")]
+        old_files = [p for t in TARGETS.values() for suffix in (t.suffix, *t.companion_suffixes)
+                     for p in out.glob(f"model_*{suffix}")]
         for old in [*old_files, out / "manifest.json"]:
             old.unlink(missing_ok=True)
     return out
@@ -248,7 +263,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"torch": torch.__version__, "pqv_lightning": __version__}
-    for dist in ("executorch", "torchao", "onnx", "onnxruntime", "onnxscript"):
+    for dist in ("executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -323,8 +338,77 @@ def export_mobile(
                     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
                     if entry["status"] != "ok" and config.on_failure == "raise":
                         raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
+        if config.rank != "none":
+            manifest["best"] = rank_artifacts(manifest, out, reference, example, config)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _best_entry(artifact: dict[str, Any], stats: dict[str, float], speedup: float, method: str) -> dict[str, Any]:
+    return {"file": artifact["file"], "format": artifact["format"], "runtime": artifact.get("runtime"),
+            "precision": artifact["precision"], "engine": artifact["engine"], "median_ms": stats["median_ms"],
+            "p90_ms": stats["p90_ms"], "speedup_vs_fp32_eager": speedup, "method": method}
+
+
+def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, example: torch.Tensor,
+                   config: MobileExportConfig) -> dict[str, Any] | None:
+    """The fastest verified (``ok``) artifact of ``manifest`` on this host, or None when none is.
+
+    ``config.rank="round-robin"``: every ``ok`` artifact and ``reference`` (fp32 eager, saved to a
+    temporary ``.pt``) are timed each in a fresh process, in turn (:func:`~.benchmark.round_robin`);
+    each artifact gets a ``latency_round_robin`` entry and the ranking is by its median. When the
+    reference cannot be pickled for the worker processes (a class defined in ``__main__`` or a
+    function), or a worker fails, the ranking falls back to the in-process latencies and says why in
+    ``method``. ``"in-process"``: by the latencies measured during export.
+    """
+    ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
+    if not ok:
+        return None
+    threads = config.threads
+    if config.rank == "round-robin":
+        import tempfile
+
+        from .benchmark import Candidate, round_robin
+
+        try:
+            with tempfile.TemporaryDirectory(prefix=".rank-", dir=out) as work:
+                eager = Path(work) / "fp32_eager.pt"
+                torch.save(reference, eager)
+                candidates = [Candidate("fp32 eager", str(eager))]
+                candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
+                stats = round_robin(candidates, list(example.shape), threads=threads, rounds=config.rank_rounds,
+                                    warmup=config.warmup, calls=config.rank_calls, baseline="fp32 eager")
+        except Exception as exc:  # noqa: BLE001 - the artifacts are fine; only the ranking method changes
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"MobileExport: round-robin ranking failed ({reason}); ranking by in-process latency",
+                          stacklevel=3)
+            fallback = f"in-process latency (round-robin failed: {reason})"
+        else:
+            manifest["baseline_fp32_eager"]["latency_round_robin"] = stats["fp32 eager"]
+            for a in ok:
+                a["latency_round_robin"] = stats[a["file"]]
+            winner = min(ok, key=lambda a: stats[a["file"]]["median_ms"])
+            method = (f"round-robin: every artifact and fp32 eager in a fresh process, {config.rank_rounds} rounds x "
+                      f"{config.rank_calls} calls, {threads} threads, batch {example.shape[0]}")
+            return _best_entry(winner, stats[winner["file"]], stats[winner["file"]]["speedup_vs_baseline"], method)
+    else:
+        fallback = "in-process latency (measured during export, all runtimes in one process)"
+    winner = min(ok, key=lambda a: a["latency"]["median_ms"])
+    return _best_entry(winner, winner["latency"], winner["latency"]["speedup_vs_fp32_eager"], fallback)
+
+
+@contextlib.contextmanager
+def _companions_staged(target: ExportTarget, tmp: str, path: Path):
+    """The companion files (OpenVINO's ``.bin``) the target writes beside the staged ``tmp``: renamed
+    to their final names when the block succeeds (just before :func:`staged` renames the main file),
+    removed when it fails."""
+    try:
+        yield
+        for staged_file, final in zip(target.companions(tmp), target.companions(path)):
+            os.replace(staged_file, final)
+    finally:
+        for staged_file in target.companions(tmp):
+            staged_file.unlink(missing_ok=True)
 
 
 def _cosine(run, reference, batches) -> float:
@@ -345,7 +429,7 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
     try:
         with quantized_engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
-            with staged(path) as tmp:
+            with staged(path, suffix=target.suffix) as tmp, _companions_staged(target, tmp, path):
                 built = target.write(reference, precision, engine or default_engine, example,
                                      [x for x, _ in calibration], tmp, options)
                 stage = "load and verify"
@@ -358,7 +442,8 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
                 del run
                 memory = (_inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
                           if config.measure_memory and target.memory_probe else None)
-                digest, size = file_digest(tmp, 64), Path(tmp).stat().st_size
+                digest = file_digest(tmp, 64)
+                size = sum(Path(f).stat().st_size for f in [tmp, *target.companions(tmp)])
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
         if config.on_failure == "raise":
@@ -367,7 +452,10 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
         return entry
     latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
     ok = checks["top1_agreement"] >= config.min_top1_agreement
+    if target.companion_suffixes:
+        entry["companions"] = [p.name for p in target.companions(path)]
     entry.update(
+        runtime=target.runtime,
         status="ok" if ok else "failed",
         reason=None if ok else (f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
                                 f"{config.min_top1_agreement}"),

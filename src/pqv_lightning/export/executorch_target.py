@@ -129,6 +129,7 @@ def _runtime():
 class ExecuTorchTarget(ExportTarget):
     format = "pte"
     suffix = ".pte"
+    runtime = "ExecuTorch (XNNPACK delegate)"
     extra = "executorch"
     requires = ("executorch", "torchao")
     memory_probe = PROBE_HEAD + """

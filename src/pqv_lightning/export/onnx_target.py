@@ -120,6 +120,7 @@ def _pre_processed(fp32: str, work: str) -> str:
 class ONNXTarget(ExportTarget):
     format = "onnx"
     suffix = ".onnx"
+    runtime = "ONNX Runtime (CPU)"
     extra = "onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
     memory_probe = PROBE_HEAD + """

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +62,11 @@ class ExportTarget:
     extra: ClassVar[str | None] = None  # pip extra that installs the runtime
     requires: ClassVar[tuple[str, ...]] = ()  # importable modules it needs
     engine_dependent: ClassVar[bool] = False  # one file per torch quantized engine for int8
+    #: files written beside the main one with the same stem (OpenVINO's ``.bin`` weights); staged,
+    #: renamed, hashed and removed together with it
+    companion_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: the runtime that executes the file (named in the manifest and in its ``best`` entry)
+    runtime: ClassVar[str] = ""
     # python source run in a fresh process to measure inference memory; argv: path, shape "1,3,224,224",
     # threads, engine or "-" (see PROBE_HEAD/PROBE_RESET/PROBE_TAIL); None: memory is not measured
     memory_probe: ClassVar[str | None] = None
@@ -105,6 +111,10 @@ class ExportTarget:
             return None
         hint = f"pip install 'pqv-lightning[{self.extra}]'" if self.extra else f"install {absent}"
         return f"format {self.format!r} needs {absent}: {hint}"
+
+    def companions(self, path: str | Path) -> list[Path]:
+        """The files that belong to the artifact at ``path`` besides itself."""
+        return [Path(path).with_suffix(s) for s in self.companion_suffixes]
 
     def write(self, reference: nn.Module, precision: Precision, engine: str, example: torch.Tensor,
               calibration: Sequence[torch.Tensor], path: str, options: dict[str, Any]) -> Built:

@@ -69,6 +69,7 @@ def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.ji
 class TorchScriptTarget(ExportTarget):
     format = "ptl"
     suffix = ".ptl"
+    runtime = "Lite Interpreter"
     engine_dependent = True
     memory_probe = PROBE_HEAD + """
 if sys.argv[4] != "-":

@@ -1,0 +1,183 @@
+"""OpenVINO target: ``openvino.convert_model`` (+ NNCF) → OpenVINO IR (``model_*.xml`` + ``model_*.bin``).
+
+Needs the ``openvino`` extra (``pip install 'pqv-lightning[openvino]'``: openvino, nncf). OpenVINO
+is the runtime x86 edge boxes ship with; its CPU plugin picks kernels for the host it runs on.
+
+* One IR per precision: the ``.xml`` (graph) and a ``.bin`` of the same name (weights) beside it,
+  a free batch dimension, fixed channels and image size.
+* ``fp32``: weights stored fp32 **and run in fp32**: the CPU plugin would otherwise run the model in
+  bf16 on hosts with bf16 units (AMX, AVX512-BF16) — the IR says so in its ``runtime_options``
+  (``INFERENCE_PRECISION_HINT: f32``), which :meth:`OpenVINOTarget.load` (and :func:`compile_ir`)
+  applies; a user's own runtime code must pass it too.
+* ``fp16``: weights stored fp16 (half the file); the plugin computes in its default inference
+  precision (recorded in the manifest: bf16 with AMX, fp32 on older x86).
+* ``int8-dynamic``: NNCF weight compression (int8 symmetric weights, one scale per output channel);
+  the CPU plugin quantizes the activations of those layers per call (its dynamic quantization,
+  ``DYNAMIC_QUANTIZATION_GROUP_SIZE``, recorded).
+* ``int8-static``: NNCF post-training quantization (``model_type=TRANSFORMER``, which keeps
+  LayerNorm, softmax and the residual adds in float), calibrated on the data given.
+
+The manifest records what the plugin really ran: ``inference_precision`` read back from the
+compiled model on this host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..settings import logger_levels
+from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
+
+__all__ = ["OpenVINOTarget", "compile_ir", "export_openvino"]
+
+#: the IR's rt_info section OpenVINO uses for options meant for ``compile_model``
+RUNTIME_OPTIONS = "runtime_options"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """NNCF and the converter log progress bars and advice on every call; keep errors only."""
+    with logger_levels(("nncf", "openvino", "torch"), logging.ERROR), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def runtime_options(model) -> dict[str, str]:
+    """The ``compile_model`` options stored in an IR's ``rt_info`` (``runtime_options`` section)."""
+    if not model.has_rt_info([RUNTIME_OPTIONS]):
+        return {}
+    section = model.get_rt_info()[RUNTIME_OPTIONS]  # a dict of OVAny values
+    return {str(key): value.astype(str) for key, value in section.items()}
+
+
+def compile_ir(path: str, threads: int):
+    """An OpenVINO CPU ``CompiledModel`` for the IR at ``path``, with the IR's own runtime options
+    (e.g. ``fp32`` files: ``INFERENCE_PRECISION_HINT=f32``), ``threads`` inference threads, one
+    stream and the latency hint."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    config = {**runtime_options(model), "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+              "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(model, "CPU", config)
+
+
+def _describe(compiled) -> dict[str, Any]:
+    """What the CPU plugin decided for this host."""
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: its name is "f32", "bf16", ...
+    out: dict[str, Any] = {"inference_precision": getattr(precision, "type_name", None) or str(precision)}
+    with contextlib.suppress(Exception):  # older plugins lack the property
+        out["dynamic_quantization_group_size"] = int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+    return out
+
+
+def export_openvino(model: nn.Module, example: torch.Tensor, precision: str | Precision, path: str,
+                    calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+    """Convert a copy of ``model`` to an OpenVINO IR at ``precision``: ``path`` (``.xml``) and the
+    ``.bin`` of the same name. Returns details (``applied``: what the precision's handler did)."""
+    import openvino as ov
+
+    if Path(path).suffix != ".xml":
+        raise ValueError(f"path={path!r}: an OpenVINO IR is written to a '.xml' file (weights beside it in '.bin')")
+    precision = resolve_precision(precision)
+    apply = TARGETS["openvino"].handler(precision)
+    model = copy.deepcopy(model).eval().float()
+    with _quiet(), torch.no_grad():
+        shape = ov.PartialShape([-1, *example.shape[1:]])  # any batch, the trained image size
+        ir = ov.convert_model(model, example_input=example, input=[shape])
+        # handlers: (ov.Model, precision, calibration) -> (ov.Model, compress_to_fp16, runtime options, applied)
+        ir, compress, options, applied = apply(ir, precision, calibration)
+        for key, value in options.items():
+            ir.set_rt_info(value, [RUNTIME_OPTIONS, key])
+        ov.save_model(ir, path, compress_to_fp16=compress)
+    return {"applied": ["openvino.convert_model", *applied], "runtime_options": options,
+            "openvino": ov.__version__}
+
+
+@register_target
+class OpenVINOTarget(ExportTarget):
+    format = "openvino"
+    suffix = ".xml"
+    companion_suffixes = (".bin",)
+    runtime = "OpenVINO (CPU plugin)"
+    extra = "openvino"
+    requires = ("openvino", "nncf")
+    memory_probe = PROBE_HEAD + """
+import openvino as ov
+core = ov.Core()
+feed = x.numpy()
+""" + PROBE_RESET + """
+model = core.read_model(sys.argv[1])
+options = {}  # as compile_ir(): the IR's own runtime options
+if model.has_rt_info(["runtime_options"]):
+    options = {str(k): v.astype(str) for k, v in model.get_rt_info()["runtime_options"].items()}
+compiled = core.compile_model(model, "CPU", {**options, "INFERENCE_NUM_THREADS": int(sys.argv[3]), "NUM_STREAMS": 1})
+for _ in range(3):
+    compiled(feed)
+""" + PROBE_TAIL
+
+    def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
+        details = export_openvino(reference, example, precision, path, calibration)
+        applied = details.pop("applied")
+        details.update(_describe(compile_ir(path, 1)))
+        return Built(applied=applied, details=details)
+
+    def load(self, path, example, threads):
+        compiled = compile_ir(path, threads)
+        request = compiled.create_infer_request()
+        output = compiled.output(0)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            # the request reuses its output buffer: copy before the next call
+            return torch.from_numpy(request.infer({0: x.float().contiguous().numpy()})[output].copy())
+
+        run.compiled = compiled  # the request must not outlive its compiled model
+        return run
+
+
+@OpenVINOTarget.handles(FP32)
+def _fp32(ir, precision: Precision, calibration):
+    return ir, False, {"INFERENCE_PRECISION_HINT": "f32"}, ["fp32 weights, INFERENCE_PRECISION_HINT=f32"]
+
+
+@OpenVINOTarget.handles(FP16)
+def _fp16(ir, precision: Precision, calibration):
+    return ir, True, {}, ["fp16 weights (compress_to_fp16), the plugin's default inference precision"]
+
+
+@OpenVINOTarget.handles(Int8Dynamic)
+def _int8_dynamic(ir, precision: Int8Dynamic, calibration):
+    import nncf
+
+    if not precision.per_channel:
+        raise ValueError(f"precision {precision.name!r}: NNCF int8 weight compression has one scale per output "
+                         "channel; per_channel=False is not available for format 'openvino'")
+    ir = nncf.compress_weights(ir, mode=nncf.CompressWeightsMode.INT8_SYM)
+    return ir, False, {}, ["nncf.compress_weights(INT8_SYM, per-channel); activations quantized per call by the "
+                           "CPU plugin"]
+
+
+@OpenVINOTarget.handles(Int8Static)
+def _int8_static(ir, precision: Int8Static, calibration):
+    import nncf
+
+    if not calibration:
+        raise ValueError("int8-static needs calibration batches")
+    if not precision.per_channel:
+        raise ValueError(f"precision {precision.name!r}: NNCF quantizes weights per output channel; "
+                         "per_channel=False is not available for format 'openvino'")
+    data = nncf.Dataset([b.float().cpu().numpy() for b in calibration])
+    ir = nncf.quantize(ir, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    return ir, False, {}, [f"nncf.quantize(model_type=TRANSFORMER, {len(calibration)} calibration batches)"]

@@ -1,0 +1,72 @@
+"""The manifest's ``best``: the fastest verified artifact on this host, chosen round-robin in fresh
+processes (as ``pqv bench``) or from the in-process latencies."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pqv_lightning.export import MobileExportConfig, export_mobile, rank_artifacts
+
+from conftest import tiny_vit
+
+
+def test_best_is_the_fastest_verified_artifact_timed_round_robin(exported_tiny):
+    out, manifest = exported_tiny
+    best = manifest["best"]
+    ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
+    assert len(ok) >= 2 and all(a["latency_round_robin"]["calls"] == 3 for a in ok)  # 1 round x 3 calls each
+    fastest = min(ok, key=lambda a: a["latency_round_robin"]["median_ms"])
+    assert best["file"] == fastest["file"] and (out / best["file"]).is_file()
+    assert best["runtime"] == fastest["runtime"] and best["precision"] == fastest["precision"]
+    assert best["median_ms"] == fastest["latency_round_robin"]["median_ms"]
+    eager = manifest["baseline_fp32_eager"]["latency_round_robin"]["median_ms"]
+    assert best["speedup_vs_fp32_eager"] == pytest.approx(eager / best["median_ms"])
+    assert best["method"].startswith("round-robin: every artifact and fp32 eager in a fresh process, 1 rounds x 3")
+    assert not list(out.glob(".rank-*"))  # the temporary eager model is gone
+
+
+def _artifact(name, status, median):
+    return {"file": name, "format": "onnx", "runtime": "ONNX Runtime (CPU)", "precision": "fp32", "engine": None,
+            "status": status, "latency": {"median_ms": median, "p90_ms": median, "speedup_vs_fp32_eager": 10 / median}}
+
+
+def test_in_process_ranking_takes_only_verified_artifacts(tmp_path):
+    config = MobileExportConfig(rank="in-process")
+    manifest = {"artifacts": [_artifact("a.onnx", "ok", 4.0), _artifact("b.onnx", "failed", 1.0),
+                              _artifact("c.onnx", "ok", 2.0), {"file": "d.onnx", "status": "skipped"}]}
+    best = rank_artifacts(manifest, tmp_path, nn.Identity(), torch.zeros(1), config)
+    assert best["file"] == "c.onnx" and best["speedup_vs_fp32_eager"] == 5.0
+    assert best["method"].startswith("in-process latency")
+    failed_only = {"artifacts": [_artifact("b.onnx", "failed", 1.0)]}
+    assert rank_artifacts(failed_only, tmp_path, nn.Identity(), torch.zeros(1), config) is None
+
+
+def test_round_robin_falls_back_to_in_process_when_the_model_cannot_be_pickled(tmp_path):
+    class Local(nn.Module):  # defined in a function: a worker process cannot unpickle it
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_vit(depth=1)
+
+        def forward(self, x):
+            return self.vit(x)
+
+    config = MobileExportConfig(precisions=["fp32", "int8-dynamic"], formats=["ptl"], output_dir=str(tmp_path / "out"),
+                                repeats=2, warmup=1, measure_memory=False, rank="round-robin", rank_rounds=1,
+                                rank_calls=2)
+    with pytest.warns(UserWarning, match="round-robin ranking failed"):
+        manifest = export_mobile(Local(), torch.randn(1, 1, 32, 32), copy.deepcopy(config))
+    assert manifest["best"]["method"].startswith("in-process latency (round-robin failed: ")
+    assert manifest["best"]["file"] in {a["file"] for a in manifest["artifacts"] if a["status"] == "ok"}
+    assert not list((tmp_path / "out").glob(".rank-*"))
+
+
+def test_rank_none_writes_no_best_and_bad_rank_is_refused(tmp_path):
+    config = MobileExportConfig(precisions=["fp32"], formats=["ptl"], output_dir=str(tmp_path / "out"), repeats=1,
+                                warmup=0, measure_memory=False, rank="none")
+    assert "best" not in export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), config)
+    with pytest.raises(ValueError, match=r"rank='fastest'; allowed: \['round-robin', 'in-process', 'none'\]"):
+        MobileExportConfig(rank="fastest").validate()
+    with pytest.raises(ValueError, match=r"rank_rounds=0 must be >= 1"):
+        MobileExportConfig(rank_rounds=0).validate()
