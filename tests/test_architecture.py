@@ -126,9 +126,14 @@ def test_builtin_registries_hold_the_builtin_entries():
     assert IMPORTANCE.names() == ("taylor", "hessian", "l1", "l2", "random")
     assert {n for n, c in IMPORTANCE.items() if c.statistics} == {"taylor", "hessian"}
     assert not IMPORTANCE["random"].deterministic
-    assert set(TARGETS.names()) == {"pte", "onnx", "ptl"}
-    assert PRECISIONS.names() == ("fp32", "fp16", "int8-dynamic", "int8-static")
-    assert all(TARGETS[f].supports(PRECISIONS[p]) for f in TARGETS for p in PRECISIONS)
+    assert set(TARGETS.names()) == {"pte", "onnx", "openvino", "ptl"}
+    assert PRECISIONS.names() == ("fp32", "fp16", "int8-dynamic", "int8-static", "int8-dynamic-attention")
+    # every format applies every precision, except int8 attention matmuls: only ONNX Runtime can
+    assert {(f, p) for f in TARGETS for p in PRECISIONS if not TARGETS[f].supports(PRECISIONS[p])} == {
+        (f, "int8-dynamic-attention") for f in ("pte", "openvino", "ptl")}
+    with pytest.raises(ConfigError, match=r"format 'pte' cannot apply precision 'int8-dynamic-attention' "
+                                          r"\(attention_matmuls=True\): ExecuTorch's XNNPACK delegate runs bmm"):
+        MobileExportConfig(formats=["pte"], precisions=["int8-dynamic-attention"]).validate()
     assert {"vit_tiny_fmnist", "vit_test_tiny", "deit_base_patch16_224", "deit3_medium_patch16_224"} <= set(MODELS)
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Attention, VisionTransformer

@@ -9,6 +9,7 @@ import pqv_lightning.export.core as export_mod
 from pqv_lightning.export import (
     ENGINES,
     PRECISIONS,
+    TARGETS,
     ExportFailedError,
     MobileExportConfig,
     export_mobile,
@@ -35,7 +36,7 @@ def _config(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("dim", [64, 256])
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if TARGETS["ptl"].supports(PRECISIONS[p])])
 def test_every_precision_and_engine_round_trips_through_the_lite_interpreter(tmp_path, precision, dim):
     model = tiny_vit(embed_dim=dim, depth=1, num_heads=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -211,6 +211,25 @@ def test_onnx_round_trips_through_onnxruntime(tmp_path, precision):
 
 
 @needs_onnx
+def test_onnx_int8_attention_matmuls(tmp_path):
+    import onnx
+
+    manifest = _export(tmp_path, tiny_vit(depth=2), ["onnx"], ["int8-dynamic", "int8-dynamic-attention"])
+    plain, attention = manifest["artifacts"]
+    assert (plain["attention_matmuls"], attention["attention_matmuls"]) == ("fp32", "int8")
+    ops = {}
+    for entry in (plain, attention):
+        _check_file(tmp_path, entry)
+        graph = onnx.load(str(tmp_path / "out" / entry["file"])).graph
+        ops[entry["precision"]] = [n.op_type for n in graph.node if n.op_type in ("MatMul", "MatMulInteger")]
+    # 2 blocks x (q @ k.T, attn @ v): float MatMuls in int8-dynamic, integer ones with the option
+    assert ops["int8-dynamic"].count("MatMul") == 4
+    assert "MatMul" not in ops["int8-dynamic-attention"]
+    assert len(ops["int8-dynamic-attention"]) == len(ops["int8-dynamic"])
+    assert attention["verification"]["cosine"] > 0.99
+
+
+@needs_onnx
 def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(exported_tiny):
     from pqv_lightning.export.onnx_target import ort_session
 

@@ -130,6 +130,9 @@ class ExecuTorchTarget(ExportTarget):
     format = "pte"
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK delegate)"
+    unsupported_options = {"attention_matmuls": (
+        "ExecuTorch's XNNPACK delegate runs bmm (the attention products) in fp32 only "
+        "(its BMMConfig); use format 'onnx'")}
     extra = "executorch"
     requires = ("executorch", "torchao")
     memory_probe = PROBE_HEAD + """

@@ -7,9 +7,12 @@ Needs the ``onnx`` extra (``pip install 'pqv-lightning[onnx]'``: onnx, onnxscrip
 * One handler per precision config (registered with ``ONNXTarget.handles``), applied to the fp32
   export:
 * ``fp32``: as exported. ``fp16``: ``onnxruntime.transformers.float16`` with fp32 input/output.
-* ``int8-dynamic``: ``quantize_dynamic`` (int8 weights, activations quantized per call).
+* ``int8-dynamic``: ``quantize_dynamic`` (int8 weights, activations quantized per call); the
+  attention products ``q @ k.T`` and ``attn @ v`` stay fp32 unless the precision sets
+  ``attention_matmuls`` (``int8-dynamic-attention``: both inputs quantized per call).
 * ``int8-static``: ``quantize_static``, QDQ format, per-channel weights, restricted to
-  MatMul / Gemm / Conv (LayerNorm and the residual adds stay float), calibrated on the data given.
+  MatMul / Gemm / Conv (LayerNorm and the residual adds stay float), calibrated on the data given;
+  this includes the attention products (int8 ``q @ k.T`` and ``attn @ v``, the softmax float).
 * Every quantization starts from ``quant_pre_process`` (shape inference + graph optimization), as
   ONNX Runtime recommends.
 * Runs with ONNX Runtime's CPU provider, fixed threads, and **idle-thread spinning off**, so that
@@ -172,10 +175,15 @@ def _fp16(fp32: str, path: str, work: str, precision: Precision, calibration) ->
 def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calibration) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(_pre_processed(fp32, work), path, weight_type=QuantType.QInt8, per_channel=precision.per_channel)
+    # MatMulConstBOnly=False: the MatMuls of two activations (q @ k.T, attn @ v) become MatMulInteger too
+    quantize_dynamic(_pre_processed(fp32, work), path, weight_type=QuantType.QInt8, per_channel=precision.per_channel,
+                     extra_options={"MatMulConstBOnly": not precision.attention_matmuls})
     scales = "per-channel" if precision.per_channel else "per-tensor"
-    return {"applied": [f"quant_pre_process + quantize_dynamic (int8 {scales} weights)"],
-            "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)"}
+    applied = [f"quant_pre_process + quantize_dynamic (int8 {scales} weights)"]
+    if precision.attention_matmuls:
+        applied.append("attention matmuls (q @ k.T, attn @ v) int8, both inputs quantized per call")
+    return {"applied": applied, "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)",
+            "attention_matmuls": "int8" if precision.attention_matmuls else "fp32"}
 
 
 @ONNXTarget.handles(Int8Static)

@@ -112,6 +112,9 @@ class OpenVINOTarget(ExportTarget):
     suffix = ".xml"
     companion_suffixes = (".bin",)
     runtime = "OpenVINO (CPU plugin)"
+    unsupported_options = {"attention_matmuls": (
+        "the OpenVINO CPU plugin quantizes activations per call in compressed-weight "
+        "layers only; int8-static (NNCF) quantizes q and k of the attention")}
     extra = "openvino"
     requires = ("openvino", "nncf")
     memory_probe = PROBE_HEAD + """

@@ -55,10 +55,15 @@ class FP16(Precision):
 @dataclass(frozen=True)
 class Int8Dynamic(Precision):
     """int8 weights (Linear layers), activations quantized per call. ``per_channel``: one weight scale
-    per output channel (``.pte``, ``.onnx``; ``.ptl`` uses torch.ao's per-tensor dynamic kernels)."""
+    per output channel (``.pte``, ``.onnx``; ``.ptl`` uses torch.ao's per-tensor dynamic kernels).
+    ``attention_matmuls``: also run the attention products ``q @ k.T`` and ``attn @ v`` as int8
+    matmuls of two activations quantized per call (the softmax between them stays float); only
+    ``.onnx`` can (ExecuTorch's XNNPACK delegate runs ``bmm`` in fp32 only, torch.ao and OpenVINO's
+    dynamic quantization cover Linear layers only): registered as ``int8-dynamic-attention``."""
 
     name: str = "int8-dynamic"
     per_channel: bool = True
+    attention_matmuls: bool = False
     engine_dependent: ClassVar[bool] = True
 
 
@@ -75,7 +80,8 @@ class Int8Static(Precision):
 
 #: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
 PRECISIONS: Registry[Precision] = Registry("precision", argument="precisions")
-for _config in (FP32(), FP16(), Int8Dynamic(), Int8Static()):
+for _config in (FP32(), FP16(), Int8Dynamic(), Int8Static(),
+                Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True)):
     PRECISIONS.register(_config.name, _config)
 
 

@@ -70,6 +70,9 @@ class ExportTarget:
     # python source run in a fresh process to measure inference memory; argv: path, shape "1,3,224,224",
     # threads, engine or "-" (see PROBE_HEAD/PROBE_RESET/PROBE_TAIL); None: memory is not measured
     memory_probe: ClassVar[str | None] = None
+    #: precision options this target cannot honour: field name -> why (a precision with the field
+    #: set is refused by :meth:`handler`, i.e. by ``MobileExportConfig.validate()`` before any work)
+    unsupported_options: ClassVar[dict[str, str]] = {}
     _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -94,6 +97,10 @@ class ExportTarget:
         Raises:
             UnsupportedPrecisionError: no handler applies.
         """
+        for option, reason in self.unsupported_options.items():
+            if getattr(precision, option, False):
+                raise UnsupportedPrecisionError(
+                    f"format {self.format!r} cannot apply precision {precision.name!r} ({option}=True): {reason}")
         for klass in type(precision).__mro__:
             if klass in self._handlers:
                 return self._handlers[klass]
@@ -102,7 +109,11 @@ class ExportTarget:
             f"it handles {sorted(t.__name__ for t in self._handlers)}")
 
     def supports(self, precision: Precision) -> bool:
-        return any(klass in self._handlers for klass in type(precision).__mro__)
+        try:
+            self.handler(precision)
+        except UnsupportedPrecisionError:
+            return False
+        return True
 
     def missing(self) -> str | None:
         """Why this target cannot run here (a missing package), or None."""

@@ -70,6 +70,8 @@ class TorchScriptTarget(ExportTarget):
     format = "ptl"
     suffix = ".ptl"
     runtime = "Lite Interpreter"
+    unsupported_options = {"attention_matmuls": (
+        "torch.ao dynamic quantization covers nn.Linear only; use format 'onnx'")}
     engine_dependent = True
     memory_probe = PROBE_HEAD + """
 if sys.argv[4] != "-":

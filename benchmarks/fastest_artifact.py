@@ -1,0 +1,247 @@
+"""The fastest verified artifact on this host: every runtime and option, kernel-friendly widths, one run.
+
+Two parts (``--part``), each cached row by row in ``benchmarks/results/<name>.json`` so an
+interrupted run resumes; the Markdown report is rewritten from the cache after every row:
+
+* ``fidelity`` — int8 attention matmuls (``int8-dynamic-attention``, ONNX Runtime) against plain
+  ``int8-dynamic``: top-1 agreement with the fp32 model and accuracy on Fashion-MNIST test images
+  (the bundled pretrained ViT), and logit cosine of random-init DeiT-base on random images.
+  Thresholds of the issue: agreement >= 99 %, cosine >= 0.995.
+* ``latency`` — DeiT-base (random weights; latency does not depend on the values), unpruned and with
+  25 % channels pruned by ``prune_once`` (l2) for each ``round_to`` width rule, plus the paper's own
+  configuration (9.375 % + int8): fp32 eager and every int8 artifact of every runtime
+  (``.pte`` ExecuTorch/XNNPACK, ``.onnx`` ONNX Runtime incl. int8 attention, OpenVINO IR). Exports
+  are kept in ``--work`` (resumable); then **all** candidates and the unpruned fp32 eager baseline
+  are timed in one round-robin, each in a fresh process (:func:`pqv_lightning.export.benchmark.round_robin`).
+  The report gives the ratio to the unpruned fp32 eager model, to the best ONNX Runtime int8 file
+  of the same model, and the share of this host's measured int8 GEMM throughput.
+
+    python benchmarks/fastest_artifact.py --part fidelity                   # ~5 min on 2 cores
+    python benchmarks/fastest_artifact.py --part latency                    # ~60 min on 2 cores
+    python benchmarks/fastest_artifact.py --part latency --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile
+from pqv_lightning.export.benchmark import Candidate, round_robin
+from pqv_lightning.export.host import gemm_throughput, host_description
+from pqv_lightning.fileio import atomic_write_text
+from pqv_lightning.models import paper_model
+from pqv_lightning.pruning.pruner import count_macs, count_params
+
+OUT = Path(__file__).parent / "results"
+INT8 = ["int8-dynamic", "int8-static", "int8-dynamic-attention"]
+
+
+class Cache:
+    """Finished rows by key, written atomically after each one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+def _fmnist_rows(args) -> list[dict[str, Any]]:
+    from pqv_lightning.apps.recipes import default_checkpoint
+    from pqv_lightning.data import FashionMNISTDataModule
+    from pqv_lightning.models import load_vit_checkpoint
+
+    model, _ = load_vit_checkpoint(default_checkpoint())
+    dm = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=256, test_subset=args.test_images)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    return _fidelity(model, batches, "vit_tiny_fmnist (pretrained, Fashion-MNIST test images)", args)
+
+
+def _deit_rows(args) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(4)]
+    return _fidelity(paper_model("deit_base_patch16_224"), batches, "deit_base_patch16_224 (random init, random images)",
+                     args)
+
+
+def _fidelity(model, batches, label: str, args) -> list[dict[str, Any]]:
+    import tempfile
+
+    example = (batches[0] if isinstance(batches[0], torch.Tensor) else batches[0][0])[:1]
+    with tempfile.TemporaryDirectory(prefix="pqv-fidelity-") as out:
+        manifest = export_mobile(model, example, MobileExportConfig(
+            precisions=["int8-dynamic", "int8-dynamic-attention"], formats=["onnx"], output_dir=out, overwrite=True,
+            threads=args.threads, warmup=1, repeats=3, verify_batches=len(batches), measure_memory=False,
+            min_top1_agreement=0.0, rank="none"), validation_data=batches)
+    rows = []
+    for a in manifest["artifacts"]:
+        v = a["verification"]
+        rows.append({"model": label, "precision": a["precision"], "samples": v["samples"],
+                     "top1_agreement": v["top1_agreement"], "cosine": v["cosine"],
+                     "top1_accuracy": v.get("top1_accuracy"), "status": a["status"], "reason": a.get("reason")})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- latency
+def _input_shape(model) -> list[int]:
+    return [model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
+
+
+def _variants(args) -> list[tuple[str, float, int | None]]:
+    """(key, ratio, round_to): the unpruned model, 25 % per width rule, the paper's 9.375 %."""
+    out = [("unpruned", 0.0, None)]
+    for r in args.round_to:
+        rt = None if r == 0 else r
+        out.append((f"25% round_to={rt}", args.ratio, rt))
+    out.append(("9.375% round_to=8", 0.09375, 8))
+    return out
+
+
+def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Path, cache: Cache) -> dict[str, Any]:
+    """Export every format x int8 precision of one variant (kept in ``work``); cached."""
+    done = cache.get(f"export/{key}")
+    folder = work / key.replace(" ", "_").replace("%", "pct").replace("=", "")
+    if done and all((folder / a["file"]).is_file() for a in done["artifacts"] if a["status"] == "ok"):
+        return done
+    model = paper_model(args.model, ratio, round_to=round_to)
+    shape = _input_shape(model)
+    example = torch.randn(1, *shape)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, *shape, generator=g) for _ in range(2)]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model, folder / "eager.pt")
+    formats = [f for f in args.formats if TARGETS[f].missing() is None]
+    artifacts = []
+    for fmt in formats:
+        precisions = [p for p in INT8 if TARGETS[fmt].supports(PRECISIONS[p])]
+        manifest = export_mobile(model, example, MobileExportConfig(
+            precisions=precisions, formats=[fmt], output_dir=str(folder / fmt), overwrite=True, threads=args.threads,
+            warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
+            rank="none"), validation_data=data, calibration_data=data)
+        for a in manifest["artifacts"]:
+            a["file"] = f"{fmt}/{a['file']}"
+            artifacts.append({k: a.get(k) for k in ("file", "format", "runtime", "precision", "status", "reason",
+                                                       "size_bytes", "inference_precision")}
+                             | {"cosine": a.get("verification", {}).get("cosine")})
+    attn = model.blocks[0].attn
+    row = {"key": key, "ratio": ratio, "round_to": round_to, "params": count_params(model),
+           "macs": count_macs(model, example), "embed_dim": model.patch_embed.proj.out_channels,
+           "head_dim": attn.qkv.out_features // (3 * attn.num_heads), "num_heads": attn.num_heads,
+           "mlp_hidden": model.blocks[0].mlp.fc1.out_features, "input": [1, *shape], "artifacts": artifacts}
+    cache.put(f"export/{key}", row)
+    return row
+
+
+def _latency(args, cache: Cache) -> None:
+    work = Path(args.work)
+    variants = [_export_variant(k, r, rt, args, work, cache) for k, r, rt in _variants(args)]
+    if cache.get("timing") is None or args.retime:
+        candidates = []
+        for v in variants:
+            folder = work / v["key"].replace(" ", "_").replace("%", "pct").replace("=", "")
+            candidates.append(Candidate(f"{v['key']} | fp32 eager", str(folder / "eager.pt")))
+            candidates += [Candidate(f"{v['key']} | {a['file']}", str(folder / a["file"]))
+                           for a in v["artifacts"] if a["status"] == "ok"]
+        stats = round_robin(candidates, variants[0]["input"], threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+                            calls=args.calls, baseline="unpruned | fp32 eager",
+                            progress=lambda r, label: print(f"round {r + 1}: {label}", flush=True))
+        cache.put("timing", {"stats": stats, "gemm": gemm_throughput(args.threads), "host": host_description(),
+                             "rounds": args.rounds, "calls": args.calls, "threads": args.threads})
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _report(args, cache: Cache) -> str:
+    host = host_description()
+    lines = [f"Host: {host['cpu']} ({platform.machine()}, {host['logical_cpus']} logical CPUs; "
+             f"{', '.join(host['isa'])}), torch {torch.__version__}.", ""]
+    fid = [r for key in ("fidelity/fmnist", "fidelity/deit") for r in (cache.get(key) or [])]
+    if fid:
+        lines += ["**Int8 attention matmuls** (ONNX Runtime): agreement with the fp32 model", "",
+                  "| model | precision | images | top-1 agreement | cosine | accuracy |", "|---|---|---:|---:|---:|---:|"]
+        for r in fid:
+            acc = f"{100 * r['top1_accuracy']:.2f} %" if r.get("top1_accuracy") is not None else "-"
+            lines.append(f"| {r['model']} | {r['precision']} | {r['samples']} | {100 * r['top1_agreement']:.2f} % | "
+                         f"{r['cosine']:.5f} | {acc} |")
+        lines.append("")
+    timing = cache.get("timing")
+    if timing:
+        stats, gemm = timing["stats"], timing["gemm"]
+        th = timing["host"]
+        size = "x".join(map(str, cache.get("export/unpruned")["input"][2:]))
+        lines += [f"**Latency** of `{args.model}`, batch 1, {size}, {timing['threads']} threads, timed on "
+                  f"{th['cpu']}: median of {timing['rounds']} rounds x {timing['calls']} calls, every candidate in a "
+                  "fresh process, round-robin, all in one run; measured int8 GEMM peak "
+                  f"{gemm['int8_gops']:.0f} GOP/s ({gemm['int8_source']}), fp32 {gemm['fp32_gops']:.0f} GOP/s", "",
+                  "| variant | widths (embed / head dim x heads / mlp) | GMACs | artifact | median ms | p90 ms | "
+                  "x unpruned fp32 eager | x best ORT int8 | int8 GEMM share | cosine |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for key, *_ in _variants(args):
+            v = cache.get(f"export/{key}")
+            if not v:
+                continue
+            widths = f"{v['embed_dim']} / {v['head_dim']}x{v['num_heads']} / {v['mlp_hidden']}"
+            labels = [f"{key} | fp32 eager"] + [f"{key} | {a['file']}" for a in v["artifacts"] if a["status"] == "ok"]
+            ort = [stats[lb]["median_ms"] for lb in labels if lb in stats and lb.endswith(".onnx")]
+            cos = {f"{key} | {a['file']}": a["cosine"] for a in v["artifacts"]}
+            for lb in labels:
+                if lb not in stats:
+                    continue
+                s = stats[lb]
+                share = 2 * v["macs"] / (s["median_ms"] * 1e6) / gemm["int8_gops"]
+                vs_ort = f"{min(ort) / s['median_ms']:.2f}x" if ort else "-"
+                c = cos.get(lb)
+                lines.append(f"| {key} | {widths} | {v['macs'] / 1e9:.2f} | {lb.split(' | ', 1)[1]} | "
+                             f"{s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['speedup_vs_baseline']:.2f}x | {vs_ort} | "
+                             f"{100 * share:.0f} % | {'-' if c is None else f'{c:.4f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["fidelity", "latency"], required=True)
+    ap.add_argument("--model", default="deit_base_patch16_224")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32, 64], help="0 = no rounding")
+    ap.add_argument("--formats", nargs="+", default=["pte", "onnx", "openvino"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--work", default="runs/fastest_artifact", help="exports are kept here between runs")
+    ap.add_argument("--name", default="fastest_artifact")
+    ap.add_argument("--retime", action="store_true", help="time again although a timing is cached")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = Cache(OUT / f"{args.name}.json")
+    if not args.report_only:
+        if args.part == "fidelity":
+            for key, rows in (("fidelity/fmnist", _fmnist_rows), ("fidelity/deit", _deit_rows)):
+                if cache.get(key) is None:
+                    cache.put(key, rows(args))
+        else:
+            _latency(args, cache)
+    report = _report(args, cache)
+    atomic_write_text(OUT / f"{args.name}.md", report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
