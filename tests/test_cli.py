@@ -26,15 +26,16 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
     out, manifest = exported_tiny
     if not (out / "model_int8-dynamic.onnx").is_file():
         pytest.skip("needs the onnx extra: pip install 'pqv-lightning[onnx]'")
-    argv = ["bench", "vit_test_tiny", str(out / "model_int8-dynamic.onnx"), str(out / "model_int8-dynamic_x86.ptl"),
-            "--rounds", "2", "--calls", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"),
-            "--csv", str(tmp_path / "b.csv")]
+    files = [out / "model_int8-dynamic.onnx", out / "model_int8-dynamic.xml", out / "model_int8-dynamic_x86.ptl"]
+    files = [f for f in files if f.is_file()]  # the OpenVINO IR where the extra is installed
+    argv = ["bench", "vit_test_tiny", *map(str, files), "--rounds", "2", "--calls", "2", "--warmup", "1",
+            "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "input [1, 1, 32, 32]" in stdout and "baseline: vit_test_tiny (fp32 eager)" in stdout
     result = json.loads((tmp_path / "b.json").read_text())
     rows = {r["candidate"]: r for r in result["results"]}
-    assert list(rows) == ["vit_test_tiny (fp32 eager)", "model_int8-dynamic.onnx", "model_int8-dynamic_x86.ptl"]
+    assert list(rows) == ["vit_test_tiny (fp32 eager)", *(f.name for f in files)]
     assert rows["vit_test_tiny (fp32 eager)"]["speedup_vs_baseline"] == 1.0
     for r in rows.values():
         assert r["calls"] == 4 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]

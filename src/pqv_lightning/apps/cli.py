@@ -65,18 +65,19 @@ def _resolve_candidates(args, workdir: Path):
     import torch
 
     from ..pruning.adapters import input_shape_for
-    from ..export.benchmark import SUFFIXES, Candidate
+    from ..export.benchmark import Candidate, known_suffixes
     from ..models import create_vit
 
+    suffixes = known_suffixes()
     shape = [int(d) for d in args.shape.split(",")] if args.shape else None
     candidates, shapes = [], []
     for item in args.candidates:
         path = Path(item)
-        if path.suffix in SUFFIXES or path.exists():
+        if path.suffix in suffixes or path.exists():
             if not path.is_file():
                 raise CLIError(f"{item}: no such file")
-            if path.suffix not in SUFFIXES:
-                raise CLIError(f"{item}: unsupported file type {path.suffix!r}; allowed: {list(SUFFIXES)}")
+            if path.suffix not in suffixes:
+                raise CLIError(f"{item}: unsupported file type {path.suffix!r}; allowed: {list(suffixes)}")
             manifest, entry = _manifest_entry(path)
             engine = args.engine or (entry or {}).get("engine")
             if manifest is not None:

@@ -32,9 +32,21 @@ import torch
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import set_executorch_threads
 
-__all__ = ["Candidate", "load_runner", "round_robin", "summarize", "time_calls"]
+__all__ = ["Candidate", "known_suffixes", "load_runner", "round_robin", "summarize", "time_calls"]
 
-SUFFIXES = (".pte", ".onnx", ".xml", ".ptl", ".pt")
+
+
+def known_suffixes() -> tuple[str, ...]:
+    """File endings a candidate may have: every registered export target's, and ``.pt``."""
+    from .targets import TARGETS
+
+    return (*(t.suffix for t in TARGETS.values()), ".pt")
+
+
+def __getattr__(attr: str):
+    if attr == "SUFFIXES":  # the 0.1 tuple, now a live view of the target registry
+        return known_suffixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 @dataclass
@@ -44,8 +56,9 @@ class Candidate:
     engine: str | None = None  # torch quantized engine, for .ptl int8 files
 
     def __post_init__(self) -> None:
-        if Path(self.path).suffix not in SUFFIXES:
-            raise ConfigError(f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(SUFFIXES)}")
+        suffixes = known_suffixes()
+        if Path(self.path).suffix not in suffixes:
+            raise ConfigError(f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(suffixes)}")
         if not Path(self.path).is_file():
             raise InputNotFoundError(f"{self.path!r}: no such file")
 
@@ -74,7 +87,7 @@ def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | Non
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
     if suffix not in by_suffix:
-        raise ConfigError(f"{path!r}: unsupported file type {suffix!r}; allowed: {list(SUFFIXES)}")
+        raise ConfigError(f"{path!r}: unsupported file type {suffix!r}; allowed: {list(known_suffixes())}")
     target = by_suffix[suffix]
     reason = target.missing()
     if reason:
