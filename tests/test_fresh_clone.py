@@ -71,6 +71,9 @@ def test_readme_first_command_runs_the_real_demo_on_the_bundled_checkpoint(bare_
         assert f"| {100 * row['test_acc']:.2f} % | {row['params'] / 1e6:.2f} M |" in proc.stdout
     manifest = json.loads((bare_copy / "runs" / "demo_export" / "manifest.json").read_text())
     assert [a["status"] for a in manifest["artifacts"]] == ["ok", "ok"]
+    best = manifest["best"]  # the demo names the fastest verified file, timed round-robin
+    assert best["file"] in {"model_fp32.onnx", "model_int8-dynamic.onnx"} and best["method"].startswith("round-robin")
+    assert f"fastest verified artifact on this host: {best['file']} (ONNX Runtime (CPU))" in proc.stdout
 
 
 def _shrink(config: dict, tmp: Path) -> dict:
