@@ -45,13 +45,13 @@ def bench_model(name: str, args) -> list[dict]:
         manifest = export_mobile(model, x, MobileExportConfig(
             precisions=["fp32", "int8-dynamic", "int8-static"], formats=["ptl", "pte", "onnx"],
             engines=args.engines, output_dir=str(out), overwrite=True, threads=args.threads, warmup=1, repeats=2,
-            verify_batches=2, calibration_batches=2, min_top1_agreement=0.0, measure_memory=False),
-            validation_data=data, calibration_data=data)
+            verify_batches=2, calibration_batches=2, min_top1_agreement=0.0, measure_memory=False,
+            rank="none"), validation_data=data, calibration_data=data)
         # the same .pte without the delegation-friendly swaps: what they buy
         plain = export_mobile(model, x, MobileExportConfig(
             precisions=["int8-dynamic"], formats=["pte"], delegation_friendly=False, output_dir=str(out / "no_swaps"),
             threads=args.threads, warmup=1, repeats=2, verify_batches=2, min_top1_agreement=0.0,
-            measure_memory=False), validation_data=data)
+            measure_memory=False, rank="none"), validation_data=data)
         for a in plain["artifacts"]:
             a["file"] = f"no_swaps/{a['file']}"
         manifest["artifacts"] += plain["artifacts"]

@@ -56,7 +56,7 @@ def main() -> None:
                     model, data[0][:1], MobileExportConfig(
                         precisions=args.precisions, engines=args.engines, output_dir=str(out), overwrite=True,
                         threads=args.threads, warmup=0, repeats=1, verify_batches=2, calibration_batches=2,
-                        min_top1_agreement=0.0),
+                        min_top1_agreement=0.0, rank="none"),
                     validation_data=data, calibration_data=data)
                 torch.save(model, out / "eager.pt")
                 ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]

@@ -61,8 +61,8 @@ def export(model_name: str, ratio: float, work: Path, threads: int) -> list[str]
         out = work / f"{label}_{precision}"
         manifest = export_mobile(model, x, MobileExportConfig(
             precisions=[precision], formats=["ptl"], engines=["x86"], output_dir=str(out), overwrite=True,
-            threads=threads, repeats=1, warmup=0, verify_batches=1, min_top1_agreement=0.0, measure_memory=False),
-            validation_data=[x])
+            threads=threads, repeats=1, warmup=0, verify_batches=1, min_top1_agreement=0.0, measure_memory=False,
+            rank="none"), validation_data=[x])
         files.append(str(out / manifest["artifacts"][0]["file"]))
     return files
 

@@ -224,6 +224,10 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
         return [(e, k) for e, k, _ in sweep_mod._cells(config, changes.get("ckpt", checkpoint))]
 
     reference = keys()
+    # a one-format list keeps the keys of the one-format sweep (caches from before formats=[...] stay valid)
+    assert all("|format=onnx|" in k for e, k in reference if e in ("latency", "accuracy", "importance"))
+    assert all("|format=onnx,openvino|" in k for e, k in keys(formats=["onnx", "openvino"])
+               if e in ("latency", "accuracy", "importance"))
     computed = [k for _, k, compute in sweep_mod._cells(base, checkpoint) if compute is not None]
     assert len(set(computed)) == len(computed)  # no two cells share a key by accident
     for change, affected in [
@@ -231,7 +235,7 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
         (dict(rounds=5), {"latency", "engines"}), (dict(repeats=7), {"latency", "engines"}),
         (dict(precisions=["fp32"]), {"latency", "accuracy", "importance"}),  # importance shares taylor's cell
         (dict(verify_batches=3), {"accuracy", "importance"}), (dict(test_subset=128), {"accuracy", "importance"}),
-        (dict(engine_ratio=0.25), {"engines"}), (dict(format="ptl"), {"latency", "accuracy", "importance"}),
+        (dict(engine_ratio=0.25), {"engines"}), (dict(formats=["ptl"]), {"latency", "accuracy", "importance"}),
         (dict(recipe="v0.2"), {"accuracy", "importance"}), (dict(seeds=[0, 2]), {"importance"}),
     ]:
         changed = {e for (e, k), (_, old) in zip(keys(**change), reference) if k != old}

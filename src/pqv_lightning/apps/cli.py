@@ -161,8 +161,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="CI size: tiny models, a few hundred images (minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/sweep, or runs/sweep_quick with --quick)")
     p.add_argument("--experiments", nargs="+", default=None, choices=list(EXPERIMENTS))
-    p.add_argument("--format", default=None, choices=TARGETS.names(),
-                   help="export format of the latency/accuracy cells (default pte; onnx with --quick)")
+    p.add_argument("--formats", "--format", nargs="+", default=None, choices=TARGETS.names(),
+                   help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
+                        "several formats put every runtime in each latency cell's round-robin")
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
     p.add_argument("--engine-models", nargs="+", default=None,
                    help="models of the engine comparison (default deit3_medium_patch16_224, as in the paper's Fig. 7)")
@@ -183,7 +184,7 @@ def cmd_sweep(args) -> int:
     from .sweep import FULL, QUICK, run_sweep
 
     config = dataclasses.replace(QUICK if args.quick else FULL)
-    for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("format", args.format),
+    for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("formats", args.formats),
                         ("latency_models", args.models), ("engine_models", args.engine_models),
                         ("checkpoint", args.checkpoint),
                         ("data_dir", args.data_dir), ("threads", args.threads), ("recipe", args.recipe),

@@ -47,7 +47,7 @@ class SweepConfig:
     latency_models: list[str] = field(default_factory=lambda: ["deit_base_patch16_224", "deit3_medium_patch16_224"])
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
-    format: str = "pte"
+    formats: list[str] = field(default_factory=lambda: ["pte"])  # export formats of the latency/accuracy cells
     engine_ratio: float = 0.09375
     # the paper's engine comparison (Fig. 7) measures the 9.375 %-pruned DeiT3-medium
     engine_models: list[str] = field(default_factory=lambda: ["deit3_medium_patch16_224"])
@@ -75,7 +75,7 @@ FULL = SweepConfig()
 QUICK = SweepConfig(
     out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
     engine_models=["vit_test_tiny"],
-    format="onnx", accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5, seeds=[0, 1],
+    formats=["onnx"], accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5, seeds=[0, 1],
     train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
 )
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
@@ -134,7 +134,7 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     manifest = export_mobile(model, data[0][:1], MobileExportConfig(
         precisions=precisions, formats=formats, engines=engines, output_dir=str(out), overwrite=True,
         threads=config.threads, repeats=1, warmup=0, verify_batches=2, calibration_batches=2,
-        min_top1_agreement=0.0, measure_memory=False), validation_data=data)
+        min_top1_agreement=0.0, measure_memory=False, rank="none"), validation_data=data)
     # latency and memory: every file and the eager model in a fresh process, round-robin
     torch.save(model, work / "eager.pt")
     ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]
@@ -162,10 +162,10 @@ def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importanc
     from ..callbacks import MobileExport
     from .recipes import finetune_with_pruning, recipe_settings
 
-    export = MobileExport(precisions=precisions, formats=[config.format], output_dir=str(work / "export"),
+    export = MobileExport(precisions=precisions, formats=list(config.formats), output_dir=str(work / "export"),
                           overwrite=True, threads=config.threads, repeats=3, warmup=1,
                           verify_batches=config.verify_batches, calibration_batches=2, min_top1_agreement=0.0,
-                          measure_memory=False, log_artifact=False)
+                          measure_memory=False, log_artifact=False, rank="none")
     steps = config.epochs * (config.train_subset // config.batch_size)
     recipe = recipe_settings(config.recipe, budget=False)
     if steps < 64:  # short budgets: one-shot after one statistics window
@@ -181,7 +181,7 @@ def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importanc
     rows = [{**common, "precision": "fp32 eager", "val_acc": None}]
     for a in (export.manifest or {}).get("artifacts", []):
         if a["status"] != "skipped":
-            rows.append({**common, "precision": a["precision"], "val_acc": a["verification"].get("top1_accuracy"),
+            rows.append({**common, "format": a["format"], "precision": a["precision"], "val_acc": a["verification"].get("top1_accuracy"),
                          "val_images": a["verification"]["samples"], "top1_agreement": a["verification"]["top1_agreement"]})
     return rows
 
@@ -201,10 +201,11 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
     if "latency" in config.experiments:
         for m in config.latency_models:
             for r in config.ratios:
-                cells.append(("latency", _key("latency", format=config.format, model=m, ratio=r,
+                # (the key name stays "format": a one-format list gives the keys of the one-format sweep)
+                cells.append(("latency", _key("latency", format=config.formats, model=m, ratio=r,
                                               precisions=config.precisions, **timing),
-                              lambda w, m=m, r=r: _latency_cell(config, m, r, [config.format], config.precisions,
-                                                                None, w)))
+                              lambda w, m=m, r=r: _latency_cell(config, m, r, list(config.formats),
+                                                                config.precisions, None, w)))
     if "engines" in config.experiments:
         engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
         for m in config.engine_models:
@@ -220,7 +221,7 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
                 test_subset=config.test_subset, data_dir=config.data_dir, verify_batches=config.verify_batches,
                 threads=config.threads, checkpoint=_digest(checkpoint) if needs_data else None,
                 recipe=_recipe_digest(config.recipe) if needs_data else None)
-    accuracy_key = lambda r: _key("accuracy", format=config.format, ratio=r, precisions=config.precisions,  # noqa: E731
+    accuracy_key = lambda r: _key("accuracy", format=config.formats, ratio=r, precisions=config.precisions,  # noqa: E731
                                   **data)
     if "accuracy" in config.experiments:
         for r in config.accuracy_ratios:
@@ -233,7 +234,7 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
                         config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
                     cells.append(("importance", accuracy_key(config.importance_ratio), None))
                     continue
-                cells.append(("importance", _key("importance", format=config.format, importance=imp,
+                cells.append(("importance", _key("importance", format=config.formats, importance=imp,
                                                  ratio=config.importance_ratio, seed=seed, **data),
                               lambda w, imp=imp, seed=seed: _accuracy_cell(config, checkpoint, config.importance_ratio,
                                                                            imp, ["fp32"], w, seed=seed)))
@@ -305,7 +306,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
     from ..export import PRECISIONS, TARGETS
     from ..pruning.importance import IMPORTANCE
 
-    TARGETS.check(config.format, "format")
+    TARGETS.check(config.formats, "formats")
     PRECISIONS.check(config.precisions)
     IMPORTANCE.check(config.importances, "importances")
     checkpoint = config.checkpoint or (str(default_checkpoint()) if default_checkpoint() else None)

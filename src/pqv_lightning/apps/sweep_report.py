@@ -104,7 +104,8 @@ def _num(key, spec, scale=1.0):
 
 
 def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: list[Path]) -> str:
-    lines = [f"Host: {host_line(results, config)}; export format `{config.format}`; batch 1."]
+    lines = [f"Host: {host_line(results, config)}; export formats {', '.join(f'`{f}`' for f in config.formats)}; "
+             "batch 1."]
     if results["gemm"]:
         g = results["gemm"][0]
         lines += ["", f"Measured GEMM throughput of this host ({g['size']}^3, {g['threads']} threads): fp32 "
@@ -250,7 +251,7 @@ def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
         lines += _pivot(files, lambda r: r["ratio"], [
             ("pruned", lambda r: f"{100 * r['ratio']:g} %"), ("params", lambda r: f"{r['params'] / 1e6:.2f} M"),
             ("MMACs", lambda r: f"{r['macs'] / 1e6:.0f}"), ("test acc", lambda r: f"{100 * r['test_acc']:.2f} %")],
-            lambda r: f"{r['precision']} .{config.format}",
+            lambda r: f"{r['precision']} .{r.get('format', config.formats[0])}",
             lambda r: "" if r.get("val_acc") is None else f"{100 * r['val_acc']:.2f} %")
     imp = importance_summary(results["importance"])
     if imp:
