@@ -8,8 +8,8 @@ interrupted run resumes; the Markdown report is rewritten from the cache after e
   (the bundled pretrained ViT), and logit cosine of random-init DeiT-base on random images.
   Thresholds of the issue: agreement >= 99 %, cosine >= 0.995.
 * ``latency`` — DeiT-base (random weights; latency does not depend on the values), unpruned and with
-  25 % channels pruned by ``prune_once`` (l2) for each ``round_to`` width rule, plus the paper's own
-  configuration (9.375 % + int8): fp32 eager and every int8 artifact of every runtime
+  25 % and 9.375 % (the paper's own configuration) of the channels pruned by ``prune_once`` (l2)
+  under each ``round_to`` width rule: fp32 eager and every int8 artifact of every runtime
   (``.pte`` ExecuTorch/XNNPACK, ``.onnx`` ONNX Runtime incl. int8 attention, OpenVINO IR). Exports
   are kept in ``--work`` (resumable); then **all** candidates and the unpruned fp32 eager baseline
   are timed in one round-robin, each in a fresh process (:func:`pqv_lightning.export.benchmark.round_robin`).
@@ -18,6 +18,7 @@ interrupted run resumes; the Markdown report is rewritten from the cache after e
 
     python benchmarks/fastest_artifact.py --part fidelity                   # ~5 min on 2 cores
     python benchmarks/fastest_artifact.py --part latency                    # ~60 min on 2 cores
+    python benchmarks/fastest_artifact.py --part latency --export-only      # the exports only (timing later)
     python benchmarks/fastest_artifact.py --part latency --report-only
 """
 
@@ -102,60 +103,86 @@ def _input_shape(model) -> list[int]:
 
 
 def _variants(args) -> list[tuple[str, float, int | None]]:
-    """(key, ratio, round_to): the unpruned model, 25 % per width rule, the paper's 9.375 %."""
+    """(key, ratio, round_to): the unpruned model, then every pruning ratio x width rule."""
     out = [("unpruned", 0.0, None)]
-    for r in args.round_to:
-        rt = None if r == 0 else r
-        out.append((f"25% round_to={rt}", args.ratio, rt))
-    out.append(("9.375% round_to=8", 0.09375, 8))
+    for ratio in args.ratios:
+        for r in args.round_to:
+            out.append((f"{100 * ratio:g}% round_to={r or None}", ratio, r or None))
     return out
 
 
-def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Path, cache: Cache) -> dict[str, Any]:
-    """Export every format x int8 precision of one variant (kept in ``work``); cached."""
+def _folder(work: Path, key: str) -> Path:
+    return work / key.replace(" ", "_").replace("%", "pct").replace("=", "")
+
+
+def _widths(model) -> dict[str, int]:
+    attn = model.blocks[0].attn
+    return {"embed_dim": model.patch_embed.proj.out_channels, "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
+            "num_heads": attn.num_heads, "mlp_hidden": model.blocks[0].mlp.fc1.out_features}
+
+
+def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Path, cache: Cache,
+                    seen: dict[str, str]) -> dict[str, Any]:
+    """Export every format x int8 precision of one variant (kept in ``work``); cached. A width rule that
+    gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it."""
     done = cache.get(f"export/{key}")
-    folder = work / key.replace(" ", "_").replace("%", "pct").replace("=", "")
-    if done and all((folder / a["file"]).is_file() for a in done["artifacts"] if a["status"] == "ok"):
+    folder = _folder(work, key)
+    if done and "same_as" not in done and all((folder / a["file"]).is_file()
+                                              for a in done["artifacts"] if a["status"] == "ok"):
+        seen.setdefault(json.dumps([ratio, _widths_of(done)]), key)
         return done
     model = paper_model(args.model, ratio, round_to=round_to)
+    widths = _widths(model)
+    twin = seen.get(json.dumps([ratio, widths]))
+    if twin is not None:
+        row = {"key": key, "ratio": ratio, "round_to": round_to, "same_as": twin, **widths}
+        cache.put(f"export/{key}", row)
+        return row
     shape = _input_shape(model)
     example = torch.randn(1, *shape)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, *shape, generator=g) for _ in range(2)]
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model, folder / "eager.pt")
-    formats = [f for f in args.formats if TARGETS[f].missing() is None]
     artifacts = []
-    for fmt in formats:
+    for fmt in [f for f in args.formats if TARGETS[f].missing() is None]:
         precisions = [p for p in INT8 if TARGETS[fmt].supports(PRECISIONS[p])]
+        if ratio == 0 and not args.unpruned_artifacts:
+            break
         manifest = export_mobile(model, example, MobileExportConfig(
             precisions=precisions, formats=[fmt], output_dir=str(folder / fmt), overwrite=True, threads=args.threads,
             warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
             rank="none"), validation_data=data, calibration_data=data)
         for a in manifest["artifacts"]:
-            a["file"] = f"{fmt}/{a['file']}"
-            artifacts.append({k: a.get(k) for k in ("file", "format", "runtime", "precision", "status", "reason",
+            artifacts.append({k: a.get(k) for k in ("format", "runtime", "precision", "status", "reason",
                                                        "size_bytes", "inference_precision")}
-                             | {"cosine": a.get("verification", {}).get("cosine")})
-    attn = model.blocks[0].attn
+                             | {"file": f"{fmt}/{a['file']}", "cosine": a.get("verification", {}).get("cosine")})
     row = {"key": key, "ratio": ratio, "round_to": round_to, "params": count_params(model),
-           "macs": count_macs(model, example), "embed_dim": model.patch_embed.proj.out_channels,
-           "head_dim": attn.qkv.out_features // (3 * attn.num_heads), "num_heads": attn.num_heads,
-           "mlp_hidden": model.blocks[0].mlp.fc1.out_features, "input": [1, *shape], "artifacts": artifacts}
+           "macs": count_macs(model, example), **widths, "input": [1, *shape], "artifacts": artifacts}
     cache.put(f"export/{key}", row)
+    seen[json.dumps([ratio, widths])] = key
     return row
 
 
+def _widths_of(row: dict[str, Any]) -> dict[str, int]:
+    return {k: row[k] for k in ("embed_dim", "head_dim", "num_heads", "mlp_hidden")}
+
+
 def _latency(args, cache: Cache) -> None:
-    work = Path(args.work)
-    variants = [_export_variant(k, r, rt, args, work, cache) for k, r, rt in _variants(args)]
-    if cache.get("timing") is None or args.retime:
-        candidates = []
-        for v in variants:
-            folder = work / v["key"].replace(" ", "_").replace("%", "pct").replace("=", "")
-            candidates.append(Candidate(f"{v['key']} | fp32 eager", str(folder / "eager.pt")))
-            candidates += [Candidate(f"{v['key']} | {a['file']}", str(folder / a["file"]))
-                           for a in v["artifacts"] if a["status"] == "ok"]
+    work, seen = Path(args.work), {}
+    variants = [_export_variant(k, r, rt, args, work, cache, seen) for k, r, rt in _variants(args)]
+    candidates = []
+    for v in variants:
+        if "same_as" in v:
+            continue
+        folder = _folder(work, v["key"])
+        candidates.append(Candidate(f"{v['key']} | fp32 eager", str(folder / "eager.pt")))
+        candidates += [Candidate(f"{v['key']} | {a['file']}", str(folder / a["file"]))
+                       for a in v["artifacts"] if a["status"] == "ok"]
+    if args.export_only:
+        return
+    timing = cache.get("timing")
+    if timing is None or args.retime or sorted(timing["stats"]) != sorted(c.label for c in candidates):
         stats = round_robin(candidates, variants[0]["input"], threads=args.threads, rounds=args.rounds, warmup=args.warmup,
                             calls=args.calls, baseline="unpruned | fp32 eager",
                             progress=lambda r, label: print(f"round {r + 1}: {label}", flush=True))
@@ -193,6 +220,9 @@ def _report(args, cache: Cache) -> str:
             v = cache.get(f"export/{key}")
             if not v:
                 continue
+            if "same_as" in v:
+                lines.append(f"| {key} | same widths as {v['same_as']} | | | | | | | | |")
+                continue
             widths = f"{v['embed_dim']} / {v['head_dim']}x{v['num_heads']} / {v['mlp_hidden']}"
             labels = [f"{key} | fp32 eager"] + [f"{key} | {a['file']}" for a in v["artifacts"] if a["status"] == "ok"]
             ort = [stats[lb]["median_ms"] for lb in labels if lb in stats and lb.endswith(".onnx")]
@@ -215,8 +245,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["fidelity", "latency"], required=True)
     ap.add_argument("--model", default="deit_base_patch16_224")
-    ap.add_argument("--ratio", type=float, default=0.25)
-    ap.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32, 64], help="0 = no rounding")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.09375],
+                    help="channel pruning ratios (0.09375: the paper's own configuration)")
+    ap.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32, 64],
+                    help="width rules (prune_once round_to; 0 = no rounding); rules that give the same widths as an "
+                         "earlier one of the same ratio are exported and timed once")
+    ap.add_argument("--unpruned-artifacts", action=argparse.BooleanOptionalAction, default=True,
+                    help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always "
+                         "the baseline")
     ap.add_argument("--formats", nargs="+", default=["pte", "onnx", "openvino"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -228,6 +264,8 @@ def main() -> None:
     ap.add_argument("--name", default="fastest_artifact")
     ap.add_argument("--retime", action="store_true", help="time again although a timing is cached")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--export-only", action="store_true",
+                    help="latency part: export (and cache) the files only; time them in a later run on a quiet host")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = Cache(OUT / f"{args.name}.json")

@@ -160,7 +160,7 @@ def test_cli_choices_are_the_registries():
     assert _choices(demo, "formats") == TARGETS.names()
     assert _choices(demo, "precisions") == PRECISIONS.names()
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert _choices(sub.choices["sweep"], "format") == TARGETS.names()
+    assert _choices(sub.choices["sweep"], "formats") == TARGETS.names()
     assert _choices(sub.choices["demo"], "importance") == IMPORTANCE.names()
 
 

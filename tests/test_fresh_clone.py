@@ -88,8 +88,8 @@ def _shrink(config: dict, tmp: Path) -> dict:
         if cb["class_path"].endswith("StructuredPruning"):
             args.update(iterative_steps=1, accumulate_batches=2, interval="step", start=0, frequency=2)
         elif cb["class_path"].endswith("MobileExport"):
-            args.update(formats=["onnx"], precisions=["fp32"], repeats=1, measure_memory=False,
-                        output_dir=str(tmp / "export"), min_top1_agreement=0.0, log_artifact=False)
+            args.update(formats=["onnx"], precisions=["fp32"], repeats=1, measure_memory=False, rank_rounds=1,
+                        rank_calls=2, output_dir=str(tmp / "export"), min_top1_agreement=0.0, log_artifact=False)
     data = config["data"]["init_args"]
     if config["data"]["class_path"].endswith("FashionMNISTDataModule"):
         data.update(train_subset=64, batch_size=16)
@@ -130,6 +130,8 @@ def test_every_example_config_runs_from_the_bare_copy(bare_copy, tmp_path, name)
     _pqv(bare_copy, "fit", "--config", str(path), *extra, WANDB_DIR=str(tmp_path))
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert [a["status"] for a in manifest["artifacts"]] == ["ok"]
+    assert manifest["best"]["file"] == "model_fp32.onnx"  # the only file, ranked round-robin against fp32 eager
+    assert manifest["best"]["method"].startswith("round-robin") and manifest["best"]["speedup_vs_fp32_eager"] > 0
     if any(cb["class_path"].endswith("ModelCheckpoint") for cb in config["trainer"]["callbacks"]):
         assert list((tmp_path / "root").rglob("last.ckpt")), "ModelCheckpoint(save_last=True) wrote nothing"
     if "WandbLogger" in str(config["trainer"].get("logger")):
