@@ -87,6 +87,7 @@ def export_openvino(model: nn.Module, example: torch.Tensor, precision: str | Pr
                     calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
     """Convert a copy of ``model`` to an OpenVINO IR at ``precision``: ``path`` (``.xml``) and the
     ``.bin`` of the same name. Returns details (``applied``: what the precision's handler did)."""
+    import nncf  # noqa: F401  (imported before _quiet(): its import sets its logger's level, undoing ours)
     import openvino as ov
 
     if Path(path).suffix != ".xml":
