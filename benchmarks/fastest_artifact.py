@@ -127,6 +127,8 @@ def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Pa
     gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it."""
     done = cache.get(f"export/{key}")
     folder = _folder(work, key)
+    if done and "same_as" in done and done["same_as"] in seen.values():
+        return done
     if done and "same_as" not in done and all((folder / a["file"]).is_file()
                                               for a in done["artifacts"] if a["status"] == "ok"):
         seen.setdefault(json.dumps([ratio, _widths_of(done)]), key)
