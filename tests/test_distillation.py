@@ -65,15 +65,27 @@ class _Snapshot(pl.Callback):
         self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
 
+class _AtFitEnd(pl.Callback):
+    """What an exporter placed before the distillation callback sees when fit ends."""
+
+    def on_fit_end(self, trainer, pl_module):
+        import pickle
+
+        self.hooks = len(pl_module.model._forward_hooks)
+        self.pickled = len(pickle.dumps(pl_module.model))  # MobileExport's round-robin ranking pickles it
+
+
 def test_beside_structured_pruning_the_teacher_stays_the_unpruned_model(tmp_path, lit_model):
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0)
-    snap = _Snapshot()
+    snap, end = _Snapshot(), _AtFitEnd()
     pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1,
                                 interval="step", start=1, frequency=2)
     logger = CSVLogger(str(tmp_path), name="csv")
-    trainer = make_trainer(tmp_path, [snap, pruning, kd], max_epochs=1, logger=logger, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [snap, end, pruning, kd], max_epochs=1, logger=logger, log_every_n_steps=1)
     trainer.fit(lit_model, random_loader(128, 16))
     assert len(pruning.events) == 2 and lit_model.model.patch_embed.proj.out_channels == 32
+    # the capturing hook lives inside training_step only: at fit end the network is plain and picklable
+    assert end.hooks == 0 and end.pickled > 0
     teacher = kd.teacher.state_dict()
     assert {k: v.shape for k, v in teacher.items()} == {k: v.shape for k, v in snap.weights.items()}
     assert all(torch.equal(teacher[k], v) for k, v in snap.weights.items())  # never trained, never pruned

@@ -103,7 +103,6 @@ class KnowledgeDistillation(Callback):
         self._restored: dict[str, torch.Tensor] | None = None
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
         self._capturing = False
-        self._hook = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -154,8 +153,7 @@ class KnowledgeDistillation(Callback):
         if self.teacher_precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
         self._skeleton = self._restored = None
-        self._hook = network.register_forward_hook(self._capture)
-        self._wrap_training_step(pl_module)
+        self._wrap_training_step(pl_module, network)
 
     def _load_given_teacher(self) -> nn.Module:
         if isinstance(self.teacher_source, nn.Module):
@@ -172,27 +170,28 @@ class KnowledgeDistillation(Callback):
         if stage != "fit":
             return
         pl_module.__dict__.pop("training_step", None)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
     # ------------------------------------------------------------------ the step
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._capturing and self._captured is None and args and isinstance(output, torch.Tensor):
             self._captured = (args[0], output)
 
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+    def _wrap_training_step(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
         # An instance attribute shadows the module's own training_step for this fit (removed in teardown):
         # the combined loss is what Lightning receives, so it is scaled, accumulated and clipped as usual.
+        # The capturing forward hook lives only inside the step: outside it (validation, export when fit
+        # ends, a torch.save of the network) the network carries no reference to this callback.
         pl_module.__dict__.pop("training_step", None)
         original = pl_module.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             self._captured, self._capturing = None, True
+            hook = network.register_forward_hook(self._capture)
             try:
                 output = original(*args, **kwargs)
             finally:
                 self._capturing = False
+                hook.remove()
             loss, rebuild = split_loss(output)
             if loss is None:
                 if output is None:
