@@ -11,6 +11,8 @@ Grids (``--grid``):
   regularization, + both; and the unpruned control with and without distillation.
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
+* ``combinations`` — distillation plus one more change: one-shot, alpha 0.9 / tau 4, lr 1e-4 or
+  4e-4, global allocation (Taylor across layers) at the uniform model's MAC budget.
 
 Each (row, seed) is cached in ``benchmarks/results/<name>.json`` as soon as it finishes (keyed by
 every setting and the checkpoint's content hash), so the script resumes where it stopped; the
@@ -92,8 +94,36 @@ def distillation_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple
     return rows
 
 
+# MACs of the Fashion-MNIST ViT pruned uniformly (every layer, 1x32x32 input) at these channel ratios
+# (benchmarks/results/fmnist_recovery_methods.json): the global rows get the same budget
+UNIFORM_MACS = {0.25: 194_237_856, 0.5: 86_361_024}
+
+
+def combinations_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """Distillation combined with what else might close the gap to the targets: one-shot instead of
+    iterative, stronger distillation (alpha 0.9, tau 4), a lower / higher learning rate, and global
+    allocation (Taylor ranked across layers) at the uniform model's MAC budget."""
+    kd = {"distill_alpha": recipe.get("distill_alpha") or 0.5, "distill_tau": recipe.get("distill_tau", 2.0),
+          "teacher_precision": recipe.get("teacher_precision", "bf16")}
+    base = {k: v for k, v in recipe.items() if k not in kd}
+    rows = []
+    for r in ratios:
+        rows += [
+            (f"{r:g} one-shot + distillation", {**base, **kd, "pruning_ratio": r, "iterative_steps": 1}),
+            (f"{r:g} iterative + distillation (alpha 0.9, tau 4)",
+             {**base, **kd, "distill_alpha": 0.9, "distill_tau": 4.0, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation, lr 4e-4", {**base, **kd, "lr": 4e-4, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation, lr 1e-4", {**base, **kd, "lr": 1e-4, "pruning_ratio": r}),
+        ]
+        if r in UNIFORM_MACS:
+            rows.append((f"{r:g} iterative global (uniform MACs) + distillation",
+                         {**base, **kd, "pruning_ratio": r,
+                          "pruning_kwargs": {"target_macs": UNIFORM_MACS[r], "global_pruning": True}}))
+    return rows
+
+
 GRIDS = {"recipe": lambda recipe, ratios: recipe_grid(recipe), "methods": methods_grid,
-         "distillation": distillation_grid}
+         "distillation": distillation_grid, "combinations": combinations_grid}
 
 
 def _key(settings: dict[str, Any], seed: int, digest: str) -> str:

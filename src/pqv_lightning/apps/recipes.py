@@ -118,7 +118,9 @@ def finetune_with_pruning(
     ``warmup_steps`` (or ``warmup_fraction`` of the steps) / ``label_smoothing`` / ``lr`` go to
     :class:`ImageClassifier`; ``distill_alpha > 0``
     adds :class:`KnowledgeDistillation` (``distill_tau``, ``teacher_precision``) from the unpruned
-    network; ``pruning_kwargs`` are extra :class:`StructuredPruning` arguments (e.g. regularization).
+    network; ``pruning_kwargs`` are extra :class:`StructuredPruning` arguments (e.g. regularization;
+    a ``target_macs`` / ``target_params`` budget there replaces ``pruning_ratio``, which then only
+    labels the result and must be > 0).
     ``prune_start``: fraction of the steps before the first statistics window (a sparse-training
     phase when ``pruning_kwargs`` holds a regularization)."""
     if not 0 < prune_span <= 1:
@@ -141,10 +143,13 @@ def finetune_with_pruning(
     if pruning_ratio > 0:
         span = max(1, int(prune_span * steps) - accumulate_batches)
         frequency = max(accumulate_batches, span // max(1, iterative_steps - 1)) if iterative_steps > 1 else accumulate_batches
+        kwargs = dict(pruning_kwargs or {})
+        # a budget (target_macs / target_params) replaces the ratio; pruning_ratio then only labels the row
+        ratio = None if ("target_macs" in kwargs or "target_params" in kwargs) else pruning_ratio
         callbacks.append(StructuredPruning(
-            importance=importance, pruning_ratio=pruning_ratio, iterative_steps=iterative_steps,
+            importance=importance, pruning_ratio=ratio, iterative_steps=iterative_steps,
             accumulate_batches=accumulate_batches, interval="step", start=int(prune_start * steps), frequency=frequency,
-            ratio_schedule=ratio_schedule, **(pruning_kwargs or {}),
+            ratio_schedule=ratio_schedule, **kwargs,
         ))
     if distill_alpha > 0:
         callbacks.append(KnowledgeDistillation(alpha=distill_alpha, tau=distill_tau, teacher_precision=teacher_precision))
