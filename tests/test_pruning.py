@@ -349,9 +349,16 @@ def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
     config = PruningConfig(importance="l2", global_pruning=True, iterative_steps=2)
     config.pruning_ratio = ratio_for_budget(model, config, example_inputs=x, **{kind: 0.5})
     pruner = StructuredPruner(model, config, example_inputs=x, budget={kind: 0.5})
+    # every event settles its ratio on its share of the reduction (linear schedule, 2 events: half each)
+    assert pruner.event_budget(1) == pytest.approx(0.75 * full) and pruner.event_budget(2) == pytest.approx(0.5 * full)
     first = pruner.step()
-    assert measure(model) > 0.5 * full  # the first event follows the nominal schedule
+    assert 0.97 * 0.75 * full < measure(model) <= 0.75 * full
+    state = pruner.state_dict()
+    assert state["ratios"][1] == pytest.approx(first.target_ratio)  # the settled ratio, kept for a resume
     pruner.step()
     assert 0.97 * 0.5 * full < measure(model) <= 0.5 * full
+    resumed = StructuredPruner(tiny_vit(depth=3), config, example_inputs=x, budget={kind: 0.5})
+    resumed.load_state_dict(state)
+    assert resumed._tp.per_step_pruning_ratio[1] == pytest.approx(first.target_ratio)
     widths = {n: w[1] for n, w in first.widths.items() if n.endswith("mlp.fc1")}
     assert len(set(pruner.widths()[n][1] for n in widths)) > 1  # global: layers lose different shares

@@ -79,9 +79,10 @@ class StructuredPruning(Callback):
             absolute or as a fraction (< 1) of the unpruned model. Before training, the smallest
             uniform channel ratio that meets it is found on copies of the network
             (:func:`pqv_lightning.pruning.ratio_for_budget`); the last event lands on the budget within
-            one channel group. With ``global_pruning=True`` that ratio drives the earlier events and the
-            last event's ratio is found on copies with that event's scores (a few seconds per event on
-            a small ViT). Not with ``pruning_ratio``.
+            one channel group. With ``global_pruning=True`` every event's ratio is found on copies with
+            that event's own scores so that event ``k`` meets its share of the reduction (the schedule's
+            ``ratio_k / ratio_n``; the last event: the budget), a few seconds per event on a small ViT.
+            Not with ``pruning_ratio``.
         iterative_steps: number of pruning events.
         accumulate_batches: optimizer steps of gradient statistics gathered before each event.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start`` and ``frequency``.

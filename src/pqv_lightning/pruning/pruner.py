@@ -300,12 +300,16 @@ class StructuredPruner:
         self._initial_widths = self._prunable_out_widths()
         self.events: list[PruningEvent] = []
         self._groups: list[CoupledGroup] | None = None  # coupled groups of the current structure
+        self._budget_full = 0.0
         if self.budget:  # absolute numbers from now on
             name, target = next(iter(self.budget.items()))
             full = self.initial_macs if name == "target_macs" else self.initial_params
             if name == "target_macs" and not measure:
                 full = count_macs(model, self._example())
+            self._budget_full = float(full)
             self.budget = {name: target * full if target < 1 else float(target)}
+        # the schedule's cumulative ratios before any event settles its own (global budgets)
+        self._nominal_ratios = [float(r) for r in self._tp.per_step_pruning_ratio]
         if self.stats is not None:
             self.stats.attach()
 
@@ -407,12 +411,24 @@ class StructuredPruner:
             removed += len(idxs)
         return removed
 
+    def event_budget(self, event: int) -> float:
+        """The MACs / parameters a global-allocation budget allows after ``event`` (1-based): the
+        budget's reduction shared out like the schedule's nominal ratios, so event ``k`` of ``n``
+        removes ``nominal[k] / nominal[n]`` of what the whole run removes (the last event: the budget)."""
+        assert self.budget
+        absolute = next(iter(self.budget.values()))
+        last = self._nominal_ratios[-1]
+        share = self._nominal_ratios[event] / last if last > 0 else 1.0
+        return self._budget_full - (self._budget_full - absolute) * min(1.0, share)
+
     def _global_ratio_for_budget(self, iterations: int = 8) -> float:
         """The smallest cumulative ratio at which this event, ranking channels globally with the
-        scores gathered for it, meets the budget. Each trial prunes a copy of the model with a pruner
-        that carries this one's statistics and initial channel counts."""
+        scores gathered for it, meets its share of the budget (:meth:`event_budget`). Each trial prunes
+        a copy of the model with a pruner that carries this one's statistics and initial channel counts."""
         assert self.budget
-        name, absolute = next(iter(self.budget.items()))
+        name = next(iter(self.budget))
+        event = self.completed_events + 1
+        absolute = self.event_budget(event)
         stats_state = self.stats.state_dict() if self.stats is not None else None
         done = float(self._tp.per_step_pruning_ratio[self.completed_events])
 
@@ -436,8 +452,8 @@ class StructuredPruner:
                 break
             lo = hi
         else:
-            raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at the last event "
-                              f"(tried cumulative ratios up to 0.99)")
+            raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
+                              f"{self.iterative_steps} (tried cumulative ratios up to 0.99)")
         return _bisect_ratio(lambda r: after(r) <= absolute, lo, hi, iterations)
 
     # ------------------------------------------------------------------ statistics
@@ -480,9 +496,10 @@ class StructuredPruner:
         was_training = self.model.training
         t0 = time.perf_counter()
         # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
-        if self.budget and self.config.global_pruning and self.completed_events + 1 == self.iterative_steps:
-            # global allocation: the last event's ratio is settled on copies with this event's scores
-            self._tp.per_step_pruning_ratio[-1] = self._global_ratio_for_budget()
+        if self.budget and self.config.global_pruning:
+            # global allocation: every event's ratio is settled on copies with this event's scores, so the
+            # run follows the schedule in MACs / parameters and the last event lands on the budget
+            self._tp.per_step_pruning_ratio[self.completed_events + 1] = self._global_ratio_for_budget()
         self.model.zero_grad(set_to_none=True)
         channels_before = self.prunable_channels()
         removed_by_threshold = 0
@@ -534,6 +551,7 @@ class StructuredPruner:
             "input_shape": list(self.input_shape),
             "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self._tp.pruning_history()],
             "current_step": int(self._tp.current_step),
+            "ratios": [float(r) for r in self._tp.per_step_pruning_ratio],
             "scope_initial_channels": {str(k): int(v) for k, v in self._tp._scope_initial_channels.items()},
             "num_heads": self.current_heads(),
             "initial_params": int(self.initial_params),
@@ -564,6 +582,8 @@ class StructuredPruner:
                     self._tp.out_channel_groups[qkv] = int(heads)
         self._tp._scope_initial_channels = dict(state["scope_initial_channels"])
         self._tp.current_step = int(state["current_step"])
+        if "ratios" in state and len(state["ratios"]) == len(self._tp.per_step_pruning_ratio):
+            self._tp.per_step_pruning_ratio = [float(r) for r in state["ratios"]]  # the ratios events settled
         self._groups = None
         self.adapter.sync_attributes(self.model, state["num_heads"])
         self.initial_params = int(state.get("initial_params", self.initial_params))
