@@ -362,3 +362,34 @@ def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
     assert resumed._tp.per_step_pruning_ratio[1] == pytest.approx(first.target_ratio)
     widths = {n: w[1] for n, w in first.widths.items() if n.endswith("mlp.fc1")}
     assert len(set(pruner.widths()[n][1] for n in widths)) > 1  # global: layers lose different shares
+
+
+@pytest.mark.parametrize("round_to, ratio, head_dim, embed", [
+    (8, 0.25, 12, 72),    # 6 x 12 = 72 is a multiple of 8: Torch-Pruning 1.6.1 gave head dim 8
+    (8, 0.125, 12, 80),   # 6 x 14 = 84 is not; 6 x 12 = 72 is
+    (16, 0.25, 8, 64),    # 6 x 12 = 72 is not a multiple of 16; 6 x 8 = 48 is
+    (32, 0.25, 16, 64),   # no smaller multiple of 32 (96 = 6 x 16): the head keeps its width
+    (None, 0.125, 14, 84),
+])
+def test_round_to_rounds_the_total_attention_width_not_each_head_by_the_total(round_to, ratio, head_dim, embed):
+    from pqv_lightning.pruning import PruningConfig, prune_once
+
+    model = tiny_vit(embed_dim=96, num_heads=6)
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=round_to))
+    for block in model.blocks:
+        attn = block.attn
+        assert (attn.num_heads, attn.head_dim) == (6, head_dim)
+        assert attn.qkv.out_features == 3 * 6 * head_dim and attn.proj.in_features == 6 * head_dim
+        if round_to:
+            assert attn.proj.in_features % round_to == 0
+    assert model.patch_embed.proj.out_channels == embed
+
+
+def test_head_dims_to_remove():
+    from pqv_lightning.pruning.pruner import head_dims_to_remove
+
+    assert head_dims_to_remove(64, 16, 12, 32) == 16   # DeiT-base 25 %: 12 x 48 = 576 = 18 x 32 (1.6.1: 32)
+    assert head_dims_to_remove(64, 6, 12, 8) == 6      # 9.375 %: 12 x 58 = 696 = 87 x 8
+    assert head_dims_to_remove(64, 6, 12, 64) == 16    # 58 -> 48: a head width step of 64 / gcd(64, 12) = 16
+    assert head_dims_to_remove(16, 16, 6, 8) == 12     # never below one step
+    assert head_dims_to_remove(3, 2, 6, 64) == 0       # a head narrower than one step keeps its width

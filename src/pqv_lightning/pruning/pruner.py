@@ -185,6 +185,16 @@ class PruningEvent:
         }
 
 
+def head_dims_to_remove(head_width: int, n_pruned: int, heads: int, round_to: int) -> int:
+    """How many dims to remove from each of ``heads`` heads of width ``head_width`` when ``n_pruned``
+    are asked for and the total width must stay a multiple of ``round_to``: the kept width is rounded
+    down to a multiple of ``round_to / gcd(round_to, heads)``, and never below one such step."""
+    step = round_to // math.gcd(round_to, heads)
+    kept = (head_width - n_pruned) // step * step
+    kept = max(kept, min(step, head_width))
+    return max(head_width - kept, 0)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -203,13 +213,32 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
 
 
 class _BasePruner(tp.pruner.BasePruner):
-    """Torch-Pruning's pruner with local head pruning made cumulative.
+    """Torch-Pruning's pruner with two 1.6.1 bugs fixed.
 
-    In 1.6.1, local head pruning removes ``ceil(ratio_k * current_heads)`` heads at step ``k``
-    although ``ratio_k`` is a cumulative target, so 6 heads at 50 % go 6 -> 5 -> 3 -> 1. Here the
-    ratio handed to that formula is rewritten so that after step ``k`` exactly
-    ``max(1, int(initial_heads * (1 - ratio_k)))`` heads remain.
+    * Local head pruning made cumulative: 1.6.1 removes ``ceil(ratio_k * current_heads)`` heads at
+      step ``k`` although ``ratio_k`` is a cumulative target, so 6 heads at 50 % go 6 -> 5 -> 3 -> 1.
+      Here the ratio handed to that formula is rewritten so that after step ``k`` exactly
+      ``max(1, int(initial_heads * (1 - ratio_k)))`` heads remain.
+    * ``round_to`` on head dims: 1.6.1 rounds ``total width - per-head count`` (e.g. 96 - 4 = 92 ->
+      88 with ``round_to=8``) and then removes the difference from *every* head, so a 6-head,
+      head-dim-16 attention pruned 25 % ends at head dim 8 instead of 12 (and 64 -> 32 for DeiT-base
+      with ``round_to=32``). Here a head's width is rounded down to the smallest multiple that keeps
+      the total width (``heads x head dim``) a multiple of ``round_to``.
     """
+
+    _rounding_groups = 1  # channel groups (heads) of the attention group being pruned, for _round_to
+
+    def _is_atten_group(self, group):  # noqa: D401 - TP override
+        is_attn, qkv_layers = super()._is_atten_group(group)
+        # 1.6.1 calls this for each group right before it rounds that group's count (_round_to)
+        self._rounding_groups = self._get_channel_groups(group) if is_attn else 1
+        return is_attn, qkv_layers
+
+    def _round_to(self, n_pruned, current_channels, round_to):  # noqa: D401 - TP override
+        groups = self._rounding_groups
+        if groups <= 1 or current_channels % groups:
+            return super()._round_to(n_pruned, current_channels, round_to)
+        return head_dims_to_remove(current_channels // groups, n_pruned, groups, round_to)
 
     def get_target_head_pruning_ratio(self, module) -> float:  # noqa: D401 - TP override
         cumulative = super().get_target_head_pruning_ratio(module)
