@@ -204,6 +204,23 @@ def test_threshold_keeps_round_to_multiples():
     assert event.removed_by_threshold == 0
 
 
+def test_threshold_rounds_head_dims_so_the_total_attention_width_is_a_multiple_of_round_to():
+    model = tiny_vit(depth=2, embed_dim=96, num_heads=6)  # head dim 16
+    attn = model.blocks[1].attn
+    hd, heads = attn.head_dim, attn.num_heads
+    with torch.no_grad():
+        for offset in (1, 3, 5, 7, 9):  # 5 offsets of every head below the threshold
+            rows = [part * heads * hd + h * hd + offset for part in range(3) for h in range(heads)]
+            attn.qkv.weight[rows] = 0
+            attn.qkv.bias[rows] = 0
+            attn.proj.weight[:, [h * hd + offset for h in range(heads)]] = 0
+    event = _pruner(model, pruning_ratio=0.0, threshold=0.05, round_to=8).step()
+    # 6 x 11 = 66 is not a multiple of 8; the next width down that is: 6 x 12 = 72 (one zero offset stays)
+    assert attn.head_dim == 12 and attn.proj.in_features == 72 and attn.qkv.out_features == 216
+    assert event.removed_by_threshold == 4 * heads
+    assert model.blocks[0].attn.head_dim == 16
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(regularization="l3"), "regularization='l3'"),
     (dict(regularization="l2", reg_strength=-1.0), "reg_strength=-1.0"),

@@ -429,10 +429,12 @@ class StructuredPruner:
         dg = self._tp.DG
         round_to = self.config.round_to or 1
         for g in groups:
-            units = units_below_threshold(g, self.config.threshold, keep_at_least=max(1, round_to))
-            excess = (g.n_units - len(units)) % round_to
-            if excess:  # keep the strongest of them so that the width stays a multiple of round_to
-                units = units[: max(0, len(units) - excess)]
+            # attention groups: a head's width moves in steps that keep heads x width a multiple of round_to
+            step = round_to // math.gcd(round_to, g.heads)
+            units = units_below_threshold(g, self.config.threshold, keep_at_least=max(1, step))
+            # keep the strongest of them so that the width is a multiple (or unchanged when none fits)
+            kept = min(g.n_units, -(-(g.n_units - len(units)) // step) * step)
+            units = units[: g.n_units - kept]
             if len(units) == 0:
                 continue
             idxs = g.root_indices(units)
