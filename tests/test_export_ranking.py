@@ -70,3 +70,69 @@ def test_rank_none_writes_no_best_and_bad_rank_is_refused(tmp_path):
         MobileExportConfig(rank="fastest").validate()
     with pytest.raises(ValueError, match=r"rank_rounds=0 must be >= 1"):
         MobileExportConfig(rank_rounds=0).validate()
+
+
+_USER_TARGET = '''
+import torch
+from pqv_lightning.export import FP32, Built, ExportTarget, register_target
+
+
+@register_target
+class PickledTarget(ExportTarget):
+    format, suffix = "pickled-test", ".pickled"
+
+    def write(self, reference, precision, engine, example, calibration, path, options):
+        torch.save(self.handler(precision)(reference), path)
+        return Built(applied=["torch.save"])
+
+    def load(self, path, example, threads):
+        return torch.load(path, weights_only=False).eval()
+
+
+@PickledTarget.handles(FP32)
+def _fp32(model):
+    return model
+'''
+
+
+def test_a_format_registered_in_an_importable_module_is_ranked_round_robin(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from pqv_lightning.export import TARGETS
+    from pqv_lightning.export.benchmark import target_modules
+
+    (tmp_path / "user_pickled_target.py").write_text(_USER_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("user_pickled_target")
+    try:
+        assert "user_pickled_target" in target_modules()
+        out = tmp_path / "export"
+        manifest = export_mobile(tiny_vit().eval(), torch.randn(1, 1, 32, 32), MobileExportConfig(
+            formats=["pickled-test"], precisions=["fp32"], output_dir=str(out), repeats=2, measure_memory=False,
+            rank="round-robin", rank_rounds=1, rank_calls=2))
+        best = manifest["best"]
+        # the worker processes imported the module that registered the format (no fallback)
+        assert best["method"].startswith("round-robin") and best["file"].endswith(".pickled")
+        assert manifest["artifacts"][0]["latency_round_robin"]["calls"] == 2
+    finally:
+        TARGETS.unregister("pickled-test")
+        sys.modules.pop("user_pickled_target", None)
+
+
+def test_a_format_registered_in_main_is_ranked_in_process_and_says_why(tmp_path):
+    from pqv_lightning.export import TARGETS
+    from pqv_lightning.export.benchmark import target_modules
+
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(_USER_TARGET, "<script>", "exec"), namespace)  # as if defined in the user's script
+    try:
+        assert "__main__" not in target_modules()
+        with pytest.warns(UserWarning, match="registered in __main__"):
+            manifest = export_mobile(tiny_vit().eval(), torch.randn(1, 1, 32, 32), MobileExportConfig(
+                formats=["pickled-test"], precisions=["fp32"], output_dir=str(tmp_path / "export"), repeats=2,
+                measure_memory=False, rank="round-robin", rank_rounds=1, rank_calls=2))
+        assert manifest["best"]["method"].startswith("in-process latency (round-robin failed: RuntimeError: export "
+                                                     "format 'pickled-test' (model_fp32.pickled) is registered in __main__")
+    finally:
+        TARGETS.unregister("pickled-test")

@@ -13,11 +13,18 @@ its ``.bin`` beside it), ``.ptl`` (Lite Interpreter; give the quantized engine i
 with ``torch.save``, timed eagerly). Since each has its process to itself, ONNX Runtime runs with
 its default idle spinning here (about 20 % faster at batch 1 than with spinning off, which is what
 the exporter uses while it shares a process with other runtimes).
+
+A format registered outside this package (``@register_target`` in your own module) is timed too:
+each worker imports the modules that define the registered targets first (with the parent's
+``sys.path``). A target defined in ``__main__`` (a script) cannot be imported by a worker; its
+files are refused with an error that says so.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +39,7 @@ import torch
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import set_executorch_threads
 
-__all__ = ["Candidate", "known_suffixes", "load_runner", "round_robin", "summarize", "time_calls"]
+__all__ = ["Candidate", "known_suffixes", "load_runner", "round_robin", "summarize", "target_modules", "time_calls"]
 
 
 
@@ -114,11 +121,32 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
             "min_ms": ordered[0], "calls": len(ordered)}
 
 
+def target_modules() -> list[str]:
+    """Modules outside this package that define registered export targets: what a worker imports
+    so that it knows their file types (targets defined in ``__main__`` cannot be imported)."""
+    from .targets import TARGETS
+
+    modules = {type(t).__module__ for t in TARGETS.values()}
+    return sorted(m for m in modules if m != "__main__" and not m.startswith("pqv_lightning."))
+
+
+def _check_importable(candidates: Sequence[Candidate]) -> None:
+    from .targets import TARGETS
+
+    for name, target in TARGETS.items():
+        used = [c.label for c in candidates if Path(c.path).suffix == target.suffix]
+        if used and type(target).__module__ == "__main__":
+            raise RuntimeError(f"export format {name!r} ({used[0]}) is registered in __main__, which a worker process "
+                               f"cannot import; define its target in an importable module to time it in fresh processes")
+
+
 def _time_in_subprocess(candidate: Candidate, shape: Sequence[int], threads: int, warmup: int,
                         calls: int) -> dict[str, Any]:
     args = [sys.executable, "-m", "pqv_lightning.export.benchmark", candidate.path, ",".join(map(str, shape)), str(threads),
-            candidate.engine or "-", str(warmup), str(calls)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False)
+            candidate.engine or "-", str(warmup), str(calls), ",".join(target_modules()) or "-"]
+    # the parent's sys.path, so that modules it imported from a script's folder import in the worker too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise RuntimeError(f"timing {candidate.label} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
@@ -139,6 +167,7 @@ def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, thread
     for name, value in (("threads", threads), ("rounds", rounds), ("calls", calls)):
         if value < 1:
             raise ConfigError(f"{name}={value!r} must be >= 1")
+    _check_importable(candidates)
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
     memory: dict[str, dict[str, float]] = {c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates}
     for r in range(rounds):
@@ -162,7 +191,9 @@ def _status_kib(key: str) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    path, shape, threads, engine, warmup, calls = argv
+    path, shape, threads, engine, warmup, calls, modules = argv
+    for module in modules.split(",") if modules != "-" else []:
+        importlib.import_module(module)  # registers the user's export targets in this process
     shape = [int(d) for d in shape.split(",")]
     x = torch.randn(*shape)
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
