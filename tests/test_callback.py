@@ -197,12 +197,12 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
-def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None):
+def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None, reconstruct=False):
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # windows of 4 steps opening after steps 6 and 14 straddle the epoch boundaries (8 steps / epoch)
     pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=4,
-                                interval="step", start=6, frequency=8)
+                                interval="step", start=6, frequency=8, reconstruct=reconstruct, reconstruct_samples=48)
     cbs = [pruning] + ([ckpt_cb] if ckpt_cb else []) + ([StopAfterEpoch(stop_after)] if stop_after is not None else [])
     trainer = make_trainer(tmp_path / name, cbs, max_epochs=3, enable_checkpointing=ckpt_cb is not None)
     return model, pruning, trainer
@@ -210,25 +210,28 @@ def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "stop_after, saved_events, saved_window, events_after_resume",
+    "stop_after, saved_events, saved_window, events_after_resume, reconstruct",
     [
-        (0, 0, 2, [1, 2]),  # interrupted inside the first window: 2 of its 4 steps gathered
-        (1, 1, 2, [2]),  # after event 1 and half of window 2: event 1 not repeated, event 2 not skipped
+        (0, 0, 2, [1, 2], False),  # interrupted inside the first window: 2 of its 4 steps gathered
+        (1, 1, 2, [2], False),  # after event 1 and half of window 2: event 1 not repeated, event 2 not skipped
+        (0, 0, 2, [1, 2], True),  # reconstruction: the window's inputs gathered so far travel in the checkpoint
     ],
 )
-def test_resume_matches_uninterrupted_run(tmp_path, stop_after, saved_events, saved_window, events_after_resume):
-    ref_model, _, ref_trainer = _resume_setup(tmp_path, "ref")
+def test_resume_matches_uninterrupted_run(tmp_path, stop_after, saved_events, saved_window, events_after_resume,
+                                          reconstruct):
+    ref_model, _, ref_trainer = _resume_setup(tmp_path, "ref", reconstruct=reconstruct)
     ref_trainer.fit(ref_model, random_loader(128, 16))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model, pruning, trainer = _resume_setup(tmp_path, "a", stop_after, ckpt)
+    model, pruning, trainer = _resume_setup(tmp_path, "a", stop_after, ckpt, reconstruct=reconstruct)
     trainer.fit(model, random_loader(128, 16))
     path = tmp_path / "ckpt" / f"epoch={stop_after}-step={8 * (stop_after + 1)}.ckpt"
     saved = torch.load(path, weights_only=True)
     assert saved[CHECKPOINT_KEY]["current_step"] == saved_events
     assert saved["callbacks"][pruning.state_key]["window_steps"] == saved_window
+    assert sum(len(t) for t in saved["callbacks"][pruning.state_key]["calibration"]) == (32 if reconstruct else 0)
 
-    model2, pruning2, trainer2 = _resume_setup(tmp_path, "b")
+    model2, pruning2, trainer2 = _resume_setup(tmp_path, "b", reconstruct=reconstruct)
     trainer2.fit(model2, random_loader(128, 16), ckpt_path=str(path))
     assert [e.index for e in pruning2.pruner.events] == events_after_resume  # events run by this process
     assert [e.index for e in pruning2.events] == [1, 2]  # the callback's record survives the resume

@@ -51,7 +51,7 @@ def test_without_rewrapping_ddp_breaks(tmp_path):
 
 
 @pytest.mark.ddp
-def test_ddp_with_distillation_regularization_bf16_and_accumulation_keeps_ranks_identical(tmp_path):
+def test_ddp_with_distillation_regularization_reconstruction_bf16_and_accumulation_keeps_ranks_identical(tmp_path):
     (r0, r1), events = _run(tmp_path, "taylor", "kd")
     assert len(events) == 2 and len(r0) == len(r1) == 24
     for a, b in zip(r0, r1):
@@ -59,6 +59,8 @@ def test_ddp_with_distillation_regularization_bf16_and_accumulation_keeps_ranks_
         assert a["teacher"] == b["teacher"], f"teachers differ at step {a['step']}"
     assert len({rec["teacher"] for rec in r0}) == 1  # the teacher never changes, through both events
     assert len({rec["n_params"] for rec in r0}) == 3  # while the student is pruned twice
+    fits = json.loads((tmp_path / "taylor-kd" / "reconstruction.json").read_text())
+    assert len(fits) == 2 and all(after < before for before, after in fits)  # reconstructed, identically on both ranks
 
 
 @pytest.mark.ddp

@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py: 2-process CPU (gloo) DDP fit with StructuredPruning (mode ``kd``: also
-KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, and group-sparsity
-regularization with threshold mode; modes ``resume-a`` / ``resume-b``: an uninterrupted run that saves
+KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, group-sparsity
+regularization with threshold mode and least-squares reconstruction; modes ``resume-a`` / ``resume-b``: an uninterrupted run that saves
 a checkpoint at the end of its first epoch, and a second run that resumes from it with
 ``fit(ckpt_path=...)``; the second pruning event happens after the resume point).
 
@@ -56,7 +56,9 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     ds = TensorDataset(torch.randn(256, 1, 32, 32, generator=gen), torch.randint(0, 10, (256,), generator=gen))
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # mode "kd" also adds group-sparsity regularization and threshold mode
-    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, prune_threshold=0.05) if rewrap == "kd" else {}
+    # and least-squares reconstruction after each event (each rank fits on its own batches; sums averaged)
+    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, prune_threshold=0.05,
+                 reconstruct=True, reconstruct_samples=16) if rewrap == "kd" else {}
     resume = rewrap in ("resume-a", "resume-b")
     ckpt_dir = out_dir.parent / "ckpt"
     pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2,
@@ -79,6 +81,8 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     trainer.fit(model, DataLoader(ds, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
         (out_dir / "events.json").write_text(json.dumps([e.params_after for e in pruning.events]))
+        (out_dir / "reconstruction.json").write_text(json.dumps(
+            [[e.reconstruction_error_before, e.reconstruction_error_after] for e in pruning.events]))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,15 @@ class StructuredPruning(Callback):
         prune_threshold: threshold mode: at each event also remove the units whose L2 norm fell below
             this fraction of their group's mean unit norm (in ``(0, 1)``); the event log says how many
             channels each rule removed (``removed_by_ratio`` / ``removed_by_threshold``).
+        reconstruct: after every event, refit each block's ``attn.proj`` and ``mlp.fc2`` by least
+            squares so that the pruned network reproduces the network before the event on the last
+            ``reconstruct_samples`` training inputs of the statistics window
+            (:mod:`pqv_lightning.pruning.reconstruction`; DDP: the sums are averaged over ranks, every
+            rank gets the same weights). Costs two partial forward passes over those inputs per
+            refitted layer at each event, and a frozen copy of the network during the event.
+        reconstruct_samples: how many training inputs (the latest of the window) the fit uses.
+            A checkpoint saved inside a window keeps those collected so far (resume is exact).
+        reconstruct_ridge: ridge of the fit, relative to the mean diagonal of ``XᵀX``, >= 0.
 
     Example::
 
@@ -161,6 +170,9 @@ class StructuredPruning(Callback):
         reg_strength_end: float | None = None,
         reg_alpha: float = 4.0,
         prune_threshold: float | None = None,
+        reconstruct: bool = False,
+        reconstruct_samples: int = 256,
+        reconstruct_ridge: float = 1e-3,
     ) -> None:
         super().__init__()
         budget = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
@@ -188,6 +200,8 @@ class StructuredPruning(Callback):
             seed=seed,
             ratio_schedule=ratio_schedule,
             threshold=prune_threshold,
+            reconstruct=reconstruct,
+            reconstruct_ridge=reconstruct_ridge,
         )
         self.config.validate()
         self.regularization = None
@@ -199,6 +213,7 @@ class StructuredPruning(Callback):
         elif reg_strength_end is not None:
             raise ConfigError(f"reg_strength_end={reg_strength_end!r} needs regularization='l1' or 'l2'")
         _check_int("accumulate_batches", accumulate_batches, 1)
+        _check_int("reconstruct_samples", reconstruct_samples, 1)
         _check_int("start", start, 0)
         _check_int("frequency", frequency, 1)
         if interval not in ("epoch", "step"):
@@ -223,6 +238,9 @@ class StructuredPruning(Callback):
         self._stepped = False
         self._window_open_now = False
         self._reg_last_step: int | None = None  # optimizer step of the last event (for the growing strength)
+        self.reconstruct_samples = reconstruct_samples
+        self._calibration: list[torch.Tensor] = []  # network inputs of the open window (reconstruction)
+        self._capture_handle: Any = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -241,12 +259,14 @@ class StructuredPruning(Callback):
             "window_steps": self._window_steps,
             "stats": stats,
             "events": [asdict(e) for e in self.events],
+            "calibration": [t.cpu() for t in self._calibration],
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._window_steps = int(state_dict.get("window_steps", 0))
         self.events = [PruningEvent(**e) for e in state_dict.get("events", [])]
+        self._calibration = list(state_dict.get("calibration", []))
         stats = state_dict.get("stats")
         if stats is not None and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.load_state_dict(stats)
@@ -285,6 +305,7 @@ class StructuredPruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release_capture()  # an exception inside a step skips on_train_batch_end
         for name in _SHADOWED:
             pl_module.__dict__.pop(name, None)
         if self.pruner is not None and self.pruner.completed_events:
@@ -295,6 +316,7 @@ class StructuredPruning(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_capture()
         if self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.detach()  # no gradient hooks left on the model that gets exported
 
@@ -435,6 +457,30 @@ class StructuredPruning(Callback):
         self._window_open_now = self._window_open(trainer)
         if self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.enabled = self._window_open_now
+        if self.config.reconstruct and self._window_open_now and self._capture_handle is None:
+            # on the network for this batch only (removed in on_train_batch_end): nothing stays behind
+            assert self.pruner is not None
+            self._capture_handle = self.pruner.model.register_forward_pre_hook(self._capture_input)
+
+    def _capture_input(self, module: torch.nn.Module, args: tuple) -> None:
+        if not module.training or not args or not torch.is_tensor(args[0]):
+            return
+        self._calibration.append(args[0].detach().clone())
+        # keep the latest reconstruct_samples inputs
+        while len(self._calibration) > 1 and sum(len(t) for t in self._calibration[1:]) >= self.reconstruct_samples:
+            self._calibration.pop(0)
+
+    def _release_capture(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        """The captured inputs, trimmed to ``reconstruct_samples``."""
+        batches, excess = list(self._calibration), sum(len(t) for t in self._calibration) - self.reconstruct_samples
+        if excess > 0:
+            batches[0] = batches[0][excess:]
+        return batches
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -485,6 +531,7 @@ class StructuredPruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._release_capture()
         if not self._stepped:
             return  # inside a gradient-accumulation window: never prune here
         self._stepped = False
@@ -505,8 +552,11 @@ class StructuredPruning(Callback):
         def reduce_mean(t: torch.Tensor) -> torch.Tensor:
             return strategy.reduce(t, reduce_op="mean")
 
-        event = self.pruner.step(optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None)
+        calibration = self._calibration_batches() if self.config.reconstruct else None
+        event = self.pruner.step(optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None,
+                                 calibration=calibration)
         self._window_steps = 0
+        self._calibration = []
         if distributed:
             self._rewrap_ddp(trainer)
             digest = _digest(self.pruner.state_dict()["history"])
@@ -541,6 +591,8 @@ class StructuredPruning(Callback):
             f"(target {event.target_ratio:.3f}), {event.seconds:.2f} s"
             + (f"; channels removed by ratio {event.removed_by_ratio}, by threshold {event.removed_by_threshold}"
                if self.config.threshold is not None else "")
+            + (f"; reconstruction error {event.reconstruction_error_before:.3f} -> {event.reconstruction_error_after:.3f}"
+               if event.reconstruction_error_after is not None else "")
         )
         metrics = event.metrics()
         for logger in trainer.loggers:

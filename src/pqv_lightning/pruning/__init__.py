@@ -7,6 +7,7 @@ Modules (each usable on its own, none imports Lightning):
   schedules, budgets, MAC/parameter counts, :func:`restore_structure`;
 * :mod:`.importance` — the criteria registry (:data:`IMPORTANCE`) and :class:`GradientStatistics`;
 * :mod:`.sparsity` — group-lasso regularization over dependency groups;
+* :mod:`.reconstruction` — least-squares refit of the residual-writing layers after an event;
 * :mod:`.optim` — carrying optimizer state across a pruning step;
 * :mod:`.adapters` — what the pruner needs to know about a model family (:data:`ADAPTERS`);
 * :mod:`.checkpoint` — rebuilding a pruned module from a checkpoint.
@@ -25,8 +26,10 @@ from .pruner import (
     ratio_for_budget,
     restore_structure,
 )
+from .reconstruction import LayerFit, reconstruct_linears
 
 __all__ = [
+    "LayerFit",
     "PruningConfig",
     "PruningEvent",
     "StructuredPruner",
@@ -37,5 +40,6 @@ __all__ = [
     "linear_schedule",
     "prune_once",
     "ratio_for_budget",
+    "reconstruct_linears",
     "restore_structure",
 ]

@@ -75,6 +75,12 @@ class ModelAdapter:
         ``num_heads`` maps an attention module's dotted name to its current head count.
         """
 
+    def residual_writers(self, model: nn.Module) -> list[str]:
+        """Dotted names of the Linear layers whose outputs are added to the residual stream, in
+        forward order: what reconstruction after a pruning event refits
+        (:mod:`pqv_lightning.pruning.reconstruction`). Empty: the family does not support it."""
+        return []
+
 
 #: name -> :class:`ModelAdapter`, looked up by model class along its MRO (:func:`find_adapter`).
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", types=lambda adapter: adapter.model_types)
@@ -175,6 +181,18 @@ if _TimmViT is not None:
                 )
             h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
             return (1, in_chans, int(h), int(w))
+
+        def residual_writers(self, model: nn.Module) -> list[str]:
+            names = []
+            for i, block in enumerate(getattr(model, "blocks", [])):
+                for path in ("attn.proj", "mlp.fc2"):
+                    try:
+                        layer = block.get_submodule(path)
+                    except AttributeError:
+                        continue
+                    if isinstance(layer, nn.Linear):
+                        names.append(f"blocks.{i}.{path}")
+            return names
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for name, m in _iter_timm_attention(model):

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import fnmatch
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ from .importance import (
     tracked_weights,
 )
 from .optim import record_parameter_replacements, remap_optimizer, restore_requires_grad
+from .reconstruction import LayerFit, reconstruct_linears
 from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, check_threshold, coupled_groups, units_below_threshold
 
 __all__ = [
@@ -109,6 +111,11 @@ class PruningConfig:
             :mod:`pqv_lightning.pruning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
             norm of their group, e.g. ``0.05``; in ``(0, 1)``. Meant for group-sparsity training,
             which drives units to zero. ``pruning_ratio=0`` leaves the threshold alone in charge.
+        reconstruct: after every event, refit the layers that write into the residual stream by
+            least squares so that the pruned network reproduces the one before the event on
+            calibration inputs (:mod:`pqv_lightning.pruning.reconstruction`); the event then needs
+            ``calibration`` batches (:meth:`StructuredPruner.step`).
+        reconstruct_ridge: the ridge of that fit, relative to the mean diagonal of ``XᵀX``.
     """
 
     importance: str = "taylor"
@@ -123,6 +130,8 @@ class PruningConfig:
     seed: int = 0
     ratio_schedule: str = "linear"
     threshold: float | None = None
+    reconstruct: bool = False
+    reconstruct_ridge: float = 1e-3
 
     def validate(self) -> None:
         if self.ratio_schedule not in RATIO_SCHEDULES:
@@ -139,6 +148,11 @@ class PruningConfig:
             raise ConfigError(f"round_to={self.round_to!r} must be None or an integer >= 1")
         if self.threshold is not None:
             check_threshold(self.threshold)
+        if not isinstance(self.reconstruct, bool):
+            raise ConfigError(f"reconstruct={self.reconstruct!r} must be True or False")
+        ridge = self.reconstruct_ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+            raise ConfigError(f"reconstruct_ridge={ridge!r} must be a finite number >= 0")
 
     @property
     def effective_head_ratio(self) -> float:
@@ -171,9 +185,15 @@ class PruningEvent:
     statistics_samples: int = 0  # gradient evaluations folded in (micro-batches for hessian)
     removed_by_ratio: int = 0  # prunable channels (group root channels) the ratio rule removed at this event
     removed_by_threshold: int = 0  # ... and the threshold rule (threshold mode)
+    # reconstruction: mean relative error of the refitted layers on the calibration inputs, before / after
+    reconstruction_error_before: float | None = None
+    reconstruction_error_after: float | None = None
 
     def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
-        return {
+        extra = {} if self.reconstruction_error_after is None else {
+            f"{prefix}reconstruction_error_before": float(self.reconstruction_error_before or 0.0),
+            f"{prefix}reconstruction_error_after": float(self.reconstruction_error_after)}
+        return {**extra,
             f"{prefix}event": float(self.index),
             f"{prefix}params": float(self.params_after),
             f"{prefix}macs": float(self.macs_after),
@@ -497,12 +517,14 @@ class StructuredPruner:
         self,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        calibration: Sequence[torch.Tensor] | None = None,
     ) -> PruningEvent:
         """Run the next pruning event on the live model and return what it did.
 
         ``optimizers`` are re-pointed at the new parameters with sliced state; ``.grad`` is cleared
         (call it after the optimizer step, as the callback does). ``reduce_mean``
-        averages gradient statistics over processes first (DDP).
+        averages gradient statistics (and the reconstruction's sums) over processes first (DDP).
+        ``calibration``: batches of network inputs for ``config.reconstruct``.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError("pruning under torch.inference_mode() would create inference tensors; prune in a training hook")
@@ -532,6 +554,7 @@ class StructuredPruner:
             # run follows the schedule in MACs / parameters and the last event lands on the budget
             self._tp.per_step_pruning_ratio[self.completed_events + 1] = self._global_ratio_for_budget()
         self.model.zero_grad(set_to_none=True)
+        reference = self._reconstruction_reference(calibration)
         channels_before = self.prunable_channels()
         removed_by_threshold = 0
         with record_parameter_replacements() as log, torch.enable_grad():
@@ -545,6 +568,11 @@ class StructuredPruner:
         remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
         restore_requires_grad(log, live)
         self.adapter.sync_attributes(self.model, self.current_heads())
+        fits = []
+        if reference is not None:
+            assert calibration is not None
+            fits = self._reconstruct(reference, log, calibration, reduce_mean)
+            del reference
         self.model.train(was_training)
         seconds = time.perf_counter() - t0
         if self.stats is not None:
@@ -566,9 +594,40 @@ class StructuredPruner:
             statistics_samples=stat_samples,
             removed_by_ratio=removed_by_ratio,
             removed_by_threshold=removed_by_threshold,
+            reconstruction_error_before=statistics.fmean(f.before for f in fits) if fits else None,
+            reconstruction_error_after=statistics.fmean(f.after for f in fits) if fits else None,
         )
         self.events.append(event)
         return event
+
+    def _reconstruction_reference(self, calibration: Sequence[torch.Tensor] | None) -> nn.Module | None:
+        """A frozen copy of the network before this event, when it will be reconstructed."""
+        if not self.config.reconstruct:
+            return None
+        if not calibration:
+            raise RuntimeError("PruningConfig(reconstruct=True): pass calibration input batches to step() "
+                               "(StructuredPruning collects them from the statistics window)")
+        if not self.adapter.residual_writers(self.model):
+            raise ConfigError(f"reconstruct=True: the adapter of {type(self.model).__name__} names no residual-"
+                              "writing layers to refit (ModelAdapter.residual_writers)")
+        return copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _reconstruct(self, reference: nn.Module, log: Any, calibration: Sequence[torch.Tensor],
+                     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> list[LayerFit]:
+        """Refit the residual writers; the kept output indices come from the event's replacement log."""
+        chains = log.chains()
+        layers = self.adapter.residual_writers(self.model)
+        keep_out: dict[str, torch.Tensor | None] = {}
+        for name in layers:
+            weight = self.model.get_submodule(name).weight
+            root, ops = chains.get(id(weight), (weight, []))
+            index = torch.arange(root.shape[0])
+            for keep, dim in ops:
+                if dim == 0:
+                    index = index[keep.cpu()]
+            keep_out[name] = index if len(index) != root.shape[0] or ops else None
+        return reconstruct_linears(self.model, reference, layers, calibration, keep_out,
+                                   ridge=self.config.reconstruct_ridge, reduce_mean=reduce_mean)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -658,9 +717,12 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
 
     Only criteria that need no training statistics make sense here (``l1``, ``l2``, ``random``),
     unless ``kwargs['calibrate']`` is a callable that runs forward/backward passes: it is called
-    before each event and its gradients are folded into the statistics.
+    before each event and its gradients are folded into the statistics. With
+    ``config.reconstruct``, ``kwargs['calibration']`` (batches of network inputs) feeds the
+    least-squares reconstruction after each event.
     """
     calibrate = kwargs.pop("calibrate", None)
+    calibration = kwargs.pop("calibration", None)
     pruner = StructuredPruner(model, config, **kwargs)
     event = None
     for _ in range(pruner.iterative_steps):
@@ -670,7 +732,7 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
             model.zero_grad(set_to_none=True)
             calibrate(model)
             pruner.accumulate()
-        event = pruner.step()
+        event = pruner.step(calibration=calibration)
     assert event is not None
     return event
 

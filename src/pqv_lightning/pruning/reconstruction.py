@@ -1,0 +1,160 @@
+"""Layer-wise least-squares reconstruction after a pruning event.
+
+Removing channels changes what every later layer sees. Before fine-tuning has to undo that, the
+layers that write into the residual stream (a ViT block's ``attn.proj`` and ``mlp.fc2``) can be
+refitted in closed form so that, on a few calibration images, the pruned network reproduces what
+the network computed before the event: for each such Linear, in forward order,
+
+    W, b = argmin  || X W + b - Y[:, kept] ||²  +  λ ||W||²
+
+where ``X`` are the layer's inputs in the *pruned* network (earlier layers already refitted) and
+``Y`` the layer's outputs in the network *before* the event, restricted to the output channels the
+event kept. The ridge ``λ`` is ``ridge`` times the mean diagonal of ``XᵀX``. The sums ``XᵀX``,
+``XᵀY`` and ``‖Y‖²`` are accumulated over calibration batches in float64, so the images need not
+fit in one batch, and averaged over processes with ``reduce_mean`` (DDP: every rank solves the same
+system and gets the same weights). A fit that would not lower the layer's error is not applied.
+
+This is the reconstruction step of post-training structured pruning (e.g. Kwon et al., "A Fast
+Post-Training Pruning Framework for Transformers", 2022: mask tuning by linear least squares).
+On the bundled Fashion-MNIST ViT, one-shot L2 pruning of 25 % of the channels drops accuracy on
+2,000 test images from 91.3 % to 58.1 %; reconstruction on 256 training images brings it back to
+89.1 % without any training (50 %: 23.0 % -> 83.2 %; ``docs/results.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["LayerFit", "reconstruct_linears"]
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One refitted layer: relative error ``‖XW + b − Y‖ / ‖Y‖`` on the calibration inputs with the
+    pruned weights (``before``) and the refitted ones (``after``); ``applied`` is False when the fit
+    was not better and the weights were left alone."""
+
+    name: str
+    before: float
+    after: float
+    applied: bool
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass once the layer of interest has run."""
+
+
+def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        box["value"] = (args[0] if what == "input" else output).detach()
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "value" not in box:
+        raise RuntimeError(f"the layer to reconstruct did not run in the forward pass ({type(layer).__name__})")
+    return box["value"]
+
+
+def _check(name: str, layer: nn.Module, ref_layer: nn.Module, keep: torch.Tensor | None) -> None:
+    if not isinstance(layer, nn.Linear) or not isinstance(ref_layer, nn.Linear):
+        raise ConfigError(f"reconstruction refits nn.Linear layers; {name!r} is a {type(layer).__name__}")
+    expected = ref_layer.out_features if keep is None else len(keep)
+    if layer.out_features != expected:
+        raise ConfigError(f"{name!r}: the pruned layer has {layer.out_features} outputs but {expected} kept outputs "
+                          f"of the reference were given")
+
+
+@torch.no_grad()
+def reconstruct_linears(
+    model: nn.Module,
+    reference: nn.Module,
+    layers: Sequence[str],
+    inputs: Sequence[torch.Tensor],
+    keep_out: dict[str, torch.Tensor | None] | None = None,
+    *,
+    ridge: float = 1e-3,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[LayerFit]:
+    """Refit the Linear ``layers`` of ``model`` (dotted names, in forward order) so that each
+    reproduces the matching layer of ``reference`` (the network before pruning) on ``inputs``
+    (batches of network inputs). ``keep_out[name]``: indices (into the reference layer's outputs) of
+    the outputs the pruned layer kept; ``None`` or missing: all. Both networks run in eval mode; the
+    caller's training flags are restored. Returns one :class:`LayerFit` per layer.
+    """
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ConfigError(f"ridge={ridge!r} must be a finite number >= 0")
+    if not inputs:
+        raise ConfigError("reconstruction needs at least one batch of calibration inputs")
+    keep_out = keep_out or {}
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    fits = []
+    try:
+        for name in layers:
+            layer, ref_layer = model.get_submodule(name), reference.get_submodule(name)
+            keep = keep_out.get(name)
+            _check(name, layer, ref_layer, keep)
+            fits.append(_refit(name, model, reference, layer, ref_layer, keep, inputs, ridge, reduce_mean))
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+    return fits
+
+
+def _refit(name: str, model: nn.Module, reference: nn.Module, layer: nn.Linear, ref_layer: nn.Linear,
+           keep: torch.Tensor | None, inputs: Sequence[torch.Tensor], ridge: float,
+           reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> LayerFit:
+    device = layer.weight.device
+    dims = layer.in_features + (1 if layer.bias is not None else 0)
+    gram = torch.zeros(dims, dims, dtype=torch.float64, device=device)
+    cross = torch.zeros(dims, layer.out_features, dtype=torch.float64, device=device)
+    target_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in inputs:
+        batch = batch.to(device)
+        x = _capture(model, layer, batch, "input").reshape(-1, layer.in_features).float()
+        y = _capture(reference, ref_layer, batch.to(ref_layer.weight.device), "output").to(device)
+        y = y.reshape(-1, ref_layer.out_features).float()
+        if keep is not None:
+            y = y[:, keep.to(device)]
+        if layer.bias is not None:
+            x = torch.cat([x, torch.ones(len(x), 1, device=device)], dim=1)
+        # float32 products (fast on any device), float64 accumulation and solve
+        gram += (x.T @ x).double()
+        cross += (x.T @ y).double()
+        target_sq += y.double().square().sum()
+    if reduce_mean is not None:
+        gram, cross, target_sq = reduce_mean(gram), reduce_mean(cross), reduce_mean(target_sq)
+    current = layer.weight.detach().double().T
+    if layer.bias is not None:
+        current = torch.cat([current, layer.bias.detach().double()[None]], dim=0)
+
+    def error(w: torch.Tensor) -> float:
+        sq = (w * (gram @ w)).sum() - 2 * (w * cross).sum() + target_sq
+        return float(sq.clamp_min(0).sqrt() / target_sq.clamp_min(1e-30).sqrt())
+
+    before = error(current)
+    system = gram + ridge * gram.diagonal().mean() * torch.eye(dims, dtype=torch.float64, device=device)
+    solution = torch.linalg.solve(system.cpu(), cross.cpu()).to(device)
+    after = error(solution)
+    applied = math.isfinite(after) and after < before
+    if applied:
+        layer.weight.copy_(solution[: layer.in_features].T.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(solution[-1].to(layer.bias.dtype))
+    return LayerFit(name, before, after if applied else before, applied)

@@ -1,0 +1,129 @@
+"""Least-squares reconstruction after a pruning event: the pure function, the pruner, the callback."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pqv_lightning import StructuredPruning
+from pqv_lightning.errors import ConfigError
+from pqv_lightning.pruning import PruningConfig, prune_once, reconstruct_linears
+
+from conftest import make_trainer, random_loader, tiny_vit
+
+
+def _pair(hidden_student=6, seed=0):
+    """reference: 5 -> 8 -> 4 outputs; student: the same first layer cut to ``hidden_student`` units
+    and a second layer that keeps outputs [0, 2, 3]."""
+    torch.manual_seed(seed)
+    reference = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
+    student = nn.Sequential(nn.Linear(5, hidden_student), nn.ReLU(), nn.Linear(hidden_student, 3))
+    with torch.no_grad():
+        student[0].weight.copy_(reference[0].weight[:hidden_student])
+        student[0].bias.copy_(reference[0].bias[:hidden_student])
+        student[2].weight.copy_(reference[2].weight[[0, 2, 3]][:, :hidden_student])
+        student[2].bias.copy_(reference[2].bias[[0, 2, 3]])
+    return student, reference, torch.tensor([0, 2, 3])
+
+
+def test_the_refit_is_the_least_squares_solution_computed_by_hand():
+    student, reference, keep = _pair()
+    inputs = [torch.randn(7, 5), torch.randn(9, 5)]
+    x = torch.cat(inputs)
+    with torch.no_grad():
+        features = torch.cat([torch.relu(student[0](x)), torch.ones(len(x), 1)], dim=1).double()
+        target = reference(x)[:, keep].double()
+        before = (features @ torch.cat([student[2].weight.T, student[2].bias[None]]).double() - target).norm() / target.norm()
+        solution = torch.linalg.lstsq(features, target).solution
+
+    fits = reconstruct_linears(student, reference, ["2"], inputs, {"2": keep}, ridge=0.0)
+    assert len(fits) == 1 and fits[0].applied
+    torch.testing.assert_close(student[2].weight.double(), solution[:-1].T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student[2].bias.double(), solution[-1], rtol=1e-4, atol=1e-5)
+    assert fits[0].before == pytest.approx(float(before), rel=1e-4)
+    with torch.no_grad():
+        after = (student(x)[:, :].double() - target).norm() / target.norm()
+    assert fits[0].after == pytest.approx(float(after), rel=1e-3, abs=1e-6) and fits[0].after < fits[0].before
+
+
+def test_a_fit_that_is_not_better_leaves_the_weights_alone():
+    student, reference, _ = _pair(hidden_student=8)
+    with torch.no_grad():  # the student already computes the reference's outputs 0..3 exactly
+        student[2] = copy.deepcopy(reference[2])
+    weight = student[2].weight.detach().clone()
+    fits = reconstruct_linears(student, reference, ["2"], [torch.randn(16, 5)], ridge=0.5)
+    assert not fits[0].applied and fits[0].after == fits[0].before
+    assert torch.equal(student[2].weight, weight)
+
+
+def test_averaged_sums_give_every_rank_the_single_process_weights():
+    a, b = torch.randn(8, 5), torch.randn(12, 5)
+    single, reference, keep = _pair()
+    reconstruct_linears(single, reference, ["2"], [a, b], {"2": keep})
+
+    recorded: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    for rank, data in (("a", a), ("b", b)):  # what each rank would contribute to the all-reduce
+        student, _, _ = _pair()
+        reconstruct_linears(student, reference, ["2"], [data], {"2": keep},
+                            reduce_mean=lambda t, r=rank: recorded[r].append(t.clone()) or t)
+    for rank, data in (("a", a), ("b", b)):
+        calls = iter(range(3))
+        student, _, _ = _pair()
+        reconstruct_linears(student, reference, ["2"], [data], {"2": keep},
+                            reduce_mean=lambda t: (lambda i: (recorded["a"][i] + recorded["b"][i]) / 2)(next(calls)))
+        torch.testing.assert_close(student[2].weight, single[2].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(student[2].bias, single[2].bias, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_reconstruction_input_is_refused():
+    student, reference, keep = _pair()
+    with pytest.raises(ConfigError, match="ridge=-1.0 must be"):
+        reconstruct_linears(student, reference, ["2"], [torch.randn(4, 5)], ridge=-1.0)
+    with pytest.raises(ConfigError, match="at least one batch"):
+        reconstruct_linears(student, reference, ["2"], [])
+    with pytest.raises(ConfigError, match="'2': the pruned layer has 3 outputs but 4 kept outputs"):
+        reconstruct_linears(student, reference, ["2"], [torch.randn(4, 5)])
+    with pytest.raises(ConfigError, match="refits nn.Linear layers; '1' is a ReLU"):
+        reconstruct_linears(student, reference, ["1"], [torch.randn(4, 5)])
+    with pytest.raises(ConfigError, match="reconstruct_ridge=nan"):
+        PruningConfig(reconstruct_ridge=float("nan")).validate()
+    with pytest.raises(ConfigError, match="reconstruct_samples=0"):
+        StructuredPruning(reconstruct=True, reconstruct_samples=0)
+
+
+def test_pruning_with_reconstruction_keeps_the_network_closer_to_the_original():
+    torch.manual_seed(0)
+    original = tiny_vit(embed_dim=96, num_heads=6).eval()
+    calibration = [torch.randn(32, 1, 32, 32) for _ in range(4)]
+    held_out = torch.randn(64, 1, 32, 32)
+    plain, rebuilt = copy.deepcopy(original), copy.deepcopy(original)
+    prune_once(plain, PruningConfig(importance="l2", pruning_ratio=0.25))
+    event = prune_once(rebuilt, PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True),
+                       calibration=calibration)
+    assert event.reconstruction_error_after < 0.5 * event.reconstruction_error_before
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
+    with torch.no_grad():
+        target = original(held_out)
+        err_plain = (plain.eval()(held_out) - target).norm() / target.norm()
+        err_rebuilt = (rebuilt.eval()(held_out) - target).norm() / target.norm()
+    assert err_rebuilt < 0.85 * err_plain  # on inputs the fit never saw
+    with pytest.raises(RuntimeError, match="pass calibration input batches"):
+        prune_once(copy.deepcopy(original), PruningConfig(importance="l2", reconstruct=True))
+
+
+def test_the_callback_fits_on_the_windows_inputs_and_leaves_no_hook(tmp_path, lit_model):
+    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
+                                interval="step", start=1, frequency=3, reconstruct=True, reconstruct_samples=24)
+    seen = []
+    original = pruning._capture_input
+    pruning._capture_input = lambda module, args: (seen.append(len(args[0])), original(module, args))[1]
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=1)
+    trainer.fit(lit_model, random_loader(128, 16))  # 8 steps of 16 images
+    assert [e.index for e in pruning.events] == [1, 2]
+    for event in pruning.events:
+        assert event.reconstruction_error_after < event.reconstruction_error_before
+    assert seen == [16, 16, 16, 16]  # the two windows' batches only (steps 1-2 and 4-5)
+    assert pruning._calibration == [] and pruning._capture_handle is None
+    assert not lit_model.model._forward_pre_hooks  # nothing left on the network after fit
+    assert "pruning/reconstruction_error_after" in pruning.events[0].metrics()
