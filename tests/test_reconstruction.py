@@ -127,3 +127,28 @@ def test_the_callback_fits_on_the_windows_inputs_and_leaves_no_hook(tmp_path, li
     assert pruning._calibration == [] and pruning._capture_handle is None
     assert not lit_model.model._forward_pre_hooks  # nothing left on the network after fit
     assert "pruning/reconstruction_error_after" in pruning.events[0].metrics()
+
+
+def test_stage_by_stage_fitting_equals_whole_forward_fitting():
+    from pqv_lightning.pruning.adapters import find_adapter
+
+    torch.manual_seed(0)
+    original = tiny_vit(depth=3).eval()
+    pruned = copy.deepcopy(original)
+    prune_once(pruned, PruningConfig(importance="l2", pruning_ratio=0.25))
+    keep = torch.arange(pruned.blocks[0].attn.proj.out_features)  # any consistent choice of kept outputs will do
+    adapter = find_adapter(pruned)
+    layers, stages = adapter.residual_writers(pruned), adapter.reconstruction_stages(pruned)
+    assert layers == [f"blocks.{i}.{p}" for i in range(3) for p in ("attn.proj", "mlp.fc2")]
+    assert stages == ["blocks.0", "blocks.1", "blocks.2"]
+    calibration = [torch.randn(8, 1, 32, 32) for _ in range(2)]
+    whole, staged = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    fits_whole = reconstruct_linears(whole, original, layers, calibration, {n: keep for n in layers})
+    fits_staged = reconstruct_linears(staged, original, layers, calibration, {n: keep for n in layers}, stages=stages)
+    assert [f.applied for f in fits_whole] == [f.applied for f in fits_staged] and any(f.applied for f in fits_whole)
+    for a, b in zip(fits_whole, fits_staged):
+        assert a.before == pytest.approx(b.before, rel=1e-4) and a.after == pytest.approx(b.after, rel=1e-4)
+    for (n, p), q in zip(whole.named_parameters(), staged.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ConfigError, match="is in none of the stages"):
+        reconstruct_linears(whole, original, layers, calibration, {n: keep for n in layers}, stages=["blocks.0"])

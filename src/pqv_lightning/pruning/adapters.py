@@ -81,6 +81,13 @@ class ModelAdapter:
         (:mod:`pqv_lightning.pruning.reconstruction`). Empty: the family does not support it."""
         return []
 
+    def reconstruction_stages(self, model: nn.Module) -> list[str]:
+        """Dotted names of modules that run one after the other on one tensor and hold the
+        :meth:`residual_writers` (a ViT's blocks): reconstruction keeps their inputs between
+        stages instead of re-running the network from the start for every layer. Empty: whole
+        forward passes."""
+        return []
+
 
 #: name -> :class:`ModelAdapter`, looked up by model class along its MRO (:func:`find_adapter`).
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", types=lambda adapter: adapter.model_types)
@@ -193,6 +200,11 @@ if _TimmViT is not None:
                     if isinstance(layer, nn.Linear):
                         names.append(f"blocks.{i}.{path}")
             return names
+
+        def reconstruction_stages(self, model: nn.Module) -> list[str]:
+            blocks = getattr(model, "blocks", None)
+            # timm runs blocks one by one on a tensor (nn.Sequential); anything else: whole forwards
+            return [f"blocks.{i}" for i in range(len(blocks))] if isinstance(blocks, nn.Sequential) else []
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for name, m in _iter_timm_attention(model):

@@ -627,7 +627,8 @@ class StructuredPruner:
                     index = index[keep.cpu()]
             keep_out[name] = index if len(index) != root.shape[0] or ops else None
         return reconstruct_linears(self.model, reference, layers, calibration, keep_out,
-                                   ridge=self.config.reconstruct_ridge, reduce_mean=reduce_mean)
+                                   ridge=self.config.reconstruct_ridge, reduce_mean=reduce_mean,
+                                   stages=self.adapter.reconstruction_stages(self.model) or None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
