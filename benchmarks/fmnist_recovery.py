@@ -8,7 +8,8 @@ Grids (``--grid``):
 * ``recipe``  — why fine-tuning the *unpruned* model loses accuracy, and which learning rate /
   warm-up / data budget to use: the unpruned control and 25 % one-shot under recipe variants.
 * ``methods`` — at 25 % and 50 % channels: one-shot, iterative, + distillation, + group-sparsity
-  regularization, + both; and the unpruned control with and without distillation.
+  regularization, + both, + least-squares reconstruction after each event (with and without
+  distillation); and the unpruned control with and without distillation.
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
 * ``combinations`` — distillation plus one more change: one-shot, alpha 0.9 / tau 4, lr 1e-4 or
@@ -63,10 +64,12 @@ def recipe_grid(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
     """Rows of the methods comparison on ``recipe`` (its distillation, if any, only in the + distillation rows).
-    Regularization: group lasso (λ 1e-3) from the first step to the last event, same event schedule."""
+    Regularization: group lasso (λ 1e-3) from the first step to the last event, same event schedule.
+    Reconstruction: ``StructuredPruning(reconstruct=True)`` (256 calibration inputs per event)."""
     kd = {"distill_alpha": recipe.get("distill_alpha") or 0.5, "distill_tau": recipe.get("distill_tau", 2.0),
           "teacher_precision": recipe.get("teacher_precision", "bf16")}
     reg = {"pruning_kwargs": {"regularization": "l2", "reg_strength": 1e-3}}
+    rec = {"pruning_kwargs": {"reconstruct": True}}  # least squares on the window's last 256 inputs
     base = {k: v for k, v in recipe.items() if k not in ("distill_alpha", "distill_tau", "teacher_precision")}
     rows = []
     for r in ratios:
@@ -76,6 +79,8 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
             (f"{r:g} iterative + distillation", {**base, **kd, "pruning_ratio": r}),
             (f"{r:g} iterative + regularization", {**base, **reg, "pruning_ratio": r}),
             (f"{r:g} iterative + both", {**base, **kd, **reg, "pruning_ratio": r}),
+            (f"{r:g} iterative + reconstruction", {**base, **rec, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation + reconstruction", {**base, **kd, **rec, "pruning_ratio": r}),
         ]
     return rows + [("unpruned", {**base, "pruning_ratio": 0.0}),
                    ("unpruned + distillation", {**base, **kd, "pruning_ratio": 0.0})]
