@@ -13,7 +13,8 @@ Grids (``--grid``):
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
 * ``combinations`` — distillation plus one more change: one-shot, alpha 0.9 / tau 4, lr 1e-4 or
-  4e-4, global allocation (Taylor across layers) at the uniform model's MAC budget.
+  4e-4, reconstruction (one-shot / iterative, lr 2e-4 / 5e-5), global allocation (Taylor across
+  layers) at the uniform model's MAC budget.
 
 Each (row, seed) is cached in ``benchmarks/results/<name>.json`` as soon as it finishes (keyed by
 every setting and the checkpoint's content hash), so the script resumes where it stopped; the
@@ -119,6 +120,17 @@ def combinations_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple
              {**base, **kd, "distill_alpha": 0.9, "distill_tau": 4.0, "pruning_ratio": r}),
             (f"{r:g} iterative + distillation, lr 4e-4", {**base, **kd, "lr": 4e-4, "pruning_ratio": r}),
             (f"{r:g} iterative + distillation, lr 1e-4", {**base, **kd, "lr": 1e-4, "pruning_ratio": r}),
+        ]
+        rec = {"pruning_kwargs": {"reconstruct": True}}
+        rows += [
+            # reconstruction starts fine-tuning close to the unpruned function: does the gentler rate that
+            # keeps the unpruned model's accuracy (5e-5) now suit the pruned one too?
+            (f"{r:g} one-shot + distillation + reconstruction", {**base, **kd, **rec, "pruning_ratio": r,
+                                                                 "iterative_steps": 1}),
+            (f"{r:g} one-shot + distillation + reconstruction, lr 5e-5",
+             {**base, **kd, **rec, "lr": 5e-5, "pruning_ratio": r, "iterative_steps": 1}),
+            (f"{r:g} iterative + distillation + reconstruction, lr 5e-5",
+             {**base, **kd, **rec, "lr": 5e-5, "pruning_ratio": r}),
         ]
         if r in UNIFORM_MACS:
             rows.append((f"{r:g} iterative global (uniform MACs) + distillation",
