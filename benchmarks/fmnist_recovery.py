@@ -63,6 +63,13 @@ def recipe_grid(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                for name, r in variants.items()])
 
 
+def _base(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without its distillation and pruning options: what each row adds to (so that a
+    recipe that gains an option keeps the keys of the rows already cached)."""
+    return {k: v for k, v in recipe.items() if k not in ("distill_alpha", "distill_tau", "teacher_precision",
+                                                         "pruning_kwargs")}
+
+
 def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
     """Rows of the methods comparison on ``recipe`` (its distillation, if any, only in the + distillation rows).
     Regularization: group lasso (λ 1e-3) from the first step to the last event, same event schedule.
@@ -71,7 +78,7 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
           "teacher_precision": recipe.get("teacher_precision", "bf16")}
     reg = {"pruning_kwargs": {"regularization": "l2", "reg_strength": 1e-3}}
     rec = {"pruning_kwargs": {"reconstruct": True}}  # least squares on the window's last 256 inputs
-    base = {k: v for k, v in recipe.items() if k not in ("distill_alpha", "distill_tau", "teacher_precision")}
+    base = _base(recipe)
     rows = []
     for r in ratios:
         rows += [
@@ -90,7 +97,7 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
 def distillation_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
     """Iterative + distillation with other weights, temperatures and teacher precisions (the methods
     grid's row is alpha 0.5, tau 2, bf16)."""
-    base = {k: v for k, v in recipe.items() if k not in ("distill_alpha", "distill_tau", "teacher_precision")}
+    base = _base(recipe)
     rows = []
     for r in ratios:
         for alpha, tau, teacher in ((0.9, 2.0, "bf16"), (0.5, 4.0, "bf16"), (0.9, 4.0, "bf16"), (0.9, 4.0, "fp32")):
@@ -111,7 +118,7 @@ def combinations_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple
     allocation (Taylor ranked across layers) at the uniform model's MAC budget."""
     kd = {"distill_alpha": recipe.get("distill_alpha") or 0.5, "distill_tau": recipe.get("distill_tau", 2.0),
           "teacher_precision": recipe.get("teacher_precision", "bf16")}
-    base = {k: v for k, v in recipe.items() if k not in kd}
+    base = _base(recipe)
     rows = []
     for r in ratios:
         rows += [
