@@ -18,7 +18,7 @@ This is the reconstruction step of post-training structured pruning (e.g. Kwon e
 Post-Training Pruning Framework for Transformers", 2022: mask tuning by linear least squares).
 On the bundled Fashion-MNIST ViT, one-shot L2 pruning of 25 % of the channels drops accuracy on
 2,000 test images from 91.3 % to 58.1 %; reconstruction on 256 training images brings it back to
-89.1 % without any training (50 %: 23.0 % -> 83.2 %; ``docs/results.md``).
+89.1 % without any training (50 %: 23.0 % -> 81.3 %; ``docs/pruning.md``).
 """
 
 from __future__ import annotations
