@@ -52,7 +52,7 @@ from .importance import (
     tracked_weights,
 )
 from .optim import record_parameter_replacements, remap_optimizer, restore_requires_grad
-from .reconstruction import LayerFit, reconstruct_linears
+from .reconstruction import LayerFit, check_ridge, reconstruct_linears
 from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, check_threshold, coupled_groups, units_below_threshold
 
 __all__ = [
@@ -150,9 +150,7 @@ class PruningConfig:
             check_threshold(self.threshold)
         if not isinstance(self.reconstruct, bool):
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be True or False")
-        ridge = self.reconstruct_ridge
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-            raise ConfigError(f"reconstruct_ridge={ridge!r} must be a finite number >= 0")
+        check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
 
     @property
     def effective_head_ratio(self) -> float:
@@ -205,11 +203,17 @@ class PruningEvent:
         }
 
 
+def head_width_step(round_to: int, heads: int) -> int:
+    """The step in which a head's width may move so that ``heads x width`` stays a multiple of
+    ``round_to`` (``round_to`` itself for a group of one)."""
+    return round_to // math.gcd(round_to, heads)
+
+
 def head_dims_to_remove(head_width: int, n_pruned: int, heads: int, round_to: int) -> int:
     """How many dims to remove from each of ``heads`` heads of width ``head_width`` when ``n_pruned``
     are asked for and the total width must stay a multiple of ``round_to``: the kept width is rounded
-    down to a multiple of ``round_to / gcd(round_to, heads)``, and never below one such step."""
-    step = round_to // math.gcd(round_to, heads)
+    down to a multiple of :func:`head_width_step`, and never below one such step."""
+    step = head_width_step(round_to, heads)
     kept = (head_width - n_pruned) // step * step
     kept = max(kept, min(step, head_width))
     return max(head_width - kept, 0)
@@ -450,7 +454,7 @@ class StructuredPruner:
         round_to = self.config.round_to or 1
         for g in groups:
             # attention groups: a head's width moves in steps that keep heads x width a multiple of round_to
-            step = round_to // math.gcd(round_to, g.heads)
+            step = head_width_step(round_to, g.heads)
             units = units_below_threshold(g, self.config.threshold, keep_at_least=max(1, step))
             # keep the strongest of them so that the width is a multiple (or unchanged when none fits)
             kept = min(g.n_units, -(-(g.n_units - len(units)) // step) * step)
@@ -625,7 +629,7 @@ class StructuredPruner:
             for keep, dim in ops:
                 if dim == 0:
                     index = index[keep.cpu()]
-            keep_out[name] = index if len(index) != root.shape[0] or ops else None
+            keep_out[name] = index if ops else None
         return reconstruct_linears(self.model, reference, layers, calibration, keep_out,
                                    ridge=self.config.reconstruct_ridge, reduce_mean=reduce_mean,
                                    stages=self.adapter.reconstruction_stages(self.model) or None)

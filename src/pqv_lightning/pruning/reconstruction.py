@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["LayerFit", "reconstruct_linears"]
+__all__ = ["LayerFit", "check_ridge", "reconstruct_linears"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class LayerFit:
     before: float
     after: float
     applied: bool
+
+
+def check_ridge(value: object, name: str = "ridge") -> None:
+    """A ridge is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
 
 
 class _Stop(Exception):
@@ -102,8 +108,7 @@ def reconstruct_linears(
     between stages instead of running both networks from the start for every layer: about
     ``4 x len(stages)`` stage passes instead of ``len(layers)`` (early-stopped) whole forwards.
     """
-    if not math.isfinite(ridge) or ridge < 0:
-        raise ConfigError(f"ridge={ridge!r} must be a finite number >= 0")
+    check_ridge(ridge)
     if not inputs:
         raise ConfigError("reconstruction needs at least one batch of calibration inputs")
     keep_out = keep_out or {}
