@@ -8,8 +8,9 @@ Grids (``--grid``):
 * ``recipe``  — why fine-tuning the *unpruned* model loses accuracy, and which learning rate /
   warm-up / data budget to use: the unpruned control and 25 % one-shot under recipe variants.
 * ``methods`` — at 25 % and 50 % channels: one-shot, iterative, + distillation, + group-sparsity
-  regularization, + both, + least-squares reconstruction after each event (with and without
-  distillation); and the unpruned control with and without distillation.
+  regularization, + both, + least-squares reconstruction after each event (of ``proj`` and ``fc2``
+  only, or of every Linear layer; with and without distillation, and at lr 5e-5); and the unpruned
+  control with and without distillation.
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
 * ``combinations`` — distillation plus one more change: one-shot, alpha 0.9 / tau 4, lr 1e-4 or
@@ -46,6 +47,9 @@ from pqv_lightning.fileio import atomic_write_text, file_digest
 
 OUT = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000
+# least-squares reconstruction at each event: proj + fc2 only ("residual"), or every Linear ("all")
+RECONSTRUCT = {layers: {"pruning_kwargs": {"reconstruct": True, "reconstruct_layers": layers}}
+               for layers in ("residual", "all")}
 
 
 def recipe_grid(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -77,7 +81,8 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
     kd = {"distill_alpha": recipe.get("distill_alpha") or 0.5, "distill_tau": recipe.get("distill_tau", 2.0),
           "teacher_precision": recipe.get("teacher_precision", "bf16")}
     reg = {"pruning_kwargs": {"regularization": "l2", "reg_strength": 1e-3}}
-    rec = {"pruning_kwargs": {"reconstruct": True}}  # least squares on the window's last 256 inputs
+    # least squares on the window's last 256 inputs: proj + fc2 only, or every Linear (qkv, proj, fc1, fc2, head)
+    res, full = RECONSTRUCT["residual"], RECONSTRUCT["all"]
     base = _base(recipe)
     rows = []
     for r in ratios:
@@ -87,8 +92,14 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
             (f"{r:g} iterative + distillation", {**base, **kd, "pruning_ratio": r}),
             (f"{r:g} iterative + regularization", {**base, **reg, "pruning_ratio": r}),
             (f"{r:g} iterative + both", {**base, **kd, **reg, "pruning_ratio": r}),
-            (f"{r:g} iterative + reconstruction", {**base, **rec, "pruning_ratio": r}),
-            (f"{r:g} iterative + distillation + reconstruction", {**base, **kd, **rec, "pruning_ratio": r}),
+            (f"{r:g} iterative + reconstruction (proj, fc2)", {**base, **res, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation + reconstruction (proj, fc2)", {**base, **kd, **res, "pruning_ratio": r}),
+            (f"{r:g} iterative + reconstruction (all layers)", {**base, **full, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation + reconstruction (all layers)", {**base, **kd, **full, "pruning_ratio": r}),
+            (f"{r:g} iterative + distillation + reconstruction (all layers), lr 5e-5",
+             {**base, **kd, **full, "lr": 5e-5, "pruning_ratio": r}),
+            (f"{r:g} one-shot + distillation + reconstruction (all layers), lr 5e-5",
+             {**base, **kd, **full, "lr": 5e-5, "pruning_ratio": r, "iterative_steps": 1}),
         ]
     return rows + [("unpruned", {**base, "pruning_ratio": 0.0}),
                    ("unpruned + distillation", {**base, **kd, "pruning_ratio": 0.0})]
@@ -128,15 +139,15 @@ def combinations_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple
             (f"{r:g} iterative + distillation, lr 4e-4", {**base, **kd, "lr": 4e-4, "pruning_ratio": r}),
             (f"{r:g} iterative + distillation, lr 1e-4", {**base, **kd, "lr": 1e-4, "pruning_ratio": r}),
         ]
-        rec = {"pruning_kwargs": {"reconstruct": True}}
+        rec = RECONSTRUCT["residual"]
         rows += [
             # reconstruction starts fine-tuning close to the unpruned function: does the gentler rate that
             # keeps the unpruned model's accuracy (5e-5) now suit the pruned one too?
-            (f"{r:g} one-shot + distillation + reconstruction", {**base, **kd, **rec, "pruning_ratio": r,
-                                                                 "iterative_steps": 1}),
-            (f"{r:g} one-shot + distillation + reconstruction, lr 5e-5",
+            (f"{r:g} one-shot + distillation + reconstruction (proj, fc2)", {**base, **kd, **rec, "pruning_ratio": r,
+                                                                            "iterative_steps": 1}),
+            (f"{r:g} one-shot + distillation + reconstruction (proj, fc2), lr 5e-5",
              {**base, **kd, **rec, "lr": 5e-5, "pruning_ratio": r, "iterative_steps": 1}),
-            (f"{r:g} iterative + distillation + reconstruction, lr 5e-5",
+            (f"{r:g} iterative + distillation + reconstruction (proj, fc2), lr 5e-5",
              {**base, **kd, **rec, "lr": 5e-5, "pruning_ratio": r}),
         ]
         if r in UNIFORM_MACS:
@@ -210,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
                 atomic_write_text(cache_file, json.dumps({"rows": cache}, indent=1))
                 print(f"{label} seed {seed}: {100 * res['test_acc']:.2f} % ({res['seconds']:.0f} s)", flush=True)
     se = 100 * math.sqrt(0.9 * 0.1 / TEST_IMAGES)
-    report = (f"`{command.strip()}` — {host}, {args.threads} threads, torch {torch.__version__}; "
+    shown_rows = [cache[k] for _, st in rows for s in args.seeds if (k := _key(st, s, digest)) in cache]
+    threads = "/".join(str(t) for t in sorted({r.get("threads", args.threads) for r in shown_rows})) or args.threads
+    report = (f"`{command.strip()}` — {host}, {threads} thread(s) per run, torch {torch.__version__}; "
               f"test accuracy on all {TEST_IMAGES:,} test images (standard error of one accuracy near 90 %: "
               f"{se:.2f} pt, of a difference of two: {se * math.sqrt(2):.2f} pt); ± is the std over seeds. Fit "
               f"times are wall clock on a shared 2-core VM, inflated when other jobs ran beside it.\n\n" + summarize(rows, cache, args.seeds, digest) + "\n")

@@ -112,12 +112,15 @@ class StructuredPruning(Callback):
         prune_threshold: threshold mode: at each event also remove the units whose L2 norm fell below
             this fraction of their group's mean unit norm (in ``(0, 1)``); the event log says how many
             channels each rule removed (``removed_by_ratio`` / ``removed_by_threshold``).
-        reconstruct: after every event, refit each block's ``attn.proj`` and ``mlp.fc2`` by least
-            squares so that the pruned network reproduces the network before the event on the last
+        reconstruct: after every event, refit the Linear layers by least squares, in forward order,
+            so that the pruned network reproduces the network before the event on the last
             ``reconstruct_samples`` training inputs of the statistics window
             (:mod:`pqv_lightning.pruning.reconstruction`; DDP: the sums are averaged over ranks, every
             rank gets the same weights). Costs two partial forward passes over those inputs per
             refitted layer at each event, and a frozen copy of the network during the event.
+        reconstruct_layers: ``"all"`` (a ViT's ``qkv``, ``proj``, ``fc1``, ``fc2`` in every block
+            and the classifier head) or ``"residual"`` (only ``proj`` and ``fc2``, which write into
+            the residual stream; cheaper, and much weaker when the embedding channels are pruned).
         reconstruct_samples: how many training inputs (the latest of the window) the fit uses.
             A checkpoint saved inside a window keeps those collected so far (resume is exact).
         reconstruct_ridge: ridge of the fit, relative to the mean diagonal of ``XᵀX``, >= 0.
@@ -171,6 +174,7 @@ class StructuredPruning(Callback):
         reg_alpha: float = 4.0,
         prune_threshold: float | None = None,
         reconstruct: bool = False,
+        reconstruct_layers: Literal["all", "residual"] = "all",
         reconstruct_samples: int = 256,
         reconstruct_ridge: float = 1e-3,
     ) -> None:
@@ -201,6 +205,7 @@ class StructuredPruning(Callback):
             ratio_schedule=ratio_schedule,
             threshold=prune_threshold,
             reconstruct=reconstruct,
+            reconstruct_layers=reconstruct_layers,
             reconstruct_ridge=reconstruct_ridge,
         )
         self.config.validate()

@@ -81,6 +81,11 @@ class ModelAdapter:
         (:mod:`pqv_lightning.pruning.reconstruction`). Empty: the family does not support it."""
         return []
 
+    def reconstruction_layers(self, model: nn.Module) -> list[str]:
+        """Dotted names of every Linear layer that reconstruction may refit, in forward order
+        (``PruningConfig(reconstruct_layers="all")``). Empty: the family does not support it."""
+        return []
+
     def reconstruction_stages(self, model: nn.Module) -> list[str]:
         """Dotted names of modules that run one after the other on one tensor and hold the
         :meth:`residual_writers` (a ViT's blocks): reconstruction keeps their inputs between
@@ -111,6 +116,20 @@ def register_adapter(*model_types: type, name: str | None = None) -> Callable[[t
 def registered_model_types() -> list[type]:
     """Model classes that have an adapter."""
     return [t for adapter in ADAPTERS.values() for t in adapter.model_types]
+
+
+def _block_linears(model: nn.Module, paths: tuple[str, ...]) -> list[str]:
+    """``blocks.<i>.<path>`` for every block of ``model`` and every path that is an nn.Linear there."""
+    names = []
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        for path in paths:
+            try:
+                layer = block.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(layer, nn.Linear):
+                names.append(f"blocks.{i}.{path}")
+    return names
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter | None:
@@ -190,16 +209,12 @@ if _TimmViT is not None:
             return (1, in_chans, int(h), int(w))
 
         def residual_writers(self, model: nn.Module) -> list[str]:
-            names = []
-            for i, block in enumerate(getattr(model, "blocks", [])):
-                for path in ("attn.proj", "mlp.fc2"):
-                    try:
-                        layer = block.get_submodule(path)
-                    except AttributeError:
-                        continue
-                    if isinstance(layer, nn.Linear):
-                        names.append(f"blocks.{i}.{path}")
-            return names
+            return _block_linears(model, ("attn.proj", "mlp.fc2"))
+
+        def reconstruction_layers(self, model: nn.Module) -> list[str]:
+            # the head comes after the blocks (its inputs are the pruned embedding channels)
+            head = ["head"] if isinstance(getattr(model, "head", None), nn.Linear) else []
+            return _block_linears(model, ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")) + head
 
         def reconstruction_stages(self, model: nn.Module) -> list[str]:
             blocks = getattr(model, "blocks", None)

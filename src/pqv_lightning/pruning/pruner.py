@@ -81,6 +81,9 @@ def cubic_schedule(ratio: float, steps: int) -> list[float]:
 
 RATIO_SCHEDULES = {"linear": linear_schedule, "cubic": cubic_schedule}
 
+#: ``PruningConfig.reconstruct_layers`` -> the :class:`ModelAdapter` method that names those layers
+RECONSTRUCT_LAYERS = {"all": "reconstruction_layers", "residual": "residual_writers"}
+
 
 @dataclass
 class PruningConfig:
@@ -111,10 +114,15 @@ class PruningConfig:
             :mod:`pqv_lightning.pruning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
             norm of their group, e.g. ``0.05``; in ``(0, 1)``. Meant for group-sparsity training,
             which drives units to zero. ``pruning_ratio=0`` leaves the threshold alone in charge.
-        reconstruct: after every event, refit the layers that write into the residual stream by
-            least squares so that the pruned network reproduces the one before the event on
-            calibration inputs (:mod:`pqv_lightning.pruning.reconstruction`); the event then needs
-            ``calibration`` batches (:meth:`StructuredPruner.step`).
+        reconstruct: after every event, refit Linear layers by least squares, in forward order, so
+            that the pruned network reproduces the one before the event on calibration inputs
+            (:mod:`pqv_lightning.pruning.reconstruction`); the event then needs ``calibration``
+            batches (:meth:`StructuredPruner.step`).
+        reconstruct_layers: which layers: ``"all"`` (every Linear the model adapter names, a ViT's
+            ``qkv``, ``proj``, ``fc1``, ``fc2`` and the classifier head) or ``"residual"`` (only the
+            layers that write into the residual stream, ``proj`` and ``fc2``). On the bundled
+            Fashion-MNIST ViT, one-shot 25 % / 50 % channels without training: 88.9 % / 80.5 % with
+            ``"residual"``, 90.9 % / 90.5 % with ``"all"`` (unpruned 91.3 %, 2,000 test images).
         reconstruct_ridge: the ridge of that fit, relative to the mean diagonal of ``XᵀX``.
     """
 
@@ -131,6 +139,7 @@ class PruningConfig:
     ratio_schedule: str = "linear"
     threshold: float | None = None
     reconstruct: bool = False
+    reconstruct_layers: str = "all"
     reconstruct_ridge: float = 1e-3
 
     def validate(self) -> None:
@@ -150,6 +159,9 @@ class PruningConfig:
             check_threshold(self.threshold)
         if not isinstance(self.reconstruct, bool):
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be True or False")
+        if self.reconstruct_layers not in RECONSTRUCT_LAYERS:
+            raise ConfigError(f"reconstruct_layers={self.reconstruct_layers!r} is not supported; allowed: "
+                              f"{list(RECONSTRUCT_LAYERS)}")
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
 
     @property
@@ -611,16 +623,20 @@ class StructuredPruner:
         if not calibration:
             raise RuntimeError("PruningConfig(reconstruct=True): pass calibration input batches to step() "
                                "(StructuredPruning collects them from the statistics window)")
-        if not self.adapter.residual_writers(self.model):
-            raise ConfigError(f"reconstruct=True: the adapter of {type(self.model).__name__} names no residual-"
-                              "writing layers to refit (ModelAdapter.residual_writers)")
+        if not self._reconstruction_layers():
+            method = RECONSTRUCT_LAYERS[self.config.reconstruct_layers]
+            raise ConfigError(f"reconstruct=True, reconstruct_layers={self.config.reconstruct_layers!r}: the adapter of "
+                              f"{type(self.model).__name__} names no layers to refit (ModelAdapter.{method})")
         return copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _reconstruction_layers(self) -> list[str]:
+        return getattr(self.adapter, RECONSTRUCT_LAYERS[self.config.reconstruct_layers])(self.model)
 
     def _reconstruct(self, reference: nn.Module, log: Any, calibration: Sequence[torch.Tensor],
                      reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> list[LayerFit]:
-        """Refit the residual writers; the kept output indices come from the event's replacement log."""
+        """Refit ``config.reconstruct_layers``; the kept output indices come from the event's replacement log."""
         chains = log.chains()
-        layers = self.adapter.residual_writers(self.model)
+        layers = self._reconstruction_layers()
         keep_out: dict[str, torch.Tensor | None] = {}
         for name in layers:
             weight = self.model.get_submodule(name).weight

@@ -131,14 +131,13 @@ def reconstruct_linears(
 def _refit_by_stage(model: nn.Module, reference: nn.Module, layers: Sequence[str], inputs: Sequence[torch.Tensor],
                     keep_out: dict[str, torch.Tensor | None], ridge: float,
                     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None, stages: list[str]) -> list[LayerFit]:
-    owner = {}
+    owner = {}  # stage index; len(stages): after the last stage (e.g. the classifier head)
     for name in layers:
         inside = [i for i, stage in enumerate(stages) if name.startswith(stage + ".")]
-        if not inside:
-            raise ConfigError(f"layer {name!r} is in none of the stages {stages}")
-        owner[name] = inside[0]
+        owner[name] = inside[0] if inside else len(stages)
     if list(owner.values()) != sorted(owner.values()):
-        raise ConfigError(f"layers {list(layers)} are not in the order of the stages {stages}")
+        raise ConfigError(f"layers {list(layers)} are not in the order of the stages {stages} (layers in none "
+                          "of them come last)")
     first, ref_first = model.get_submodule(stages[0]), reference.get_submodule(stages[0])
     hidden = [_capture(model, first, x, "input") for x in inputs]
     ref_hidden = [_capture(reference, ref_first, x.to(next(reference.parameters()).device), "input") for x in inputs]
@@ -153,6 +152,10 @@ def _refit_by_stage(model: nn.Module, reference: nn.Module, layers: Sequence[str
             with torch.no_grad():
                 hidden = [block(h) for h in hidden]
                 ref_hidden = [ref_block(r) for r in ref_hidden]
+    runs = [(model, x, reference, x) for x in inputs]  # after the stages: whole (early-stopped) forwards
+    for name in (n for n in layers if owner[n] == len(stages)):
+        fits.append(_refit(name, model.get_submodule(name), reference.get_submodule(name), keep_out.get(name), runs,
+                           ridge, reduce_mean))
     return fits
 
 
