@@ -183,7 +183,8 @@ def summarize(rows: list[tuple[str, dict[str, Any]]], cache: dict[str, Any], see
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="methods")
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="base recipe of the methods grid")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="distillation",
+                    help="base recipe of the grids (its lr, warm-up, schedule, data; distillation only where a row adds it)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", default=None, help="run only rows whose label contains this text")

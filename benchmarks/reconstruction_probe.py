@@ -1,13 +1,14 @@
 """Least-squares reconstruction right after one-shot pruning, before any fine-tuning.
 
 Prunes the bundled Fashion-MNIST ViT once (``prune_once``, L2 importance, uniform channel ratio,
-head dims pruned) and measures test accuracy on the first 2,000 test images: without
+head dims pruned) and measures test accuracy: without
 reconstruction, with ``reconstruct_layers="residual"`` (each block's ``attn.proj`` and
 ``mlp.fc2``) and with ``"all"`` (``qkv``, ``proj``, ``fc1``, ``fc2`` of every block, then the
-head), calibrated on ``--samples`` training images. Writes
+head), calibrated on ``--samples`` training images drawn with each of ``--seeds``; test accuracy on
+``--test-images`` test images (all 10,000 by default). Writes
 ``benchmarks/results/reconstruction_probe.{json,md}`` (rows cached, so it resumes).
 
-    python benchmarks/reconstruction_probe.py
+    python benchmarks/reconstruction_probe.py --seeds 0 1 2
     python benchmarks/reconstruction_probe.py --ratios 0.25 --samples 1024 --layers all
 """
 
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -37,52 +41,70 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--layers", nargs="+", default=["none", "residual", "all"], choices=["none", "residual", "all"])
     ap.add_argument("--samples", type=int, default=256, help="calibration training images")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="draws of the calibration images")
+    ap.add_argument("--test-images", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     cache_file = OUT / "reconstruction_probe.json"
     cache = json.loads(cache_file.read_text())["rows"] if cache_file.is_file() else {}
-    dm = FashionMNISTDataModule(batch_size=128, train_subset=4096, test_subset=2000, seed=0)
-    dm.setup("fit")
-    dm.setup("test")
-    calibration = list(torch.cat([x for x, _ in dm.train_dataloader()])[: args.samples].split(128))
     original, _ = load_vit_checkpoint(default_checkpoint())
     host = host_description()["cpu"]
     with torch_threads(args.threads):
-        key = "unpruned"
-        if key not in cache:
-            cache[key] = {"test_acc": evaluate(original, dm), "host": host}
-        for ratio in args.ratios:
-            for layers in args.layers:
-                key = f"{ratio:g} {layers} {args.samples if layers != 'none' else 0}"
-                if key in cache:
-                    continue
-                model = copy.deepcopy(original)
-                t0 = time.perf_counter()
-                event = prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio,
-                                                        reconstruct=layers != "none",
-                                                        reconstruct_layers="all" if layers == "none" else layers),
-                                   calibration=calibration if layers != "none" else None)
-                cache[key] = {"ratio": ratio, "layers": layers, "samples": args.samples if layers != "none" else 0,
-                              "test_acc": evaluate(model, dm), "seconds": time.perf_counter() - t0,
-                              "error_before": event.reconstruction_error_before,
-                              "error_after": event.reconstruction_error_after, "host": host,
-                              "threads": args.threads, "torch": torch.__version__}
-                atomic_write_text(cache_file, json.dumps({"rows": cache}, indent=1))
-                print(key, f"{100 * cache[key]['test_acc']:.2f} %", flush=True)
-    lines = [f"`python benchmarks/reconstruction_probe.py` — {host}, {args.threads} thread(s), torch "
-             f"{torch.__version__}; one-shot L2 pruning, no fine-tuning; first 2,000 test images (standard "
-             f"error near 90 %: 0.67 pt). Unpruned: {100 * cache['unpruned']['test_acc']:.2f} %.", "",
-             "| channels pruned | refitted layers | calibration images | test acc | mean relative layer error "
-             "before → after | prune + fit time |", "|---|---|---:|---:|---|---:|"]
-    for key, row in sorted(cache.items()):
-        if key == "unpruned":
-            continue
-        err = ("–" if row["error_after"] is None
-               else f"{row['error_before']:.3f} → {row['error_after']:.3f}")
-        lines.append(f"| {100 * row['ratio']:g} % | {row['layers']} | {row['samples']} | "
-                     f"{100 * row['test_acc']:.2f} % | {err} | {row['seconds']:.0f} s |")
-    atomic_write_text(OUT / "reconstruction_probe.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        for seed, ratio, layers in itertools.product(args.seeds, args.ratios, args.layers):
+            samples = args.samples if layers != "none" else 0
+            key = f"{ratio:g} {layers} {samples} seed {seed if samples else 0} test {args.test_images}"
+            if key in cache:
+                continue
+            dm = FashionMNISTDataModule(batch_size=128, train_subset=max(4096, args.samples),
+                                        test_subset=args.test_images, seed=seed)
+            dm.setup("fit")
+            torch.manual_seed(seed)
+            calibration = list(torch.cat([x for x, _ in dm.train_dataloader()])[: args.samples].split(128))
+            unpruned_key = f"unpruned test {args.test_images}"
+            if unpruned_key not in cache:
+                cache[unpruned_key] = {"test_acc": evaluate(original, dm), "host": host}
+            model = copy.deepcopy(original)
+            t0 = time.perf_counter()
+            config = PruningConfig(importance="l2", pruning_ratio=ratio, reconstruct=layers != "none",
+                                   reconstruct_layers="all" if layers == "none" else layers)
+            event = prune_once(model, config, calibration=calibration if samples else None)
+            cache[key] = {"ratio": ratio, "layers": layers, "samples": samples, "seed": seed,
+                          "test_images": args.test_images, "test_acc": evaluate(model, dm),
+                          "seconds": time.perf_counter() - t0, "error_before": event.reconstruction_error_before,
+                          "error_after": event.reconstruction_error_after, "host": host, "threads": args.threads,
+                          "torch": torch.__version__}
+            atomic_write_text(cache_file, json.dumps({"rows": cache}, indent=1))
+            print(key, f"{100 * cache[key]['test_acc']:.2f} %", flush=True)
+    report = _report(cache, args.test_images, host, args.threads)
+    atomic_write_text(OUT / "reconstruction_probe.md", report)
+    print(report)
+
+
+def _report(cache: dict, test_images: int, host: str, threads: int) -> str:
+    se = 100 * math.sqrt(0.9 * 0.1 / test_images)
+    unpruned = cache[f"unpruned test {test_images}"]["test_acc"]
+    lines = [f"`python benchmarks/reconstruction_probe.py --seeds 0 1 2` — {host}, {threads} thread(s), torch "
+             f"{torch.__version__}; one-shot L2 pruning, no fine-tuning; {test_images:,} test images (standard error "
+             f"near 90 %: {se:.2f} pt); ± is the std over draws of the calibration images. Unpruned: "
+             f"{100 * unpruned:.2f} %.", "",
+             "| channels pruned | refitted layers | calibration images | draws | test acc | per draw | mean relative "
+             "layer error before → after | time (prune, fit, test) |", "|---|---|---:|---:|---:|---|---|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in cache.values():
+        if row.get("test_images") == test_images and "ratio" in row:
+            groups.setdefault((row["ratio"], ["none", "residual", "all"].index(row["layers"]), row["samples"]),
+                              []).append(row)
+    for (ratio, _, samples), rows in sorted(groups.items()):
+        accs = [100 * r["test_acc"] for r in rows]
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        first = rows[0]
+        err = ("–" if first["error_after"] is None else
+               f"{statistics.fmean(r['error_before'] for r in rows):.3f} → "
+               f"{statistics.fmean(r['error_after'] for r in rows):.3f}")
+        lines.append(f"| {100 * ratio:g} % | {first['layers']} | {samples} | {len(rows)} | "
+                     f"{statistics.fmean(accs):.2f}{spread} % | {', '.join(f'{a:.2f}' for a in accs)} | {err} | "
+                     f"{statistics.fmean(r['seconds'] for r in rows):.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
