@@ -102,7 +102,9 @@ def methods_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str,
              {**base, **kd, **full, "lr": 5e-5, "pruning_ratio": r, "iterative_steps": 1}),
         ]
     return rows + [("unpruned", {**base, "pruning_ratio": 0.0}),
-                   ("unpruned + distillation", {**base, **kd, "pruning_ratio": 0.0})]
+                   ("unpruned + distillation", {**base, **kd, "pruning_ratio": 0.0}),
+                   ("unpruned, lr 5e-5", {**base, "lr": 5e-5, "pruning_ratio": 0.0}),
+                   ("unpruned + distillation, lr 5e-5", {**base, **kd, "lr": 5e-5, "pruning_ratio": 0.0})]
 
 
 def distillation_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
