@@ -90,6 +90,8 @@ def test_bad_reconstruction_input_is_refused():
         PruningConfig(reconstruct_ridge=float("nan")).validate()
     with pytest.raises(ConfigError, match=r"reconstruct_layers='writers' is not supported; allowed: \['all', 'residual'\]"):
         PruningConfig(reconstruct=True, reconstruct_layers="writers").validate()
+    with pytest.raises(ConfigError, match="reconstruct_layers='qkv' is not supported"):
+        StructuredPruning(reconstruct=True, reconstruct_layers="qkv")  # the callback refuses it before training
     with pytest.raises(ConfigError, match="reconstruct_samples=0"):
         StructuredPruning(reconstruct=True, reconstruct_samples=0)
 

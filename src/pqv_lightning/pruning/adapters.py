@@ -87,10 +87,10 @@ class ModelAdapter:
         return []
 
     def reconstruction_stages(self, model: nn.Module) -> list[str]:
-        """Dotted names of modules that run one after the other on one tensor and hold the
-        :meth:`residual_writers` (a ViT's blocks): reconstruction keeps their inputs between
-        stages instead of re-running the network from the start for every layer. Empty: whole
-        forward passes."""
+        """Dotted names of modules that run one after the other on one tensor and hold the layers
+        to refit (a ViT's blocks): reconstruction keeps their inputs between stages instead of
+        re-running the network from the start for every layer; layers after the last stage (the
+        head) are fitted with whole forward passes. Empty: whole forward passes only."""
         return []
 
 
