@@ -44,12 +44,13 @@ import torch
 from pqv_lightning.apps.recipes import RECIPES, default_checkpoint, finetune_with_pruning
 from pqv_lightning.settings import torch_threads
 from pqv_lightning.fileio import atomic_write_text, file_digest
+from pqv_lightning.pruning.pruner import RECONSTRUCT_LAYERS
 
 OUT = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000
 # least-squares reconstruction at each event: proj + fc2 only ("residual"), or every Linear ("all")
 RECONSTRUCT = {layers: {"pruning_kwargs": {"reconstruct": True, "reconstruct_layers": layers}}
-               for layers in ("residual", "all")}
+               for layers in RECONSTRUCT_LAYERS}
 
 
 def recipe_grid(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -49,17 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     cache = json.loads(cache_file.read_text())["rows"] if cache_file.is_file() else {}
     original, _ = load_vit_checkpoint(default_checkpoint())
     host = host_description()["cpu"]
+    data: dict[int, tuple[FashionMNISTDataModule, list[torch.Tensor]]] = {}
     with torch_threads(args.threads):
         for seed, ratio, layers in itertools.product(args.seeds, args.ratios, args.layers):
             samples = args.samples if layers != "none" else 0
             key = f"{ratio:g} {layers} {samples} seed {seed if samples else 0} test {args.test_images}"
             if key in cache:
                 continue
-            dm = FashionMNISTDataModule(batch_size=128, train_subset=max(4096, args.samples),
-                                        test_subset=args.test_images, seed=seed)
-            dm.setup("fit")
-            torch.manual_seed(seed)
-            calibration = list(torch.cat([x for x, _ in dm.train_dataloader()])[: args.samples].split(128))
+            if seed not in data:  # one data module and calibration draw per seed, shared by its rows
+                dm = FashionMNISTDataModule(batch_size=128, train_subset=max(4096, args.samples),
+                                            test_subset=args.test_images, seed=seed)
+                dm.setup("fit")
+                torch.manual_seed(seed)
+                data[seed] = dm, list(torch.cat([x for x, _ in dm.train_dataloader()])[: args.samples].split(128))
+            dm, calibration = data[seed]
             unpruned_key = f"unpruned test {args.test_images}"
             if unpruned_key not in cache:
                 cache[unpruned_key] = {"test_acc": evaluate(original, dm), "host": host}
