@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pqv_lightning import PruningConfig, prune_once
-from pqv_lightning.export import MobileExportConfig, export_mobile
+from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
 from pqv_lightning.export.delegation import (
     DelegatableAttention,
     DelegatableLayerNorm,
@@ -278,8 +278,22 @@ def test_openvino_round_trips_through_the_openvino_runtime(tmp_path, precision):
         assert "f16" in element_types
     assert not list((tmp_path / "out").glob(".*"))  # no staged leftovers
     compiled = compile_ir(str(xml), threads=2)
-    for batch in (1, 5):  # any batch
+    for batch in (1, 5):  # the IR keeps a free batch dimension: any batch
         assert compiled(torch.randn(batch, 1, 32, 32).numpy())[0].shape == (batch, 10)
+    # our runner compiles one static-shape model per input shape, with the same results
+    assert "compiled at static input shapes (one compiled model per shape)" in entry["optimizations_applied"]
+    run = TARGETS["openvino"].load(str(xml), torch.zeros(1, 1, 32, 32), threads=2)
+    assert list(run.compiled) == [(1, 1, 32, 32)]
+    x = torch.randn(5, 1, 32, 32)
+    static, dynamic = run(x), torch.from_numpy(compiled(x.numpy())[0])
+    assert list(run.compiled) == [(1, 1, 32, 32), (5, 1, 32, 32)]
+    assert all(not model.input(0).get_partial_shape().is_dynamic for model, _, _ in run.compiled.values())
+    assert torch.nn.functional.cosine_similarity(static.flatten(), dynamic.flatten(), dim=0) > 0.9999
+    if precision == "fp32":
+        assert torch.allclose(static, dynamic, atol=1e-5)
+        for batch in (2, 3, 4, 6):  # the oldest compiled shapes are dropped
+            assert run(torch.randn(batch, 1, 32, 32)).shape == (batch, 10)
+        assert list(run.compiled) == [(2, 1, 32, 32), (3, 1, 32, 32), (4, 1, 32, 32), (6, 1, 32, 32)]
 
 
 @needs_ov
