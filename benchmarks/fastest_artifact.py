@@ -9,7 +9,8 @@ interrupted run resumes; the Markdown report is rewritten from the cache after e
   Thresholds of the issue: agreement >= 99 %, cosine >= 0.995.
 * ``latency`` — DeiT-base (random weights; latency does not depend on the values), unpruned and with
   25 % and 9.375 % (the paper's own configuration) of the channels pruned by ``prune_once`` (l2)
-  under each ``round_to`` width rule: fp32 eager and every int8 artifact of every runtime
+  under each ``round_to`` width rule and head rule (``--head-rules``: ``dims`` inside every head,
+  ``heads`` whole heads): fp32 eager and every int8 artifact of every runtime
   (``.pte`` ExecuTorch/XNNPACK, ``.onnx`` ONNX Runtime incl. int8 attention, OpenVINO IR). Exports
   are kept in ``--work`` (resumable); then **all** candidates and the unpruned fp32 eager baseline
   are timed in one round-robin, each in a fresh process (:func:`pqv_lightning.export.benchmark.round_robin`).
@@ -20,6 +21,8 @@ interrupted run resumes; the Markdown report is rewritten from the cache after e
     python benchmarks/fastest_artifact.py --part latency                    # ~60 min on 2 cores
     python benchmarks/fastest_artifact.py --part latency --export-only      # the exports only (timing later)
     python benchmarks/fastest_artifact.py --part latency --report-only
+    python benchmarks/fastest_artifact.py --part latency --head-rules dims heads --round-to 0 64 \
+        --name fastest_artifact_heads                                       # whole heads vs head dims
 """
 
 from __future__ import annotations
@@ -102,12 +105,16 @@ def _input_shape(model) -> list[int]:
     return [model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
 
 
-def _variants(args) -> list[tuple[str, float, int | None]]:
-    """(key, ratio, round_to): the unpruned model, then every pruning ratio x width rule."""
-    out = [("unpruned", 0.0, None)]
+def _variants(args) -> list[tuple[str, float, int | None, bool]]:
+    """(key, ratio, round_to, prune_heads): the unpruned model, then every pruning ratio x head rule x
+    width rule (``dims``: dimensions inside every head, the keys of the first runs; ``heads``: whole
+    heads)."""
+    out = [("unpruned", 0.0, None, False)]
     for ratio in args.ratios:
-        for r in args.round_to:
-            out.append((f"{100 * ratio:g}% round_to={r or None}", ratio, r or None))
+        for rule in args.head_rules:
+            for r in args.round_to:
+                name = "" if rule == "dims" else "heads "
+                out.append((f"{100 * ratio:g}% {name}round_to={r or None}", ratio, r or None, rule == "heads"))
     return out
 
 
@@ -121,7 +128,7 @@ def _widths(model) -> dict[str, int]:
             "num_heads": attn.num_heads, "mlp_hidden": model.blocks[0].mlp.fc1.out_features}
 
 
-def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Path, cache: Cache,
+def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: bool, args, work: Path, cache: Cache,
                     seen: dict[str, str]) -> dict[str, Any]:
     """Export every format x int8 precision of one variant (kept in ``work``); cached. A width rule that
     gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it."""
@@ -133,7 +140,7 @@ def _export_variant(key: str, ratio: float, round_to: int | None, args, work: Pa
                                               for a in done["artifacts"] if a["status"] == "ok"):
         seen.setdefault(json.dumps([ratio, _widths_of(done)]), key)
         return done
-    model = paper_model(args.model, ratio, round_to=round_to)
+    model = paper_model(args.model, ratio, round_to=round_to, prune_heads=prune_heads)
     widths = _widths(model)
     twin = seen.get(json.dumps([ratio, widths]))
     if twin is not None:
@@ -172,7 +179,7 @@ def _widths_of(row: dict[str, Any]) -> dict[str, int]:
 
 def _latency(args, cache: Cache) -> None:
     work, seen = Path(args.work), {}
-    variants = [_export_variant(k, r, rt, args, work, cache, seen) for k, r, rt in _variants(args)]
+    variants = [_export_variant(k, r, rt, heads, args, work, cache, seen) for k, r, rt, heads in _variants(args)]
     candidates = []
     for v in variants:
         if "same_as" in v:
@@ -252,6 +259,8 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32, 64],
                     help="width rules (prune_once round_to; 0 = no rounding); rules that give the same widths as an "
                          "earlier one of the same ratio are exported and timed once")
+    ap.add_argument("--head-rules", nargs="+", choices=["dims", "heads"], default=["dims"],
+                    help="how attention widths shrink: 'dims' (inside every head) and/or 'heads' (whole heads)")
     ap.add_argument("--unpruned-artifacts", action=argparse.BooleanOptionalAction, default=True,
                     help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always "
                          "the baseline")

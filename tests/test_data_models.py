@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pqv_lightning.data import DEFAULT_FMNIST_DIR, FashionMNISTDataModule, read_idx
-from pqv_lightning.models import ImageClassifier, create_vit, load_vit_checkpoint, save_vit_checkpoint
+from pqv_lightning.models import ImageClassifier, create_vit, load_vit_checkpoint, paper_model, save_vit_checkpoint
 from pqv_lightning.apps.recipes import default_checkpoint, evaluate, train_vit_checkpoint
 
 from pathlib import Path
@@ -58,6 +58,18 @@ def test_create_vit_errors():
     with pytest.raises(ValueError, match="has no pretrained weights"):
         create_vit("vit_test_tiny", pretrained=True)
     assert create_vit("deit_tiny_patch16_224", num_classes=3).head.out_features == 3
+
+
+def test_paper_model_prunes_head_dims_or_whole_heads():
+    def widths(m):
+        attn = m.blocks[0].attn
+        return m.patch_embed.proj.out_channels, attn.num_heads, attn.qkv.out_features // (3 * attn.num_heads)
+
+    assert widths(paper_model("vit_test_tiny")) == (64, 4, 16)
+    assert widths(paper_model("vit_test_tiny", 0.25, round_to=None)) == (48, 4, 12)  # dims inside every head
+    heads = paper_model("vit_test_tiny", 0.25, round_to=None, prune_heads=True)
+    assert widths(heads) == (48, 3, 16)  # whole heads: each kept head keeps its width
+    assert heads(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
 def test_checkpoint_format_round_trip(tmp_path):

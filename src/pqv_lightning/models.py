@@ -155,17 +155,20 @@ def create_vit(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.M
 
 
 def paper_model(model_name: str, ratio: float = 0.0, *, seed: int = 0, round_to: int | None = 2,
-                **kwargs: Any) -> nn.Module:
+                prune_heads: bool = False, **kwargs: Any) -> nn.Module:
     """The benchmark model of the sweep and the latency benchmarks: ``model_name`` with random weights
     (seeded), in eval mode, with ``ratio`` of its channels removed by one L2-magnitude pruning step
     (on random weights every criterion gives the same structure; only the shapes matter for speed).
+    ``prune_heads``: remove whole attention heads (each kept head keeps its head dim) instead of
+    dimensions inside every head.
     """
     from .pruning import PruningConfig, prune_once
 
     torch.manual_seed(seed)
     model = create_vit(model_name, **kwargs).eval()
     if ratio > 0:
-        prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=round_to))
+        prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio, round_to=round_to,
+                                        prune_num_heads=prune_heads, prune_head_dims=not prune_heads))
     return model
 
 
