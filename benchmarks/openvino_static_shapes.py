@@ -4,7 +4,7 @@
 ``compile_model``); this measures what that buys. For each IR given, both compiled models live in
 ONE process and are called alternately (``--rounds`` rounds of ``--calls`` calls each, after
 ``--warmup`` calls), so host drift hits both alike; OpenVINO's threads do not spin between calls.
-The ratio is dynamic / static median.
+The ratio is the free-batch median over the static-shape median.
 
     python benchmarks/fastest_artifact.py --part latency --export-only --work runs/fastest_artifact
     python benchmarks/openvino_static_shapes.py runs/fastest_artifact/unpruned/openvino/model_int8-static.xml \

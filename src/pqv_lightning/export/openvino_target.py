@@ -20,12 +20,13 @@ is the runtime x86 edge boxes ship with; its CPU plugin picks kernels for the ho
 The manifest records what the plugin really ran: ``inference_precision`` read back from the
 compiled model on this host.
 
-The IR keeps its free batch dimension, but it is **run at a static shape**: :meth:`OpenVINOTarget.load`
-compiles the model once per input shape it meets (``model.reshape(shape)`` before ``compile_model``,
-:func:`compile_ir` with ``shape``). With a dynamic batch the CPU plugin infers shapes and allocates
-memory on every call; at batch 1 static shapes ran the int8-static IRs of DeiT-base 1.11-1.26x
-faster on the Intel Xeon (AMX) host (``benchmarks/openvino_static_shapes.py``). A user's own runtime code should do the same:
-``model = core.read_model(xml); model.reshape([1, 3, 224, 224]); core.compile_model(model, "CPU", options)``.
+The IR keeps its free batch dimension, but it is **run at a static shape**:
+:meth:`OpenVINOTarget.load` compiles the model once per input shape it meets (``model.reshape(shape)``
+before ``compile_model``, :func:`compile_ir` with ``shape``). With a dynamic batch the CPU plugin
+infers shapes and allocates memory on every call; at batch 1 static shapes ran the int8-static IRs
+of DeiT-base 1.11-1.26x faster on the Intel Xeon (AMX) host (``benchmarks/openvino_static_shapes.py``).
+A user's own runtime code should do the same: ``model = core.read_model(xml);
+model.reshape([1, 3, 224, 224]); core.compile_model(model, "CPU", options)``.
 """
 
 from __future__ import annotations
