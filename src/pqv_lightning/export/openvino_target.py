@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -71,14 +72,22 @@ def runtime_options(model) -> dict[str, str]:
     return {str(key): value.astype(str) for key, value in section.items()}
 
 
+@functools.cache
+def _core():
+    """One ``ov.Core`` per process, shared by every compiled model (OpenVINO's recommended use). With
+    a Core per compiled model, dropped while the model lived on, the fast test tier segfaulted
+    reproducibly (4 of 4 runs) once the loader kept a compiled model per input shape."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None):
     """An OpenVINO CPU ``CompiledModel`` for the IR at ``path``, with the IR's own runtime options
     (e.g. ``fp32`` files: ``INFERENCE_PRECISION_HINT=f32``), ``threads`` inference threads, one
     stream and the latency hint. ``shape``: compile for this one input shape (static shapes, the
     fast path); None keeps the IR's free batch dimension (any batch, slower per call)."""
-    import openvino as ov
-
-    core = ov.Core()
+    core = _core()
     model = core.read_model(path)
     if shape is not None:
         model.reshape([int(d) for d in shape])
