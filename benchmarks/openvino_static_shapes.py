@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pqv_lightning.export.benchmark import summarize
+from pqv_lightning.export.benchmark import summarize, time_calls
 from pqv_lightning.export.host import host_description
 from pqv_lightning.export.openvino_target import compile_ir
 from pqv_lightning.fileio import atomic_write_text
@@ -35,16 +34,13 @@ def measure(path: str, shape: list[int], threads: int, rounds: int, calls: int, 
     feed = np.random.default_rng(0).random(shape, dtype=np.float32)
     requests = {"free batch": compile_ir(path, threads), "static shape": compile_ir(path, threads, shape)}
     requests = {k: (c, c.create_infer_request()) for k, c in requests.items()}  # keep each compiled model
-    times: dict[str, list[float]] = {k: [] for k in requests}
-    for _, request in requests.values():
-        for _ in range(warmup):
-            request.infer({0: feed})
+    runs = {k: (lambda x, request=request: request.infer({0: x})) for k, (_, request) in requests.items()}
+    for run in runs.values():
+        time_calls(run, feed, warmup, 0)
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        for name, (_, request) in requests.items():
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                request.infer({0: feed})
-                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, run in runs.items():
+            times[name] += time_calls(run, feed, 0, calls)
     stats = {k: summarize(v) for k, v in times.items()}
     return {"stats": stats, "ratio": stats["free batch"]["median_ms"] / stats["static shape"]["median_ms"]}
 
