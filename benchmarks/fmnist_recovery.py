@@ -13,6 +13,10 @@ Grids (``--grid``):
   control with and without distillation.
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
+* ``widths`` — the width rules that export runtimes run faster (results/fastest_artifact_heads.md):
+  whole heads removed (every kept head keeps its 64 dims) instead of dimensions inside every head,
+  with the whole default recipe (``--recipe default``). The proxy has 3 heads, so whole heads at
+  25 % remove one head of three (33 % of the attention width) and a little more than head dims do.
 * ``combinations`` — distillation plus one more change: one-shot, alpha 0.9 / tau 4, lr 1e-4 or
   4e-4, reconstruction (one-shot / iterative, lr 2e-4 / 5e-5), global allocation (Taylor across
   layers) at the uniform model's MAC budget.
@@ -24,6 +28,10 @@ Markdown report shows mean ± std over the seeds that finished and the test set'
     python benchmarks/fmnist_recovery.py --grid methods --seeds 0 1 2
     python benchmarks/fmnist_recovery.py --grid recipe --seeds 0
     python benchmarks/fmnist_recovery.py --grid methods --report-only   # the table of what finished
+    python benchmarks/fmnist_recovery.py --grid widths --recipe default --ratios 0.25 --reuse fmnist_recovery_methods
+
+``--reuse NAME`` counts rows cached in ``results/NAME.json`` (same settings, seed and checkpoint) as
+done, so a grid that repeats another grid's row shows it without running it again.
 """
 
 from __future__ import annotations
@@ -160,8 +168,20 @@ def combinations_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple
     return rows
 
 
+def widths_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """``recipe`` as it is (head dims pruned inside every head) and with whole heads removed instead."""
+    heads = {"prune_num_heads": True, "prune_head_dims": False}
+    rows = []
+    for r in ratios:
+        rows += [(f"{r:g} head dims (every head narrower)", {**recipe, "pruning_ratio": r}),
+                 (f"{r:g} whole heads (kept heads keep their width)",
+                  {**recipe, "pruning_ratio": r,
+                   "pruning_kwargs": {**(recipe.get("pruning_kwargs") or {}), **heads}})]
+    return rows
+
+
 GRIDS = {"recipe": lambda recipe, ratios: recipe_grid(recipe), "methods": methods_grid,
-         "distillation": distillation_grid, "combinations": combinations_grid}
+         "distillation": distillation_grid, "combinations": combinations_grid, "widths": widths_grid}
 
 
 def _key(settings: dict[str, Any], seed: int, digest: str) -> str:
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--name", default=None, help="results file stem (default fmnist_recovery_<grid>)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the cached rows; run nothing")
+    ap.add_argument("--reuse", nargs="+", default=[], metavar="NAME",
+                    help="also count rows cached in results/NAME.json (same settings, seed, checkpoint) as done")
     args = ap.parse_args(argv)
     ckpt = Path(args.checkpoint or default_checkpoint())
     digest = file_digest(ckpt)
@@ -205,6 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = GRIDS[args.grid](RECIPES[args.recipe], args.ratios)
     if args.only:
         rows = [r for r in rows if args.only in r[0]]
+    wanted = {_key(st, s, digest) for _, st in rows for s in args.seeds}
+    for other in args.reuse:  # the other file is only read; its rows of this grid join this file
+        other_file = OUT / f"{other}.json"
+        if not other_file.is_file():
+            ap.error(f"--reuse {other}: {other_file} does not exist")
+        reused = json.loads(other_file.read_text())["rows"]
+        cache = {**{k: v for k, v in reused.items() if k in wanted}, **cache}
     host = platform.processor() or platform.machine()
     try:
         host = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

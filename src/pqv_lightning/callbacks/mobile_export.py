@@ -46,6 +46,9 @@ class MobileExport(Callback):
         engines: for ``ptl`` int8: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
         delegation_friendly: for ``pte``: swap timm Attention/LayerNorm for numerically identical
             modules that XNNPACK delegates whole (2 partitions instead of ~62 for a ViT).
+        pad_widths: pad the pruned widths to kernel-friendly multiples before export, computing the
+            same function: ``"auto"`` (for the targets that want it: OpenVINO, 64), an integer (every
+            target) or ``None``; see :func:`pqv_lightning.export.padding.pad_widths`.
         output_dir: where to write; default ``<trainer.default_root_dir>/mobile_export``.
         overwrite: allow a non-empty ``output_dir``. Checked before training starts.
         min_top1_agreement, on_failure: verification threshold and what a failure does
@@ -87,6 +90,7 @@ class MobileExport(Callback):
         formats: list[str] | None = None,
         engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = None,
         delegation_friendly: bool = True,
+        pad_widths: int | Literal["auto"] | None = "auto",
         output_dir: str | None = None,
         overwrite: bool = False,
         min_top1_agreement: float = 0.9,
@@ -111,6 +115,7 @@ class MobileExport(Callback):
         self.config = MobileExportConfig(
             precisions=list(precisions or ["fp32", "int8-dynamic"]), formats=list(formats or ["ptl"]),
             engines=list(engines) if engines else None, delegation_friendly=delegation_friendly,
+            pad_widths=pad_widths,
             output_dir=output_dir or "", overwrite=overwrite, min_top1_agreement=min_top1_agreement,
             on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
             calibration_batches=calibration_batches, measure_memory=measure_memory, rank=rank,

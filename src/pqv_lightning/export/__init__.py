@@ -2,7 +2,8 @@
 ``.ptl`` files, and name the fastest verified one on this host; see :mod:`.core`.
 
 Extension points: :data:`TARGETS` (formats), :data:`PRECISIONS` (precision configs),
-:data:`~.delegation.DELEGATION_SWAPS` (module swaps before ExecuTorch lowering)."""
+:data:`~.delegation.DELEGATION_SWAPS` (module swaps before ExecuTorch lowering). :func:`~.padding.pad_widths`
+grows pruned widths to kernel-friendly multiples without changing the function."""
 
 from .core import (
     ENGINES,
@@ -15,6 +16,7 @@ from .core import (
     rank_artifacts,
 )
 from .delegation import DELEGATION_SWAPS, make_delegation_friendly, register_delegation_swap
+from .padding import WidthPaddingError, pad_widths
 from .precisions import FP16, FP32, PRECISIONS, Int8Dynamic, Int8Static, Precision
 from .targets import TARGETS, Built, ExportTarget, register_target
 
@@ -30,6 +32,7 @@ __all__ = [
     "Precision",
     "RANKINGS",
     "TARGETS",
+    "WidthPaddingError",
     "ExportFailedError",
     "ExportTarget",
     "MobileExportConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "export_mobile",
     "host_default_engine",
     "make_delegation_friendly",
+    "pad_widths",
     "rank_artifacts",
     "register_delegation_swap",
     "register_target",

@@ -51,6 +51,7 @@ from . import executorch_target as _executorch_target  # noqa: F401  (registers 
 from . import onnx_target as _onnx_target  # noqa: F401
 from . import torchscript_target as _torchscript_target  # noqa: F401
 from . import openvino_target as _openvino_target  # noqa: F401
+from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
 
@@ -105,6 +106,13 @@ class MobileExportConfig:
         measure_memory: peak resident memory of loading + 3 inferences, measured in a fresh
             process per artifact (about 2 s each; an in-process number would include everything
             else the process ever allocated).
+        pad_widths: grow the model's widths (embedding, heads x head dim, MLP hidden) to multiples
+            of this before export, computing exactly the same function (:func:`.padding.pad_widths`;
+            checked on ``example_input``, verified against the unpadded model like every file).
+            ``"auto"`` (default): only for targets whose runtime runs such widths faster
+            (``ExportTarget.width_multiple``; OpenVINO: 64, others none: padding adds MACs they
+            pay for); an integer >= 2: for every target; ``None``: never. A model it cannot pad
+            (not a timm ViT, a custom block) is exported unpadded and ``optimizations_skipped`` says why.
         rank: how the manifest's ``best`` (the fastest verified artifact on this host) is chosen:
             ``"round-robin"`` times every ``ok`` artifact and the fp32 eager model each in a fresh
             process, in turn, ``rank_rounds`` rounds of ``rank_calls`` calls (the method of
@@ -127,6 +135,7 @@ class MobileExportConfig:
     verify_batches: int = 8
     calibration_batches: int = 8
     measure_memory: bool = True
+    pad_widths: int | str | None = "auto"
     rank: str = "round-robin"
     rank_rounds: int = 3
     rank_calls: int = 10
@@ -150,6 +159,9 @@ class MobileExportConfig:
                 f"engines {missing} are not supported by this torch build; supported: "
                 f"{torch.backends.quantized.supported_engines}"
             )
+        if not (self.pad_widths is None or self.pad_widths == "auto" or
+                (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)):
+            raise ConfigError(f"pad_widths={self.pad_widths!r}; allowed: 'auto', None or an integer >= 2")
         if self.rank not in RANKINGS:
             raise ConfigError(f"rank={self.rank!r}; allowed: {list(RANKINGS)}")
         if self.on_failure not in ("warn", "raise"):
@@ -327,13 +339,15 @@ def export_mobile(
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
+        padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
         for fmt in config.formats:
             target = TARGETS[fmt]
+            source, padding = _padded_source(target, reference, example, config.pad_widths, padded)
             for precision in precisions:
                 per_engine = target.engine_dependent and precision.engine_dependent
                 for engine in engines if per_engine else [None]:
                     entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
-                                        verify, config, out, baseline)
+                                        verify, config, out, baseline, source, padding)
                     manifest["artifacts"].append(entry)
                     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
                     if entry["status"] != "ok" and config.on_failure == "raise":
@@ -419,8 +433,57 @@ def _cosine(run, reference, batches) -> float:
     return cos / total
 
 
+def _padded_source(target: ExportTarget, reference: nn.Module, example: torch.Tensor, pad: int | str | None,
+                   cache: dict[int, tuple[nn.Module, dict[str, Any]]]) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model ``target`` exports: ``reference`` with widths padded to the multiple ``pad`` asks for
+    (one copy per multiple, kept in ``cache``), and the manifest's ``width_padding`` entry (None when
+    no padding was asked for this target)."""
+    multiple = target.width_multiple if pad == "auto" else pad
+    if not multiple:
+        return reference, None
+    if multiple not in cache:
+        model = copy.deepcopy(reference)
+        try:
+            changes = pad_widths(model, multiple)
+        except WidthPaddingError as exc:
+            cache[multiple] = reference, {"multiple": multiple, "applied": False, "reason": str(exc)}
+        else:
+            with torch.no_grad():
+                ref, out = reference(example), model(example)
+            error = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)) if ref.shape == out.shape else None
+            if error is None or error > 1e-4:  # a forward that uses the widths itself (e.g. returns features)
+                reason = (f"the padded model's output differs (shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
+                          f"relative error {error})")
+                cache[multiple] = reference, {"multiple": multiple, "applied": False, "reason": reason}
+            else:
+                applied = any(k != "kept" for k in changes)
+                cache[multiple] = (model if applied else reference), {
+                    "multiple": multiple, "applied": applied, "widths": changes, "max_relative_error": error}
+    return cache[multiple]
+
+
+def _padding_notes(padding: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(applied, skipped) lines of the manifest for ``padding``."""
+    if padding is None:
+        return [], []
+    m = padding["multiple"]
+    if "reason" in padding:
+        return [], [f"width padding to multiples of {m}: {padding['reason']}"]
+    kept = padding["widths"].get("kept", {})
+    skipped = [f"width padding to multiples of {m} left " + ", ".join(f"{k} {a} (->{b})" for k, (a, b) in kept.items())
+               + f" as they were: padding would add more than {MAX_GROWTH:.1%}"] if kept else []
+    if not padding["applied"]:
+        return ([] if kept else [f"widths already multiples of {m} (no padding needed)"]), skipped
+    widths = ", ".join(f"{k} {a}->{b}" for k, (a, b) in padding["widths"].items() if k != "kept")
+    return [f"widths padded to multiples of {m}, same function: {widths}"], skipped
+
+
 def _export_one(target: ExportTarget, reference, precision: Precision, engine, default_engine, example, calibration,
-                verify, config, out, baseline) -> dict[str, Any]:
+                verify, config, out, baseline, source: nn.Module | None = None,
+                padding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write, verify (against ``reference``) and time one file of ``source`` (the model to export:
+    ``reference`` or its width-padded copy)."""
+    source = reference if source is None else source
     name = f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
     path = out / name
     entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision.name, "engine": engine}
@@ -430,7 +493,7 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
         with quantized_engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
             with staged(path, suffix=target.suffix) as tmp, _companions_staged(target, tmp, path):
-                built = target.write(reference, precision, engine or default_engine, example,
+                built = target.write(source, precision, engine or default_engine, example,
                                      [x for x, _ in calibration], tmp, options)
                 stage = "load and verify"
                 run = target.load(tmp, example, config.threads)
@@ -454,13 +517,16 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
     ok = checks["top1_agreement"] >= config.min_top1_agreement
     if target.companion_suffixes:
         entry["companions"] = [p.name for p in target.companions(path)]
+    pad_applied, pad_skipped = _padding_notes(padding)
+    if padding is not None:
+        entry["width_padding"] = padding
     entry.update(
         runtime=target.runtime,
         status="ok" if ok else "failed",
         reason=None if ok else (f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
                                 f"{config.min_top1_agreement}"),
-        sha256=digest, size_bytes=size, optimizations_applied=built.applied,
-        optimizations_skipped=built.skipped, **built.details, verification=checks, latency=latency, memory=memory,
+        sha256=digest, size_bytes=size, optimizations_applied=pad_applied + built.applied,
+        optimizations_skipped=pad_skipped + built.skipped, **built.details, verification=checks, latency=latency, memory=memory,
     )
     if not ok:
         warnings.warn(f"MobileExport: {name} failed verification: {entry['reason']}", stacklevel=3)

@@ -140,6 +140,9 @@ class OpenVINOTarget(ExportTarget):
         "layers only; int8-static (NNCF) quantizes q and k of the attention")}
     extra = "openvino"
     requires = ("openvino", "nncf")
+    # int8 on an AMX host: the 9.375 %-pruned DeiT-base (widths 696, head dim 58) ran 1.32x faster padded
+    # to 704 / 64 (benchmarks/fastest_artifact.py --pad none 64), slower than the unpruned model unpadded
+    width_multiple = 64
     memory_probe = PROBE_HEAD + """
 import openvino as ov
 core = ov.Core()

@@ -73,6 +73,10 @@ class ExportTarget:
     #: precision options this target cannot honour: field name -> why (a precision with the field
     #: set is refused by :meth:`handler`, i.e. by ``MobileExportConfig.validate()`` before any work)
     unsupported_options: ClassVar[dict[str, str]] = {}
+    #: the width multiple this runtime's kernels run fastest (``MobileExportConfig(pad_widths="auto")``
+    #: pads the model's widths to it, exactly, before :meth:`write`); None: widths do not matter enough
+    #: to pay the padding's extra MACs
+    width_multiple: ClassVar[int | None] = None
     _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
