@@ -23,6 +23,12 @@ interrupted run resumes; the Markdown report is rewritten from the cache after e
     python benchmarks/fastest_artifact.py --part latency --report-only
     python benchmarks/fastest_artifact.py --part latency --head-rules dims heads --round-to 0 64 \
         --name fastest_artifact_heads                                       # whole heads vs head dims
+    python benchmarks/fastest_artifact.py --part latency --ratios 0.09375 0.25 --round-to 0 --pad none 64 \
+        --formats onnx openvino --name fastest_artifact_padding             # exact widths, padded at export
+
+Every export here sets ``pad_widths`` itself: ``--pad none`` (the default, and the first runs) exports
+the pruned widths as they are, for every format; ``--pad 64`` pads the model (same function) before
+every format exports it, so the table shows what padding does to each runtime.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 
 import torch
 
-from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile
+from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile, pad_widths
 from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.host import gemm_throughput, host_description
 from pqv_lightning.fileio import atomic_write_text
@@ -105,17 +111,24 @@ def _input_shape(model) -> list[int]:
     return [model.patch_embed.proj.in_channels, *model.patch_embed.img_size]
 
 
-def _variants(args) -> list[tuple[str, float, int | None, bool]]:
-    """(key, ratio, round_to, prune_heads): the unpruned model, then every pruning ratio x head rule x
-    width rule (``dims``: dimensions inside every head, the keys of the first runs; ``heads``: whole
-    heads)."""
-    out = [("unpruned", 0.0, None, False)]
+def _variants(args) -> list[tuple[str, float, int | None, bool, str]]:
+    """(key, ratio, round_to, prune_heads, pad): the unpruned model, then every pruning ratio x head rule
+    x width rule (``dims``: dimensions inside every head, the keys of the first runs; ``heads``: whole
+    heads) x export padding (``none``: the keys of the first runs; ``auto``; a multiple)."""
+    out = [("unpruned", 0.0, None, False, "none")]
     for ratio in args.ratios:
         for rule in args.head_rules:
             for r in args.round_to:
-                name = "" if rule == "dims" else "heads "
-                out.append((f"{100 * ratio:g}% {name}round_to={r or None}", ratio, r or None, rule == "heads"))
+                for pad in args.pad:
+                    name = "" if rule == "dims" else "heads "
+                    suffix = "" if pad == "none" else f" pad={pad}"
+                    out.append((f"{100 * ratio:g}% {name}round_to={r or None}{suffix}", ratio, r or None,
+                                rule == "heads", pad))
     return out
+
+
+def _pad_option(pad: str) -> int | str | None:
+    return None if pad == "none" else pad if pad == "auto" else int(pad)
 
 
 def _folder(work: Path, key: str) -> Path:
@@ -128,10 +141,12 @@ def _widths(model) -> dict[str, int]:
             "num_heads": attn.num_heads, "mlp_hidden": model.blocks[0].mlp.fc1.out_features}
 
 
-def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: bool, args, work: Path, cache: Cache,
-                    seen: dict[str, str]) -> dict[str, Any]:
+def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: bool, pad: str, args, work: Path,
+                    cache: Cache, seen: dict[str, str]) -> dict[str, Any]:
     """Export every format x int8 precision of one variant (kept in ``work``); cached. A width rule that
-    gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it."""
+    gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it; so is
+    a padded variant whose widths padding does not change (``pad`` pads at export, with
+    ``MobileExportConfig.pad_widths``; its fp32 eager candidate is the padded model)."""
     done = cache.get(f"export/{key}")
     folder = _folder(work, key)
     if done and "same_as" in done and done["same_as"] in seen.values():
@@ -141,6 +156,10 @@ def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: b
         seen.setdefault(json.dumps([ratio, _widths_of(done)]), key)
         return done
     model = paper_model(args.model, ratio, round_to=round_to, prune_heads=prune_heads)
+    macs = count_macs(model, torch.randn(1, *_input_shape(model)))  # of the pruned model, before any padding
+    if pad != "none":
+        multiple = 64 if pad == "auto" else int(pad)  # "auto": OpenVINO's multiple (64); the eager model padded alike
+        pad_widths(model, multiple)
     widths = _widths(model)
     twin = seen.get(json.dumps([ratio, widths]))
     if twin is not None:
@@ -161,13 +180,14 @@ def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: b
         manifest = export_mobile(model, example, MobileExportConfig(
             precisions=precisions, formats=[fmt], output_dir=str(folder / fmt), overwrite=True, threads=args.threads,
             warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
-            rank="none"), validation_data=data, calibration_data=data)
+            rank="none", pad_widths=None), validation_data=data, calibration_data=data)
         for a in manifest["artifacts"]:
             artifacts.append({k: a.get(k) for k in ("format", "runtime", "precision", "status", "reason",
                                                        "size_bytes", "inference_precision")}
                              | {"file": f"{fmt}/{a['file']}", "cosine": a.get("verification", {}).get("cosine")})
-    row = {"key": key, "ratio": ratio, "round_to": round_to, "params": count_params(model),
-           "macs": count_macs(model, example), **widths, "input": [1, *shape], "artifacts": artifacts}
+    row = {"key": key, "ratio": ratio, "round_to": round_to, "pad": pad, "params": count_params(model),
+           "macs": macs, "padded_macs": count_macs(model, example), **widths, "input": [1, *shape],
+           "artifacts": artifacts}
     cache.put(f"export/{key}", row)
     seen[json.dumps([ratio, widths])] = key
     return row
@@ -179,7 +199,7 @@ def _widths_of(row: dict[str, Any]) -> dict[str, int]:
 
 def _latency(args, cache: Cache) -> None:
     work, seen = Path(args.work), {}
-    variants = [_export_variant(k, r, rt, heads, args, work, cache, seen) for k, r, rt, heads in _variants(args)]
+    variants = [_export_variant(k, r, rt, heads, pad, args, work, cache, seen) for k, r, rt, heads, pad in _variants(args)]
     candidates = []
     for v in variants:
         if "same_as" in v:
@@ -240,10 +260,13 @@ def _report(args, cache: Cache) -> str:
                 if lb not in stats:
                     continue
                 s = stats[lb]
-                share = 2 * v["macs"] / (s["median_ms"] * 1e6) / gemm["int8_gops"]
+                share = 2 * v.get("padded_macs", v["macs"]) / (s["median_ms"] * 1e6) / gemm["int8_gops"]
                 vs_ort = f"{min(ort) / s['median_ms']:.2f}x" if ort else "-"
                 c = cos.get(lb)
-                lines.append(f"| {key} | {widths} | {v['macs'] / 1e9:.2f} | {lb.split(' | ', 1)[1]} | "
+                gmacs = f"{v['macs'] / 1e9:.2f}"
+                if v.get("padded_macs", v["macs"]) != v["macs"]:  # padded at export: the runtime computes more
+                    gmacs += f" ({v['padded_macs'] / 1e9:.2f} padded)"
+                lines.append(f"| {key} | {widths} | {gmacs} | {lb.split(' | ', 1)[1]} | "
                              f"{s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['speedup_vs_baseline']:.2f}x | {vs_ort} | "
                              f"{100 * share:.0f} % | {'-' if c is None else f'{c:.4f}'} |")
         lines.append("")
@@ -261,6 +284,9 @@ def main() -> None:
                          "earlier one of the same ratio are exported and timed once")
     ap.add_argument("--head-rules", nargs="+", choices=["dims", "heads"], default=["dims"],
                     help="how attention widths shrink: 'dims' (inside every head) and/or 'heads' (whole heads)")
+    ap.add_argument("--pad", nargs="+", default=["none"],
+                    help="export padding (MobileExportConfig.pad_widths): 'none', 'auto' and/or a multiple such as 64 "
+                         "(every format, padded eager model too); widths it leaves alone are timed once")
     ap.add_argument("--unpruned-artifacts", action=argparse.BooleanOptionalAction, default=True,
                     help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always "
                          "the baseline")
