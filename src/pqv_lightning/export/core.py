@@ -445,8 +445,9 @@ def _padded_source(target: ExportTarget, reference: nn.Module, example: torch.Te
         model = copy.deepcopy(reference)
         try:
             changes = pad_widths(model, multiple)
-        except WidthPaddingError as exc:
-            cache[multiple] = reference, {"multiple": multiple, "applied": False, "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - an optimization: export the model unpadded and say why
+            reason = str(exc) if isinstance(exc, WidthPaddingError) else f"{type(exc).__name__}: {exc}"
+            cache[multiple] = reference, {"multiple": multiple, "applied": False, "reason": reason}
         else:
             with torch.no_grad():
                 ref, out = reference(example), model(example)
