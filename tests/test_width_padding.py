@@ -130,7 +130,7 @@ def test_export_pads_when_asked_and_verifies_against_the_unpadded_model(tmp_path
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")
-def test_export_says_why_it_did_not_pad(tmp_path):
+def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     (entry,) = _export(tmp_path, tiny_vit(qk_norm=True, embed_dim=60).eval(), ["onnx"], pad_widths=8)["artifacts"]
     assert entry["status"] == "ok" and entry["width_padding"]["applied"] is False
     assert any("width padding to multiples of 8: cannot pad head dims" in s for s in entry["optimizations_skipped"])
@@ -138,6 +138,14 @@ def test_export_says_why_it_did_not_pad(tmp_path):
     assert entry["width_padding"]["widths"] == {"kept": {"embed_dim": [48, 64], "head_dim": [12, 16]}}
     assert any("left embed_dim 48 (->64), head_dim 12 (->16) as they were: padding would add more than 12.5%" in s
                for s in entry["optimizations_skipped"])
+
+    def broken(model, multiple):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("pqv_lightning.export.core.pad_widths", broken)  # a bug in padding never costs the export
+    (entry,) = _export(tmp_path, _pruned(embed_dim=128), ["onnx"], pad_widths=8, overwrite=True)["artifacts"]
+    assert entry["status"] == "ok" and entry["width_padding"]["applied"] is False
+    assert "width padding to multiples of 8: RuntimeError: boom" in entry["optimizations_skipped"]
 
 
 @pytest.mark.skipif(not HAS_OV, reason="extra not installed: pip install 'pqv-lightning[openvino]'")
