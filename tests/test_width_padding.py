@@ -148,6 +148,20 @@ def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     assert "width padding to multiples of 8: RuntimeError: boom" in entry["optimizations_skipped"]
 
 
+def test_every_format_exports_the_padded_model_faithfully(tmp_path):
+    """pad_widths=8 for every installed format at fp32: each file of the padded model matches the
+    unpadded model (the .pte also goes through the delegation-friendly attention swap)."""
+    from pqv_lightning.export import TARGETS
+
+    formats = [f for f in ("pte", "onnx", "openvino", "ptl") if TARGETS[f].missing() is None]
+    manifest = _export(tmp_path, _pruned(embed_dim=128), formats, pad_widths=8, engines=["x86"])
+    assert [a["format"] for a in manifest["artifacts"]] == formats
+    for entry in manifest["artifacts"]:
+        assert entry["status"] == "ok", entry.get("reason")
+        assert entry["width_padding"]["widths"]["embed_dim"][1] == 120
+        assert entry["verification"]["max_abs_logit_error"] < 1e-4, entry["format"]
+
+
 @pytest.mark.skipif(not HAS_OV, reason="extra not installed: pip install 'pqv-lightning[openvino]'")
 def test_openvino_pads_to_64_by_default(tmp_path):
     model = _pruned(embed_dim=256, depth=1)  # 256 -> 230 wide, head dim 57: padded to 256 / 64 by default
