@@ -108,7 +108,8 @@ class MobileExportConfig:
             else the process ever allocated).
         pad_widths: grow the model's widths (embedding, heads x head dim, MLP hidden) to multiples
             of this before export, computing exactly the same function (:func:`.padding.pad_widths`;
-            checked on ``example_input``, verified against the unpadded model like every file).
+            each width only when that grows it by at most 12.5 %; checked on ``example_input``,
+            verified against the unpadded model like every file).
             ``"auto"`` (default): only for targets whose runtime runs such widths faster
             (``ExportTarget.width_multiple``; OpenVINO: 64, others none: padding adds MACs they
             pay for); an integer >= 2: for every target; ``None``: never. A model it cannot pad

@@ -3,9 +3,9 @@
 Structured pruning leaves widths such as 696 (DeiT-base, 9.375 % of 768 removed) or head dim 58.
 Some runtimes run such widths slowly: OpenVINO's int8 kernels on an x86 host with AMX ran the
 9.375 %-pruned DeiT-base slower than the unpruned model (`benchmarks/fastest_artifact.py
---pad none 64`). :func:`pad_widths` grows every width to a multiple of ``multiple`` with channels
-that change nothing, so a runtime can use its fast kernels while the pruning (and its accuracy)
-stays as it is:
+--pad none 64`). :func:`pad_widths` grows each width to a multiple of ``multiple`` (when that adds
+at most ``max_growth``, 12.5 %) with channels that change nothing, so a runtime can use its fast
+kernels while the pruning (and its accuracy) stays as it is:
 
 * **MLP hidden units**: ``fc1`` gets zero rows (and zero bias), ``fc2`` zero columns; the
   activation maps 0 to 0 (GELU, ReLU, SiLU; checked), so the new units contribute nothing.
