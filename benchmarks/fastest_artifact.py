@@ -114,7 +114,7 @@ def _input_shape(model) -> list[int]:
 def _variants(args) -> list[tuple[str, float, int | None, bool, str]]:
     """(key, ratio, round_to, prune_heads, pad): the unpruned model, then every pruning ratio x head rule
     x width rule (``dims``: dimensions inside every head, the keys of the first runs; ``heads``: whole
-    heads) x export padding (``none``: the keys of the first runs; ``auto``; a multiple)."""
+    heads) x export padding (``none``: the keys of the first runs; or a multiple)."""
     out = [("unpruned", 0.0, None, False, "none")]
     for ratio in args.ratios:
         for rule in args.head_rules:
@@ -125,10 +125,6 @@ def _variants(args) -> list[tuple[str, float, int | None, bool, str]]:
                     out.append((f"{100 * ratio:g}% {name}round_to={r or None}{suffix}", ratio, r or None,
                                 rule == "heads", pad))
     return out
-
-
-def _pad_option(pad: str) -> int | str | None:
-    return None if pad == "none" else pad if pad == "auto" else int(pad)
 
 
 def _folder(work: Path, key: str) -> Path:
@@ -157,9 +153,8 @@ def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: b
         return done
     model = paper_model(args.model, ratio, round_to=round_to, prune_heads=prune_heads)
     macs = count_macs(model, torch.randn(1, *_input_shape(model)))  # of the pruned model, before any padding
-    if pad != "none":
-        multiple = 64 if pad == "auto" else int(pad)  # "auto": OpenVINO's multiple (64); the eager model padded alike
-        pad_widths(model, multiple)
+    if pad != "none":  # before every format (the eager candidate too), unlike pad_widths="auto" (OpenVINO only)
+        pad_widths(model, int(pad))
     widths = _widths(model)
     twin = seen.get(json.dumps([ratio, widths]))
     if twin is not None:
@@ -285,8 +280,8 @@ def main() -> None:
     ap.add_argument("--head-rules", nargs="+", choices=["dims", "heads"], default=["dims"],
                     help="how attention widths shrink: 'dims' (inside every head) and/or 'heads' (whole heads)")
     ap.add_argument("--pad", nargs="+", default=["none"],
-                    help="export padding (MobileExportConfig.pad_widths): 'none', 'auto' and/or a multiple such as 64 "
-                         "(every format, padded eager model too); widths it leaves alone are timed once")
+                    help="'none' and/or multiples such as 64: pad_widths(model, multiple) before every format exports "
+                         "(the eager candidate is padded too); a variant padding does not change is timed once")
     ap.add_argument("--unpruned-artifacts", action=argparse.BooleanOptionalAction, default=True,
                     help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always "
                          "the baseline")
