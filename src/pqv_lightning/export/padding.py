@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..pruning.pruner import head_width_step
 
 __all__ = ["MAX_GROWTH", "WidthPaddingError", "pad_widths"]
 
@@ -121,7 +122,8 @@ def _pad_mlp(mlp: nn.Module, target: int) -> list[int] | None:
 
 def _head_target(attn: nn.Module, multiple: int, max_growth: float, kept: dict[str, list[int]]) -> int:
     """The padded head dim, so that heads x dim is a multiple; refuses an attention it cannot pad."""
-    target = _grown(attn.head_dim, multiple // math.gcd(multiple, attn.num_heads), max_growth, "head_dim", kept)
+    # the pruner's round_to rule: a head's width moves in steps that keep heads x width a multiple
+    target = _grown(attn.head_dim, head_width_step(multiple, attn.num_heads), max_growth, "head_dim", kept)
     for part in ("q_norm", "k_norm", "norm"):
         if target != attn.head_dim and not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
             raise WidthPaddingError(f"cannot pad head dims of an attention with {part}="
