@@ -481,11 +481,9 @@ def _padding_notes(padding: dict[str, Any] | None) -> tuple[list[str], list[str]
 
 
 def _export_one(target: ExportTarget, reference, precision: Precision, engine, default_engine, example, calibration,
-                verify, config, out, baseline, source: nn.Module | None = None,
-                padding: dict[str, Any] | None = None) -> dict[str, Any]:
+                verify, config, out, baseline, source: nn.Module, padding: dict[str, Any] | None) -> dict[str, Any]:
     """Write, verify (against ``reference``) and time one file of ``source`` (the model to export:
     ``reference`` or its width-padded copy)."""
-    source = reference if source is None else source
     name = f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
     path = out / name
     entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision.name, "engine": engine}
