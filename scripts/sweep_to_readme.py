@@ -1,9 +1,13 @@
-"""Publish a finished ``pqv sweep`` run: copy its report, CSV, JSON and plots into the repository and
-regenerate the sweep section of docs/results.md (between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->``)
-from its ``summary.md``.
+"""Publish a finished ``pqv sweep`` run: copy its report, CSV, JSON, plots and finished cells into the
+repository and regenerate the sweep section of docs/results.md (between ``<!-- sweep:begin -->`` and
+``<!-- sweep:end -->``) from its ``summary.md``.
 
     .venv/bin/pqv sweep                       # hours; resumable, rerun it to continue
     .venv/bin/python scripts/sweep_to_readme.py --sweep runs/sweep
+
+The published ``cells.jsonl`` lets a later run start from these cells instead of recomputing them
+(``mkdir -p runs/sweep && cp benchmarks/results/sweep/cells.jsonl runs/sweep/``): a cell's key holds
+every setting that changes its numbers, so only cells of the same settings are reused.
 
 Nothing is measured here: every number comes from the sweep's own files.
 """
@@ -19,7 +23,7 @@ from pathlib import Path
 from pqv_lightning.fileio import atomic_write  # temp file + rename: never a half-written file
 from pqv_lightning.apps.sweep_report import splice_between_markers
 
-PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv")
+PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv", "cells.jsonl")
 
 
 def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:

@@ -123,6 +123,33 @@ def test_quick_sweep_summary_is_what_the_results_page_publishes(quick_sweep, tmp
 
 
 @pytest.mark.slow
+def test_published_cells_let_a_new_checkout_continue_without_recomputing(quick_sweep, tmp_path, monkeypatch,
+                                                                        capsys):
+    # runs/ is not in git: the published cells.jsonl is what a new checkout starts from
+    import shutil
+
+    out, argv, _ = quick_sweep
+    monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
+    monkeypatch.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+    readme = tmp_path / "results.md"
+    readme.write_text("<!-- sweep:begin -->\n<!-- sweep:end -->\n")
+    assert _publisher().main(["--sweep", str(out), "--readme", str(readme), "--dest", str(tmp_path / "pub")]) == 0
+    assert (tmp_path / "pub" / "cells.jsonl").read_text() == (out / "cells.jsonl").read_text()
+    fresh = tmp_path / "runs" / "sweep"
+    fresh.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "pub" / "cells.jsonl", fresh / "cells.jsonl")
+
+    def boom(*a, **k):
+        raise AssertionError("a published cell was recomputed")
+
+    for name in ("_latency_cell", "_accuracy_cell", "gemm_throughput"):
+        monkeypatch.setattr(sweep_mod, name, boom)
+    assert main([*argv, "--out", str(fresh)]) == 0
+    assert "not run yet" not in capsys.readouterr().err
+    assert (fresh / "summary.md").read_text() == (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
 def test_quick_sweep_rerun_recomputes_nothing(sweep_copy, monkeypatch, capsys):
     out, argv = sweep_copy
     cells = (out / "cells.jsonl").read_text().splitlines()
