@@ -150,7 +150,7 @@ def cmd_bench(args) -> int:
 # ---------------------------------------------------------------------------------------------- sweep
 def _sweep_parser(sub) -> None:
     from .recipes import RECIPES
-    from ..export import TARGETS
+    from ..export import PRECISIONS, TARGETS
     from .sweep import EXPERIMENTS
 
     p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
@@ -165,6 +165,9 @@ def _sweep_parser(sub) -> None:
                    help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
                         "several formats put every runtime in each latency cell's round-robin")
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
+    p.add_argument("--latency-precisions", nargs="+", default=None, choices=PRECISIONS.names(),
+                   help="precisions of the latency cells (default: those of the accuracy cells, fp32 fp16 "
+                        "int8-dynamic), e.g. add int8-static")
     p.add_argument("--engine-models", nargs="+", default=None,
                    help="models of the engine comparison (default deit3_medium_patch16_224, as in the paper's Fig. 7)")
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
@@ -185,7 +188,8 @@ def cmd_sweep(args) -> int:
 
     config = dataclasses.replace(QUICK if args.quick else FULL)
     for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("formats", args.formats),
-                        ("latency_models", args.models), ("engine_models", args.engine_models),
+                        ("latency_models", args.models), ("latency_precisions", args.latency_precisions),
+                        ("engine_models", args.engine_models),
                         ("checkpoint", args.checkpoint),
                         ("data_dir", args.data_dir), ("threads", args.threads), ("recipe", args.recipe),
                         ("seeds", args.seeds)):

@@ -47,6 +47,9 @@ class SweepConfig:
     latency_models: list[str] = field(default_factory=lambda: ["deit_base_patch16_224", "deit3_medium_patch16_224"])
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.09375, 0.1875, 0.25, 0.5])
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
+    # precisions of the latency cells when they differ from the accuracy cells' (e.g. + int8-static);
+    # None: ``precisions`` (the keys of runs without it stay valid)
+    latency_precisions: list[str] | None = None
     formats: list[str] = field(default_factory=lambda: ["pte"])  # export formats of the latency/accuracy cells
     engine_ratio: float = 0.09375
     # the paper's engine comparison (Fig. 7) measures the 9.375 %-pruned DeiT3-medium
@@ -199,13 +202,14 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
     if "gemm" in config.experiments:
         cells.append(("gemm", _key("gemm", threads=config.threads), lambda w: [gemm_throughput(config.threads)]))
     if "latency" in config.experiments:
+        latency_precisions = config.latency_precisions or config.precisions
         for m in config.latency_models:
             for r in config.ratios:
                 # (the key name stays "format": a one-format list gives the keys of the one-format sweep)
                 cells.append(("latency", _key("latency", format=config.formats, model=m, ratio=r,
-                                              precisions=config.precisions, **timing),
+                                              precisions=latency_precisions, **timing),
                               lambda w, m=m, r=r: _latency_cell(config, m, r, list(config.formats),
-                                                                config.precisions, None, w)))
+                                                                latency_precisions, None, w)))
     if "engines" in config.experiments:
         engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
         for m in config.engine_models:
@@ -308,6 +312,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
 
     TARGETS.check(config.formats, "formats")
     PRECISIONS.check(config.precisions)
+    if config.latency_precisions is not None:
+        PRECISIONS.check(config.latency_precisions, "latency_precisions")
     IMPORTANCE.check(config.importances, "importances")
     checkpoint = config.checkpoint or (str(default_checkpoint()) if default_checkpoint() else None)
     if checkpoint and not Path(checkpoint).is_file():
