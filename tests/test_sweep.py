@@ -283,12 +283,16 @@ def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error()
     rows = [{"importance": c, "seed": s, "precision": p, "test_acc": acc, "ratio": 0.25, "steps": 256, "params": 3e6,
              "test_images": 10_000}
             for c, accs in (("taylor", (0.90, 0.91, 0.89)), ("l2", (0.88,))) for s, acc in enumerate(accs)
-            for p in ("fp32 eager", "int8-dynamic")]
+            for p in ("fp32 eager", "fp32", "int8-dynamic")]  # a sweep cell's rows: the model and each file
     summary = {r["importance"]: r for r in importance_summary(rows)}
     assert summary["taylor"]["accs"] == pytest.approx([90.0, 91.0, 89.0])
     assert summary["taylor"]["mean"] == pytest.approx(90.0) and summary["taylor"]["std"] == pytest.approx(1.0)
     assert summary["taylor"]["se"] == pytest.approx(100 * (0.9 * 0.1 / 10_000) ** 0.5)
     assert summary["l2"]["accs"] == pytest.approx([88.0]) and summary["l2"]["std"] != summary["l2"]["std"]  # nan
+    # a file-only row (no eager row for that seed) still counts, once
+    extra = [{**rows[0], "seed": 7, "precision": "fp32", "test_acc": 0.95}]
+    assert {r["importance"]: r for r in importance_summary(rows + extra)}["taylor"]["accs"] == pytest.approx(
+        [90.0, 91.0, 89.0, 95.0])
 
 
 def test_unknown_recipe_and_bad_seeds_fail_before_any_cell(tmp_path, capsys):

@@ -266,14 +266,21 @@ def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
 
 def importance_summary(rows: list[dict[str, Any]], test_images: int | None = None) -> list[dict[str, Any]]:
     """The importance experiment's fp32 rows grouped by criterion: test accuracy (%) per seed, mean,
-    sample std (nan with one seed) and the binomial standard error of one accuracy on the test set."""
+    sample std (nan with one seed) and the binomial standard error of one accuracy on the test set.
+    A cell's ``fp32 eager`` row (the fine-tuned model) and its ``fp32`` file row carry the same test
+    accuracy: each seed counts once, from the eager row where there is one."""
     import math
     import statistics
 
-    by: dict[str, list[dict[str, Any]]] = {}
+    per_seed: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
         if r["precision"] in ("fp32 eager", "fp32"):
-            by.setdefault(r["importance"], []).append(r)
+            key = (r["importance"], r.get("seed", 0))
+            if key not in per_seed or r["precision"] == "fp32 eager":
+                per_seed[key] = r
+    by: dict[str, list[dict[str, Any]]] = {}
+    for (name, _), r in per_seed.items():
+        by.setdefault(name, []).append(r)
     out = []
     for name, rs in by.items():
         rs = sorted(rs, key=lambda r: r.get("seed", 0))
