@@ -21,6 +21,12 @@ def checkpoint(tmp_path):
     return str(save_vit_checkpoint(tiny_vit(depth=1), tmp_path / "tiny.pt"))
 
 
+def _small_grid(mp) -> None:
+    """The quick sweep's grid in these tests: 0 % and 50 %, engines at 50 %."""
+    mp.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
+    mp.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+
+
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     """One ``pqv sweep --quick`` run shared by the tests below (two models, 0 % and 50 %): its output
@@ -33,8 +39,7 @@ def quick_sweep(tmp_path_factory):
     argv = ["sweep", "--quick", "--checkpoint", ckpt, "--models", "vit_test_tiny", "vit_tiny_fmnist"]
     out, printed = root / "sweep", io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
-        mp.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+        _small_grid(mp)
         assert main([*argv, "--out", str(out)]) == 0
     return out, argv, printed.getvalue()
 
@@ -44,8 +49,7 @@ def sweep_copy(quick_sweep, tmp_path, monkeypatch):
     import shutil
 
     out, argv, _ = quick_sweep
-    monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
-    monkeypatch.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+    _small_grid(monkeypatch)
     copy = tmp_path / "sweep"
     shutil.copytree(out, copy)
     return copy, [*argv, "--out", str(copy)]
@@ -129,8 +133,7 @@ def test_published_cells_let_a_new_checkout_continue_without_recomputing(quick_s
     import shutil
 
     out, argv, _ = quick_sweep
-    monkeypatch.setattr(sweep_mod.QUICK, "ratios", [0.0, 0.5])
-    monkeypatch.setattr(sweep_mod.QUICK, "engine_ratio", 0.5)
+    _small_grid(monkeypatch)
     readme = tmp_path / "results.md"
     readme.write_text("<!-- sweep:begin -->\n<!-- sweep:end -->\n")
     assert _publisher().main(["--sweep", str(out), "--readme", str(readme), "--dest", str(tmp_path / "pub")]) == 0
