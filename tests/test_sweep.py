@@ -266,6 +266,7 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
         (dict(precisions=["fp32"]), {"latency", "accuracy", "importance"}),  # importance shares taylor's cell
         # latency-only precisions leave the accuracy cells alone (they can be added to a finished sweep)
         (dict(latency_precisions=["fp32", "int8-static"]), {"latency"}),
+        (dict(latency_formats=["pte", "onnx", "openvino"]), {"latency"}),
         (dict(verify_batches=3), {"accuracy", "importance"}), (dict(test_subset=128), {"accuracy", "importance"}),
         (dict(engine_ratio=0.25), {"engines"}), (dict(formats=["ptl"]), {"latency", "accuracy", "importance"}),
         (dict(recipe="v0.2"), {"accuracy", "importance"}), (dict(seeds=[0, 2]), {"importance"}),
@@ -273,6 +274,7 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
         changed = {e for (e, k), (_, old) in zip(keys(**change), reference) if k != old}
         assert changed == affected, change
     assert keys(latency_precisions=list(base.precisions)) == reference  # the same precisions: the same cells
+    assert keys(latency_formats=list(base.formats)) == reference  # the same formats: the same cells
     # the checkpoint counts by content: a copy elsewhere is the same cell, another file is not
     shutil.copy(checkpoint, tmp_path / "copy.pt")
     assert keys(ckpt=str(tmp_path / "copy.pt")) == reference
@@ -310,4 +312,8 @@ def test_unknown_recipe_and_bad_seeds_fail_before_any_cell(tmp_path, capsys):
     for bad, fragment in (([], r"latency_precisions=\[\]: empty"), (["fp32", "int3"], r"unknown \[.int3.\]")):
         with pytest.raises(ValueError, match=fragment):
             sweep_mod.run_sweep(dataclasses.replace(sweep_mod.QUICK, out_dir=str(tmp_path), latency_precisions=bad))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--quick", "--out", str(tmp_path), "--latency-formats", "tflite"])
+    with pytest.raises(ValueError, match=r"latency_formats=\['pte', 'tflite'\]: unknown \['tflite'\]"):
+        sweep_mod.run_sweep(dataclasses.replace(sweep_mod.QUICK, out_dir=str(tmp_path), latency_formats=["pte", "tflite"]))
     assert not (tmp_path / "cells.jsonl").exists()

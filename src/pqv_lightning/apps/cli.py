@@ -165,6 +165,9 @@ def _sweep_parser(sub) -> None:
                    help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
                         "several formats put every runtime in each latency cell's round-robin")
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
+    p.add_argument("--latency-formats", nargs="+", default=None, choices=TARGETS.names(),
+                   help="export formats of the latency cells (default: --formats), e.g. pte onnx openvino to "
+                        "time every runtime while the accuracy cells keep theirs")
     p.add_argument("--latency-precisions", nargs="+", default=None, choices=PRECISIONS.names(),
                    help="precisions of the latency cells (default: those of the accuracy cells, fp32 fp16 "
                         "int8-dynamic), e.g. add int8-static")
@@ -189,6 +192,7 @@ def cmd_sweep(args) -> int:
     config = dataclasses.replace(QUICK if args.quick else FULL)
     for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("formats", args.formats),
                         ("latency_models", args.models), ("latency_precisions", args.latency_precisions),
+                        ("latency_formats", args.latency_formats),
                         ("engine_models", args.engine_models),
                         ("checkpoint", args.checkpoint),
                         ("data_dir", args.data_dir), ("threads", args.threads), ("recipe", args.recipe),

@@ -51,6 +51,9 @@ class SweepConfig:
     # None: ``precisions`` (the keys of runs without it stay valid)
     latency_precisions: list[str] | None = None
     formats: list[str] = field(default_factory=lambda: ["pte"])  # export formats of the latency/accuracy cells
+    # formats of the latency cells when they differ from the accuracy cells' (e.g. every runtime);
+    # None: ``formats`` (the keys of runs without it stay valid)
+    latency_formats: list[str] | None = None
     engine_ratio: float = 0.09375
     # the paper's engine comparison (Fig. 7) measures the 9.375 %-pruned DeiT3-medium
     engine_models: list[str] = field(default_factory=lambda: ["deit3_medium_patch16_224"])
@@ -203,12 +206,13 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
         cells.append(("gemm", _key("gemm", threads=config.threads), lambda w: [gemm_throughput(config.threads)]))
     if "latency" in config.experiments:
         latency_precisions = config.latency_precisions or config.precisions
+        latency_formats = config.latency_formats or config.formats
         for m in config.latency_models:
             for r in config.ratios:
                 # (the key name stays "format": a one-format list gives the keys of the one-format sweep)
-                cells.append(("latency", _key("latency", format=config.formats, model=m, ratio=r,
+                cells.append(("latency", _key("latency", format=latency_formats, model=m, ratio=r,
                                               precisions=latency_precisions, **timing),
-                              lambda w, m=m, r=r: _latency_cell(config, m, r, list(config.formats),
+                              lambda w, m=m, r=r: _latency_cell(config, m, r, list(latency_formats),
                                                                 latency_precisions, None, w)))
     if "engines" in config.experiments:
         engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
@@ -311,6 +315,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
     from ..pruning.importance import IMPORTANCE
 
     TARGETS.check(config.formats, "formats")
+    if config.latency_formats is not None:
+        TARGETS.check(config.latency_formats, "latency_formats")
     PRECISIONS.check(config.precisions)
     if config.latency_precisions is not None:
         PRECISIONS.check(config.latency_precisions, "latency_precisions")

@@ -104,8 +104,10 @@ def _num(key, spec, scale=1.0):
 
 
 def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: list[Path]) -> str:
-    lines = [f"Host: {host_line(results, config)}; export formats {', '.join(f'`{f}`' for f in config.formats)}; "
-             "batch 1."]
+    names = lambda formats: ", ".join(f"`{f}`" for f in formats)  # noqa: E731
+    latency_formats = getattr(config, "latency_formats", None)
+    lines = [f"Host: {host_line(results, config)}; export formats {names(config.formats)}"
+             + (f" (latency cells: {names(latency_formats)})" if latency_formats else "") + "; batch 1."]
     if results["gemm"]:
         g = results["gemm"][0]
         lines += ["", f"Measured GEMM throughput of this host ({g['size']}^3, {g['threads']} threads): fp32 "
