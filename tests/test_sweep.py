@@ -300,6 +300,33 @@ def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error()
         [90.0, 91.0, 89.0, 95.0])
 
 
+def test_fastest_file_per_cell_is_compared_with_onnx_runtime_int8_of_the_same_cell():
+    from pqv_lightning.apps.sweep_report import fastest_per_cell, summary_markdown
+
+    def row(model, ratio, fmt, precision, ms):
+        return {"model": model, "ratio": ratio, "format": fmt, "precision": precision, "median_ms": ms,
+                "x_vs_unpruned_eager": 200.0 / ms, "params": 1e6, "macs": 1e9, "peak_rss_mb": 100.0}
+
+    rows = [row("a", 0.25, "eager", "fp32", 100.0), row("a", 0.25, "pte", "int8-dynamic", 30.0),
+            row("a", 0.25, "onnx", "int8-dynamic", 50.0), row("a", 0.25, "onnx", "int8-static", 40.0),
+            row("a", 0.25, "openvino", "int8-static", 20.0),
+            # another cell: ONNX Runtime is the fastest itself; eager rows never count as files
+            row("a", 0.5, "eager", "fp32", 5.0), row("a", 0.5, "onnx", "int8-dynamic", 10.0),
+            row("a", 0.5, "pte", "fp32", 12.0),
+            row("b", 0.0, "pte", "int8-dynamic", 9.0)]  # no .onnx int8 file: no comparison
+    race = {(c["model"], c["ratio"]): c for c in fastest_per_cell(rows)}
+    assert set(race) == {("a", 0.25), ("a", 0.5)}
+    assert race["a", 0.25]["best"]["format"] == "openvino" and race["a", 0.25]["onnx_int8"]["median_ms"] == 40.0
+    assert race["a", 0.25]["vs_onnx_int8"] == pytest.approx(0.5)
+    assert race["a", 0.5]["best"]["format"] == "onnx" and race["a", 0.5]["vs_onnx_int8"] == pytest.approx(1.0)
+    config = sweep_mod.SweepConfig(latency_formats=["pte", "onnx", "openvino"])
+    text = summary_markdown({"gemm": [], "latency": rows, "engines": [], "accuracy": [], "importance": []}, config)
+    assert "| a | 25 % | int8-static .openvino | 20.0 | 10.00x | 40.0 (int8-static) | 0.50x |" in text
+    # a one-runtime sweep has no such table
+    pte_only = [r for r in rows if r["format"] in ("eager", "pte")]
+    assert fastest_per_cell(pte_only) == []
+
+
 def test_unknown_recipe_and_bad_seeds_fail_before_any_cell(tmp_path, capsys):
     assert main(["sweep", "--quick", "--out", str(tmp_path), "--seeds", "1", "1"]) == 2
     assert "seeds=[1, 1]" in capsys.readouterr().err
