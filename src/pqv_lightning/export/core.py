@@ -476,7 +476,7 @@ def _padding_notes(padding: dict[str, Any] | None) -> tuple[list[str], list[str]
                + f" as they were: padding would add more than {MAX_GROWTH:.1%}"] if kept else []
     if not padding["applied"]:
         return ([] if kept else [f"widths already multiples of {m} (no padding needed)"]), skipped
-    widths = ", ".join(f"{k} {a}->{b}" for k, (a, b) in padding["widths"].items() if k != "kept")
+    widths = ", ".join(f"{k} {v[0]}->{v[1]}" for k, v in padding["widths"].items() if k != "kept")
     return [f"widths padded to multiples of {m}, same function: {widths}"], skipped
 
 
