@@ -139,6 +139,14 @@ def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     assert any("left embed_dim 48 (->64), head_dim 12 (->16) as they were: padding would add more than 12.5%" in s
                for s in entry["optimizations_skipped"])
 
+    # some widths padded, others kept (DeiT-base at 18.75 %: embed 624 -> 640, head dim 52 left): both noted
+    (entry,) = _export(tmp_path, _pruned(0.125, embed_dim=96, num_heads=3), ["onnx"], pad_widths=8,
+                       overwrite=True)["artifacts"]
+    assert entry["status"] == "ok" and entry["width_padding"]["applied"] is True
+    assert entry["width_padding"]["widths"] == {"embed_dim": [84, 88], "kept": {"head_dim": [28, 32]}}
+    assert "widths padded to multiples of 8, same function: embed_dim 84->88" in entry["optimizations_applied"]
+    assert any(s.startswith("width padding to multiples of 8 left head_dim 28 (->32)") for s in entry["optimizations_skipped"])
+
     def broken(model, multiple):
         raise RuntimeError("boom")
 
