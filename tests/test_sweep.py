@@ -106,11 +106,12 @@ def test_quick_sweep_writes_every_cell_figure_and_table(quick_sweep):
 def test_quick_sweep_summary_is_what_the_results_page_publishes(quick_sweep, tmp_path):
     out, _, _ = quick_sweep
     lat = json.loads((out / "results.json").read_text())["results"]["latency"]
-    # the published summary: headline ratio per model, one pivot line per (model, ratio), the files
+    # the published summary: headline ratio per model, one line per (model, ratio) in each of the latency,
+    # fastest-file (the quick sweep's .onnx int8 files), memory and efficiency tables
     summary = (out / "summary.md").read_text()
-    assert "The paper's headline configuration" in summary
+    assert "The paper's headline configuration" in summary and "**Fastest file per cell**" in summary
     for model in ("vit_test_tiny", "vit_tiny_fmnist"):
-        assert summary.count(f"| {model} | 0 % |") == 3 and summary.count(f"| {model} | 50 % |") == 3
+        assert summary.count(f"| {model} | 0 % |") == 4 and summary.count(f"| {model} | 50 % |") == 4
         best = min((r for r in lat if r["model"] == model and r["ratio"] == 0.5 and r["precision"] == "int8-dynamic"),
                    key=lambda r: r["median_ms"])
         # within the 50 % cell: its own unpruned fp32 eager timing, not the 0 % cell's
