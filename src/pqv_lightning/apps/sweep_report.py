@@ -266,8 +266,8 @@ def _fastest_table(rows) -> list[str]:
              "fastest / ORT int8 |", "|---|---|---|---|---|---|---|"]
     for c in race:
         b, o = c["best"], c["onnx_int8"]
-        vs = f"{b['x_vs_unpruned_eager']:.2f}x" if "x_vs_unpruned_eager" in b else "-"
-        lines.append(f"| {c['model']} | {100 * c['ratio']:g} % | {_label(b)} | {b['median_ms']:.1f} | {vs} | "
+        lines.append(f"| {c['model']} | {100 * c['ratio']:g} % | {_label(b)} | {b['median_ms']:.1f} | "
+                     f"{b['x_vs_unpruned_eager']:.2f}x | "
                      f"{o['median_ms']:.1f} ({o['precision']}) | {c['vs_onnx_int8']:.2f}x |")
     return lines
 
@@ -345,11 +345,8 @@ def importance_summary(rows: list[dict[str, Any]], test_images: int | None = Non
             key = (r["importance"], r.get("seed", 0))
             if key not in per_seed or r["precision"] == "fp32 eager":
                 per_seed[key] = r
-    by: dict[str, list[dict[str, Any]]] = {}
-    for (name, _), r in per_seed.items():
-        by.setdefault(name, []).append(r)
     out = []
-    for name, rs in by.items():
+    for name, rs in _by(per_seed.values(), "importance").items():
         rs = sorted(rs, key=lambda r: r.get("seed", 0))
         accs = [100 * r["test_acc"] for r in rs]
         mean = statistics.mean(accs)
