@@ -40,6 +40,8 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
     for r in rows.values():
         assert r["calls"] == 4 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert r["peak_rss_mb"] > r["load_and_inference_mb"] > 0
+        assert r["retaken"] >= 0 and (r["contention_max"] is None or r["contention_max"] >= 0)
+    assert result["max_contention"] == 0.2 and result["retries"] == 2 and "| contention CPUs | retaken |" in stdout
     with open(tmp_path / "b.csv") as fh:
         assert [r["candidate"] for r in csv.DictReader(fh)] == list(rows)
     fastest = min(rows, key=lambda label: rows[label]["median_ms"])
@@ -50,6 +52,7 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
     (["bench", "no_such_model_xyz"], ["no_such_model_xyz: not a file", "unknown model_name"]),
     (["bench", "missing.pte"], ["missing.pte: no such file"]),
     (["bench", "vit_test_tiny", "--baseline", "other"], ["--baseline 'other' is not one of"]),
+    (["bench", "vit_test_tiny", "--max-contention", "-1"], ["max_contention=-1.0", "a number of CPUs >= 0"]),
     (["demo", "--data-dir", "/no/such/folder"], ["--data-dir /no/such/folder: no such folder"]),
     (["demo", "--ratio", "1.5"], ["--ratio 1.5: must be in [0, 1)"]),
     (["demo", "--checkpoint", "nope.pt"], ["--checkpoint nope.pt: no such file"]),

@@ -45,8 +45,21 @@ def _bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--baseline", default=None, help="label of the baseline candidate (default: the first)")
+    p.add_argument("--max-contention", type=_contention, default=0.2, metavar="CPUS",
+                   help="retake a measurement during which other work kept more than this many CPUs busy beyond "
+                        "those --threads leaves free (Linux /proc/stat; default 0.2; 'none': keep every measurement)")
+    p.add_argument("--retries", type=int, default=2, help="retakes per measurement on a busy host (default 2)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--csv", dest="csv_out", default=None, help="write the results as CSV here")
+
+
+def _contention(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed are a number of CPUs (e.g. 0.2) or 'none'") from None
 
 
 def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
@@ -121,22 +134,27 @@ def cmd_bench(args) -> int:
 
         try:
             stats = round_robin(candidates, shape, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                                calls=args.calls, baseline=baseline, progress=progress)
+                                calls=args.calls, baseline=baseline, progress=progress,
+                                max_contention=args.max_contention, retries=args.retries)
         except RuntimeError as exc:
             raise CLIError(str(exc)) from exc
         print(file=sys.stderr)
     rows = [{"candidate": label, **s} for label, s in stats.items()]
     print(f"input {shape}, {args.threads} threads, {args.rounds} rounds x {args.calls} calls, a fresh process each; "
           f"baseline: {baseline}")
-    print("| candidate | median ms | p90 ms | min ms | x baseline | peak RSS MB | load+inference MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| candidate | median ms | p90 ms | min ms | x baseline | peak RSS MB | load+inference MB | "
+          "contention CPUs | retaken |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        contention = "-" if r["contention_max"] is None else f"{r['contention_max']:.2f}"
         print(f"| {r['candidate']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | "
-              f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} |")
+              f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} | "
+              f"{contention} | {r['retaken']} |")
     best = min(rows, key=lambda r: r["median_ms"])
     print(f"fastest: {best['candidate']} ({best['median_ms']:.2f} ms, {best['speedup_vs_baseline']:.2f}x {baseline})")
     meta = {"shape": shape, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
-            "warmup": args.warmup, "baseline": baseline, "best": best["candidate"]}
+            "warmup": args.warmup, "baseline": baseline, "best": best["candidate"],
+            "max_contention": args.max_contention, "retries": args.retries}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({**meta, "results": rows}, indent=1))
     if args.csv_out:

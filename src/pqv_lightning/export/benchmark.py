@@ -14,6 +14,14 @@ with ``torch.save``, timed eagerly). Since each has its process to itself, ONNX 
 its default idle spinning here (about 20 % faster at batch 1 than with spinning off, which is what
 the exporter uses while it shares a process with other runtimes).
 
+A busy host shows up as slow calls of whatever ran at the time. Each worker therefore also measures,
+from Linux's ``/proc/stat`` and its own CPU time, how many CPUs other processes (and the hypervisor's
+steal time) kept busy while it timed its calls, beyond those its ``threads`` leave free: its
+``contention`` in CPUs. A measurement whose contention exceeds ``max_contention`` (default 0.2 of a
+CPU) is thrown away and taken again, up to ``retries`` times; the stats record the worst contention
+kept and how many measurements were retaken, and a warning names a candidate still measured on a
+busy host. Elsewhere than Linux the contention is unknown (``None``) and nothing is retaken.
+
 A format registered outside this package (``@register_target`` in your own module) is timed too:
 each worker imports the modules that define the registered targets first (with the parent's
 ``sys.path``). A target defined in ``__main__`` (a script) cannot be imported by a worker; its
@@ -29,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +48,8 @@ import torch
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import set_executorch_threads
 
-__all__ = ["Candidate", "known_suffixes", "load_runner", "round_robin", "summarize", "target_modules", "time_calls"]
+__all__ = ["Candidate", "HostLoad", "known_suffixes", "load_runner", "round_robin", "summarize", "target_modules",
+           "time_calls"]
 
 
 
@@ -154,11 +164,15 @@ def _time_in_subprocess(candidate: Candidate, shape: Sequence[int], threads: int
 
 
 def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, threads: int = 2, rounds: int = 5,
-                warmup: int = 5, calls: int = 10, baseline: str | None = None, progress=None) -> dict[str, dict]:
+                warmup: int = 5, calls: int = 10, baseline: str | None = None, progress=None,
+                max_contention: float | None = 0.2, retries: int = 2) -> dict[str, dict]:
     """Time every candidate in a fresh process per round; returns ``{label: stats}``: median, p90,
     min over all calls, peak resident memory of the process and how much loading + running the
-    candidate added to it (the largest over the rounds, Linux ``/proc``), and
-    ``speedup_vs_baseline`` when ``baseline`` (a label) is given."""
+    candidate added to it (the largest over the rounds, Linux ``/proc``), ``speedup_vs_baseline``
+    when ``baseline`` (a label) is given, and the host's load while it ran: ``contention_max`` (the
+    worst of its kept measurements, in CPUs other work took from this one; ``None`` where unknown)
+    and ``retaken`` (measurements thrown away for ``contention > max_contention`` and taken again,
+    at most ``retries`` per round; ``max_contention=None`` keeps every measurement)."""
     labels = [c.label for c in candidates]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"candidate labels must be unique: {labels}")
@@ -167,22 +181,94 @@ def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, thread
     for name, value in (("threads", threads), ("rounds", rounds), ("calls", calls)):
         if value < 1:
             raise ConfigError(f"{name}={value!r} must be >= 1")
+    if retries < 0:
+        raise ConfigError(f"retries={retries!r} must be >= 0")
+    if max_contention is not None and not max_contention >= 0:
+        raise ConfigError(f"max_contention={max_contention!r}: allowed are None (keep every measurement) or a "
+                          "number of CPUs >= 0")
     _check_importable(candidates)
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
     memory: dict[str, dict[str, float]] = {c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates}
+    load: dict[str, dict[str, Any]] = {c.label: {"contention_max": None, "retaken": 0} for c in candidates}
     for r in range(rounds):
         for c in candidates:
             result = _time_in_subprocess(c, shape, threads, warmup, calls)
+            for _ in range(retries):
+                if not _too_busy(result.get("contention"), max_contention):
+                    break
+                load[c.label]["retaken"] += 1
+                result = _time_in_subprocess(c, shape, threads, warmup, calls)
+            if _too_busy(result.get("contention"), max_contention):
+                warnings.warn(f"{c.label}: timed while other work kept {result['contention']:.2f} CPUs busy "
+                              f"(max_contention={max_contention}), after {retries} retries; its latency may be high",
+                              stacklevel=2)
             times[c.label] += result["times_ms"]
             for key in memory[c.label]:  # the worst round
                 memory[c.label][key] = max(memory[c.label][key], result[key])
+            if result.get("contention") is not None:
+                worst = load[c.label]["contention_max"]
+                load[c.label]["contention_max"] = max(result["contention"], worst or 0.0)
             if progress is not None:
                 progress(r, c.label)
-    stats = {label: {**summarize(t), **memory[label]} for label, t in times.items()}
+    stats = {label: {**summarize(t), **memory[label], **load[label]} for label, t in times.items()}
     if baseline is not None:
         for s in stats.values():
             s["speedup_vs_baseline"] = stats[baseline]["median_ms"] / s["median_ms"]
     return stats
+
+
+def _too_busy(contention: float | None, limit: float | None) -> bool:
+    return contention is not None and limit is not None and contention > limit
+
+
+@dataclass
+class HostLoad:
+    """CPU seconds the whole host (``/proc/stat``) and this process (``getrusage``) used since
+    :meth:`start`; :meth:`contention` is how many CPUs other work, the hypervisor's steal time
+    included, kept busy meanwhile beyond those ``threads`` of this process leave free.
+
+    >>> load = HostLoad().start()
+    >>> _ = sum(i * i for i in range(10**6))  # this process's own work is not contention
+    >>> c = load.contention(threads=os.cpu_count(), min_window_s=0.0)
+    >>> c is None or c >= 0
+    True
+    """
+
+    host_busy_s: float | None = None
+    own_s: float = 0.0
+    wall_s: float = 0.0
+
+    @staticmethod
+    def _host() -> float | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start(self) -> HostLoad:
+        self.host_busy_s, self.own_s, self.wall_s = self._host(), self._own(), time.perf_counter()
+        return self
+
+    def contention(self, threads: int, min_window_s: float = 0.2) -> float | None:
+        """``None`` where ``/proc/stat`` is missing or the window is shorter than ``min_window_s``: the
+        kernel counts CPU time in ticks (10 ms), too coarse for a shorter one."""
+        host = self._host()
+        wall = time.perf_counter() - self.wall_s
+        if host is None or self.host_busy_s is None or wall < min_window_s:
+            return None
+        others = max(0.0, (host - self.host_busy_s) - (self._own() - self.own_s)) / max(wall, 1e-9)
+        spare = max(0, (os.cpu_count() or 1) - threads)  # CPUs this process never asked for
+        return max(0.0, others - spare)
 
 
 def _status_kib(key: str) -> int:
@@ -199,6 +285,9 @@ def _main(argv: list[str]) -> None:
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
         fh.write("5")
     before = _status_kib("VmRSS:")
+    # the host's load from loading to the last timed call: the timed calls of a fast file alone are too
+    # short a window for the kernel's CPU-time ticks; other work while it loads is likely still there
+    host = HostLoad().start()
     # this process exists to time one file: its settings are set for good
     torch.set_num_threads(int(threads))
     if path.endswith(".pte"):
@@ -207,8 +296,10 @@ def _main(argv: list[str]) -> None:
         torch.backends.quantized.engine = engine
     run = load_runner(path, shape, int(threads), None if engine == "-" else engine, ort_spinning=True)
     times = time_calls(run, x, int(warmup), int(calls))
+    contention = host.contention(int(threads))
     peak = _status_kib("VmHWM:")
-    print(json.dumps({"times_ms": times, "peak_rss_mb": peak / 1024, "load_and_inference_mb": (peak - before) / 1024}))
+    print(json.dumps({"times_ms": times, "peak_rss_mb": peak / 1024, "load_and_inference_mb": (peak - before) / 1024,
+                      "contention": contention}))
 
 
 if __name__ == "__main__":

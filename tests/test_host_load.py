@@ -1,0 +1,123 @@
+"""A busy host is measured, not guessed: every timed process records how many CPUs other work took
+from it (``contention``), and ``round_robin`` retakes a measurement taken on a busy host."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pqv_lightning.errors import ConfigError
+from pqv_lightning.export import benchmark
+from pqv_lightning.export.benchmark import Candidate, HostLoad, round_robin
+
+linux = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="contention is read from Linux /proc/stat")
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@linux
+def test_contention_counts_other_processes_not_this_one():
+    cpus = os.cpu_count() or 1
+    # this process's own work is not contention
+    own = HostLoad().start()
+    _spin(1.0)
+    assert own.contention(threads=cpus) < 0.5
+    # another process spinning one CPU for the whole window is about one CPU of contention
+    load = HostLoad().start()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    time.sleep(1.2)
+    measured = load.contention(threads=cpus)
+    busy.wait()
+    assert 0.6 < measured < 1.5
+    if cpus >= 2:  # the CPUs this process does not use absorb one CPU of other work: none of it is counted
+        assert load.contention(threads=0) == 0.0
+
+
+def _fake_worker(contentions: dict[str, list[float | None]]):
+    calls: dict[str, int] = {}
+
+    def fake(candidate, shape, threads, warmup, n):
+        i = calls.get(candidate.label, 0)
+        calls[candidate.label] = i + 1
+        c = contentions[candidate.label][min(i, len(contentions[candidate.label]) - 1)]
+        return {"times_ms": [10.0 * (i + 1)] * n, "peak_rss_mb": 1.0, "load_and_inference_mb": 0.5, "contention": c}
+
+    return fake, calls
+
+
+@pytest.fixture()
+def two_files(tmp_path):
+    paths = []
+    for name in ("a", "b"):
+        torch.save(torch.nn.Identity(), tmp_path / f"{name}.pt")
+        paths.append(Candidate(name, str(tmp_path / f"{name}.pt")))
+    return paths
+
+
+def test_a_measurement_on_a_busy_host_is_retaken(two_files, monkeypatch):
+    fake, calls = _fake_worker({"a": [0.9, 0.05], "b": [0.0]})
+    monkeypatch.setattr(benchmark, "_time_in_subprocess", fake)
+    stats = round_robin(two_files, [1], rounds=1, calls=2, max_contention=0.2)
+    assert calls == {"a": 2, "b": 1}
+    assert stats["a"]["retaken"] == 1 and stats["a"]["contention_max"] == 0.05
+    assert stats["a"]["median_ms"] == 20.0  # the second measurement's times, the first thrown away
+    assert stats["b"]["retaken"] == 0 and stats["b"]["median_ms"] == 10.0
+
+
+def test_a_host_busy_through_every_retry_is_kept_with_a_warning(two_files, monkeypatch):
+    fake, calls = _fake_worker({"a": [0.9], "b": [None]})  # b: contention unknown (not Linux)
+    monkeypatch.setattr(benchmark, "_time_in_subprocess", fake)
+    with pytest.warns(UserWarning, match=r"a: timed while other work kept 0.90 CPUs busy"):
+        stats = round_robin(two_files, [1], rounds=2, calls=1, max_contention=0.2, retries=1)
+    assert calls == {"a": 4, "b": 2}
+    assert stats["a"]["retaken"] == 2 and stats["a"]["contention_max"] == 0.9
+    assert stats["b"]["retaken"] == 0 and stats["b"]["contention_max"] is None
+
+
+def test_max_contention_none_keeps_every_measurement(two_files, monkeypatch):
+    fake, calls = _fake_worker({"a": [3.0], "b": [3.0]})
+    monkeypatch.setattr(benchmark, "_time_in_subprocess", fake)
+    stats = round_robin(two_files, [1], rounds=1, calls=1, max_contention=None)
+    assert calls == {"a": 1, "b": 1} and stats["a"]["retaken"] == 0 and stats["a"]["contention_max"] == 3.0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"max_contention": -0.1}, "max_contention=-0.1"),
+                                           ({"max_contention": float("nan")}, "max_contention=nan"),
+                                           ({"retries": -1}, "retries=-1")])
+def test_bad_guard_settings_are_refused(two_files, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        round_robin(two_files, [1], **kwargs)
+
+
+class Sleepy(torch.nn.Module):
+    """30 ms a call: a worker's window (load to last call) long enough to count CPU ticks in."""
+
+    def forward(self, x):
+        time.sleep(0.03)
+        return x
+
+
+@linux
+def test_the_worker_reports_its_contention(tmp_path):
+    torch.save(Sleepy(), tmp_path / "sleepy.pt")
+    torch.save(torch.nn.Identity(), tmp_path / "instant.pt")
+    stats = round_robin([Candidate("sleepy", str(tmp_path / "sleepy.pt")),
+                         Candidate("instant", str(tmp_path / "instant.pt"))], [1, 4], threads=1, rounds=1, warmup=1,
+                        calls=8)
+    assert isinstance(stats["sleepy"]["contention_max"], float) and stats["sleepy"]["contention_max"] >= 0
+    assert stats["instant"]["contention_max"] is None  # microseconds: too short a window to tell
+    assert stats["sleepy"]["retaken"] >= 0 and stats["instant"]["retaken"] == 0
+
+
+@linux
+def test_a_window_shorter_than_the_kernel_can_count_in_is_unknown():
+    load = HostLoad().start()
+    assert load.contention(threads=1) is None  # default min_window_s=0.2
+    assert load.contention(threads=1, min_window_s=0.0) is not None
