@@ -358,8 +358,18 @@ def _attach_peak_fraction(results: dict[str, list[dict[str, Any]]]) -> None:
         return
     peak = results["gemm"][0]
     for row in results["latency"] + results["engines"]:
-        ref = peak["int8_gops"] if str(row["precision"]).startswith("int8") else peak["fp32_gops"]
-        row["fraction_of_host_gemm"] = row["achieved_gops"] / ref
+        row["fraction_of_host_gemm"] = row["achieved_gops"] / _peak_for(peak, str(row["precision"]))
+
+
+def _peak_for(peak: dict[str, Any], precision: str) -> float:
+    """The host's GEMM throughput a file of ``precision`` is measured against: int8's for int8, fp32's
+    for fp32; a half-precision file against the faster of fp32 and bf16 (OpenVINO's fp16 IRs compute
+    in bf16 on CPUs with bf16 units; a gemm cell from before bf16 was measured has only fp32)."""
+    if precision.startswith("int8"):
+        return peak["int8_gops"]
+    if precision in ("fp16", "bf16"):
+        return max(peak["fp32_gops"], peak.get("bf16_gops", 0.0))
+    return peak["fp32_gops"]
 
 
 def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any]]], missing: list[str]) -> None:

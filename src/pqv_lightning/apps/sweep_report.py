@@ -142,8 +142,9 @@ def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: lis
              + (f" (latency cells: {names(config.latency_formats)})" if config.latency_formats else "") + "; batch 1."]
     if results["gemm"]:
         g = results["gemm"][0]
+        bf16 = f"bf16 `{g['bf16_source']}` {g['bf16_gops']:.0f} GOP/s, " if "bf16_gops" in g else ""
         lines += ["", f"Measured GEMM throughput of this host ({g['size']}^3, {g['threads']} threads): fp32 "
-                      f"`{g['fp32_source']}` {g['fp32_gops']:.0f} GOP/s, int8 `{g['int8_source']}` "
+                      f"`{g['fp32_source']}` {g['fp32_gops']:.0f} GOP/s, {bf16}int8 `{g['int8_source']}` "
                       f"{g['int8_gops']:.0f} GOP/s (the best of " +
                       ", ".join(f"{k[10:-1]} {v:.0f}" for k, v in g.items() if k.startswith("int8_gops[")) + ")."]
     lines += ["", "Latency: median / p90 over all timed calls, every candidate in a fresh process, round-robin "
@@ -294,8 +295,10 @@ def summary_markdown(results: dict[str, list[dict[str, Any]]], config) -> str:
                                                                f"{r['size_mb']:.0f}") + f" / {r['peak_rss_mb']:.0f}")
         if files and "fraction_of_host_gemm" in files[0]:
             g = results["gemm"][0]
+            bf16 = (f", bf16 {g['bf16_gops']:.0f} GOP/s: the reference of fp16 files where faster than fp32"
+                    if "bf16_gops" in g else "")
             lines += ["", f"**Efficiency**: achieved GOP/s (2 x MACs / latency) as a share of this host's measured "
-                          f"GEMM throughput (fp32 {g['fp32_gops']:.0f} GOP/s, int8 {g['int8_gops']:.0f} GOP/s)", ""]
+                          f"GEMM throughput (fp32 {g['fp32_gops']:.0f} GOP/s, int8 {g['int8_gops']:.0f} GOP/s{bf16})", ""]
             lines += _pivot(lat, key, lead[:2], _label,
                             lambda r: f"{r['achieved_gops']:.0f} ({100 * r['fraction_of_host_gemm']:.0f} %)")
     eng = [dict(r) for r in results["engines"]]

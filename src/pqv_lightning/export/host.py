@@ -37,6 +37,38 @@ def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
     return summarize(time_calls(lambda _: session.run(None, feed), None, 3, calls))["median_ms"]
 
 
+def openvino_int8_gemm(size: int, threads: int):
+    """An int8 ``size``^3 GEMM compiled by OpenVINO's CPU plugin, in the pattern NNCF writes (a
+    FakeQuantize'd activation times dequantized int8 weights, which the plugin runs as an int8
+    FullyConnected — AMX where the CPU has it): ``(compiled model, feed)``, or None without OpenVINO."""
+    try:
+        import numpy as np
+        import openvino as ov
+        import openvino.opset13 as ops
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    x = ops.parameter([size, size], np.float32, name="x")
+    lo, hi = (ops.constant(np.float32(v)) for v in (-4.0, 4.0))
+    xq = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+    w = ops.constant(rng.integers(-127, 127, (size, size), dtype=np.int8))
+    scale = ops.constant(np.full((size, 1), 0.01, dtype=np.float32))
+    weight = ops.multiply(ops.convert(w, np.float32), scale)
+    model = ov.Model([ops.matmul(xq, weight, False, True)], [x], "gemm_int8")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                      "PERFORMANCE_HINT": "LATENCY"})
+    return compiled, {0: rng.standard_normal((size, size), dtype=np.float32)}
+
+
+def _openvino_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
+    built = openvino_int8_gemm(size, threads)
+    if built is None:
+        return None
+    compiled, feed = built
+    request = compiled.create_infer_request()
+    return summarize(time_calls(lambda _: request.infer(feed), None, 3, calls))["median_ms"]
+
+
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
 
 
@@ -58,8 +90,10 @@ def host_description() -> dict[str, Any]:
 
 
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
-    """Measured GEMM throughput of this host in GOP/s: fp32 with ``torch.mm``, int8 with the faster of
-    ``torch._int_mm`` and ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has them)."""
+    """Measured GEMM throughput of this host in GOP/s: fp32 and bf16 with ``torch.mm`` (bf16: AMX or
+    AVX512-BF16 where the CPU has them; what OpenVINO's fp16 IRs compute in there), int8 with the
+    fastest of ``torch._int_mm``, ONNX Runtime's ``MatMulInteger`` (VNNI kernels where the CPU has
+    them) and OpenVINO's int8 FullyConnected (AMX where the CPU has it), each where installed."""
     with torch_threads(threads):
         return _gemm_throughput(threads, size, calls)
 
@@ -68,13 +102,19 @@ def _gemm_throughput(threads: int, size: int, calls: int) -> dict[str, Any]:
     ops = 2 * size**3
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp32 = summarize(time_calls(lambda _: torch.mm(a, b), a, 3, calls))["median_ms"]
+    ha, hb = a.bfloat16(), b.bfloat16()
+    bf16 = summarize(time_calls(lambda _: torch.mm(ha, hb), ha, 3, calls))["median_ms"]
     qa = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     qb = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     int8 = {"torch._int_mm": summarize(time_calls(lambda _: torch._int_mm(qa, qb), qa, 3, calls))["median_ms"]}
     ort_ms = _ort_int8_gemm_ms(size, threads, calls)
     if ort_ms is not None:
         int8["onnxruntime MatMulInteger"] = ort_ms
+    ov_ms = _openvino_int8_gemm_ms(size, threads, calls)
+    if ov_ms is not None:
+        int8["openvino FullyConnected"] = ov_ms
     source = min(int8, key=int8.get)
-    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
+    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "bf16_gops": ops / (bf16 * 1e6),
+            "bf16_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
             "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
             "size": size, "threads": threads, "host": host_description()}

@@ -1,0 +1,42 @@
+"""The host's measured GEMM throughput, the reference of every efficiency share: fp32, bf16 and the
+fastest int8 kernel among those installed (OpenVINO's AMX int8 FullyConnected included)."""
+
+import pytest
+
+from pqv_lightning.apps.sweep import _peak_for
+from pqv_lightning.export import TARGETS
+from pqv_lightning.export.host import gemm_throughput, openvino_int8_gemm
+
+needs_ov = pytest.mark.skipif(TARGETS["openvino"].missing() is not None,
+                              reason="extra not installed: pip install 'pqv-lightning[openvino]'")
+
+
+def test_gemm_throughput_measures_bf16_and_takes_the_fastest_int8_kernel():
+    g = gemm_throughput(threads=1, size=128, calls=2)
+    assert g["fp32_gops"] > 0 and g["bf16_gops"] > 0 and g["bf16_source"] == "torch.mm"
+    sources = {k[len("int8_gops["):-1]: v for k, v in g.items() if k.startswith("int8_gops[")}
+    assert "torch._int_mm" in sources and all(v > 0 for v in sources.values())
+    assert g["int8_gops"] == max(sources.values()) and g["int8_source"] == max(sources, key=sources.get)
+    if TARGETS["openvino"].missing() is None:
+        assert "openvino FullyConnected" in sources
+
+
+@needs_ov
+def test_the_openvino_gemm_runs_as_an_int8_fully_connected():
+    compiled, feed = openvino_int8_gemm(64, threads=1)
+    layers = {op.get_rt_info()["layerType"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
+              for op in compiled.get_runtime_model().get_ops()}
+    assert layers.get("FullyConnected") in ("u8", "i8"), layers  # not a float MatMul
+    assert compiled.create_infer_request().infer(feed)[0].shape == (64, 64)
+
+
+@pytest.mark.parametrize("precision, expected", [("int8-static", 3000.0), ("int8-dynamic", 3000.0), ("fp32", 300.0),
+                                                 ("fp16", 900.0), ("bf16", 900.0)])
+def test_each_precision_is_measured_against_its_own_peak(precision, expected):
+    peak = {"fp32_gops": 300.0, "bf16_gops": 900.0, "int8_gops": 3000.0}
+    assert _peak_for(peak, precision) == expected
+
+
+def test_a_gemm_cell_without_bf16_measures_fp16_against_fp32():
+    assert _peak_for({"fp32_gops": 300.0, "int8_gops": 3000.0}, "fp16") == 300.0
+    assert _peak_for({"fp32_gops": 300.0, "bf16_gops": 100.0, "int8_gops": 3000.0}, "fp16") == 300.0
