@@ -12,12 +12,16 @@ round-robin's contention guard (measurements taken while other work kept more th
 retaken). Repeats are cached one by one in ``benchmarks/results/<name>.json``: an interrupted run
 continues where it stopped.
 
+``--heads-ratios``: pruning ratios also exported with whole attention heads removed (every kept head
+stays 64 wide) instead of dimensions inside every head (``PruningConfig``'s default), timed in the
+same round-robins, so that the two width rules meet the same baseline.
+
 Targets (issue 13, same run): 25 %-pruned + int8 >= 9x, 9.375 % (the paper's configuration) + int8
 >= 7.18x, and the fastest file <= 0.85x the latency of the fastest ONNX Runtime int8 file.
 
     python benchmarks/headline.py                    # export (~15 min on 2 cores), then 8 repeats (~15 min)
     python benchmarks/headline.py --repeats 12       # more repeats, reusing the cached ones
-    python benchmarks/headline.py --ratios 0.25 --prune-heads --name headline_heads --work runs/headline_heads
+    python benchmarks/headline.py --heads-ratios 0.25  # also 25 % with whole heads pruned, in the same runs
     python benchmarks/headline.py --report-only
 """
 
@@ -27,7 +31,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,16 +53,41 @@ ORT_TARGET = 0.85  # fastest file / fastest ONNX Runtime int8 file
 MAX_CONTENTION = 0.2  # round_robin's default
 
 
-def _export(ratio: float, args, cache: Cache) -> dict[str, Any]:
-    key = f"export/{ratio:g}"
-    folder = Path(args.work) / f"{100 * ratio:g}pct"
+class Variant(NamedTuple):
+    """One pruned model: ``ratio`` of the channels, whole heads or dimensions inside every head."""
+
+    ratio: float
+    heads: bool = False
+
+    @property
+    def key(self) -> str:  # cache and summary key
+        return f"{self.ratio:g}" + (" heads" if self.heads else "")
+
+    @property
+    def prefix(self) -> str:  # of its candidates' labels
+        return f"{100 * self.ratio:g}%" + (" heads" if self.heads else "")
+
+    @property
+    def title(self) -> str:
+        return f"{100 * self.ratio:g} %" + (", whole heads" if self.heads else "")
+
+    @classmethod
+    def parse(cls, key: str) -> Variant:
+        ratio, _, rule = key.partition(" ")
+        return cls(float(ratio), rule == "heads")
+
+
+def _folder(args, variant: Variant) -> Path:
+    return Path(args.work) / (f"{100 * variant.ratio:g}pct" + ("_heads" if variant.heads else ""))
+
+
+def _export(variant: Variant, args, cache: Cache) -> dict[str, Any]:
+    key = f"export/{variant.key}"
+    folder = _folder(args, variant)
     done = cache.get(key)
-    if done and done.get("prune_heads", False) != args.prune_heads:
-        raise SystemExit(f"{cache.path} holds {100 * ratio:g} % exported with prune_heads={done.get('prune_heads')}; "
-                         "pass the same --prune-heads, or another --name and --work")
     if done and all((folder / f).is_file() for f in done["files"]):
         return done
-    model = paper_model(args.model, ratio, prune_heads=args.prune_heads)
+    model = paper_model(args.model, variant.ratio, prune_heads=variant.heads)
     shape = list(input_shape_for(model))
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, *shape[1:], generator=g) for _ in range(2)]
@@ -68,49 +97,54 @@ def _export(ratio: float, args, cache: Cache) -> dict[str, Any]:
         warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
         rank="none"), validation_data=data, calibration_data=data)
     ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
-    row = {"ratio": ratio, "prune_heads": args.prune_heads, "input": shape, "macs": count_macs(model, data[0][:1]), "files": [a["file"] for a in ok],
+    row = {"ratio": variant.ratio, "prune_heads": variant.heads, "input": shape,
+           "macs": count_macs(model, data[0][:1]), "files": [a["file"] for a in ok],
            "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
            "width_padding": {a["file"]: a["width_padding"] for a in ok if a.get("width_padding")}}
     cache.put(key, row)
     return row
 
 
-def _candidates(args, exports: dict[float, dict[str, Any]]) -> list[Candidate]:
-    work = Path(args.work)
-    eager = work / "unpruned.pt"
+def _candidates(args, exports: dict[Variant, dict[str, Any]]) -> list[Candidate]:
+    eager = Path(args.work) / "unpruned.pt"
     if not eager.is_file():
         torch.save(paper_model(args.model), eager)
     out = [Candidate(BASELINE, str(eager))]
-    for ratio, row in exports.items():
-        out += [Candidate(f"{100 * ratio:g}% | {f}", str(work / f"{100 * ratio:g}pct" / f)) for f in row["files"]]
+    for variant, row in exports.items():
+        out += [Candidate(f"{variant.prefix} | {f}", str(_folder(args, variant) / f)) for f in row["files"]]
     return out
 
 
-def _summary(stats: dict[str, dict], ratios: list[float]) -> dict[str, Any]:
-    """Per ratio: the fastest file of this repeat, its ratio to the baseline and to the fastest
+def _summary(stats: dict[str, dict], variants: list[Variant]) -> dict[str, Any]:
+    """Per variant: the fastest file of this repeat, its ratio to the baseline and to the fastest
     ONNX Runtime int8 file of the same repeat."""
     base = stats[BASELINE]["median_ms"]
     out = {"baseline_ms": base}
-    for ratio in ratios:
-        files = {k.split(" | ", 1)[1]: s for k, s in stats.items() if k.startswith(f"{100 * ratio:g}% | ")}
+    for v in variants:
+        files = {k.split(" | ", 1)[1]: s for k, s in stats.items() if k.split(" | ", 1)[0] == v.prefix}
         best = min(files, key=lambda f: files[f]["median_ms"])
         ort = [s["median_ms"] for f, s in files.items() if f.endswith(".onnx")]
-        out[f"{ratio:g}"] = {"best": best, "best_ms": files[best]["median_ms"], "x_eager": base / files[best]["median_ms"],
-                             "vs_ort": files[best]["median_ms"] / min(ort) if ort else None}
+        out[v.key] = {"best": best, "best_ms": files[best]["median_ms"], "x_eager": base / files[best]["median_ms"],
+                      "vs_ort": files[best]["median_ms"] / min(ort) if ort else None}
     return out
 
 
-def _repeat(args, candidates: list[Candidate], shape: list[int], ratios: list[float], cache: Cache, i: int) -> None:
+def _repeat(args, candidates: list[Candidate], shape: list[int], variants: list[Variant], cache: Cache, i: int) -> None:
     stats = round_robin(candidates, shape, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
                         calls=args.calls, baseline=BASELINE,
                         progress=lambda r, label: print(f"repeat {i + 1}, round {r + 1}: {label}", flush=True))
-    cache.put(f"repeat/{i}", {"stats": stats, "summary": _summary(stats, ratios), "host": host_description()})
+    cache.put(f"repeat/{i}", {"stats": stats, "summary": _summary(stats, variants), "host": host_description()})
 
 
 def _busy(rep: dict[str, Any]) -> bool:
     """A repeat with a measurement kept although the host was busy through every retry: it does not
     count, and the next run takes it again."""
     return any((s.get("contention_max") or 0.0) > MAX_CONTENTION for s in rep["stats"].values())
+
+
+def _stale(rep: dict[str, Any] | None, candidates: list[Candidate]) -> bool:
+    """Not measured yet, measured on a busy host, or with other candidates than this run's."""
+    return rep is None or _busy(rep) or sorted(rep["stats"]) != sorted(c.label for c in candidates)
 
 
 def _spread(values: list[float]) -> str:
@@ -120,48 +154,52 @@ def _spread(values: list[float]) -> str:
 def _report(args, cache: Cache) -> str:
     measured = [cache.get(k) for k in sorted((k for k in cache.data if k.startswith("repeat/")),
                                              key=lambda k: int(k.split("/")[1]))]
-    repeats = [r for r in measured if not _busy(r)]
+    if not measured:
+        return "no repeats measured yet"
+    keys = sorted((k for k in measured[-1]["summary"] if k != "baseline_ms"), key=lambda k: Variant.parse(k))
+    repeats = [r for r in measured if not _busy(r) and sorted(k for k in r["summary"] if k != "baseline_ms") == sorted(keys)]
     if not repeats:
         return "no repeats measured on a quiet host yet"
+    variants = [Variant.parse(k) for k in keys]
     hosts = sorted({r["host"]["cpu"] for r in repeats})
-    ratios = sorted(float(k) for k in repeats[0]["summary"] if k != "baseline_ms")
-    size = "x".join(map(str, cache.get(f"export/{ratios[0]:g}")["input"][2:]))
-    heads = cache.get(f"export/{ratios[0]:g}").get("prune_heads", False)
-    rule = "whole heads pruned" if heads else "dimensions inside every head pruned"
-    lines = [f"**Headline ratios of `{args.model}`** ({rule}), batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
+    size = "x".join(map(str, cache.get(f"export/{keys[0]}")["input"][2:]))
+    lines = [f"**Headline ratios of `{args.model}`**, batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
              f"{len(repeats)} independent round-robins (each {args.rounds} rounds x {args.calls} calls per candidate, "
-             "every candidate in a fresh process; a measurement taken while other work kept more than 0.2 CPUs busy "
-             "is retaken). Each repeat's ratio is against the unpruned fp32 eager model of the same repeat.", "",
+             f"every candidate in a fresh process; a measurement taken while other work kept more than {MAX_CONTENTION} "
+             "CPUs busy is retaken). Each repeat's ratio is against the unpruned fp32 eager model of the same repeat. "
+             "Pruned: dimensions inside every head (the default), or whole heads.", "",
              "| repeat | fp32 eager, unpruned | " + " | ".join(
-                 f"{100 * r:g} %: fastest file | ms | x eager | vs ORT int8" for r in ratios) + " | worst contention |",
-             "|---:|---:|" + "---|---:|---:|---:|" * len(ratios) + "---:|"]
+                 f"{v.title}: fastest file | ms | x eager | vs ORT int8" for v in variants) + " | worst contention |",
+             "|---:|---:|" + "---|---:|---:|---:|" * len(variants) + "---:|"]
     for i, rep in enumerate(repeats, 1):
         s = rep["summary"]
-        cells = [f"{s[f'{r:g}']['best']} | {s[f'{r:g}']['best_ms']:.1f} | {s[f'{r:g}']['x_eager']:.2f}x | "
-                 f"{s[f'{r:g}']['vs_ort']:.2f}x" for r in ratios]
+        cells = [f"{s[k]['best']} | {s[k]['best_ms']:.1f} | {s[k]['x_eager']:.2f}x | "
+                 + ("-" if s[k]["vs_ort"] is None else f"{s[k]['vs_ort']:.2f}x") for k in keys]
         worst = [v["contention_max"] for v in rep["stats"].values() if v.get("contention_max") is not None]
         retaken = sum(v.get("retaken", 0) for v in rep["stats"].values())
         load = f"{max(worst):.2f} CPUs" if worst else "-"
         lines.append(f"| {i} | {s['baseline_ms']:.1f} ms | " + " | ".join(cells) +
                      f" | {load}{f', {retaken} retaken' if retaken else ''} |")
-    lines += ["", "| pruned | target | x unpruned fp32 eager: median (range) | repeats meeting it | "
-              "fastest / ONNX Runtime int8: median (range) | repeats <= 0.85x | fastest file (repeats) |",
-              "|---:|---:|---|---:|---|---:|---|"]
-    for r in ratios:
-        rows = [rep["summary"][f"{r:g}"] for rep in repeats]
+    lines += ["", "| pruned | target | x unpruned fp32 eager: median (range) | repeats meeting it | fastest file: median ms "
+              "| fastest / ONNX Runtime int8: median (range) | repeats <= 0.85x | fastest file (repeats) |",
+              "|---|---:|---|---:|---:|---|---:|---|"]
+    for k, v in zip(keys, variants):
+        rows = [rep["summary"][k] for rep in repeats]
         xs, vs = [x["x_eager"] for x in rows], [x["vs_ort"] for x in rows if x["vs_ort"] is not None]
-        target = TARGETS_X.get(r)
+        target = TARGETS_X.get(v.ratio)
         met = f"{sum(x >= target for x in xs)}/{len(xs)}" if target else "-"
-        winners = {}
+        winners: dict[str, int] = {}
         for x in rows:
             winners[x["best"]] = winners.get(x["best"], 0) + 1
         ort = (f"{statistics.median(vs):.2f}x (range {min(vs):.2f}-{max(vs):.2f}x) | "
-               f"{sum(v <= ORT_TARGET for v in vs)}/{len(vs)}") if vs else "- | -"
-        lines.append(f"| {100 * r:g} % | {f'>= {target}x' if target else '-'} | {_spread(xs)} | {met} | {ort} | "
+               f"{sum(x <= ORT_TARGET for x in vs)}/{len(vs)}") if vs else "- | -"
+        lines.append(f"| {v.title} | {f'>= {target}x' if target else '-'} | {_spread(xs)} | {met} | "
+                     f"{statistics.median(x['best_ms'] for x in rows):.1f} | {ort} | "
                      + ", ".join(f"{f} ({n})" for f, n in sorted(winners.items(), key=lambda kv: -kv[1])) + " |")
     if len(measured) > len(repeats):
-        lines += ["", f"{len(measured) - len(repeats)} more repeat(s) left out: a measurement was kept although other "
-                      f"work kept more than {MAX_CONTENTION} CPUs busy through every retry (the next run retakes them)."]
+        lines += ["", f"{len(measured) - len(repeats)} more repeat(s) left out: measured with other candidates, or a "
+                      f"measurement was kept although other work kept more than {MAX_CONTENTION} CPUs busy through "
+                      "every retry (the next run retakes them)."]
     base = [rep["summary"]["baseline_ms"] for rep in repeats]
     lines += ["", f"The unpruned fp32 eager baseline over the repeats: median {statistics.median(base):.1f} ms, range "
               f"{min(base):.1f}-{max(base):.1f} ms."]
@@ -171,10 +209,11 @@ def _report(args, cache: Cache) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.09375, 0.25])
-    ap.add_argument("--prune-heads", action="store_true",
-                    help="remove whole attention heads (every kept head stays 64 wide) instead of dimensions inside "
-                         "every head (the default of PruningConfig)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.09375, 0.25],
+                    help="pruning ratios, dimensions inside every head removed (PruningConfig's default)")
+    ap.add_argument("--heads-ratios", type=float, nargs="*", default=[],
+                    help="pruning ratios also exported with whole attention heads removed (every kept head stays "
+                         "64 wide), timed in the same round-robins")
     ap.add_argument("--formats", nargs="+", default=["pte", "onnx", "openvino"])
     ap.add_argument("--precisions", nargs="+", default=["int8-dynamic", "int8-static"])
     ap.add_argument("--repeats", type=int, default=8, help="independent round-robins (cached ones count)")
@@ -189,15 +228,19 @@ def main() -> None:
     for name in ("repeats", "rounds", "calls", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    for r in [*args.ratios, *args.heads_ratios]:
+        if not 0 < r < 1:
+            ap.error(f"pruning ratio {r}: must be in (0, 1)")
     torch.set_num_threads(args.threads)
     cache = Cache(OUT / f"{args.name}.json")
     if not args.report_only:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        exports = {r: _export(r, args, cache) for r in args.ratios}
+        variants = [Variant(r) for r in args.ratios] + [Variant(r, heads=True) for r in args.heads_ratios]
+        exports = {v: _export(v, args, cache) for v in variants}
         candidates = _candidates(args, exports)
         for i in range(args.repeats):
-            if cache.get(f"repeat/{i}") is None or _busy(cache.get(f"repeat/{i}")):
-                _repeat(args, candidates, exports[args.ratios[0]]["input"], args.ratios, cache, i)
+            if _stale(cache.get(f"repeat/{i}"), candidates):
+                _repeat(args, candidates, exports[variants[0]]["input"], variants, cache, i)
                 atomic_write_text(OUT / f"{args.name}.md", _report(args, cache) + "\n")
     report = _report(args, cache)
     atomic_write_text(OUT / f"{args.name}.md", report + "\n")
