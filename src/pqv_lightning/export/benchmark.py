@@ -14,13 +14,15 @@ with ``torch.save``, timed eagerly). Since each has its process to itself, ONNX 
 its default idle spinning here (about 20 % faster at batch 1 than with spinning off, which is what
 the exporter uses while it shares a process with other runtimes).
 
-A busy host shows up as slow calls of whatever ran at the time. Each worker therefore also measures,
-from Linux's ``/proc/stat`` and its own CPU time, how many CPUs other processes (and the hypervisor's
-steal time) kept busy while it timed its calls, beyond those its ``threads`` leave free: its
-``contention`` in CPUs. A measurement whose contention exceeds ``max_contention`` (default 0.2 of a
-CPU) is thrown away and taken again, up to ``retries`` times; the stats record the worst contention
-kept and how many measurements were retaken, and a warning names a candidate still measured on a
-busy host. Elsewhere than Linux the contention is unknown (``None``) and nothing is retaken.
+A busy host shows up as slow calls of whatever ran at the time. Each worker therefore also
+measures, from Linux's ``/proc/stat`` and its own CPU time, how many CPUs other processes (and the
+hypervisor's steal time) kept busy from loading its file to its last timed call, beyond those its
+``threads`` leave free: its ``contention`` in CPUs. A measurement whose contention exceeds
+``max_contention`` (default 0.2 of a CPU) is thrown away and taken again, up to ``retries`` times;
+the stats record the worst contention kept and how many measurements were retaken, and a warning
+names a candidate still measured on a busy host. Elsewhere than Linux the contention is unknown
+(``None``) and nothing is retaken. What the guest cannot see — other tenants' memory traffic on a
+shared host — it cannot catch either.
 
 A format registered outside this package (``@register_target`` in your own module) is timed too:
 each worker imports the modules that define the registered targets first (with the parent's
@@ -250,8 +252,10 @@ class HostLoad:
 
     @staticmethod
     def _own() -> float:
-        import resource
-
+        try:
+            import resource
+        except ImportError:  # not Unix: no /proc/stat either, so contention() is None anyway
+            return 0.0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
