@@ -160,7 +160,9 @@ def _report(args, cache: Cache) -> str:
     repeats = [r for r in measured if not _busy(r) and sorted(k for k in r["summary"] if k != "baseline_ms") == sorted(keys)]
     if not repeats:
         return "no repeats measured on a quiet host yet"
-    variants = [Variant.parse(k) for k in keys]
+    # the export row knows the rule (a --prune-heads run of the first version keyed whole heads as "0.25")
+    variants = [Variant(Variant.parse(k).ratio, Variant.parse(k).heads or bool(cache.get(f"export/{k}").get("prune_heads")))
+                for k in keys]
     hosts = sorted({r["host"]["cpu"] for r in repeats})
     size = "x".join(map(str, cache.get(f"export/{keys[0]}")["input"][2:]))
     lines = [f"**Headline ratios of `{args.model}`**, batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
