@@ -211,7 +211,7 @@ def _report(args, cache: Cache) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.09375, 0.25],
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.09375, 0.25],
                     help="pruning ratios, dimensions inside every head removed (PruningConfig's default)")
     ap.add_argument("--heads-ratios", type=float, nargs="*", default=[],
                     help="pruning ratios also exported with whole attention heads removed (every kept head stays "
@@ -230,6 +230,8 @@ def main() -> None:
     for name in ("repeats", "rounds", "calls", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if not args.ratios and not args.heads_ratios:
+        ap.error("nothing to time: give --ratios and/or --heads-ratios")
     for r in [*args.ratios, *args.heads_ratios]:
         if not 0 < r < 1:
             ap.error(f"pruning ratio {r}: must be in (0, 1)")
