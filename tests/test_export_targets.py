@@ -296,6 +296,46 @@ def test_openvino_round_trips_through_the_openvino_runtime(tmp_path, precision):
         assert list(run.compiled) == [(2, 1, 32, 32), (3, 1, 32, 32), (4, 1, 32, 32), (6, 1, 32, 32)]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return {f for line in fh if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_ov
+def test_openvino_int8_dynamic_says_whether_the_plugin_quantizes_activations(tmp_path):
+    """The CPU plugin's dynamic quantization depends on the host and its inference precision: the
+    manifest records what the file really does here, found by running it (not assumed)."""
+    import openvino as ov
+
+    from pqv_lightning.export.openvino_target import compile_ir, dynamic_quantization_active
+
+    manifest = _export(tmp_path, tiny_vit(depth=1), ["openvino"], ["int8-dynamic", "fp32"])
+    dyn, fp32 = manifest["artifacts"]
+    assert dyn["status"] == fp32["status"] == "ok"
+    out, shape = tmp_path / "out", (1, 1, 32, 32)
+    active = dynamic_quantization_active(str(out / dyn["file"]), shape)
+    assert dyn["dynamic_quantization"] is active
+    said = [a for a in dyn["optimizations_applied"] if a.startswith("activations")]
+    assert said == [("activations quantized to int8 per call by the CPU plugin (dynamic quantization, group size "
+                     f"{dyn['dynamic_quantization_group_size']})") if active else
+                    ("activations not quantized on this host: the CPU plugin decompresses the int8 weights into "
+                     f"{dyn['inference_precision']} GEMMs (its dynamic quantization did not apply)")]
+    assert "dynamic_quantization" not in fp32
+    # no false positive: a file without compressed weights gives identical outputs either way
+    assert dynamic_quantization_active(str(out / fp32["file"]), shape) is False
+    # and when the plugin is told to compute in f32 on a host with int8 dot-product units, it does quantize:
+    # the same input gives different logits with dynamic quantization on and off
+    if _cpu_flags() & {"avx512_vnni", "amx_int8"}:
+        model = ov.Core().read_model(str(out / dyn["file"]))
+        model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
+        ov.save_model(model, str(tmp_path / "f32.xml"), compress_to_fp16=False)
+        assert compile_ir(str(tmp_path / "f32.xml"), 1, shape).get_property("INFERENCE_PRECISION_HINT").type_name == "f32"
+        assert dynamic_quantization_active(str(tmp_path / "f32.xml"), shape) is True
+
+
 @needs_ov
 def test_openvino_interrupt_leaves_neither_xml_nor_bin(tmp_path, monkeypatch):
     import pqv_lightning.export.core as core
