@@ -186,6 +186,26 @@ def test_distilled_deit_and_deit3_style_models_prune():
     assert deit3(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("rule", [dict(), dict(prune_num_heads=True, prune_head_dims=False)])
+def test_qk_norm_vit_is_refused_up_front_and_prunes_with_its_norms_ignored(rule):
+    """Torch-Pruning 1.6.1 fails with an IndexError inside importance estimation on a ViT whose q and
+    k are normalized per head: refused before anything is traced, naming the norm and the way out."""
+    model = tiny_vit(qk_norm=True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"qk_norm=True: blocks\.0\.attn\.q_norm and 3 more.*"
+                                         r"ignored_layers=\['head', '\*\.attn\.q_norm', '\*\.attn\.k_norm'\]"):
+        StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25, **rule))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused untouched
+    # the way out the message names: embedding and MLP pruned, the attention widths kept
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25, **rule,
+                                    ignored_layers=["head", "*.attn.q_norm", "*.attn.k_norm"]))
+    attn = model.blocks[0].attn
+    assert model.pos_embed.shape[-1] == 48 and attn.qkv.in_features == 48 and model.blocks[0].mlp.fc1.out_features == 192
+    assert attn.qkv.out_features == 3 * 64 and attn.num_heads == 4 and attn.q_norm.weight.shape == (16,)
+    model.eval()
+    assert torch.isfinite(model(torch.randn(2, 1, 32, 32))).all()
+
+
 def test_prune_once_needs_calibration_for_gradient_criteria():
     model = tiny_vit()
     with pytest.raises(ValueError, match="calibrate"):

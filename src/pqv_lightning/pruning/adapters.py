@@ -17,7 +17,7 @@ own. Add a family with :func:`register_adapter`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,11 @@ class ModelAdapter:
     def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
         """Shape of a batch-1 input that a forward pass accepts (used to trace dependencies)."""
         raise NotImplementedError
+
+    def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
+        """Raise :class:`ConfigError` for parts of ``model`` that Torch-Pruning cannot prune
+        correctly unless they are among ``ignored`` (dotted module names kept whole, with their
+        children), naming the part and what is allowed. Default: nothing to refuse."""
 
     def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
         """Re-derive Python attributes from the (pruned) parameter shapes.
@@ -220,6 +225,24 @@ if _TimmViT is not None:
             blocks = getattr(model, "blocks", None)
             # timm runs blocks one by one on a tensor (nn.Sequential); anything else: whole forwards
             return [f"blocks.{i}" for i in range(len(blocks))] if isinstance(blocks, nn.Sequential) else []
+
+        def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
+            # qk_norm=True: q and k go through a LayerNorm over the head dim after the heads are split.
+            # Torch-Pruning 1.6.1 couples that norm's head_dim weights to qkv's 3 x heads x head_dim
+            # outputs and fails (IndexError) for head dims and whole heads alike.
+            def kept(name: str) -> bool:
+                return any(name == i or name.startswith(i + ".") for i in ignored)
+
+            norms = [f"{name}.{part}" for name, m in _iter_timm_attention(model) for part in ("q_norm", "k_norm")
+                     if isinstance(getattr(m, part, None), nn.Module) and not isinstance(getattr(m, part), nn.Identity)
+                     and not kept(f"{name}.{part}")]
+            if norms:
+                raise ConfigError(
+                    f"{type(model).__name__} normalizes q and k per head (qk_norm=True: {norms[0]}"
+                    f"{f' and {len(norms) - 1} more' if len(norms) > 1 else ''}); Torch-Pruning cannot prune "
+                    "attention heads or head dims through those norms. Allowed: keep the attention widths by "
+                    "ignoring the norms, e.g. ignored_layers=['head', '*.attn.q_norm', '*.attn.k_norm'] "
+                    "(the embedding and MLP widths are still pruned), or a model without qk_norm")
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for name, m in _iter_timm_attention(model):

@@ -317,6 +317,7 @@ class StructuredPruner:
         self.input_shape = list(example_inputs.shape)
         self.measure = measure
         self.ignored_names = self._resolve_ignored(config.ignored_layers)
+        self.adapter.check_prunable(model, self.ignored_names)
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
         scored = [(n, p) for n, p in tracked_weights(model).items() if id(p) not in ignored_ids]
