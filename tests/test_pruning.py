@@ -204,6 +204,10 @@ def test_qk_norm_vit_is_refused_up_front_and_prunes_with_its_norms_ignored(rule)
     assert attn.qkv.out_features == 3 * 64 and attn.num_heads == 4 and attn.q_norm.weight.shape == (16,)
     model.eval()
     assert torch.isfinite(model(torch.randn(2, 1, 32, 32))).all()
+    # keeping qkv whole also keeps the norms out of the way: not refused
+    other = tiny_vit(qk_norm=True)
+    prune_once(other, PruningConfig(importance="l2", pruning_ratio=0.25, **rule, ignored_layers=["head", "*.attn.qkv"]))
+    assert other.blocks[0].attn.qkv.out_features == 3 * 64 and other.blocks[0].mlp.fc1.out_features == 192
 
 
 def test_prune_once_needs_calibration_for_gradient_criteria():

@@ -229,13 +229,14 @@ if _TimmViT is not None:
         def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
             # qk_norm=True: q and k go through a LayerNorm over the head dim after the heads are split.
             # Torch-Pruning 1.6.1 couples that norm's head_dim weights to qkv's 3 x heads x head_dim
-            # outputs and fails (IndexError) for head dims and whole heads alike.
+            # outputs and fails (IndexError) for head dims and whole heads alike. Fine when the norm, or
+            # qkv (whose outputs it would couple to), is kept whole.
             def kept(name: str) -> bool:
                 return any(name == i or name.startswith(i + ".") for i in ignored)
 
             norms = [f"{name}.{part}" for name, m in _iter_timm_attention(model) for part in ("q_norm", "k_norm")
                      if isinstance(getattr(m, part, None), nn.Module) and not isinstance(getattr(m, part), nn.Identity)
-                     and not kept(f"{name}.{part}")]
+                     and not kept(f"{name}.{part}") and not kept(f"{name}.qkv")]
             if norms:
                 raise ConfigError(
                     f"{type(model).__name__} normalizes q and k per head (qk_norm=True: {norms[0]}"
