@@ -103,7 +103,7 @@ def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None,
     return core.compile_model(model, "CPU", config)
 
 
-def dynamic_quantization_active(path: str, shape: Sequence[int]) -> bool:
+def dynamic_quantization_active(path: str, shape: Sequence[int], compiled=None) -> bool:
     """Whether the OpenVINO CPU plugin quantizes activations per call (its dynamic quantization) in
     the compressed-weight layers of the IR at ``path`` on this host, at its own settings.
 
@@ -111,8 +111,9 @@ def dynamic_quantization_active(path: str, shape: Sequence[int]) -> bool:
     quantization off (``DYNAMIC_QUANTIZATION_GROUP_SIZE=0``), one thread each so that both sum in
     the same order. The outputs are bit-identical when the plugin does not quantize activations and
     differ by the int8 rounding when it does (DeiT-base int8-dynamic: max logit difference 0 at bf16
-    inference precision, 0.025 at f32). No timing involved."""
-    on = compile_ir(path, 1, shape)
+    inference precision, 0.025 at f32). No timing involved. ``compiled``: the IR already compiled as
+    ``compile_ir(path, 1, shape)`` does (saves compiling it again)."""
+    on = compiled if compiled is not None else compile_ir(path, 1, shape)
     if int(on.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == 0:
         return False
     off = compile_ir(path, 1, shape, {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
@@ -186,9 +187,10 @@ for _ in range(3):
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_openvino(reference, example, precision, path, calibration)
         applied = details.pop("applied") + ["compiled at static input shapes (one compiled model per shape)"]
-        details.update(_describe(compile_ir(path, 1, example.shape)))
+        compiled = compile_ir(path, 1, example.shape)
+        details.update(_describe(compiled))
         if isinstance(precision, Int8Dynamic):
-            details["dynamic_quantization"] = active = dynamic_quantization_active(path, example.shape)
+            details["dynamic_quantization"] = active = dynamic_quantization_active(path, example.shape, compiled)
             applied.append(
                 "activations quantized to int8 per call by the CPU plugin (dynamic quantization, group size "
                 f"{details.get('dynamic_quantization_group_size')})" if active else
