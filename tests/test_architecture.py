@@ -122,6 +122,62 @@ def test_registry_lookup_by_type_mro_and_exact():
     assert exact.for_type(Base())[1] == "base" and exact.for_type(Child()) is None
 
 
+
+def test_registry_builtins_load_on_first_read_or_registration(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pqv_test_builtin_a.py").write_text(
+        "from pqv_test_registry_home import REG\nREG.register('a', 1)\nimport pqv_test_builtin_b\n")
+    (tmp_path / "pqv_test_builtin_b.py").write_text("from pqv_test_registry_home import REG\nREG.register('b', 2)\n")
+    home = type(sys)("pqv_test_registry_home")
+    monkeypatch.setitem(sys.modules, "pqv_test_registry_home", home)
+    for name in ("pqv_test_builtin_a", "pqv_test_builtin_b"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    home.REG = Registry("thing", builtins=("pqv_test_builtin_a", "pqv_test_builtin_b"))
+    assert "pqv_test_builtin_a" not in sys.modules  # nothing imported yet
+    home.REG.register("mine", 3)  # a registration loads the built-ins first: they keep their place
+    assert home.REG.names() == ("a", "b", "mine") and home.REG["b"] == 2
+    with pytest.raises(ConfigError, match="'a' is already registered"):
+        home.REG.register("a", 4)
+
+    # a built-in module that fails to import fails the read, and is tried again on the next one
+    (tmp_path / "pqv_test_builtin_c.py").write_text("raise ImportError('no runtime here')\n")
+    home.REG = Registry("thing", builtins=("pqv_test_builtin_c",))
+    for _ in range(2):
+        with pytest.raises(ImportError, match="no runtime here"):
+            home.REG.names()
+
+
+def test_the_package_names_resolve_on_first_use():
+    import pqv_lightning
+    import pqv_lightning.export as export
+    from pqv_lightning.callbacks import MobileExport
+    from pqv_lightning.export.core import export_mobile
+
+    for package in (pqv_lightning, export):
+        assert set(package.__all__) <= set(dir(package))
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
+        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+            package.nope  # noqa: B018
+    assert pqv_lightning.MobileExport is MobileExport and export.export_mobile is export_mobile
+    assert export.FORMATS == TARGETS.names()
+
+
+def test_a_latency_worker_imports_neither_lightning_nor_timm():
+    """What every round-robin worker imports to load an exported file: the package's latency module
+    and the registry of formats, not Lightning, timm or Torch-Pruning (seconds per worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pqv_lightning.export.benchmark as b; from pqv_lightning.export.targets import TARGETS; "
+            "print(sorted(TARGETS)); print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'lightning', 'pytorch_lightning', 'timm', 'torch_pruning', 'torchvision', 'torchmetrics'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['onnx', 'openvino', 'pte', 'ptl']", "[]"]
+
 def test_builtin_registries_hold_the_builtin_entries():
     assert IMPORTANCE.names() == ("taylor", "hessian", "l1", "l2", "random")
     assert {n for n, c in IMPORTANCE.items() if c.statistics} == {"taylor", "hessian"}

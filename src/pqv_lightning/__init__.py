@@ -1,54 +1,47 @@
 """pqv-lightning: structured pruning, quantization and mobile export of Vision Transformers as
-PyTorch Lightning callbacks."""
+PyTorch Lightning callbacks.
 
-from .callbacks import CHECKPOINT_KEY, KnowledgeDistillation, MobileExport, StructuredPruning
-from .callbacks.checkpoint import load_pruned_checkpoint, restore_pruned_module
-from .pruning.adapters import ModelAdapter, find_adapter, locate_model, register_adapter
-from .export import MobileExportConfig, export_mobile
-from .distillation import distillation_loss, frozen_teacher
-from .pruning.importance import GradientStatistics, make_importance
-from .pruning.sparsity import GroupSparsity, add_sparsity_gradient, coupled_groups
-from .pruning.pruner import (
-    PruningConfig,
-    PruningEvent,
-    StructuredPruner,
-    count_macs,
-    count_params,
-    prune_once,
-    restore_structure,
-)
+The names below are imported on first use (PEP 562), so that ``import pqv_lightning.export.benchmark``
+— what every latency worker process runs — does not pay for Lightning, timm and Torch-Pruning when it
+only loads an exported file. ``from pqv_lightning import MobileExport`` works as before.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from ._version import __version__
 from . import _compat
 
 _compat.install()
 
-__all__ = [
-    "GroupSparsity",
-    "add_sparsity_gradient",
-    "coupled_groups",
-    "CHECKPOINT_KEY",
-    "KnowledgeDistillation",
-    "distillation_loss",
-    "frozen_teacher",
-    "MobileExport",
-    "MobileExportConfig",
-    "export_mobile",
-    "StructuredPruning",
-    "load_pruned_checkpoint",
-    "restore_pruned_module",
-    "GradientStatistics",
-    "ModelAdapter",
-    "PruningConfig",
-    "PruningEvent",
-    "StructuredPruner",
-    "count_macs",
-    "count_params",
-    "find_adapter",
-    "locate_model",
-    "make_importance",
-    "prune_once",
-    "register_adapter",
-    "restore_structure",
-    "__version__",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("CHECKPOINT_KEY", "KnowledgeDistillation", "MobileExport", "StructuredPruning"),
+                    "pqv_lightning.callbacks"),
+    **dict.fromkeys(("load_pruned_checkpoint", "restore_pruned_module"), "pqv_lightning.callbacks.checkpoint"),
+    **dict.fromkeys(("ModelAdapter", "find_adapter", "locate_model", "register_adapter"),
+                    "pqv_lightning.pruning.adapters"),
+    **dict.fromkeys(("MobileExportConfig", "export_mobile"), "pqv_lightning.export"),
+    **dict.fromkeys(("distillation_loss", "frozen_teacher"), "pqv_lightning.distillation"),
+    **dict.fromkeys(("GradientStatistics", "make_importance"), "pqv_lightning.pruning.importance"),
+    **dict.fromkeys(("GroupSparsity", "add_sparsity_gradient", "coupled_groups"), "pqv_lightning.pruning.sparsity"),
+    **dict.fromkeys(("PruningConfig", "PruningEvent", "StructuredPruner", "count_macs", "count_params", "prune_once",
+                     "restore_structure"), "pqv_lightning.pruning.pruner"),
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+

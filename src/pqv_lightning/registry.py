@@ -28,7 +28,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
@@ -55,15 +56,32 @@ class Registry(Mapping[str, T], Generic[T]):
         types: for registries of per-type entries: ``entry -> tuple of types`` it applies to
             (enables :meth:`for_type`).
         mro: :meth:`for_type` also matches base classes (closest first); ``False`` = exact type only.
+        builtins: modules that register the built-in entries, imported on the first read or
+            registration (so a registry defined apart from its entries is complete however it was
+            reached, and importing it alone stays cheap).
     """
 
     def __init__(self, kind: str, *, argument: str | None = None,
-                 types: Callable[[T], Iterable[type]] | None = None, mro: bool = True) -> None:
+                 types: Callable[[T], Iterable[type]] | None = None, mro: bool = True,
+                 builtins: Sequence[str] = ()) -> None:
         self.kind = kind
         self.argument = argument or kind
         self._types = types
         self._mro = mro
-        self._entries: dict[str, T] = {}
+        self._pending = tuple(builtins)
+        self._registered: dict[str, T] = {}
+
+    @property
+    def _entries(self) -> dict[str, T]:
+        if self._pending:  # the built-ins first (they register through this property too: clear it first)
+            pending, self._pending = self._pending, ()
+            try:
+                for module in pending:
+                    importlib.import_module(module)
+            except BaseException:
+                self._pending = pending
+                raise
+        return self._registered
 
     # ------------------------------------------------------------------ filling
     def register(self, name: str, entry: T | None = None, *, overwrite: bool = False) -> Any:

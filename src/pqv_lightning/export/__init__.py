@@ -3,51 +3,41 @@
 
 Extension points: :data:`TARGETS` (formats), :data:`PRECISIONS` (precision configs),
 :data:`~.delegation.DELEGATION_SWAPS` (module swaps before ExecuTorch lowering). :func:`~.padding.pad_widths`
-grows pruned widths to kernel-friendly multiples without changing the function."""
+grows pruned widths to kernel-friendly multiples without changing the function.
 
-from .core import (
-    ENGINES,
-    RANKINGS,
-    ExportFailedError,
-    MobileExportConfig,
-    check_output_dir,
-    export_mobile,
-    host_default_engine,
-    rank_artifacts,
-)
-from .delegation import DELEGATION_SWAPS, make_delegation_friendly, register_delegation_swap
-from .padding import WidthPaddingError, pad_widths
-from .precisions import FP16, FP32, PRECISIONS, Int8Dynamic, Int8Static, Precision
-from .targets import TARGETS, Built, ExportTarget, register_target
+Names are imported on first use (PEP 562): a latency worker (:mod:`.benchmark`) that only loads an
+exported file imports neither timm nor Torch-Pruning."""
 
-__all__ = [
-    "Built",
-    "DELEGATION_SWAPS",
-    "ENGINES",
-    "FP16",
-    "FP32",
-    "Int8Dynamic",
-    "Int8Static",
-    "PRECISIONS",
-    "Precision",
-    "RANKINGS",
-    "TARGETS",
-    "WidthPaddingError",
-    "ExportFailedError",
-    "ExportTarget",
-    "MobileExportConfig",
-    "check_output_dir",
-    "export_mobile",
-    "host_default_engine",
-    "make_delegation_friendly",
-    "pad_widths",
-    "rank_artifacts",
-    "register_delegation_swap",
-    "register_target",
-]
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("ENGINES", "RANKINGS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
+                     "export_mobile", "host_default_engine", "rank_artifacts"), "core"),
+    **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), "delegation"),
+    **dict.fromkeys(("WidthPaddingError", "pad_widths"), "padding"),
+    **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), "precisions"),
+    **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "register_target"), "targets"),
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(attr: str):
     if attr == "FORMATS":  # the 0.1 tuple, now a live view of the registry
+        from .targets import TARGETS
+
         return TARGETS.names()
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    module = _EXPORTS.get(attr)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[attr] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+

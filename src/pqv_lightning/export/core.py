@@ -47,10 +47,6 @@ from ..fileio import atomic_write_text, file_digest, staged
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
 from .benchmark import summarize, time_calls
-from . import executorch_target as _executorch_target  # noqa: F401  (registers the target)
-from . import onnx_target as _onnx_target  # noqa: F401
-from . import torchscript_target as _torchscript_target  # noqa: F401
-from . import openvino_target as _openvino_target  # noqa: F401
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget

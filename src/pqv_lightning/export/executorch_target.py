@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .delegation import keep_layernorm_fp32, make_delegation_friendly
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
 from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, Runner, chunked, register_target
 
@@ -103,6 +102,8 @@ def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from .delegation import make_delegation_friendly  # (imports timm, whose classes it swaps)
+
     precision = resolve_precision(precision)
     apply = TARGETS["pte"].handler(precision)
     model = copy.deepcopy(model).eval().float()
@@ -175,6 +176,8 @@ def _fp32(model, precision, example, calibration, details):
 
 @ExecuTorchTarget.handles(FP16)
 def _fp16(model, precision, example, calibration, details):
+    from .delegation import keep_layernorm_fp32
+
     details["fp32_layernorms"] = keep_layernorm_fp32(model.half())
     details["applied"] = ["LayerNorm kept fp32 (ExecuTorch 1.5.1 fp16 LayerNorm bug)"]
     return _Fp16Body(model), None

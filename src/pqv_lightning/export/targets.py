@@ -140,7 +140,8 @@ class ExportTarget:
 
 
 #: format name -> :class:`ExportTarget`; what ``formats=[...]`` accepts everywhere.
-TARGETS: Registry[ExportTarget] = Registry("export format", argument="formats")
+TARGETS: Registry[ExportTarget] = Registry("export format", argument="formats", builtins=tuple(
+    f"{__package__}.{m}" for m in ("executorch_target", "onnx_target", "torchscript_target", "openvino_target")))
 
 
 def register_target(cls: type[ExportTarget]) -> type[ExportTarget]:
