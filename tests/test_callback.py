@@ -151,11 +151,20 @@ def test_frozen_parameters_with_gradient_criterion_are_refused_before_training(t
         (dict(accumulate_batches=0), r"accumulate_batches=0 must be an integer >= 1"),
         (dict(pruning_ratio=1.5), r"pruning_ratio=1.5 is out of range; allowed: a number in \[0, 1\)"),
         (dict(importance="snip"), r"importance='snip' is not registered"),
+        (dict(widths_for="tflite"), r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx', 'ptl', 'openvino'\]"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StructuredPruning(**kwargs)
+
+
+def test_widths_for_sets_the_callbacks_width_rule():
+    assert (StructuredPruning().config.prune_num_heads, StructuredPruning().config.prune_head_dims) == (False, True)
+    config = StructuredPruning(widths_for="openvino").config
+    assert (config.prune_num_heads, config.prune_head_dims, config.widths_for) == (True, False, "openvino")
+    config = StructuredPruning(widths_for="openvino", prune_head_dims=True).config
+    assert (config.prune_num_heads, config.prune_head_dims) == (True, True)
 
 
 def test_sharding_strategies_are_refused(tmp_path, lit_model):

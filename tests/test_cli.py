@@ -86,6 +86,30 @@ def test_demo_help_claims_only_what_the_demo_reads(capsys):
     assert "$PQV_FMNIST_CHECKPOINT, else the bundled one" in text
 
 
+
+@pytest.mark.parametrize("argv, expected", [([], {"reconstruct": True, "reconstruct_layers": "all"}),
+                                            (["--widths-for", "openvino"], {"reconstruct": True,
+                                                                             "reconstruct_layers": "all",
+                                                                             "widths_for": "openvino"})])
+def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expected):
+    from pqv_lightning.apps import recipes
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def fake(checkpoint, *, label, pruning_ratio, **kwargs):
+        seen.append(kwargs.get("pruning_kwargs"))
+        if pruning_ratio > 0:
+            raise Reached
+        return recipes.FinetuneResult(label, "-", 0.0, 0, 0, 0.9, 1, 1, 0.0)
+
+    monkeypatch.setattr(recipes, "finetune_with_pruning", fake)
+    with pytest.raises(Reached):
+        main(["demo", "--export-dir", "", "--plots-dir", "", *argv])
+    assert seen[-1] == expected
+
 def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
     (tmp_path / "model.tflite").write_bytes(b"x")
     _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")
@@ -113,7 +137,7 @@ trainer:
   callbacks:
     - class_path: pqv_lightning.StructuredPruning
       init_args: {{importance: taylor, pruning_ratio: 0.5, iterative_steps: 1, accumulate_batches: 2,
-                  interval: step, start: 0, frequency: 2}}
+                  interval: step, start: 0, frequency: 2, widths_for: openvino}}
     - class_path: pqv_lightning.MobileExport
       init_args: {{precisions: [fp32], formats: [onnx], output_dir: {tmp_path / 'export'}, repeats: 1,
                   measure_memory: false, rank: in-process, min_top1_agreement: 0.0}}

@@ -78,6 +78,47 @@ def test_local_head_pruning_is_cumulative_not_compounding():
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
+
+@pytest.mark.parametrize("widths_for,given,heads,head_dim", [
+    (None, {}, 4, 12),  # the default: dims inside every head
+    ("openvino", {}, 3, 16),  # OpenVINO's faster rule at equal MACs: whole heads
+    ("onnx", {}, 4, 12),  # ONNX Runtime has no preference
+    ("openvino", {"prune_head_dims": True}, 3, 12),  # what the user sets wins
+    ("openvino", {"prune_num_heads": False, "prune_head_dims": True}, 4, 12),
+])
+def test_widths_for_makes_the_targets_width_rule_the_default(widths_for, given, heads, head_dim):
+    model = tiny_vit()  # 4 heads of 16
+    config = PruningConfig(importance="l2", pruning_ratio=0.25, widths_for=widths_for, **given)
+    event = prune_once(model, config)
+    attn = model.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim) == (heads, head_dim)
+    assert model.blocks[0].mlp.fc1.out_features == 192 and model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+    if given == {}:  # whole heads and head dims remove the same attention width: equal MACs
+        assert event.macs_after == prune_once(tiny_vit(), PruningConfig(importance="l2", pruning_ratio=0.25)).macs_after
+
+
+def test_widths_for_refuses_an_unknown_format_and_checks_the_rule():
+    from pqv_lightning.errors import ConfigError
+    from pqv_lightning.export.targets import TARGETS
+
+    with pytest.raises(ConfigError, match=r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx'"):
+        PruningConfig(widths_for="tflite")
+    with pytest.raises(ConfigError, match="prune_num_heads='yes' must be True or False"):
+        PruningConfig(prune_num_heads="yes").validate()
+    assert TARGETS["openvino"].pruning_defaults == {"prune_num_heads": True, "prune_head_dims": False}
+    config = PruningConfig(widths_for="openvino")
+    assert (config.prune_num_heads, config.prune_head_dims) == (True, False)
+    # a target may only choose the width rule
+    target = TARGETS["onnx"]
+    original = type(target).pruning_defaults
+    try:
+        type(target).pruning_defaults = {"round_to": 64}
+        with pytest.raises(ConfigError, match=r"export format 'onnx': pruning_defaults may set "
+                                              r"\['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
+            PruningConfig(widths_for="onnx")
+    finally:
+        type(target).pruning_defaults = original
+
 def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
     model = tiny_vit()
     opt = torch.optim.AdamW(

@@ -51,6 +51,9 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--schedule", default=None, choices=["linear", "cubic"],
                     help="growth of the ratio over events (default: the recipe's)")
     ap.add_argument("--accumulate", type=int, default=8, help="optimizer steps of statistics per event")
+    ap.add_argument("--widths-for", default=None, choices=TARGETS.names(),
+                    help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
+                         "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -120,6 +123,8 @@ def _run_demo(args) -> int:
                               overwrite=True, threads=args.threads, verify_batches=4, calibration_batches=4,
                               input_normalization={"mean": [0.2860], "std": [0.3530], "pad": 2})
     recipe = recipe_settings(args.recipe, budget=False)
+    if args.widths_for is not None:
+        recipe["pruning_kwargs"] = {**recipe.get("pruning_kwargs", {}), "widths_for": args.widths_for}
     recipe.update({k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule))
                    if v is not None})
     rows.append(finetune_with_pruning(

@@ -168,6 +168,9 @@ class OpenVINOTarget(ExportTarget):
     # int8 on an AMX host: the 9.375 %-pruned DeiT-base (widths 696, head dim 58) ran 1.32x faster padded
     # to 704 / 64 (benchmarks/fastest_artifact.py --pad none 64), slower than the unpruned model unpadded
     width_multiple = 64
+    # whole heads instead of head dims: DeiT-base pruned 25 % both ways (9.50 GMACs each), int8-static
+    # 1.12x faster with 9 heads of 64 than with 12 of 48 (9 of 10 round-robins, benchmarks/headline.py)
+    pruning_defaults = {"prune_num_heads": True, "prune_head_dims": False}
     memory_probe = PROBE_HEAD + """
 import openvino as ov
 core = ov.Core()

@@ -77,6 +77,9 @@ class ExportTarget:
     #: pads the model's widths to it, exactly, before :meth:`write`); None: widths do not matter enough
     #: to pay the padding's extra MACs
     width_multiple: ClassVar[int | None] = None
+    #: pruning options under which this runtime runs pruned models fastest at equal MACs;
+    #: ``PruningConfig(widths_for=<format>)`` makes them the defaults (OpenVINO: whole heads)
+    pruning_defaults: ClassVar[dict[str, Any]] = {}
     _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
