@@ -40,4 +40,3 @@ def __getattr__(attr: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
