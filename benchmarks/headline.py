@@ -14,7 +14,8 @@ continues where it stopped.
 
 ``--heads-ratios``: pruning ratios also exported with whole attention heads removed (every kept head
 stays 64 wide) instead of dimensions inside every head (``PruningConfig``'s default), timed in the
-same round-robins, so that the two width rules meet the same baseline.
+same round-robins, so that the two width rules meet the same baseline. Whole heads are OpenVINO's
+width rule: what ``PruningConfig(widths_for="openvino")`` prunes by default.
 
 Targets (issue 13, same run): 25 %-pruned + int8 >= 9x, 9.375 % (the paper's configuration) + int8
 >= 7.18x, and the fastest file <= 0.85x the latency of the fastest ONNX Runtime int8 file.
@@ -22,6 +23,7 @@ Targets (issue 13, same run): 25 %-pruned + int8 >= 9x, 9.375 % (the paper's con
     python benchmarks/headline.py                    # export (~15 min on 2 cores), then 8 repeats (~15 min)
     python benchmarks/headline.py --repeats 12       # more repeats, reusing the cached ones
     python benchmarks/headline.py --heads-ratios 0.25  # also 25 % with whole heads pruned, in the same runs
+    python benchmarks/headline.py --heads-ratios 0.09375 0.25 --repeats 6 --name headline_openvino_rule
     python benchmarks/headline.py --report-only
 """
 
@@ -40,7 +42,7 @@ from fastest_artifact import Cache  # noqa: E402  (the same resumable cache)
 
 from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile  # noqa: E402
 from pqv_lightning.export.benchmark import Candidate, round_robin  # noqa: E402
-from pqv_lightning.export.host import host_description  # noqa: E402
+from pqv_lightning.export.host import host_description, host_label  # noqa: E402
 from pqv_lightning.fileio import atomic_write_text  # noqa: E402
 from pqv_lightning.models import paper_model  # noqa: E402
 from pqv_lightning.pruning.adapters import input_shape_for  # noqa: E402
@@ -163,7 +165,7 @@ def _report(args, cache: Cache) -> str:
     # the export row knows the rule (a --prune-heads run of the first version keyed whole heads as "0.25")
     variants = [Variant(v.ratio, v.heads or bool(cache.get(f"export/{k}").get("prune_heads")))
                 for k, v in ((k, Variant.parse(k)) for k in keys)]
-    hosts = sorted({r["host"]["cpu"] for r in repeats})
+    hosts = sorted({host_label(r["host"]) for r in repeats})
     size = "x".join(map(str, cache.get(f"export/{keys[0]}")["input"][2:]))
     lines = [f"**Headline ratios of `{args.model}`**, batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
              f"{len(repeats)} independent round-robins (each {args.rounds} rounds x {args.calls} calls per candidate, "

@@ -40,3 +40,22 @@ def test_each_precision_is_measured_against_its_own_peak(precision, expected):
 def test_a_gemm_cell_without_bf16_measures_fp16_against_fp32():
     assert _peak_for({"fp32_gops": 300.0, "int8_gops": 3000.0}, "fp16") == 300.0
     assert _peak_for({"fp32_gops": 300.0, "bf16_gops": 100.0, "int8_gops": 3000.0}, "fp16") == 300.0
+
+
+def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from pqv_lightning.export import host
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+                       "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\ncache size\t: 107520 KB\n"
+                       "flags\t\t: avx2 avx512f amx_int8\n\nprocessor\t: 1\nmodel\t\t: 999\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(cpuinfo if str(self) == "/proc/cpuinfo" else self,
+                                                                      *a, **k))
+    described = host.host_description()
+    assert described["cpu"] == "Intel(R) Xeon(R) Processor" and described["isa"] == ["avx2", "avx512f", "amx_int8"]
+    assert described["cpuid"] == "family 6 model 143 stepping 8" and described["cache_size"] == "107520 KB"
+    assert host.host_label(described) == "Intel(R) Xeon(R) Processor (family 6 model 143 stepping 8, 107520 KB)"
+    assert host.host_label({"cpu": "Apple M2"}) == "Apple M2"  # nothing else known: the name alone

@@ -84,9 +84,22 @@ def host_description() -> dict[str, Any]:
         pass
     cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
     flags = set((info.get("flags") or info.get("Features") or "").split())
-    return {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
-            "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    out = {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+           "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
+           "python": platform.python_version(), "torch": torch.__version__}
+    # a cloud VM may name different CPU generations alike ("Intel(R) Xeon(R) Processor"): the CPUID
+    # family / model / stepping and the last-level cache tell them apart
+    if "cpu family" in info and "model" in info:
+        out["cpuid"] = f"family {info['cpu family']} model {info['model']} stepping {info.get('stepping', '?')}"
+    if "cache size" in info:
+        out["cache_size"] = info["cache size"]
+    return out
+
+
+def host_label(host: dict[str, Any]) -> str:
+    """``cpu`` plus, where known, its CPUID and cache size: one line that tells hosts apart."""
+    extra = ", ".join(host[k] for k in ("cpuid", "cache_size") if host.get(k))
+    return f"{host['cpu']} ({extra})" if extra else host["cpu"]
 
 
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
