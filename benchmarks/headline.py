@@ -23,7 +23,7 @@ Targets (issue 13, same run): 25 %-pruned + int8 >= 9x, 9.375 % (the paper's con
     python benchmarks/headline.py                    # export (~15 min on 2 cores), then 8 repeats (~15 min)
     python benchmarks/headline.py --repeats 12       # more repeats, reusing the cached ones
     python benchmarks/headline.py --heads-ratios 0.25  # also 25 % with whole heads pruned, in the same runs
-    python benchmarks/headline.py --heads-ratios 0.09375 0.25 --repeats 6 --name headline_openvino_rule
+    python benchmarks/headline.py --heads-ratios 0.09375 0.25 --repeats 8 --name headline_openvino_rule
     python benchmarks/headline.py --report-only
 """
 
