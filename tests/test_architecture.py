@@ -128,8 +128,9 @@ def test_registry_builtins_load_on_first_read_or_registration(tmp_path, monkeypa
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "pqv_test_builtin_a.py").write_text(
-        "from pqv_test_registry_home import REG\nREG.register('a', 1)\nimport pqv_test_builtin_b\n")
-    (tmp_path / "pqv_test_builtin_b.py").write_text("from pqv_test_registry_home import REG\nREG.register('b', 2)\n")
+        "from pqv_test_registry_home import REG\nclass A: ...\nREG.register('a', A)\nimport pqv_test_builtin_b\n")
+    (tmp_path / "pqv_test_builtin_b.py").write_text(
+        "from pqv_test_registry_home import REG\nclass B: ...\nREG.register('b', B)\n")
     home = type(sys)("pqv_test_registry_home")
     monkeypatch.setitem(sys.modules, "pqv_test_registry_home", home)
     for name in ("pqv_test_builtin_a", "pqv_test_builtin_b"):
@@ -138,9 +139,17 @@ def test_registry_builtins_load_on_first_read_or_registration(tmp_path, monkeypa
     home.REG = Registry("thing", builtins=("pqv_test_builtin_a", "pqv_test_builtin_b"))
     assert "pqv_test_builtin_a" not in sys.modules  # nothing imported yet
     home.REG.register("mine", 3)  # a registration loads the built-ins first: they keep their place
-    assert home.REG.names() == ("a", "b", "mine") and home.REG["b"] == 2
+    assert home.REG.names() == ("a", "b", "mine") and home.REG["b"].__name__ == "B"
     with pytest.raises(ConfigError, match="'a' is already registered"):
         home.REG.register("a", 4)
+
+    # a built-in module imported first registers after the others its registration loads: the declared
+    # order stays
+    for name in ("pqv_test_builtin_a", "pqv_test_builtin_b"):
+        sys.modules.pop(name)
+    home.REG = Registry("thing", builtins=("pqv_test_builtin_a", "pqv_test_builtin_b"))
+    importlib.import_module("pqv_test_builtin_a")
+    assert home.REG.names() == ("a", "b")
 
     # a built-in module that fails to import fails the read, and is tried again on the next one
     (tmp_path / "pqv_test_builtin_c.py").write_text("raise ImportError('no runtime here')\n")

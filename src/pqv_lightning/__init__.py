@@ -8,10 +8,9 @@ only loads an exported file. ``from pqv_lightning import MobileExport`` works as
 
 from __future__ import annotations
 
-import importlib
-
 from ._version import __version__
 from . import _compat
+from ._lazy import lazy_names
 
 _compat.install()
 
@@ -32,15 +31,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

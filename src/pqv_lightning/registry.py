@@ -58,7 +58,8 @@ class Registry(Mapping[str, T], Generic[T]):
         mro: :meth:`for_type` also matches base classes (closest first); ``False`` = exact type only.
         builtins: modules that register the built-in entries, imported on the first read or
             registration (so a registry defined apart from its entries is complete however it was
-            reached, and importing it alone stays cheap).
+            reached, and importing it alone stays cheap); their entries are listed first, in this
+            order (by the module that defines each entry), then the others in registration order.
     """
 
     def __init__(self, kind: str, *, argument: str | None = None,
@@ -68,7 +69,7 @@ class Registry(Mapping[str, T], Generic[T]):
         self.argument = argument or kind
         self._types = types
         self._mro = mro
-        self._pending = tuple(builtins)
+        self._builtins = self._pending = tuple(builtins)
         self._registered: dict[str, T] = {}
 
     @property
@@ -94,6 +95,11 @@ class Registry(Mapping[str, T], Generic[T]):
             if name in self._entries and not overwrite:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
             self._entries[name] = obj
+            if self._builtins:  # built-ins in their declared order, whichever module was imported first
+                rank = {module: i for i, module in enumerate(self._builtins)}
+                key = {n: rank.get(getattr(e, "__module__", None) or type(e).__module__, len(rank))
+                       for n, e in self._registered.items()}
+                self._registered = dict(sorted(self._registered.items(), key=lambda item: key[item[0]]))
             return obj
 
         return add if entry is None else add(entry)

@@ -10,19 +10,21 @@ exported file imports neither timm nor Torch-Pruning."""
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 #: public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ENGINES", "RANKINGS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
-                     "export_mobile", "host_default_engine", "rank_artifacts"), "core"),
-    **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), "delegation"),
-    **dict.fromkeys(("WidthPaddingError", "pad_widths"), "padding"),
-    **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), "precisions"),
-    **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "register_target"), "targets"),
+                     "export_mobile", "host_default_engine", "rank_artifacts"), ".core"),
+    **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), ".delegation"),
+    **dict.fromkeys(("WidthPaddingError", "pad_widths"), ".padding"),
+    **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), ".precisions"),
+    **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "register_target"), ".targets"),
 }
 
 __all__ = sorted(_EXPORTS)
+
+_lazy_getattr, __dir__ = lazy_names(__name__, globals(), _EXPORTS)
 
 
 def __getattr__(attr: str):
@@ -30,13 +32,4 @@ def __getattr__(attr: str):
         from .targets import TARGETS
 
         return TARGETS.names()
-    module = _EXPORTS.get(attr)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    globals()[attr] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return _lazy_getattr(attr)
