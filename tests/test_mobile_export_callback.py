@@ -71,8 +71,8 @@ def test_runs_after_trainer_test(tmp_path, lit_model):
     "kwargs, message",
     [
         (dict(precisions=["int3"]), r"unknown \['int3'\]"),
-        (dict(run_on=["predict"]), r"run_on=\['predict'\]; allowed"),
-        (dict(calibration_loader="test"), r"calibration_loader='test'; allowed: 'val', 'train'"),
+        (dict(run_on=["predict"]), r"run_on=\['predict'\]: unknown \['predict'\]; allowed"),
+        (dict(calibration_loader="test"), r"calibration_loader='test' is not supported; allowed: \['val', 'train'\]"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_number
 from .errors import ConfigError
 
 __all__ = ["TEACHER_PRECISIONS", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
@@ -33,8 +34,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float =
     if student.shape != teacher.shape:
         raise ConfigError(f"the teacher's output shape {tuple(teacher.shape)} differs from the student's "
                           f"{tuple(student.shape)}; allowed: a teacher with the same number of classes")
-    if tau <= 0:
-        raise ConfigError(f"tau={tau!r} must be > 0")
+    check_number("tau", tau, minimum=0, min_open=True)
     student, teacher = student.float(), teacher.float().detach()
     if hard:
         return F.cross_entropy(student, teacher.argmax(-1))

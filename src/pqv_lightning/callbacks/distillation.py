@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 from torch import nn
 
-from ..pruning.adapters import locate_model
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..distillation import (
     check_teacher_precision,
     distillation_loss,
@@ -20,6 +20,7 @@ from ..distillation import (
     split_loss,
     teacher_logits,
 )
+from ..checks import check_bool, check_forward, check_number, first_line
 from ..errors import ConfigError, InputNotFoundError
 
 __all__ = ["KnowledgeDistillation"]
@@ -83,10 +84,11 @@ class KnowledgeDistillation(Callback):
         store_teacher: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha={alpha!r} is out of range; allowed: a number in [0, 1]")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
-            raise ConfigError(f"tau={tau!r} must be a number > 0")
+        alpha = check_number("alpha", alpha, minimum=0, maximum=1)
+        tau = check_number("tau", tau, minimum=0, min_open=True)
+        check_bool("hard_labels", hard_labels)
+        check_bool("store_teacher", store_teacher)
+        check_model_attr(model_attr)
         check_teacher_precision(teacher_precision)
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ConfigError(f"teacher={teacher!r}; allowed: None, an nn.Module or a checkpoint path")
@@ -153,7 +155,24 @@ class KnowledgeDistillation(Callback):
         if self.teacher_precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
         self._skeleton = self._restored = None
+        self._check_teacher_fits(network)
         self._wrap_training_step(pl_module, network)
+
+    def _check_teacher_fits(self, network: nn.Module) -> None:
+        """A dry forward of teacher and student on the network's own input shape, before the first
+        step: a teacher for other inputs (channels, size) or other classes fails here, by name."""
+        _, _, adapter = locate_model(network)
+        try:
+            example = example_inputs_for(network, adapter)
+        except (ConfigError, NotImplementedError):
+            return  # the input size is not known before the first batch: checked there
+        student = check_forward("the network", network, example)
+        assert self.teacher is not None
+        teacher = check_forward("teacher", _TeacherRun(self.teacher, self.teacher_precision), example,
+                                "the teacher")
+        if isinstance(student, torch.Tensor) and tuple(teacher.shape) != tuple(student.shape):
+            raise ConfigError(f"teacher: its output shape {tuple(teacher.shape)} differs from the student's "
+                              f"{tuple(student.shape)}; allowed: a teacher with the same number of classes")
 
     def _load_given_teacher(self) -> nn.Module:
         if isinstance(self.teacher_source, nn.Module):
@@ -204,7 +223,11 @@ class KnowledgeDistillation(Callback):
             x, student = self._captured
             self._captured = None
             assert self.teacher is not None
-            teacher = teacher_logits(self.teacher, x, self.teacher_precision)
+            try:
+                teacher = teacher_logits(self.teacher, x, self.teacher_precision)
+            except RuntimeError as exc:  # e.g. a teacher for other input channels
+                raise ConfigError(f"teacher cannot run on the training input of shape {list(x.shape)} "
+                                  f"({first_line(exc)})") from exc
             kd = distillation_loss(student, teacher, self.tau, self.hard_labels)
             total = (1.0 - self.alpha) * loss + self.alpha * kd
             agreement = (student.detach().argmax(-1) == teacher.argmax(-1)).float().mean()
@@ -213,3 +236,17 @@ class KnowledgeDistillation(Callback):
             return rebuild(total)
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+
+class _TeacherRun(nn.Module):
+    """The teacher as :func:`teacher_logits` runs it, for a dry forward (``check_forward`` calls it)."""
+
+    def __init__(self, teacher: nn.Module, precision: str) -> None:
+        super().__init__()
+        self.teacher, self.precision = teacher, precision
+
+    def train(self, mode: bool = True) -> "_TeacherRun":  # the teacher stays in eval mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return teacher_logits(self.teacher, x, self.precision)

@@ -12,8 +12,9 @@ from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ..checks import check_bool, check_choice, check_forward, check_names, check_shape
 from ..errors import ConfigError
-from ..pruning.adapters import example_inputs_for, locate_model
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..export import MobileExportConfig, check_output_dir, export_mobile
 
 __all__ = ["MobileExport"]
@@ -112,22 +113,27 @@ class MobileExport(Callback):
         rank_calls: int = 10,
     ) -> None:
         super().__init__()
+        given = {"precisions": precisions, "formats": formats, "engines": engines, "output_dir": output_dir}
+        # None = the config's default (output_dir: <default_root_dir>/mobile_export, filled in at setup);
+        # anything else is checked as given, never replaced ([] and "" are errors, not defaults)
         self.config = MobileExportConfig(
-            precisions=list(precisions or ["fp32", "int8-dynamic"]), formats=list(formats or ["ptl"]),
-            engines=list(engines) if engines else None, delegation_friendly=delegation_friendly,
-            pad_widths=pad_widths,
-            output_dir=output_dir or "", overwrite=overwrite, min_top1_agreement=min_top1_agreement,
+            **{k: v for k, v in given.items() if v is not None}, delegation_friendly=delegation_friendly,
+            pad_widths=pad_widths, overwrite=overwrite, min_top1_agreement=min_top1_agreement,
             on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
             calibration_batches=calibration_batches, measure_memory=measure_memory, rank=rank,
             rank_rounds=rank_rounds, rank_calls=rank_calls,
         )
         self.config.validate()
-        if calibration_loader not in ("val", "train"):
-            raise ConfigError(f"calibration_loader={calibration_loader!r}; allowed: 'val', 'train'")
-        self.run_on = list(run_on or ["fit"])
-        bad = [r for r in self.run_on if r not in ("fit", "test")]
-        if bad or not self.run_on:
-            raise ConfigError(f"run_on={run_on!r}; allowed: a non-empty subset of ['fit', 'test']")
+        self._default_output_dir = output_dir is None
+        check_choice("calibration_loader", calibration_loader, ("val", "train"))
+        self.run_on = check_names("run_on", ["fit"] if run_on is None else run_on, ("fit", "test"))
+        check_model_attr(model_attr)
+        if example_input_shape is not None:
+            check_shape("example_input_shape", example_input_shape)
+        if input_normalization is not None and not isinstance(input_normalization, dict):
+            raise ConfigError(f"input_normalization={input_normalization!r} must be None or a dict such as "
+                              "{'mean': [0.286], 'std': [0.353]}")
+        check_bool("log_artifact", log_artifact)
         self.calibration_loader = calibration_loader
         self.model_attr = model_attr
         self.example_input_shape = example_input_shape
@@ -140,9 +146,13 @@ class MobileExport(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in self.run_on:
             return
-        if not self.config.output_dir:
+        if self._default_output_dir:
             self.config.output_dir = str(Path(trainer.default_root_dir) / "mobile_export")
-        locate_model(pl_module, self.model_attr)  # a clear error now rather than after a long fit
+        # clear errors now rather than after a long fit
+        _, model, adapter = locate_model(pl_module, self.model_attr)
+        if self.example_input_shape is not None:  # a dry forward on the shape the files will take
+            example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
+            check_forward("example_input_shape", model, example[:1])
         if trainer.is_global_zero:
             check_output_dir(self.config)
 
@@ -200,7 +210,7 @@ class MobileExport(Callback):
         if best:
             rank_zero_info(f"MobileExport: fastest verified artifact on this host: {best['file']} ({best['runtime']}), "
                            f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager "
-                           f"[{best['method']}]")
+                           f"[{best['method']}]" + (f"; CAVEAT: {best['caveat']}" if "caveat" in best else ""))
         return self.manifest
 
     def _log(self, trainer: pl.Trainer) -> None:

@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import (check_bool, check_choice, check_example_tensor, check_forward, check_int, check_names,
+                      check_number, check_writable_dir, first_line)
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
 from ..settings import executorch_threads, quantized_engine, torch_threads
@@ -58,6 +61,9 @@ __all__ = ["ENGINES", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", 
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
 #: how the manifest's ``best`` artifact is chosen (see :func:`rank_artifacts`)
 RANKINGS: tuple[str, ...] = ("round-robin", "in-process", "none")
+#: CPUs other work may keep busy while a round-robin ranking times a file before it is retaken, and
+#: past which (after the retakes) the manifest's ``best`` carries a ``caveat``
+ROUND_ROBIN_MAX_CONTENTION = 0.2
 
 
 def __getattr__(attr: str):
@@ -138,66 +144,84 @@ class MobileExportConfig:
     rank_calls: int = 10
 
     def validate(self) -> None:
-        PRECISIONS.check(self.precisions)
-        TARGETS.check(self.formats)
+        check_names("precisions", self.precisions, PRECISIONS.names)
+        check_names("formats", self.formats, TARGETS.names)
         for fmt in self.formats:
             reason = TARGETS[fmt].missing()
             if reason:
                 raise ConfigError(reason)
             for name in self.precisions:
                 TARGETS[fmt].handler(PRECISIONS[name])  # raises when the format cannot apply it
-        engines = self.engines or []
-        bad = [e for e in engines if e not in ENGINES]
-        if bad:
-            raise ConfigError(f"engines={self.engines!r}: unknown {bad}; allowed: {list(ENGINES)}")
-        missing = [e for e in engines if e not in torch.backends.quantized.supported_engines]
-        if missing:
-            raise ConfigError(
-                f"engines {missing} are not supported by this torch build; supported: "
-                f"{torch.backends.quantized.supported_engines}"
-            )
+        if self.engines is not None:
+            check_names("engines", self.engines, ENGINES)
+            missing = [e for e in self.engines if e not in torch.backends.quantized.supported_engines]
+            if missing:
+                raise ConfigError(
+                    f"engines {missing} are not supported by this torch build; supported: "
+                    f"{torch.backends.quantized.supported_engines}"
+                )
+        for name in ("delegation_friendly", "overwrite", "measure_memory"):
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
+            raise ConfigError(f"output_dir={self.output_dir!r} must be a folder path (a non-empty string)")
         if not (self.pad_widths is None or self.pad_widths == "auto" or
                 (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)):
             raise ConfigError(f"pad_widths={self.pad_widths!r}; allowed: 'auto', None or an integer >= 2")
-        if self.rank not in RANKINGS:
-            raise ConfigError(f"rank={self.rank!r}; allowed: {list(RANKINGS)}")
-        if self.on_failure not in ("warn", "raise"):
-            raise ConfigError(f"on_failure={self.on_failure!r}; allowed: 'warn', 'raise'")
-        if not 0.0 <= self.min_top1_agreement <= 1.0:
-            raise ConfigError(f"min_top1_agreement={self.min_top1_agreement!r} must be in [0, 1]")
+        check_choice("rank", self.rank, RANKINGS)
+        check_choice("on_failure", self.on_failure, ("warn", "raise"))
+        check_number("min_top1_agreement", self.min_top1_agreement, minimum=0, maximum=1)
         for name in ("threads", "repeats", "verify_batches", "calibration_batches", "rank_rounds", "rank_calls"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup={self.warmup!r} must be >= 0")
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("warmup", self.warmup, minimum=0)
 
 
 # ---------------------------------------------------------------------------------------------- files
+#: what an interrupted export leaves in its folder (hidden temporary files of atomic writes, the
+#: round-robin ranking's working folder): removed by the next export to the folder
+_LEFTOVER_PATTERNS = (".model_*", ".manifest.json.*", ".rank-*")
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return sorted({p for pattern in _LEFTOVER_PATTERNS for p in out.glob(pattern)})
+
+
 def check_output_dir(config: MobileExportConfig) -> None:
-    """Refuse an output folder that is a file, not writable, or not empty without ``overwrite``.
-    Touches nothing, so it can run before a long fit."""
-    if not config.output_dir:
-        raise ConfigError("output_dir is empty; give a folder for the artifacts")
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise ConfigError(f"output_dir={str(out)!r} is not empty; pass overwrite=True to replace its artifacts")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output_dir={str(out)!r} is not writable")
+    """Refuse an output folder that is a file, cannot be created or written (probed for real), or is
+    not empty without ``overwrite`` (leftovers of an interrupted export do not count: the export
+    removes them). Leaves nothing behind, so it can run before a long fit."""
+    out = check_writable_dir("output_dir", config.output_dir)
+    if out.is_dir() and not config.overwrite:
+        leftovers = set(_leftovers(out))
+        if any(p not in leftovers for p in out.iterdir()):
+            raise ConfigError(f"output_dir={str(out)!r} is not empty; pass overwrite=True to replace its artifacts")
 
 
 def _prepare_dir(config: MobileExportConfig) -> Path:
     check_output_dir(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in _leftovers(out):  # an earlier export was killed: its temporary files and timing folder
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if config.overwrite:  # replace our own previous artifacts (never other files) so none goes stale
         old_files = [p for t in TARGETS.values() for suffix in (t.suffix, *t.companion_suffixes)
                      for p in out.glob(f"model_*{suffix}")]
         for old in [*old_files, out / "manifest.json"]:
             old.unlink(missing_ok=True)
     return out
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any], described: Sequence[Path] = ()) -> None:
+    """Write ``manifest.json`` atomically. When that fails (a full disk), the files it would have been
+    the first to describe (``described``) are removed, so the folder holds exactly what the previous
+    manifest lists, and the error says so."""
+    try:
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+    except OSError as exc:
+        for f in described:
+            f.unlink(missing_ok=True)
+        removed = f"; removed {[f.name for f in described]}, which it would have described" if described else ""
+        raise ExportFailedError(f"could not write {path} ({first_line(exc)}){removed}. The folder holds what "
+                                "the previous manifest lists (if any)") from exc
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -304,8 +328,16 @@ def export_mobile(
                                                     output_dir="out"),
                                  validation_data=dm.val_dataloader())
     """
-    config = config or MobileExportConfig()
+    config = MobileExportConfig() if config is None else config
+    if not isinstance(config, MobileExportConfig):
+        raise ConfigError(f"config must be a MobileExportConfig, got {type(config).__name__}")
     config.validate()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_example_tensor("example_input", example_input)
+    if input_normalization is not None and not isinstance(input_normalization, dict):
+        raise ConfigError(f"input_normalization={input_normalization!r} must be None or a dict such as "
+                          "{'mean': [0.5], 'std': [0.5]}")
     engines = list(config.engines or [host_default_engine()])
     calibration = _batches(calibration_data if calibration_data is not None else validation_data,
                            config.calibration_batches)
@@ -313,10 +345,11 @@ def export_mobile(
     calibrated = [p.name for p in precisions if p.needs_calibration]
     if calibrated and not calibration:
         raise ConfigError(f"precisions {calibrated} need calibration_data (or validation_data) to calibrate on")
-    out = _prepare_dir(config)
     example = example_input.detach().float().cpu()
-    verify = _batches(validation_data, config.verify_batches) or [(example, None)]
     reference = copy.deepcopy(model).eval().float().cpu()
+    check_forward("example_input", reference, example)  # before any file is written
+    out = _prepare_dir(config)
+    verify = _batches(validation_data, config.verify_batches) or [(example, None)]
 
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -346,19 +379,39 @@ def export_mobile(
                     entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
                                         verify, config, out, baseline, source, padding)
                     manifest["artifacts"].append(entry)
-                    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+                    _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
                     if entry["status"] != "ok" and config.on_failure == "raise":
                         raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
         if config.rank != "none":
             manifest["best"] = rank_artifacts(manifest, out, reference, example, config)
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    _write_manifest(manifest_path, manifest)
     return manifest
 
 
-def _best_entry(artifact: dict[str, Any], stats: dict[str, float], speedup: float, method: str) -> dict[str, Any]:
-    return {"file": artifact["file"], "format": artifact["format"], "runtime": artifact.get("runtime"),
+def _files_of(entry: dict[str, Any], target: ExportTarget, out: Path) -> list[Path]:
+    """The files on disk that a manifest entry describes (none for a skipped artifact)."""
+    if entry["status"] == "skipped":
+        return []
+    return [out / entry["file"], *target.companions(out / entry["file"])]
+
+
+def _best_entry(artifact: dict[str, Any], stats: dict[str, float], speedup: float, method: str,
+                baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``best``; both latencies by their median. With round-robin ``stats`` / ``baseline``
+    timed while other work kept more CPUs busy than the limit (after the retakes), a ``caveat`` says so:
+    such a ratio can be far off (a busy host slows one process more than another)."""
+    best = {"file": artifact["file"], "format": artifact["format"], "runtime": artifact.get("runtime"),
             "precision": artifact["precision"], "engine": artifact["engine"], "median_ms": stats["median_ms"],
-            "p90_ms": stats["p90_ms"], "speedup_vs_fp32_eager": speedup, "method": method}
+            "p90_ms": stats["p90_ms"], "speedup_vs_fp32_eager": speedup, "statistic": "median / median",
+            "method": method}
+    busy = {label: s["contention_max"] for label, s in (("this file", stats), ("fp32 eager", baseline or {}))
+            if s.get("contention_max") is not None and s["contention_max"] > ROUND_ROBIN_MAX_CONTENTION}
+    if busy:
+        best["caveat"] = ("measured on a busy host: other work kept " + ", ".join(
+            f"{v:.2f} CPUs busy while {k} was timed" for k, v in busy.items())
+            + f" (limit {ROUND_ROBIN_MAX_CONTENTION}, after retakes); the ratio may be far off: time again "
+              "on a quiet host (pqv bench)")
+    return best
 
 
 def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, example: torch.Tensor,
@@ -388,7 +441,8 @@ def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, ex
                 candidates = [Candidate("fp32 eager", str(eager))]
                 candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
                 stats = round_robin(candidates, list(example.shape), threads=threads, rounds=config.rank_rounds,
-                                    warmup=config.warmup, calls=config.rank_calls, baseline="fp32 eager")
+                                    warmup=config.warmup, calls=config.rank_calls, baseline="fp32 eager",
+                                    max_contention=ROUND_ROBIN_MAX_CONTENTION)
         except Exception as exc:  # noqa: BLE001 - the artifacts are fine; only the ranking method changes
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             warnings.warn(f"MobileExport: round-robin ranking failed ({reason}); ranking by in-process latency",
@@ -401,7 +455,8 @@ def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, ex
             winner = min(ok, key=lambda a: stats[a["file"]]["median_ms"])
             method = (f"round-robin: every artifact and fp32 eager in a fresh process, {config.rank_rounds} rounds x "
                       f"{config.rank_calls} calls, {threads} threads, batch {example.shape[0]}")
-            return _best_entry(winner, stats[winner["file"]], stats[winner["file"]]["speedup_vs_baseline"], method)
+            return _best_entry(winner, stats[winner["file"]], stats[winner["file"]]["speedup_vs_baseline"], method,
+                               stats["fp32 eager"])
     else:
         fallback = "in-process latency (measured during export, all runtimes in one process)"
     winner = min(ok, key=lambda a: a["latency"]["median_ms"])

@@ -28,6 +28,7 @@ from ..registry import Registry
 __all__ = [
     "ADAPTERS",
     "AttentionInfo",
+    "check_model_attr",
     "ModelAdapter",
     "VisionTransformerAdapter",
     "find_adapter",
@@ -257,6 +258,14 @@ if _TimmViT is not None:
                 m.head_dim = qkv_out // (3 * heads)
                 m.attn_dim = heads * m.head_dim
                 m.scale = m.head_dim**-0.5
+
+
+def check_model_attr(attr: object) -> str | None:
+    """``model_attr`` is None or a dotted attribute path such as ``"model"`` or ``"net.backbone"``."""
+    if attr is not None and (not isinstance(attr, str) or not all(p.isidentifier() for p in attr.split("."))):
+        raise ConfigError(f"model_attr={attr!r} must be None or a dotted attribute path such as 'model' or "
+                          "'net.backbone'")
+    return attr
 
 
 def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Module, ModelAdapter]:
