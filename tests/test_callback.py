@@ -146,10 +146,10 @@ def test_frozen_parameters_with_gradient_criterion_are_refused_before_training(t
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(interval="batch"), r"interval='batch' is not supported; allowed: 'epoch', 'step'"),
+        (dict(interval="batch"), r"interval='batch' is not supported; allowed: \['epoch', 'step'\]"),
         (dict(interval="step", frequency=2, accumulate_batches=4), r"frequency=2 steps is shorter than accumulate"),
         (dict(accumulate_batches=0), r"accumulate_batches=0 must be an integer >= 1"),
-        (dict(pruning_ratio=1.5), r"pruning_ratio=1.5 is out of range; allowed: a number in \[0, 1\)"),
+        (dict(pruning_ratio=1.5), r"pruning_ratio=1.5 must be a finite number >= 0 and < 1"),
         (dict(importance="snip"), r"importance='snip' is not registered"),
         (dict(widths_for="tflite"), r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx', 'ptl', 'openvino'\]"),
     ],

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..checks import check_choice, check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
-from ..pruning.adapters import example_inputs_for, locate_model
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
 from ..pruning.importance import IMPORTANCE
@@ -223,22 +224,22 @@ class StructuredPruning(Callback):
         if regularization is not None:
             self.regularization = GroupSparsity(regularization, reg_strength, reg_alpha)
             if reg_strength_end is not None:
-                GroupSparsity(regularization, reg_strength_end, reg_alpha)  # same checks, named below
+                check_number("reg_strength_end", reg_strength_end, minimum=0)
         elif reg_strength_end is not None:
             raise ConfigError(f"reg_strength_end={reg_strength_end!r} needs regularization='l1' or 'l2'")
-        _check_int("accumulate_batches", accumulate_batches, 1)
-        _check_int("reconstruct_samples", reconstruct_samples, 1)
-        _check_int("start", start, 0)
-        _check_int("frequency", frequency, 1)
-        if interval not in ("epoch", "step"):
-            raise ConfigError(f"interval={interval!r} is not supported; allowed: 'epoch', 'step'")
+        check_int("accumulate_batches", accumulate_batches, 1)
+        check_int("reconstruct_samples", reconstruct_samples, 1)
+        check_int("start", start, 0)
+        check_int("frequency", frequency, 1)
+        check_choice("interval", interval, ("epoch", "step"))
+        check_model_attr(model_attr)
         if interval == "step" and frequency < accumulate_batches:
             raise ConfigError(
                 f"frequency={frequency} steps is shorter than accumulate_batches={accumulate_batches}: "
                 "statistics windows would overlap; allowed: frequency >= accumulate_batches"
             )
-        if example_input_shape is not None and len(example_input_shape) not in (3, 4):
-            raise ConfigError(f"example_input_shape={example_input_shape!r} must be [C, H, W]")
+        if example_input_shape is not None:
+            check_shape("example_input_shape", example_input_shape)
         self.accumulate_batches = accumulate_batches
         self.interval = interval
         self.start = start
@@ -301,6 +302,7 @@ class StructuredPruning(Callback):
             example = None
             if self.example_input_shape is not None:
                 example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
+                check_forward("example_input_shape", model, example)
             if self.budget:  # before training: an unreachable budget fails here
                 self.config.pruning_ratio = ratio_for_budget(model, self.config, example_inputs=example,
                                                              adapter=adapter, **self.budget)
@@ -477,7 +479,8 @@ class StructuredPruning(Callback):
             self._capture_handle = self.pruner.model.register_forward_pre_hook(self._capture_input)
 
     def _capture_input(self, module: torch.nn.Module, args: tuple) -> None:
-        if not module.training or not args or not torch.is_tensor(args[0]):
+        # the hook is on only inside a training step (a network the user put in eval mode trains too)
+        if not args or not torch.is_tensor(args[0]):
             return
         self._calibration.append(args[0].detach().clone())
         # keep the latest reconstruct_samples inputs
@@ -632,11 +635,6 @@ class StructuredPruning(Callback):
                     data=[[name, io[0], io[1]] for name, io in event.widths.items()],
                     step=trainer.global_step,
                 )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def _digest(obj: Any) -> str:

@@ -258,6 +258,14 @@ if _TimmViT is not None:
                 m.head_dim = qkv_out // (3 * heads)
                 m.attn_dim = heads * m.head_dim
                 m.scale = m.head_dim**-0.5
+            # the model's own width attributes, which reset_classifier, attention pooling and a later
+            # pruner read: the embedding width is the patch projection's output channels
+            proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+            if isinstance(proj, nn.Conv2d):
+                old, width = getattr(model, "embed_dim", None), int(proj.out_channels)
+                for attr in ("embed_dim", "num_features", "head_hidden_size"):
+                    if getattr(model, attr, None) == old and old is not None:
+                        setattr(model, attr, width)
 
 
 def check_model_attr(attr: object) -> str | None:

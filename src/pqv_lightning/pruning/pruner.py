@@ -31,6 +31,7 @@ import fnmatch
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checks import check_bool, check_choice, check_example_tensor, check_forward, check_int, check_number
 from ..errors import ConfigError
 from .adapters import ModelAdapter, example_inputs_for, find_adapter
 from .importance import (
@@ -172,28 +174,26 @@ class PruningConfig:
                 setattr(self, name, preferred.get(name, default))
 
     def validate(self) -> None:
-        if self.ratio_schedule not in RATIO_SCHEDULES:
-            raise ConfigError(
-                f"ratio_schedule={self.ratio_schedule!r} is not supported; allowed: {sorted(RATIO_SCHEDULES)}"
-            )
+        check_choice("ratio_schedule", self.ratio_schedule, sorted(RATIO_SCHEDULES))
+        if not isinstance(self.importance, str):
+            raise ConfigError(f"importance={self.importance!r} must be a registered name; allowed: {IMPORTANCE.names()}")
         IMPORTANCE.check(self.importance)
-        for name in WIDTH_RULE_DEFAULTS:
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name in (*WIDTH_RULE_DEFAULTS, "global_pruning", "reconstruct"):
+            check_bool(name, getattr(self, name))
         _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
-        if not isinstance(self.iterative_steps, int) or isinstance(self.iterative_steps, bool) or self.iterative_steps < 1:
-            raise ConfigError(f"iterative_steps={self.iterative_steps!r} must be an integer >= 1")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ConfigError(f"round_to={self.round_to!r} must be None or an integer >= 1")
+        check_int("iterative_steps", self.iterative_steps, minimum=1)
+        if self.round_to is not None:
+            check_int("round_to", self.round_to, minimum=1)
+        check_int("seed", self.seed)
+        if self.ignored_layers is not None and (
+                not isinstance(self.ignored_layers, (list, tuple)) or not all(isinstance(n, str) for n in self.ignored_layers)):
+            raise ConfigError(f"ignored_layers={self.ignored_layers!r} must be None or a list of module names or glob "
+                              "patterns, e.g. ['head', 'blocks.0.*']")
         if self.threshold is not None:
             check_threshold(self.threshold)
-        if not isinstance(self.reconstruct, bool):
-            raise ConfigError(f"reconstruct={self.reconstruct!r} must be True or False")
-        if self.reconstruct_layers not in RECONSTRUCT_LAYERS:
-            raise ConfigError(f"reconstruct_layers={self.reconstruct_layers!r} is not supported; allowed: "
-                              f"{list(RECONSTRUCT_LAYERS)}")
+        check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
 
     @property
@@ -204,8 +204,7 @@ class PruningConfig:
 
 
 def _check_ratio(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
-        raise ConfigError(f"{name}={value!r} is out of range; allowed: a number in [0, 1)")
+    check_number(name, value, minimum=0, maximum=1, max_open=True)
 
 
 @dataclass
@@ -336,8 +335,7 @@ class StructuredPruner:
         measure: bool = True,
         budget: dict[str, float] | None = None,
     ):
-        self.config = config = config or PruningConfig()
-        config.validate()
+        self.config = config = _check_model_and_config(model, config)
         self.budget = _check_budget_dict(budget, config)
         self.model = model
         self.adapter = adapter or find_adapter(model)
@@ -345,6 +343,9 @@ class StructuredPruner:
             raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
         if example_inputs is None:
             example_inputs = example_inputs_for(model, self.adapter)
+        else:
+            check_example_tensor("example_inputs", example_inputs)
+        check_forward("example_inputs", model, example_inputs)  # a clear error instead of one inside the trace
         self.input_shape = list(example_inputs.shape)
         self.measure = measure
         self.ignored_names = self._resolve_ignored(config.ignored_layers)
@@ -395,6 +396,8 @@ class StructuredPruner:
         self._example_inputs = example_inputs.detach()
         self.initial_params = count_params(model)
         self.initial_macs = count_macs(model, self._example()) if measure else 0
+        self._macs_now = self.initial_macs  # the model's MACs as it is now (the next event's "before")
+        self._check_has_effect()
         self._initial_widths = self._prunable_out_widths()
         self.events: list[PruningEvent] = []
         self._groups: list[CoupledGroup] | None = None  # coupled groups of the current structure
@@ -412,6 +415,26 @@ class StructuredPruner:
             self.stats.attach()
 
     # ------------------------------------------------------------------ helpers
+    def _check_has_effect(self) -> None:
+        """Refuse options that would make the ratio rule prune nothing, rather than prune nothing silently:
+        ``round_to`` not below any prunable width, or a head ratio that removes no head."""
+        config = self.config
+        if config.pruning_ratio <= 0:
+            return
+        widths = self._prunable_out_widths()
+        if config.round_to is not None and widths and config.round_to >= max(widths.values()):
+            raise ConfigError(f"round_to={config.round_to} is not below any prunable width of "
+                              f"{type(self.model).__name__} (the largest is {max(widths.values())}): nothing would "
+                              f"be pruned; allowed: round_to < {max(widths.values())}")
+        ratio = config.effective_head_ratio
+        heads = [int(n) for n in self._tp.num_heads.values()] if config.prune_num_heads else []
+        if heads and ratio > 0 and not config.global_pruning and all(max(1, int(h * (1 - ratio))) >= h for h in heads):
+            fewest = min(h for h in heads if h > 1) if any(h > 1 for h in heads) else 1
+            allowed = (f"a head_pruning_ratio >= {1 / fewest:.4g} (one of {fewest} heads)" if fewest > 1
+                       else "prune_num_heads=False (every attention has one head)")
+            raise ConfigError(f"head_pruning_ratio={ratio!r} (prune_num_heads=True) removes no head: attention with "
+                              f"{sorted(set(heads))} heads keeps them all; allowed: {allowed}")
+
     def _example(self) -> torch.Tensor:
         """The tracing input on the model's current device and floating dtype (it may have moved)."""
         p = next(self.model.parameters())
@@ -594,7 +617,7 @@ class StructuredPruner:
         stat_steps = self.stats.steps if self.stats is not None else 0
         stat_samples = self.stats.samples if self.stats is not None else 0
         params_before = count_params(self.model)
-        macs_before = self.events[-1].macs_after if self.events else self.initial_macs
+        macs_before = self._macs_now
         was_training = self.model.training
         t0 = time.perf_counter()
         # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
@@ -646,7 +669,12 @@ class StructuredPruner:
             reconstruction_error_before=statistics.fmean(f.before for f in fits) if fits else None,
             reconstruction_error_after=statistics.fmean(f.after for f in fits) if fits else None,
         )
+        self._macs_now = event.macs_after
         self.events.append(event)
+        if event.target_ratio > 0 and event.removed_by_ratio == 0 and event.removed_by_threshold == 0:
+            warnings.warn(f"pruning event {event.index}: nothing was removed (target ratio {event.target_ratio:.3f}; "
+                          "round_to, ignored_layers or the head rule leave no channel to remove at this ratio)",
+                          stacklevel=2)
         return event
 
     def _reconstruction_reference(self, calibration: Sequence[torch.Tensor] | None) -> nn.Module | None:
@@ -732,6 +760,7 @@ class StructuredPruner:
         self.adapter.sync_attributes(self.model, state["num_heads"])
         self.initial_params = int(state.get("initial_params", self.initial_params))
         self.initial_macs = int(state.get("initial_macs", self.initial_macs))
+        self._macs_now = count_macs(self.model, self._example()) if self.measure else 0
         if self.stats is not None:
             self.stats.reset()
             self.stats.attach()
@@ -777,6 +806,13 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     """
     calibrate = kwargs.pop("calibrate", None)
     calibration = kwargs.pop("calibration", None)
+    if calibrate is not None and not callable(calibrate):
+        raise ConfigError(f"calibrate={calibrate!r} must be a callable that runs forward/backward passes on the model")
+    config = _check_model_and_config(model, config)
+    budget = _check_budget_dict(kwargs.get("budget"), config)
+    if budget and not config.global_pruning:  # uniform allocation: the budget decides the ratio up front
+        config = dataclasses.replace(config, pruning_ratio=ratio_for_budget(
+            model, config, example_inputs=kwargs.get("example_inputs"), adapter=kwargs.get("adapter"), **budget))
     pruner = StructuredPruner(model, config, **kwargs)
     event = None
     for _ in range(pruner.iterative_steps):
@@ -791,10 +827,21 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     return event
 
 
+def _check_model_and_config(model: Any, config: Any) -> PruningConfig:
+    """``model`` is an nn.Module; ``config`` None (the defaults) or a valid :class:`PruningConfig`."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = PruningConfig() if config is None else config
+    if not isinstance(config, PruningConfig):
+        raise ConfigError(f"config must be a PruningConfig, got {type(config).__name__}")
+    config.validate()
+    return config
+
+
 def _check_budget_dict(budget: dict[str, float] | None, config: PruningConfig) -> dict[str, float]:
-    if not budget:
+    if budget is None or budget == {}:
         return {}
-    if len(budget) != 1 or next(iter(budget)) not in ("target_macs", "target_params"):
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("target_macs", "target_params"):
         raise ConfigError(f"budget={budget!r} must be {{'target_macs': x}} or {{'target_params': x}}")
     name, value = next(iter(budget.items()))
     check_budget_value(name, value)
@@ -837,7 +884,7 @@ def ratio_for_budget(
         ConfigError: neither or both targets, a target <= 0 or >= the unpruned model, or a budget this
             model cannot reach with its ignored layers.
     """
-    config = config or PruningConfig()
+    config = _check_model_and_config(model, config)
     if (target_macs is None) == (target_params is None):
         raise ConfigError(f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
                           f"target_params={target_params!r})")
