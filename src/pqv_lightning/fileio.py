@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "current_umask", "file_digest", "staged"]
+__all__ = ["atomic_write", "atomic_write_text", "current_umask", "file_digest", "load_tensors", "staged"]
 
 
 @contextlib.contextmanager
@@ -52,3 +52,29 @@ def file_digest(path: str | Path, length: int = 16) -> str:
     """A file's identity by content: the first ``length`` hex digits of its sha256."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()[:length]
+
+
+def load_tensors(path: str | Path, argument: str) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a torch checkpoint of
+    plain tensors and containers (empty, random bytes, another format, a pickle that would run code)
+    is a :class:`~pqv_lightning.errors.ConfigError` naming ``argument`` instead of torch's traceback.
+    Nothing is ever loaded with ``weights_only=False``: a checkpoint must not run code."""
+    import pickle
+
+    import torch
+
+    from .errors import ConfigError, InputNotFoundError
+
+    if not Path(path).is_file():
+        raise InputNotFoundError(f"{argument}={str(path)!r}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise ConfigError(f"{argument}={str(path)!r} is an empty file, not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = ("it holds Python objects beyond tensors and containers, which pqv-lightning never unpickles "
+               "(weights_only=True)") if "Weights only load failed" in str(exc) else "not a torch checkpoint"
+        raise ConfigError(f"{argument}={str(path)!r} cannot be loaded: {why}") from None
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{argument}={str(path)!r} is not a torch checkpoint ({reason})") from None

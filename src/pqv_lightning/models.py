@@ -31,7 +31,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from .errors import ConfigError, InputNotFoundError
-from .fileio import staged
+from .checks import first_line
+from .fileio import load_tensors, staged
 from .registry import Registry
 
 __all__ = [
@@ -191,11 +192,15 @@ def load_vit_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict[str, 
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"ViT checkpoint {str(path)!r} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ConfigError(f"{path} is not a ViT checkpoint (expected keys 'config' and 'state_dict')")
-    model = VisionTransformer(**_vit_kwargs(blob))
-    model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    blob = load_tensors(path, "checkpoint")
+    if not isinstance(blob, dict) or not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ConfigError(f"{path} is not a ViT checkpoint in the vit_tiny_fmnist.pt format (expected a dict with "
+                          "'config' and 'state_dict')")
+    try:
+        model = VisionTransformer(**_vit_kwargs(blob))
+        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    except (TypeError, KeyError, RuntimeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: its config and weights do not make a ViT ({first_line(exc)})") from None
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
 

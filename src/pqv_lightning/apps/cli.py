@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 
 from ..errors import ConfigError
-from .command import CLIError, run_command
+from .command import CLIError, LazyChoices, OneLineParser, run_command
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -36,21 +36,47 @@ def _bench_parser(sub) -> None:
                                    "candidate (or --baseline), measured in the same run.")
     p.add_argument("candidates", nargs="+", metavar="PATH_OR_MODEL",
                    help="an artifact file, or a timm / pqv model name (timed eagerly in fp32)")
-    p.add_argument("--shape", default=None,
+    p.add_argument("--shape", default=None, type=_shape,
                    help="input shape, e.g. 1,3,224,224 (default: the manifest.json beside an artifact, else the "
                         "model's default input size at batch 1)")
     p.add_argument("--engine", default=None, help="torch quantized engine for .ptl files (default: from the manifest)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--threads", type=_count(1), default=2)
+    p.add_argument("--rounds", type=_count(1), default=3)
+    p.add_argument("--warmup", type=_count(0), default=3)
+    p.add_argument("--calls", type=_count(1), default=10)
     p.add_argument("--baseline", default=None, help="label of the baseline candidate (default: the first)")
     p.add_argument("--max-contention", type=_contention, default=0.2, metavar="CPUS",
                    help="retake a measurement during which other work kept more than this many CPUs busy beyond "
                         "those --threads leaves free (Linux /proc/stat; default 0.2; 'none': keep every measurement)")
-    p.add_argument("--retries", type=int, default=2, help="retakes per measurement on a busy host (default 2)")
+    p.add_argument("--retries", type=_count(0), default=2, help="retakes per measurement on a busy host (default 2)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--csv", dest="csv_out", default=None, help="write the results as CSV here")
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed is a comma-separated list of positive integers, "
+                                         "e.g. 1,3,224,224")
+    return dims
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed is an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _contention(text: str) -> float | None:
@@ -82,7 +108,7 @@ def _resolve_candidates(args, workdir: Path):
     from ..models import create_vit
 
     suffixes = known_suffixes()
-    shape = [int(d) for d in args.shape.split(",")] if args.shape else None
+    shape = args.shape
     candidates, shapes = [], []
     for item in args.candidates:
         path = Path(item)
@@ -119,6 +145,9 @@ def _resolve_candidates(args, workdir: Path):
 def cmd_bench(args) -> int:
     from ..export.benchmark import round_robin
 
+    for flag, out in (("--json", args.json_out), ("--csv", args.csv_out)):  # before minutes of timing
+        if out and (Path(out).is_dir() or not Path(out).parent.is_dir()):
+            raise CLIError(f"{flag} {out}: not a file in an existing folder")
     with tempfile.TemporaryDirectory(prefix="pqv-bench-") as work:
         candidates, shape = _resolve_candidates(args, Path(work))
         labels = [c.label for c in candidates]
@@ -167,9 +196,10 @@ def cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- sweep
 def _sweep_parser(sub) -> None:
-    from .recipes import RECIPES
-    from ..export import PRECISIONS, TARGETS
-    from .sweep import EXPERIMENTS
+    RECIPES = LazyChoices("pqv_lightning.apps.recipes", "RECIPES")
+    TARGETS = LazyChoices("pqv_lightning.export.targets", "TARGETS")
+    PRECISIONS = LazyChoices("pqv_lightning.export.precisions", "PRECISIONS")
+    EXPERIMENTS = LazyChoices("pqv_lightning.apps.sweep", "EXPERIMENTS")
 
     p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
                        description="The PQV-Mobile experiments (latency/memory vs pruning x precision, models, "
@@ -178,15 +208,16 @@ def _sweep_parser(sub) -> None:
                                    "command to continue after an interruption.")
     p.add_argument("--quick", action="store_true", help="CI size: tiny models, a few hundred images (minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/sweep, or runs/sweep_quick with --quick)")
-    p.add_argument("--experiments", nargs="+", default=None, choices=list(EXPERIMENTS))
-    p.add_argument("--formats", "--format", nargs="+", default=None, choices=TARGETS.names(),
+    p.add_argument("--experiments", nargs="+", default=None, choices=EXPERIMENTS, metavar="NAME",
+                   help="experiments to run: %(choices)s (default: all)")
+    p.add_argument("--formats", "--format", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
                    help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
                         "several formats put every runtime in each latency cell's round-robin")
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
-    p.add_argument("--latency-formats", nargs="+", default=None, choices=TARGETS.names(),
+    p.add_argument("--latency-formats", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
                    help="export formats of the latency cells (default: --formats), e.g. pte onnx openvino to "
                         "time every runtime while the accuracy cells keep theirs")
-    p.add_argument("--latency-precisions", nargs="+", default=None, choices=PRECISIONS.names(),
+    p.add_argument("--latency-precisions", nargs="+", default=None, choices=PRECISIONS, metavar="PRECISION",
                    help="precisions of the latency cells (default: those of the accuracy cells, fp32 fp16 "
                         "int8-dynamic), e.g. add int8-static")
     p.add_argument("--engine-models", nargs="+", default=None,
@@ -194,7 +225,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+    p.add_argument("--recipe", default=None, choices=RECIPES, metavar="NAME",
                    help="fine-tuning recipe of the accuracy cells (default: 'default', the best one measured)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of the importance experiment (default 0 1 2; 0 1 with --quick)")
@@ -251,8 +282,8 @@ def cmd_fit(rest: list[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
-    parser = argparse.ArgumentParser(prog="pqv", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="pqv", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep}")
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)

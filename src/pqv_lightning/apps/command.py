@@ -3,12 +3,49 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["CLIError", "CommandFailed", "run_command"]
+__all__ = ["CLIError", "CommandFailed", "LazyChoices", "OneLineParser", "run_command"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument ends with one line, ``pqv: error: ...`` (exit status 2), like every
+    other refusal of the command line, instead of the usage block; ``--help`` shows the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"pqv: error: {self.prog.removeprefix('pqv ')}: {message} (see {self.prog} --help)\n")
+
+
+class LazyChoices(Sequence[str]):
+    """argparse ``choices`` read from a registry only when a value is checked or the help is shown,
+    so that building the parser (``pqv --help``) imports neither torch nor the registries.
+
+    ``LazyChoices("pqv_lightning.export.targets", "TARGETS")`` — a module and the name of a registry
+    (or any collection of names) in it."""
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module, self.attr = module, attr
+
+    def _names(self) -> list[str]:
+        found = getattr(importlib.import_module(self.module), self.attr)
+        return list(found.names() if hasattr(found, "names") else found)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._names()[index]
 
 
 class CLIError(ConfigError):

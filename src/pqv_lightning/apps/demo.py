@@ -32,26 +32,30 @@ def _default_formats() -> list[str]:
 
 
 def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..export import PRECISIONS, TARGETS
-    from ..pruning.importance import IMPORTANCE
-    from .recipes import RECIPES
+    # choices are read from the registries only when checked or shown: building the parser stays cheap
+    from .command import LazyChoices
 
+    IMPORTANCE = LazyChoices("pqv_lightning.pruning.importance", "IMPORTANCE")
+    RECIPES = LazyChoices("pqv_lightning.apps.recipes", "RECIPES")
+    TARGETS = LazyChoices("pqv_lightning.export.targets", "TARGETS")
+    PRECISIONS = LazyChoices("pqv_lightning.export.precisions", "PRECISIONS")
     ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--checkpoint", default=None,
                     help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)")
     ap.add_argument("--data-dir", default=None,
                     help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--importance", default="taylor", choices=IMPORTANCE.names())
-    ap.add_argument("--recipe", default="default", choices=sorted(RECIPES),
-                    help="fine-tuning recipe: learning rate, warm-up, distillation, regularization (see "
+    ap.add_argument("--importance", default="taylor", choices=IMPORTANCE, metavar="NAME",
+                    help="importance criterion: %(choices)s")
+    ap.add_argument("--recipe", default="default", choices=RECIPES, metavar="NAME",
+                    help="fine-tuning recipe, one of %(choices)s: learning rate, warm-up, distillation, regularization (see "
                          "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)")
     ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
     ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
     ap.add_argument("--schedule", default=None, choices=["linear", "cubic"],
                     help="growth of the ratio over events (default: the recipe's)")
     ap.add_argument("--accumulate", type=int, default=8, help="optimizer steps of statistics per event")
-    ap.add_argument("--widths-for", default=None, choices=TARGETS.names(),
+    ap.add_argument("--widths-for", default=None, choices=TARGETS, metavar="FORMAT",
                     help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
                          "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))")
     ap.add_argument("--epochs", type=int, default=1)
@@ -59,25 +63,31 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", nargs="+", default=None, choices=TARGETS.names(),
-                    help="export formats (default: pte, onnx and openvino where their extras are installed, else ptl)")
+    ap.add_argument("--formats", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
+                    help="export formats, of %(choices)s (default: pte, onnx and openvino where their extras are "
+                         "installed, else ptl)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8-dynamic", "int8-static"],
-                    choices=PRECISIONS.names())
+                    choices=PRECISIONS, metavar="PRECISION", help="precisions to export: %(choices)s")
     ap.add_argument("--export-dir", default="runs/demo_export", help="where MobileExport writes ('' to skip)")
     ap.add_argument("--plots-dir", default="runs/demo_plots", help="where the PNG plots go ('' to skip)")
     return ap
 
 
 def _check(args) -> None:
-    if not 0.0 <= args.ratio < 1.0:
-        raise ConfigError(f"--ratio {args.ratio}: must be in [0, 1)")
-    for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads"):
+    """Everything the command line can check before any work (each value named as typed)."""
+    from ..checks import check_number, check_writable_dir
+
+    check_number("--ratio", args.ratio, minimum=0, maximum=1, max_open=True)
+    for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads", "test_subset"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise InputNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise InputNotFoundError(f"--data-dir {args.data_dir}: no such folder")
+    for name in ("export_dir", "plots_dir"):  # '' skips; else a folder that can be written, checked now
+        if getattr(args, name):
+            check_writable_dir(f"--{name.replace('_', '-')}", getattr(args, name))
 
 
 def run_demo(args) -> int:
@@ -105,6 +115,10 @@ def _run_demo(args) -> int:
     ckpt = args.checkpoint or default_checkpoint()
     if ckpt is not None and not Path(ckpt).is_file():
         raise InputNotFoundError(f"$PQV_FMNIST_CHECKPOINT={ckpt}: no such file")
+    if ckpt is not None:
+        from ..models import load_vit_checkpoint
+
+        load_vit_checkpoint(ckpt)  # not a checkpoint of this format: one line now, not after the first table
     if ckpt is None:
         if not QUICK_CHECKPOINT.is_file():
             print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)
@@ -155,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .command import run_command
 
-    parser = add_demo_arguments(argparse.ArgumentParser(prog="pqv demo", description=__doc__.split("\n\n")[0]))
+    from .command import OneLineParser
+
+    parser = add_demo_arguments(OneLineParser(prog="pqv demo", description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     return run_command(lambda: run_demo(args))
