@@ -139,8 +139,8 @@ class Registry(Mapping[str, T], Generic[T]):
     def check(self, values: str | Iterable[str], argument: str | None = None) -> None:
         """Raise one :class:`UnknownNameError` naming every unknown value (and an empty list)."""
         argument = argument or self.argument
-        if isinstance(values, str):
-            if values not in self:
+        if isinstance(values, str) or not isinstance(values, (list, tuple, set, frozenset)):
+            if values not in self:  # also a number or None: not a name
                 raise self._unknown(values, argument)
             return
         given = list(values)

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 
-from ..errors import InputNotFoundError
+from ..checks import first_line
+from ..errors import ConfigError, InputNotFoundError
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes, restore_pruned_module
 
 __all__ = ["CHECKPOINT_KEY", "check_checkpoint_shapes", "load_pruned_checkpoint", "restore_pruned_module"]
@@ -51,9 +54,34 @@ def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, *
 
         model = load_pruned_checkpoint(LitClassifier, "checkpoints/last.ckpt", map_location="cpu")
     """
+    if isinstance(module_class, pl.LightningModule):
+        name = type(module_class).__name__
+        raise ConfigError(f"module_class is an instance of {name}; pass the class itself: "
+                          f"load_pruned_checkpoint({name}, path)")
     if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
-        raise TypeError(f"module_class must be a LightningModule subclass, got {module_class!r}")
-    if not Path(checkpoint_path).is_file():
+        raise ConfigError(f"module_class={module_class!r} must be a LightningModule subclass")
+    if not isinstance(checkpoint_path, (str, os.PathLike)) or not Path(checkpoint_path).is_file():
         raise InputNotFoundError(f"checkpoint_path={str(checkpoint_path)!r} does not exist")
-    with _pre_load_hook(module_class):
-        return module_class.load_from_checkpoint(checkpoint_path, **kwargs)
+    if Path(checkpoint_path).stat().st_size == 0:
+        raise ConfigError(f"checkpoint_path={str(checkpoint_path)!r} is an empty file, not a checkpoint")
+    where = f"checkpoint_path={str(checkpoint_path)!r}"
+    try:
+        with _pre_load_hook(module_class):
+            return module_class.load_from_checkpoint(checkpoint_path, **kwargs)
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} is not a torch checkpoint ({first_line(exc)})") from None
+    except KeyError as exc:
+        if exc.args and exc.args[0] in ("pytorch-lightning_version", "state_dict"):
+            raise ConfigError(f"{where} is not a Lightning checkpoint (no {exc.args[0]!r} entry; a plain state_dict "
+                              "loads with module.load_state_dict(torch.load(path)))") from None
+        raise
+    except RuntimeError as exc:
+        text = str(exc)
+        if "PytorchStreamReader" in text:
+            raise ConfigError(f"{where} is not a torch checkpoint ({first_line(exc)})") from None
+        if "Error(s) in loading state_dict" in text:
+            problems = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise ConfigError(f"{where} does not fit {module_class.__name__} as built from its hyper-parameters: "
+                              f"{shown}") from None
+        raise

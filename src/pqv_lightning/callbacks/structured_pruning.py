@@ -208,7 +208,7 @@ class StructuredPruning(Callback):
             head_pruning_ratio=head_pruning_ratio,
             prune_head_dims=prune_head_dims,
             round_to=round_to,
-            ignored_layers=list(ignored_layers) if ignored_layers is not None else None,
+            ignored_layers=list(ignored_layers) if isinstance(ignored_layers, tuple) else ignored_layers,
             global_pruning=global_pruning,
             seed=seed,
             ratio_schedule=ratio_schedule,

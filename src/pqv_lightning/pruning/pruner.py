@@ -183,6 +183,9 @@ class PruningConfig:
         _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
+            if not self.prune_num_heads:
+                raise ConfigError(f"head_pruning_ratio={self.head_pruning_ratio!r} has no effect with "
+                                  "prune_num_heads=False; allowed: prune_num_heads=True, or no head_pruning_ratio")
         check_int("iterative_steps", self.iterative_steps, minimum=1)
         if self.round_to is not None:
             check_int("round_to", self.round_to, minimum=1)
@@ -432,7 +435,7 @@ class StructuredPruner:
             fewest = min(h for h in heads if h > 1) if any(h > 1 for h in heads) else 1
             allowed = (f"a head_pruning_ratio >= {1 / fewest:.4g} (one of {fewest} heads)" if fewest > 1
                        else "prune_num_heads=False (every attention has one head)")
-            raise ConfigError(f"head_pruning_ratio={ratio!r} (prune_num_heads=True) removes no head: attention with "
+            raise ConfigError(f"prune_num_heads=True, head_pruning_ratio={ratio!r} removes no head: attention with "
                               f"{sorted(set(heads))} heads keeps them all; allowed: {allowed}")
 
     def _example(self) -> torch.Tensor:
