@@ -90,7 +90,11 @@ with torch.no_grad():
         scripted, applied, skipped = script_for_mobile(quantized, example)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scripted._save_for_lite_interpreter(path)
+            # serialized in memory, written by Python: torch's file writer aborts the whole process
+            # (std::terminate) on a full disk, a Python write raises OSError and the export goes on
+            program = scripted._save_to_buffer_for_lite_interpreter()
+        with open(path, "wb") as fh:
+            fh.write(program)
         return Built(applied=applied, skipped=skipped)
 
     def load(self, path, example, threads):
