@@ -365,6 +365,8 @@ CLI_CASES = [
     ["demo", "--widths-for", "coreml"],
     ["demo", "--schedule", "exp"],
     ["demo", "--checkpoint", "/nonexistent.pt"],
+    ["demo", "--checkpoint", "{tmp}/binary.yaml"],
+    ["demo", "--checkpoint", "{tmp}/plain.pt"],
     ["demo", "--data-dir", "/nonexistent"],
     ["demo", "--export-dir", "/proc/version"],
     ["demo", "--plots-dir", "/proc/version/plots"],
@@ -395,6 +397,7 @@ CLI_CASES = [
 def test_cli_exit_2_with_one_line(tmp_path, capsys, argv):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [\n")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     try:
         code = main(argv)

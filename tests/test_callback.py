@@ -10,6 +10,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from pqv_lightning import CHECKPOINT_KEY, StructuredPruning, load_pruned_checkpoint
+from pqv_lightning.errors import ConfigError
 from pqv_lightning.models import ImageClassifier
 
 from conftest import make_trainer, random_loader
@@ -270,7 +271,7 @@ def test_load_pruned_checkpoint(tmp_path, lit_model, weights_only):
 def test_load_pruned_checkpoint_rejects_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pruned_checkpoint(ImageClassifier, tmp_path / "missing.ckpt")
-    with pytest.raises(TypeError, match="LightningModule subclass"):
+    with pytest.raises(ConfigError, match="LightningModule subclass"):
         load_pruned_checkpoint(torch.nn.Linear, tmp_path / "missing.ckpt")
 
 

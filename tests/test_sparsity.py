@@ -224,7 +224,7 @@ def test_threshold_rounds_head_dims_so_the_total_attention_width_is_a_multiple_o
 @pytest.mark.parametrize("kwargs, message", [
     (dict(regularization="l3"), "regularization='l3'"),
     (dict(regularization="l2", reg_strength=-1.0), "reg_strength=-1.0"),
-    (dict(regularization="l2", reg_strength_end=-0.1), "reg_strength=-0.1"),
+    (dict(regularization="l2", reg_strength_end=-0.1), "reg_strength_end=-0.1"),
     (dict(regularization="l2", reg_alpha=0.5), "reg_alpha=0.5"),
     (dict(reg_strength_end=0.1), "reg_strength_end=0.1 needs regularization"),
     (dict(prune_threshold=0.0), "prune_threshold=0.0"),

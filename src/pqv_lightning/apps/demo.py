@@ -75,14 +75,22 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Everything the command line can check before any work (each value named as typed)."""
-    from ..checks import check_number, check_writable_dir
+    from ..checks import check_writable_dir
 
-    check_number("--ratio", args.ratio, minimum=0, maximum=1, max_open=True)
+    if not 0.0 <= args.ratio < 1.0:  # NaN too
+        raise ConfigError(f"--ratio {args.ratio}: must be in [0, 1)")
     for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads", "test_subset"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise InputNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.checkpoint:  # not a checkpoint of the bundled format: one line now, before any data is read
+        from ..models import load_vit_checkpoint
+
+        if not Path(args.checkpoint).is_file():
+            raise InputNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        try:
+            load_vit_checkpoint(args.checkpoint)
+        except ConfigError as exc:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: {exc}") from None
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise InputNotFoundError(f"--data-dir {args.data_dir}: no such folder")
     for name in ("export_dir", "plots_dir"):  # '' skips; else a folder that can be written, checked now
@@ -115,7 +123,7 @@ def _run_demo(args) -> int:
     ckpt = args.checkpoint or default_checkpoint()
     if ckpt is not None and not Path(ckpt).is_file():
         raise InputNotFoundError(f"$PQV_FMNIST_CHECKPOINT={ckpt}: no such file")
-    if ckpt is not None:
+    if ckpt is not None and not args.checkpoint:  # $PQV_FMNIST_CHECKPOINT (--checkpoint is checked already)
         from ..models import load_vit_checkpoint
 
         load_vit_checkpoint(ckpt)  # not a checkpoint of this format: one line now, not after the first table
