@@ -388,6 +388,9 @@ CLI_CASES = [
     ["fit", "--config", "{tmp}/binary.yaml"],
     ["fit", "--config", "{tmp}/broken.yaml"],
     ["fit", "--trainer.max_epochs", "abc"],
+    ["fit", "--config", "{tmp}/kd_nan.yaml"],
+    ["fit", "--config", "{tmp}/export_empty.yaml"],
+    ["sweep", "--out", "/proc/version/sweep", "--experiments", "gemm"],
     ["nosuchcommand"],
     [],
 ]
@@ -398,6 +401,12 @@ def test_cli_exit_2_with_one_line(tmp_path, capsys, argv):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [\n")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    for name, callback in (("kd_nan", "pqv_lightning.KnowledgeDistillation\n      init_args: {tau: .nan}"),
+                           ("export_empty", "pqv_lightning.MobileExport\n      init_args: {precisions: []}")):
+        (tmp_path / f"{name}.yaml").write_text(
+            "trainer:\n  max_epochs: 1\n  callbacks:\n    - class_path: " + callback
+            + "\nmodel:\n  model_name: vit_test_tiny\n"
+            + "data:\n  class_path: pqv_lightning.data.FashionMNISTDataModule\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     try:
         code = main(argv)
@@ -431,3 +440,19 @@ def test_pl_module_network_in_eval_mode_reconstructs(tmp_path):
     make_trainer(tmp_path, [pruning], max_epochs=1, limit_train_batches=4).fit(lit, random_loader(64, 16))
     (event,) = pruning.events
     assert event.reconstruction_error_after is not None and event.reconstruction_error_after < event.reconstruction_error_before
+
+
+@pytest.mark.parametrize("argv", [["fit", "--config", "{tmp}/kd_nan.yaml"], ["bench", "--shape", "abc", "x.pte"]])
+def test_cli_one_line_in_a_real_process(tmp_path, argv):
+    """What a user's terminal shows (no capture in between: Lightning's own log lines would show here)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "kd_nan.yaml").write_text(
+        "trainer:\n  max_epochs: 1\n  callbacks:\n    - class_path: pqv_lightning.KnowledgeDistillation\n"
+        "      init_args: {tau: .nan}\nmodel:\n  model_name: vit_test_tiny\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "pqv_lightning", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(err) == 1 and err[0].startswith("pqv: error:"), done.stderr

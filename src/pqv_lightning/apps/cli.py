@@ -249,6 +249,10 @@ def cmd_sweep(args) -> int:
         if value is not None:
             setattr(config, name, value)
     config.report_only = args.report_only
+    if not config.report_only:  # a folder the cells can be written to, before the first cell
+        from ..checks import check_writable_dir
+
+        check_writable_dir("--out", config.out_dir)
     if config.threads < 1:
         raise CLIError(f"--threads {config.threads}: must be >= 1")
     if config.data_dir and not Path(config.data_dir).is_dir():

@@ -8,6 +8,7 @@ the plugin's callbacks go under ``trainer.callbacks`` as ``class_path: pqv_light
 
 from __future__ import annotations
 
+import logging
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from ..errors import ConfigError, InputNotFoundError
+from ..settings import logger_levels
 from ..models import ImageClassifier
 
 __all__ = ["run_cli"]
@@ -57,8 +59,12 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         # exit_on_error=False: a parse error is raised (one line from pqv) instead of printing the usage.
         # ``pqv fit`` passes sys.argv on as args, which LightningCLI warns about: our doing, not the user's.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
-        return LightningCLI(ImageClassifier, save_config_kwargs={"overwrite": True}, args=args, run=run,
-                            subclass_mode_data=True, parser_kwargs={"exit_on_error": False})
+        # the seed LightningCLI sets is in the saved config.yaml; its two log lines would come before a
+        # one-line error of the config (the seed is set before the classes are instantiated)
+        warnings.filterwarnings("ignore", message="No seed found, seed set to")
+        with logger_levels(["lightning.fabric.utilities.seed"], logging.WARNING):
+            return LightningCLI(ImageClassifier, save_config_kwargs={"overwrite": True}, args=args, run=run,
+                                subclass_mode_data=True, parser_kwargs={"exit_on_error": False})
     except ArgumentError as exc:
         raise ConfigError(" ".join(str(exc).split())) from exc
     except ValueError as exc:
