@@ -65,6 +65,24 @@ def test_enospc_on_an_artifact_leaves_a_consistent_folder(small_tmpfs, fmt):
     assert _consistent(out) == manifest
 
 
+def test_enospc_on_the_manifest_of_a_real_tmpfs(tmp_path):
+    """A tmpfs just large enough for the artifact: the artifact is written, the manifest is not."""
+    export_mobile(tiny_vit(depth=1), EXAMPLE, _config(tmp_path / "ref"))
+    pages = -(-(tmp_path / "ref" / "model_fp32.ptl").stat().st_size // 4096)
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        with pytest.raises(ExportFailedError, match=r"manifest.json .*No space left.*removed \['model_fp32.ptl'\]"):
+            export_mobile(tiny_vit(depth=1), EXAMPLE, _config(mount / "out"))
+        assert list((mount / "out").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 def test_enospc_on_the_manifest_removes_what_it_would_describe(tmp_path, monkeypatch):
     import pqv_lightning.export.core as core
 
