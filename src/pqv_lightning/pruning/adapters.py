@@ -29,6 +29,8 @@ __all__ = [
     "ADAPTERS",
     "AttentionInfo",
     "check_model_attr",
+    "no_adapter_error",
+    "supported_families",
     "ModelAdapter",
     "VisionTransformerAdapter",
     "find_adapter",
@@ -276,6 +278,115 @@ def check_model_attr(attr: object) -> str | None:
     return attr
 
 
+#: timm convolutional families pruned through Torch-Pruning's generic dependency graph (no attention)
+_TIMM_CNN_CLASSES = (("timm.models.resnet", "ResNet"), ("timm.models.convnext", "ConvNeXt"),
+                     ("timm.models.efficientnet", "EfficientNet"), ("timm.models.mobilenetv3", "MobileNetV3"),
+                     ("timm.models.regnet", "RegNet"))
+
+#: layer types that own their parameters in Torch-Pruning's eyes; any other module's bare parameters
+#: (ConvNeXt's layer scale ``gamma``) are declared as unwrapped parameters
+_WRAPPED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+            nn.Embedding)
+
+
+def _timm_cnn_types() -> tuple[type, ...]:
+    import importlib
+
+    types = []
+    for module, name in _TIMM_CNN_CLASSES:
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover - another timm version
+            continue
+    return tuple(types)
+
+
+def _bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters held directly by modules that are not layers (layer scales, tokens), with the dim that
+    carries channels: the only dim longer than 1, else the last."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, _WRAPPED):
+            continue
+        for p in module.parameters(recurse=False):
+            long = [d for d, n in enumerate(p.shape) if n > 1]
+            out.append((p, long[0] if len(long) == 1 else p.dim() - 1))
+    return out
+
+
+_CNN_TYPES = _timm_cnn_types()
+
+if _CNN_TYPES:
+
+    @register_adapter(*_CNN_TYPES)
+    class TimmCNNAdapter(ModelAdapter):
+        """timm convolutional classifiers (ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet): conv
+        channels and MLP units through Torch-Pruning's generic dependency graph; the classifier named by
+        the model's ``pretrained_cfg["classifier"]`` is kept whole; layer scales are declared; after an
+        event the width attributes ``reset_classifier`` reads follow the pruned layers. No attention,
+        and no least-squares reconstruction (it refits Linear layers of ViT blocks): ``reconstruct=True``
+        is refused for these families."""
+
+        def _classifier(self, model: nn.Module) -> str | None:
+            name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+            try:
+                layer = model.get_submodule(name) if isinstance(name, str) else None
+            except AttributeError:
+                return None
+            return name if layer is not None and any(True for _ in layer.parameters()) else None
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            name = self._classifier(model)
+            return [name] if name else []
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            return _bare_parameters(model)
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+            size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+            channels = first.in_channels if first is not None else size[0]
+            return (1, channels, int(size[1]), int(size[2]))
+
+        def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+            name = self._classifier(model)
+            if name is None:
+                return
+            classifier = model.get_submodule(name)
+            width = getattr(classifier, "in_features", None) or getattr(classifier, "in_channels", None)
+            if not isinstance(width, int):
+                return
+            # MobileNetV3 keeps num_features for the blocks' output (conv_head's input)
+            conv_head = getattr(model, "conv_head", None)
+            features = (conv_head.in_channels if type(model).__name__ == "MobileNetV3" and
+                        isinstance(conv_head, nn.Conv2d) else width)
+            for attr, value in (("num_features", features), ("head_hidden_size", width)):
+                if isinstance(getattr(model, attr, None), int):
+                    setattr(model, attr, value)
+            if "." in name:  # a head module around the classifier (ConvNeXt, RegNet): its own widths
+                head = model.get_submodule(name.rsplit(".", 1)[0])
+                for attr in ("in_features", "num_features"):
+                    if isinstance(getattr(head, attr, None), int) and not isinstance(getattr(head, attr), bool):
+                        setattr(head, attr, width)
+
+
+def supported_families() -> list[str]:
+    """The model classes that have an adapter, as ``module.Class`` names (for messages and docs)."""
+    return [f"{t.__module__}.{t.__qualname__}" for t in registered_model_types()]
+
+
+#: how to make an unknown model prunable, in every "no adapter" message
+REGISTER_HINT = ("register an adapter: @pqv_lightning.register_adapter(MyNet) class MyNetAdapter(ModelAdapter): "
+                 "def classifier_names(self, model): return ['fc']; def example_input_shape(self, model): "
+                 "return (1, 3, 224, 224)  (docs/architecture.md)")
+
+
+def no_adapter_error(model: nn.Module, argument: str = "model") -> ConfigError:
+    """The refusal of a model no adapter knows: its class, the supported families, how to add one."""
+    return ConfigError(f"{argument} is a {type(model).__module__}.{type(model).__name__}, which no pruning adapter "
+                       f"knows; supported families: {supported_families()}; or {REGISTER_HINT}")
+
+
 def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Module, ModelAdapter]:
     """Find the prunable network inside ``root`` (usually a LightningModule).
 
@@ -293,10 +404,7 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
             raise ConfigError(f"model_attr={attr!r} is a {type(module).__name__}, not an nn.Module")
         adapter = find_adapter(module)
         if adapter is None:
-            raise ConfigError(
-                f"model_attr={attr!r} is a {type(module).__name__}; supported model classes: "
-                f"{[t.__name__ for t in registered_model_types()]} (register others with register_adapter)"
-            )
+            raise no_adapter_error(module, f"model_attr={attr!r}")
         return attr, module, adapter
     adapter = find_adapter(root)
     if adapter is not None:
@@ -310,8 +418,8 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
         found.append((name, module))
     if not found:
         raise ConfigError(
-            f"no prunable model found in {type(root).__name__}: none of its submodules is one of "
-            f"{[t.__name__ for t in registered_model_types()]}; pass model_attr= or register an adapter"
+            f"no prunable model found in {type(root).__name__}: none of its submodules belongs to a supported family "
+            f"{supported_families()}; pass model_attr= if the network is one of them, or {REGISTER_HINT}"
         )
     if len(found) > 1:
         raise ConfigError(
@@ -326,7 +434,8 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
     """The batch-1 input shape of a supported model (e.g. ``(1, 3, 224, 224)`` for DeiT-S)."""
     adapter = find_adapter(model)
     if adapter is None:
-        raise ConfigError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly")
+        raise ConfigError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly "
+                          f"(supported families: {supported_families()})")
     return tuple(adapter.example_input_shape(model))
 
 

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..checks import check_bool, check_choice, check_example_tensor, check_forward, check_int, check_number
 from ..errors import ConfigError
-from .adapters import ModelAdapter, example_inputs_for, find_adapter
+from .adapters import ModelAdapter, example_inputs_for, find_adapter, no_adapter_error
 from .importance import (
     IMPORTANCE,
     GradientStatistics,
@@ -343,15 +343,17 @@ class StructuredPruner:
         self.model = model
         self.adapter = adapter or find_adapter(model)
         if self.adapter is None:
-            raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
+            raise no_adapter_error(model)
         if example_inputs is None:
             example_inputs = example_inputs_for(model, self.adapter)
         else:
             check_example_tensor("example_inputs", example_inputs)
-        check_forward("example_inputs", model, example_inputs)  # a clear error instead of one inside the trace
+        # a clear error instead of one inside the trace; the output width is checked again after every event
+        output = check_forward("example_inputs", model, example_inputs)
+        self._output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
         self.input_shape = list(example_inputs.shape)
         self.measure = measure
-        self.ignored_names = self._resolve_ignored(config.ignored_layers)
+        self.ignored_names = self._resolve_ignored(config.ignored_layers, example_inputs)
         self.adapter.check_prunable(model, self.ignored_names)
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
@@ -438,14 +440,29 @@ class StructuredPruner:
             raise ConfigError(f"prune_num_heads=True, head_pruning_ratio={ratio!r} removes no head: attention with "
                               f"{sorted(set(heads))} heads keeps them all; allowed: {allowed}")
 
+    def _check_output_width(self, event: int) -> None:
+        """The network's output shape never changes (a classifier keeps its classes)."""
+        if self._output_shape is None:
+            return
+        was_training = self.model.training
+        with torch.no_grad():
+            out = self.model.eval()(self._example())
+        self.model.train(was_training)
+        if tuple(out.shape) != self._output_shape:
+            raise ConfigError(
+                f"pruning event {event} changed the output of {type(self.model).__name__} from "
+                f"{list(self._output_shape)} to {list(out.shape)}: the layer that produces it was pruned. Keep it "
+                f"whole with ignored_layers=[...] (ignored now: {self.ignored_names}) or an adapter whose "
+                "classifier_names names it")
+
     def _example(self) -> torch.Tensor:
         """The tracing input on the model's current device and floating dtype (it may have moved)."""
         p = next(self.model.parameters())
         return self._example_inputs.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
 
-    def _resolve_ignored(self, patterns: Sequence[str] | None) -> list[str]:
-        if patterns is None:
-            return list(self.adapter.classifier_names(self.model))
+    def _resolve_ignored(self, patterns: Sequence[str] | None, example: torch.Tensor) -> list[str]:
+        if patterns is None:  # the classifier; for an adapter that names none, the layer that runs last
+            return list(self.adapter.classifier_names(self.model)) or _last_layer(self.model, example)
         if isinstance(patterns, str):
             raise ConfigError(f"ignored_layers={patterns!r} must be a list of module names or glob patterns")
         names = [n for n, _ in self.model.named_modules() if n]
@@ -674,6 +691,7 @@ class StructuredPruner:
         )
         self._macs_now = event.macs_after
         self.events.append(event)
+        self._check_output_width(event.index)
         if event.target_ratio > 0 and event.removed_by_ratio == 0 and event.removed_by_threshold == 0:
             warnings.warn(f"pruning event {event.index}: nothing was removed (target ratio {event.target_ratio:.3f}; "
                           "round_to, ignored_layers or the head rule leave no channel to remove at this ratio)",
@@ -782,7 +800,7 @@ def restore_structure(model: nn.Module, state: dict[str, Any], adapter: ModelAda
     _check_state(state)
     adapter = adapter or find_adapter(model)
     if adapter is None:
-        raise ConfigError(f"no adapter for {type(model).__name__}")
+        raise no_adapter_error(model)
     was_training = model.training
     example = example_inputs_for(model, adapter, tuple(state["input_shape"]))
     with torch.enable_grad():
@@ -828,6 +846,23 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
         event = pruner.step(calibration=calibration)
     assert event is not None
     return event
+
+
+def _last_layer(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The Linear / conv layer that runs last in a forward pass (a classifier's output layer), as a
+    one-element list; empty when there is none."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+             for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[-1:]
 
 
 def _check_model_and_config(model: Any, config: Any) -> PruningConfig:
@@ -893,7 +928,7 @@ def ratio_for_budget(
                           f"target_params={target_params!r})")
     adapter = adapter or find_adapter(model)
     if adapter is None:
-        raise ConfigError(f"no adapter for {type(model).__name__}; register one with pqv_lightning.register_adapter")
+        raise no_adapter_error(model)
     if example_inputs is None:
         example_inputs = example_inputs_for(model, adapter)
     name, target = ("target_macs", target_macs) if target_macs is not None else ("target_params", target_params)

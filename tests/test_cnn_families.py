@@ -1,0 +1,138 @@
+"""timm convolutional families (ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet) through the generic
+dependency graph: prune, keep the classifier's classes, stay whole timm models, reload, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from pqv_lightning import StructuredPruning
+from pqv_lightning.errors import ConfigError
+from pqv_lightning.export import MobileExportConfig, export_mobile
+from pqv_lightning.models import ImageClassifier
+from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, restore_structure
+from pqv_lightning.pruning.adapters import ModelAdapter, find_adapter, register_adapter, ADAPTERS
+
+from conftest import make_trainer
+
+FAMILIES = ["resnet10t", "convnext_atto", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002"]
+X = torch.randn(2, 3, 64, 64)
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prune_keeps_classes_and_stays_a_whole_timm_model(name):
+    model = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=X[:1])
+    event = pruner.step()
+    assert model.get_classifier().out_features == 10 and model(X).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * params and event.macs_after < event.macs_before
+    # reload: an unpruned copy reshaped from the JSON-able state takes the pruned weights exactly
+    fresh = restore_structure(build(name, seed=1), pruner.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(X), model.eval()(X))
+    # what a user does next: a new head for another dataset, and another round of pruning
+    model.reset_classifier(5)
+    assert model(X).shape == (2, 5) and model.forward_head(model.forward_features(X)).shape == (2, 5)
+    second = prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.2), example_inputs=X[:1])
+    assert second.macs_after < second.macs_before and model(X).shape == (2, 5)
+
+
+def test_layer_scale_is_declared_not_warned(recwarn):
+    model = build("convnext_atto")
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=X[:1])
+    gammas = [m.gamma for m in model.modules() if isinstance(getattr(m, "gamma", None), nn.Parameter)]
+    assert gammas
+    blocks = [m for m in model.modules() if type(m).__name__ == "ConvNeXtBlock"]
+    assert all(b.gamma.shape[0] == b.conv_dw.out_channels for b in blocks)
+    assert not [w for w in recwarn if "Unwrapped parameters" in str(w.message)]
+
+
+def test_reconstruction_is_refused_for_cnns_by_name():
+    with pytest.raises(ConfigError, match=r"reconstruct=True.*ResNet names no layers to refit"):
+        prune_once(build("resnet10t"), PruningConfig(importance="l2", reconstruct=True), example_inputs=X[:1],
+                   calibration=[X])
+
+
+def test_unknown_model_lists_the_supported_families():
+    with pytest.raises(ConfigError, match=r"torch.nn.modules.container.Sequential, which no pruning adapter "
+                                          r"knows; supported families: .*timm.models.resnet.ResNet.*register_adapter"):
+        prune_once(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), PruningConfig(importance="l2"),
+                   example_inputs=torch.randn(1, 4))
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 32, 3)
+        self.out = nn.Linear(32, 7)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_an_adapter_without_classifier_names_still_keeps_the_output_layer():
+    """The base ModelAdapter names no classifier: the layer that runs last is kept whole, and the output
+    width is checked after every event (before: a ResNet went from 10 to 7 classes without a word)."""
+
+    @register_adapter(TwoLayer, name="test.two_layer")
+    class Bare(ModelAdapter):
+        def example_input_shape(self, model):
+            return (1, 3, 8, 8)
+
+    try:
+        model = TwoLayer()
+        pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5))
+        assert pruner.ignored_names == ["out"]
+        pruner.step()
+        assert model.body.out_channels == 16 and model(torch.randn(3, 3, 8, 8)).shape == (3, 7)
+        # an explicit ignored_layers that leaves the output layer prunable: refused after the event, by name
+        other = TwoLayer()
+        pruner = StructuredPruner(other, PruningConfig(importance="l2", pruning_ratio=0.5, ignored_layers=["body"]))
+        with pytest.raises(ConfigError, match=r"changed the output of TwoLayer from \[1, 7\] to \[1, 3\]"):
+            pruner.step()
+    finally:
+        ADAPTERS.unregister("test.two_layer")
+    assert find_adapter(TwoLayer()) is None
+
+
+def test_structured_pruning_callback_on_a_convnext(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
+                      batch_size=8)
+    lit = ImageClassifier("convnext_atto", num_classes=10)
+    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=1,
+                                interval="step", frequency=1, example_input_shape=[3, 32, 32])
+    make_trainer(tmp_path, [pruning], max_epochs=1, limit_train_batches=4).fit(lit, data)
+    assert len(pruning.events) == 2 and pruning.events[-1].params_after < pruning.events[0].params_before
+    assert lit.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert lit.model.num_features == lit.model.head.fc.in_features == lit.model.head.in_features
+
+
+def test_a_pruned_cnn_exports_and_verifies(tmp_path):
+    model = build("mobilenetv3_small_050")
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=X[:1])
+    formats = ["onnx"] if _has("onnx") else ["ptl"]
+    manifest = export_mobile(copy.deepcopy(model), X[:1], MobileExportConfig(
+        precisions=["fp32"], formats=formats, output_dir=str(tmp_path / "out"), repeats=2, warmup=0,
+        measure_memory=False, rank="none"), validation_data=[X])
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok" and entry["verification"]["cosine"] > 0.999
+
+
+def _has(fmt: str) -> bool:
+    from pqv_lightning.export import TARGETS
+
+    return TARGETS[fmt].missing() is None
