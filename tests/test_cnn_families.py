@@ -136,3 +136,46 @@ def _has(fmt: str) -> bool:
     from pqv_lightning.export import TARGETS
 
     return TARGETS[fmt].missing() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050"])
+def test_every_format_and_precision_on_a_pruned_cnn(tmp_path, name):
+    """Every installed format x fp32 / int8-dynamic / int8-static: verified, or skipped with the reason
+    (e.g. .ptl int8-static cannot fuse MobileNetV3's conv + ReLU pairs) - never a crash."""
+    from pqv_lightning.export import TARGETS
+
+    model = build(name)
+    x = torch.randn(4, 3, 64, 64)
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
+    formats = [f for f in TARGETS.names() if TARGETS[f].missing() is None]
+    manifest = export_mobile(model, x[:1], MobileExportConfig(
+        precisions=["fp32", "int8-dynamic", "int8-static"], formats=formats, output_dir=str(tmp_path / "out"),
+        repeats=2, warmup=0, measure_memory=False, rank="none", min_top1_agreement=0.0), validation_data=[x])
+    ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
+    assert len(ok) >= 3 * len(formats) - 1
+    assert all(a["verification"]["cosine"] > 0.99 for a in ok)
+    assert all(a["reason"] for a in manifest["artifacts"] if a["status"] != "ok")
+    openvino = [a for a in ok if a["format"] == "openvino"]
+    assert all(any("pad_widths supports only" in s for s in a["optimizations_skipped"]) for a in openvino)
+
+
+def test_vit_layer_scale_and_register_tokens_are_declared(recwarn):
+    """DeiT3 / DINOv2-style ViTs (LayerScale, register tokens): pruned with the embedding, no
+    Torch-Pruning "Unwrapped parameters detected" warning on every event."""
+    from conftest import tiny_vit
+
+    model = tiny_vit(init_values=1e-5, reg_tokens=2)
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert model.blocks[0].ls1.gamma.shape == model.reg_token.shape[-1:] == (model.embed_dim,) == (48,)
+    assert not [w for w in recwarn if "Unwrapped parameters" in str(w.message)]
+
+
+def test_a_headless_backbone_keeps_its_output_width():
+    """A ViT without a head (a backbone whose features a head outside it reads): the layer that writes
+    the output stays whole, so the features keep their width; MLP and head dims are still pruned."""
+    from conftest import tiny_vit
+
+    model = tiny_vit(num_classes=0)
+    event = prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 64) and event.macs_after < event.macs_before

@@ -81,8 +81,10 @@ def test_pad_widths_refuses_what_it_cannot_pad_and_leaves_the_model_unchanged():
         pad_widths(model, 8, max_growth=1.0)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the MLP was not padded either
+    headless = _pruned()  # pruned with its head, then used as a feature extractor
+    headless.reset_classifier(0)
     with pytest.raises(WidthPaddingError, match="head is Identity"):
-        pad_widths(_pruned(num_classes=0), 8, max_growth=1.0)
+        pad_widths(headless, 8, max_growth=1.0)
     with pytest.raises(WidthPaddingError, match="Sequential holds no timm VisionTransformer"):
         pad_widths(nn.Sequential(nn.Linear(3, 5)), 8)
     with pytest.raises(ConfigError, match="multiple=1 must be an integer >= 2"):

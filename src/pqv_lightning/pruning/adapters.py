@@ -197,12 +197,9 @@ if _TimmViT is not None:
             return names
 
         def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-            out = []
-            for attr in ("cls_token", "dist_token", "reg_token", "pos_embed"):
-                p = getattr(model, attr, None)
-                if isinstance(p, nn.Parameter):
-                    out.append((p, p.dim() - 1))
-            return out
+            # tokens and position embedding (channels last) and LayerScale's gamma (DeiT3, DINOv2-style
+            # ViTs): declared, so Torch-Pruning prunes them with the embedding instead of warning
+            return _bare_parameters(model)
 
         def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
             pe = model.patch_embed
