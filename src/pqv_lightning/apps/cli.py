@@ -274,6 +274,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- coverage
+def _coverage_parser(sub) -> None:
+    p = sub.add_parser("coverage", help="which model families prune, reload, fine-tune and export: a generated table",
+                       description="Every model family (small random-initialized timm models) through pruning 25 %% / "
+                                   "50 %% / a MAC budget, save + reload, a short fit with the callbacks and export x "
+                                   "verify; writes OUT/coverage.md. Finished families are cached in OUT/rows.jsonl.")
+    p.add_argument("--families", nargs="+", default=None, metavar="NAME",
+                   choices=LazyChoices("pqv_lightning.apps.coverage", "FAMILIES"),
+                   help="families to check: %(choices)s (default: all)")
+    p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                   choices=LazyChoices("pqv_lightning.export.targets", "TARGETS"),
+                   help="export formats (default: every installed one)")
+    p.add_argument("--out", default="runs/coverage", help="output folder (default runs/coverage)")
+
+
 # ---------------------------------------------------------------------------------------------- fit
 def cmd_fit(rest: list[str]) -> int:
     from .lightning_cli import run_cli
@@ -288,11 +303,12 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="pqv", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep,coverage}")
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)
     _bench_parser(sub)
     _sweep_parser(sub)
+    _coverage_parser(sub)
     return parser
 
 
@@ -311,6 +327,10 @@ def _dispatch(argv: list[str]) -> int:
         return run_demo(args)
     if args.command == "sweep":
         return cmd_sweep(args)
+    if args.command == "coverage":
+        from .coverage import run_coverage_command
+
+        return run_coverage_command(args)
     return cmd_bench(args)
 
 
