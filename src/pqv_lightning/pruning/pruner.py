@@ -586,18 +586,12 @@ class StructuredPruner:
             trial.step()
             return _budget_measure(trial_model, name, self._example())
 
-        # MACs/params need not fall monotonically at extreme global ratios (Torch-Pruning stops pruning
-        # groups that hit their limits), so find the first feasible ratio on a coarse grid, then bisect.
         grid = [done + (0.99 - done) * k / 20 for k in range(1, 21)]
-        lo = done
-        for hi in grid:
-            if after(hi) <= absolute:
-                break
-            lo = hi
-        else:
+        ratio, _ = _search_ratio(after, absolute, done, grid, iterations)
+        if ratio is None:
             raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
                               f"{self.iterative_steps} (tried cumulative ratios up to 0.99)")
-        return _bisect_ratio(lambda r: after(r) <= absolute, lo, hi, iterations)
+        return ratio
 
     # ------------------------------------------------------------------ statistics
     def accumulate(self) -> bool:
@@ -951,20 +945,28 @@ def ratio_for_budget(
             prune_once(trial, trial_config, example_inputs=example_inputs, adapter=adapter)
         return measure(trial)
 
-    # MACs/params need not fall monotonically at extreme ratios (Torch-Pruning leaves a group whole once
-    # the ratio would empty it: a ResNet keeps 0.25x its MACs at 50 % but 0.51x at 99 %), so the bracket is
-    # the first ratio of a coarse grid that meets the budget, and bisection runs below it
-    lo, smallest = 0.0, None
-    for hi in (0.5, 0.75, 0.9, 0.95, 0.99):
-        value = after(hi)
-        smallest = value if smallest is None else min(smallest, value)
-        if value <= absolute:
-            break
-        lo = hi
-    else:
+    ratio, smallest = _search_ratio(after, absolute, 0.0, (0.5, 0.75, 0.9, 0.95, 0.99), iterations)
+    if ratio is None:
         raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning up to 99 % of the channels "
-                          f"leaves at least {smallest:,} (ignored layers and the embedding keep the rest)")
-    return _bisect_ratio(lambda r: after(r) <= absolute, lo, hi, iterations)
+                          f"leaves at least {smallest:,.0f} (ignored layers and the embedding keep the rest)")
+    return ratio
+
+
+def _search_ratio(measure: Callable[[float], float], absolute: float, lo: float, grid: Sequence[float],
+                  iterations: int) -> tuple[float | None, float]:
+    """The smallest ratio whose ``measure`` (MACs / params after pruning) is at most ``absolute``, and the
+    smallest measure seen. The measure need not fall monotonically at extreme ratios (Torch-Pruning
+    leaves a group whole once a ratio would empty it: a ResNet keeps 0.25x its MACs at 50 % but 0.51x
+    at 99 %), so the bracket is the first ratio of the coarse ``grid`` that meets the budget, and
+    bisection runs between it and the grid point before; ``(None, smallest)`` when none does."""
+    smallest = math.inf
+    for hi in grid:
+        value = measure(hi)
+        smallest = min(smallest, value)
+        if value <= absolute:
+            return _bisect_ratio(lambda r: measure(r) <= absolute, lo, hi, iterations), smallest
+        lo = hi
+    return None, smallest
 
 
 def _budget_measure(model: nn.Module, name: str, example_inputs: torch.Tensor) -> int:
