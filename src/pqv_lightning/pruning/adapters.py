@@ -55,6 +55,8 @@ class ModelAdapter:
     ``model_types`` (set by :func:`register_adapter`) are the model classes it handles."""
 
     model_types: tuple[type, ...] = ()
+    #: whether whole attention heads may be removed (``prune_num_heads=True``); False: refused by name
+    whole_heads: bool = True
 
     def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
         """All multi-head attention modules of ``model`` with a fused ``qkv`` projection."""
@@ -71,6 +73,11 @@ class ModelAdapter:
     def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
         """Shape of a batch-1 input that a forward pass accepts (used to trace dependencies)."""
         raise NotImplementedError
+
+    def kept_whole(self, model: nn.Module) -> dict[str, str]:
+        """Layers never pruned whatever ``ignored_layers`` says (dotted name -> why), e.g. the layers that
+        write a residual stream Torch-Pruning cannot reshape safely. Default: none."""
+        return {}
 
     def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
         """Raise :class:`ConfigError` for parts of ``model`` that Torch-Pruning cannot prune
@@ -365,6 +372,67 @@ if _CNN_TYPES:
                 for attr in ("in_features", "num_features"):
                     if isinstance(getattr(head, attr, None), int) and not isinstance(getattr(head, attr), bool):
                         setattr(head, attr, width)
+
+
+def _timm_swin_types() -> tuple[type, ...]:
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+    except ImportError:  # pragma: no cover - another timm version
+        return ()
+    return (SwinTransformer,)
+
+
+_SWIN_TYPES = _timm_swin_types()
+
+if _SWIN_TYPES:
+
+    @register_adapter(*_SWIN_TYPES)
+    class SwinAdapter(ModelAdapter):
+        """timm ``SwinTransformer`` (v1): the MLP hidden units are pruned. Kept whole, and said so: the
+        residual stream of every stage (patch embedding, ``attn.proj``, ``mlp.fc2``, patch merging's
+        ``reduction``: Torch-Pruning 1.6.1 couples patch merging's 2 x 2 token concatenation wrongly,
+        so a pruned embedding breaks the next stage's LayerNorm) and the window attention's ``qkv``
+        (its dependency graph couples the head dims to the per-head relative position bias table
+        through the attention scores, so no head-dim group is ever prunable); whole heads are refused."""
+
+        whole_heads = False
+
+        def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
+            from timm.models.swin_transformer import WindowAttention
+
+            return [AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in model.named_modules()
+                    if isinstance(m, WindowAttention) and isinstance(getattr(m, "qkv", None), nn.Linear)]
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            fc = getattr(getattr(model, "head", None), "fc", None)
+            return ["head.fc"] if isinstance(fc, nn.Linear) else []
+
+        def kept_whole(self, model: nn.Module) -> dict[str, str]:
+            residual = "Swin's residual stream keeps its width (Torch-Pruning mis-couples patch merging)"
+            attention = "window attention keeps its head dims (coupled to the relative position bias)"
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            kept = {"patch_embed.proj": residual}
+            kept.update({n: residual for n in linears if n.endswith(("attn.proj", "mlp.fc2", "downsample.reduction"))})
+            kept.update({n: attention for n in linears if n.endswith("attn.qkv")})
+            return kept
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            return _bare_parameters(model)  # relative position bias tables: (positions, heads)
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            pe = model.patch_embed
+            h, w = (pe.img_size, pe.img_size) if isinstance(pe.img_size, int) else tuple(pe.img_size)
+            return (1, pe.proj.in_channels, int(h), int(w))
+
+        def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+            for info in self.attention_modules(model):
+                m = info.module
+                m.num_heads = int(num_heads.get(info.name, m.num_heads))
+                head_dim = m.qkv.out_features // (3 * m.num_heads)
+                m.scale = head_dim**-0.5  # what the fused path (SDPA) uses for the current head dim
+                for attr, value in (("head_dim", head_dim), ("attn_dim", head_dim * m.num_heads)):
+                    if hasattr(m, attr):
+                        setattr(m, attr, value)
 
 
 def supported_families() -> list[str]:

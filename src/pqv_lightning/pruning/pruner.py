@@ -354,6 +354,12 @@ class StructuredPruner:
         self.input_shape = list(example_inputs.shape)
         self.measure = measure
         self.ignored_names = self._resolve_ignored(config.ignored_layers, example_inputs)
+        #: layers the adapter keeps whole whatever ignored_layers says (name -> why)
+        self.kept_whole = self.adapter.kept_whole(model)
+        self.ignored_names += [n for n in self.kept_whole if n not in self.ignored_names]
+        if config.prune_num_heads and not self.adapter.whole_heads:
+            raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
+                              "removed (its adapter prunes head dims only); allowed: prune_num_heads=False")
         self.adapter.check_prunable(model, self.ignored_names)
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}

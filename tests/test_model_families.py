@@ -1,5 +1,6 @@
-"""timm convolutional families (ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet) through the generic
-dependency graph: prune, keep the classifier's classes, stay whole timm models, reload, export."""
+"""Model families beyond the timm ViT: the timm CNNs (ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet)
+through the generic dependency graph and timm Swin: prune, keep the classifier's classes, stay whole timm
+models, reload, export."""
 
 from __future__ import annotations
 
@@ -179,3 +180,33 @@ def test_a_headless_backbone_keeps_its_output_width():
     model = tiny_vit(num_classes=0)
     event = prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25))
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 64) and event.macs_after < event.macs_before
+
+
+def _swin(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32,
+                             window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval()
+
+
+def test_swin_prunes_its_mlps_and_keeps_attention_and_residual_widths():
+    import json
+
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    # the user's ignored_layers do not unlock the residual layers: the adapter keeps them whole
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5, ignored_layers=["head.fc"]))
+    assert {"patch_embed.proj", "layers.1.downsample.reduction"} <= set(pruner.kept_whole) <= set(pruner.ignored_names)
+    event = pruner.step()
+    attn = model.layers[1].blocks[0].attn
+    assert attn.qkv.out_features == 3 * 64 and attn.num_heads == 4 and attn.scale == 16**-0.5
+    assert model.layers[1].blocks[0].mlp.fc1.out_features == 128 and model.patch_embed.proj.out_channels == 32
+    assert model(x).shape == (2, 10) and event.macs_after < 0.85 * event.macs_before
+    assert "layers.0.blocks.0.attn.qkv" in pruner.kept_whole
+    fresh = restore_structure(_swin(seed=1), json.loads(json.dumps(pruner.state_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+def test_swin_whole_heads_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"prune_num_heads=True: whole attention heads of SwinTransformer cannot"):
+        prune_once(_swin(), PruningConfig(importance="l2", prune_num_heads=True))
