@@ -210,3 +210,25 @@ def test_swin_prunes_its_mlps_and_keeps_attention_and_residual_widths():
 def test_swin_whole_heads_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"prune_num_heads=True: whole attention heads of SwinTransformer cannot"):
         prune_once(_swin(), PruningConfig(importance="l2", prune_num_heads=True))
+
+
+def test_beit_prunes_its_mlps_and_keeps_attention_whole():
+    import json
+
+    def beit(seed=0):
+        torch.manual_seed(seed)
+        return timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+                                 embed_dim=64, depth=2, num_heads=4).eval()
+
+    model, x = beit(), torch.randn(2, 3, 32, 32)
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert set(pruner.kept_whole) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"} and "head" in pruner.ignored_names
+    event = pruner.step()
+    assert model.blocks[0].attn.qkv.out_features == 192 and model.blocks[0].mlp.fc1.out_features == 192
+    assert model(x).shape == (2, 10) and event.params_after < event.params_before
+    fresh = restore_structure(beit(seed=1), json.loads(json.dumps(pruner.state_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)

@@ -264,14 +264,7 @@ if _TimmViT is not None:
                 m.head_dim = qkv_out // (3 * heads)
                 m.attn_dim = heads * m.head_dim
                 m.scale = m.head_dim**-0.5
-            # the model's own width attributes, which reset_classifier, attention pooling and a later
-            # pruner read: the embedding width is the patch projection's output channels
-            proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-            if isinstance(proj, nn.Conv2d):
-                old, width = getattr(model, "embed_dim", None), int(proj.out_channels)
-                for attr in ("embed_dim", "num_features", "head_hidden_size"):
-                    if getattr(model, attr, None) == old and old is not None:
-                        setattr(model, attr, width)
+            _sync_embedding_width(model)
 
 
 def check_model_attr(attr: object) -> str | None:
@@ -372,6 +365,59 @@ if _CNN_TYPES:
                 for attr in ("in_features", "num_features"):
                     if isinstance(getattr(head, attr, None), int) and not isinstance(getattr(head, attr), bool):
                         setattr(head, attr, width)
+
+
+def _sync_embedding_width(model: nn.Module) -> None:
+    """The model's own width attributes, which ``reset_classifier``, attention pooling and a later pruner
+    read, set to the embedding width: the patch projection's output channels."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        old, width = getattr(model, "embed_dim", None), int(proj.out_channels)
+        for attr in ("embed_dim", "num_features", "head_hidden_size"):
+            if getattr(model, attr, None) == old and old is not None:
+                setattr(model, attr, width)
+
+
+def _timm_beit_types() -> tuple[type, ...]:
+    try:
+        from timm.models.beit import Beit
+    except ImportError:  # pragma: no cover - another timm version
+        return ()
+    return (Beit,)
+
+
+_BEIT_TYPES = _timm_beit_types()
+
+if _BEIT_TYPES:
+
+    @register_adapter(*_BEIT_TYPES)
+    class BeitAdapter(ModelAdapter):
+        """timm ``Beit`` (BEiT, BEiT v2): the MLP hidden units (and whatever else Torch-Pruning's graph
+        finds independent) are pruned; the attention's ``qkv`` is kept whole, and said so: its biases
+        are separate ``q_bias`` / ``v_bias`` parameters concatenated at every call, and the relative
+        position bias is per head, which Torch-Pruning 1.6.1 couples to the head dims. Whole heads are
+        refused."""
+
+        whole_heads = False
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            head = getattr(model, "head", None)
+            return ["head"] if isinstance(head, nn.Linear) else []
+
+        def kept_whole(self, model: nn.Module) -> dict[str, str]:
+            why = "BEiT attention keeps its widths (q/v biases and relative position bias per head)"
+            return {n: why for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("attn.qkv")}
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            return _bare_parameters(model)
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            pe = model.patch_embed
+            h, w = (pe.img_size, pe.img_size) if isinstance(pe.img_size, int) else tuple(pe.img_size)
+            return (1, pe.proj.in_channels, int(h), int(w))
+
+        def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+            _sync_embedding_width(model)
 
 
 def _timm_swin_types() -> tuple[type, ...]:
