@@ -232,3 +232,21 @@ def test_beit_prunes_its_mlps_and_keeps_attention_whole():
         torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
     model.reset_classifier(5)
     assert model(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name, importance", [("regnetx_002", "taylor"), ("regnetx_002", "hessian"),
+                                              ("convnext_atto", "taylor")])
+def test_gradient_criteria_on_grouped_and_depthwise_convs(name, importance):
+    """Taylor / Hessian scores of a grouped conv's inputs (RegNet: in_channels / groups per weight row)
+    were indexed as if the conv were dense: IndexError at the first event."""
+    import torch.nn.functional as F
+
+    model = build(name).train()
+    y = torch.randint(0, 10, (2,))
+
+    def calibrate(m):
+        F.cross_entropy(m(X), y).backward()
+
+    event = prune_once(model, PruningConfig(importance=importance, pruning_ratio=0.25, iterative_steps=2),
+                       example_inputs=X[:1], calibrate=calibrate)
+    assert event.params_after < event.params_before and model(X).shape == (2, 10)

@@ -287,6 +287,13 @@ class StatisticsImportance(tp.importance.GroupMagnitudeImportance):
                 continue
             if scores is None:
                 continue
+            groups = getattr(layer, "groups", 1)
+            if prune_fn == tpf.prune_conv_in_channels and groups > 1:  # bound methods: ==, not is
+                if groups == layer.in_channels:
+                    continue  # depthwise: scored through its output channels
+                # a grouped conv's weight holds in_channels / groups inputs; Torch-Pruning indexes all of
+                # them, and scores each group's inputs alike (as GroupMagnitudeImportance does)
+                scores = scores.repeat(groups)
             group_imp.append(scores[torch.as_tensor(idxs, device=scores.device, dtype=torch.long)])
             group_idxs.append(group[i].root_idxs)
         if not group_imp:
