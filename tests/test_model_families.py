@@ -250,3 +250,30 @@ def test_gradient_criteria_on_grouped_and_depthwise_convs(name, importance):
     event = prune_once(model, PruningConfig(importance=importance, pruning_ratio=0.25, iterative_steps=2),
                        example_inputs=X[:1], calibrate=calibrate)
     assert event.params_after < event.params_before and model(X).shape == (2, 10)
+
+
+def test_torchvision_vit_with_multihead_attention():
+    import json
+
+    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+
+    def tv(seed=0):
+        torch.manual_seed(seed)
+        return TorchvisionViT(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                              num_classes=10).eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    model = tv()
+    # 10 % of 64 is 6.4 channels: the embedding (every attention's embed_dim) stays a multiple of 4 heads
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.1))
+    assert pruner.round_to == 4
+    pruner.step()
+    attn = model.encoder.layers[0].self_attention
+    assert attn.embed_dim % 4 == 0 and attn.embed_dim < 64 and model.hidden_dim == attn.embed_dim
+    assert model(x).shape == (2, 10)
+    fresh = restore_structure(tv(seed=1), json.loads(json.dumps(pruner.state_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    with pytest.raises(ConfigError, match="prune_num_heads=True: whole attention heads of VisionTransformer"):
+        prune_once(tv(), PruningConfig(importance="l2", prune_num_heads=True))

@@ -74,6 +74,11 @@ class ModelAdapter:
         """Shape of a batch-1 input that a forward pass accepts (used to trace dependencies)."""
         raise NotImplementedError
 
+    def width_multiple(self, model: nn.Module) -> int:
+        """Every pruned width stays a multiple of this (combined with ``round_to``), for families whose
+        modules need it, e.g. ``nn.MultiheadAttention``'s ``embed_dim`` divisible by its heads. Default 1."""
+        return 1
+
     def kept_whole(self, model: nn.Module) -> dict[str, str]:
         """Layers never pruned whatever ``ignored_layers`` says (dotted name -> why), e.g. the layers that
         write a residual stream Torch-Pruning cannot reshape safely. Default: none."""
@@ -283,7 +288,7 @@ _TIMM_CNN_CLASSES = (("timm.models.resnet", "ResNet"), ("timm.models.convnext", 
 #: layer types that own their parameters in Torch-Pruning's eyes; any other module's bare parameters
 #: (ConvNeXt's layer scale ``gamma``) are declared as unwrapped parameters
 _WRAPPED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-            nn.Embedding)
+            nn.Embedding, nn.MultiheadAttention)
 
 
 def _timm_cnn_types() -> tuple[type, ...]:
@@ -418,6 +423,48 @@ if _BEIT_TYPES:
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             _sync_embedding_width(model)
+
+
+def _torchvision_vit_types() -> tuple[type, ...]:
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+    except ImportError:  # torchvision is optional here
+        return ()
+    return (TorchvisionViT,)
+
+
+_TV_VIT_TYPES = _torchvision_vit_types()
+
+if _TV_VIT_TYPES:
+
+    @register_adapter(*_TV_VIT_TYPES)
+    class TorchvisionViTAdapter(ModelAdapter):
+        """torchvision ``VisionTransformer`` (``vit_b_16`` and friends, ``nn.MultiheadAttention``): the
+        embedding width (with it every attention's ``embed_dim``, so the head dims shrink alike) and MLP
+        hidden units, kept multiples of the head count (``nn.MultiheadAttention`` needs it); the
+        classifier ``heads`` is kept whole; whole heads are refused; ``hidden_dim`` follows."""
+
+        whole_heads = False
+
+        def _attention(self, model: nn.Module) -> list[nn.MultiheadAttention]:
+            return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            return ["heads"] if isinstance(getattr(model, "heads", None), nn.Module) else []
+
+        def width_multiple(self, model: nn.Module) -> int:
+            import math
+
+            return math.lcm(*[int(m.num_heads) for m in self._attention(model)] or [1])
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            return _bare_parameters(model)  # class_token, encoder.pos_embedding
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            return (1, model.conv_proj.in_channels, int(model.image_size), int(model.image_size))
+
+        def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
+            model.hidden_dim = int(model.conv_proj.out_channels)
 
 
 def _timm_swin_types() -> tuple[type, ...]:

@@ -357,6 +357,9 @@ class StructuredPruner:
         #: layers the adapter keeps whole whatever ignored_layers says (name -> why)
         self.kept_whole = self.adapter.kept_whole(model)
         self.ignored_names += [n for n in self.kept_whole if n not in self.ignored_names]
+        # the family's own width constraint (nn.MultiheadAttention: embed_dim divisible by its heads) with the user's
+        multiple = math.lcm(config.round_to or 1, self.adapter.width_multiple(model))
+        self.round_to: int | None = multiple if multiple > 1 else None
         if config.prune_num_heads and not self.adapter.whole_heads:
             raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
                               "removed (its adapter prunes head dims only); allowed: prune_num_heads=False")
@@ -386,7 +389,7 @@ class StructuredPruner:
                     iterative_pruning_ratio_scheduler=RATIO_SCHEDULES[config.ratio_schedule],
                     ignored_layers=ignored_modules,
                     global_pruning=config.global_pruning,
-                    round_to=config.round_to,
+                    round_to=self.round_to,
                     num_heads=num_heads,
                     prune_num_heads=config.prune_num_heads,
                     prune_head_dims=config.prune_head_dims,
@@ -545,7 +548,7 @@ class StructuredPruner:
         assert self.config.threshold is not None
         removed = 0
         dg = self._tp.DG
-        round_to = self.config.round_to or 1
+        round_to = self.round_to or 1
         for g in groups:
             # attention groups: a head's width moves in steps that keep heads x width a multiple of round_to
             step = head_width_step(round_to, g.heads)
