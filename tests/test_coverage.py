@@ -21,7 +21,7 @@ def test_coverage_rows_cells_and_cache(tmp_path, monkeypatch):
     assert all(cell.startswith("refused: ") and "SwinTransformer" in cell or "no prunable model" in cell
                for cell in swin.values()), swin
     text = (tmp_path / "coverage.md").read_text()
-    assert "| `vit` (ViT / DeiT) | `vit_tiny_patch16_224` | ok (" in text and "(every column)" in text
+    assert "| `vit` (ViT / DeiT) | timm `vit_tiny_patch16_224` | ok (" in text and "(every column)" in text
 
     def boom(*args):
         raise AssertionError("a cached family was computed again")

@@ -32,12 +32,18 @@ class Family:
     kwargs: dict[str, Any]
     shape: tuple[int, int, int]
     note: str = ""
+    source: str = "timm"  # or "torchvision": ``model`` is a class of torchvision.models.vision_transformer
 
     def build(self, seed: int = 0):
-        import timm
         import torch
 
         torch.manual_seed(seed)
+        if self.source == "torchvision":
+            from torchvision.models import vision_transformer
+
+            return getattr(vision_transformer, self.model)(num_classes=10, **self.kwargs).eval()
+        import timm
+
         return timm.create_model(self.model, pretrained=False, num_classes=10, **self.kwargs).eval()
 
 
@@ -56,6 +62,9 @@ FAMILIES: dict[str, Family] = {
     "efficientnet": Family("efficientnet_b0", {}, (3, 64, 64), "squeeze-excite"),
     "mobilenetv3": Family("mobilenetv3_small_050", {}, (3, 64, 64), "hard-swish, squeeze-excite"),
     "regnet": Family("regnetx_002", {}, (3, 64, 64)),
+    "torchvision_vit": Family("VisionTransformer", dict(image_size=32, patch_size=4, num_layers=2, num_heads=4,
+                                                       hidden_dim=64, mlp_dim=128), (3, 32, 32),
+                              "nn.MultiheadAttention", source="torchvision"),
     "eva02": Family("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, (3, 28, 28), "rotary embedding, SwiGLU"),
     "beit": Family("beit_base_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2,
                                              "num_heads": 4}, (3, 32, 32), "relative position bias"),
@@ -176,14 +185,15 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
 
 def coverage_table(rows: dict[str, dict[str, Any]]) -> str:
     """The Markdown matrix of finished rows."""
-    lines = ["| family | timm model | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| family | model | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for name, row in rows.items():
         family = FAMILIES.get(name)
         label = f"`{name}`" + (f" ({family.note})" if family and family.note else "")
         cells = [str(row["cells"].get(c, "")).replace("|", "/") for c in COLUMNS]
         if all(c.startswith("refused: ") for c in cells):  # a family refused as a whole: say it once
             cells = [cells[0] + " (every column)"] + ["refused"] * (len(cells) - 1)
-        lines.append(f"| {label} | `{row['model']}` | " + " | ".join(cells) + " |")
+        source = family.source if family else "timm"
+        lines.append(f"| {label} | {source} `{row['model']}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
