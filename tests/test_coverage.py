@@ -44,3 +44,8 @@ def test_coverage_cli_refuses_bad_input(capsys, argv):
         code = exc.code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("pqv: error:"), err
+
+
+def test_an_export_cell_with_a_bad_file_is_partly():
+    assert coverage._cell(lambda: "m.pte cos 1.000; m.onnx LOW cos 0.000").startswith("partly (")
+    assert coverage._cell(lambda: "m.pte cos 1.000; m.ptl skipped: export failed").startswith("partly (")
