@@ -27,7 +27,7 @@ from typing import Any
 from .errors import ConfigError, InputNotFoundError
 
 __all__ = ["check_bool", "check_choice", "check_example_tensor", "check_file", "check_forward", "check_int",
-           "check_names", "check_number", "check_shape", "check_writable_dir", "first_line"]
+           "check_mapping", "check_names", "check_number", "check_shape", "check_writable_dir", "first_line"]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -109,6 +109,13 @@ def check_names(name: str, value: Any, allowed: Collection[str] | Callable[[], C
     if repeated:
         raise ConfigError(f"{name}={value!r} names {repeated} more than once")
     return names
+
+
+def check_mapping(name: str, value: Any, example: str) -> Any:
+    """None or a dict (e.g. ``input_normalization``)."""
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name}={value!r} must be None or a dict such as {example}")
+    return value
 
 
 def check_shape(name: str, value: Any, lengths: Sequence[int] = (3, 4)) -> tuple[int, ...]:

@@ -135,7 +135,7 @@ class KnowledgeDistillation(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _, network, _ = locate_model(pl_module, self.model_attr)
+        _, network, adapter = locate_model(pl_module, self.model_attr)
         check_teacher_precision(self.teacher_precision, pl_module.device)
         if self.teacher_source is not None:
             source = self._load_given_teacher()
@@ -155,13 +155,12 @@ class KnowledgeDistillation(Callback):
         if self.teacher_precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
         self._skeleton = self._restored = None
-        self._check_teacher_fits(network)
+        self._check_teacher_fits(network, adapter)
         self._wrap_training_step(pl_module, network)
 
-    def _check_teacher_fits(self, network: nn.Module) -> None:
+    def _check_teacher_fits(self, network: nn.Module, adapter: Any) -> None:
         """A dry forward of teacher and student on the network's own input shape, before the first
         step: a teacher for other inputs (channels, size) or other classes fails here, by name."""
-        _, _, adapter = locate_model(network)
         try:
             example = example_inputs_for(network, adapter)
         except (ConfigError, NotImplementedError):

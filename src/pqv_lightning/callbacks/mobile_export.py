@@ -12,10 +12,10 @@ from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..checks import check_bool, check_choice, check_forward, check_names, check_shape
-from ..errors import ConfigError
+from ..checks import check_bool, check_choice, check_forward, check_mapping, check_names, check_shape
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..export import MobileExportConfig, check_output_dir, export_mobile
+from ..export.core import NORMALIZATION_EXAMPLE
 
 __all__ = ["MobileExport"]
 
@@ -130,9 +130,7 @@ class MobileExport(Callback):
         check_model_attr(model_attr)
         if example_input_shape is not None:
             check_shape("example_input_shape", example_input_shape)
-        if input_normalization is not None and not isinstance(input_normalization, dict):
-            raise ConfigError(f"input_normalization={input_normalization!r} must be None or a dict such as "
-                              "{'mean': [0.286], 'std': [0.353]}")
+        check_mapping("input_normalization", input_normalization, NORMALIZATION_EXAMPLE)
         check_bool("log_artifact", log_artifact)
         self.calibration_loader = calibration_loader
         self.model_attr = model_attr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from collections import Counter
 import json
 import math
 from dataclasses import asdict
@@ -315,8 +316,8 @@ class StructuredPruning(Callback):
                 f"StructuredPruning: pruning {type(model).__name__} at "
                 f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
                 f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
-                + "".join(f"; kept whole by its adapter: {len([n for n, w in self.pruner.kept_whole.items() if w == why])}"
-                          f" layers ({why})" for why in dict.fromkeys(self.pruner.kept_whole.values()))
+                + "".join(f"; kept whole by its adapter: {count} layers ({why})"
+                          for why, count in Counter(self.pruner.kept_whole.values()).items())
             )
         # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)

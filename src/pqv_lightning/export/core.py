@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import (check_bool, check_choice, check_example_tensor, check_forward, check_int, check_names,
+from ..checks import (check_bool, check_choice, check_example_tensor, check_forward, check_int, check_mapping,
+                      check_names,
                       check_number, check_writable_dir, first_line)
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
@@ -61,6 +62,8 @@ __all__ = ["ENGINES", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", 
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
 #: how the manifest's ``best`` artifact is chosen (see :func:`rank_artifacts`)
 RANKINGS: tuple[str, ...] = ("round-robin", "in-process", "none")
+#: what ``input_normalization`` looks like, for its error message
+NORMALIZATION_EXAMPLE = "{'mean': [0.286], 'std': [0.353]}"
 #: CPUs other work may keep busy while a round-robin ranking times a file before it is retaken, and
 #: past which (after the retakes) the manifest's ``best`` carries a ``caveat``
 ROUND_ROBIN_MAX_CONTENTION = 0.2
@@ -335,9 +338,7 @@ def export_mobile(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     check_example_tensor("example_input", example_input)
-    if input_normalization is not None and not isinstance(input_normalization, dict):
-        raise ConfigError(f"input_normalization={input_normalization!r} must be None or a dict such as "
-                          "{'mean': [0.5], 'std': [0.5]}")
+    check_mapping("input_normalization", input_normalization, NORMALIZATION_EXAMPLE)
     engines = list(config.engines or [host_default_engine()])
     calibration = _batches(calibration_data if calibration_data is not None else validation_data,
                            config.calibration_batches)
