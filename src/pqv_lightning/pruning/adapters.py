@@ -281,9 +281,9 @@ def check_model_attr(attr: object) -> str | None:
 
 
 #: timm convolutional families pruned through Torch-Pruning's generic dependency graph (no attention)
-_TIMM_CNN_CLASSES = (("timm.models.resnet", "ResNet"), ("timm.models.convnext", "ConvNeXt"),
-                     ("timm.models.efficientnet", "EfficientNet"), ("timm.models.mobilenetv3", "MobileNetV3"),
-                     ("timm.models.regnet", "RegNet"))
+_TIMM_CNN_CLASSES = ("timm.models.resnet.ResNet", "timm.models.convnext.ConvNeXt",
+                     "timm.models.efficientnet.EfficientNet", "timm.models.mobilenetv3.MobileNetV3",
+                     "timm.models.regnet.RegNet")
 
 #: layer types that own their parameters in Torch-Pruning's eyes; any other module's bare parameters
 #: (ConvNeXt's layer scale ``gamma``) are declared as unwrapped parameters
@@ -291,16 +291,26 @@ _WRAPPED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
             nn.Embedding, nn.MultiheadAttention)
 
 
-def _timm_cnn_types() -> tuple[type, ...]:
+def _classes(*paths: str) -> tuple[type, ...]:
+    """The classes at ``"module.Class"`` paths that import here (an optional library that is missing, or
+    another version without the class: left out)."""
     import importlib
 
-    types = []
-    for module, name in _TIMM_CNN_CLASSES:
+    found = []
+    for path in paths:
+        module, _, name = path.rpartition(".")
         try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # pragma: no cover - another timm version
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
             continue
-    return tuple(types)
+    return tuple(found)
+
+
+def _patch_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """A batch-1 input of a model with a timm ``patch_embed`` (``img_size``, ``proj``)."""
+    pe = model.patch_embed
+    h, w = (pe.img_size, pe.img_size) if isinstance(pe.img_size, int) else tuple(pe.img_size)
+    return (1, pe.proj.in_channels, int(h), int(w))
 
 
 def _bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -316,7 +326,7 @@ def _bare_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return out
 
 
-_CNN_TYPES = _timm_cnn_types()
+_CNN_TYPES = _classes(*_TIMM_CNN_CLASSES)
 
 if _CNN_TYPES:
 
@@ -383,15 +393,7 @@ def _sync_embedding_width(model: nn.Module) -> None:
                 setattr(model, attr, width)
 
 
-def _timm_beit_types() -> tuple[type, ...]:
-    try:
-        from timm.models.beit import Beit
-    except ImportError:  # pragma: no cover - another timm version
-        return ()
-    return (Beit,)
-
-
-_BEIT_TYPES = _timm_beit_types()
+_BEIT_TYPES = _classes("timm.models.beit.Beit")
 
 if _BEIT_TYPES:
 
@@ -417,23 +419,13 @@ if _BEIT_TYPES:
             return _bare_parameters(model)
 
         def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-            pe = model.patch_embed
-            h, w = (pe.img_size, pe.img_size) if isinstance(pe.img_size, int) else tuple(pe.img_size)
-            return (1, pe.proj.in_channels, int(h), int(w))
+            return _patch_input_shape(model)
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             _sync_embedding_width(model)
 
 
-def _torchvision_vit_types() -> tuple[type, ...]:
-    try:
-        from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
-    except ImportError:  # torchvision is optional here
-        return ()
-    return (TorchvisionViT,)
-
-
-_TV_VIT_TYPES = _torchvision_vit_types()
+_TV_VIT_TYPES = _classes("torchvision.models.vision_transformer.VisionTransformer")
 
 if _TV_VIT_TYPES:
 
@@ -467,15 +459,7 @@ if _TV_VIT_TYPES:
             model.hidden_dim = int(model.conv_proj.out_channels)
 
 
-def _timm_swin_types() -> tuple[type, ...]:
-    try:
-        from timm.models.swin_transformer import SwinTransformer
-    except ImportError:  # pragma: no cover - another timm version
-        return ()
-    return (SwinTransformer,)
-
-
-_SWIN_TYPES = _timm_swin_types()
+_SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer")
 
 if _SWIN_TYPES:
 
@@ -513,9 +497,7 @@ if _SWIN_TYPES:
             return _bare_parameters(model)  # relative position bias tables: (positions, heads)
 
         def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-            pe = model.patch_embed
-            h, w = (pe.img_size, pe.img_size) if isinstance(pe.img_size, int) else tuple(pe.img_size)
-            return (1, pe.proj.in_channels, int(h), int(w))
+            return _patch_input_shape(model)
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for info in self.attention_modules(model):
