@@ -24,19 +24,27 @@ def _spin(seconds: float) -> None:
 
 @linux
 def test_contention_counts_other_processes_not_this_one():
+    """Measured against the host's own background (other tests, builds): what the spinner adds is about
+    one CPU, and this process's own work adds nothing. On a host so busy that one more spinning process
+    cannot get a CPU of its own, the difference cannot be seen: skipped, not failed."""
     cpus = os.cpu_count() or 1
+    background = HostLoad().start()
+    time.sleep(1.2)
+    base = background.contention(threads=cpus)
+    if base > cpus - 1.3:
+        pytest.skip(f"the host is busy ({base:.2f} of {cpus} CPUs taken by other work): one more CPU cannot show")
     # this process's own work is not contention
     own = HostLoad().start()
     _spin(1.0)
-    assert own.contention(threads=cpus) < 0.5
+    assert own.contention(threads=cpus) < base + 0.5
     # another process spinning one CPU for the whole window is about one CPU of contention
     load = HostLoad().start()
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
     time.sleep(1.2)
     measured = load.contention(threads=cpus)
     busy.wait()
-    assert 0.6 < measured < 1.5
-    if cpus >= 2:  # the CPUs this process does not use absorb one CPU of other work: none of it is counted
+    assert 0.6 < measured - base < 1.5, (measured, base)
+    if cpus >= 2 and base < 0.2:  # the CPUs this process does not use absorb one CPU of other work
         assert load.contention(threads=0) == 0.0
 
 
