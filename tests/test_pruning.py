@@ -394,9 +394,9 @@ def test_ratio_for_budget_rejects_impossible_budgets():
     assert ratio_for_budget(model, PruningConfig(global_pruning=True), target_macs=0.5) == ratio_for_budget(
         model, PruningConfig(), target_macs=0.5)
     with pytest.raises(ConfigError, match="deterministic criterion"):
-        StructuredPruner(model, PruningConfig(importance="random", global_pruning=True), budget={"target_macs": 0.5})
-    with pytest.raises(ConfigError, match="budget=.*must be"):
-        StructuredPruner(model, PruningConfig(), budget={"macs": 0.5})
+        StructuredPruner(model, PruningConfig(importance="random", global_pruning=True, target_macs=0.5))
+    with pytest.raises(ConfigError, match="give one budget, not both"):
+        StructuredPruner(model, PruningConfig(target_macs=0.5, target_params=0.5))
 
 
 @pytest.mark.slow
@@ -411,9 +411,9 @@ def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
         return count_macs(m, x) if kind == "target_macs" else count_params(m)
 
     full = measure(model)
-    config = PruningConfig(importance="l2", global_pruning=True, iterative_steps=2)
-    config.pruning_ratio = ratio_for_budget(model, config, example_inputs=x, **{kind: 0.5})
-    pruner = StructuredPruner(model, config, example_inputs=x, budget={kind: 0.5})
+    config = PruningConfig(importance="l2", global_pruning=True, iterative_steps=2, **{kind: 0.5})
+    pruner = StructuredPruner(model, config, example_inputs=x)
+    assert pruner.config.pruning_ratio == ratio_for_budget(model, config, example_inputs=x)  # the nominal ratio
     # every event settles its ratio on its share of the reduction (linear schedule, 2 events: half each)
     assert pruner.event_budget(1) == pytest.approx(0.75 * full) and pruner.event_budget(2) == pytest.approx(0.5 * full)
     first = pruner.step()
@@ -422,7 +422,7 @@ def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
     assert state["ratios"][1] == pytest.approx(first.target_ratio)  # the settled ratio, kept for a resume
     pruner.step()
     assert 0.97 * 0.5 * full < measure(model) <= 0.5 * full
-    resumed = StructuredPruner(tiny_vit(depth=3), config, example_inputs=x, budget={kind: 0.5})
+    resumed = StructuredPruner(tiny_vit(depth=3), config, example_inputs=x)
     resumed.load_state_dict(state)
     assert resumed._tp.per_step_pruning_ratio[1] == pytest.approx(first.target_ratio)
     widths = {n: w[1] for n, w in first.widths.items() if n.endswith("mlp.fc1")}
@@ -458,3 +458,30 @@ def test_head_dims_to_remove():
     assert head_dims_to_remove(64, 6, 12, 64) == 16    # 58 -> 48: a head width step of 64 / gcd(64, 12) = 16
     assert head_dims_to_remove(16, 16, 6, 8) == 12     # never below one step
     assert head_dims_to_remove(3, 2, 6, 64) == 0       # a head narrower than one step keeps its width
+
+
+@pytest.mark.parametrize("model_name", ["vit_tiny_patch16_224", "resnet10t", "convnext_atto"])
+def test_the_budget_search_costs_a_few_pruning_passes_and_finds_the_smallest_ratio(model_name, monkeypatch):
+    import copy
+
+    import timm
+
+    from pqv_lightning.pruning import PruningConfig, count_macs, pruner, ratio_for_budget
+
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4) if "vit" in model_name else {}
+    model = timm.create_model(model_name, pretrained=False, num_classes=10, **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    passes = []
+    real = pruner.prune_once
+    monkeypatch.setattr(pruner, "prune_once", lambda m, c, **kw: passes.append(c.pruning_ratio) or real(m, c, **kw))
+    ratio = ratio_for_budget(model, PruningConfig(importance="l2", target_macs=0.5), example_inputs=x)
+    assert 1 <= len(passes) <= 8, passes  # was a grid and 14 bisection steps: 15 pruned copies
+    full = count_macs(model, x)
+
+    def macs_at(r):
+        m = copy.deepcopy(model)
+        real(m, PruningConfig(importance="l2", pruning_ratio=r), example_inputs=x)
+        return count_macs(m, x)
+
+    step = pruner.ratio_resolution(model)  # one channel of the widest layer
+    assert macs_at(ratio) <= 0.5 * full < macs_at(ratio - 2 * step)

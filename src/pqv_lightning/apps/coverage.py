@@ -114,7 +114,7 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
     def budget() -> str:
         model = family.build()
         macs = count_macs(model, x[:1])
-        prune_once(model, PruningConfig(importance="l2"), example_inputs=x[:1], budget={"target_macs": 0.5})
+        prune_once(model, PruningConfig(importance="l2", target_macs=0.5), example_inputs=x[:1])
         return f"MACs {count_macs(model, x[:1]) / macs:.2f}x"
 
     def reload() -> str:

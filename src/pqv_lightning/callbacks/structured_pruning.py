@@ -20,7 +20,7 @@ from ..checks import check_choice, check_forward, check_int, check_number, check
 from ..errors import ConfigError
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
-from ..pruning import PruningConfig, PruningEvent, StructuredPruner, check_budget_value, ratio_for_budget
+from ..pruning import PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.importance import IMPORTANCE
 from ..pruning.sparsity import GroupSparsity
 
@@ -189,21 +189,9 @@ class StructuredPruning(Callback):
         widths_for: str | None = None,
     ) -> None:
         super().__init__()
-        budget = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
-        if len(budget) > 1:
-            raise ConfigError(f"give one budget, not both: {budget}")
-        if budget and pruning_ratio is not None:
-            raise ConfigError(f"give a pruning_ratio ({pruning_ratio!r}) or a budget ({budget}), not both")
-        IMPORTANCE.check(importance)
-        if budget and global_pruning and not IMPORTANCE[importance].deterministic:
-            raise ConfigError(f"a budget ({budget}) with global_pruning=True needs a deterministic criterion, not "
-                              f"importance={importance!r}")
-        for name, value in budget.items():
-            check_budget_value(name, value)
-        self.budget = budget
         self.config = PruningConfig(
             importance=importance,
-            pruning_ratio=0.25 if pruning_ratio is None else pruning_ratio,
+            pruning_ratio=pruning_ratio,
             iterative_steps=iterative_steps,
             prune_num_heads=prune_num_heads,
             head_pruning_ratio=head_pruning_ratio,
@@ -218,6 +206,8 @@ class StructuredPruning(Callback):
             reconstruct_layers=reconstruct_layers,
             reconstruct_ridge=reconstruct_ridge,
             widths_for=widths_for,
+            target_macs=target_macs,
+            target_params=target_params,
         )
         self.config.validate()
         self.regularization = None
@@ -262,8 +252,9 @@ class StructuredPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        if self.budget:  # the ratio is derived in setup; the budget is what identifies the callback
-            return self._generate_state_key(importance=self.config.importance, model_attr=self.model_attr, **self.budget)
+        if self.config.budget:  # the ratio is derived in setup; the budget is what identifies the callback
+            return self._generate_state_key(importance=self.config.importance, model_attr=self.model_attr,
+                                            **self.config.budget)
         return self._generate_state_key(
             importance=self.config.importance, pruning_ratio=self.config.pruning_ratio, model_attr=self.model_attr
         )
@@ -304,13 +295,11 @@ class StructuredPruning(Callback):
             if self.example_input_shape is not None:
                 example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
                 check_forward("example_input_shape", model, example)
-            if self.budget:  # before training: an unreachable budget fails here
-                self.config.pruning_ratio = ratio_for_budget(model, self.config, example_inputs=example,
-                                                             adapter=adapter, **self.budget)
-                rank_zero_info(f"StructuredPruning: budget {self.budget} -> channel ratio "
-                               f"{self.config.pruning_ratio:.4f}")
-            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter,
-                                           budget=self.budget)
+            # a budget's ratio is derived here, before training: an unreachable budget fails now
+            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
+            if self.config.budget:
+                rank_zero_info(f"StructuredPruning: budget {self.config.budget} -> channel ratio "
+                               f"{self.pruner.config.pruning_ratio:.4f}")
             self._located_attr = attr
             rank_zero_info(
                 f"StructuredPruning: pruning {type(model).__name__} at "

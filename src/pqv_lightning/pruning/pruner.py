@@ -87,6 +87,9 @@ RATIO_SCHEDULES = {"linear": linear_schedule, "cubic": cubic_schedule}
 RECONSTRUCT_LAYERS = {"all": "reconstruction_layers", "residual": "residual_writers"}
 #: the width rule's options (attention heads) and their defaults when neither the user nor
 #: ``PruningConfig.widths_for``'s export target sets them
+#: the channel ratio of a :class:`PruningConfig` that sets neither a ratio nor a budget
+DEFAULT_PRUNING_RATIO = 0.25
+
 WIDTH_RULE_DEFAULTS: dict[str, bool] = {"prune_num_heads": False, "prune_head_dims": True}
 
 
@@ -100,7 +103,13 @@ class PruningConfig:
             ``"random"``, or one you registered.
         pruning_ratio: final fraction of channels removed from every prunable dimension (embedding
             width, head dims, MLP hidden), in ``[0, 1)``. Parameters shrink roughly by
-            ``(1 - ratio)^2``.
+            ``(1 - ratio)^2``. Unset (``None``): 0.25, or derived from the budget.
+        target_macs, target_params: a budget instead of a ratio (give one, and no ``pruning_ratio``):
+            the final model's MACs / parameters, as a fraction of the unpruned model when < 1, else
+            absolute. The pruner derives the channel ratio from it before the first event
+            (:func:`ratio_for_budget`, a few pruning passes on copies) and the last event lands on the
+            budget within one channel group; with ``global_pruning=True`` every event's ratio is settled
+            on copies with that event's scores (needs a deterministic criterion).
         iterative_steps: number of pruning events; the ratio grows linearly to its final value.
         prune_num_heads: remove whole attention heads. Unset (``None``): ``False``, or what
             ``widths_for``'s target prefers.
@@ -142,7 +151,7 @@ class PruningConfig:
     """
 
     importance: str = "taylor"
-    pruning_ratio: float = 0.25
+    pruning_ratio: float | None = None
     iterative_steps: int = 1
     prune_num_heads: bool | None = None
     head_pruning_ratio: float | None = None
@@ -157,8 +166,12 @@ class PruningConfig:
     reconstruct_layers: str = "all"
     reconstruct_ridge: float = 1e-3
     widths_for: str | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
 
     def __post_init__(self) -> None:
+        if self.pruning_ratio is None and not self.budget:
+            self.pruning_ratio = DEFAULT_PRUNING_RATIO
         preferred: dict[str, Any] = {}
         if self.widths_for is not None:
             from ..export.targets import TARGETS
@@ -180,7 +193,19 @@ class PruningConfig:
         IMPORTANCE.check(self.importance)
         for name in (*WIDTH_RULE_DEFAULTS, "global_pruning", "reconstruct"):
             check_bool(name, getattr(self, name))
-        _check_ratio("pruning_ratio", self.pruning_ratio)
+        budget = self.budget
+        if len(budget) > 1:
+            raise ConfigError(f"give one budget, not both: {budget}")
+        for name, value in budget.items():
+            check_budget_value(name, value)
+            if self.pruning_ratio is not None:
+                raise ConfigError(f"give a pruning_ratio ({self.pruning_ratio!r}) or a budget ({name}={value!r}), "
+                                  "not both")
+            if self.global_pruning and not IMPORTANCE[self.importance].deterministic:
+                raise ConfigError(f"a budget ({name}={value!r}) with global_pruning=True needs a deterministic "
+                                  f"criterion, not importance={self.importance!r}")
+        if not budget:
+            _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
             if not self.prune_num_heads:
@@ -198,6 +223,12 @@ class PruningConfig:
             check_threshold(self.threshold)
         check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
+
+    @property
+    def budget(self) -> dict[str, float]:
+        """``{"target_macs": x}``, ``{"target_params": x}`` or ``{}``: the budgets that are set."""
+        return {k: v for k, v in (("target_macs", self.target_macs), ("target_params", self.target_params))
+                if v is not None}
 
     @property
     def effective_head_ratio(self) -> float:
@@ -336,10 +367,8 @@ class StructuredPruner:
         example_inputs: torch.Tensor | None = None,
         adapter: ModelAdapter | None = None,
         measure: bool = True,
-        budget: dict[str, float] | None = None,
     ):
-        self.config = config = _check_model_and_config(model, config)
-        self.budget = _check_budget_dict(budget, config)
+        config = _check_model_and_config(model, config)
         self.model = model
         self.adapter = adapter or find_adapter(model)
         if self.adapter is None:
@@ -348,6 +377,13 @@ class StructuredPruner:
             example_inputs = example_inputs_for(model, self.adapter)
         else:
             check_example_tensor("example_inputs", example_inputs)
+        #: the budget asked for (``config.budget``); absolute numbers once the unpruned model is measured
+        self.budget = config.budget
+        if self.budget:  # the channel ratio the budget needs (global allocation: the schedule's nominal ratio)
+            ratio = ratio_for_budget(model, config, example_inputs=example_inputs, adapter=self.adapter)
+            config = dataclasses.replace(config, pruning_ratio=ratio, target_macs=None, target_params=None)
+        #: the configuration this pruner runs: the one given, with a budget's ratio derived
+        self.config = config
         # a clear error instead of one inside the trace; the output width is checked again after every event
         output = check_forward("example_inputs", model, example_inputs)
         self._output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
@@ -573,21 +609,22 @@ class StructuredPruner:
         share = self._nominal_ratios[event] / last if last > 0 else 1.0
         return self._budget_full - (self._budget_full - absolute) * min(1.0, share)
 
-    def _global_ratio_for_budget(self, iterations: int = 8) -> float:
+    def _global_ratio_for_budget(self) -> float:
         """The smallest cumulative ratio at which this event, ranking channels globally with the
         scores gathered for it, meets its share of the budget (:meth:`event_budget`). Each trial prunes
-        a copy of the model with a pruner that carries this one's statistics and initial channel counts."""
+        a copy of the model with a pruner that carries this one's statistics and initial channel counts;
+        trials are placed by interpolation (:func:`_search_ratio`)."""
         assert self.budget
         name = next(iter(self.budget))
         event = self.completed_events + 1
         absolute = self.event_budget(event)
         stats_state = self.stats.state_dict() if self.stats is not None else None
         done = float(self._tp.per_step_pruning_ratio[self.completed_events])
+        config = dataclasses.replace(self.config, iterative_steps=1, threshold=None)
 
         def after(ratio: float) -> int:
             trial_model = copy.deepcopy(self.model)
-            trial = StructuredPruner(trial_model, dataclasses.replace(self.config, pruning_ratio=ratio, iterative_steps=1,
-                                                                      threshold=None),
+            trial = StructuredPruner(trial_model, dataclasses.replace(config, pruning_ratio=ratio),
                                      example_inputs=self._example_inputs, adapter=self.adapter, measure=False)
             trial._tp._scope_initial_channels = dict(self._tp._scope_initial_channels)
             if stats_state is not None and trial.stats is not None:
@@ -595,8 +632,14 @@ class StructuredPruner:
             trial.step()
             return _budget_measure(trial_model, name, self._example())
 
-        grid = [done + (0.99 - done) * k / 20 for k in range(1, 21)]
-        ratio, _ = _search_ratio(after, absolute, done, grid, iterations)
+        # global ranking: one step of the ratio removes one channel of all the prunable channels
+        resolution = 1.0 / max(1, int(self._tp.initial_total_channels))
+        now = _budget_measure(self.model, name, self._example())
+        if now <= absolute:  # already within this event's share: the smallest step the schedule allows
+            return done + resolution
+        # the measure of a global ranking has cliffs (a ratio where many channels of one layer go at once):
+        # more passes than the smooth uniform case needs
+        ratio, _ = _search_ratio(after, absolute, done, now, resolution, max_passes=14)
         if ratio is None:
             raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
                               f"{self.iterative_steps} (tried cumulative ratios up to 0.99)")
@@ -832,11 +875,6 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     calibration = kwargs.pop("calibration", None)
     if calibrate is not None and not callable(calibrate):
         raise ConfigError(f"calibrate={calibrate!r} must be a callable that runs forward/backward passes on the model")
-    config = _check_model_and_config(model, config)
-    budget = _check_budget_dict(kwargs.get("budget"), config)
-    if budget and not config.global_pruning:  # uniform allocation: the budget decides the ratio up front
-        config = dataclasses.replace(config, pruning_ratio=ratio_for_budget(
-            model, config, example_inputs=kwargs.get("example_inputs"), adapter=kwargs.get("adapter"), **budget))
     pruner = StructuredPruner(model, config, **kwargs)
     event = None
     for _ in range(pruner.iterative_steps):
@@ -879,19 +917,6 @@ def _check_model_and_config(model: Any, config: Any) -> PruningConfig:
     return config
 
 
-def _check_budget_dict(budget: dict[str, float] | None, config: PruningConfig) -> dict[str, float]:
-    if budget is None or budget == {}:
-        return {}
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("target_macs", "target_params"):
-        raise ConfigError(f"budget={budget!r} must be {{'target_macs': x}} or {{'target_params': x}}")
-    name, value = next(iter(budget.items()))
-    check_budget_value(name, value)
-    if config.global_pruning and not IMPORTANCE[config.importance].deterministic:
-        raise ConfigError(f"a budget with global_pruning=True needs a deterministic criterion, not "
-                          f"importance={config.importance!r}")
-    return dict(budget)
-
-
 def check_budget_value(name: str, value: Any) -> None:
     """A MAC / parameter budget is a finite number > 0 (a fraction when < 1, else absolute)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -907,88 +932,148 @@ def ratio_for_budget(
     target_params: float | None = None,
     example_inputs: torch.Tensor | None = None,
     adapter: ModelAdapter | None = None,
-    iterations: int = 14,
+    max_passes: int = 8,
 ) -> float:
     """The smallest channel ``pruning_ratio`` at which ``model`` pruned with ``config`` has at most
     ``target_macs`` MACs or ``target_params`` parameters (absolute, or a fraction of the unpruned model
-    when < 1). ``model`` is not changed: every trial prunes a copy (bisection, ``iterations`` trials).
+    when < 1; default: ``config``'s budget). ``model`` is not changed: every trial prunes a copy, and
+    the trials are placed by interpolation (:func:`_search_ratio`), so the search costs a few pruning
+    passes (at most ``max_passes``; 3-6 on the families of ``pqv coverage``).
 
     With uniform allocation (``global_pruning=False``, the default) each layer keeps the same share of
     its channels whichever criterion picks them, so the structure, and with it MACs and parameters,
     depends on the ratio alone: the ratio found here lands on the budget within one channel group at
     the last event of any schedule. With global allocation the structure depends on the scores the run
     gathers: the uniform ratio returned here is only the schedule's nominal ratio (and the check that
-    the budget is reachable); ``StructuredPruner(budget=...)`` settles the last event's ratio with that
-    event's scores.
+    the budget is reachable); :class:`StructuredPruner` settles every event's ratio with that event's
+    scores.
 
     Raises:
         ConfigError: neither or both targets, a target <= 0 or >= the unpruned model, or a budget this
             model cannot reach with its ignored layers.
     """
     config = _check_model_and_config(model, config)
-    if (target_macs is None) == (target_params is None):
+    given = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
+    budget = given or config.budget
+    if len(budget) != 1:
         raise ConfigError(f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
                           f"target_params={target_params!r})")
+    check_int("max_passes", max_passes, minimum=1)
     adapter = adapter or find_adapter(model)
     if adapter is None:
         raise no_adapter_error(model)
     if example_inputs is None:
         example_inputs = example_inputs_for(model, adapter)
-    name, target = ("target_macs", target_macs) if target_macs is not None else ("target_params", target_params)
-
-    def measure(m: nn.Module) -> int:
-        return _budget_measure(m, name, example_inputs)
-
+    (name, target), = budget.items()
     check_budget_value(name, target)
-    full = measure(model)
+    full = _budget_measure(model, name, example_inputs)
     absolute = target * full if target < 1 else target
     if absolute >= full:
         raise ConfigError(f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
                           f"(0, 1) or an absolute count below {full:,}")
+    trial_config = dataclasses.replace(config, pruning_ratio=0.0, target_macs=None, target_params=None,
+                                       iterative_steps=1, importance="l2", global_pruning=False, threshold=None)
 
     def after(ratio: float) -> int:
         trial = copy.deepcopy(model)
-        trial_config = dataclasses.replace(config, pruning_ratio=ratio, iterative_steps=1, importance="l2",
-                                           global_pruning=False, threshold=None)
-        if ratio > 0:
-            prune_once(trial, trial_config, example_inputs=example_inputs, adapter=adapter)
-        return measure(trial)
+        prune_once(trial, dataclasses.replace(trial_config, pruning_ratio=ratio), example_inputs=example_inputs,
+                   adapter=adapter)
+        return _budget_measure(trial, name, example_inputs)
 
-    ratio, smallest = _search_ratio(after, absolute, 0.0, (0.5, 0.75, 0.9, 0.95, 0.99), iterations)
+    ratio, smallest = _search_ratio(after, absolute, 0.0, full, ratio_resolution(model), max_passes=max_passes)
     if ratio is None:
         raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning up to 99 % of the channels "
-                          f"leaves at least {smallest:,.0f} (ignored layers and the embedding keep the rest)")
+                          f"leaves at least {smallest:,.0f} (ignored layers and the layers its adapter keeps whole keep the rest)")
     return ratio
 
 
-def _search_ratio(measure: Callable[[float], float], absolute: float, lo: float, grid: Sequence[float],
-                  iterations: int) -> tuple[float | None, float]:
-    """The smallest ratio whose ``measure`` (MACs / params after pruning) is at most ``absolute``, and the
-    smallest measure seen. The measure need not fall monotonically at extreme ratios (Torch-Pruning
-    leaves a group whole once a ratio would empty it: a ResNet keeps 0.25x its MACs at 50 % but 0.51x
-    at 99 %), so the bracket is the first ratio of the coarse ``grid`` that meets the budget, and
-    bisection runs between it and the grid point before; ``(None, smallest)`` when none does."""
-    smallest = math.inf
-    for hi in grid:
-        value = measure(hi)
-        smallest = min(smallest, value)
-        if value <= absolute:
-            return _bisect_ratio(lambda r: measure(r) <= absolute, lo, hi, iterations), smallest
-        lo = hi
-    return None, smallest
+def ratio_resolution(model: nn.Module) -> float:
+    """The step in channel ratio below which no layer's width can change: one channel of the widest layer."""
+    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    widths += [m.out_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return 1.0 / max(widths or [1])
+
+
+def _search_ratio(measure: Callable[[float], float], absolute: float, lo: float, lo_value: float,
+                  resolution: float, *, top: float = 0.99, max_passes: int = 8) -> tuple[float | None, float]:
+    """The smallest ratio in ``(lo, top]`` whose ``measure`` (MACs / parameters after pruning a copy) is at
+    most ``absolute``, to within ``resolution``, and the smallest measure seen; ``(None, smallest)``
+    when none is found. ``lo`` (measure ``lo_value``) does not meet the budget.
+
+    Every pruning pass is expensive, so trials are placed by interpolation, not bisection: MACs and
+    parameters are close to a quadratic in the kept share ``k = 1 - ratio`` (products of two pruned
+    widths, linear terms, and what is never pruned), fitted through the passes seen so far and solved
+    for the budget; once the crossing is bracketed, a trial lands half a resolution step beyond the
+    prediction on the side the last one did not cover, so an accurate fit closes the bracket in two
+    passes. Interpolation that leaves the bracket falls back to its midpoint. The measure need not fall
+    monotonically at extreme ratios (Torch-Pruning leaves a group whole once a ratio would empty it), so
+    the search never jumps to ``top`` unless the fit points there. At most ``max_passes`` passes; the
+    smallest ratio known to meet the budget is returned then.
+    """
+    points: dict[float, float] = {lo: float(lo_value)}
+    hi: float | None = None
+    last_met: bool | None = None
+    widths: list[float] = []  # the bracket's width before every pass
+    for _ in range(max_passes):
+        upper = top if hi is None else hi
+        if hi is not None and hi - lo <= resolution:
+            break
+        if hi is None and lo >= top:
+            break
+        widths.append(upper - lo)
+        if hi is not None and len(widths) >= 3 and widths[-1] > widths[-3] / 2:
+            guess = (lo + hi) / 2  # interpolation stalls (a flat step of the measure): bisect once
+        else:
+            guess = _interpolate(points, absolute, lo, upper, hi is not None)
+            if last_met is not None and hi is not None:  # close the bracket from the side not yet covered
+                guess += resolution / 2 if not last_met else -resolution / 2
+        # strictly inside (lo, upper); top itself may be tried once nothing below it meets the budget
+        guess = min(max(guess, lo + resolution / 2), upper - resolution / 2 if hi is not None else top)
+        if guess in points:
+            guess = (lo + upper) / 2
+        value = float(measure(guess))
+        points[guess] = value
+        last_met = value <= absolute
+        if last_met:
+            hi = guess
+        else:
+            lo = guess
+    return hi, min(points.values())
+
+
+def _interpolate(points: dict[float, float], absolute: float, lo: float, upper: float, bracketed: bool) -> float:
+    """Where a quadratic in the kept share through three (ratio, measure) ``points`` crosses ``absolute``:
+    the bracket's ends and the point nearest the budget besides them once ``bracketed`` (close points on
+    one flat step of the measure would make the fit extrapolate wildly), else the nearest to the budget;
+    the midpoint of ``(lo, upper)`` when the fit gives no crossing there."""
+    ends = [(lo, points[lo]), (upper, points[upper])] if bracketed else []
+    rest = sorted((p for p in points.items() if p[0] not in (lo, upper) or not bracketed),
+                  key=lambda p: abs(p[1] - absolute))
+    near = (ends + rest)[:3]
+    ks = [1.0 - r for r, _ in near]
+    ys = [v for _, v in near]
+    try:
+        if len(near) == 1:  # y = a k^2
+            coeffs = [ys[0] / ks[0] ** 2, 0.0, 0.0]
+        elif len(near) == 2:  # y = a k^2 + c
+            a = (ys[0] - ys[1]) / (ks[0] ** 2 - ks[1] ** 2)
+            coeffs = [a, 0.0, ys[0] - a * ks[0] ** 2]
+        else:
+            coeffs = [float(c) for c in torch.linalg.solve(
+                torch.tensor([[k * k, k, 1.0] for k in ks], dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))]
+    except (ZeroDivisionError, RuntimeError):
+        return (lo + upper) / 2
+    a, b, c = coeffs
+    c -= absolute
+    if abs(a) < 1e-12:
+        roots = [-c / b] if abs(b) > 1e-12 else []
+    else:
+        disc = b * b - 4 * a * c
+        roots = [(-b + sign * math.sqrt(disc)) / (2 * a) for sign in (1, -1)] if disc >= 0 else []
+    inside = [1.0 - k for k in roots if lo < 1.0 - k < upper]
+    return min(inside, key=lambda r: abs(r - (lo + upper) / 2)) if inside else (lo + upper) / 2
 
 
 def _budget_measure(model: nn.Module, name: str, example_inputs: torch.Tensor) -> int:
     """What a budget named ``name`` counts: MACs for ``target_macs``, else parameters."""
     return count_macs(model, example_inputs) if name == "target_macs" else count_params(model)
-
-
-def _bisect_ratio(meets: Callable[[float], bool], lo: float, hi: float, iterations: int) -> float:
-    """The smallest ratio in ``(lo, hi]`` that ``meets`` the budget (``hi`` does), to ``(hi - lo) / 2**iterations``."""
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if meets(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
