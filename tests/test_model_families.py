@@ -277,3 +277,61 @@ def test_torchvision_vit_with_multihead_attention():
         torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
     with pytest.raises(ConfigError, match="prune_num_heads=True: whole attention heads of VisionTransformer"):
         prune_once(tv(), PruningConfig(importance="l2", prune_num_heads=True))
+
+
+def _eva(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=10, img_size=32, patch_size=4, embed_dim=64,
+                             depth=2, num_heads=4).eval()
+
+
+@pytest.mark.parametrize("name, mlp", [("eva02_tiny_patch14_224", "GluMlp"), ("eva02_base_patch14_224", "SwiGLU"),
+                                       ("eva_giant_patch14_224", "Mlp")])
+def test_eva_prunes_its_mlp_hidden_units_and_keeps_attention_and_residual_widths(name, mlp):
+    import json
+
+    model, x = _eva(name), torch.randn(2, 3, 32, 32)
+    assert type(model.blocks[0].mlp).__name__ == mlp
+    hidden = model.blocks[0].mlp.fc2.in_features
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert {"patch_embed.proj", "blocks.0.attn.proj", "blocks.1.mlp.fc2"} <= set(pruner.kept_whole)
+    event = pruner.step()
+    # a ratio counts hidden units, not fc1 outputs (GluMlp's fc1 holds both SwiGLU halves)
+    assert hidden - model.blocks[0].mlp.fc2.in_features in (int(hidden * 0.25), int(hidden * 0.25) + 1)
+    assert model(x).shape == (2, 10) and event.params_after < 0.9 * event.params_before
+    fresh = restore_structure(_eva(name, seed=1), json.loads(json.dumps(pruner.state_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(ConfigError, match="prune_num_heads=True: whole attention heads of Eva cannot be removed"):
+        prune_once(_eva(name), PruningConfig(importance="l2", prune_num_heads=True))
+
+
+def test_a_fused_swiglu_loses_the_same_units_from_both_halves():
+    """GluMlp computes both SwiGLU halves in one Linear (unit i: outputs i and hidden + i). The pruned
+    network must equal the unpruned one with the removed units' fc2 columns zeroed: Torch-Pruning 1.6.1
+    alone maps no index through that split (IndexError), or would pair the wrong halves."""
+    import copy
+
+    model, x = _eva("eva02_tiny_patch14_224"), torch.randn(2, 3, 32, 32)
+    original = copy.deepcopy(model)
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2))  # offsets move
+    with torch.no_grad():
+        for before, after in zip(original.blocks, model.blocks):
+            w, kept_w = before.mlp.fc2.weight, after.mlp.fc2.weight
+            kept = [int((w - kept_w[:, j:j + 1]).abs().sum(0).argmin()) for j in range(kept_w.shape[1])]
+            hidden = w.shape[1]
+            torch.testing.assert_close(after.mlp.fc1.weight, before.mlp.fc1.weight[kept + [hidden + k for k in kept]])
+            before.mlp.fc2.weight[:, sorted(set(range(hidden)) - set(kept))] = 0
+        torch.testing.assert_close(model(x), original(x))
+
+
+def test_swin_v2_prunes_its_mlps_like_swin():
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=10, img_size=32, embed_dim=32,
+                              depths=(1, 1), num_heads=(2, 4), window_size=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5))
+    assert {"patch_embed.proj", "layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.proj"} <= set(pruner.kept_whole)
+    event = pruner.step()
+    assert model.layers[1].blocks[0].mlp.fc1.out_features == 128 and model.layers[1].blocks[0].attn.qkv.out_features == 192
+    assert model(x).shape == (2, 10) and event.macs_after < 0.85 * event.macs_before

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from pqv_lightning import PruningConfig, StructuredPruner, count_params, prune_once, restore_structure
+from pqv_lightning import PruningConfig, StructuredPruner, count_macs, count_params, prune_once, restore_structure
+from pqv_lightning.errors import ConfigError
 from pqv_lightning.pruning.adapters import locate_model
 
 from conftest import tiny_vit
@@ -227,28 +228,30 @@ def test_distilled_deit_and_deit3_style_models_prune():
     assert deit3(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("rule", [dict(), dict(prune_num_heads=True, prune_head_dims=False)])
-def test_qk_norm_vit_is_refused_up_front_and_prunes_with_its_norms_ignored(rule):
-    """Torch-Pruning 1.6.1 fails with an IndexError inside importance estimation on a ViT whose q and
-    k are normalized per head: refused before anything is traced, naming the norm and the way out."""
+def test_qk_norm_vit_prunes_embedding_and_mlp_and_keeps_its_attention_whole():
+    """Torch-Pruning 1.6.1 fails with an IndexError inside importance estimation on a ViT whose q and k
+    are normalized per head: the adapter keeps qkv whole (said so in kept_whole), the embedding and the
+    MLP are pruned, and whole-head pruning, which would have nothing to remove, is refused by name."""
     model = tiny_vit(qk_norm=True)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"qk_norm=True: blocks\.0\.attn\.q_norm and 3 more.*"
-                                         r"ignored_layers=\['head', '\*\.attn\.q_norm', '\*\.attn\.k_norm'\]"):
-        StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25, **rule))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused untouched
-    # the way out the message names: embedding and MLP pruned, the attention widths kept
-    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25, **rule,
-                                    ignored_layers=["head", "*.attn.q_norm", "*.attn.k_norm"]))
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25))
+    assert set(pruner.kept_whole) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+    assert "qk_norm=True" in pruner.kept_whole["blocks.0.attn.qkv"]
+    pruner.step()
     attn = model.blocks[0].attn
     assert model.pos_embed.shape[-1] == 48 and attn.qkv.in_features == 48 and model.blocks[0].mlp.fc1.out_features == 192
     assert attn.qkv.out_features == 3 * 64 and attn.num_heads == 4 and attn.q_norm.weight.shape == (16,)
     model.eval()
     assert torch.isfinite(model(torch.randn(2, 1, 32, 32))).all()
-    # keeping qkv whole also keeps the norms out of the way: not refused
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"prune_num_heads=True: whole attention heads of VisionTransformer cannot "
+                                          r"be removed \(q/k normalized per head"):
+        StructuredPruner(model, PruningConfig(importance="l2", prune_num_heads=True, prune_head_dims=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused untouched
+    # a budget is met by the parts that are pruned
     other = tiny_vit(qk_norm=True)
-    prune_once(other, PruningConfig(importance="l2", pruning_ratio=0.25, **rule, ignored_layers=["head", "*.attn.qkv"]))
-    assert other.blocks[0].attn.qkv.out_features == 3 * 64 and other.blocks[0].mlp.fc1.out_features == 192
+    full = count_macs(other, torch.randn(1, 1, 32, 32))
+    prune_once(other, PruningConfig(importance="l2", target_macs=0.6))
+    assert 0.5 * full < count_macs(other, torch.randn(1, 1, 32, 32)) <= 0.6 * full
 
 
 def test_prune_once_needs_calibration_for_gradient_criteria():

@@ -84,6 +84,12 @@ class ModelAdapter:
         write a residual stream Torch-Pruning cannot reshape safely. Default: none."""
         return {}
 
+    def out_channel_groups(self, model: nn.Module) -> dict[nn.Module, int]:
+        """Layers whose outputs are ``n`` equal parts pruned alike (Torch-Pruning's ``out_channel_groups``),
+        e.g. a Linear that computes both halves of a SwiGLU (unit ``i`` is outputs ``i`` and ``hidden + i``),
+        so a ratio counts units, not outputs. Default: none."""
+        return {}
+
     def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
         """Raise :class:`ConfigError` for parts of ``model`` that Torch-Pruning cannot prune
         correctly unless they are among ``ignored`` (dotted module names kept whole, with their
@@ -238,24 +244,14 @@ if _TimmViT is not None:
             # timm runs blocks one by one on a tensor (nn.Sequential); anything else: whole forwards
             return [f"blocks.{i}" for i in range(len(blocks))] if isinstance(blocks, nn.Sequential) else []
 
-        def check_prunable(self, model: nn.Module, ignored: Sequence[str]) -> None:
+        def kept_whole(self, model: nn.Module) -> dict[str, str]:
             # qk_norm=True: q and k go through a LayerNorm over the head dim after the heads are split.
-            # Torch-Pruning 1.6.1 couples that norm's head_dim weights to qkv's 3 x heads x head_dim
-            # outputs and fails (IndexError) for head dims and whole heads alike. Fine when the norm, or
-            # qkv (whose outputs it would couple to), is kept whole.
-            def kept(name: str) -> bool:
-                return any(name == i or name.startswith(i + ".") for i in ignored)
-
-            norms = [f"{name}.{part}" for name, m in _iter_timm_attention(model) for part in ("q_norm", "k_norm")
-                     if isinstance(getattr(m, part, None), nn.Module) and not isinstance(getattr(m, part), nn.Identity)
-                     and not kept(f"{name}.{part}") and not kept(f"{name}.qkv")]
-            if norms:
-                raise ConfigError(
-                    f"{type(model).__name__} normalizes q and k per head (qk_norm=True: {norms[0]}"
-                    f"{f' and {len(norms) - 1} more' if len(norms) > 1 else ''}); Torch-Pruning cannot prune "
-                    "attention heads or head dims through those norms. Allowed: keep the attention widths by "
-                    "ignoring the norms, e.g. ignored_layers=['head', '*.attn.q_norm', '*.attn.k_norm'] "
-                    "(the embedding and MLP widths are still pruned), or a model without qk_norm")
+            # Torch-Pruning 1.6.1 couples that norm's head_dim weights to qkv's 3 x heads x head_dim outputs
+            # and fails (IndexError) for head dims and whole heads alike, so such an attention keeps its
+            # widths; its input (the embedding) and the MLP are still pruned.
+            why = "q/k normalized per head (qk_norm=True): the attention keeps its head dims and heads"
+            return {f"{name}.qkv": why for name, m in _iter_timm_attention(model)
+                    if any(not isinstance(getattr(m, part, None), (nn.Identity, type(None))) for part in ("q_norm", "k_norm"))}
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for name, m in _iter_timm_attention(model):
@@ -459,13 +455,14 @@ if _TV_VIT_TYPES:
             model.hidden_dim = int(model.conv_proj.out_channels)
 
 
-_SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer")
+_SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer",
+                       "timm.models.swin_transformer_v2.SwinTransformerV2")
 
 if _SWIN_TYPES:
 
     @register_adapter(*_SWIN_TYPES)
     class SwinAdapter(ModelAdapter):
-        """timm ``SwinTransformer`` (v1): the MLP hidden units are pruned. Kept whole, and said so: the
+        """timm ``SwinTransformer`` and ``SwinTransformerV2``: the MLP hidden units are pruned. Kept whole, and said so: the
         residual stream of every stage (patch embedding, ``attn.proj``, ``mlp.fc2``, patch merging's
         ``reduction``: Torch-Pruning 1.6.1 couples patch merging's 2 x 2 token concatenation wrongly,
         so a pruned embedding breaks the next stage's LayerNorm) and the window attention's ``qkv``
@@ -475,10 +472,10 @@ if _SWIN_TYPES:
         whole_heads = False
 
         def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
-            from timm.models.swin_transformer import WindowAttention
-
+            window = _classes("timm.models.swin_transformer.WindowAttention",
+                              "timm.models.swin_transformer_v2.WindowAttention")
             return [AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in model.named_modules()
-                    if isinstance(m, WindowAttention) and isinstance(getattr(m, "qkv", None), nn.Linear)]
+                    if isinstance(m, window) and isinstance(getattr(m, "qkv", None), nn.Linear)]
 
         def classifier_names(self, model: nn.Module) -> list[str]:
             fc = getattr(getattr(model, "head", None), "fc", None)
@@ -494,7 +491,8 @@ if _SWIN_TYPES:
             return kept
 
         def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-            return _bare_parameters(model)  # relative position bias tables: (positions, heads)
+            # relative position bias tables (positions, heads); v2: logit_scale (heads, 1, 1), q/v biases
+            return _bare_parameters(model)
 
         def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
             return _patch_input_shape(model)
@@ -508,6 +506,51 @@ if _SWIN_TYPES:
                 for attr, value in (("head_dim", head_dim), ("attn_dim", head_dim * m.num_heads)):
                     if hasattr(m, attr):
                         setattr(m, attr, value)
+
+
+_EVA_TYPES = _classes("timm.models.eva.Eva")
+
+if _EVA_TYPES:
+
+    @register_adapter(*_EVA_TYPES)
+    class EvaAdapter(ModelAdapter):
+        """timm ``Eva`` (EVA, EVA-02 and the rotary-embedding ViTs built on it): the MLP hidden units are
+        pruned, SwiGLU included (``SwiGLU``'s two Linears alike; ``GluMlp``'s fused Linear in equal
+        halves, through :func:`~pqv_lightning.pruning.tp_fixes.install`). Kept whole, and said so:
+        the attention (rotary position embedding rotates pairs of head dims; EVA's q/v biases are
+        separate parameters) and the residual stream (patch embedding, ``attn.proj``, ``mlp.fc2``: with
+        the embedding pruned Torch-Pruning 1.6.1 leaves EVA's blocks with mismatched widths, a shape
+        error at the first forward); whole heads are refused."""
+
+        whole_heads = False
+
+        def classifier_names(self, model: nn.Module) -> list[str]:
+            head = getattr(model, "head", None)
+            return ["head"] if isinstance(head, nn.Linear) else []
+
+        def kept_whole(self, model: nn.Module) -> dict[str, str]:
+            residual = "EVA's residual stream keeps its width (Torch-Pruning mis-couples its embedding)"
+            attention = "EVA attention keeps its widths (rotary embedding over head-dim pairs, separate q/v biases)"
+            kept = {"patch_embed.proj": residual}
+            for name, m in model.named_modules():
+                if not isinstance(m, nn.Linear):
+                    continue
+                if name.endswith(("attn.proj", "mlp.fc2")):
+                    kept[name] = residual
+                elif name.endswith(("attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj")):
+                    kept[name] = attention
+            return kept
+
+        def out_channel_groups(self, model: nn.Module) -> dict[nn.Module, int]:
+            from timm.layers import GluMlp
+
+            return {m.fc1: 2 for m in model.modules() if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear)}
+
+        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+            return _bare_parameters(model)
+
+        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+            return _patch_input_shape(model)
 
 
 def supported_families() -> list[str]:

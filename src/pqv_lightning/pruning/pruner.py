@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..checks import check_bool, check_choice, check_example_tensor, check_forward, check_int, check_number
 from ..errors import ConfigError
+from . import tp_fixes
 from .adapters import ModelAdapter, example_inputs_for, find_adapter, no_adapter_error
 from .importance import (
     IMPORTANCE,
@@ -313,6 +314,9 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops() // 2)
 
 
+tp_fixes.install()  # channel chunks of token tensors (fused SwiGLU): see pruning/tp_fixes.py
+
+
 class _BasePruner(tp.pruner.BasePruner):
     """Torch-Pruning's pruner with two 1.6.1 bugs fixed.
 
@@ -396,9 +400,12 @@ class StructuredPruner:
         # the family's own width constraint (nn.MultiheadAttention: embed_dim divisible by its heads) with the user's
         multiple = math.lcm(config.round_to or 1, self.adapter.width_multiple(model))
         self.round_to: int | None = multiple if multiple > 1 else None
-        if config.prune_num_heads and not self.adapter.whole_heads:
+        attn = self.adapter.attention_modules(model)
+        kept_ids = {id(model.get_submodule(n)) for n in self.kept_whole}
+        if config.prune_num_heads and (not self.adapter.whole_heads or (attn and all(id(a.qkv) in kept_ids for a in attn))):
+            why = next(iter(self.kept_whole.values()), "") if self.adapter.whole_heads else "its adapter prunes no heads"
             raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
-                              "removed (its adapter prunes head dims only); allowed: prune_num_heads=False")
+                              f"removed ({why}); allowed: prune_num_heads=False")
         self.adapter.check_prunable(model, self.ignored_names)
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
@@ -408,7 +415,6 @@ class StructuredPruner:
         kind = IMPORTANCE[config.importance].statistics
         self.stats = GradientStatistics(model, kind) if kind is not None else None
         self.importance = make_importance(config.importance, self.stats, seed=config.seed)
-        attn = self.adapter.attention_modules(model)
         self._attn_names = {id(a.qkv): a.name for a in attn}
         num_heads = {a.qkv: a.num_heads for a in attn}
         was_training = model.training
@@ -432,7 +438,7 @@ class StructuredPruner:
                     head_pruning_ratio=config.effective_head_ratio,
                     unwrapped_parameters=self.adapter.unwrapped_parameters(model),
                     in_channel_groups={},  # TP 1.6.1 mutates shared default dicts
-                    out_channel_groups={},
+                    out_channel_groups=self.adapter.out_channel_groups(model),
                 )
         finally:
             model.train(was_training)
