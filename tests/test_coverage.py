@@ -14,12 +14,12 @@ def _format() -> str:
 
 
 def test_coverage_rows_cells_and_cache(tmp_path, monkeypatch):
-    rows = coverage.run_coverage(["vit", "eva02"], [_format()], tmp_path)
-    vit, eva = rows["vit"]["cells"], rows["eva02"]["cells"]
+    rows = coverage.run_coverage(["vit", "levit"], [_format()], tmp_path)
+    vit, levit = rows["vit"]["cells"], rows["levit"]["cells"]
     assert all(cell.startswith("ok (") for cell in vit.values()), vit
     assert "MACs 0.50x" in vit["target_macs 0.5"] and "same outputs" in vit["save + reload"]
-    assert all(cell.startswith("refused: ") and ("timm.models.eva.Eva" in cell or "no prunable model" in cell)
-               for cell in eva.values()), eva
+    assert all(cell.startswith("refused: ") and ("timm.models.levit.LevitDistilled" in cell or "no prunable model" in cell)
+               for cell in levit.values()), levit
     text = (tmp_path / "coverage.md").read_text()
     assert "| `vit` (ViT / DeiT) | timm `vit_tiny_patch16_224` | ok (" in text and "(every column)" in text
 
@@ -27,7 +27,7 @@ def test_coverage_rows_cells_and_cache(tmp_path, monkeypatch):
         raise AssertionError("a cached family was computed again")
 
     monkeypatch.setattr(coverage, "check_family", boom)
-    assert coverage.run_coverage(["vit", "eva02"], [_format()], tmp_path) == rows
+    assert coverage.run_coverage(["vit", "levit"], [_format()], tmp_path) == rows
 
 
 def test_a_failing_cell_is_reported_not_raised():

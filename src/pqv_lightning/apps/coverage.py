@@ -67,12 +67,19 @@ FAMILIES: dict[str, Family] = {
     "torchvision_vit": Family("VisionTransformer", dict(image_size=32, patch_size=4, num_layers=2, num_heads=4,
                                                        hidden_dim=64, mlp_dim=128), (3, 32, 32),
                               "nn.MultiheadAttention", source="torchvision"),
-    "eva02": Family("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, (3, 28, 28), "rotary embedding, SwiGLU"),
+    "eva02": Family("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, (3, 28, 28),
+                    "rotary embedding, SwiGLU fused in one Linear"),
+    "eva02_swiglu": Family("eva02_base_patch14_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2,
+                                                      "num_heads": 4}, (3, 32, 32), "rotary embedding, SwiGLU"),
     "beit": Family("beit_base_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2,
                                              "num_heads": 4}, (3, 32, 32), "relative position bias"),
     "swin": Family("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 32,
                                                     "depths": (1, 1), "num_heads": (2, 4)}, (3, 32, 32),
                    "window attention, patch merging"),
+    "swinv2": Family("swinv2_tiny_window8_256", {"img_size": 32, "window_size": 4, "embed_dim": 32,
+                                                 "depths": (1, 1), "num_heads": (2, 4)}, (3, 32, 32),
+                     "cosine attention, log-spaced position bias"),
+    "levit": Family("levit_128s", {"img_size": 64}, (3, 64, 64), "no adapter: how a refusal reads"),
 }
 
 COLUMNS = ("prune 25 %", "prune 50 %", "target_macs 0.5", "save + reload", "fit: pruning + KD", "export")
