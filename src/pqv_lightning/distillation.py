@@ -14,6 +14,7 @@ from torch import nn
 
 from .checks import check_number
 from .errors import ConfigError
+from .outputs import logits_of
 
 __all__ = ["TEACHER_PRECISIONS", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
            "teacher_logits"]
@@ -65,14 +66,22 @@ def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """The teacher's logits for ``x`` (float32, on ``x``'s device), run the way ``precision`` says."""
     if precision == "int8-dynamic":
-        return teacher(x.detach().float().cpu()).float().to(x.device)
+        return _logits(teacher(x.detach().float().cpu())).float().to(x.device)
     if precision == "fp16":
-        return teacher(x.detach().half()).float()
+        return _logits(teacher(x.detach().half())).float()
     if precision == "bf16":
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            return teacher(x.detach()).float()
+            return _logits(teacher(x.detach())).float()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return teacher(x.detach().float()).float()
+        return _logits(teacher(x.detach().float())).float()
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = logits_of(output)
+    if logits is None:
+        raise ConfigError(f"the teacher returns a {type(output).__name__}; allowed: logits, or an output with "
+                          "a 'logits' tensor")
+    return logits
 
 
 def check_teacher_precision(precision: str, device: torch.device | None = None) -> None:

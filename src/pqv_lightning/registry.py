@@ -151,13 +151,16 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def for_type(self, obj: Any) -> T | None:
         """The entry that applies to ``type(obj)`` — the closest class along its MRO, or only the
-        exact type when the registry was made with ``mro=False`` — or None."""
+        exact type when the registry was made with ``mro=False`` — or None. An entry's types may be
+        classes or ``"module.Class"`` strings (an optional library's classes, matched without importing it)."""
         if self._types is None:
             raise TypeError(f"the {self.kind} registry is not keyed by type")
         classes = type(obj).__mro__ if self._mro else (type(obj),)
         for klass in classes:
+            path = f"{klass.__module__}.{klass.__qualname__}"
             for entry in reversed(list(self._entries.values())):  # a later registration wins
-                if klass in tuple(self._types(entry)):
+                types = tuple(self._types(entry))
+                if klass in types or path in types:  # a "module.Class" string: matched without importing it
                     return entry
         return None
 

@@ -14,6 +14,7 @@ are cached in ``OUT/rows.jsonl`` (rerun to continue); the table goes to ``OUT/co
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +33,9 @@ class Family:
     kwargs: dict[str, Any]
     shape: tuple[int, int, int]
     note: str = ""
-    source: str = "timm"  # or "torchvision": ``model`` is a class of torchvision.models.vision_transformer
+    # or "torchvision": ``model`` is a class of torchvision.models.vision_transformer; "hf": a class of
+    # transformers built from its config class with ``kwargs`` (the ``hf`` extra)
+    source: str = "timm"
 
     def build(self, seed: int = 0):
         import torch
@@ -44,12 +47,18 @@ class Family:
             model = getattr(vision_transformer, self.model)(num_classes=10, **self.kwargs).eval()
             torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes its head
             return model
+        if self.source == "hf":
+            import transformers
+
+            cls = getattr(transformers, self.model)
+            return cls(cls.config_class(num_labels=10, **self.kwargs)).eval()
         import timm
 
         return timm.create_model(self.model, pretrained=False, num_classes=10, **self.kwargs).eval()
 
 
 _VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+_HF_VIT = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 #: the families users fine-tune, each at a size that runs in seconds on a CPU
 FAMILIES: dict[str, Family] = {
@@ -79,6 +88,14 @@ FAMILIES: dict[str, Family] = {
     "swinv2": Family("swinv2_tiny_window8_256", {"img_size": 32, "window_size": 4, "embed_dim": 32,
                                                  "depths": (1, 1), "num_heads": (2, 4)}, (3, 32, 32),
                      "cosine attention, log-spaced position bias"),
+    "hf_vit": Family("ViTForImageClassification", _HF_VIT, (3, 32, 32), "Hugging Face", source="hf"),
+    "hf_deit": Family("DeiTForImageClassificationWithTeacher", _HF_VIT, (3, 32, 32), "Hugging Face, two heads",
+                      source="hf"),
+    "hf_dinov2": Family("Dinov2ForImageClassification", {**_HF_VIT, "mlp_ratio": 2}, (3, 32, 32),
+                        "Hugging Face, LayerScale, [CLS, mean] classifier", source="hf"),
+    "hf_swin": Family("SwinForImageClassification", dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
+                                                        num_heads=[2, 4], window_size=4), (3, 32, 32),
+                      "Hugging Face", source="hf"),
     "levit": Family("levit_128s", {"img_size": 64}, (3, 64, 64), "no adapter: how a refusal reads"),
 }
 
@@ -104,17 +121,21 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
     import torch
 
     from ..export import MobileExportConfig, export_mobile
+    from ..outputs import main_tensor
     from ..pruning import PruningConfig, StructuredPruner, count_macs, count_params, prune_once, restore_structure
 
     x = torch.randn(2, *family.shape)
     row: dict[str, str] = {}
+    if family.source == "hf" and importlib.util.find_spec("transformers") is None:
+        return {column: "not installed: transformers (pip install 'pqv-lightning[hf]')" for column in COLUMNS}
 
     def prune(ratio: float) -> Callable[[], str]:
         def run() -> str:
             model = family.build()
             macs, params = count_macs(model, x[:1]), count_params(model)
             prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio), example_inputs=x[:1])
-            assert model(x).shape == (2, 10), f"output {tuple(model(x).shape)}"
+            shape = tuple(main_tensor(model(x)).shape)
+            assert shape == (2, 10), f"output {shape}"
             return (f"params {count_params(model) / params:.2f}x, MACs {count_macs(model, x[:1]) / macs:.2f}x")
         return run
 
@@ -131,7 +152,7 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
         fresh = restore_structure(family.build(seed=1), json.loads(json.dumps(pruner.state_dict())))
         fresh.load_state_dict(model.state_dict())
         with torch.no_grad():
-            error = float((fresh.eval()(x) - model.eval()(x)).abs().max())
+            error = float((main_tensor(fresh.eval()(x)) - main_tensor(model.eval()(x))).abs().max())
         assert error < 1e-5, f"reloaded outputs differ by {error}"
         return "same outputs"
 
@@ -167,6 +188,7 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..callbacks import KnowledgeDistillation, StructuredPruning
+    from ..outputs import main_tensor
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
@@ -175,7 +197,7 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
 
         def training_step(self, batch, batch_idx):
             images, labels = batch
-            return F.cross_entropy(self.model(images), labels)
+            return F.cross_entropy(main_tensor(self.model(images)), labels)
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
@@ -191,7 +213,7 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
                          callbacks=[pruning, KnowledgeDistillation(alpha=0.5, tau=2.0)])
     module = Classifier()
     trainer.fit(module, data)
-    assert len(pruning.events) == 2 and module.model(x).shape == (2, 10)
+    assert len(pruning.events) == 2 and main_tensor(module.model(x)).shape == (2, 10)
     return f"2 events, params {pruning.events[-1].params_after / pruning.events[0].params_before:.2f}x"
 
 

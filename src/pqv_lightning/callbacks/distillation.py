@@ -22,6 +22,7 @@ from ..distillation import (
 )
 from ..checks import check_bool, check_forward, check_number, first_line
 from ..errors import ConfigError, InputNotFoundError
+from ..outputs import logits_of
 
 __all__ = ["KnowledgeDistillation"]
 
@@ -165,7 +166,7 @@ class KnowledgeDistillation(Callback):
             example = example_inputs_for(network, adapter)
         except (ConfigError, NotImplementedError):
             return  # the input size is not known before the first batch: checked there
-        student = check_forward("the network", network, example)
+        student = logits_of(check_forward("the network", network, example))
         assert self.teacher is not None
         teacher = check_forward("teacher", _TeacherRun(self.teacher, self.teacher_precision), example,
                                 "the teacher")
@@ -190,9 +191,13 @@ class KnowledgeDistillation(Callback):
         pl_module.__dict__.pop("training_step", None)
 
     # ------------------------------------------------------------------ the step
-    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._capturing and self._captured is None and args and isinstance(output, torch.Tensor):
-            self._captured = (args[0], output)
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        # the input: the first positional argument, or (Hugging Face: model(pixel_values=x)) the first tensor keyword
+        inputs = [*args, *kwargs.values()]
+        x = next((a for a in inputs if isinstance(a, torch.Tensor)), None)
+        logits = logits_of(output)
+        if self._capturing and self._captured is None and x is not None and logits is not None:
+            self._captured = (x, logits)
 
     def _wrap_training_step(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
         # An instance attribute shadows the module's own training_step for this fit (removed in teardown):
@@ -204,7 +209,7 @@ class KnowledgeDistillation(Callback):
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             self._captured, self._capturing = None, True
-            hook = network.register_forward_hook(self._capture)
+            hook = network.register_forward_hook(self._capture, with_kwargs=True)
             try:
                 output = original(*args, **kwargs)
             finally:

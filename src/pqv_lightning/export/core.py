@@ -48,6 +48,7 @@ from ..checks import (check_bool, check_choice, check_example_tensor, check_forw
                       check_number, check_writable_dir, first_line)
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
+from ..outputs import tensor_module
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .._version import __version__
 from .benchmark import summarize, time_calls
@@ -348,7 +349,8 @@ def export_mobile(
         raise ConfigError(f"precisions {calibrated} need calibration_data (or validation_data) to calibrate on")
     example = example_input.detach().float().cpu()
     reference = copy.deepcopy(model).eval().float().cpu()
-    check_forward("example_input", reference, example)  # before any file is written
+    # before any file is written; a Hugging Face model is exported as its logits
+    reference = tensor_module(reference, check_forward("example_input", reference, example))
     out = _prepare_dir(config)
     verify = _batches(validation_data, config.verify_batches) or [(example, None)]
 

@@ -10,9 +10,12 @@ Modules (each usable on its own, none imports Lightning):
 * :mod:`.reconstruction` — least-squares refit of the residual-writing layers after an event;
 * :mod:`.optim` — carrying optimizer state across a pruning step;
 * :mod:`.adapters` — what the pruner needs to know about a model family (:data:`ADAPTERS`);
+  :mod:`.adapters_hf` — the Hugging Face ``transformers`` families, registered by class name;
+* :mod:`.tp_fixes` — a Torch-Pruning fix that acts inside its dependency graph (channel chunks);
 * :mod:`.checkpoint` — rebuilding a pruned module from a checkpoint.
 """
 
+from . import adapters_hf  # noqa: F401 - registers the Hugging Face adapters (by class name)
 from .pruner import (
     PruningConfig,
     PruningEvent,

@@ -124,9 +124,11 @@ class ModelAdapter:
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", types=lambda adapter: adapter.model_types)
 
 
-def register_adapter(*model_types: type, name: str | None = None) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+def register_adapter(*model_types: type | str,
+                     name: str | None = None) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
     """Class decorator: ``@register_adapter(MyViT) class MyViTAdapter(ModelAdapter): ...`` registers an
-    instance in :data:`ADAPTERS` under ``name`` (default the adapter class's qualified name)."""
+    instance in :data:`ADAPTERS` under ``name`` (default the adapter class's qualified name). A model
+    type may be a ``"module.Class"`` string: an optional library's class, matched without importing it."""
     if not model_types:
         raise ConfigError("register_adapter needs at least one model class")
 
@@ -139,8 +141,8 @@ def register_adapter(*model_types: type, name: str | None = None) -> Callable[[t
     return deco
 
 
-def registered_model_types() -> list[type]:
-    """Model classes that have an adapter."""
+def registered_model_types() -> list[type | str]:
+    """Model classes (or ``"module.Class"`` names) that have an adapter."""
     return [t for adapter in ADAPTERS.values() for t in adapter.model_types]
 
 
@@ -555,7 +557,7 @@ if _EVA_TYPES:
 
 def supported_families() -> list[str]:
     """The model classes that have an adapter, as ``module.Class`` names (for messages and docs)."""
-    return [f"{t.__module__}.{t.__qualname__}" for t in registered_model_types()]
+    return [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}" for t in registered_model_types()]
 
 
 #: how to make an unknown model prunable, in every "no adapter" message

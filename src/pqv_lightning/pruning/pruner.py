@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..checks import check_bool, check_choice, check_example_tensor, check_forward, check_int, check_number
 from ..errors import ConfigError
+from ..outputs import main_tensor
 from . import tp_fixes
 from .adapters import ModelAdapter, example_inputs_for, find_adapter, no_adapter_error
 from .importance import (
@@ -389,8 +390,8 @@ class StructuredPruner:
         #: the configuration this pruner runs: the one given, with a budget's ratio derived
         self.config = config
         # a clear error instead of one inside the trace; the output width is checked again after every event
-        output = check_forward("example_inputs", model, example_inputs)
-        self._output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        output = main_tensor(check_forward("example_inputs", model, example_inputs))
+        self._output_shape = tuple(output.shape) if output is not None else None
         self.input_shape = list(example_inputs.shape)
         self.measure = measure
         self.ignored_names = self._resolve_ignored(config.ignored_layers, example_inputs)
@@ -497,8 +498,9 @@ class StructuredPruner:
             return
         was_training = self.model.training
         with torch.no_grad():
-            out = self.model.eval()(self._example())
+            out = main_tensor(self.model.eval()(self._example()))
         self.model.train(was_training)
+        assert out is not None
         if tuple(out.shape) != self._output_shape:
             raise ConfigError(
                 f"pruning event {event} changed the output of {type(self.model).__name__} from "
