@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning import PruningConfig, PruningEvent, StructuredPruner
-from ..pruning.importance import IMPORTANCE
 from ..pruning.sparsity import GroupSparsity
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
