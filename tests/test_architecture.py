@@ -46,7 +46,7 @@ def test_layers_point_one_way():
         if not mod.startswith(apps) and mod not in (PACKAGE, f"{PACKAGE}.__main__", f"{PACKAGE}._compat"):
             assert not {d for d in deps if d.startswith(apps)}, f"{mod} imports an application module"
     library = tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "checks", "fileio", "settings",
-                                              "distillation"))
+                                              "outputs", "distillation"))
     for mod, deps in _imports_of(library).items():
         assert not {d for d in deps if d.startswith(f"{PACKAGE}.callbacks")}, f"{mod} imports the callbacks"
 
@@ -54,7 +54,7 @@ def test_layers_point_one_way():
 def test_the_library_never_imports_lightning():
     library = [p for p in ROOT.rglob("*.py") if module_name(p).startswith(
         tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "checks", "fileio", "settings",
-                                        "distillation")))]
+                                        "outputs", "distillation")))]
     assert len(library) > 15
     for path in library:
         text = path.read_text()
