@@ -74,3 +74,40 @@ def test_ddp_resume_from_a_checkpoint_between_events_equals_the_uninterrupted_ru
     for a, b in zip(b0, b1):
         assert a["digest"] == b["digest"] and a["optimizer_exact"] and b["optimizer_exact"] and b["ddp_wraps_live"]
     assert [r["digest"] for r in b0] == [r["digest"] for r in a0[16:]]  # every step equals the uninterrupted run
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["resnet", "convnext", "swin", "eva02", "torchvision_vit", "hf_vit"])
+def test_every_family_prunes_identically_on_both_ddp_ranks_and_reloads_from_its_checkpoint(tmp_path, family):
+    """DDP with StructuredPruning + KnowledgeDistillation beyond timm's ViT: both ranks hold the same weights
+    after every step through two events, and the checkpoint saved when fit ends loads into a fresh module
+    (``load_pruned_checkpoint``) with the same outputs."""
+    import torch
+
+    from pqv_lightning import load_pruned_checkpoint
+    from pqv_lightning.apps.coverage import FAMILIES
+    from pqv_lightning.outputs import main_tensor
+
+    if FAMILIES[family].source == "hf":
+        pytest.importorskip("transformers")
+    script = Path(__file__).parent / "scripts" / "ddp_family.py"
+    proc = subprocess.run([sys.executable, str(script), family, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    events = json.loads((tmp_path / "events.json").read_text())
+    assert len(r0) == len(r1) == 6 and len(events) == 2 and events[1] < events[0]
+    assert [a["digest"] for a in r0] == [b["digest"] for b in r1]
+    assert len({a["n_params"] for a in r0}) == 3  # unpruned, after event 1, after event 2
+    sys.path.insert(0, str(script.parent))
+    try:
+        from ddp_family import Classifier
+    finally:
+        sys.path.remove(str(script.parent))
+    trained = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    module = load_pruned_checkpoint(Classifier, tmp_path / "last.ckpt", map_location="cpu").eval()
+    assert sum(p.numel() for p in module.parameters()) == events[1]
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
+    x = torch.randn(2, *FAMILIES[family].shape)
+    assert main_tensor(module.model(x)).shape == (2, 10)

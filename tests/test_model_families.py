@@ -335,3 +335,9 @@ def test_swin_v2_prunes_its_mlps_like_swin():
     event = pruner.step()
     assert model.layers[1].blocks[0].mlp.fc1.out_features == 128 and model.layers[1].blocks[0].attn.qkv.out_features == 192
     assert model(x).shape == (2, 10) and event.macs_after < 0.85 * event.macs_before
+
+
+def test_an_attention_option_on_a_cnn_is_refused_by_name():
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    with pytest.raises(ConfigError, match="prune_num_heads=True: ResNet has no attention heads"):
+        prune_once(model, PruningConfig(importance="l2", prune_num_heads=True), example_inputs=torch.randn(1, 3, 64, 64))

@@ -403,7 +403,10 @@ class StructuredPruner:
         self.round_to: int | None = multiple if multiple > 1 else None
         attn = self.adapter.attention_modules(model)
         kept_ids = {id(model.get_submodule(n)) for n in self.kept_whole}
-        if config.prune_num_heads and (not self.adapter.whole_heads or (attn and all(id(a.qkv) in kept_ids for a in attn))):
+        if config.prune_num_heads and self.adapter.whole_heads and not attn:
+            raise ConfigError(f"prune_num_heads=True: {type(model).__name__} has no attention heads its adapter knows "
+                              "of; allowed: prune_num_heads=False")
+        if config.prune_num_heads and (not self.adapter.whole_heads or all(id(a.qkv) in kept_ids for a in attn)):
             why = next(iter(self.kept_whole.values()), "") if self.adapter.whole_heads else "its adapter prunes no heads"
             raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
                               f"removed ({why}); allowed: prune_num_heads=False")
