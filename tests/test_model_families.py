@@ -59,10 +59,12 @@ def test_layer_scale_is_declared_not_warned(recwarn):
     assert not [w for w in recwarn if "Unwrapped parameters" in str(w.message)]
 
 
-def test_reconstruction_is_refused_for_cnns_by_name():
+def test_reconstruction_is_refused_for_cnns_by_name_before_any_change():
+    model = build("resnet10t")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=r"reconstruct=True.*ResNet names no layers to refit"):
-        prune_once(build("resnet10t"), PruningConfig(importance="l2", reconstruct=True), example_inputs=X[:1],
-                   calibration=[X])
+        StructuredPruner(model, PruningConfig(importance="l2", reconstruct=True), example_inputs=X[:1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_unknown_model_lists_the_supported_families():
@@ -341,3 +343,77 @@ def test_an_attention_option_on_a_cnn_is_refused_by_name():
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
     with pytest.raises(ConfigError, match="prune_num_heads=True: ResNet has no attention heads"):
         prune_once(model, PruningConfig(importance="l2", prune_num_heads=True), example_inputs=torch.randn(1, 3, 64, 64))
+
+
+def _family_names(source: str | None = None) -> list[str]:
+    from pqv_lightning.apps.coverage import FAMILIES
+
+    return [n for n, f in FAMILIES.items() if n != "levit" and (source is None or f.source == source)]
+
+
+@pytest.mark.parametrize("name", _family_names())
+def test_every_family_prunes_keeps_its_output_reloads_and_exports(name, tmp_path):
+    """The fast tier's pass over every family of ``pqv coverage``: prune 25 % (l2), the same output shape,
+    reload from the structure with the same outputs, one verified ONNX (or .ptl) fp32 file."""
+    import json
+
+    from pqv_lightning.apps.coverage import FAMILIES
+    from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
+    from pqv_lightning.outputs import main_tensor
+
+    family = FAMILIES[name]
+    if family.source == "hf":
+        pytest.importorskip("transformers")
+    model, x = family.build(), torch.randn(2, *family.shape)
+    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
+    event = pruner.step()
+    assert main_tensor(model(x)).shape == (2, 10) and event.params_after < event.params_before
+    fresh = restore_structure(family.build(seed=1), json.loads(json.dumps(pruner.state_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(main_tensor(fresh.eval()(x)), main_tensor(model.eval()(x)))
+    fmt = "onnx" if TARGETS["onnx"].missing() is None else "ptl"
+    manifest = export_mobile(model, x[:1], MobileExportConfig(
+        precisions=["fp32"], formats=[fmt], output_dir=str(tmp_path / "out"), repeats=1, warmup=0,
+        measure_memory=False, rank="none"), validation_data=[x])
+    (artifact,) = manifest["artifacts"]
+    assert artifact["status"] == "ok" and artifact["verification"]["cosine"] > 0.999, artifact
+
+
+def test_a_model_no_adapter_knows_is_refused_with_the_families_and_how_to_register():
+    from pqv_lightning.apps.coverage import FAMILIES
+
+    with pytest.raises(ConfigError) as info:
+        prune_once(FAMILIES["levit"].build(), PruningConfig(importance="l2"))
+    message = str(info.value)
+    assert "timm.models.levit.LevitDistilled" in message and "timm.models.swin_transformer.SwinTransformer" in message
+    assert "register_adapter" in message and "transformers.models.vit.modeling_vit.ViTForImageClassification" in message
+
+
+@pytest.mark.parametrize("name", ["swin", "eva02", "beit", "hf_vit", "hf_swin"])
+def test_reconstruction_refits_the_pruned_mlps_of_families_beyond_vit(name):
+    from pqv_lightning.apps.coverage import FAMILIES
+
+    family = FAMILIES[name]
+    if family.source == "hf":
+        pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(32, *family.shape, generator=g) for _ in range(2)]
+    event = prune_once(family.build(), PruningConfig(importance="l2", pruning_ratio=0.5, reconstruct=True),
+                       calibration=calibration)
+    assert event.reconstruction_error_after < 0.9 * event.reconstruction_error_before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eva02", "hf_vit"])
+def test_the_coverage_row_of_a_new_family_is_filled_in_every_installed_format(name, tmp_path):
+    from pqv_lightning.apps.coverage import COLUMNS, FAMILIES, check_family
+    from pqv_lightning.export import TARGETS
+
+    if FAMILIES[name].source == "hf":
+        pytest.importorskip("transformers")
+    formats = [f for f in TARGETS.names() if TARGETS[f].missing() is None]
+    row = check_family(FAMILIES[name], formats, tmp_path)
+    assert set(row) == set(COLUMNS)
+    assert all(cell.startswith("ok (") for column, cell in row.items() if column != "export"), row
+    assert row["export"].startswith(("ok (", "partly (")) and row["export"].count("cos ") >= len(formats), row

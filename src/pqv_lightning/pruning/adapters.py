@@ -289,6 +289,25 @@ _WRAPPED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
             nn.Embedding, nn.MultiheadAttention)
 
 
+def _mlp_linears(model: nn.Module, hidden: tuple[str, ...] = ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
+                 out: tuple[str, ...] = ("mlp.fc2",)) -> tuple[list[str], list[str]]:
+    """(every MLP Linear, the MLP output Linears) in forward order: what reconstruction refits in a
+    family whose pruning reaches only the MLP hidden units."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(hidden + out)]
+    return names, [n for n in names if n.endswith(out)]
+
+
+class _MLPReconstruction:
+    """Reconstruction for families pruned in their MLP hidden units only: the MLP Linears (fc1 rows kept,
+    fc2 columns kept) in forward order; fc2 writes the residual stream. Whole forwards (no stages)."""
+
+    def reconstruction_layers(self, model: nn.Module) -> list[str]:
+        return _mlp_linears(model)[0]
+
+    def residual_writers(self, model: nn.Module) -> list[str]:
+        return _mlp_linears(model)[1]
+
+
 def _classes(*paths: str) -> tuple[type, ...]:
     """The classes at ``"module.Class"`` paths that import here (an optional library that is missing, or
     another version without the class: left out)."""
@@ -396,7 +415,7 @@ _BEIT_TYPES = _classes("timm.models.beit.Beit")
 if _BEIT_TYPES:
 
     @register_adapter(*_BEIT_TYPES)
-    class BeitAdapter(ModelAdapter):
+    class BeitAdapter(_MLPReconstruction, ModelAdapter):
         """timm ``Beit`` (BEiT, BEiT v2): the MLP hidden units (and whatever else Torch-Pruning's graph
         finds independent) are pruned; the attention's ``qkv`` is kept whole, and said so: its biases
         are separate ``q_bias`` / ``v_bias`` parameters concatenated at every call, and the relative
@@ -463,7 +482,7 @@ _SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer",
 if _SWIN_TYPES:
 
     @register_adapter(*_SWIN_TYPES)
-    class SwinAdapter(ModelAdapter):
+    class SwinAdapter(_MLPReconstruction, ModelAdapter):
         """timm ``SwinTransformer`` and ``SwinTransformerV2``: the MLP hidden units are pruned. Kept whole, and said so: the
         residual stream of every stage (patch embedding, ``attn.proj``, ``mlp.fc2``, patch merging's
         ``reduction``: Torch-Pruning 1.6.1 couples patch merging's 2 x 2 token concatenation wrongly,
@@ -515,7 +534,7 @@ _EVA_TYPES = _classes("timm.models.eva.Eva")
 if _EVA_TYPES:
 
     @register_adapter(*_EVA_TYPES)
-    class EvaAdapter(ModelAdapter):
+    class EvaAdapter(_MLPReconstruction, ModelAdapter):
         """timm ``Eva`` (EVA, EVA-02 and the rotary-embedding ViTs built on it): the MLP hidden units are
         pruned, SwiGLU included (``SwiGLU``'s two Linears alike; ``GluMlp``'s fused Linear in equal
         halves, through :func:`~pqv_lightning.pruning.tp_fixes.install`). Kept whole, and said so:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .adapters import AttentionInfo, ModelAdapter, _bare_parameters, register_adapter
+from .adapters import AttentionInfo, ModelAdapter, _bare_parameters, _MLPReconstruction, register_adapter
 
 __all__ = ["HF_SWIN_CLASSES", "HF_VIT_CLASSES", "HFSwinAdapter", "HFViTAdapter"]
 
@@ -90,6 +90,13 @@ class HFViTAdapter(ModelAdapter):
     def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
         return _input_shape(model)
 
+    def reconstruction_layers(self, model: nn.Module) -> list[str]:
+        names = _linears(model, ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"))
+        return names + [n for n in _classifier_names(model) if n not in self.kept_whole(model)]
+
+    def residual_writers(self, model: nn.Module) -> list[str]:
+        return _linears(model, ("o_proj", "mlp.fc2"))
+
     def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
         for name, m in _attention(model):
             heads = int(num_heads.get(name, m.num_attention_heads))
@@ -102,7 +109,7 @@ class HFViTAdapter(ModelAdapter):
 
 
 @register_adapter(*HF_SWIN_CLASSES)
-class HFSwinAdapter(ModelAdapter):
+class HFSwinAdapter(_MLPReconstruction, ModelAdapter):
     """Hugging Face Swin (``transformers`` 5): the MLP hidden units are pruned; kept whole, as for timm's
     Swin and for the same reasons, the residual stream (patch embedding, ``o_proj``, ``mlp.fc2``, patch
     merging's ``reduction``) and the window attention's q / k / v (per-head relative position bias);

@@ -87,11 +87,10 @@ RATIO_SCHEDULES = {"linear": linear_schedule, "cubic": cubic_schedule}
 
 #: ``PruningConfig.reconstruct_layers`` -> the :class:`ModelAdapter` method that names those layers
 RECONSTRUCT_LAYERS = {"all": "reconstruction_layers", "residual": "residual_writers"}
-#: the width rule's options (attention heads) and their defaults when neither the user nor
-#: ``PruningConfig.widths_for``'s export target sets them
 #: the channel ratio of a :class:`PruningConfig` that sets neither a ratio nor a budget
 DEFAULT_PRUNING_RATIO = 0.25
-
+#: the width rule's options (attention heads) and their defaults when neither the user nor
+#: ``PruningConfig.widths_for``'s export target sets them
 WIDTH_RULE_DEFAULTS: dict[str, bool] = {"prune_num_heads": False, "prune_head_dims": True}
 
 
@@ -411,6 +410,11 @@ class StructuredPruner:
             raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
                               f"removed ({why}); allowed: prune_num_heads=False")
         self.adapter.check_prunable(model, self.ignored_names)
+        if config.reconstruct and not self._reconstruction_layers():
+            method = RECONSTRUCT_LAYERS[config.reconstruct_layers]
+            raise ConfigError(f"reconstruct=True, reconstruct_layers={config.reconstruct_layers!r}: the adapter of "
+                              f"{type(model).__name__} names no layers to refit (ModelAdapter.{method}); allowed: "
+                              "reconstruct=False")
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
         scored = [(n, p) for n, p in tracked_weights(model).items() if id(p) not in ignored_ids]
@@ -762,10 +766,6 @@ class StructuredPruner:
         if not calibration:
             raise RuntimeError("PruningConfig(reconstruct=True): pass calibration input batches to step() "
                                "(StructuredPruning collects them from the statistics window)")
-        if not self._reconstruction_layers():
-            method = RECONSTRUCT_LAYERS[self.config.reconstruct_layers]
-            raise ConfigError(f"reconstruct=True, reconstruct_layers={self.config.reconstruct_layers!r}: the adapter of "
-                              f"{type(self.model).__name__} names no layers to refit (ModelAdapter.{method})")
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _reconstruction_layers(self) -> list[str]:
