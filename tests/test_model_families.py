@@ -417,3 +417,25 @@ def test_the_coverage_row_of_a_new_family_is_filled_in_every_installed_format(na
     assert set(row) == set(COLUMNS)
     assert all(cell.startswith("ok (") for column, cell in row.items() if column != "export"), row
     assert row["export"].startswith(("ok (", "partly (")) and row["export"].count("cos ") >= len(formats), row
+
+
+@pytest.mark.parametrize("name", ["beit", "swinv2"])
+def test_int8_dynamic_files_of_families_whose_attention_reads_its_qkv_weight(name, tmp_path):
+    """BEiT / EVA / Swin V2 call F.linear(x, self.qkv.weight, qkv_bias): .ptl's eager dynamic quantization
+    keeps that Linear fp32 (it crashed: "weight must be Tensor, not method"), the .pte carries the portable
+    quantized kernels for what XNNPACK leaves (it failed: "Missing out variants"), and ONNX Runtime's
+    pre-processing runs without the symbolic shape inference that fails on Swin V2's Expand."""
+    from pqv_lightning.apps.coverage import FAMILIES
+    from pqv_lightning.export import TARGETS
+    from pqv_lightning.export.eager_quant import linears_read_directly
+
+    family = FAMILIES[name]
+    model, x = family.build(), torch.randn(2, *family.shape)
+    assert linears_read_directly(model) == [n for n, m in model.named_modules() if n.endswith("attn.qkv")]
+    prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
+    formats = [f for f in ("pte", "onnx", "ptl") if TARGETS[f].missing() is None]
+    manifest = export_mobile(model, x[:1], MobileExportConfig(
+        precisions=["int8-dynamic"], formats=formats, output_dir=str(tmp_path / "out"), repeats=1, warmup=0,
+        measure_memory=False, rank="none"), validation_data=[x])
+    for a in manifest["artifacts"]:
+        assert a["status"] == "ok" and a["verification"]["cosine"] > 0.99, (a["file"], a.get("reason"))

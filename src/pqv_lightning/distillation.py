@@ -54,9 +54,9 @@ def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     if precision == "int8-dynamic":
-        from torch.ao.quantization import quantize_dynamic
+        from .export.eager_quant import quantize_linears_dynamic
 
-        teacher = quantize_dynamic(teacher.cpu().float(), {nn.Linear}, dtype=torch.qint8)
+        teacher = quantize_linears_dynamic(teacher.cpu().float(), torch.qint8)
     elif precision == "fp16":
         teacher = teacher.half()
     return teacher

@@ -99,6 +99,9 @@ def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str 
     Returns ``(pte bytes, details, runner of the quantized reference model or None)``. The program
     takes inputs of exactly ``example``'s shape (fp32 for every precision).
     """
+    # registers the out variants of the quantized_decomposed ops that XNNPACK leaves to the portable runtime
+    # (a Linear whose weight its parent reads itself, Swin V2's attention): without it, "Missing out variants"
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

@@ -109,13 +109,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, precision: str | Precis
     return details
 
 
-def _pre_processed(fp32: str, work: str) -> str:
+def _pre_processed(fp32: str, work: str, applied: list[str]) -> str:
     """``quant_pre_process`` (shape inference + graph optimization), as ONNX Runtime recommends
-    before quantizing."""
+    before quantizing. Its symbolic shape inference fails on some graphs (Swin V2's ``Expand``: "object
+    of type 'NoneType' has no len()"); then it runs without it (ONNX's own shape inference stays), and
+    ``applied`` says so."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = str(Path(work) / "pre.onnx")
-    quant_pre_process(fp32, pre)
+    try:
+        quant_pre_process(fp32, pre)
+        applied.append("quant_pre_process")
+    except (TypeError, ValueError, KeyError) as exc:
+        quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+        applied.append(f"quant_pre_process without symbolic shape inference (it failed: {type(exc).__name__})")
     return pre
 
 
@@ -176,10 +183,11 @@ def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calib
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # MatMulConstBOnly=False: the MatMuls of two activations (q @ k.T, attn @ v) become MatMulInteger too
-    quantize_dynamic(_pre_processed(fp32, work), path, weight_type=QuantType.QInt8, per_channel=precision.per_channel,
-                     extra_options={"MatMulConstBOnly": not precision.attention_matmuls})
+    applied: list[str] = []
+    quantize_dynamic(_pre_processed(fp32, work, applied), path, weight_type=QuantType.QInt8,
+                     per_channel=precision.per_channel, extra_options={"MatMulConstBOnly": not precision.attention_matmuls})
     scales = "per-channel" if precision.per_channel else "per-tensor"
-    applied = [f"quant_pre_process + quantize_dynamic (int8 {scales} weights)"]
+    applied.append(f"quantize_dynamic (int8 {scales} weights)")
     if precision.attention_matmuls:
         applied.append("attention matmuls (q @ k.T, attn @ v) int8, both inputs quantized per call")
     return {"applied": applied, "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)",
@@ -190,9 +198,10 @@ def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calib
 def _int8_static(fp32: str, path: str, work: str, precision: Int8Static, calibration) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    quantize_static(_pre_processed(fp32, work), path, _calibration_reader("input", calibration),
+    applied: list[str] = []
+    quantize_static(_pre_processed(fp32, work, applied), path, _calibration_reader("input", calibration),
                     quant_format=QuantFormat.QDQ, per_channel=precision.per_channel,
                     op_types_to_quantize=list(STATIC_OP_TYPES))
     scales = "per-channel" if precision.per_channel else "per-tensor"
-    return {"applied": [f"quant_pre_process + quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
+    return {"applied": [*applied, f"quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
             "quantized_op_types": list(STATIC_OP_TYPES)}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .eager_quant import quantize_linears_dynamic
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
 from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
 
@@ -110,17 +111,14 @@ def _fp32(model, precision, engine, example, calibration):
 
 @TorchScriptTarget.handles(FP16)
 def _fp16(model, precision, engine, example, calibration):
-    from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
-
-    return quantize_dynamic(model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16)
+    return quantize_linears_dynamic(model, torch.float16)
 
 
 @TorchScriptTarget.handles(Int8Dynamic)
 def _int8_dynamic(model, precision, engine, example, calibration):
-    # torch.ao's dynamic default for every engine (per-tensor weights); ``per_channel`` is not read here
-    from torch.ao.quantization import quantize_dynamic
-
-    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    # torch.ao's dynamic default for every engine (per-tensor weights); ``per_channel`` is not read here;
+    # Linear layers whose weight the model reads itself (BEiT, EVA attention) stay fp32 (eager_quant)
+    return quantize_linears_dynamic(model, torch.qint8)
 
 
 @TorchScriptTarget.handles(Int8Static)
