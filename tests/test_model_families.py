@@ -439,3 +439,87 @@ def test_int8_dynamic_files_of_families_whose_attention_reads_its_qkv_weight(nam
         measure_memory=False, rank="none"), validation_data=[x])
     for a in manifest["artifacts"]:
         assert a["status"] == "ok" and a["verification"]["cosine"] > 0.99, (a["file"], a.get("reason"))
+
+
+@pytest.mark.parametrize("name", ["resnet", "swin", "eva02", "torchvision_vit", "hf_vit"])
+def test_group_sparsity_and_gradient_criteria_reach_every_family(name):
+    """Group-sparsity regularization adds its gradient to the coupled groups of every family, and the
+    Hessian criterion (diagonal Fisher over micro-batches) scores an event on it."""
+    import torch.nn.functional as F
+
+    from pqv_lightning.apps.coverage import FAMILIES
+    from pqv_lightning.outputs import main_tensor
+    from pqv_lightning.pruning.sparsity import GroupSparsity
+
+    family = FAMILIES[name]
+    if family.source == "hf":
+        pytest.importorskip("transformers")
+    model, x = family.build().train(), torch.randn(4, *family.shape)
+    pruner = StructuredPruner(model, PruningConfig(importance="hessian", pruning_ratio=0.25), example_inputs=x[:1])
+    F.cross_entropy(main_tensor(model(x)), torch.arange(4)).backward()
+    pruner.accumulate()
+    model.zero_grad(set_to_none=False)
+    penalty = pruner.regularize(GroupSparsity("l2", strength=1e-2))
+    grads = [p.grad for g in pruner.coupled_groups() for s in g.slices for p in [s.param] if p.grad is not None]
+    assert penalty > 0 and grads and any(float(g.abs().sum()) > 0 for g in grads)
+    event = pruner.step()
+    assert event.statistics_samples > 0 and event.params_after < event.params_before
+    assert main_tensor(model(x)).shape == (4, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext", "swin", "hf_vit"])
+def test_a_fit_resumed_between_events_equals_the_uninterrupted_one(name, tmp_path):
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pqv_lightning.apps.coverage import FAMILIES
+    from pqv_lightning.outputs import main_tensor
+
+    family = FAMILIES[name]
+    if family.source == "hf":
+        pytest.importorskip("transformers")
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = family.build().train()
+            for m in self.model.modules():  # Lightning does not restore the global RNG: no stochastic depth
+                if hasattr(m, "drop_prob"):
+                    m.drop_prob = 0.0
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(main_tensor(self.model(batch[0])), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.randn(16, *family.shape, generator=g), torch.randint(0, 10, (16,), generator=g)), batch_size=4)
+
+    def run(folder, epochs, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=2,
+                                    example_input_shape=list(family.shape))
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                             default_root_dir=str(tmp_path / folder), callbacks=[pruning, *callbacks])
+        module = Classifier()
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module, pruning
+
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    reference, _ = run("ref", 2)
+    run("a", 2, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1), StopAfterFirstEpoch()])
+    (path,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    resumed, pruning = run("b", 2, ckpt_path=str(path))
+    assert [e.index for e in pruning.pruner.events] == [2]  # event 1 came from the checkpoint
+    expected = reference.state_dict()
+    assert {k: v.shape for k, v in resumed.state_dict().items()} == {k: v.shape for k, v in expected.items()}
+    for k, v in resumed.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-5)
