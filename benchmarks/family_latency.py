@@ -18,13 +18,13 @@ cached in ``benchmarks/results/<name>.json``: an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 
+from fastest_artifact import Cache  # benchmarks/ is on sys.path when this script runs
 from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
 from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.host import host_description, host_label
@@ -37,19 +37,6 @@ MAX_CONTENTION = 0.2
 MIN_COSINE = 0.99
 
 
-class Cache:
-    """Finished steps by key, written atomically after each one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def put(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
-
-
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False).eval()
@@ -57,7 +44,7 @@ def _build(name: str) -> torch.nn.Module:
 
 def _export(name: str, args, cache: Cache) -> dict[str, Any]:
     folder = Path(args.work) / name
-    done = cache.data.get(f"export/{name}")
+    done = cache.get(f"export/{name}")
     if done and all((folder / f).is_file() for f in [*done["files"], "unpruned.pt", "pruned.pt"]):
         return done
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +74,7 @@ def _export(name: str, args, cache: Cache) -> dict[str, Any]:
 
 def _time(names: list[str], args, cache: Cache) -> None:
     key = "timing/" + "+".join(names)
-    done = cache.data.get(key)
+    done = cache.get(key)
     if done and not args.retime:
         return
     for name in names:  # one round-robin per model: its own input shape, its own baseline
@@ -110,7 +97,7 @@ def _report(names: list[str], cache: Cache) -> str:
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     notes = []
     for name in names:
-        row, timing = cache.data.get(f"export/{name}"), cache.data.get(f"timing/{name}")
+        row, timing = cache.get(f"export/{name}"), cache.get(f"timing/{name}")
         if row is None or timing is None:
             continue
         stats = timing["stats"]

@@ -308,6 +308,20 @@ class _MLPReconstruction:
         return _mlp_linears(model)[1]
 
 
+class _TimmHeadModel:
+    """timm transformers with a ``patch_embed`` and a Linear ``head`` (BEiT, EVA): the classifier, the bare
+    parameters and the example input."""
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        return ["head"] if isinstance(getattr(model, "head", None), nn.Linear) else []
+
+    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        return _bare_parameters(model)
+
+    def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return _patch_input_shape(model)
+
+
 def _classes(*paths: str) -> tuple[type, ...]:
     """The classes at ``"module.Class"`` paths that import here (an optional library that is missing, or
     another version without the class: left out)."""
@@ -415,7 +429,7 @@ _BEIT_TYPES = _classes("timm.models.beit.Beit")
 if _BEIT_TYPES:
 
     @register_adapter(*_BEIT_TYPES)
-    class BeitAdapter(_MLPReconstruction, ModelAdapter):
+    class BeitAdapter(_MLPReconstruction, _TimmHeadModel, ModelAdapter):
         """timm ``Beit`` (BEiT, BEiT v2): the MLP hidden units (and whatever else Torch-Pruning's graph
         finds independent) are pruned; the attention's ``qkv`` is kept whole, and said so: its biases
         are separate ``q_bias`` / ``v_bias`` parameters concatenated at every call, and the relative
@@ -424,19 +438,9 @@ if _BEIT_TYPES:
 
         whole_heads = False
 
-        def classifier_names(self, model: nn.Module) -> list[str]:
-            head = getattr(model, "head", None)
-            return ["head"] if isinstance(head, nn.Linear) else []
-
         def kept_whole(self, model: nn.Module) -> dict[str, str]:
             why = "BEiT attention keeps its widths (q/v biases and relative position bias per head)"
             return {n: why for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("attn.qkv")}
-
-        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-            return _bare_parameters(model)
-
-        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-            return _patch_input_shape(model)
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             _sync_embedding_width(model)
@@ -534,7 +538,7 @@ _EVA_TYPES = _classes("timm.models.eva.Eva")
 if _EVA_TYPES:
 
     @register_adapter(*_EVA_TYPES)
-    class EvaAdapter(_MLPReconstruction, ModelAdapter):
+    class EvaAdapter(_MLPReconstruction, _TimmHeadModel, ModelAdapter):
         """timm ``Eva`` (EVA, EVA-02 and the rotary-embedding ViTs built on it): the MLP hidden units are
         pruned, SwiGLU included (``SwiGLU``'s two Linears alike; ``GluMlp``'s fused Linear in equal
         halves, through :func:`~pqv_lightning.pruning.tp_fixes.install`). Kept whole, and said so:
@@ -544,10 +548,6 @@ if _EVA_TYPES:
         error at the first forward); whole heads are refused."""
 
         whole_heads = False
-
-        def classifier_names(self, model: nn.Module) -> list[str]:
-            head = getattr(model, "head", None)
-            return ["head"] if isinstance(head, nn.Linear) else []
 
         def kept_whole(self, model: nn.Module) -> dict[str, str]:
             residual = "EVA's residual stream keeps its width (Torch-Pruning mis-couples its embedding)"
@@ -566,12 +566,6 @@ if _EVA_TYPES:
             from timm.layers import GluMlp
 
             return {m.fc1: 2 for m in model.modules() if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear)}
-
-        def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-            return _bare_parameters(model)
-
-        def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-            return _patch_input_shape(model)
 
 
 def supported_families() -> list[str]:
