@@ -281,11 +281,13 @@ def run_coverage(families: list[str], formats: list[str], out: Path,
     text = ("# Model coverage (generated)\n\n"
             f"Made by `pqv coverage --families {' '.join(families)} --formats {' '.join(formats)}` on "
             f"{host_label(host)}, torch {host.get('torch')}, {time.strftime('%Y-%m-%d')}. Each family is a small "
-            "random-initialized timm model (configurations in `pqv_lightning.apps.coverage.FAMILIES`). Cells: "
-            "`ok` with the numbers; `partly` where an exported file was skipped (with the reason) or its logits "
-            "disagree with the pruned fp32 model (`LOW cos`: cosine below 0.99); `refused: ...` is the "
-            "`ConfigError` a user gets before any work; `FAILED: ...` is a bug. Export: fp32 and int8-dynamic "
-            "per format, verified against the pruned fp32 model (cosine of the logits).\n\n" + coverage_table(ordered) + "\n")
+            "random-initialized timm, torchvision or Hugging Face model (configurations in "
+            "`pqv_lightning.apps.coverage.FAMILIES`). Cells: `ok` with the numbers; `partly` where an exported "
+            "file was skipped (with the reason) or its logits disagree with the pruned fp32 model (`LOW cos`: "
+            "cosine below 0.99); `refused: ...` is the `ConfigError` a user gets before any work; `FAILED: ...` "
+            "is a bug. Export: fp32 and int8-dynamic per format, verified against the pruned fp32 model (cosine "
+            "of the logits; `tiny-logit cos`: the random-initialized model's logits are below int8 resolution, "
+            "so that cosine says nothing about the file).\n\n" + coverage_table(ordered) + "\n")
     atomic_write_text(out / "coverage.md", text)
     return ordered
 
