@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from pqv_lightning.errors import ConfigError
 import pqv_lightning.export.core as export_mod
 from pqv_lightning.export import (
     ENGINES,
@@ -128,20 +129,31 @@ def test_interrupt_mid_export_leaves_no_partial_artifact_or_entry(tmp_path, monk
     assert [a["file"] for a in manifest["artifacts"]] == ["model_fp32.ptl"]
 
 
-def test_untraceable_model_is_skipped_with_the_reason(tmp_path):
+def test_a_model_returning_a_dict_with_logits_is_exported_as_its_logits_and_other_outputs_are_refused(tmp_path):
+    """A dict (or Hugging Face ModelOutput) with "logits" is exported as those logits (LogitsOnly); any other
+    output is refused up front, before a file is written (it used to fail inside tracing)."""
     class DictOut(nn.Module):
         def __init__(self):
             super().__init__()
             self.vit = tiny_vit()
 
         def forward(self, x):
-            return {"logits": self.vit(x)}
+            return {"logits": self.vit(x), "features": x.mean()}
 
-    with pytest.warns(UserWarning, match="model_fp32.ptl skipped"):
-        manifest = export_mobile(DictOut(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
+    model, x = DictOut().eval(), torch.randn(2, 1, 32, 32)
+    manifest = export_mobile(model, x[:1], _config(tmp_path, precisions=["fp32"]), validation_data=[x])
     (entry,) = manifest["artifacts"]
-    assert entry["status"] == "skipped" and entry["reason"].startswith("export failed") and "dict" in entry["reason"].lower()
-    assert not (tmp_path / "out" / "model_fp32.ptl").exists()
+    assert entry["status"] == "ok" and entry["verification"]["cosine"] > 0.999
+
+    class TupleOut(DictOut):
+        def forward(self, x):
+            return self.vit(x), x.mean()
+
+    out = tmp_path / "tuple"
+    with pytest.raises(ConfigError, match=r"model returns a tuple; allowed: a logits tensor, or an output with a "
+                                          r"'logits' tensor"):
+        export_mobile(TupleOut(), x[:1], _config(out, precisions=["fp32"]))
+    assert not (out / "out").exists()  # refused before the output folder was made
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ forward returns it (what gets exported), and :func:`tensor_module` picks the one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,10 +20,11 @@ __all__ = ["LogitsOnly", "logits_of", "main_tensor", "tensor_module"]
 
 
 def logits_of(output: Any) -> torch.Tensor | None:
-    """``output`` itself when it is a tensor, its ``logits`` tensor (a Hugging Face ``ModelOutput``), or None."""
+    """``output`` itself when it is a tensor, its ``logits`` tensor (a Hugging Face ``ModelOutput``, or a
+    plain dict with a ``"logits"`` entry), or None."""
     if isinstance(output, torch.Tensor):
         return output
-    logits = getattr(output, "logits", None)
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 
 
@@ -57,4 +59,4 @@ def tensor_module(model: nn.Module, output: Any, name: str = "model") -> nn.Modu
     if logits_of(output) is not None:
         return LogitsOnly(model)
     raise ConfigError(f"{name} returns a {type(output).__name__}; allowed: a logits tensor, or an output with a "
-                      "'logits' tensor (a Hugging Face ModelOutput)")
+                      "'logits' tensor (a Hugging Face ModelOutput, a dict with 'logits')")
