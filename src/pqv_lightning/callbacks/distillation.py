@@ -192,11 +192,12 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ the step
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if not self._capturing or self._captured is not None:
+            return
         # the input: the first positional argument, or (Hugging Face: model(pixel_values=x)) the first tensor keyword
-        inputs = [*args, *kwargs.values()]
-        x = next((a for a in inputs if isinstance(a, torch.Tensor)), None)
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         logits = logits_of(output)
-        if self._capturing and self._captured is None and x is not None and logits is not None:
+        if x is not None and logits is not None:
             self._captured = (x, logits)
 
     def _wrap_training_step(self, pl_module: pl.LightningModule, network: nn.Module) -> None:

@@ -480,6 +480,10 @@ if _TV_VIT_TYPES:
             model.hidden_dim = int(model.conv_proj.out_channels)
 
 
+#: why a Swin (timm or Hugging Face) keeps its residual stream and its window attention whole
+SWIN_RESIDUAL_WHY = "Swin's residual stream keeps its width (Torch-Pruning mis-couples patch merging)"
+SWIN_ATTENTION_WHY = "window attention keeps its head dims (coupled to the relative position bias)"
+
 _SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer",
                        "timm.models.swin_transformer_v2.SwinTransformerV2")
 
@@ -507,8 +511,7 @@ if _SWIN_TYPES:
             return ["head.fc"] if isinstance(fc, nn.Linear) else []
 
         def kept_whole(self, model: nn.Module) -> dict[str, str]:
-            residual = "Swin's residual stream keeps its width (Torch-Pruning mis-couples patch merging)"
-            attention = "window attention keeps its head dims (coupled to the relative position bias)"
+            residual, attention = SWIN_RESIDUAL_WHY, SWIN_ATTENTION_WHY
             linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             kept = {"patch_embed.proj": residual}
             kept.update({n: residual for n in linears if n.endswith(("attn.proj", "mlp.fc2", "downsample.reduction"))})

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .adapters import AttentionInfo, ModelAdapter, _bare_parameters, _MLPReconstruction, register_adapter
+from .adapters import (SWIN_ATTENTION_WHY, SWIN_RESIDUAL_WHY, AttentionInfo, ModelAdapter, _bare_parameters,
+                       _MLPReconstruction, register_adapter)
 
 __all__ = ["HF_SWIN_CLASSES", "HF_VIT_CLASSES", "HFSwinAdapter", "HFViTAdapter"]
 
@@ -59,8 +60,22 @@ def _linears(model: nn.Module, endings: tuple[str, ...]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(endings)]
 
 
+class _HFModel:
+    """What every Hugging Face vision family answers alike: its classifier(s), bare parameters and input."""
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        return _classifier_names(model)
+
+    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        # class / distillation / mask tokens, position embeddings, DINOv2's layer scale (lambda1)
+        return _bare_parameters(model)
+
+    def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return _input_shape(model)
+
+
 @register_adapter(*HF_VIT_CLASSES)
-class HFViTAdapter(ModelAdapter):
+class HFViTAdapter(_HFModel, ModelAdapter):
     """Hugging Face ViT, DeiT and DINOv2 (``transformers`` 5): Torch-Pruning prunes the separate q / k / v
     projections together (``num_heads`` for each), then ``num_attention_heads``, ``head_dim`` and
     ``scaling`` follow the new widths. ``Dinov2ForImageClassification`` keeps its residual stream whole:
@@ -72,9 +87,6 @@ class HFViTAdapter(ModelAdapter):
         return [AttentionInfo(name, m, getattr(m, p), int(m.num_attention_heads))
                 for name, m in _attention(model) for p in ("q_proj", "k_proj", "v_proj")]
 
-    def classifier_names(self, model: nn.Module) -> list[str]:
-        return _classifier_names(model)
-
     def kept_whole(self, model: nn.Module) -> dict[str, str]:
         if type(model).__name__ != "Dinov2ForImageClassification":
             return {}
@@ -82,13 +94,6 @@ class HFViTAdapter(ModelAdapter):
         kept = {n: why for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         kept.update({n: why for n in _linears(model, ("o_proj", "mlp.fc2", "mlp.weights_out"))})
         return kept
-
-    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-        # class / distillation / mask tokens, position embeddings, DINOv2's layer scale (lambda1)
-        return _bare_parameters(model)
-
-    def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-        return _input_shape(model)
 
     def reconstruction_layers(self, model: nn.Module) -> list[str]:
         names = _linears(model, ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"))
@@ -109,7 +114,7 @@ class HFViTAdapter(ModelAdapter):
 
 
 @register_adapter(*HF_SWIN_CLASSES)
-class HFSwinAdapter(_MLPReconstruction, ModelAdapter):
+class HFSwinAdapter(_MLPReconstruction, _HFModel, ModelAdapter):
     """Hugging Face Swin (``transformers`` 5): the MLP hidden units are pruned; kept whole, as for timm's
     Swin and for the same reasons, the residual stream (patch embedding, ``o_proj``, ``mlp.fc2``, patch
     merging's ``reduction``) and the window attention's q / k / v (per-head relative position bias);
@@ -117,19 +122,10 @@ class HFSwinAdapter(_MLPReconstruction, ModelAdapter):
 
     whole_heads = False
 
-    def classifier_names(self, model: nn.Module) -> list[str]:
-        return _classifier_names(model)
-
     def kept_whole(self, model: nn.Module) -> dict[str, str]:
-        residual = "Swin's residual stream keeps its width (Torch-Pruning mis-couples patch merging)"
-        attention = "window attention keeps its head dims (coupled to the relative position bias)"
+        residual, attention = SWIN_RESIDUAL_WHY, SWIN_ATTENTION_WHY
         kept = {n: residual for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         kept.update({n: residual for n in _linears(model, ("o_proj", "mlp.fc2", "downsample.reduction"))})
         kept.update({n: attention for n in _linears(model, ("q_proj", "k_proj", "v_proj"))})
         return kept
 
-    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-        return _bare_parameters(model)
-
-    def example_input_shape(self, model: nn.Module) -> tuple[int, ...]:
-        return _input_shape(model)
