@@ -46,7 +46,7 @@ from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.host import gemm_throughput, host_description
 from pqv_lightning.fileio import atomic_write_text
 from pqv_lightning.models import paper_model
-from pqv_lightning.pruning.pruner import count_macs, count_params
+from pqv_lightning.pruning import count_macs, count_params
 
 OUT = Path(__file__).parent / "results"
 INT8 = ["int8-dynamic", "int8-static", "int8-dynamic-attention"]

@@ -52,7 +52,7 @@ import torch
 from pqv_lightning.apps.recipes import RECIPES, default_checkpoint, finetune_with_pruning
 from pqv_lightning.settings import torch_threads
 from pqv_lightning.fileio import atomic_write_text, file_digest
-from pqv_lightning.pruning.pruner import RECONSTRUCT_LAYERS
+from pqv_lightning.pruning.config import RECONSTRUCT_LAYERS
 
 OUT = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000

@@ -15,7 +15,7 @@ continues where it stopped.
 ``--heads-ratios``: pruning ratios also exported with whole attention heads removed (every kept head
 stays 64 wide) instead of dimensions inside every head (``PruningConfig``'s default), timed in the
 same round-robins, so that the two width rules meet the same baseline. Whole heads are OpenVINO's
-width rule: what ``PruningConfig(widths_for="openvino")`` prunes by default.
+width rule: what ``StructuredPruning(widths_for="openvino")`` prunes by default.
 
 Targets (issue 13, same run): 25 %-pruned + int8 >= 9x, 9.375 % (the paper's configuration) + int8
 >= 7.18x, and the fastest file <= 0.85x the latency of the fastest ONNX Runtime int8 file.
@@ -46,7 +46,7 @@ from pqv_lightning.export.host import host_description, host_label  # noqa: E402
 from pqv_lightning.fileio import atomic_write_text  # noqa: E402
 from pqv_lightning.models import paper_model  # noqa: E402
 from pqv_lightning.pruning.adapters import input_shape_for  # noqa: E402
-from pqv_lightning.pruning.pruner import count_macs  # noqa: E402
+from pqv_lightning.pruning import count_macs  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 BASELINE = "unpruned | fp32 eager"

@@ -75,8 +75,8 @@ PRUNING_CASES = [
     ("reg_strength_end", dict(regularization="l2", reg_strength_end=NAN)),
     ("reg_strength_end", dict(reg_strength_end=1e-3)),
     ("reg_alpha", dict(regularization="l2", reg_alpha=0.5)),
-    ("prune_threshold", dict(prune_threshold=1.5)),
-    ("prune_threshold", dict(prune_threshold=NAN)),
+    ("threshold", dict(threshold=1.5)),
+    ("threshold", dict(threshold=NAN)),
     ("reconstruct", dict(reconstruct="yes")),
     ("reconstruct_layers", dict(reconstruct_layers="qkv")),
     ("reconstruct_samples", dict(reconstruct_samples=0)),
@@ -180,7 +180,6 @@ CONFIG_CASES = [
     ("reconstruct_ridge", dict(reconstruct_ridge=NAN)),
     ("ignored_layers", dict(ignored_layers="blocks.0")),
     ("seed", dict(seed="0")),
-    ("widths_for", dict(widths_for="coreml")),
 ]
 
 

@@ -54,7 +54,7 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
     (["bench", "vit_test_tiny", "--baseline", "other"], ["--baseline 'other' is not one of"]),
     (["bench", "vit_test_tiny", "--max-contention", "-1"], ["max_contention=-1.0", "a number of CPUs >= 0"]),
     (["demo", "--data-dir", "/no/such/folder"], ["--data-dir /no/such/folder: no such folder"]),
-    (["demo", "--ratio", "1.5"], ["--ratio 1.5: must be in [0, 1)"]),
+    (["demo", "--ratio", "1.5"], ["--ratio 1.5: pruning_ratio=1.5 must be a finite number >= 0 and < 1"]),
     (["demo", "--checkpoint", "nope.pt"], ["--checkpoint nope.pt: no such file"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
@@ -99,9 +99,9 @@ def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expecte
 
     seen = []
 
-    def fake(checkpoint, *, label, pruning_ratio, **kwargs):
+    def fake(checkpoint, *, label, pruning_ratio=None, **kwargs):
         seen.append(kwargs.get("pruning_kwargs"))
-        if pruning_ratio > 0:
+        if pruning_ratio != 0.0:  # unset: the default ratio
             raise Reached
         return recipes.FinetuneResult(label, "-", 0.0, 0, 0, 0.9, 1, 1, 0.0)
 

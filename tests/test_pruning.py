@@ -88,8 +88,12 @@ def test_local_head_pruning_is_cumulative_not_compounding():
     ("openvino", {"prune_num_heads": False, "prune_head_dims": True}, 4, 12),
 ])
 def test_widths_for_makes_the_targets_width_rule_the_default(widths_for, given, heads, head_dim):
+    from pqv_lightning.export.targets import TARGETS
+    from pqv_lightning.widths import width_rule
+
     model = tiny_vit()  # 4 heads of 16
-    config = PruningConfig(importance="l2", pruning_ratio=0.25, widths_for=widths_for, **given)
+    rule = width_rule(TARGETS[widths_for].pruning_defaults if widths_for else {}, **given)
+    config = PruningConfig(importance="l2", pruning_ratio=0.25, **rule)
     event = prune_once(model, config)
     attn = model.blocks[0].attn
     assert (attn.num_heads, attn.head_dim) == (heads, head_dim)
@@ -98,27 +102,32 @@ def test_widths_for_makes_the_targets_width_rule_the_default(widths_for, given, 
         assert event.macs_after == prune_once(tiny_vit(), PruningConfig(importance="l2", pruning_ratio=0.25)).macs_after
 
 
-def test_widths_for_refuses_an_unknown_format_and_checks_the_rule():
+def test_width_rule_and_the_targets_that_set_it():
     from pqv_lightning.errors import ConfigError
+    from pqv_lightning.export import ExportTarget, register_target
     from pqv_lightning.export.targets import TARGETS
+    from pqv_lightning.widths import width_rule
 
-    with pytest.raises(ConfigError, match=r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx'"):
-        PruningConfig(widths_for="tflite")
     with pytest.raises(ConfigError, match="prune_num_heads='yes' must be True or False"):
         PruningConfig(prune_num_heads="yes").validate()
     assert TARGETS["openvino"].pruning_defaults == {"prune_num_heads": True, "prune_head_dims": False}
-    config = PruningConfig(widths_for="openvino")
-    assert (config.prune_num_heads, config.prune_head_dims) == (True, False)
-    # a target may only choose the width rule
-    target = TARGETS["onnx"]
-    original = type(target).pruning_defaults
-    try:
-        type(target).pruning_defaults = {"round_to": 64}
-        with pytest.raises(ConfigError, match=r"export format 'onnx': pruning_defaults may set "
-                                              r"\['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
-            PruningConfig(widths_for="onnx")
-    finally:
-        type(target).pruning_defaults = original
+    assert width_rule(TARGETS["openvino"].pruning_defaults) == {"prune_num_heads": True, "prune_head_dims": False}
+    assert width_rule({}, prune_num_heads=True) == {"prune_num_heads": True, "prune_head_dims": None}
+    config = PruningConfig(**width_rule({}))  # unset: the config's defaults
+    assert (config.prune_num_heads, config.prune_head_dims) == (False, True)
+    with pytest.raises(ValueError, match=r"width-rule options are \['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
+        width_rule({"round_to": 64})
+    # a target may only choose the width rule: refused when it registers
+
+    class RoundsTo(ExportTarget):
+        format, suffix = "rounds-to-test", ".rt"
+        pruning_defaults = {"round_to": 64}
+
+    with pytest.raises(ConfigError, match=r"export format 'rounds-to-test': pruning_defaults may set "
+                                          r"\['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
+        register_target(RoundsTo)
+    assert "rounds-to-test" not in TARGETS
+
 
 def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
     model = tiny_vit()
@@ -454,7 +463,7 @@ def test_round_to_rounds_the_total_attention_width_not_each_head_by_the_total(ro
 
 
 def test_head_dims_to_remove():
-    from pqv_lightning.pruning.pruner import head_dims_to_remove
+    from pqv_lightning.widths import head_dims_to_remove
 
     assert head_dims_to_remove(64, 16, 12, 32) == 16   # DeiT-base 25 %: 12 x 48 = 576 = 18 x 32 (1.6.1: 32)
     assert head_dims_to_remove(64, 6, 12, 8) == 6      # 9.375 %: 12 x 58 = 696 = 87 x 8

@@ -227,8 +227,8 @@ def test_threshold_rounds_head_dims_so_the_total_attention_width_is_a_multiple_o
     (dict(regularization="l2", reg_strength_end=-0.1), "reg_strength_end=-0.1"),
     (dict(regularization="l2", reg_alpha=0.5), "reg_alpha=0.5"),
     (dict(reg_strength_end=0.1), "reg_strength_end=0.1 needs regularization"),
-    (dict(prune_threshold=0.0), "prune_threshold=0.0"),
-    (dict(prune_threshold=1.5), "prune_threshold=1.5"),
+    (dict(threshold=0.0), "threshold=0.0"),
+    (dict(threshold=1.5), "threshold=1.5"),
 ])
 def test_bad_regularization_settings_are_refused_at_construction(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

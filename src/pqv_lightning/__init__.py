@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("GradientStatistics", "make_importance"), "pqv_lightning.pruning.importance"),
     **dict.fromkeys(("GroupSparsity", "add_sparsity_gradient", "coupled_groups"), "pqv_lightning.pruning.sparsity"),
     **dict.fromkeys(("PruningConfig", "PruningEvent", "StructuredPruner", "count_macs", "count_params", "prune_once",
-                     "restore_structure"), "pqv_lightning.pruning.pruner"),
+                     "restore_structure"), "pqv_lightning.pruning"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]

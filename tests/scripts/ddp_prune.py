@@ -57,7 +57,7 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # mode "kd" also adds group-sparsity regularization and threshold mode
     # and least-squares reconstruction after each event (each rank fits on its own batches; sums averaged)
-    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, prune_threshold=0.05,
+    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, threshold=0.05,
                  reconstruct=True, reconstruct_samples=16) if rewrap == "kd" else {}
     resume = rewrap in ("resume-a", "resume-b")
     ckpt_dir = out_dir.parent / "ckpt"

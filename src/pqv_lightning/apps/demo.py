@@ -39,22 +39,25 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     RECIPES = LazyChoices("pqv_lightning.apps.recipes", "RECIPES")
     TARGETS = LazyChoices("pqv_lightning.export.targets", "TARGETS")
     PRECISIONS = LazyChoices("pqv_lightning.export.precisions", "PRECISIONS")
+    SCHEDULES = LazyChoices("pqv_lightning.pruning.config", "RATIO_SCHEDULES")
     ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--checkpoint", default=None,
                     help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)")
     ap.add_argument("--data-dir", default=None,
                     help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--importance", default="taylor", choices=IMPORTANCE, metavar="NAME",
-                    help="importance criterion: %(choices)s")
+    ap.add_argument("--importance", default=None, choices=IMPORTANCE, metavar="NAME",
+                    help="importance criterion: %(choices)s (default: PruningConfig's, taylor)")
     ap.add_argument("--recipe", default="default", choices=RECIPES, metavar="NAME",
                     help="fine-tuning recipe, one of %(choices)s: learning rate, warm-up, distillation, regularization (see "
                          "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)")
-    ap.add_argument("--ratio", type=float, default=0.25, help="final channel pruning ratio")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="final channel pruning ratio (default: PruningConfig's, 0.25)")
     ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
-    ap.add_argument("--schedule", default=None, choices=["linear", "cubic"],
+    ap.add_argument("--schedule", default=None, choices=SCHEDULES,
                     help="growth of the ratio over events (default: the recipe's)")
-    ap.add_argument("--accumulate", type=int, default=8, help="optimizer steps of statistics per event")
+    ap.add_argument("--accumulate", type=int, default=None,
+                    help="optimizer steps of statistics per event (default: EventSchedule's, 8)")
     ap.add_argument("--widths-for", default=None, choices=TARGETS, metavar="FORMAT",
                     help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
                          "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))")
@@ -77,8 +80,13 @@ def _check(args) -> None:
     """Everything the command line can check before any work (each value named as typed)."""
     from ..checks import check_writable_dir
 
-    if not 0.0 <= args.ratio < 1.0:  # NaN too
-        raise ConfigError(f"--ratio {args.ratio}: must be in [0, 1)")
+    if args.ratio is not None:  # PruningConfig's own check, now rather than after the first table
+        from ..pruning import PruningConfig
+
+        try:
+            PruningConfig(pruning_ratio=args.ratio).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"--ratio {args.ratio}: {exc}") from None
     for name in ("events", "accumulate", "epochs", "train_subset", "batch_size", "threads", "test_subset"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -149,9 +157,11 @@ def _run_demo(args) -> int:
         recipe["pruning_kwargs"] = {**recipe.get("pruning_kwargs", {}), "widths_for": args.widths_for}
     recipe.update({k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule))
                    if v is not None})
+    # options left unset keep their one default (PruningConfig's, EventSchedule's)
+    recipe.update({k: v for k, v in (("importance", args.importance), ("pruning_ratio", args.ratio),
+                                     ("accumulate_batches", args.accumulate)) if v is not None})
     rows.append(finetune_with_pruning(
-        ckpt, label="pruned + fine-tuned", importance=args.importance, pruning_ratio=args.ratio,
-        accumulate_batches=args.accumulate, train_subset=args.train_subset, epochs=args.epochs,
+        ckpt, label="pruned + fine-tuned", train_subset=args.train_subset, epochs=args.epochs,
         extra_callbacks=[export] if export else None, **recipe, **common))
     print()
     print(format_table(rows))

@@ -17,7 +17,9 @@ from ..errors import ConfigError
 from ..callbacks import KnowledgeDistillation, StructuredPruning
 from ..data import FashionMNISTDataModule
 from ..models import ImageClassifier, bundled_checkpoint
-from ..pruning import count_macs, count_params
+from ..callbacks.structured_pruning import ITERATIVE_STEPS
+from ..pruning import EventSchedule, PruningConfig, count_macs, count_params
+from ..pruning.config import DEFAULT_PRUNING_RATIO
 
 __all__ = ["RECIPES", "FinetuneResult", "recipe_settings", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
 
@@ -91,10 +93,10 @@ def finetune_with_pruning(
     checkpoint: str | Path,
     *,
     label: str,
-    importance: str = "taylor",
-    pruning_ratio: float = 0.25,
-    iterative_steps: int = 4,
-    accumulate_batches: int = 8,
+    importance: str = PruningConfig.importance,
+    pruning_ratio: float = DEFAULT_PRUNING_RATIO,
+    iterative_steps: int = ITERATIVE_STEPS,
+    accumulate_batches: int = EventSchedule.accumulate_batches,
     train_subset: int | None = 8192,
     epochs: int = 1,
     batch_size: int = 128,
@@ -105,7 +107,7 @@ def finetune_with_pruning(
     precision: str = "32-true",
     prune_span: float = 0.6,
     prune_start: float = 0.0,
-    ratio_schedule: str = "linear",
+    ratio_schedule: str = PruningConfig.ratio_schedule,
     warmup_steps: int = 0,
     warmup_fraction: float | None = None,
     label_smoothing: float = 0.1,

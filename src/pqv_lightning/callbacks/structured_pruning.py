@@ -16,16 +16,22 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..checks import check_choice, check_forward, check_int, check_number, check_shape
+from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
-from ..pruning import PruningConfig, PruningEvent, StructuredPruner
+from ..export.targets import TARGETS
+from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.sparsity import GroupSparsity
+from ..widths import width_rule
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
 _SHADOWED = ("on_save_checkpoint", "on_load_checkpoint")
+#: the events of a callback that is not told how many (gradual pruning; one-shot ``PruningConfig``: 1)
+ITERATIVE_STEPS = 4
+# the defaults of the options below are these classes' own (one source: tests/test_options.py)
+_P, _S = PruningConfig, EventSchedule
 
 
 class _WriteStructure:
@@ -55,12 +61,11 @@ class StructuredPruning(Callback):
     ``"model"`` or ``"net.backbone"``) or, when ``model_attr`` is None, as the module itself or its
     single outermost submodule of a supported class (see :func:`pqv_lightning.register_adapter`).
 
-    Schedule: ``iterative_steps`` events. Before event ``k`` (0-based) a statistics window opens at
-    epoch ``start + k * frequency`` (``interval="epoch"``) or after optimizer step
-    ``start + k * frequency`` (``interval="step"``); the event runs right after the window's
-    ``accumulate_batches``-th optimizer step, whose gradients (unscaled, synchronised across DDP
-    ranks, non-finite steps skipped) feed the ``taylor`` / ``hessian`` scores. Magnitude and random
-    criteria ignore the statistics but keep the same timing.
+    Schedule: ``iterative_steps`` events (default 4, gradual), placed by the
+    :class:`~pqv_lightning.pruning.EventSchedule` options (``accumulate_batches``, ``interval``,
+    ``start``, ``frequency``); each event runs right after its statistics window, whose gradients
+    (unscaled, synchronised across DDP ranks, non-finite steps skipped) feed the ``taylor`` /
+    ``hessian`` scores. Magnitude and random criteria ignore the statistics but keep the same timing.
 
     After each event the optimizers hold exactly the new parameters with their state (e.g. Adam
     moments) sliced to the kept channels, LR schedulers continue, DDP is re-wrapped, and params,
@@ -71,67 +76,36 @@ class StructuredPruning(Callback):
     weights-only checkpoints), so ``trainer.fit(ckpt_path=...)`` resumes with pruned shapes and
     :func:`pqv_lightning.load_pruned_checkpoint` loads the pruned module.
 
-    Args:
-        importance: a criterion registered in :data:`~pqv_lightning.pruning.importance.IMPORTANCE`:
-            ``"taylor"``, ``"hessian"``, ``"l1"``, ``"l2"``, ``"random"`` or your own.
-        pruning_ratio: final channel ratio removed, in ``[0, 1)`` (Torch-Pruning semantics); default
-            0.25, or derived from a budget.
-        target_macs, target_params: a budget instead of a ratio: the final model's MACs / parameters,
-            absolute or as a fraction (< 1) of the unpruned model. Before training, the smallest
-            uniform channel ratio that meets it is found on copies of the network
-            (:func:`pqv_lightning.pruning.ratio_for_budget`); the last event lands on the budget within
-            one channel group. With ``global_pruning=True`` every event's ratio is found on copies with
-            that event's own scores so that event ``k`` meets its share of the reduction (the schedule's
-            ``ratio_k / ratio_n``; the last event: the budget), a few seconds per event on a small ViT.
-            Not with ``pruning_ratio``.
-        iterative_steps: number of pruning events.
-        accumulate_batches: optimizer steps of gradient statistics gathered before each event.
-        interval: ``"epoch"`` or ``"step"``: the unit of ``start`` and ``frequency``.
-        start: epoch / optimizer step at which the first window opens.
-        frequency: epochs / optimizer steps between consecutive windows.
-        prune_num_heads: remove whole heads (``head_pruning_ratio``, default ``pruning_ratio``);
-            unset: ``False``, or ``widths_for``'s choice.
-        head_pruning_ratio: final fraction of heads removed when ``prune_num_heads``.
-        prune_head_dims: remove dims inside every head; unset: ``True``, or ``widths_for``'s choice.
-        round_to: keep widths multiples of this.
-        ignored_layers: module names / glob patterns (relative to the pruned model) never pruned;
-            ``None`` = the classifier head(s).
-        global_pruning: rank channels across layers.
+    Every option is documented once, where it lives (the defaults here are read from there; a test
+    checks that they agree):
+
+    * what to prune and how — :class:`~pqv_lightning.pruning.PruningConfig`: ``importance``,
+      ``pruning_ratio``, ``target_macs`` / ``target_params`` (a budget instead of a ratio),
+      ``iterative_steps``, ``prune_num_heads``, ``head_pruning_ratio``, ``prune_head_dims``,
+      ``round_to``, ``ignored_layers``, ``global_pruning``, ``seed``, ``ratio_schedule``,
+      ``threshold``, ``reconstruct``, ``reconstruct_layers``, ``reconstruct_ridge``;
+    * when — :class:`~pqv_lightning.pruning.EventSchedule`: ``accumulate_batches``, ``interval``,
+      ``start``, ``frequency``;
+    * group-sparsity training — :class:`~pqv_lightning.pruning.sparsity.GroupSparsity`:
+      ``regularization`` (its ``norm``; None: off), ``reg_strength``, ``reg_alpha``.
+
+    Args (the callback's own):
+        iterative_steps: number of pruning events (4 here; ``PruningConfig``'s 1 is one-shot).
         model_attr: dotted path of the network inside the LightningModule.
         example_input_shape: ``[C, H, W]`` for tracing when the model cannot tell its input size.
-        seed: seed of the ``random`` criterion.
-        ratio_schedule: ``"linear"`` (equal steps) or ``"cubic"`` (large steps first) growth of the
-            cumulative ratio over the events.
-        regularization: ``"l2"`` (group lasso) or ``"l1"``: group-sparsity regularization of every
-            dependency group (:mod:`pqv_lightning.pruning.sparsity`: Linear rows/columns, biases, LayerNorm,
-            tokens, q/k/v head dims), its gradient added to the real (unscaled, DDP-synchronised)
-            gradients in ``on_before_optimizer_step`` from the first optimizer step until the last
-            event. The steps before the first window (``start``) form a sparse-training phase.
-        reg_strength: λ at the first step, >= 0.
         reg_strength_end: λ at the last event (it grows linearly from ``reg_strength``); None = constant.
-        reg_alpha: less important units of a group (smaller norm) shrink up to this many times
-            harder, >= 1 (1 = all alike).
-        prune_threshold: threshold mode: at each event also remove the units whose L2 norm fell below
-            this fraction of their group's mean unit norm (in ``(0, 1)``); the event log says how many
-            channels each rule removed (``removed_by_ratio`` / ``removed_by_threshold``).
-        reconstruct: after every event, refit the Linear layers by least squares, in forward order,
-            so that the pruned network reproduces the network before the event on the last
-            ``reconstruct_samples`` training inputs of the statistics window
-            (:mod:`pqv_lightning.pruning.reconstruction`; DDP: the sums are averaged over ranks, every
-            rank gets the same weights). Costs two partial forward passes over those inputs per
-            refitted layer at each event, and a frozen copy of the network during the event.
-        reconstruct_layers: ``"all"`` (a ViT's ``qkv``, ``proj``, ``fc1``, ``fc2`` in every block
-            and the classifier head) or ``"residual"`` (only ``proj`` and ``fc2``, which write into
-            the residual stream; cheaper, and much weaker when the embedding channels are pruned).
-        reconstruct_samples: how many training inputs (the latest of the window) the fit uses.
-            A checkpoint saved inside a window keeps those collected so far (resume is exact).
-        reconstruct_ridge: ridge of the fit, relative to the mean diagonal of ``XᵀX``, >= 0.
-        widths_for: the export format the pruned model is meant for (``"openvino"``, ``"pte"``,
-            ``"onnx"``, ``"ptl"`` or your own): its runtime's fastest width rule at equal MACs
-            becomes the default (``ExportTarget.pruning_defaults``; OpenVINO: whole heads instead of
-            head dims, 1.12x faster int8 on DeiT-base, at an accuracy cost; see
-            :class:`~pqv_lightning.pruning.PruningConfig`). ``prune_num_heads`` / ``prune_head_dims``
-            given explicitly win.
+            The penalty's gradient is added to the real (unscaled, DDP-synchronised) gradients in
+            ``on_before_optimizer_step`` from the first optimizer step until the last event; the steps
+            before the first window (``start``) form a sparse-training phase.
+        reconstruct_samples: how many training inputs (the latest of the window) the least-squares
+            reconstruction uses (DDP: the sums are averaged over ranks, every rank gets the same
+            weights). A checkpoint saved inside a window keeps those collected so far (resume is exact).
+        widths_for: the export format the pruned model is meant for (a name in
+            :data:`~pqv_lightning.export.TARGETS`): its runtime's fastest width rule at equal MACs
+            (``ExportTarget.pruning_defaults``) becomes the default of ``prune_num_heads`` /
+            ``prune_head_dims`` (:func:`pqv_lightning.widths.width_rule`); values given explicitly
+            win. ``"openvino"``: whole heads instead of head dims, 1.12x faster int8 on DeiT-base
+            with AMX, at an accuracy cost (docs/pruning.md); the others change nothing.
 
     Example::
 
@@ -147,7 +121,7 @@ class StructuredPruning(Callback):
     Raises:
         ConfigError: when created, for any argument out of range (ratios, schedule, criterion not in
             ``IMPORTANCE``, both a ratio and a budget, two budgets, a global budget with a random
-            criterion, negative ``reg_strength``, ``prune_threshold`` outside ``(0, 1)``); at
+            criterion, negative ``reg_strength``, ``threshold`` outside ``(0, 1)``); at
             ``setup`` (before the first step), for a budget the model cannot reach, a schedule that
             does not fit ``max_epochs`` / ``max_steps``, a strategy that reshapes or restores
             parameters behind the callback's back (FSDP, DeepSpeed, ModelParallel), a network that
@@ -157,58 +131,65 @@ class StructuredPruning(Callback):
 
     def __init__(
         self,
-        importance: str = "taylor",
-        pruning_ratio: float | None = None,
-        iterative_steps: int = 4,
-        accumulate_batches: int = 8,
-        interval: Literal["epoch", "step"] = "epoch",
-        start: int = 0,
-        frequency: int = 1,
-        prune_num_heads: bool | None = None,
-        head_pruning_ratio: float | None = None,
-        prune_head_dims: bool | None = None,
-        round_to: int | None = None,
-        ignored_layers: list[str] | None = None,
-        global_pruning: bool = False,
+        importance: str = _P.importance,
+        pruning_ratio: float | None = _P.pruning_ratio,
+        iterative_steps: int = ITERATIVE_STEPS,
+        accumulate_batches: int = _S.accumulate_batches,
+        interval: Literal["epoch", "step"] = _S.interval,  # type: ignore[assignment]
+        start: int = _S.start,
+        frequency: int = _S.frequency,
+        prune_num_heads: bool | None = _P.prune_num_heads,
+        head_pruning_ratio: float | None = _P.head_pruning_ratio,
+        prune_head_dims: bool | None = _P.prune_head_dims,
+        round_to: int | None = _P.round_to,
+        ignored_layers: list[str] | None = _P.ignored_layers,
+        global_pruning: bool = _P.global_pruning,
         model_attr: str | None = None,
         example_input_shape: list[int] | None = None,
-        seed: int = 0,
-        ratio_schedule: Literal["linear", "cubic"] = "linear",
-        target_macs: float | None = None,
-        target_params: float | None = None,
+        seed: int = _P.seed,
+        ratio_schedule: Literal["linear", "cubic"] = _P.ratio_schedule,  # type: ignore[assignment]
+        target_macs: float | None = _P.target_macs,
+        target_params: float | None = _P.target_params,
         regularization: Literal["l1", "l2"] | None = None,
-        reg_strength: float = 1e-4,
+        reg_strength: float = GroupSparsity.strength,
         reg_strength_end: float | None = None,
-        reg_alpha: float = 4.0,
-        prune_threshold: float | None = None,
-        reconstruct: bool = False,
-        reconstruct_layers: Literal["all", "residual"] = "all",
+        reg_alpha: float = GroupSparsity.alpha,
+        threshold: float | None = _P.threshold,
+        reconstruct: bool = _P.reconstruct,
+        reconstruct_layers: Literal["all", "residual"] = _P.reconstruct_layers,  # type: ignore[assignment]
         reconstruct_samples: int = 256,
-        reconstruct_ridge: float = 1e-3,
+        reconstruct_ridge: float = _P.reconstruct_ridge,
         widths_for: str | None = None,
     ) -> None:
         super().__init__()
+        if widths_for is not None:
+            TARGETS.check(widths_for, "widths_for")
+        #: the export format whose runtime's width rule the pruning follows (None: the defaults)
+        self.widths_for = widths_for
+        rule = width_rule(TARGETS[widths_for].pruning_defaults if widths_for else {},
+                          prune_num_heads=prune_num_heads, prune_head_dims=prune_head_dims)
         self.config = PruningConfig(
             importance=importance,
             pruning_ratio=pruning_ratio,
             iterative_steps=iterative_steps,
-            prune_num_heads=prune_num_heads,
             head_pruning_ratio=head_pruning_ratio,
-            prune_head_dims=prune_head_dims,
             round_to=round_to,
             ignored_layers=list(ignored_layers) if isinstance(ignored_layers, tuple) else ignored_layers,
             global_pruning=global_pruning,
             seed=seed,
             ratio_schedule=ratio_schedule,
-            threshold=prune_threshold,
+            threshold=threshold,
             reconstruct=reconstruct,
             reconstruct_layers=reconstruct_layers,
             reconstruct_ridge=reconstruct_ridge,
-            widths_for=widths_for,
             target_macs=target_macs,
             target_params=target_params,
+            **rule,
         )
         self.config.validate()
+        self.schedule = EventSchedule(accumulate_batches=accumulate_batches, interval=interval, start=start,
+                                      frequency=frequency)
+        self.schedule.validate()
         self.regularization = None
         self.reg_strength_end = reg_strength_end
         if regularization is not None:
@@ -217,23 +198,10 @@ class StructuredPruning(Callback):
                 check_number("reg_strength_end", reg_strength_end, minimum=0)
         elif reg_strength_end is not None:
             raise ConfigError(f"reg_strength_end={reg_strength_end!r} needs regularization='l1' or 'l2'")
-        check_int("accumulate_batches", accumulate_batches, 1)
         check_int("reconstruct_samples", reconstruct_samples, 1)
-        check_int("start", start, 0)
-        check_int("frequency", frequency, 1)
-        check_choice("interval", interval, ("epoch", "step"))
         check_model_attr(model_attr)
-        if interval == "step" and frequency < accumulate_batches:
-            raise ConfigError(
-                f"frequency={frequency} steps is shorter than accumulate_batches={accumulate_batches}: "
-                "statistics windows would overlap; allowed: frequency >= accumulate_batches"
-            )
         if example_input_shape is not None:
             check_shape("example_input_shape", example_input_shape)
-        self.accumulate_batches = accumulate_batches
-        self.interval = interval
-        self.start = start
-        self.frequency = frequency
         self.model_attr = model_attr
         self.example_input_shape = example_input_shape
         self.pruner: StructuredPruner | None = None
@@ -350,49 +318,48 @@ class StructuredPruning(Callback):
             )
 
     def _check_schedule_against_trainer(self, trainer: pl.Trainer) -> None:
-        last_window = self.start + (self.config.iterative_steps - 1) * self.frequency
-        if self.interval == "epoch":
+        schedule, events = self.schedule, self.config.iterative_steps
+        if schedule.interval == "epoch":
+            last_window = schedule.window_opens(events - 1)
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and last_window >= max_epochs:
                 raise ConfigError(
-                    f"the pruning schedule needs epoch {last_window} (start={self.start}, frequency={self.frequency}, "
-                    f"iterative_steps={self.config.iterative_steps}) but max_epochs={max_epochs}; allowed: "
-                    f"start + (iterative_steps - 1) * frequency < max_epochs"
+                    f"the pruning schedule needs epoch {last_window} ({schedule.describe(events)}) but "
+                    f"max_epochs={max_epochs}; allowed: start + (iterative_steps - 1) * frequency < max_epochs"
                 )
         else:
-            last_step = last_window + self.accumulate_batches
+            last_step = schedule.last_step(events)
             if trainer.max_steps is not None and trainer.max_steps > 0 and last_step > trainer.max_steps:
                 raise ConfigError(
-                    f"the pruning schedule needs optimizer step {last_step} (start={self.start}, frequency="
-                    f"{self.frequency}, iterative_steps={self.config.iterative_steps}, accumulate_batches="
-                    f"{self.accumulate_batches}) but max_steps={trainer.max_steps}"
+                    f"the pruning schedule needs optimizer step {last_step} ({schedule.describe(events)}) but "
+                    f"max_steps={trainer.max_steps}"
                 )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedule, events = self.schedule, self.config.iterative_steps
         batches = trainer.num_training_batches
         if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
             steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-            if self.interval == "epoch" and self.accumulate_batches > steps_per_epoch:
+            if schedule.interval == "epoch" and schedule.accumulate_batches > steps_per_epoch:
                 raise ConfigError(
-                    f"accumulate_batches={self.accumulate_batches} exceeds the {steps_per_epoch} optimizer steps of "
-                    f"one epoch; allowed: 1..{steps_per_epoch} with interval='epoch'"
+                    f"accumulate_batches={schedule.accumulate_batches} exceeds the {steps_per_epoch} optimizer steps "
+                    f"of one epoch; allowed: 1..{steps_per_epoch} with interval='epoch'"
                 )
-            if self.interval == "step" and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            if schedule.interval == "step" and trainer.max_epochs is not None and trainer.max_epochs > 0:
                 budget = steps_per_epoch * trainer.max_epochs
                 if trainer.max_steps is not None and trainer.max_steps > 0:
                     budget = min(budget, trainer.max_steps)
-                last_step = self.start + (self.config.iterative_steps - 1) * self.frequency + self.accumulate_batches
+                last_step = schedule.last_step(events)
                 if last_step > budget:
                     raise ConfigError(
                         f"the pruning schedule needs optimizer step {last_step} but this fit runs {budget} steps "
                         f"(max_epochs={trainer.max_epochs})"
                     )
-            if self.interval == "epoch":
-                last_window = (self.start + (self.config.iterative_steps - 1) * self.frequency) * steps_per_epoch
-                self._reg_last_step = last_window + self.accumulate_batches
-        if self.interval == "step":
-            self._reg_last_step = self.start + (self.config.iterative_steps - 1) * self.frequency + self.accumulate_batches
+            if schedule.interval == "epoch":
+                self._reg_last_step = schedule.last_step(events, steps_per_epoch)
+        if schedule.interval == "step":
+            self._reg_last_step = schedule.last_step(events)
         assert self.pruner is not None
         if self.pruner.stats is not None:
             self.pruner.stats.attach()  # parameters may have been replaced by a checkpoint replay
@@ -455,8 +422,8 @@ class StructuredPruning(Callback):
         if self._done():
             return False
         assert self.pruner is not None
-        opens_at = self.start + self.pruner.completed_events * self.frequency
-        now = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+        opens_at = self.schedule.window_opens(self.pruner.completed_events)
+        now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
         return now >= opens_at
 
     @override
@@ -543,7 +510,7 @@ class StructuredPruning(Callback):
         if not self._stepped:
             return  # inside a gradient-accumulation window: never prune here
         self._stepped = False
-        if self._window_open_now and self._window_steps >= self.accumulate_batches:
+        if self._window_open_now and self._window_steps >= self.schedule.accumulate_batches:
             self._prune(trainer, pl_module)
 
     @staticmethod

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..widths import head_width_step
 
 __all__ = ["MAX_GROWTH", "WidthPaddingError", "pad_widths"]
 
@@ -121,7 +122,6 @@ def _pad_mlp(mlp: nn.Module, target: int) -> list[int] | None:
 
 def _head_target(attn: nn.Module, multiple: int, max_growth: float, kept: dict[str, list[int]]) -> int:
     """The padded head dim, so that heads x dim is a multiple; refuses an attention it cannot pad."""
-    from ..pruning.pruner import head_width_step  # (imports Torch-Pruning and timm)
 
     # the pruner's round_to rule: a head's width moves in steps that keep heads x width a multiple
     target = _grown(attn.head_dim, head_width_step(multiple, attn.num_heads), max_growth, "head_dim", kept)

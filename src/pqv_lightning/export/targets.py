@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Registry
+from ..widths import WIDTH_RULE_DEFAULTS
 from .precisions import Precision
 
 __all__ = ["TARGETS", "Built", "ExportTarget", "Runner", "UnsupportedPrecisionError", "chunked", "register_target"]
@@ -78,7 +79,8 @@ class ExportTarget:
     #: to pay the padding's extra MACs
     width_multiple: ClassVar[int | None] = None
     #: pruning options under which this runtime runs pruned models fastest at equal MACs;
-    #: ``PruningConfig(widths_for=<format>)`` makes them the defaults (OpenVINO: whole heads)
+    #: ``StructuredPruning(widths_for=<format>)`` makes them the defaults (OpenVINO: whole heads; the
+    #: keys are :data:`pqv_lightning.widths.WIDTH_RULE_DEFAULTS`'s; :func:`~pqv_lightning.widths.width_rule`)
     pruning_defaults: ClassVar[dict[str, Any]] = {}
     _handlers: ClassVar[dict[type[Precision], Callable[..., Any]]] = {}
 
@@ -149,6 +151,10 @@ TARGETS: Registry[ExportTarget] = Registry("export format", argument="formats", 
 
 def register_target(cls: type[ExportTarget]) -> type[ExportTarget]:
     """Class decorator: make ``cls.format`` available to ``MobileExportConfig(formats=[...])``."""
+    unknown = sorted(set(cls.pruning_defaults) - set(WIDTH_RULE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"export format {cls.format!r}: pruning_defaults may set {sorted(WIDTH_RULE_DEFAULTS)}, "
+                          f"not {unknown}")
     TARGETS.register(cls.format, cls())
     return cls
 

@@ -23,6 +23,7 @@ Example (plain PyTorch)::
             print(event.params_after, event.macs_after)
 """
 
+
 from __future__ import annotations
 
 import copy
@@ -33,19 +34,22 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..checks import check_bool, check_choice, check_example_tensor, check_forward, check_int, check_number
+from ..checks import check_example_tensor, check_forward, check_int
 from ..errors import ConfigError
 from ..outputs import main_tensor
+from ..widths import head_width_step
 from . import tp_fixes
 from .adapters import ModelAdapter, example_inputs_for, find_adapter, no_adapter_error
+from .budget import budget_measure, count_macs, count_params, ratio_resolution, search_ratio
+from .config import RATIO_SCHEDULES, RECONSTRUCT_LAYERS, PruningConfig, check_budget_value
+from .events import PruningEvent
 from .importance import (
     IMPORTANCE,
     GradientStatistics,
@@ -56,308 +60,15 @@ from .importance import (
     tracked_weights,
 )
 from .optim import record_parameter_replacements, remap_optimizer, restore_requires_grad
-from .reconstruction import LayerFit, check_ridge, reconstruct_linears
-from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, check_threshold, coupled_groups, units_below_threshold
+from .reconstruction import LayerFit, reconstruct_linears
+from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, coupled_groups, units_below_threshold
+from .tp_fixes import FixedBasePruner
 
-__all__ = [
-    "PruningConfig",
-    "PruningEvent",
-    "StructuredPruner",
-    "count_macs",
-    "count_params",
-    "prune_once",
-    "ratio_for_budget",
-    "restore_structure",
-]
+__all__ = ["StructuredPruner", "prune_once", "ratio_for_budget", "restore_structure"]
 
 STATE_VERSION = 1
 
-
-def linear_schedule(ratio: float, steps: int) -> list[float]:
-    """Cumulative target after event k (k = 0..steps): ``ratio * k / steps``."""
-    return [ratio * k / steps for k in range(steps + 1)]
-
-
-def cubic_schedule(ratio: float, steps: int) -> list[float]:
-    """Cumulative target after event k: ``ratio * (1 - (1 - k / steps) ** 3)`` (gradual pruning)."""
-    return [ratio * (1 - (1 - k / steps) ** 3) for k in range(steps + 1)]
-
-
-RATIO_SCHEDULES = {"linear": linear_schedule, "cubic": cubic_schedule}
-
-#: ``PruningConfig.reconstruct_layers`` -> the :class:`ModelAdapter` method that names those layers
-RECONSTRUCT_LAYERS = {"all": "reconstruction_layers", "residual": "residual_writers"}
-#: the channel ratio of a :class:`PruningConfig` that sets neither a ratio nor a budget
-DEFAULT_PRUNING_RATIO = 0.25
-#: the width rule's options (attention heads) and their defaults when neither the user nor
-#: ``PruningConfig.widths_for``'s export target sets them
-WIDTH_RULE_DEFAULTS: dict[str, bool] = {"prune_num_heads": False, "prune_head_dims": True}
-
-
-@dataclass
-class PruningConfig:
-    """What to prune and how (Torch-Pruning semantics).
-
-    Args:
-        importance: a name in :data:`~pqv_lightning.pruning.importance.IMPORTANCE`: ``"taylor"``,
-            ``"hessian"`` (gradient statistics), ``"l1"``, ``"l2"`` (group weight magnitude),
-            ``"random"``, or one you registered.
-        pruning_ratio: final fraction of channels removed from every prunable dimension (embedding
-            width, head dims, MLP hidden), in ``[0, 1)``. Parameters shrink roughly by
-            ``(1 - ratio)^2``. Unset (``None``): 0.25, or derived from the budget.
-        target_macs, target_params: a budget instead of a ratio (give one, and no ``pruning_ratio``):
-            the final model's MACs / parameters, as a fraction of the unpruned model when < 1, else
-            absolute. The pruner derives the channel ratio from it before the first event
-            (:func:`ratio_for_budget`, a few pruning passes on copies) and the last event lands on the
-            budget within one channel group; with ``global_pruning=True`` every event's ratio is settled
-            on copies with that event's scores (needs a deterministic criterion).
-        iterative_steps: number of pruning events; the ratio grows linearly to its final value.
-        prune_num_heads: remove whole attention heads. Unset (``None``): ``False``, or what
-            ``widths_for``'s target prefers.
-        head_pruning_ratio: final fraction of heads removed when ``prune_num_heads`` (defaults to
-            ``pruning_ratio``).
-        prune_head_dims: remove dimensions inside every head (all heads keep equal ``head_dim``).
-            Unset (``None``): ``True``, or what ``widths_for``'s target prefers.
-        round_to: keep channel counts multiples of this (e.g. 8 for SIMD/tensor-core friendly shapes).
-        ignored_layers: dotted module names or glob patterns (relative to the pruned model) whose
-            output channels are never pruned. ``None`` means the classifier head(s).
-        global_pruning: rank channels across layers instead of the same ratio per layer.
-        seed: seed of the ``random`` criterion.
-        ratio_schedule: how the cumulative ratio grows over the events: ``"linear"`` (equal steps,
-            Torch-Pruning's default) or ``"cubic"`` (Zhu & Gupta 2017: large steps first, small ones
-            late, ``r_k = r (1 - (1 - k/n)^3)``).
-        threshold: threshold mode, alongside the ratio: at every event, after the ratio's removals,
-            also remove the units (channels with every coupled weight, see
-            :mod:`pqv_lightning.pruning.sparsity`) whose L2 norm is below ``threshold`` times the mean unit
-            norm of their group, e.g. ``0.05``; in ``(0, 1)``. Meant for group-sparsity training,
-            which drives units to zero. ``pruning_ratio=0`` leaves the threshold alone in charge.
-        reconstruct: after every event, refit Linear layers by least squares, in forward order, so
-            that the pruned network reproduces the one before the event on calibration inputs
-            (:mod:`pqv_lightning.pruning.reconstruction`); the event then needs ``calibration``
-            batches (:meth:`StructuredPruner.step`).
-        reconstruct_layers: which layers: ``"all"`` (every Linear the model adapter names, a ViT's
-            ``qkv``, ``proj``, ``fc1``, ``fc2`` and the classifier head) or ``"residual"`` (only the
-            layers that write into the residual stream, ``proj`` and ``fc2``). On the bundled
-            Fashion-MNIST ViT, one-shot 25 % / 50 % channels without training: 88.9 % / 80.4 % with
-            ``"residual"``, 90.5 % / 90.0 % with ``"all"`` (unpruned 90.9 %;
-            ``benchmarks/reconstruction_probe.py``).
-        reconstruct_ridge: the ridge of that fit, relative to the mean diagonal of ``XᵀX``.
-        widths_for: the export format (a name in :data:`~pqv_lightning.export.TARGETS`) the pruned
-            model is meant for: the options under which its runtime runs pruned models fastest at
-            equal MACs (``ExportTarget.pruning_defaults``) become the defaults of
-            ``prune_num_heads`` / ``prune_head_dims``; a value you set stays. ``"openvino"``:
-            whole heads (``prune_num_heads=True, prune_head_dims=False``), 1.12x faster int8 on
-            DeiT-base at 25 % with AMX, at an accuracy cost (Fashion-MNIST proxy, 3 heads, 25 %:
-            -0.94 pt; docs/pruning.md). ``"pte"``, ``"onnx"``, ``"ptl"``: nothing changes.
-    """
-
-    importance: str = "taylor"
-    pruning_ratio: float | None = None
-    iterative_steps: int = 1
-    prune_num_heads: bool | None = None
-    head_pruning_ratio: float | None = None
-    prune_head_dims: bool | None = None
-    round_to: int | None = None
-    ignored_layers: list[str] | None = None
-    global_pruning: bool = False
-    seed: int = 0
-    ratio_schedule: str = "linear"
-    threshold: float | None = None
-    reconstruct: bool = False
-    reconstruct_layers: str = "all"
-    reconstruct_ridge: float = 1e-3
-    widths_for: str | None = None
-    target_macs: float | None = None
-    target_params: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.pruning_ratio is None and not self.budget:
-            self.pruning_ratio = DEFAULT_PRUNING_RATIO
-        preferred: dict[str, Any] = {}
-        if self.widths_for is not None:
-            from ..export.targets import TARGETS
-
-            TARGETS.check(self.widths_for, "widths_for")
-            preferred = TARGETS[self.widths_for].pruning_defaults
-            unknown = sorted(set(preferred) - set(WIDTH_RULE_DEFAULTS))
-            if unknown:
-                raise ConfigError(f"export format {self.widths_for!r}: pruning_defaults may set "
-                                  f"{sorted(WIDTH_RULE_DEFAULTS)}, not {unknown}")
-        for name, default in WIDTH_RULE_DEFAULTS.items():
-            if getattr(self, name) is None:  # unset: the target's choice, else the default
-                setattr(self, name, preferred.get(name, default))
-
-    def validate(self) -> None:
-        check_choice("ratio_schedule", self.ratio_schedule, sorted(RATIO_SCHEDULES))
-        if not isinstance(self.importance, str):
-            raise ConfigError(f"importance={self.importance!r} must be a registered name; allowed: {IMPORTANCE.names()}")
-        IMPORTANCE.check(self.importance)
-        for name in (*WIDTH_RULE_DEFAULTS, "global_pruning", "reconstruct"):
-            check_bool(name, getattr(self, name))
-        budget = self.budget
-        if len(budget) > 1:
-            raise ConfigError(f"give one budget, not both: {budget}")
-        for name, value in budget.items():
-            check_budget_value(name, value)
-            if self.pruning_ratio is not None:
-                raise ConfigError(f"give a pruning_ratio ({self.pruning_ratio!r}) or a budget ({name}={value!r}), "
-                                  "not both")
-            if self.global_pruning and not IMPORTANCE[self.importance].deterministic:
-                raise ConfigError(f"a budget ({name}={value!r}) with global_pruning=True needs a deterministic "
-                                  f"criterion, not importance={self.importance!r}")
-        if not budget:
-            _check_ratio("pruning_ratio", self.pruning_ratio)
-        if self.head_pruning_ratio is not None:
-            _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
-            if not self.prune_num_heads:
-                raise ConfigError(f"head_pruning_ratio={self.head_pruning_ratio!r} has no effect with "
-                                  "prune_num_heads=False; allowed: prune_num_heads=True, or no head_pruning_ratio")
-        check_int("iterative_steps", self.iterative_steps, minimum=1)
-        if self.round_to is not None:
-            check_int("round_to", self.round_to, minimum=1)
-        check_int("seed", self.seed)
-        if self.ignored_layers is not None and (
-                not isinstance(self.ignored_layers, (list, tuple)) or not all(isinstance(n, str) for n in self.ignored_layers)):
-            raise ConfigError(f"ignored_layers={self.ignored_layers!r} must be None or a list of module names or glob "
-                              "patterns, e.g. ['head', 'blocks.0.*']")
-        if self.threshold is not None:
-            check_threshold(self.threshold)
-        check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
-        check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
-
-    @property
-    def budget(self) -> dict[str, float]:
-        """``{"target_macs": x}``, ``{"target_params": x}`` or ``{}``: the budgets that are set."""
-        return {k: v for k, v in (("target_macs", self.target_macs), ("target_params", self.target_params))
-                if v is not None}
-
-    @property
-    def effective_head_ratio(self) -> float:
-        if not self.prune_num_heads:
-            return 0.0
-        return self.pruning_ratio if self.head_pruning_ratio is None else self.head_pruning_ratio
-
-
-def _check_ratio(name: str, value: Any) -> None:
-    check_number(name, value, minimum=0, maximum=1, max_open=True)
-
-
-@dataclass
-class PruningEvent:
-    """What one pruning event did."""
-
-    index: int  # 1-based event number
-    target_ratio: float  # cumulative channel ratio asked for at this event
-    ratio_reached: float  # fraction of prunable output channels actually removed so far
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    seconds: float  # wall time of the structural change (scoring, removal, optimizer remap)
-    widths: dict[str, list[int]] = field(default_factory=dict)  # layer -> [in, out] after the event
-    heads: dict[str, int] = field(default_factory=dict)  # attention module -> heads after the event
-    optimizer_params_remapped: int = 0
-    statistics_steps: int = 0  # optimizer steps whose gradients scored this event (gradient criteria)
-    statistics_samples: int = 0  # gradient evaluations folded in (micro-batches for hessian)
-    removed_by_ratio: int = 0  # prunable channels (group root channels) the ratio rule removed at this event
-    removed_by_threshold: int = 0  # ... and the threshold rule (threshold mode)
-    # reconstruction: mean relative error of the refitted layers on the calibration inputs, before / after
-    reconstruction_error_before: float | None = None
-    reconstruction_error_after: float | None = None
-
-    def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
-        extra = {} if self.reconstruction_error_after is None else {
-            f"{prefix}reconstruction_error_before": float(self.reconstruction_error_before or 0.0),
-            f"{prefix}reconstruction_error_after": float(self.reconstruction_error_after)}
-        return {**extra,
-            f"{prefix}event": float(self.index),
-            f"{prefix}params": float(self.params_after),
-            f"{prefix}macs": float(self.macs_after),
-            f"{prefix}target_ratio": self.target_ratio,
-            f"{prefix}ratio_reached": self.ratio_reached,
-            f"{prefix}event_seconds": self.seconds,
-            f"{prefix}removed_by_ratio": float(self.removed_by_ratio),
-            f"{prefix}removed_by_threshold": float(self.removed_by_threshold),
-        }
-
-
-def head_width_step(round_to: int, heads: int) -> int:
-    """The step in which a head's width may move so that ``heads x width`` stays a multiple of
-    ``round_to`` (``round_to`` itself for a group of one)."""
-    return round_to // math.gcd(round_to, heads)
-
-
-def head_dims_to_remove(head_width: int, n_pruned: int, heads: int, round_to: int) -> int:
-    """How many dims to remove from each of ``heads`` heads of width ``head_width`` when ``n_pruned``
-    are asked for and the total width must stay a multiple of ``round_to``: the kept width is rounded
-    down to a multiple of :func:`head_width_step`, and never below one such step."""
-    step = head_width_step(round_to, heads)
-    kept = (head_width - n_pruned) // step * step
-    kept = max(kept, min(step, head_width))
-    return max(head_width - kept, 0)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass (matmuls, convs and attention; PyTorch's counter)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example_inputs)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops() // 2)
-
-
 tp_fixes.install()  # channel chunks of token tensors (fused SwiGLU): see pruning/tp_fixes.py
-
-
-class _BasePruner(tp.pruner.BasePruner):
-    """Torch-Pruning's pruner with two 1.6.1 bugs fixed.
-
-    * Local head pruning made cumulative: 1.6.1 removes ``ceil(ratio_k * current_heads)`` heads at
-      step ``k`` although ``ratio_k`` is a cumulative target, so 6 heads at 50 % go 6 -> 5 -> 3 -> 1.
-      Here the ratio handed to that formula is rewritten so that after step ``k`` exactly
-      ``max(1, int(initial_heads * (1 - ratio_k)))`` heads remain.
-    * ``round_to`` on head dims: 1.6.1 rounds ``total width - per-head count`` (e.g. 96 - 4 = 92 ->
-      88 with ``round_to=8``) and then removes the difference from *every* head, so a 6-head,
-      head-dim-16 attention pruned 25 % ends at head dim 8 instead of 12 (and 64 -> 32 for DeiT-base
-      with ``round_to=32``). Here a head's width is rounded down to the smallest multiple that keeps
-      the total width (``heads x head dim``) a multiple of ``round_to``.
-    """
-
-    _rounding_groups = 1  # channel groups (heads) of the attention group being pruned, for _round_to
-
-    def _is_atten_group(self, group):  # noqa: D401 - TP override
-        is_attn, qkv_layers = super()._is_atten_group(group)
-        # 1.6.1 calls this for each group right before it rounds that group's count (_round_to)
-        self._rounding_groups = self._get_channel_groups(group) if is_attn else 1
-        return is_attn, qkv_layers
-
-    def _round_to(self, n_pruned, current_channels, round_to):  # noqa: D401 - TP override
-        groups = self._rounding_groups
-        if groups <= 1 or current_channels % groups:
-            return super()._round_to(n_pruned, current_channels, round_to)
-        return head_dims_to_remove(current_channels // groups, n_pruned, groups, round_to)
-
-    def get_target_head_pruning_ratio(self, module) -> float:  # noqa: D401 - TP override
-        cumulative = super().get_target_head_pruning_ratio(module)
-        if self.global_pruning or cumulative <= 0:
-            return cumulative
-        initial, current = self.init_num_heads.get(module), self.num_heads.get(module)
-        if not initial or not current:
-            return cumulative
-        target = max(1, int(initial * (1 - cumulative)))
-        remove = current - target
-        if remove <= 0:
-            return 0.0
-        # ceil((remove - 0.5) / current * current) == remove, immune to float round-off
-        return (remove - 0.5) / current
 
 
 class StructuredPruner:
@@ -430,7 +141,7 @@ class StructuredPruner:
             # DepGraph traces a forward with autograd (asserts grad mode) and leaves eval() on.
             # A tracing input that requires grad keeps frozen first layers in the graph.
             with torch.enable_grad():
-                self._tp = _BasePruner(
+                self._tp = FixedBasePruner(
                     model,
                     example_inputs.detach().clone().requires_grad_(True),
                     importance=self.importance,
@@ -628,7 +339,7 @@ class StructuredPruner:
         """The smallest cumulative ratio at which this event, ranking channels globally with the
         scores gathered for it, meets its share of the budget (:meth:`event_budget`). Each trial prunes
         a copy of the model with a pruner that carries this one's statistics and initial channel counts;
-        trials are placed by interpolation (:func:`_search_ratio`)."""
+        trials are placed by interpolation (:func:`search_ratio`)."""
         assert self.budget
         name = next(iter(self.budget))
         event = self.completed_events + 1
@@ -645,16 +356,16 @@ class StructuredPruner:
             if stats_state is not None and trial.stats is not None:
                 trial.stats.load_state_dict(stats_state)
             trial.step()
-            return _budget_measure(trial_model, name, self._example())
+            return budget_measure(trial_model, name, self._example())
 
         # global ranking: one step of the ratio removes one channel of all the prunable channels
         resolution = 1.0 / max(1, int(self._tp.initial_total_channels))
-        now = _budget_measure(self.model, name, self._example())
+        now = budget_measure(self.model, name, self._example())
         if now <= absolute:  # already within this event's share: the smallest step the schedule allows
             return done + resolution
         # the measure of a global ranking has cliffs (a ratio where many channels of one layer go at once):
         # more passes than the smooth uniform case needs
-        ratio, _ = _search_ratio(after, absolute, done, now, resolution, max_passes=14)
+        ratio, _ = search_ratio(after, absolute, done, now, resolution, max_passes=14)
         if ratio is None:
             raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
                               f"{self.iterative_steps} (tried cumulative ratios up to 0.99)")
@@ -928,13 +639,6 @@ def _check_model_and_config(model: Any, config: Any) -> PruningConfig:
     return config
 
 
-def check_budget_value(name: str, value: Any) -> None:
-    """A MAC / parameter budget is a finite number > 0 (a fraction when < 1, else absolute)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned model "
-                          "or an absolute count")
-
-
 def ratio_for_budget(
     model: nn.Module,
     config: PruningConfig | None = None,
@@ -948,7 +652,7 @@ def ratio_for_budget(
     """The smallest channel ``pruning_ratio`` at which ``model`` pruned with ``config`` has at most
     ``target_macs`` MACs or ``target_params`` parameters (absolute, or a fraction of the unpruned model
     when < 1; default: ``config``'s budget). ``model`` is not changed: every trial prunes a copy, and
-    the trials are placed by interpolation (:func:`_search_ratio`), so the search costs a few pruning
+    the trials are placed by interpolation (:func:`search_ratio`), so the search costs a few pruning
     passes (at most ``max_passes``; 2-7 on the families tried: ViT, DeiT-S, ResNet, ConvNeXt).
 
     With uniform allocation (``global_pruning=False``, the default) each layer keeps the same share of
@@ -977,7 +681,7 @@ def ratio_for_budget(
         example_inputs = example_inputs_for(model, adapter)
     (name, target), = budget.items()
     check_budget_value(name, target)
-    full = _budget_measure(model, name, example_inputs)
+    full = budget_measure(model, name, example_inputs)
     absolute = target * full if target < 1 else target
     if absolute >= full:
         raise ConfigError(f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
@@ -989,102 +693,10 @@ def ratio_for_budget(
         trial = copy.deepcopy(model)
         prune_once(trial, dataclasses.replace(trial_config, pruning_ratio=ratio), example_inputs=example_inputs,
                    adapter=adapter)
-        return _budget_measure(trial, name, example_inputs)
+        return budget_measure(trial, name, example_inputs)
 
-    ratio, smallest = _search_ratio(after, absolute, 0.0, full, ratio_resolution(model), max_passes=max_passes)
+    ratio, smallest = search_ratio(after, absolute, 0.0, full, ratio_resolution(model), max_passes=max_passes)
     if ratio is None:
         raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning up to 99 % of the channels "
                           f"leaves at least {smallest:,.0f} (ignored layers and the layers its adapter keeps whole keep the rest)")
     return ratio
-
-
-def ratio_resolution(model: nn.Module) -> float:
-    """The step in channel ratio below which no layer's width can change: one channel of the widest layer."""
-    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
-    widths += [m.out_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    return 1.0 / max(widths or [1])
-
-
-def _search_ratio(measure: Callable[[float], float], absolute: float, lo: float, lo_value: float,
-                  resolution: float, *, top: float = 0.99, max_passes: int = 8) -> tuple[float | None, float]:
-    """The smallest ratio in ``(lo, top]`` whose ``measure`` (MACs / parameters after pruning a copy) is at
-    most ``absolute``, to within ``resolution``, and the smallest measure seen; ``(None, smallest)``
-    when none is found. ``lo`` (measure ``lo_value``) does not meet the budget.
-
-    Every pruning pass is expensive, so trials are placed by interpolation, not bisection: MACs and
-    parameters are close to a quadratic in the kept share ``k = 1 - ratio`` (products of two pruned
-    widths, linear terms, and what is never pruned), fitted through the passes seen so far and solved
-    for the budget; once the crossing is bracketed, a trial lands half a resolution step beyond the
-    prediction on the side the last one did not cover, so an accurate fit closes the bracket in two
-    passes. Interpolation that leaves the bracket falls back to its midpoint. The measure need not fall
-    monotonically at extreme ratios (Torch-Pruning leaves a group whole once a ratio would empty it), so
-    the search never jumps to ``top`` unless the fit points there. At most ``max_passes`` passes; the
-    smallest ratio known to meet the budget is returned then.
-    """
-    points: dict[float, float] = {lo: float(lo_value)}
-    hi: float | None = None
-    last_met: bool | None = None
-    widths: list[float] = []  # the bracket's width before every pass
-    for _ in range(max_passes):
-        upper = top if hi is None else hi
-        if hi is not None and hi - lo <= resolution:
-            break
-        if hi is None and lo >= top:
-            break
-        widths.append(upper - lo)
-        if hi is not None and len(widths) >= 3 and widths[-1] > widths[-3] / 2:
-            guess = (lo + hi) / 2  # interpolation stalls (a flat step of the measure): bisect once
-        else:
-            guess = _interpolate(points, absolute, lo, upper, hi is not None)
-            if last_met is not None and hi is not None:  # close the bracket from the side not yet covered
-                guess += resolution / 2 if not last_met else -resolution / 2
-        # strictly inside (lo, upper); top itself may be tried once nothing below it meets the budget
-        guess = min(max(guess, lo + resolution / 2), upper - resolution / 2 if hi is not None else top)
-        if guess in points:
-            guess = (lo + upper) / 2
-        value = float(measure(guess))
-        points[guess] = value
-        last_met = value <= absolute
-        if last_met:
-            hi = guess
-        else:
-            lo = guess
-    return hi, min(points.values())
-
-
-def _interpolate(points: dict[float, float], absolute: float, lo: float, upper: float, bracketed: bool) -> float:
-    """Where a quadratic in the kept share through three (ratio, measure) ``points`` crosses ``absolute``:
-    the bracket's ends and the point nearest the budget besides them once ``bracketed`` (close points on
-    one flat step of the measure would make the fit extrapolate wildly), else the nearest to the budget;
-    the midpoint of ``(lo, upper)`` when the fit gives no crossing there."""
-    ends = [(lo, points[lo]), (upper, points[upper])] if bracketed else []
-    rest = sorted((p for p in points.items() if p[0] not in (lo, upper) or not bracketed),
-                  key=lambda p: abs(p[1] - absolute))
-    near = (ends + rest)[:3]
-    ks = [1.0 - r for r, _ in near]
-    ys = [v for _, v in near]
-    try:
-        if len(near) == 1:  # y = a k^2
-            coeffs = [ys[0] / ks[0] ** 2, 0.0, 0.0]
-        elif len(near) == 2:  # y = a k^2 + c
-            a = (ys[0] - ys[1]) / (ks[0] ** 2 - ks[1] ** 2)
-            coeffs = [a, 0.0, ys[0] - a * ks[0] ** 2]
-        else:
-            coeffs = [float(c) for c in torch.linalg.solve(
-                torch.tensor([[k * k, k, 1.0] for k in ks], dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))]
-    except (ZeroDivisionError, RuntimeError):
-        return (lo + upper) / 2
-    a, b, c = coeffs
-    c -= absolute
-    if abs(a) < 1e-12:
-        roots = [-c / b] if abs(b) > 1e-12 else []
-    else:
-        disc = b * b - 4 * a * c
-        roots = [(-b + sign * math.sqrt(disc)) / (2 * a) for sign in (1, -1)] if disc >= 0 else []
-    inside = [1.0 - k for k in roots if lo < 1.0 - k < upper]
-    return min(inside, key=lambda r: abs(r - (lo + upper) / 2)) if inside else (lo + upper) / 2
-
-
-def _budget_measure(model: nn.Module, name: str, example_inputs: torch.Tensor) -> int:
-    """What a budget named ``name`` counts: MACs for ``target_macs``, else parameters."""
-    return count_macs(model, example_inputs) if name == "target_macs" else count_params(model)

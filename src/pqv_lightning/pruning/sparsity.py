@@ -91,7 +91,7 @@ def _check_number(name: str, value: Any, minimum: float, allowed: str) -> None:
 def check_threshold(value: Any) -> None:
     """A threshold is relative to the mean unit norm of a group: a number in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1:
-        raise ConfigError(f"prune_threshold={value!r} is out of range; allowed: a number in (0, 1) (relative to the "
+        raise ConfigError(f"threshold={value!r} is out of range; allowed: a number in (0, 1) (relative to the "
                           "mean unit norm of each group)")
 
 

@@ -18,11 +18,14 @@ made it. Installed once, process-wide, when :mod:`pqv_lightning.pruning` is impo
 
 from __future__ import annotations
 
+import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.dependency import shape_infer as tp_shape_infer
 
-__all__ = ["install"]
+from ..widths import head_dims_to_remove
+
+__all__ = ["FixedBasePruner", "install"]
 
 
 def _channel_chunk(node) -> bool:
@@ -70,3 +73,46 @@ def install() -> None:
 
     update_index_mapping._pqv_channel_chunks = True  # type: ignore[attr-defined]
     tp_index_mapping.update_index_mapping = update_index_mapping
+
+
+class FixedBasePruner(tp.pruner.BasePruner):
+    """Torch-Pruning's pruner with two 1.6.1 bugs fixed.
+
+    * Local head pruning made cumulative: 1.6.1 removes ``ceil(ratio_k * current_heads)`` heads at
+      step ``k`` although ``ratio_k`` is a cumulative target, so 6 heads at 50 % go 6 -> 5 -> 3 -> 1.
+      Here the ratio handed to that formula is rewritten so that after step ``k`` exactly
+      ``max(1, int(initial_heads * (1 - ratio_k)))`` heads remain.
+    * ``round_to`` on head dims: 1.6.1 rounds ``total width - per-head count`` (e.g. 96 - 4 = 92 ->
+      88 with ``round_to=8``) and then removes the difference from *every* head, so a 6-head,
+      head-dim-16 attention pruned 25 % ends at head dim 8 instead of 12 (and 64 -> 32 for DeiT-base
+      with ``round_to=32``). Here a head's width is rounded down to the smallest multiple that keeps
+      the total width (``heads x head dim``) a multiple of ``round_to``.
+    """
+
+    _rounding_groups = 1  # channel groups (heads) of the attention group being pruned, for _round_to
+
+    def _is_atten_group(self, group):  # noqa: D401 - TP override
+        is_attn, qkv_layers = super()._is_atten_group(group)
+        # 1.6.1 calls this for each group right before it rounds that group's count (_round_to)
+        self._rounding_groups = self._get_channel_groups(group) if is_attn else 1
+        return is_attn, qkv_layers
+
+    def _round_to(self, n_pruned, current_channels, round_to):  # noqa: D401 - TP override
+        groups = self._rounding_groups
+        if groups <= 1 or current_channels % groups:
+            return super()._round_to(n_pruned, current_channels, round_to)
+        return head_dims_to_remove(current_channels // groups, n_pruned, groups, round_to)
+
+    def get_target_head_pruning_ratio(self, module) -> float:  # noqa: D401 - TP override
+        cumulative = super().get_target_head_pruning_ratio(module)
+        if self.global_pruning or cumulative <= 0:
+            return cumulative
+        initial, current = self.init_num_heads.get(module), self.num_heads.get(module)
+        if not initial or not current:
+            return cumulative
+        target = max(1, int(initial * (1 - cumulative)))
+        remove = current - target
+        if remove <= 0:
+            return 0.0
+        # ceil((remove - 0.5) / current * current) == remove, immune to float round-off
+        return (remove - 0.5) / current
