@@ -9,7 +9,7 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from pqv_lightning.models import ImageClassifier  # noqa: E402
+from pqv_lightning.classifier import ImageClassifier  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -36,45 +36,77 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def _imports_of(prefixes: tuple[str, ...]) -> dict[str, set[str]]:
-    return {m: deps for m, deps in import_graph().items() if m.startswith(prefixes)}
+#: every module of the package, by layer (a module missing here fails the layout test: place it)
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": ("_lazy", "_version", "errors", "checks", "registry", "fileio", "settings", "widths", "outputs"),
+    "library": ("pruning", "export", "distillation", "models"),
+    "lightning": ("callbacks", "classifier", "data"),
+    "apps": ("apps", "__main__"),
+}
+ORDER = list(LAYERS)
 
 
-def test_layers_point_one_way():
-    apps = f"{PACKAGE}.apps"
-    for mod, deps in import_graph().items():
-        if not mod.startswith(apps) and mod not in (PACKAGE, f"{PACKAGE}.__main__", f"{PACKAGE}._compat"):
-            assert not {d for d in deps if d.startswith(apps)}, f"{mod} imports an application module"
-    library = tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "checks", "fileio", "settings",
-                                              "outputs", "distillation"))
-    for mod, deps in _imports_of(library).items():
-        assert not {d for d in deps if d.startswith(f"{PACKAGE}.callbacks")}, f"{mod} imports the callbacks"
+def layer_of(module: str) -> str | None:
+    """The layer of a module (``pqv_lightning.pruning.pruner`` -> "library"); None for the root package
+    (its names load lazily, from every layer) and for a module no layer lists."""
+    if module == PACKAGE:
+        return None
+    top = module.removeprefix(PACKAGE + ".").split(".")[0]
+    return next((layer for layer, tops in LAYERS.items() if top in tops), None)
 
 
-def test_the_library_never_imports_lightning():
-    library = [p for p in ROOT.rglob("*.py") if module_name(p).startswith(
-        tuple(f"{PACKAGE}.{p}" for p in ("pruning", "export", "registry", "errors", "checks", "fileio", "settings",
-                                        "outputs", "distillation")))]
-    assert len(library) > 15
-    for path in library:
-        text = path.read_text()
-        assert not re.search(r"^\s*(import lightning|from lightning)", text, re.M), path
+def test_every_module_has_a_layer():
+    unplaced = [m for m in import_graph() if m != PACKAGE and layer_of(m) is None]
+    assert unplaced == []
 
 
-@pytest.mark.parametrize("old,new", [("pqv_lightning.importance", "pqv_lightning.pruning.importance"),
-                                     ("pqv_lightning.sweep", "pqv_lightning.apps.sweep"),
-                                     ("pqv_lightning.checkpoint", "pqv_lightning.callbacks.checkpoint")])
-def test_old_module_paths_forward_with_a_deprecation_warning(old, new):
-    import sys
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that point up a layer, or between the two library packages (pruning and export share
+    only what lies below both: ``widths``)."""
+    found = []
+    for mod, deps in graph.items():
+        here = layer_of(mod)
+        for dep in deps:
+            there = layer_of(dep)
+            if here is None or there is None:
+                continue
+            if ORDER.index(there) > ORDER.index(here):
+                found.append(f"{mod} ({here}) imports {dep} ({there})")
+            tops = {x.removeprefix(PACKAGE + ".").split(".")[0] for x in (mod, dep)}
+            if tops == {"pruning", "export"}:
+                found.append(f"{mod} imports {dep}: pruning and export do not import each other")
+    return found
 
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
-    target = importlib.import_module(new)
-    public = [n for n in getattr(target, "__all__", []) if not n.startswith("_")]
-    assert public and all(getattr(module, n) is getattr(target, n) for n in public)
+
+def test_layers_point_one_way_and_pruning_and_export_stay_apart():
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_layer_check_finds_what_the_old_tree_had():
+    """The 0.1 tree's walls that leaked: the pruner read export's targets, padding read the pruner,
+    models.py (library) held the LightningModule."""
+    old = {f"{PACKAGE}.pruning.pruner": {f"{PACKAGE}.export.targets"},
+           f"{PACKAGE}.export.padding": {f"{PACKAGE}.pruning.pruner"},
+           f"{PACKAGE}.models": {f"{PACKAGE}.callbacks.structured_pruning"},
+           f"{PACKAGE}.widths": set()}
+    assert layer_violations(old) == [
+        f"{PACKAGE}.pruning.pruner imports {PACKAGE}.export.targets: pruning and export do not import each other",
+        f"{PACKAGE}.export.padding imports {PACKAGE}.pruning.pruner: pruning and export do not import each other",
+        f"{PACKAGE}.models (library) imports {PACKAGE}.callbacks.structured_pruning (lightning)"]
+    assert lightning_imports({"models.py": "import torch\nimport lightning.pytorch as pl\n"}) == ["models.py"]
+
+
+def lightning_imports(sources: dict[str, str]) -> list[str]:
+    """The sources (name -> text) that import Lightning at any level (function-level imports too)."""
+    return [name for name, text in sources.items()
+            if re.search(r"^\s*(import (lightning|pytorch_lightning)|from (lightning|pytorch_lightning)\b)", text, re.M)]
+
+
+def test_foundation_and_library_never_import_lightning():
+    below = {str(p): p.read_text() for p in ROOT.rglob("*.py")
+             if layer_of(module_name(p)) in ("foundation", "library")}
+    assert len(below) > 30
+    assert lightning_imports(below) == []
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -14,7 +14,7 @@ from pqv_lightning import KnowledgeDistillation, MobileExport, StructuredPruning
 from pqv_lightning.apps.cli import main
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import MobileExportConfig, export_mobile
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, ratio_for_budget
 
 from conftest import make_trainer, random_loader, tiny_vit

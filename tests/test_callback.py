@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from pqv_lightning import CHECKPOINT_KEY, StructuredPruning, load_pruned_checkpoint
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 
 from conftest import make_trainer, random_loader
 

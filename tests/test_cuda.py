@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pqv_lightning import MobileExport, StructuredPruning
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 
 from conftest import make_trainer, random_loader
 

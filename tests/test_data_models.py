@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pqv_lightning.data import DEFAULT_FMNIST_DIR, FashionMNISTDataModule, read_idx
-from pqv_lightning.models import ImageClassifier, create_vit, load_vit_checkpoint, paper_model, save_vit_checkpoint
+from pqv_lightning.classifier import ImageClassifier
+from pqv_lightning.models import create_vit, load_vit_checkpoint, paper_model, save_vit_checkpoint
 from pqv_lightning.apps.recipes import default_checkpoint, evaluate, train_vit_checkpoint
 
 from pathlib import Path

@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from pqv_lightning import KnowledgeDistillation, StructuredPruning
 from pqv_lightning.distillation import distillation_loss, frozen_teacher, teacher_logits
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.models import ImageClassifier, save_vit_checkpoint
+from pqv_lightning.classifier import ImageClassifier
+from pqv_lightning.models import save_vit_checkpoint
 
 from conftest import make_trainer, random_loader, tiny_vit
 

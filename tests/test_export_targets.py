@@ -382,3 +382,27 @@ def test_missing_extra_is_named_before_any_work(tmp_path, monkeypatch):
         MobileExportConfig(formats=["openvino"]).validate()
     with pytest.raises(ValueError, match=r"formats=\['tflite'\]: unknown \['tflite'\]; allowed: \["):
         MobileExportConfig(formats=["tflite"]).validate()
+
+
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static"])
+def test_ptl_int8_reads_per_channel(name):
+    """``.ptl`` quantization honours ``per_channel`` (it ignored it: every int8-dynamic file was per
+    tensor whatever the config said) on every engine this torch has."""
+    from dataclasses import replace
+
+    from pqv_lightning.export import PRECISIONS
+    from pqv_lightning.export.torchscript_target import quantize_torch_ao
+    from pqv_lightning.settings import quantized_engine
+
+    model, x = tiny_vit().eval(), torch.randn(2, 1, 32, 32)
+    for engine in [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines]:
+        schemes = {}
+        for per_channel in (True, False):
+            precision = replace(PRECISIONS[name], per_channel=per_channel)
+            with quantized_engine(engine):
+                q = quantize_torch_ao(model, precision, engine, x, [x])
+                fc1 = q.get_submodule("blocks.0.mlp.fc1")
+                weight = fc1.weight() if callable(fc1.weight) else fc1.weight
+                assert q(x).shape == (2, 10)
+            schemes[per_channel] = weight.qscheme()
+        assert schemes == {True: torch.per_channel_affine, False: torch.per_tensor_affine}, (engine, schemes)

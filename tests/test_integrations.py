@@ -9,7 +9,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqv_lightning import StructuredPruning
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 
 from conftest import make_trainer, random_loader
 

@@ -14,7 +14,7 @@ from torch import nn
 from pqv_lightning import StructuredPruning
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import MobileExportConfig, export_mobile
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, restore_structure
 from pqv_lightning.pruning.adapters import ModelAdapter, find_adapter, register_adapter, ADAPTERS
 

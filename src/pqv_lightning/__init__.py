@@ -9,10 +9,7 @@ only loads an exported file. ``from pqv_lightning import MobileExport`` works as
 from __future__ import annotations
 
 from ._version import __version__
-from . import _compat
 from ._lazy import lazy_names
-
-_compat.install()
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqv_lightning import KnowledgeDistillation, StructuredPruning
-from pqv_lightning.models import ImageClassifier
+from pqv_lightning.classifier import ImageClassifier
 
 
 def _digest(module) -> str:

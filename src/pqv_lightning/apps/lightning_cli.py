@@ -1,6 +1,6 @@
 """LightningCLI for the plugin: ``pqv fit --config x.yaml`` (configs in ``examples/configs/``).
 
-The model is :class:`~pqv_lightning.models.ImageClassifier` (any timm model by name, or a
+The model is :class:`~pqv_lightning.classifier.ImageClassifier` (any timm model by name, or a
 Fashion-MNIST ViT checkpoint); the data is any LightningDataModule subclass
 (``pqv_lightning.data.FashionMNISTDataModule``, ``pqv_lightning.data.ImageFolderDataModule``...);
 the plugin's callbacks go under ``trainer.callbacks`` as ``class_path: pqv_lightning.StructuredPruning``.
@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import logger_levels
-from ..models import ImageClassifier
+from ..classifier import ImageClassifier
 
 __all__ = ["run_cli"]
 

@@ -16,7 +16,8 @@ import torch
 from ..errors import ConfigError
 from ..callbacks import KnowledgeDistillation, StructuredPruning
 from ..data import FashionMNISTDataModule
-from ..models import ImageClassifier, bundled_checkpoint
+from ..classifier import ImageClassifier
+from ..models import bundled_checkpoint
 from ..callbacks.structured_pruning import ITERATIVE_STEPS
 from ..pruning import EventSchedule, PruningConfig, count_macs, count_params
 from ..pruning.config import DEFAULT_PRUNING_RATIO

@@ -40,12 +40,21 @@ def linears_read_directly(model: nn.Module) -> list[str]:
     return found
 
 
-def quantize_linears_dynamic(model: nn.Module, dtype: torch.dtype = torch.qint8) -> nn.Module:
+def quantize_linears_dynamic(model: nn.Module, dtype: torch.dtype = torch.qint8, per_channel: bool = False) -> nn.Module:
     """``quantize_dynamic`` of every Linear layer except :func:`linears_read_directly` (``qint8`` or
-    ``float16`` weights, ``torch.ao``'s default dynamic qconfig for that type)."""
-    from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, quantize_dynamic
+    ``float16`` weights, ``torch.ao``'s dynamic qconfig for that type; ``qint8`` with one weight scale
+    per output channel when ``per_channel``, else per tensor)."""
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float16_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
 
-    qconfig = float16_dynamic_qconfig if dtype == torch.float16 else default_dynamic_qconfig
+    if dtype == torch.float16:
+        qconfig = float16_dynamic_qconfig
+    else:
+        qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     keep = set(linears_read_directly(model))
     spec = {name: qconfig for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in keep}
     return quantize_dynamic(model, spec, dtype=dtype)

@@ -116,18 +116,21 @@ def _fp16(model, precision, engine, example, calibration):
 
 @TorchScriptTarget.handles(Int8Dynamic)
 def _int8_dynamic(model, precision, engine, example, calibration):
-    # torch.ao's dynamic default for every engine (per-tensor weights); ``per_channel`` is not read here;
-    # Linear layers whose weight the model reads itself (BEiT, EVA attention) stay fp32 (eager_quant)
-    return quantize_linears_dynamic(model, torch.qint8)
+    # weights per channel or per tensor as ``precision.per_channel`` says (every engine runs both); Linear
+    # layers whose weight the model reads itself (BEiT, EVA attention) stay fp32 (eager_quant)
+    return quantize_linears_dynamic(model, torch.qint8, per_channel=precision.per_channel)
 
 
 @TorchScriptTarget.handles(Int8Static)
 def _int8_static(model, precision, engine, example, calibration):
-    # the engine's default qconfig (its own weight observer); ``per_channel`` is not read here
-    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    # the engine's default activation observer; weights per channel or per tensor as ``precision.per_channel``
+    # says (the engines' own defaults differ: x86 / FBGEMM per channel, QNNPACK per tensor)
+    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.observer import default_per_channel_weight_observer, default_weight_observer
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    qconfig = get_default_qconfig(engine)
+    weight = default_per_channel_weight_observer if precision.per_channel else default_weight_observer
+    qconfig = QConfig(activation=get_default_qconfig(engine).activation, weight=weight)
     mapping = QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
     prepared = prepare_fx(model, mapping, (example,))
     with torch.no_grad():
