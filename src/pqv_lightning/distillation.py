@@ -6,22 +6,49 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_number
+from .checks import check_bool, check_number
 from .errors import ConfigError
 from .outputs import logits_of
 
-__all__ = ["TEACHER_PRECISIONS", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
+__all__ = ["TEACHER_PRECISIONS", "DistillationConfig", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
            "teacher_logits"]
 
 #: How the teacher runs: ``fp32``; ``bf16`` (autocast on the input's device); ``fp16`` (a half
 #: copy, CUDA only); ``int8-dynamic`` (PyTorch dynamic int8 Linear layers, CPU only).
 TEACHER_PRECISIONS = ("fp32", "bf16", "fp16", "int8-dynamic")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """How a student learns from its teacher (``KnowledgeDistillation`` is built from it).
+
+    Args:
+        alpha: weight of the distillation term, in ``[0, 1]``: the loss becomes
+            ``(1 - alpha) * loss + alpha * distillation``.
+        tau: softmax temperature, > 0.
+        teacher_precision: how the teacher runs, one of :data:`TEACHER_PRECISIONS`: ``"fp32"``,
+            ``"bf16"`` (autocast, cheaper on CPUs with bf16 units), ``"fp16"`` (CUDA only) or
+            ``"int8-dynamic"`` (dynamic int8 Linear layers on the CPU).
+        hard_labels: distil the teacher's top-1 class instead of its soft distribution.
+    """
+
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher_precision: str = "fp32"
+    hard_labels: bool = False
+
+    def validate(self) -> None:
+        check_number("alpha", self.alpha, minimum=0, maximum=1)
+        check_number("tau", self.tau, minimum=0, min_open=True)
+        check_teacher_precision(self.teacher_precision)
+        check_bool("hard_labels", self.hard_labels)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,17 +14,20 @@ from torch import nn
 
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..distillation import (
+    DistillationConfig,
     check_teacher_precision,
     distillation_loss,
     frozen_teacher,
     split_loss,
     teacher_logits,
 )
-from ..checks import check_bool, check_forward, check_number, first_line
+from ..checks import check_bool, check_forward, first_line
 from ..errors import ConfigError, InputNotFoundError
 from ..outputs import logits_of
 
 __all__ = ["KnowledgeDistillation"]
+
+_D = DistillationConfig  # the defaults of its options below are its own (tests/test_options.py)
 
 
 class KnowledgeDistillation(Callback):
@@ -50,13 +53,12 @@ class KnowledgeDistillation(Callback):
     Logged every step: ``distill/kd_loss`` (the distillation term), ``distill/task_loss`` (the module's
     own loss) and ``distill/teacher_agreement`` (top-1 agreement of student and teacher on the batch).
 
-    Args:
-        alpha: weight of the distillation term, in ``[0, 1]``.
-        tau: softmax temperature, > 0.
+    ``alpha``, ``tau``, ``teacher_precision`` and ``hard_labels`` are
+    :class:`~pqv_lightning.distillation.DistillationConfig`'s, documented there once (the defaults here
+    are read from it; a test checks that they agree).
+
+    Args (the callback's own):
         teacher: None (a frozen copy of the network at fit start), an ``nn.Module`` or a checkpoint path.
-        teacher_precision: ``"fp32"``, ``"bf16"`` (autocast, cheaper on CPUs with bf16 units),
-            ``"fp16"`` (CUDA only) or ``"int8-dynamic"`` (dynamic int8 Linear layers on the CPU).
-        hard_labels: distil the teacher's top-1 class instead of its soft distribution.
         model_attr: dotted path of the network inside the LightningModule (as for StructuredPruning).
         store_teacher: keep the default teacher's weights in checkpoints (needed to resume exactly).
 
@@ -76,21 +78,20 @@ class KnowledgeDistillation(Callback):
 
     def __init__(
         self,
-        alpha: float = 0.5,
-        tau: float = 1.0,
+        alpha: float = _D.alpha,
+        tau: float = _D.tau,
         teacher: nn.Module | str | None = None,
-        teacher_precision: str = "fp32",
-        hard_labels: bool = False,
+        teacher_precision: Literal["fp32", "bf16", "fp16", "int8-dynamic"] = _D.teacher_precision,  # type: ignore[assignment]
+        hard_labels: bool = _D.hard_labels,
         model_attr: str | None = None,
         store_teacher: bool = True,
     ) -> None:
         super().__init__()
-        alpha = check_number("alpha", alpha, minimum=0, maximum=1)
-        tau = check_number("tau", tau, minimum=0, min_open=True)
-        check_bool("hard_labels", hard_labels)
+        self.config = DistillationConfig(alpha=alpha, tau=tau, teacher_precision=teacher_precision,
+                                         hard_labels=hard_labels)
+        self.config.validate()
         check_bool("store_teacher", store_teacher)
         check_model_attr(model_attr)
-        check_teacher_precision(teacher_precision)
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ConfigError(f"teacher={teacher!r}; allowed: None, an nn.Module or a checkpoint path")
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():

@@ -19,6 +19,8 @@ from ..export.core import NORMALIZATION_EXAMPLE
 
 __all__ = ["MobileExport"]
 
+_C = MobileExportConfig  # the defaults of the export options below are its own (tests/test_options.py)
+
 
 class MobileExport(Callback):
     r"""When ``fit`` ends (and/or after ``trainer.test``), quantize the trained network, export it to
@@ -36,24 +38,17 @@ class MobileExport(Callback):
     with ``WandbLogger`` also a manifest table and a W&B Artifact (type ``model``) holding
     the files, with the manifest as metadata.
 
-    Args:
-        precisions: names in :data:`~pqv_lightning.export.PRECISIONS`: ``fp32``, ``fp16``,
-            ``int8-dynamic``, ``int8-static`` or ones you registered.
-        formats: names in :data:`~pqv_lightning.export.TARGETS`: ``pte`` (ExecuTorch + XNNPACK; extra
-            ``executorch``), ``onnx`` (ONNX Runtime; extra ``onnx``), ``openvino`` (OpenVINO IR,
-            ``.xml`` + ``.bin``; extra ``openvino``), ``ptl`` (TorchScript Lite Interpreter,
-            deprecated upstream), or ones you registered.
-            Default ``["ptl"]``. A missing extra is reported when the callback is created.
-        engines: for ``ptl`` int8: any of ``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; None = the host's best.
-        delegation_friendly: for ``pte``: swap timm Attention/LayerNorm for numerically identical
-            modules that XNNPACK delegates whole (2 partitions instead of ~62 for a ViT).
-        pad_widths: pad the pruned widths to kernel-friendly multiples before export, computing the
-            same function: ``"auto"`` (for the targets that want it: OpenVINO, 64), an integer (every
-            target) or ``None``; see :func:`pqv_lightning.export.padding.pad_widths`.
-        output_dir: where to write; default ``<trainer.default_root_dir>/mobile_export``.
-        overwrite: allow a non-empty ``output_dir``. Checked before training starts.
-        min_top1_agreement, on_failure: verification threshold and what a failure does
-            (``"warn"``: marked failed in the manifest; ``"raise"``: error).
+    The export options are :class:`~pqv_lightning.export.MobileExportConfig`'s and documented there
+    once (the defaults here are read from it; a test checks that they agree): ``precisions``,
+    ``formats``, ``engines``, ``delegation_friendly``, ``pad_widths``, ``overwrite``,
+    ``min_top1_agreement``, ``on_failure``, ``verify_batches``, ``calibration_batches``, ``threads``,
+    ``warmup``, ``repeats``, ``measure_memory``, ``rank``, ``rank_rounds``, ``rank_calls``. A format
+    whose extra is missing is reported when the callback is created.
+
+    Args (the callback's own):
+        output_dir: where to write; default ``<trainer.default_root_dir>/mobile_export``. Checked
+            before training starts.
+        calibration_loader: ``"val"`` or ``"train"``: the loader ``int8-static`` calibrates on.
         run_on: ``["fit"]``, ``["test"]`` or both.
         model_attr: dotted path of the network inside the LightningModule (as for StructuredPruning).
         example_input_shape: ``[C, H, W]`` of the example the files are traced with (``.pte``
@@ -61,12 +56,6 @@ class MobileExport(Callback):
             shape, else the network's own input size.
         input_normalization: recorded in the manifest (e.g. ``{"mean": [0.286], "std": [0.353]}``).
         log_artifact: upload the files as a W&B Artifact when a ``WandbLogger`` is attached.
-        measure_memory: peak inference memory per artifact (a fresh process each, ~2 s).
-        rank, rank_rounds, rank_calls: how ``best`` is chosen: ``"round-robin"`` (default: every
-            verified file and the fp32 eager model timed in a fresh process each, in turn,
-            ``rank_rounds`` x ``rank_calls`` calls, as ``pqv bench`` does; ~3 s per file and round),
-            ``"in-process"`` (the latencies measured during export, no extra time) or ``"none"``.
-            Logged as ``export/best/speedup_vs_fp32_eager`` and ``export/best/latency_median_ms``.
 
     Example::
 
@@ -87,30 +76,30 @@ class MobileExport(Callback):
 
     def __init__(
         self,
-        precisions: list[str] | None = None,
-        formats: list[str] | None = None,
-        engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = None,
-        delegation_friendly: bool = True,
-        pad_widths: int | Literal["auto"] | None = "auto",
+        precisions: list[str] | None = None,  # None: the config's default list
+        formats: list[str] | None = None,  # None: the config's default list
+        engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = _C.engines,
+        delegation_friendly: bool = _C.delegation_friendly,
+        pad_widths: int | Literal["auto"] | None = _C.pad_widths,  # type: ignore[assignment]
         output_dir: str | None = None,
-        overwrite: bool = False,
-        min_top1_agreement: float = 0.9,
-        on_failure: Literal["warn", "raise"] = "warn",
-        verify_batches: int = 8,
-        calibration_batches: int = 8,
+        overwrite: bool = _C.overwrite,
+        min_top1_agreement: float = _C.min_top1_agreement,
+        on_failure: Literal["warn", "raise"] = _C.on_failure,  # type: ignore[assignment]
+        verify_batches: int = _C.verify_batches,
+        calibration_batches: int = _C.calibration_batches,
         calibration_loader: Literal["val", "train"] = "val",
-        threads: int = 2,
-        warmup: int = 3,
-        repeats: int = 20,
+        threads: int = _C.threads,
+        warmup: int = _C.warmup,
+        repeats: int = _C.repeats,
         run_on: list[Literal["fit", "test"]] | None = None,
         model_attr: str | None = None,
         example_input_shape: list[int] | None = None,
         input_normalization: dict[str, Any] | None = None,
         log_artifact: bool = True,
-        measure_memory: bool = True,
-        rank: Literal["round-robin", "in-process", "none"] = "round-robin",
-        rank_rounds: int = 3,
-        rank_calls: int = 10,
+        measure_memory: bool = _C.measure_memory,
+        rank: Literal["round-robin", "in-process", "none"] = _C.rank,  # type: ignore[assignment]
+        rank_rounds: int = _C.rank_rounds,
+        rank_calls: int = _C.rank_calls,
     ) -> None:
         super().__init__()
         given = {"precisions": precisions, "formats": formats, "engines": engines, "output_dir": output_dir}

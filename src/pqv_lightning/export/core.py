@@ -56,13 +56,15 @@ from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", "MobileExportConfig",
+__all__ = ["ENGINES", "ON_FAILURE", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", "MobileExportConfig",
            "check_output_dir", "export_mobile", "host_default_engine", "rank_artifacts"]
 
 #: torch's quantized engines (fixed by torch, not an extension point)
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
 #: how the manifest's ``best`` artifact is chosen (see :func:`rank_artifacts`)
 RANKINGS: tuple[str, ...] = ("round-robin", "in-process", "none")
+#: what a failed artifact does: marked in the manifest, or raised
+ON_FAILURE: tuple[str, ...] = ("warn", "raise")
 #: what ``input_normalization`` looks like, for its error message
 NORMALIZATION_EXAMPLE = "{'mean': [0.286], 'std': [0.353]}"
 #: CPUs other work may keep busy while a round-robin ranking times a file before it is retaken, and
@@ -172,7 +174,7 @@ class MobileExportConfig:
                 (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)):
             raise ConfigError(f"pad_widths={self.pad_widths!r}; allowed: 'auto', None or an integer >= 2")
         check_choice("rank", self.rank, RANKINGS)
-        check_choice("on_failure", self.on_failure, ("warn", "raise"))
+        check_choice("on_failure", self.on_failure, ON_FAILURE)
         check_number("min_top1_agreement", self.min_top1_agreement, minimum=0, maximum=1)
         for name in ("threads", "repeats", "verify_batches", "calibration_batches", "rank_rounds", "rank_calls"):
             check_int(name, getattr(self, name), minimum=1)
