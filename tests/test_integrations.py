@@ -103,5 +103,5 @@ def test_shipped_example_config_parses_and_builds(tmp_path):
                              "--model.pretrained=false", "--model.model_name=vit_test_tiny",
                              f"--trainer.default_root_dir={tmp_path}"], run=False)
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, StructuredPruning)]
-    assert (pruning.config.importance, pruning.config.pruning_ratio, pruning.frequency) == ("taylor", 0.5, 60)
+    assert (pruning.config.importance, pruning.config.pruning_ratio, pruning.schedule.frequency) == ("taylor", 0.5, 60)
     assert cli.datamodule.train_subset == 16384

@@ -223,6 +223,20 @@ def _too_busy(contention: float | None, limit: float | None) -> bool:
     return contention is not None and limit is not None and contention > limit
 
 
+def busy_seconds(cpu_line: str, ticks_per_second: int) -> float:
+    """CPU seconds a ``/proc/stat`` ``cpu`` line counts as busy: user, nice, system, irq, softirq and the
+    hypervisor's steal (everything but idle and iowait).
+
+    Raises:
+        ValueError: not a ``cpu`` line with at least 8 counters.
+    """
+    fields = cpu_line.split()
+    if not fields or not fields[0].startswith("cpu") or len(fields) < 9:
+        raise ValueError(f"not a /proc/stat cpu line: {cpu_line!r}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / ticks_per_second
+
+
 @dataclass
 class HostLoad:
     """CPU seconds the whole host (``/proc/stat``) and this process (``getrusage``) used since
@@ -244,11 +258,9 @@ class HostLoad:
     def _host() -> float | None:
         try:
             with open("/proc/stat") as fh:
-                fields = [int(v) for v in fh.readline().split()[1:9]]
+                return busy_seconds(fh.readline(), os.sysconf("SC_CLK_TCK"))
         except (OSError, ValueError):
             return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
     @staticmethod
     def _own() -> float:
