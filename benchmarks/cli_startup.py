@@ -46,28 +46,44 @@ def main() -> None:
     args = ap.parse_args()
     times: dict[str, list[float]] = {k: [] for k in COMMANDS}
     peaks: dict[str, list[float]] = {k: [] for k in COMMANDS}
-    for label, cmd in COMMANDS.items():
+    for cmd in COMMANDS.values():
         run_once(cmd)  # warm-up: files in the page cache
     for _ in range(args.repeats):
         for label, cmd in COMMANDS.items():  # alternating: a slow phase of the host hits every command alike
             times[label].append(run_once(cmd))
     for label, cmd in COMMANDS.items():  # peak RSS: one separate process each (RUSAGE_CHILDREN is a maximum)
-        code = (f"import resource, subprocess, sys; subprocess.run([sys.executable, *{cmd!r}], capture_output=True); "
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        code = (
+            f"import resource, subprocess, sys; subprocess.run([sys.executable, *{cmd!r}], capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         peaks[label].append(int(out.stdout.strip()) / 1024)
     host = host_description()
-    rows = [{"command": label, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
-             "peak_rss_mib": peaks[label][0], "repeats": len(t)} for label, t in times.items()]
+    rows = [
+        {
+            "command": label,
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "max_s": max(t),
+            "peak_rss_mib": peaks[label][0],
+            "repeats": len(t),
+        }
+        for label, t in times.items()
+    ]
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps({"host": host, "rows": rows}, indent=1))
-    lines = ["# pqv start-up: answers that need no work\n",
-             f"Host: {host_label(host)}, {host.get('logical_cpus')} logical CPUs; torch {host.get('torch')}; "
-             f"{args.repeats} fresh processes per command after one warm-up, alternating. "
-             f"Command: `python benchmarks/cli_startup.py --repeats {args.repeats} --name {args.name}`.\n",
-             "| command | median s | range s | peak RSS MiB |", "|---|---:|---:|---:|"]
-    lines += [f"| `{r['command']}` | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} |" for r in rows]
+    lines = [
+        "# pqv start-up: answers that need no work\n",
+        f"Host: {host_label(host)}, {host.get('logical_cpus')} logical CPUs; torch {host.get('torch')}; "
+        f"{args.repeats} fresh processes per command after one warm-up, alternating. "
+        f"Command: `python benchmarks/cli_startup.py --repeats {args.repeats} --name {args.name}`.\n",
+        "| command | median s | range s | peak RSS MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{r['command']}` | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+        for r in rows
+    ]
     atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

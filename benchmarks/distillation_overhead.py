@@ -22,11 +22,12 @@ import lightning.pytorch as pl
 import torch
 
 from pqv_lightning import KnowledgeDistillation, StructuredPruning
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.data import FashionMNISTDataModule
 from pqv_lightning.distillation import frozen_teacher, teacher_logits
-from pqv_lightning.models import ImageClassifier, bundled_checkpoint
-from pqv_lightning.settings import torch_threads
 from pqv_lightning.export.host import host_description
+from pqv_lightning.models import bundled_checkpoint
+from pqv_lightning.settings import torch_threads
 
 
 class StepTimer(pl.Callback):
@@ -64,23 +65,51 @@ def main() -> None:
             dm = FashionMNISTDataModule(batch_size=args.batch_size, train_subset=args.steps * args.batch_size)
             timer = StepTimer(args.warmup)
             if precision == "regularization":  # group lasso every step; its one event after the last timed step
-                callbacks = [timer, StructuredPruning(importance="l2", pruning_ratio=0.25, iterative_steps=1,
-                                                      accumulate_batches=1, interval="step", start=args.steps - 1,
-                                                      regularization="l2", reg_strength=1e-3)]
+                callbacks = [
+                    timer,
+                    StructuredPruning(
+                        importance="l2",
+                        pruning_ratio=0.25,
+                        iterative_steps=1,
+                        accumulate_batches=1,
+                        interval="step",
+                        start=args.steps - 1,
+                        regularization="l2",
+                        reg_strength=1e-3,
+                    ),
+                ]
             else:
-                callbacks = [timer] + ([KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision=precision)]
-                                       if precision else [])
-            trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                                 callbacks=callbacks)
+                callbacks = [timer] + (
+                    [KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision=precision)] if precision else []
+                )
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                callbacks=callbacks,
+            )
             trainer.fit(ImageClassifier(checkpoint=ckpt, lr=2e-4), datamodule=dm)
             t = sorted(timer.times)
-            label = {None: "none (no distillation)", "regularization": "no teacher; group-lasso regularization "
-                     "(StructuredPruning regularization='l2')"}.get(precision, precision)
-            rows.append({"teacher": label, "median": statistics.median(t), "p90": t[int(0.9 * (len(t) - 1))],
-                         "steps": len(t), "precision": precision,
-                         "teacher_mb": _bytes(callbacks[1].teacher) / 2**20 if precision in ("fp32", "bf16",
-                                                                                              "int8-dynamic") else None})
+            label = {
+                None: "none (no distillation)",
+                "regularization": "no teacher; group-lasso regularization (StructuredPruning regularization='l2')",
+            }.get(precision, precision)
+            rows.append(
+                {
+                    "teacher": label,
+                    "median": statistics.median(t),
+                    "p90": t[int(0.9 * (len(t) - 1))],
+                    "steps": len(t),
+                    "precision": precision,
+                    "teacher_mb": _bytes(callbacks[1].teacher) / 2**20
+                    if precision in ("fp32", "bf16", "int8-dynamic")
+                    else None,
+                }
+            )
             print(rows[-1], flush=True)
         # agreement of each cheaper teacher with the fp32 teacher, and each teacher's accuracy
         net = ImageClassifier(checkpoint=ckpt).model
@@ -98,20 +127,26 @@ def main() -> None:
             row["accuracy"] = float((pred == y).float().mean())
     base = rows[0]["median"]
     host = host_description()
-    lines = [f"`python benchmarks/distillation_overhead.py --steps {args.steps} --batch-size {args.batch_size} "
-             f"--threads {args.threads}` — {host['cpu']} ({', '.join(host['isa'])}), {args.threads} threads, "
-             f"torch {host['torch']}; the bundled Fashion-MNIST ViT (5.36 M params), batch {args.batch_size}, "
-             f"{args.steps - args.warmup} timed steps per row after {args.warmup} warm-up steps (the regularization "
-             f"row's one pruning event runs after its last step, outside the timing); agreement and "
-             f"accuracy on the first {args.agreement_images} test images", "",
-             "| teacher | step median ms | p90 ms | x no distillation | teacher in memory | top-1 agreement with "
-             "fp32 teacher | teacher accuracy |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`python benchmarks/distillation_overhead.py --steps {args.steps} --batch-size {args.batch_size} "
+        f"--threads {args.threads}` — {host['cpu']} ({', '.join(host['isa'])}), {args.threads} threads, "
+        f"torch {host['torch']}; the bundled Fashion-MNIST ViT (5.36 M params), batch {args.batch_size}, "
+        f"{args.steps - args.warmup} timed steps per row after {args.warmup} warm-up steps (the regularization "
+        f"row's one pruning event runs after its last step, outside the timing); agreement and "
+        f"accuracy on the first {args.agreement_images} test images",
+        "",
+        "| teacher | step median ms | p90 ms | x no distillation | teacher in memory | top-1 agreement with "
+        "fp32 teacher | teacher accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mb = "-" if r["teacher_mb"] is None else f"{r['teacher_mb']:.1f} MB"
         agree = f"{100 * r['agreement']:.2f} %" if "agreement" in r else "-"
         acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "-"
-        lines.append(f"| {r['teacher']} | {r['median']:.0f} | {r['p90']:.0f} | {r['median'] / base:.2f}x | {mb} | "
-                     f"{agree} | {acc} |")
+        lines.append(
+            f"| {r['teacher']} | {r['median']:.0f} | {r['p90']:.0f} | {r['median'] / base:.2f}x | {mb} | "
+            f"{agree} | {acc} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from pqv_lightning import MobileExportConfig, export_mobile
-from pqv_lightning.models import paper_model
 from pqv_lightning.export.benchmark import Candidate, round_robin
+from pqv_lightning.models import paper_model
 
 OUT = Path(__file__).parent / "results"
 
@@ -42,16 +42,46 @@ def bench_model(name: str, args) -> list[dict]:
     x = data[0][:1]
     out = Path(tempfile.mkdtemp(prefix="pqv-bench-"))
     try:
-        manifest = export_mobile(model, x, MobileExportConfig(
-            precisions=["fp32", "int8-dynamic", "int8-static"], formats=["ptl", "pte", "onnx"],
-            engines=args.engines, output_dir=str(out), overwrite=True, threads=args.threads, warmup=1, repeats=2,
-            verify_batches=2, calibration_batches=2, min_top1_agreement=0.0, measure_memory=False,
-            rank="none"), validation_data=data, calibration_data=data)
+        manifest = export_mobile(
+            model,
+            x,
+            MobileExportConfig(
+                precisions=["fp32", "int8-dynamic", "int8-static"],
+                formats=["ptl", "pte", "onnx"],
+                engines=args.engines,
+                output_dir=str(out),
+                overwrite=True,
+                threads=args.threads,
+                warmup=1,
+                repeats=2,
+                verify_batches=2,
+                calibration_batches=2,
+                min_top1_agreement=0.0,
+                measure_memory=False,
+                rank="none",
+            ),
+            validation_data=data,
+            calibration_data=data,
+        )
         # the same .pte without the delegation-friendly swaps: what they buy
-        plain = export_mobile(model, x, MobileExportConfig(
-            precisions=["int8-dynamic"], formats=["pte"], delegation_friendly=False, output_dir=str(out / "no_swaps"),
-            threads=args.threads, warmup=1, repeats=2, verify_batches=2, min_top1_agreement=0.0,
-            measure_memory=False, rank="none"), validation_data=data)
+        plain = export_mobile(
+            model,
+            x,
+            MobileExportConfig(
+                precisions=["int8-dynamic"],
+                formats=["pte"],
+                delegation_friendly=False,
+                output_dir=str(out / "no_swaps"),
+                threads=args.threads,
+                warmup=1,
+                repeats=2,
+                verify_batches=2,
+                min_top1_agreement=0.0,
+                measure_memory=False,
+                rank="none",
+            ),
+            validation_data=data,
+        )
         for a in plain["artifacts"]:
             a["file"] = f"no_swaps/{a['file']}"
         manifest["artifacts"] += plain["artifacts"]
@@ -67,30 +97,52 @@ def bench_model(name: str, args) -> list[dict]:
                 continue  # TorchScript fp32 is not a candidate of this comparison
             entries[a["file"]] = a
             candidates.append(Candidate(a["file"], str(out / a["file"]), a["engine"]))
-        stats = round_robin(candidates, list(x.shape), threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                            calls=args.calls, baseline="fp32 eager")
+        stats = round_robin(
+            candidates,
+            list(x.shape),
+            threads=args.threads,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            calls=args.calls,
+            baseline="fp32 eager",
+        )
         rows = []
         for label, entry in entries.items():
             s = stats[label]
             row = {"model": name, "artifact": label, **s, "speedup_vs_fp32_eager": s.pop("speedup_vs_baseline")}
             if entry is not None:
-                row.update(format=entry["format"], precision=entry["precision"], engine=entry["engine"],
-                           size_mb=entry["size_bytes"] / 2**20, cosine=entry["verification"]["cosine"],
-                           partitions=entry.get("partitions"))
+                row.update(
+                    format=entry["format"],
+                    precision=entry["precision"],
+                    engine=entry["engine"],
+                    size_mb=entry["size_bytes"] / 2**20,
+                    cosine=entry["verification"]["cosine"],
+                    partitions=entry.get("partitions"),
+                )
             else:
-                row.update(format="eager", precision="fp32", engine=None,
-                           size_mb=sum(p.numel() * 4 for p in model.parameters()) / 2**20, cosine=1.0)
+                row.update(
+                    format="eager",
+                    precision="fp32",
+                    engine=None,
+                    size_mb=sum(p.numel() * 4 for p in model.parameters()) / 2**20,
+                    cosine=1.0,
+                )
             rows.append(row)
-            print(f"  {label:30s} {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f}  x{row['speedup_vs_fp32_eager']:.2f}")
+            print(
+                f"  {label:30s} {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f}  x{row['speedup_vs_fp32_eager']:.2f}"
+            )
         return rows
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _markdown(rows: list[dict], args) -> str:
-    lines = [f"Host: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-             f"round-robin, a fresh process per candidate and round: {args.rounds} rounds x {args.calls} calls "
-             f"after {args.warmup} warm-up calls, batch 1, 224x224.", ""]
+    lines = [
+        f"Host: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+        f"round-robin, a fresh process per candidate and round: {args.rounds} rounds x {args.calls} calls "
+        f"after {args.warmup} warm-up calls, batch 1, 224x224.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         ptl = [r for r in mrows if r["format"] == "ptl"]
@@ -99,18 +151,23 @@ def _markdown(rows: list[dict], args) -> str:
             if r["precision"] not in best or r["median_ms"] < best[r["precision"]]["median_ms"]:
                 best[r["precision"]] = r
         command = mrows[0].get("command", "python benchmarks/executorch_vs_onnx.py")
-        lines += [f"**{model}** — `{command}` ({mrows[0].get('date', '')})", "",
-                  "| artifact | format | precision | median ms | p90 ms | x fp32 eager | size MB | cosine | XNNPACK partitions |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**{model}** — `{command}` ({mrows[0].get('date', '')})",
+            "",
+            "| artifact | format | precision | median ms | p90 ms | x fp32 eager | size MB | cosine | XNNPACK partitions |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in mrows:
             if r["format"] == "ptl" and best.get(r["precision"]) is not r:
                 continue
             label = r["artifact"] + (" (best engine)" if r["format"] == "ptl" else "")
             if label.startswith("no_swaps/"):
                 label = label.removeprefix("no_swaps/") + " without delegation swaps"
-            lines.append(f"| {label} | {r['format']} | {r['precision']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                         f"{r['speedup_vs_fp32_eager']:.2f} | {r['size_mb']:.1f} | {r['cosine']:.4f} | "
-                         f"{r.get('partitions') if r.get('partitions') is not None else ''} |")
+            lines.append(
+                f"| {label} | {r['format']} | {r['precision']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                f"{r['speedup_vs_fp32_eager']:.2f} | {r['size_mb']:.1f} | {r['cosine']:.4f} | "
+                f"{r.get('partitions') if r.get('partitions') is not None else ''} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -132,12 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(exist_ok=True)
     previous = OUT / f"{args.name}.json"
     # rows of models not rerun now are kept (each row records the command and date that produced it)
-    rows = [r for r in (json.loads(previous.read_text()) if previous.is_file() else []) if r["model"] not in args.models]
+    rows = [
+        r for r in (json.loads(previous.read_text()) if previous.is_file() else []) if r["model"] not in args.models
+    ]
     for name in args.models:
         print(name)
         for row in bench_model(name, args):
-            rows.append({**row, "command": " ".join(["python benchmarks/executorch_vs_onnx.py", *args.argv]),
-                         "date": time.strftime("%Y-%m-%d %H:%M")})
+            rows.append(
+                {
+                    **row,
+                    "command": " ".join(["python benchmarks/executorch_vs_onnx.py", *args.argv]),
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                }
+            )
     (OUT / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     (OUT / f"{args.name}.md").write_text(_markdown(rows, args))
     print(_markdown(rows, args))

@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["deit_base_patch16_224", "deit3_medium_patch16_224"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.09375])
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
-    ap.add_argument("--engines", nargs="+", default=[e for e in ENGINES if e in torch.backends.quantized.supported_engines])
+    ap.add_argument(
+        "--engines", nargs="+", default=[e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per round")
@@ -53,46 +55,98 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix="pqv-export-"))
             try:  # export + verify here (one timed call: the manifest's in-process latency is not used)
                 manifest = export_mobile(
-                    model, data[0][:1], MobileExportConfig(
-                        precisions=args.precisions, engines=args.engines, output_dir=str(out), overwrite=True,
-                        threads=args.threads, warmup=0, repeats=1, verify_batches=2, calibration_batches=2,
-                        min_top1_agreement=0.0, rank="none"),
-                    validation_data=data, calibration_data=data)
+                    model,
+                    data[0][:1],
+                    MobileExportConfig(
+                        precisions=args.precisions,
+                        engines=args.engines,
+                        output_dir=str(out),
+                        overwrite=True,
+                        threads=args.threads,
+                        warmup=0,
+                        repeats=1,
+                        verify_batches=2,
+                        calibration_batches=2,
+                        min_top1_agreement=0.0,
+                        rank="none",
+                    ),
+                    validation_data=data,
+                    calibration_data=data,
+                )
                 torch.save(model, out / "eager.pt")
                 ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]
                 candidates = [Candidate("fp32 eager", str(out / "eager.pt"))]
                 candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
-                stats = round_robin(candidates, [1, 3, 224, 224], threads=args.threads, rounds=args.rounds,
-                                    warmup=args.warmup, calls=args.repeats, baseline="fp32 eager")
+                stats = round_robin(
+                    candidates,
+                    [1, 3, 224, 224],
+                    threads=args.threads,
+                    rounds=args.rounds,
+                    warmup=args.warmup,
+                    calls=args.repeats,
+                    baseline="fp32 eager",
+                )
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             base = stats["fp32 eager"]
-            rows.append(dict(model=name, ratio=ratio, params=params, variant="fp32 eager", engine="-",
-                             size_mb=None, median_ms=base["median_ms"], p90_ms=base["p90_ms"], speedup=1.0,
-                             cosine=1.0, peak_rss_mb=base["peak_rss_mb"], model_mb=base["load_and_inference_mb"]))
+            rows.append(
+                dict(
+                    model=name,
+                    ratio=ratio,
+                    params=params,
+                    variant="fp32 eager",
+                    engine="-",
+                    size_mb=None,
+                    median_ms=base["median_ms"],
+                    p90_ms=base["p90_ms"],
+                    speedup=1.0,
+                    cosine=1.0,
+                    peak_rss_mb=base["peak_rss_mb"],
+                    model_mb=base["load_and_inference_mb"],
+                )
+            )
             for a in ok:
                 st = stats[a["file"]]
-                rows.append(dict(model=name, ratio=ratio, params=params, variant=f"{a['precision']} .ptl",
-                                 engine=a["engine"] or "-", size_mb=a["size_bytes"] / 2**20,
-                                 median_ms=st["median_ms"], p90_ms=st["p90_ms"], speedup=st["speedup_vs_baseline"],
-                                 cosine=a["verification"]["cosine"], peak_rss_mb=st["peak_rss_mb"],
-                                 model_mb=st["load_and_inference_mb"]))
+                rows.append(
+                    dict(
+                        model=name,
+                        ratio=ratio,
+                        params=params,
+                        variant=f"{a['precision']} .ptl",
+                        engine=a["engine"] or "-",
+                        size_mb=a["size_bytes"] / 2**20,
+                        median_ms=st["median_ms"],
+                        p90_ms=st["p90_ms"],
+                        speedup=st["speedup_vs_baseline"],
+                        cosine=a["verification"]["cosine"],
+                        peak_rss_mb=st["peak_rss_mb"],
+                        model_mb=st["load_and_inference_mb"],
+                    )
+                )
             print(json.dumps(rows[-1]), flush=True)
     cmd = "python benchmarks/export_latency.py " + " ".join(
-        f"--{k} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in vars(args).items() if k != "name")
+        f"--{k} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+        for k, v in vars(args).items()
+        if k != "name"
+    )
     host = host_description()
-    lines = [f"`{cmd}` — {host['cpu']} ({platform.machine()}, {', '.join(host['isa'])}), torch {torch.__version__}, "
-             f"{args.threads} threads, batch 1, 224x224; median over {args.rounds} rounds x {args.repeats} calls, "
-             "every candidate in a fresh process, round-robin", "",
-             "| model | pruned | params | variant | engine | size | latency median | p90 | speedup vs fp32 eager | cosine | peak RSS | of which model + inference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{cmd}` — {host['cpu']} ({platform.machine()}, {', '.join(host['isa'])}), torch {torch.__version__}, "
+        f"{args.threads} threads, batch 1, 224x224; median over {args.rounds} rounds x {args.repeats} calls, "
+        "every candidate in a fresh process, round-robin",
+        "",
+        "| model | pruned | params | variant | engine | size | latency median | p90 | speedup vs fp32 eager | cosine | peak RSS | of which model + inference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         size = f"{r['size_mb']:.1f} MB" if r["size_mb"] is not None else "-"
         mem = f"{r['peak_rss_mb']:.0f} MB" if r["peak_rss_mb"] is not None else "-"
         own = f"{r['model_mb']:.0f} MB" if r["model_mb"] is not None else "-"
-        lines.append(f"| {r['model']} | {100 * r['ratio']:g} % | {r['params'] / 1e6:.1f} M | {r['variant']} | {r['engine']} | "
-                     f"{size} | {r['median_ms']:.1f} ms | {r['p90_ms']:.1f} ms | {r['speedup']:.2f}x | "
-                     f"{r['cosine']:.4f} | {mem} | {own} |")
+        lines.append(
+            f"| {r['model']} | {100 * r['ratio']:g} % | {r['params'] / 1e6:.1f} M | {r['variant']} | {r['engine']} | "
+            f"{size} | {r['median_ms']:.1f} ms | {r['p90_ms']:.1f} ms | {r['speedup']:.2f}x | "
+            f"{r['cosine']:.4f} | {mem} | {own} |"
+        )
     OUT.mkdir(exist_ok=True)
     (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (OUT / f"{args.name}.json").write_text(json.dumps({"command": cmd, "host": host, "rows": rows}, indent=1))

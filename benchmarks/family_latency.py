@@ -23,8 +23,8 @@ from typing import Any
 
 import timm
 import torch
-
 from fastest_artifact import Cache  # benchmarks/ is on sys.path when this script runs
+
 from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
 from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.host import host_description, host_label
@@ -58,16 +58,35 @@ def _export(name: str, args, cache: Cache) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, *shape[1:], generator=g) for _ in range(2)]
     formats = [f for f in args.formats if TARGETS[f].missing() is None]
-    manifest = export_mobile(model, x, MobileExportConfig(
-        precisions=args.precisions, formats=formats, output_dir=str(folder / "export"), overwrite=True,
-        threads=args.threads, warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False,
-        min_top1_agreement=0.0, rank="none"), validation_data=data, calibration_data=data)
+    manifest = export_mobile(
+        model,
+        x,
+        MobileExportConfig(
+            precisions=args.precisions,
+            formats=formats,
+            output_dir=str(folder / "export"),
+            overwrite=True,
+            threads=args.threads,
+            warmup=0,
+            repeats=1,
+            verify_batches=2,
+            calibration_batches=2,
+            measure_memory=False,
+            min_top1_agreement=0.0,
+            rank="none",
+        ),
+        validation_data=data,
+        calibration_data=data,
+    )
     ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
-    row = {"input": shape, "unpruned": before,
-           "pruned": {"macs": count_macs(model, x), "params": count_params(model), "event_seconds": event.seconds},
-           "files": [f"export/{a['file']}" for a in ok],
-           "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
-           "skipped": {a["file"]: a["reason"] for a in manifest["artifacts"] if a["status"] != "ok"}}
+    row = {
+        "input": shape,
+        "unpruned": before,
+        "pruned": {"macs": count_macs(model, x), "params": count_params(model), "event_seconds": event.seconds},
+        "files": [f"export/{a['file']}" for a in ok],
+        "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
+        "skipped": {a["file"]: a["reason"] for a in manifest["artifacts"] if a["status"] != "ok"},
+    }
     cache.put(f"export/{name}", row)
     return row
 
@@ -80,21 +99,41 @@ def _time(names: list[str], args, cache: Cache) -> None:
     for name in names:  # one round-robin per model: its own input shape, its own baseline
         row = cache.data[f"export/{name}"]
         folder = Path(args.work) / name
-        candidates = [Candidate("fp32 eager, unpruned", str(folder / "unpruned.pt")),
-                      Candidate("fp32 eager, pruned", str(folder / "pruned.pt"))]
+        candidates = [
+            Candidate("fp32 eager, unpruned", str(folder / "unpruned.pt")),
+            Candidate("fp32 eager, pruned", str(folder / "pruned.pt")),
+        ]
         candidates += [Candidate(Path(f).name, str(folder / f)) for f in row["files"]]
-        stats = round_robin(candidates, row["input"], threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                            calls=args.calls, baseline="fp32 eager, unpruned", max_contention=MAX_CONTENTION,
-                            progress=lambda r, label: print(f"{name}: round {r + 1}: {label}", flush=True))
-        cache.put(f"timing/{name}", {"stats": stats, "host": host_description(), "threads": args.threads,
-                                     "rounds": args.rounds, "calls": args.calls})
+        stats = round_robin(
+            candidates,
+            row["input"],
+            threads=args.threads,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            calls=args.calls,
+            baseline="fp32 eager, unpruned",
+            max_contention=MAX_CONTENTION,
+            progress=lambda r, label, name=name: print(f"{name}: round {r + 1}: {label}", flush=True),
+        )
+        cache.put(
+            f"timing/{name}",
+            {
+                "stats": stats,
+                "host": host_description(),
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "calls": args.calls,
+            },
+        )
     cache.put(key, True)
 
 
 def _report(names: list[str], cache: Cache) -> str:
-    lines = ["| model | MACs pruned / unpruned | params pruned / unpruned | fp32 eager unpruned | fp32 eager pruned "
-             "| fastest verified int8 file | its cosine | ms (p90) | x unpruned fp32 eager | host |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "| model | MACs pruned / unpruned | params pruned / unpruned | fp32 eager unpruned | fp32 eager pruned "
+        "| fastest verified int8 file | its cosine | ms (p90) | x unpruned fp32 eager | host |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
     notes = []
     for name in names:
         row, timing = cache.get(f"export/{name}"), cache.get(f"timing/{name}")
@@ -107,23 +146,37 @@ def _report(names: list[str], cache: Cache) -> str:
         best = min(verified or int8, key=lambda k: int8[k]["median_ms"])
         base, pruned = stats["fp32 eager, unpruned"], stats["fp32 eager, pruned"]
         u, p = row["unpruned"], row["pruned"]
-        lines.append(f"| `{name}` | {p['macs'] / 1e9:.2f} / {u['macs'] / 1e9:.2f} G ({p['macs'] / u['macs']:.2f}x) | "
-                     f"{p['params'] / 1e6:.1f} / {u['params'] / 1e6:.1f} M ({p['params'] / u['params']:.2f}x) | "
-                     f"{base['median_ms']:.1f} ms | {pruned['median_ms']:.1f} ms | {best} | "
-                     f"{row['cosine'][best]:.4f} | {int8[best]['median_ms']:.1f} ({int8[best]['p90_ms']:.1f}) | "
-                     f"**{base['median_ms'] / int8[best]['median_ms']:.2f}x** | {host_label(timing['host'])} |")
-        others = ", ".join(f"{k} {s['median_ms']:.1f} ms (cos {row['cosine'].get(k, float('nan')):.3f})"
-                           for k, s in sorted(int8.items(), key=lambda kv: kv[1]["median_ms"]))
+        lines.append(
+            f"| `{name}` | {p['macs'] / 1e9:.2f} / {u['macs'] / 1e9:.2f} G ({p['macs'] / u['macs']:.2f}x) | "
+            f"{p['params'] / 1e6:.1f} / {u['params'] / 1e6:.1f} M ({p['params'] / u['params']:.2f}x) | "
+            f"{base['median_ms']:.1f} ms | {pruned['median_ms']:.1f} ms | {best} | "
+            f"{row['cosine'][best]:.4f} | {int8[best]['median_ms']:.1f} ({int8[best]['p90_ms']:.1f}) | "
+            f"**{base['median_ms'] / int8[best]['median_ms']:.2f}x** | {host_label(timing['host'])} |"
+        )
+        others = ", ".join(
+            f"{k} {s['median_ms']:.1f} ms (cos {row['cosine'].get(k, float('nan')):.3f})"
+            for k, s in sorted(int8.items(), key=lambda kv: kv[1]["median_ms"])
+        )
         worst = [s["contention_max"] for s in stats.values() if s.get("contention_max") is not None]
-        notes.append(f"* `{name}`: every int8 file: {others}; skipped: {row['skipped'] or 'none'}; worst contention "
-                     f"{max(worst):.2f} CPUs" if worst else "")
+        notes.append(
+            f"* `{name}`: every int8 file: {others}; skipped: {row['skipped'] or 'none'}; worst contention "
+            f"{max(worst):.2f} CPUs"
+            if worst
+            else ""
+        )
     rounds = next((cache.data[f"timing/{n}"] for n in names if f"timing/{n}" in cache.data), None)
-    head = ("Random-initialized timm models at their own input size, batch 1, 25 % of the prunable channels removed "
-            "(l2, uniform). Each model's files and both fp32 eager networks timed in one round-robin "
-            + (f"({rounds['rounds']} rounds x {rounds['calls']} calls, {rounds['threads']} threads, each in a fresh "
-               "process; medians). " if rounds else "")
-            + f"The fastest verified file: the fastest whose logits have cosine >= {MIN_COSINE} with the pruned fp32 "
-            "network's on random images. Command: `python benchmarks/family_latency.py`.")
+    head = (
+        "Random-initialized timm models at their own input size, batch 1, 25 % of the prunable channels removed "
+        "(l2, uniform). Each model's files and both fp32 eager networks timed in one round-robin "
+        + (
+            f"({rounds['rounds']} rounds x {rounds['calls']} calls, {rounds['threads']} threads, each in a fresh "
+            "process; medians). "
+            if rounds
+            else ""
+        )
+        + f"The fastest verified file: the fastest whose logits have cosine >= {MIN_COSINE} with the pruned fp32 "
+        "network's on random images. Command: `python benchmarks/family_latency.py`."
+    )
     return "\n".join([head, "", *lines, "", *[n for n in notes if n]]) + "\n"
 
 

@@ -84,8 +84,9 @@ def _fmnist_rows(args) -> list[dict[str, Any]]:
 def _deit_rows(args) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(4)]
-    return _fidelity(paper_model("deit_base_patch16_224"), batches, "deit_base_patch16_224 (random init, random images)",
-                     args)
+    return _fidelity(
+        paper_model("deit_base_patch16_224"), batches, "deit_base_patch16_224 (random init, random images)", args
+    )
 
 
 def _fidelity(model, batches, label: str, args) -> list[dict[str, Any]]:
@@ -93,16 +94,39 @@ def _fidelity(model, batches, label: str, args) -> list[dict[str, Any]]:
 
     example = (batches[0] if isinstance(batches[0], torch.Tensor) else batches[0][0])[:1]
     with tempfile.TemporaryDirectory(prefix="pqv-fidelity-") as out:
-        manifest = export_mobile(model, example, MobileExportConfig(
-            precisions=["int8-dynamic", "int8-dynamic-attention"], formats=["onnx"], output_dir=out, overwrite=True,
-            threads=args.threads, warmup=1, repeats=3, verify_batches=len(batches), measure_memory=False,
-            min_top1_agreement=0.0, rank="none"), validation_data=batches)
+        manifest = export_mobile(
+            model,
+            example,
+            MobileExportConfig(
+                precisions=["int8-dynamic", "int8-dynamic-attention"],
+                formats=["onnx"],
+                output_dir=out,
+                overwrite=True,
+                threads=args.threads,
+                warmup=1,
+                repeats=3,
+                verify_batches=len(batches),
+                measure_memory=False,
+                min_top1_agreement=0.0,
+                rank="none",
+            ),
+            validation_data=batches,
+        )
     rows = []
     for a in manifest["artifacts"]:
         v = a["verification"]
-        rows.append({"model": label, "precision": a["precision"], "samples": v["samples"],
-                     "top1_agreement": v["top1_agreement"], "cosine": v["cosine"],
-                     "top1_accuracy": v.get("top1_accuracy"), "status": a["status"], "reason": a.get("reason")})
+        rows.append(
+            {
+                "model": label,
+                "precision": a["precision"],
+                "samples": v["samples"],
+                "top1_agreement": v["top1_agreement"],
+                "cosine": v["cosine"],
+                "top1_accuracy": v.get("top1_accuracy"),
+                "status": a["status"],
+                "reason": a.get("reason"),
+            }
+        )
     return rows
 
 
@@ -122,8 +146,9 @@ def _variants(args) -> list[tuple[str, float, int | None, bool, str]]:
                 for pad in args.pad:
                     name = "" if rule == "dims" else "heads "
                     suffix = "" if pad == "none" else f" pad={pad}"
-                    out.append((f"{100 * ratio:g}% {name}round_to={r or None}{suffix}", ratio, r or None,
-                                rule == "heads", pad))
+                    out.append(
+                        (f"{100 * ratio:g}% {name}round_to={r or None}{suffix}", ratio, r or None, rule == "heads", pad)
+                    )
     return out
 
 
@@ -133,12 +158,25 @@ def _folder(work: Path, key: str) -> Path:
 
 def _widths(model) -> dict[str, int]:
     attn = model.blocks[0].attn
-    return {"embed_dim": model.patch_embed.proj.out_channels, "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
-            "num_heads": attn.num_heads, "mlp_hidden": model.blocks[0].mlp.fc1.out_features}
+    return {
+        "embed_dim": model.patch_embed.proj.out_channels,
+        "head_dim": attn.qkv.out_features // (3 * attn.num_heads),
+        "num_heads": attn.num_heads,
+        "mlp_hidden": model.blocks[0].mlp.fc1.out_features,
+    }
 
 
-def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: bool, pad: str, args, work: Path,
-                    cache: Cache, seen: dict[str, str]) -> dict[str, Any]:
+def _export_variant(
+    key: str,
+    ratio: float,
+    round_to: int | None,
+    prune_heads: bool,
+    pad: str,
+    args,
+    work: Path,
+    cache: Cache,
+    seen: dict[str, str],
+) -> dict[str, Any]:
     """Export every format x int8 precision of one variant (kept in ``work``); cached. A width rule that
     gives the same widths as an earlier variant of the same ratio is recorded as ``same_as`` it; so is
     a padded variant whose widths padding does not change (``pad`` pads at export, with
@@ -147,8 +185,11 @@ def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: b
     folder = _folder(work, key)
     if done and "same_as" in done and done["same_as"] in seen.values():
         return done
-    if done and "same_as" not in done and all((folder / a["file"]).is_file()
-                                              for a in done["artifacts"] if a["status"] == "ok"):
+    if (
+        done
+        and "same_as" not in done
+        and all((folder / a["file"]).is_file() for a in done["artifacts"] if a["status"] == "ok")
+    ):
         seen.setdefault(json.dumps([ratio, _widths_of(done)]), key)
         return done
     model = paper_model(args.model, ratio, round_to=round_to, prune_heads=prune_heads)
@@ -172,17 +213,47 @@ def _export_variant(key: str, ratio: float, round_to: int | None, prune_heads: b
         precisions = [p for p in INT8 if TARGETS[fmt].supports(PRECISIONS[p])]
         if ratio == 0 and not args.unpruned_artifacts:
             break
-        manifest = export_mobile(model, example, MobileExportConfig(
-            precisions=precisions, formats=[fmt], output_dir=str(folder / fmt), overwrite=True, threads=args.threads,
-            warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
-            rank="none", pad_widths=None), validation_data=data, calibration_data=data)
+        manifest = export_mobile(
+            model,
+            example,
+            MobileExportConfig(
+                precisions=precisions,
+                formats=[fmt],
+                output_dir=str(folder / fmt),
+                overwrite=True,
+                threads=args.threads,
+                warmup=0,
+                repeats=1,
+                verify_batches=2,
+                calibration_batches=2,
+                measure_memory=False,
+                min_top1_agreement=0.0,
+                rank="none",
+                pad_widths=None,
+            ),
+            validation_data=data,
+            calibration_data=data,
+        )
         for a in manifest["artifacts"]:
-            artifacts.append({k: a.get(k) for k in ("format", "runtime", "precision", "status", "reason",
-                                                       "size_bytes", "inference_precision")}
-                             | {"file": f"{fmt}/{a['file']}", "cosine": a.get("verification", {}).get("cosine")})
-    row = {"key": key, "ratio": ratio, "round_to": round_to, "pad": pad, "params": count_params(model),
-           "macs": macs, "padded_macs": count_macs(model, example), **widths, "input": [1, *shape],
-           "artifacts": artifacts}
+            artifacts.append(
+                {
+                    k: a.get(k)
+                    for k in ("format", "runtime", "precision", "status", "reason", "size_bytes", "inference_precision")
+                }
+                | {"file": f"{fmt}/{a['file']}", "cosine": a.get("verification", {}).get("cosine")}
+            )
+    row = {
+        "key": key,
+        "ratio": ratio,
+        "round_to": round_to,
+        "pad": pad,
+        "params": count_params(model),
+        "macs": macs,
+        "padded_macs": count_macs(model, example),
+        **widths,
+        "input": [1, *shape],
+        "artifacts": artifacts,
+    }
     cache.put(f"export/{key}", row)
     seen[json.dumps([ratio, widths])] = key
     return row
@@ -194,52 +265,85 @@ def _widths_of(row: dict[str, Any]) -> dict[str, int]:
 
 def _latency(args, cache: Cache) -> None:
     work, seen = Path(args.work), {}
-    variants = [_export_variant(k, r, rt, heads, pad, args, work, cache, seen) for k, r, rt, heads, pad in _variants(args)]
+    variants = [
+        _export_variant(k, r, rt, heads, pad, args, work, cache, seen) for k, r, rt, heads, pad in _variants(args)
+    ]
     candidates = []
     for v in variants:
         if "same_as" in v:
             continue
         folder = _folder(work, v["key"])
         candidates.append(Candidate(f"{v['key']} | fp32 eager", str(folder / "eager.pt")))
-        candidates += [Candidate(f"{v['key']} | {a['file']}", str(folder / a["file"]))
-                       for a in v["artifacts"] if a["status"] == "ok"]
+        candidates += [
+            Candidate(f"{v['key']} | {a['file']}", str(folder / a["file"]))
+            for a in v["artifacts"]
+            if a["status"] == "ok"
+        ]
     if args.export_only:
         return
     timing = cache.get("timing")
     if timing is None or args.retime or sorted(timing["stats"]) != sorted(c.label for c in candidates):
-        stats = round_robin(candidates, variants[0]["input"], threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                            calls=args.calls, baseline="unpruned | fp32 eager",
-                            progress=lambda r, label: print(f"round {r + 1}: {label}", flush=True))
-        cache.put("timing", {"stats": stats, "gemm": gemm_throughput(args.threads), "host": host_description(),
-                             "rounds": args.rounds, "calls": args.calls, "threads": args.threads})
+        stats = round_robin(
+            candidates,
+            variants[0]["input"],
+            threads=args.threads,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            calls=args.calls,
+            baseline="unpruned | fp32 eager",
+            progress=lambda r, label: print(f"round {r + 1}: {label}", flush=True),
+        )
+        cache.put(
+            "timing",
+            {
+                "stats": stats,
+                "gemm": gemm_throughput(args.threads),
+                "host": host_description(),
+                "rounds": args.rounds,
+                "calls": args.calls,
+                "threads": args.threads,
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------- report
 def _report(args, cache: Cache) -> str:
     host = host_description()
-    lines = [f"Host: {host['cpu']} ({platform.machine()}, {host['logical_cpus']} logical CPUs; "
-             f"{', '.join(host['isa'])}), torch {torch.__version__}.", ""]
+    lines = [
+        f"Host: {host['cpu']} ({platform.machine()}, {host['logical_cpus']} logical CPUs; "
+        f"{', '.join(host['isa'])}), torch {torch.__version__}.",
+        "",
+    ]
     fid = [r for key in ("fidelity/fmnist", "fidelity/deit") for r in (cache.get(key) or [])]
     if fid:
-        lines += ["**Int8 attention matmuls** (ONNX Runtime): agreement with the fp32 model", "",
-                  "| model | precision | images | top-1 agreement | cosine | accuracy |", "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "**Int8 attention matmuls** (ONNX Runtime): agreement with the fp32 model",
+            "",
+            "| model | precision | images | top-1 agreement | cosine | accuracy |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in fid:
             acc = f"{100 * r['top1_accuracy']:.2f} %" if r.get("top1_accuracy") is not None else "-"
-            lines.append(f"| {r['model']} | {r['precision']} | {r['samples']} | {100 * r['top1_agreement']:.2f} % | "
-                         f"{r['cosine']:.5f} | {acc} |")
+            lines.append(
+                f"| {r['model']} | {r['precision']} | {r['samples']} | {100 * r['top1_agreement']:.2f} % | "
+                f"{r['cosine']:.5f} | {acc} |"
+            )
         lines.append("")
     timing = cache.get("timing")
     if timing:
         stats, gemm = timing["stats"], timing["gemm"]
         th = timing["host"]
         size = "x".join(map(str, cache.get("export/unpruned")["input"][2:]))
-        lines += [f"**Latency** of `{args.model}`, batch 1, {size}, {timing['threads']} threads, timed on "
-                  f"{th['cpu']}: median of {timing['rounds']} rounds x {timing['calls']} calls, every candidate in a "
-                  "fresh process, round-robin, all in one run; measured int8 GEMM peak "
-                  f"{gemm['int8_gops']:.0f} GOP/s ({gemm['int8_source']}), fp32 {gemm['fp32_gops']:.0f} GOP/s", "",
-                  "| variant | widths (embed / head dim x heads / mlp) | GMACs | artifact | median ms | p90 ms | "
-                  "x unpruned fp32 eager | x best ORT int8 | int8 GEMM share | cosine |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**Latency** of `{args.model}`, batch 1, {size}, {timing['threads']} threads, timed on "
+            f"{th['cpu']}: median of {timing['rounds']} rounds x {timing['calls']} calls, every candidate in a "
+            "fresh process, round-robin, all in one run; measured int8 GEMM peak "
+            f"{gemm['int8_gops']:.0f} GOP/s ({gemm['int8_source']}), fp32 {gemm['fp32_gops']:.0f} GOP/s",
+            "",
+            "| variant | widths (embed / head dim x heads / mlp) | GMACs | artifact | median ms | p90 ms | "
+            "x unpruned fp32 eager | x best ORT int8 | int8 GEMM share | cosine |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for key, *_ in _variants(args):
             v = cache.get(f"export/{key}")
             if not v:
@@ -261,9 +365,11 @@ def _report(args, cache: Cache) -> str:
                 gmacs = f"{v['macs'] / 1e9:.2f}"
                 if v.get("padded_macs", v["macs"]) != v["macs"]:  # padded at export: the runtime computes more
                     gmacs += f" ({v['padded_macs'] / 1e9:.2f} padded)"
-                lines.append(f"| {key} | {widths} | {gmacs} | {lb.split(' | ', 1)[1]} | "
-                             f"{s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['speedup_vs_baseline']:.2f}x | {vs_ort} | "
-                             f"{100 * share:.0f} % | {'-' if c is None else f'{c:.4f}'} |")
+                lines.append(
+                    f"| {key} | {widths} | {gmacs} | {lb.split(' | ', 1)[1]} | "
+                    f"{s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['speedup_vs_baseline']:.2f}x | {vs_ort} | "
+                    f"{100 * share:.0f} % | {'-' if c is None else f'{c:.4f}'} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -272,19 +378,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["fidelity", "latency"], required=True)
     ap.add_argument("--model", default="deit_base_patch16_224")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.09375],
-                    help="channel pruning ratios (0.09375: the paper's own configuration)")
-    ap.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32, 64],
-                    help="width rules (prune_once round_to; 0 = no rounding); rules that give the same widths as an "
-                         "earlier one of the same ratio are exported and timed once")
-    ap.add_argument("--head-rules", nargs="+", choices=["dims", "heads"], default=["dims"],
-                    help="how attention widths shrink: 'dims' (inside every head) and/or 'heads' (whole heads)")
-    ap.add_argument("--pad", nargs="+", default=["none"],
-                    help="'none' and/or multiples such as 64: pad_widths(model, multiple) before every format exports "
-                         "(the eager candidate is padded too); a variant padding does not change is timed once")
-    ap.add_argument("--unpruned-artifacts", action=argparse.BooleanOptionalAction, default=True,
-                    help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always "
-                         "the baseline")
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.09375],
+        help="channel pruning ratios (0.09375: the paper's own configuration)",
+    )
+    ap.add_argument(
+        "--round-to",
+        type=int,
+        nargs="+",
+        default=[0, 8, 16, 32, 64],
+        help="width rules (prune_once round_to; 0 = no rounding); rules that give the same widths as an "
+        "earlier one of the same ratio are exported and timed once",
+    )
+    ap.add_argument(
+        "--head-rules",
+        nargs="+",
+        choices=["dims", "heads"],
+        default=["dims"],
+        help="how attention widths shrink: 'dims' (inside every head) and/or 'heads' (whole heads)",
+    )
+    ap.add_argument(
+        "--pad",
+        nargs="+",
+        default=["none"],
+        help="'none' and/or multiples such as 64: pad_widths(model, multiple) before every format exports "
+        "(the eager candidate is padded too); a variant padding does not change is timed once",
+    )
+    ap.add_argument(
+        "--unpruned-artifacts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also export the unpruned model's int8 files (int8 alone); its fp32 eager model is always the baseline",
+    )
     ap.add_argument("--formats", nargs="+", default=["pte", "onnx", "openvino"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -296,8 +424,11 @@ def main() -> None:
     ap.add_argument("--name", default="fastest_artifact")
     ap.add_argument("--retime", action="store_true", help="time again although a timing is cached")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--export-only", action="store_true",
-                    help="latency part: export (and cache) the files only; time them in a later run on a quiet host")
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="latency part: export (and cache) the files only; time them in a later run on a quiet host",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = Cache(OUT / f"{args.name}.json")

@@ -34,10 +34,20 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--importance", default="taylor")
     ap.add_argument("--events", type=int, default=4)
-    ap.add_argument("--spans", type=float, nargs="+", default=[0.6, 0.25],
-                    help="fractions of the steps over which the iterative events are spread")
-    ap.add_argument("--schedules", nargs="+", default=["linear"], choices=["linear", "cubic"],
-                    help="growth of the ratio over the iterative events")
+    ap.add_argument(
+        "--spans",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.25],
+        help="fractions of the steps over which the iterative events are spread",
+    )
+    ap.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["linear"],
+        choices=["linear", "cubic"],
+        help="growth of the ratio over the iterative events",
+    )
     ap.add_argument("--accumulate", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-subset", type=int, default=16384)
@@ -46,8 +56,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or default_checkpoint()
-    budget = dict(epochs=args.epochs, train_subset=args.train_subset, accumulate_batches=args.accumulate,
-                  importance=args.importance)
+    budget = dict(
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        accumulate_batches=args.accumulate,
+        importance=args.importance,
+    )
     OUT.mkdir(exist_ok=True)
     cache_file = OUT / f"{args.name}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "ratios", "spans", "schedules", "name")}
@@ -69,10 +83,16 @@ def main() -> None:
         cache_file.write_text(json.dumps({"settings": settings, "meta": meta, "rows": list(cached.values())}, indent=1))
 
     shown = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "name")}
-    meta = {"command": "python benchmarks/fmnist_iterative_vs_oneshot.py " + " ".join(
-        f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
-        for k, v in shown.items()),
-        "host": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
+    meta = {
+        "command": "python benchmarks/fmnist_iterative_vs_oneshot.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+            for k, v in shown.items()
+        ),
+        "host": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
     run("pretrained (no fine-tune)", pruning_ratio=0.0, epochs=0)
     for ratio in args.ratios:
         run(f"one-shot {ratio:g}", pruning_ratio=ratio, iterative_steps=1, **budget)
@@ -81,11 +101,20 @@ def main() -> None:
                 label = f"iterative {ratio:g}, events in first {span:.0%}"
                 if schedule != "linear":
                     label += f", {schedule}"
-                run(label, pruning_ratio=ratio, iterative_steps=args.events, prune_span=span,
-                    ratio_schedule=schedule, **budget)
+                run(
+                    label,
+                    pruning_ratio=ratio,
+                    iterative_steps=args.events,
+                    prune_span=span,
+                    ratio_schedule=schedule,
+                    **budget,
+                )
     save()
-    (OUT / f"{args.name}.md").write_text(f"`{meta['command']}` (torch {meta['torch']}, {args.threads} threads)\n\n"
-                                         + format_table(rows, show_time=False) + "\n")
+    (OUT / f"{args.name}.md").write_text(
+        f"`{meta['command']}` (torch {meta['torch']}, {args.threads} threads)\n\n"
+        + format_table(rows, show_time=False)
+        + "\n"
+    )
     print(format_table(rows))
 
 

@@ -45,19 +45,33 @@ def main() -> None:
             buffer, details, _ = lower_to_executorch(model, x, precision)
             (work / f"{precision}.pte").write_bytes(buffer)
             export_onnx(model, x, precision, str(work / f"{precision}.onnx"))
-            candidates += [Candidate(f"ExecuTorch XNNPACK {precision}", str(work / f"{precision}.pte")),
-                           Candidate(f"ONNX Runtime {precision}", str(work / f"{precision}.onnx"))]
-        stats = round_robin(candidates, list(x.shape), threads=args.threads, rounds=args.rounds, calls=args.calls,
-                            baseline="torch eager fp32")
+            candidates += [
+                Candidate(f"ExecuTorch XNNPACK {precision}", str(work / f"{precision}.pte")),
+                Candidate(f"ONNX Runtime {precision}", str(work / f"{precision}.onnx")),
+            ]
+        stats = round_robin(
+            candidates,
+            list(x.shape),
+            threads=args.threads,
+            rounds=args.rounds,
+            calls=args.calls,
+            baseline="torch eager fp32",
+        )
     rows = [{"runtime": k, **v, "gop_per_s": ops / (v["median_ms"] * 1e6)} for k, v in stats.items()]
-    lines = ["Command: `python benchmarks/gemm_int8_executorch_vs_onnxruntime.py`  ",
-             f"Host: {platform.machine()}, {args.threads} threads, torch {torch.__version__}; {TOKENS}x{DIM} -> {HIDDEN} "
-             f"-> {DIM} (two GEMMs, {ops / 1e9:.2f} GOP per call); {args.rounds} rounds x {args.calls} calls, "
-             "a fresh process each.", "",
-             "| runtime | median ms | p90 ms | GOP/s | x torch fp32 |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "Command: `python benchmarks/gemm_int8_executorch_vs_onnxruntime.py`  ",
+        f"Host: {platform.machine()}, {args.threads} threads, torch {torch.__version__}; {TOKENS}x{DIM} -> {HIDDEN} "
+        f"-> {DIM} (two GEMMs, {ops / 1e9:.2f} GOP per call); {args.rounds} rounds x {args.calls} calls, "
+        "a fresh process each.",
+        "",
+        "| runtime | median ms | p90 ms | GOP/s | x torch fp32 |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['runtime']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['gop_per_s']:.0f} | "
-                     f"{r['speedup_vs_baseline']:.2f} |")
+        lines.append(
+            f"| {r['runtime']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['gop_per_s']:.0f} | "
+            f"{r['speedup_vs_baseline']:.2f} |"
+        )
     OUT.mkdir(exist_ok=True)
     (OUT / "gemm_int8_executorch_vs_onnxruntime.json").write_text(json.dumps(rows, indent=1))
     (OUT / "gemm_int8_executorch_vs_onnxruntime.md").write_text("\n".join(lines) + "\n")

@@ -45,8 +45,8 @@ from pqv_lightning.export.benchmark import Candidate, round_robin  # noqa: E402
 from pqv_lightning.export.host import host_description, host_label  # noqa: E402
 from pqv_lightning.fileio import atomic_write_text  # noqa: E402
 from pqv_lightning.models import paper_model  # noqa: E402
-from pqv_lightning.pruning.adapters import input_shape_for  # noqa: E402
 from pqv_lightning.pruning import count_macs  # noqa: E402
+from pqv_lightning.pruning.adapters import input_shape_for  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 BASELINE = "unpruned | fp32 eager"
@@ -94,15 +94,36 @@ def _export(variant: Variant, args, cache: Cache) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, *shape[1:], generator=g) for _ in range(2)]
     formats = [f for f in args.formats if TARGETS[f].missing() is None]
-    manifest = export_mobile(model, data[0][:1], MobileExportConfig(
-        precisions=args.precisions, formats=formats, output_dir=str(folder), overwrite=True, threads=args.threads,
-        warmup=0, repeats=1, verify_batches=2, calibration_batches=2, measure_memory=False, min_top1_agreement=0.0,
-        rank="none"), validation_data=data, calibration_data=data)
+    manifest = export_mobile(
+        model,
+        data[0][:1],
+        MobileExportConfig(
+            precisions=args.precisions,
+            formats=formats,
+            output_dir=str(folder),
+            overwrite=True,
+            threads=args.threads,
+            warmup=0,
+            repeats=1,
+            verify_batches=2,
+            calibration_batches=2,
+            measure_memory=False,
+            min_top1_agreement=0.0,
+            rank="none",
+        ),
+        validation_data=data,
+        calibration_data=data,
+    )
     ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
-    row = {"ratio": variant.ratio, "prune_heads": variant.heads, "input": shape,
-           "macs": count_macs(model, data[0][:1]), "files": [a["file"] for a in ok],
-           "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
-           "width_padding": {a["file"]: a["width_padding"] for a in ok if a.get("width_padding")}}
+    row = {
+        "ratio": variant.ratio,
+        "prune_heads": variant.heads,
+        "input": shape,
+        "macs": count_macs(model, data[0][:1]),
+        "files": [a["file"] for a in ok],
+        "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
+        "width_padding": {a["file"]: a["width_padding"] for a in ok if a.get("width_padding")},
+    }
     cache.put(key, row)
     return row
 
@@ -126,15 +147,27 @@ def _summary(stats: dict[str, dict], variants: list[Variant]) -> dict[str, Any]:
         files = {k.split(" | ", 1)[1]: s for k, s in stats.items() if k.split(" | ", 1)[0] == v.prefix}
         best = min(files, key=lambda f: files[f]["median_ms"])
         ort = [s["median_ms"] for f, s in files.items() if f.endswith(".onnx")]
-        out[v.key] = {"best": best, "best_ms": files[best]["median_ms"], "x_eager": base / files[best]["median_ms"],
-                      "vs_ort": files[best]["median_ms"] / min(ort) if ort else None}
+        out[v.key] = {
+            "best": best,
+            "best_ms": files[best]["median_ms"],
+            "x_eager": base / files[best]["median_ms"],
+            "vs_ort": files[best]["median_ms"] / min(ort) if ort else None,
+        }
     return out
 
 
 def _repeat(args, candidates: list[Candidate], shape: list[int], variants: list[Variant], cache: Cache, i: int) -> None:
-    stats = round_robin(candidates, shape, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                        calls=args.calls, baseline=BASELINE, max_contention=MAX_CONTENTION,
-                        progress=lambda r, label: print(f"repeat {i + 1}, round {r + 1}: {label}", flush=True))
+    stats = round_robin(
+        candidates,
+        shape,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        calls=args.calls,
+        baseline=BASELINE,
+        max_contention=MAX_CONTENTION,
+        progress=lambda r, label: print(f"repeat {i + 1}, round {r + 1}: {label}", flush=True),
+    )
     cache.put(f"repeat/{i}", {"stats": stats, "summary": _summary(stats, variants), "host": host_description()})
 
 
@@ -154,39 +187,58 @@ def _spread(values: list[float]) -> str:
 
 
 def _report(args, cache: Cache) -> str:
-    measured = [cache.get(k) for k in sorted((k for k in cache.data if k.startswith("repeat/")),
-                                             key=lambda k: int(k.split("/")[1]))]
+    measured = [
+        cache.get(k)
+        for k in sorted((k for k in cache.data if k.startswith("repeat/")), key=lambda k: int(k.split("/")[1]))
+    ]
     if not measured:
         return "no repeats measured yet"
     keys = sorted((k for k in measured[-1]["summary"] if k != "baseline_ms"), key=lambda k: Variant.parse(k))
-    repeats = [r for r in measured if not _busy(r) and sorted(k for k in r["summary"] if k != "baseline_ms") == sorted(keys)]
+    repeats = [
+        r for r in measured if not _busy(r) and sorted(k for k in r["summary"] if k != "baseline_ms") == sorted(keys)
+    ]
     if not repeats:
         return "no repeats measured on a quiet host yet"
     # the export row knows the rule (a --prune-heads run of the first version keyed whole heads as "0.25")
-    variants = [Variant(v.ratio, v.heads or bool(cache.get(f"export/{k}").get("prune_heads")))
-                for k, v in ((k, Variant.parse(k)) for k in keys)]
+    variants = [
+        Variant(v.ratio, v.heads or bool(cache.get(f"export/{k}").get("prune_heads")))
+        for k, v in ((k, Variant.parse(k)) for k in keys)
+    ]
     hosts = sorted({host_label(r["host"]) for r in repeats})
     size = "x".join(map(str, cache.get(f"export/{keys[0]}")["input"][2:]))
-    lines = [f"**Headline ratios of `{args.model}`**, batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
-             f"{len(repeats)} independent round-robins (each {args.rounds} rounds x {args.calls} calls per candidate, "
-             f"every candidate in a fresh process; a measurement taken while other work kept more than {MAX_CONTENTION} "
-             "CPUs busy is retaken). Each repeat's ratio is against the unpruned fp32 eager model of the same repeat. "
-             "Pruned: dimensions inside every head (the default), or whole heads.", "",
-             "| repeat | fp32 eager, unpruned | " + " | ".join(
-                 f"{v.title}: fastest file | ms | x eager | vs ORT int8" for v in variants) + " | worst contention |",
-             "|---:|---:|" + "---|---:|---:|---:|" * len(variants) + "---:|"]
+    lines = [
+        f"**Headline ratios of `{args.model}`**, batch 1, {size}, {args.threads} threads, on {', '.join(hosts)}: "
+        f"{len(repeats)} independent round-robins (each {args.rounds} rounds x {args.calls} calls per candidate, "
+        f"every candidate in a fresh process; a measurement taken while other work kept more than {MAX_CONTENTION} "
+        "CPUs busy is retaken). Each repeat's ratio is against the unpruned fp32 eager model of the same repeat. "
+        "Pruned: dimensions inside every head (the default), or whole heads.",
+        "",
+        "| repeat | fp32 eager, unpruned | "
+        + " | ".join(f"{v.title}: fastest file | ms | x eager | vs ORT int8" for v in variants)
+        + " | worst contention |",
+        "|---:|---:|" + "---|---:|---:|---:|" * len(variants) + "---:|",
+    ]
     for i, rep in enumerate(repeats, 1):
         s = rep["summary"]
-        cells = [f"{s[k]['best']} | {s[k]['best_ms']:.1f} | {s[k]['x_eager']:.2f}x | "
-                 + ("-" if s[k]["vs_ort"] is None else f"{s[k]['vs_ort']:.2f}x") for k in keys]
+        cells = [
+            f"{s[k]['best']} | {s[k]['best_ms']:.1f} | {s[k]['x_eager']:.2f}x | "
+            + ("-" if s[k]["vs_ort"] is None else f"{s[k]['vs_ort']:.2f}x")
+            for k in keys
+        ]
         worst = [v["contention_max"] for v in rep["stats"].values() if v.get("contention_max") is not None]
         retaken = sum(v.get("retaken", 0) for v in rep["stats"].values())
         load = f"{max(worst):.2f} CPUs" if worst else "-"
-        lines.append(f"| {i} | {s['baseline_ms']:.1f} ms | " + " | ".join(cells) +
-                     f" | {load}{f', {retaken} retaken' if retaken else ''} |")
-    lines += ["", "| pruned | target | x unpruned fp32 eager: median (range) | repeats meeting it | fastest file: median ms "
-              "| fastest / ONNX Runtime int8: median (range) | repeats <= 0.85x | fastest file (repeats) |",
-              "|---|---:|---|---:|---:|---|---:|---|"]
+        lines.append(
+            f"| {i} | {s['baseline_ms']:.1f} ms | "
+            + " | ".join(cells)
+            + f" | {load}{f', {retaken} retaken' if retaken else ''} |"
+        )
+    lines += [
+        "",
+        "| pruned | target | x unpruned fp32 eager: median (range) | repeats meeting it | fastest file: median ms "
+        "| fastest / ONNX Runtime int8: median (range) | repeats <= 0.85x | fastest file (repeats) |",
+        "|---|---:|---|---:|---:|---|---:|---|",
+    ]
     for k, v in zip(keys, variants):
         rows = [rep["summary"][k] for rep in repeats]
         xs, vs = [x["x_eager"] for x in rows], [x["vs_ort"] for x in rows if x["vs_ort"] is not None]
@@ -195,29 +247,54 @@ def _report(args, cache: Cache) -> str:
         winners: dict[str, int] = {}
         for x in rows:
             winners[x["best"]] = winners.get(x["best"], 0) + 1
-        ort = (f"{statistics.median(vs):.2f}x (range {min(vs):.2f}-{max(vs):.2f}x) | "
-               f"{sum(x <= ORT_TARGET for x in vs)}/{len(vs)}") if vs else "- | -"
-        lines.append(f"| {v.title} | {f'>= {target}x' if target else '-'} | {_spread(xs)} | {met} | "
-                     f"{statistics.median(x['best_ms'] for x in rows):.1f} | {ort} | "
-                     + ", ".join(f"{f} ({n})" for f, n in sorted(winners.items(), key=lambda kv: -kv[1])) + " |")
+        ort = (
+            (
+                f"{statistics.median(vs):.2f}x (range {min(vs):.2f}-{max(vs):.2f}x) | "
+                f"{sum(x <= ORT_TARGET for x in vs)}/{len(vs)}"
+            )
+            if vs
+            else "- | -"
+        )
+        lines.append(
+            f"| {v.title} | {f'>= {target}x' if target else '-'} | {_spread(xs)} | {met} | "
+            f"{statistics.median(x['best_ms'] for x in rows):.1f} | {ort} | "
+            + ", ".join(f"{f} ({n})" for f, n in sorted(winners.items(), key=lambda kv: -kv[1]))
+            + " |"
+        )
     if len(measured) > len(repeats):
-        lines += ["", f"{len(measured) - len(repeats)} more repeat(s) left out: measured with other candidates, or a "
-                      f"measurement was kept although other work kept more than {MAX_CONTENTION} CPUs busy through "
-                      "every retry (the next run retakes them)."]
+        lines += [
+            "",
+            f"{len(measured) - len(repeats)} more repeat(s) left out: measured with other candidates, or a "
+            f"measurement was kept although other work kept more than {MAX_CONTENTION} CPUs busy through "
+            "every retry (the next run retakes them).",
+        ]
     base = [rep["summary"]["baseline_ms"] for rep in repeats]
-    lines += ["", f"The unpruned fp32 eager baseline over the repeats: median {statistics.median(base):.1f} ms, range "
-              f"{min(base):.1f}-{max(base):.1f} ms."]
+    lines += [
+        "",
+        f"The unpruned fp32 eager baseline over the repeats: median {statistics.median(base):.1f} ms, range "
+        f"{min(base):.1f}-{max(base):.1f} ms.",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224")
-    ap.add_argument("--ratios", type=float, nargs="*", default=[0.09375, 0.25],
-                    help="pruning ratios, dimensions inside every head removed (PruningConfig's default)")
-    ap.add_argument("--heads-ratios", type=float, nargs="*", default=[],
-                    help="pruning ratios also exported with whole attention heads removed (every kept head stays "
-                         "64 wide), timed in the same round-robins")
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="*",
+        default=[0.09375, 0.25],
+        help="pruning ratios, dimensions inside every head removed (PruningConfig's default)",
+    )
+    ap.add_argument(
+        "--heads-ratios",
+        type=float,
+        nargs="*",
+        default=[],
+        help="pruning ratios also exported with whole attention heads removed (every kept head stays "
+        "64 wide), timed in the same round-robins",
+    )
     ap.add_argument("--formats", nargs="+", default=["pte", "onnx", "openvino"])
     ap.add_argument("--precisions", nargs="+", default=["int8-dynamic", "int8-static"])
     ap.add_argument("--repeats", type=int, default=8, help="independent round-robins (cached ones count)")

@@ -52,10 +52,16 @@ def profile(path: str, shape: list[int], threads: int, calls: int, warmup: int) 
                 totals[key] += ms / calls
                 nodes[key] += 1
     total = sum(totals.values())
-    rows = [{"node_type": t, "kernel": k, "ms": ms, "share": ms / total, "nodes": nodes[(t, k)] // calls}
-            for (t, k), ms in sorted(totals.items(), key=lambda kv: -kv[1])]
-    return {"median_wall_ms": statistics.median(wall), "counted_ms": total, "rows": rows,
-            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").type_name}
+    rows = [
+        {"node_type": t, "kernel": k, "ms": ms, "share": ms / total, "nodes": nodes[(t, k)] // calls}
+        for (t, k), ms in sorted(totals.items(), key=lambda kv: -kv[1])
+    ]
+    return {
+        "median_wall_ms": statistics.median(wall),
+        "counted_ms": total,
+        "rows": rows,
+        "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").type_name,
+    }
 
 
 def main() -> None:
@@ -78,18 +84,32 @@ def main() -> None:
     host = host_description()
     for ir in args.irs:
         key = "/".join(Path(ir).parts[-2:])
-        data[key] = {**profile(ir, args.shape, args.threads, args.calls, args.warmup), "shape": args.shape,
-                     "threads": args.threads, "calls": args.calls, "host": host}
+        data[key] = {
+            **profile(ir, args.shape, args.threads, args.calls, args.warmup),
+            "shape": args.shape,
+            "threads": args.threads,
+            "calls": args.calls,
+            "host": host,
+        }
         atomic_write_text(path, json.dumps(data, indent=1))
-    lines = ["OpenVINO CPU plugin per-node counters (`PERF_COUNT`), mean ms per call by node type and kernel; "
-             "`benchmarks/openvino_profile.py`.", ""]
+    lines = [
+        "OpenVINO CPU plugin per-node counters (`PERF_COUNT`), mean ms per call by node type and kernel; "
+        "`benchmarks/openvino_profile.py`.",
+        "",
+    ]
     for key, row in data.items():
-        lines += [f"**{key}** ({row['host']['cpu']}, {'x'.join(map(str, row['shape']))}, {row['threads']} threads, "
-                  f"inference precision {row['inference_precision']}): median wall {row['median_wall_ms']:.2f} ms per "
-                  f"call, counters sum to {row['counted_ms']:.2f} ms.", "",
-                  "| node type | kernel | nodes | ms per call | share |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['node_type']} | {r['kernel']} | {r['nodes']} | {r['ms']:.2f} | {100 * r['share']:.1f} % |"
-                  for r in row["rows"][:args.top]]
+        lines += [
+            f"**{key}** ({row['host']['cpu']}, {'x'.join(map(str, row['shape']))}, {row['threads']} threads, "
+            f"inference precision {row['inference_precision']}): median wall {row['median_wall_ms']:.2f} ms per "
+            f"call, counters sum to {row['counted_ms']:.2f} ms.",
+            "",
+            "| node type | kernel | nodes | ms per call | share |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['node_type']} | {r['kernel']} | {r['nodes']} | {r['ms']:.2f} | {100 * r['share']:.1f} % |"
+            for r in row["rows"][: args.top]
+        ]
         lines.append("")
     atomic_write_text(OUT / "openvino_profile.md", "\n".join(lines))
     print("\n".join(lines))

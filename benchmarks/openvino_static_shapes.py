@@ -62,18 +62,29 @@ def main() -> None:
     host = host_description()
     for ir in args.irs:
         key = "/".join(Path(ir).parts[-3:])
-        data[key] = {**measure(ir, args.shape, args.threads, args.rounds, args.calls, args.warmup),
-                     "shape": args.shape, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
-                     "host": host}
+        data[key] = {
+            **measure(ir, args.shape, args.threads, args.rounds, args.calls, args.warmup),
+            "shape": args.shape,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "host": host,
+        }
         atomic_write_text(path, json.dumps(data, indent=1))
-    lines = ["OpenVINO IR compiled with a free batch dimension vs at a static shape; both in one process, called "
-             "alternately; median ms (p90).", "",
-             "| IR | host | shape | threads | free batch | static shape | free / static |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "OpenVINO IR compiled with a free batch dimension vs at a static shape; both in one process, called "
+        "alternately; median ms (p90).",
+        "",
+        "| IR | host | shape | threads | free batch | static shape | free / static |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for key, row in data.items():
         f, s = row["stats"]["free batch"], row["stats"]["static shape"]
-        lines.append(f"| {key} | {row['host']['cpu']} | {'x'.join(map(str, row['shape']))} | {row['threads']} | "
-                     f"{f['median_ms']:.2f} ({f['p90_ms']:.2f}) | {s['median_ms']:.2f} ({s['p90_ms']:.2f}) | "
-                     f"{row['ratio']:.2f}x |")
+        lines.append(
+            f"| {key} | {row['host']['cpu']} | {'x'.join(map(str, row['shape']))} | {row['threads']} | "
+            f"{f['median_ms']:.2f} ({f['p90_ms']:.2f}) | {s['median_ms']:.2f} ({s['p90_ms']:.2f}) | "
+            f"{row['ratio']:.2f}x |"
+        )
     atomic_write_text(OUT / "openvino_static_shapes.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

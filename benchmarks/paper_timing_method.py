@@ -43,7 +43,10 @@ def child(paths: list[str], threads: int, warmup: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         with torch.autograd.profiler.profile() as prof:  # the paper passes use_cuda=False (removed since)
             module(img)
-        out[label] = {"paper_ms": prof.self_cpu_time_total / 1000, "first_call_wall_ms": 1e3 * (time.perf_counter() - t0)}
+        out[label] = {
+            "paper_ms": prof.self_cpu_time_total / 1000,
+            "first_call_wall_ms": 1e3 * (time.perf_counter() - t0),
+        }
     for label, module in modules.items():  # ours: warm-up, then the median of wall-clock calls
         out[label]["warm_median_ms"] = summarize(time_calls(module, img, warmup, repeats))["median_ms"]
     return out
@@ -55,14 +58,32 @@ def export(model_name: str, ratio: float, work: Path, threads: int) -> list[str]
 
     x = torch.randn(1, 3, 224, 224)
     files = []
-    for label, r, precision in (("unpruned", 0.0, "fp32"), ("unpruned", 0.0, "int8-dynamic"),
-                                ("pruned", ratio, "int8-dynamic")):
+    for label, r, precision in (
+        ("unpruned", 0.0, "fp32"),
+        ("unpruned", 0.0, "int8-dynamic"),
+        ("pruned", ratio, "int8-dynamic"),
+    ):
         model = paper_model(model_name, r)
         out = work / f"{label}_{precision}"
-        manifest = export_mobile(model, x, MobileExportConfig(
-            precisions=[precision], formats=["ptl"], engines=["x86"], output_dir=str(out), overwrite=True,
-            threads=threads, repeats=1, warmup=0, verify_batches=1, min_top1_agreement=0.0, measure_memory=False,
-            rank="none"), validation_data=[x])
+        manifest = export_mobile(
+            model,
+            x,
+            MobileExportConfig(
+                precisions=[precision],
+                formats=["ptl"],
+                engines=["x86"],
+                output_dir=str(out),
+                overwrite=True,
+                threads=threads,
+                repeats=1,
+                warmup=0,
+                verify_batches=1,
+                min_top1_agreement=0.0,
+                measure_memory=False,
+                rank="none",
+            ),
+            validation_data=[x],
+        )
         files.append(str(out / manifest["artifacts"][0]["file"]))
     return files
 
@@ -84,37 +105,68 @@ def main() -> None:
         files = export(args.model, args.ratio, Path(work), args.threads)
         trials = []
         for _ in range(args.trials):
-            run = subprocess.run([sys.executable, __file__, "--child", *files, "--threads", str(args.threads),
-                                  "--warmup", str(args.warmup), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    *files,
+                    "--threads",
+                    str(args.threads),
+                    "--warmup",
+                    str(args.warmup),
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if run.returncode:
                 sys.exit(f"child process failed:\n{run.stderr[-3000:]}")
             trials.append(json.loads(run.stdout.strip().splitlines()[-1]))
-    cmd = (f"python benchmarks/paper_timing_method.py --model {args.model} --ratio {args.ratio} --threads "
-           f"{args.threads} --trials {args.trials} --warmup {args.warmup} --repeats {args.repeats}")
+    cmd = (
+        f"python benchmarks/paper_timing_method.py --model {args.model} --ratio {args.ratio} --threads "
+        f"{args.threads} --trials {args.trials} --warmup {args.warmup} --repeats {args.repeats}"
+    )
     host = f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, batch 1, 224x224"
 
     def span(values):
         return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
-    lines = [f"`{cmd}` — {host}", "",
-             f"{args.model}; pruned = {100 * args.ratio:g} % of every prunable dimension (l2, round_to=2); int8 = "
-             f"dynamic Linear-only, x86 engine; `.ptl` loaded with `torch.jit.load` as in the paper's `quant.py`. "
-             f"Median (min-max) over {args.trials} fresh processes.", "",
-             "| model | paper method: profiler self CPU, 1st call (ms) | 1st call wall clock (ms) | ours: warm median (ms) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"`{cmd}` — {host}",
+        "",
+        f"{args.model}; pruned = {100 * args.ratio:g} % of every prunable dimension (l2, round_to=2); int8 = "
+        f"dynamic Linear-only, x86 engine; `.ptl` loaded with `torch.jit.load` as in the paper's `quant.py`. "
+        f"Median (min-max) over {args.trials} fresh processes.",
+        "",
+        "| model | paper method: profiler self CPU, 1st call (ms) | 1st call wall clock (ms) | ours: warm median (ms) |",
+        "|---|---|---|---|",
+    ]
     for label in ORDER:
-        lines.append(f"| {label} | {span([t[label]['paper_ms'] for t in trials])} | "
-                     f"{span([t[label]['first_call_wall_ms'] for t in trials])} | "
-                     f"{span([t[label]['warm_median_ms'] for t in trials])} |")
-    ratios = {m: [t["unpruned fp32"][k] / t["pruned int8"][k] for t in trials]
-              for m, k in (("paper", "paper_ms"), ("wall", "first_call_wall_ms"), ("ours", "warm_median_ms"))}
-    lines += ["", "| unpruned fp32 / pruned int8 | paper method | 1st call wall clock | ours |", "|---|---|---|---|",
-              f"| speedup | {span(ratios['paper'])}x | {span(ratios['wall'])}x | {span(ratios['ours'])}x |"]
+        lines.append(
+            f"| {label} | {span([t[label]['paper_ms'] for t in trials])} | "
+            f"{span([t[label]['first_call_wall_ms'] for t in trials])} | "
+            f"{span([t[label]['warm_median_ms'] for t in trials])} |"
+        )
+    ratios = {
+        m: [t["unpruned fp32"][k] / t["pruned int8"][k] for t in trials]
+        for m, k in (("paper", "paper_ms"), ("wall", "first_call_wall_ms"), ("ours", "warm_median_ms"))
+    }
+    lines += [
+        "",
+        "| unpruned fp32 / pruned int8 | paper method | 1st call wall clock | ours |",
+        "|---|---|---|---|",
+        f"| speedup | {span(ratios['paper'])}x | {span(ratios['wall'])}x | {span(ratios['ours'])}x |",
+    ]
     OUT.mkdir(exist_ok=True)
-    for name, text in (("paper_timing_method.md", "\n".join(lines) + "\n"),
-                       ("paper_timing_method.json", json.dumps({"command": cmd, "host": host, "trials": trials,
-                                                                "ratios": ratios}, indent=1))):
+    for name, text in (
+        ("paper_timing_method.md", "\n".join(lines) + "\n"),
+        (
+            "paper_timing_method.json",
+            json.dumps({"command": cmd, "host": host, "trials": trials, "ratios": ratios}, indent=1),
+        ),
+    ):
         tmp = OUT / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(OUT / name)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from pqv_lightning import PruningConfig, StructuredPruner
-from pqv_lightning.pruning.importance import GradientStatistics
 from pqv_lightning.models import create_vit
+from pqv_lightning.pruning.importance import GradientStatistics
 
 OUT = Path(__file__).parent / "results"
 
@@ -77,8 +77,12 @@ def accumulation_overhead(name: str, batch: int, warmup: int, repeats: int) -> d
                     times["taylor_call"].append(acc)
     base = statistics.median(times["baseline"])
     return {
-        "model": name, "batch": batch, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "baseline": fmt(times["baseline"]), "taylor": fmt(times["taylor"]), "hessian": fmt(times["hessian"]),
+        "model": name,
+        "batch": batch,
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "baseline": fmt(times["baseline"]),
+        "taylor": fmt(times["taylor"]),
+        "hessian": fmt(times["hessian"]),
         "taylor_overhead_pct": 100 * (statistics.median(times["taylor"]) - base) / base,
         "taylor_call_pct": 100 * statistics.median(times["taylor_call"]) / base,
         "hessian_overhead_pct": 100 * (statistics.median(times["hessian"]) - base) / base,
@@ -104,8 +108,15 @@ def event_time(name: str, ratio: float, repeats: int, importance: str) -> dict:
         events.append(event.seconds)
         params = (event.params_before, event.params_after)
         del pruner, model, opt
-    return {"model": name, "importance": importance, "ratio": ratio, "build": fmt(builds), "event": fmt(events),
-            "event_median_s": statistics.median(events), "params_M": f"{params[0] / 1e6:.1f} -> {params[1] / 1e6:.1f}"}
+    return {
+        "model": name,
+        "importance": importance,
+        "ratio": ratio,
+        "build": fmt(builds),
+        "event": fmt(events),
+        "event_median_s": statistics.median(events),
+        "params_M": f"{params[0] / 1e6:.1f} -> {params[1] / 1e6:.1f}",
+    }
 
 
 def main() -> None:
@@ -116,22 +127,36 @@ def main() -> None:
     ap.add_argument("--event-repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    acc = [accumulation_overhead("vit_tiny_fmnist", 128, args.warmup, args.repeats),
-           accumulation_overhead("deit_tiny_patch16_224", 32, args.warmup, args.repeats)]
-    ev = [event_time("deit_base_patch16_224", 0.09375, args.event_repeats, "taylor"),
-          event_time("deit_base_patch16_224", 0.5, args.event_repeats, "taylor")]
-    lines = [f"`python benchmarks/pruning_overhead.py --threads {args.threads} --repeats {args.repeats}` — "
-             f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads", "",
-             "| model | batch | training step | + taylor | + hessian | taylor overhead | taylor call alone | hessian overhead |",
-             "|---|---|---|---|---|---|---|---|"]
+    acc = [
+        accumulation_overhead("vit_tiny_fmnist", 128, args.warmup, args.repeats),
+        accumulation_overhead("deit_tiny_patch16_224", 32, args.warmup, args.repeats),
+    ]
+    ev = [
+        event_time("deit_base_patch16_224", 0.09375, args.event_repeats, "taylor"),
+        event_time("deit_base_patch16_224", 0.5, args.event_repeats, "taylor"),
+    ]
+    lines = [
+        f"`python benchmarks/pruning_overhead.py --threads {args.threads} --repeats {args.repeats}` — "
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+        "",
+        "| model | batch | training step | + taylor | + hessian | taylor overhead | taylor call alone | hessian overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for a in acc:
-        lines.append(f"| {a['model']} ({a['params_M']:.1f} M) | {a['batch']} | {a['baseline']} | {a['taylor']} | "
-                     f"{a['hessian']} | {a['taylor_overhead_pct']:+.1f} % | {a['taylor_call_pct']:.1f} % | "
-                     f"{a['hessian_overhead_pct']:+.1f} % |")
-    lines += ["", "| model | importance | channel ratio | params | dependency graph (once) | one pruning event |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {a['model']} ({a['params_M']:.1f} M) | {a['batch']} | {a['baseline']} | {a['taylor']} | "
+            f"{a['hessian']} | {a['taylor_overhead_pct']:+.1f} % | {a['taylor_call_pct']:.1f} % | "
+            f"{a['hessian_overhead_pct']:+.1f} % |"
+        )
+    lines += [
+        "",
+        "| model | importance | channel ratio | params | dependency graph (once) | one pruning event |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in ev:
-        lines.append(f"| {e['model']} | {e['importance']} | {e['ratio']} | {e['params_M']} M | {e['build']} | {e['event']} |")
+        lines.append(
+            f"| {e['model']} | {e['importance']} | {e['ratio']} | {e['params_M']} M | {e['build']} | {e['event']} |"
+        )
     text = "\n".join(lines) + "\n\nTimes: median (p10-p90).\n"
     OUT.mkdir(exist_ok=True)
     (OUT / "pruning_overhead.md").write_text(text)

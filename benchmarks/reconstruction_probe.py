@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
             if key in cache:
                 continue
             if seed not in data:  # one data module and calibration draw per seed, shared by its rows
-                dm = FashionMNISTDataModule(batch_size=128, train_subset=max(4096, args.samples),
-                                            test_subset=args.test_images, seed=seed)
+                dm = FashionMNISTDataModule(
+                    batch_size=128, train_subset=max(4096, args.samples), test_subset=args.test_images, seed=seed
+                )
                 dm.setup("fit")
                 torch.manual_seed(seed)
                 data[seed] = dm, list(torch.cat([x for x, _ in dm.train_dataloader()])[: args.samples].split(128))
@@ -68,14 +69,27 @@ def main(argv: list[str] | None = None) -> None:
                 cache[unpruned_key] = {"test_acc": evaluate(original, dm), "host": host}
             model = copy.deepcopy(original)
             t0 = time.perf_counter()
-            config = PruningConfig(importance="l2", pruning_ratio=ratio, reconstruct=layers != "none",
-                                   reconstruct_layers="all" if layers == "none" else layers)
+            config = PruningConfig(
+                importance="l2",
+                pruning_ratio=ratio,
+                reconstruct=layers != "none",
+                reconstruct_layers="all" if layers == "none" else layers,
+            )
             event = prune_once(model, config, calibration=calibration if samples else None)
-            cache[key] = {"ratio": ratio, "layers": layers, "samples": samples, "seed": seed,
-                          "test_images": args.test_images, "test_acc": evaluate(model, dm),
-                          "seconds": time.perf_counter() - t0, "error_before": event.reconstruction_error_before,
-                          "error_after": event.reconstruction_error_after, "host": host, "threads": args.threads,
-                          "torch": torch.__version__}
+            cache[key] = {
+                "ratio": ratio,
+                "layers": layers,
+                "samples": samples,
+                "seed": seed,
+                "test_images": args.test_images,
+                "test_acc": evaluate(model, dm),
+                "seconds": time.perf_counter() - t0,
+                "error_before": event.reconstruction_error_before,
+                "error_after": event.reconstruction_error_after,
+                "host": host,
+                "threads": args.threads,
+                "torch": torch.__version__,
+            }
             atomic_write_text(cache_file, json.dumps({"rows": cache}, indent=1))
             print(key, f"{100 * cache[key]['test_acc']:.2f} %", flush=True)
     report = _report(cache, args.test_images, host, args.threads)
@@ -86,27 +100,37 @@ def main(argv: list[str] | None = None) -> None:
 def _report(cache: dict, test_images: int, host: str, threads: int) -> str:
     se = 100 * math.sqrt(0.9 * 0.1 / test_images)
     unpruned = cache[f"unpruned test {test_images}"]["test_acc"]
-    lines = [f"`python benchmarks/reconstruction_probe.py --seeds 0 1 2` — {host}, {threads} thread(s), torch "
-             f"{torch.__version__}; one-shot L2 pruning, no fine-tuning; {test_images:,} test images (standard error "
-             f"near 90 %: {se:.2f} pt); ± is the std over draws of the calibration images. Unpruned: "
-             f"{100 * unpruned:.2f} %.", "",
-             "| channels pruned | refitted layers | calibration images | draws | test acc | per draw | mean relative "
-             "layer error before → after | time (prune, fit, test) |", "|---|---|---:|---:|---:|---|---|---:|"]
+    lines = [
+        f"`python benchmarks/reconstruction_probe.py --seeds 0 1 2` — {host}, {threads} thread(s), torch "
+        f"{torch.__version__}; one-shot L2 pruning, no fine-tuning; {test_images:,} test images (standard error "
+        f"near 90 %: {se:.2f} pt); ± is the std over draws of the calibration images. Unpruned: "
+        f"{100 * unpruned:.2f} %.",
+        "",
+        "| channels pruned | refitted layers | calibration images | draws | test acc | per draw | mean relative "
+        "layer error before → after | time (prune, fit, test) |",
+        "|---|---|---:|---:|---:|---|---|---:|",
+    ]
     groups: dict[tuple, list[dict]] = {}
     for row in cache.values():
         if row.get("test_images") == test_images and "ratio" in row:
-            groups.setdefault((row["ratio"], ["none", "residual", "all"].index(row["layers"]), row["samples"]),
-                              []).append(row)
+            groups.setdefault(
+                (row["ratio"], ["none", "residual", "all"].index(row["layers"]), row["samples"]), []
+            ).append(row)
     for (ratio, _, samples), rows in sorted(groups.items()):
         accs = [100 * r["test_acc"] for r in rows]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         first = rows[0]
-        err = ("–" if first["error_after"] is None else
-               f"{statistics.fmean(r['error_before'] for r in rows):.3f} → "
-               f"{statistics.fmean(r['error_after'] for r in rows):.3f}")
-        lines.append(f"| {100 * ratio:g} % | {first['layers']} | {samples} | {len(rows)} | "
-                     f"{statistics.fmean(accs):.2f}{spread} % | {', '.join(f'{a:.2f}' for a in accs)} | {err} | "
-                     f"{statistics.fmean(r['seconds'] for r in rows):.0f} s |")
+        err = (
+            "–"
+            if first["error_after"] is None
+            else f"{statistics.fmean(r['error_before'] for r in rows):.3f} → "
+            f"{statistics.fmean(r['error_after'] for r in rows):.3f}"
+        )
+        lines.append(
+            f"| {100 * ratio:g} % | {first['layers']} | {samples} | {len(rows)} | "
+            f"{statistics.fmean(accs):.2f}{spread} % | {', '.join(f'{a:.2f}' for a in accs)} | {err} | "
+            f"{statistics.fmean(r['seconds'] for r in rows):.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 

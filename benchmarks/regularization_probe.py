@@ -16,10 +16,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pqv_lightning.apps.recipes import default_checkpoint, evaluate
 from pqv_lightning.data import FashionMNISTDataModule
 from pqv_lightning.models import load_vit_checkpoint
 from pqv_lightning.pruning import PruningConfig, StructuredPruner
-from pqv_lightning.apps.recipes import default_checkpoint, evaluate
 from pqv_lightning.pruning.sparsity import GroupSparsity, unit_norms
 
 
@@ -55,9 +55,12 @@ def main() -> None:
     before = evaluate(model, dm)
     pruner.step()
     after = evaluate(model, dm)
-    print(f"strength {args.strength:g}, {args.steps} steps, {args.importance}: MLP unit norms q10/q25/q50/q90 "
-          f"{quantiles}; test acc before the event {100 * before:.2f} %, right after {100 * after:.2f} % "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"strength {args.strength:g}, {args.steps} steps, {args.importance}: MLP unit norms q10/q25/q50/q90 "
+        f"{quantiles}; test acc before the event {100 * before:.2f} %, right after {100 * after:.2f} % "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if ! .venv/bin/python -c "import pqv_lightning, pytest, pytest_timeout, executorch, torchao, onnxruntime, onnxscript, openvino, nncf, transformers" \
+if ! .venv/bin/python -c "import pqv_lightning, pytest, pytest_timeout, mypy, ruff, executorch, torchao, onnxruntime, onnxscript, openvino, nncf, transformers" \
      >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.pqv-installed ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,executorch,onnx,openvino,hf]'

@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from pqv_lightning.fileio import atomic_write  # temp file + rename: never a half-written file
 from pqv_lightning.apps.sweep_report import splice_between_markers
+from pqv_lightning.fileio import atomic_write  # temp file + rename: never a half-written file
 
 PUBLISHED = ("results.md", "summary.md", "results.json", "sweep.csv", "cells.jsonl")
 
@@ -33,8 +33,10 @@ def publish(sweep: Path, readme: Path, dest: Path) -> list[Path]:
     figures = sorted(sweep.glob("fig*.png"))
     rel = os.path.relpath(dest, readme.parent)
     pictures = "\n".join(f"![{f.stem}]({rel}/{f.name})" for f in figures)
-    block = (f"{(sweep / 'summary.md').read_text().strip()}\n\n{pictures}\n\nEvery row, with p90, size, cosine and "
-             f"GOP/s: [{rel}/results.md]({rel}/results.md) (CSV: [{rel}/sweep.csv]({rel}/sweep.csv)).")
+    block = (
+        f"{(sweep / 'summary.md').read_text().strip()}\n\n{pictures}\n\nEvery row, with p90, size, cosine and "
+        f"GOP/s: [{rel}/results.md]({rel}/results.md) (CSV: [{rel}/sweep.csv]({rel}/sweep.csv))."
+    )
     spliced = splice_between_markers(readme.read_text(), block)  # bad markers fail before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
     copied = []

@@ -36,8 +36,14 @@ def random_loader(n: int = 128, batch_size: int = 16, seed: int = 0, shuffle: bo
 
 def make_trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         num_sanity_val_steps=0,
     )
     defaults.update(kw)
@@ -75,10 +81,24 @@ def exported_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("exported_tiny") / "out"
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 1, 32, 32, generator=g) for _ in range(2)]
-    manifest = export_mobile(tiny_vit(depth=1), data[0][:1], MobileExportConfig(
-        precisions=["fp32", "int8-dynamic"], formats=formats, engines=["x86"], output_dir=str(out), repeats=2,
-        warmup=1, verify_batches=2, min_top1_agreement=0.0, rank="round-robin", rank_rounds=1, rank_calls=3),
-        validation_data=data)
+    manifest = export_mobile(
+        tiny_vit(depth=1),
+        data[0][:1],
+        MobileExportConfig(
+            precisions=["fp32", "int8-dynamic"],
+            formats=formats,
+            engines=["x86"],
+            output_dir=str(out),
+            repeats=2,
+            warmup=1,
+            verify_batches=2,
+            min_top1_agreement=0.0,
+            rank="round-robin",
+            rank_rounds=1,
+            rank_calls=3,
+        ),
+        validation_data=data,
+    )
     # random-init logits are nearly tied, so top-1 agreement is noisy here: cosine is the check
     assert all(a["status"] == "ok" and a["verification"]["cosine"] > 0.99 for a in manifest["artifacts"])
     return out, manifest

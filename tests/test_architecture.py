@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 
-from _imports import PACKAGE, ROOT, cycles, import_graph, module_name
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig
 from pqv_lightning.export.delegation import DELEGATION_SWAPS
@@ -20,9 +18,17 @@ from pqv_lightning.pruning.adapters import ADAPTERS
 from pqv_lightning.pruning.importance import IMPORTANCE
 from pqv_lightning.registry import Registry, UnknownNameError
 
+from _imports import PACKAGE, ROOT, cycles, import_graph, module_name
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
-REGISTRIES = {"IMPORTANCE": IMPORTANCE, "MODELS": MODELS, "ADAPTERS": ADAPTERS, "TARGETS": TARGETS,
-              "PRECISIONS": PRECISIONS, "DELEGATION_SWAPS": DELEGATION_SWAPS}
+REGISTRIES = {
+    "IMPORTANCE": IMPORTANCE,
+    "MODELS": MODELS,
+    "ADAPTERS": ADAPTERS,
+    "TARGETS": TARGETS,
+    "PRECISIONS": PRECISIONS,
+    "DELEGATION_SWAPS": DELEGATION_SWAPS,
+}
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -85,26 +91,31 @@ def test_layers_point_one_way_and_pruning_and_export_stay_apart():
 def test_the_layer_check_finds_what_the_old_tree_had():
     """The 0.1 tree's walls that leaked: the pruner read export's targets, padding read the pruner,
     models.py (library) held the LightningModule."""
-    old = {f"{PACKAGE}.pruning.pruner": {f"{PACKAGE}.export.targets"},
-           f"{PACKAGE}.export.padding": {f"{PACKAGE}.pruning.pruner"},
-           f"{PACKAGE}.models": {f"{PACKAGE}.callbacks.structured_pruning"},
-           f"{PACKAGE}.widths": set()}
+    old = {
+        f"{PACKAGE}.pruning.pruner": {f"{PACKAGE}.export.targets"},
+        f"{PACKAGE}.export.padding": {f"{PACKAGE}.pruning.pruner"},
+        f"{PACKAGE}.models": {f"{PACKAGE}.callbacks.structured_pruning"},
+        f"{PACKAGE}.widths": set(),
+    }
     assert layer_violations(old) == [
         f"{PACKAGE}.pruning.pruner imports {PACKAGE}.export.targets: pruning and export do not import each other",
         f"{PACKAGE}.export.padding imports {PACKAGE}.pruning.pruner: pruning and export do not import each other",
-        f"{PACKAGE}.models (library) imports {PACKAGE}.callbacks.structured_pruning (lightning)"]
+        f"{PACKAGE}.models (library) imports {PACKAGE}.callbacks.structured_pruning (lightning)",
+    ]
     assert lightning_imports({"models.py": "import torch\nimport lightning.pytorch as pl\n"}) == ["models.py"]
 
 
 def lightning_imports(sources: dict[str, str]) -> list[str]:
     """The sources (name -> text) that import Lightning at any level (function-level imports too)."""
-    return [name for name, text in sources.items()
-            if re.search(r"^\s*(import (lightning|pytorch_lightning)|from (lightning|pytorch_lightning)\b)", text, re.M)]
+    return [
+        name
+        for name, text in sources.items()
+        if re.search(r"^\s*(import (lightning|pytorch_lightning)|from (lightning|pytorch_lightning)\b)", text, re.M)
+    ]
 
 
 def test_foundation_and_library_never_import_lightning():
-    below = {str(p): p.read_text() for p in ROOT.rglob("*.py")
-             if layer_of(module_name(p)) in ("foundation", "library")}
+    below = {str(p): p.read_text() for p in ROOT.rglob("*.py") if layer_of(module_name(p)) in ("foundation", "library")}
     assert len(below) > 30
     assert lightning_imports(below) == []
 
@@ -141,7 +152,9 @@ def test_registry_register_lookup_and_errors():
 
 def test_registry_lookup_by_type_mro_and_exact():
     class Base: ...
+
     class Child(Base): ...
+
     class Grandchild(Child): ...
 
     by_mro: Registry = Registry("handler", types=lambda e: e[0])
@@ -154,15 +167,16 @@ def test_registry_lookup_by_type_mro_and_exact():
     assert exact.for_type(Base())[1] == "base" and exact.for_type(Child()) is None
 
 
-
 def test_registry_builtins_load_on_first_read_or_registration(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "pqv_test_builtin_a.py").write_text(
-        "from pqv_test_registry_home import REG\nclass A: ...\nREG.register('a', A)\nimport pqv_test_builtin_b\n")
+        "from pqv_test_registry_home import REG\nclass A: ...\nREG.register('a', A)\nimport pqv_test_builtin_b\n"
+    )
     (tmp_path / "pqv_test_builtin_b.py").write_text(
-        "from pqv_test_registry_home import REG\nclass B: ...\nREG.register('b', B)\n")
+        "from pqv_test_registry_home import REG\nclass B: ...\nREG.register('b', B)\n"
+    )
     home = type(sys)("pqv_test_registry_home")
     monkeypatch.setitem(sys.modules, "pqv_test_registry_home", home)
     for name in ("pqv_test_builtin_a", "pqv_test_builtin_b"):
@@ -213,11 +227,14 @@ def test_a_latency_worker_imports_neither_lightning_nor_timm():
     import subprocess
     import sys
 
-    code = ("import sys; import pqv_lightning.export.benchmark as b; from pqv_lightning.export.targets import TARGETS; "
-            "print(sorted(TARGETS)); print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'lightning', 'pytorch_lightning', 'timm', 'torch_pruning', 'torchvision', 'torchmetrics'}))")
+    code = (
+        "import sys; import pqv_lightning.export.benchmark as b; from pqv_lightning.export.targets import TARGETS; "
+        "print(sorted(TARGETS)); print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'lightning', 'pytorch_lightning', 'timm', 'torch_pruning', 'torchvision', 'torchmetrics'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["['onnx', 'openvino', 'pte', 'ptl']", "[]"]
+
 
 def test_builtin_registries_hold_the_builtin_entries():
     assert IMPORTANCE.names() == ("taylor", "hessian", "l1", "l2", "random")
@@ -227,9 +244,13 @@ def test_builtin_registries_hold_the_builtin_entries():
     assert PRECISIONS.names() == ("fp32", "fp16", "int8-dynamic", "int8-static", "int8-dynamic-attention")
     # every format applies every precision, except int8 attention matmuls: only ONNX Runtime can
     assert {(f, p) for f in TARGETS for p in PRECISIONS if not TARGETS[f].supports(PRECISIONS[p])} == {
-        (f, "int8-dynamic-attention") for f in ("pte", "openvino", "ptl")}
-    with pytest.raises(ConfigError, match=r"format 'pte' cannot apply precision 'int8-dynamic-attention' "
-                                          r"\(attention_matmuls=True\): ExecuTorch's XNNPACK delegate runs bmm"):
+        (f, "int8-dynamic-attention") for f in ("pte", "openvino", "ptl")
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"format 'pte' cannot apply precision 'int8-dynamic-attention' "
+        r"\(attention_matmuls=True\): ExecuTorch's XNNPACK delegate runs bmm",
+    ):
         MobileExportConfig(formats=["pte"], precisions=["int8-dynamic-attention"]).validate()
     assert {"vit_tiny_fmnist", "vit_test_tiny", "deit_base_patch16_224", "deit3_medium_patch16_224"} <= set(MODELS)
     from timm.models.deit import VisionTransformerDistilled
@@ -262,9 +283,10 @@ def test_cli_choices_are_the_registries():
 
 
 def test_errors_list_every_registered_name():
+    from dataclasses import replace
+
     from pqv_lightning import StructuredPruning
     from pqv_lightning.apps.sweep import QUICK, run_sweep
-    from dataclasses import replace
 
     def allowed(exc: pytest.ExceptionInfo) -> list[str]:
         return eval(str(exc.value).rsplit("allowed: ", 1)[1])
@@ -285,6 +307,7 @@ def test_errors_list_every_registered_name():
 
 def test_a_registered_criterion_is_accepted_everywhere_at_once():
     import torch_pruning as tp
+
     from pqv_lightning import StructuredPruning
     from pqv_lightning.apps.demo import add_demo_arguments
     from pqv_lightning.pruning.importance import Criterion
@@ -348,6 +371,10 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert block, "the Quick start block with the two commands"
     demo, tests = block.group(1).strip(), block.group(2).strip()
     assert demo == "bash scripts/setup.sh && .venv/bin/pqv demo"
-    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci = [
+        line
+        for line in (root / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci == [tests]
     assert '-m "not slow"' in tests and "-m slow" in tests  # both tiers

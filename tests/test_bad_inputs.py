@@ -12,9 +12,9 @@ import torch
 
 from pqv_lightning import KnowledgeDistillation, MobileExport, StructuredPruning, load_pruned_checkpoint
 from pqv_lightning.apps.cli import main
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import MobileExportConfig, export_mobile
-from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, ratio_for_budget
 
 from conftest import make_trainer, random_loader, tiny_vit
@@ -198,23 +198,39 @@ def _model_cases():
         ("model", lambda: prune_once("vit_tiny", PruningConfig(importance="l2"))),
         ("config", lambda: prune_once(tiny_vit(), {"pruning_ratio": 0.5})),
         ("budget", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", target_macs=0.5, target_params=0.5))),
-        ("pruning_ratio", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", pruning_ratio=0.3,
-                                                                        target_macs=0.5))),
+        (
+            "pruning_ratio",
+            lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", pruning_ratio=0.3, target_macs=0.5)),
+        ),
         ("target_macs", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", target_macs=NAN))),
         ("target_params", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", target_params="half"))),
         ("calibrate", lambda: prune_once(tiny_vit(), PruningConfig(importance="taylor"), calibrate=3)),
-        ("example_inputs", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"),
-                                              example_inputs=torch.randn(1, 3, 32, 32))),
-        ("example_inputs", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"),
-                                              example_inputs=torch.randn(0, 1, 32, 32))),
-        ("example_inputs", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"),
-                                              example_inputs=[[0.0] * 32] * 32)),
-        ("example_inputs", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"),
-                                              example_inputs=torch.full((1, 1, 32, 32), NAN))),
+        (
+            "example_inputs",
+            lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"), example_inputs=torch.randn(1, 3, 32, 32)),
+        ),
+        (
+            "example_inputs",
+            lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"), example_inputs=torch.randn(0, 1, 32, 32)),
+        ),
+        (
+            "example_inputs",
+            lambda: prune_once(tiny_vit(), PruningConfig(importance="l2"), example_inputs=[[0.0] * 32] * 32),
+        ),
+        (
+            "example_inputs",
+            lambda: prune_once(
+                tiny_vit(), PruningConfig(importance="l2"), example_inputs=torch.full((1, 1, 32, 32), NAN)
+            ),
+        ),
         ("round_to", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", round_to=512))),
         ("head_pruning_ratio", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", head_pruning_ratio=0.5))),
-        ("prune_num_heads", lambda: prune_once(tiny_vit(num_heads=1), PruningConfig(
-            importance="l2", prune_num_heads=True, prune_head_dims=False))),
+        (
+            "prune_num_heads",
+            lambda: prune_once(
+                tiny_vit(num_heads=1), PruningConfig(importance="l2", prune_num_heads=True, prune_head_dims=False)
+            ),
+        ),
         ("ignored_layers", lambda: prune_once(tiny_vit(), PruningConfig(importance="l2", ignored_layers=["nope"]))),
         ("target_macs", lambda: ratio_for_budget(tiny_vit(), PruningConfig(importance="l2"), target_macs=2.0e12)),
         ("target_macs", lambda: ratio_for_budget(tiny_vit(), PruningConfig(importance="l2"))),
@@ -232,8 +248,16 @@ def _export_cases(tmp_path):
     model, example = tiny_vit(), torch.randn(1, 1, 32, 32)
 
     def cfg(**kw):
-        return MobileExportConfig(**{"precisions": ["fp32"], "formats": ["ptl"], "output_dir": str(tmp_path / "out"),
-                                     "measure_memory": False, "rank": "none", **kw})
+        return MobileExportConfig(
+            **{
+                "precisions": ["fp32"],
+                "formats": ["ptl"],
+                "output_dir": str(tmp_path / "out"),
+                "measure_memory": False,
+                "rank": "none",
+                **kw,
+            }
+        )
 
     return [
         ("model", lambda: export_mobile(None, example, cfg())),
@@ -304,8 +328,9 @@ def test_load_pruned_checkpoint_of_another_width(tmp_path):
     trainer.fit(wide, random_loader(16, 16))
     trainer.save_checkpoint(tmp_path / "wide.ckpt")
     ckpt = torch.load(tmp_path / "wide.ckpt", weights_only=False)
-    ckpt["state_dict"] = {k: torch.cat([v, v], dim=-1) if v.dim() and "blocks.0.mlp" in k else v
-                          for k, v in ckpt["state_dict"].items()}
+    ckpt["state_dict"] = {
+        k: torch.cat([v, v], dim=-1) if v.dim() and "blocks.0.mlp" in k else v for k, v in ckpt["state_dict"].items()
+    }
     torch.save(ckpt, tmp_path / "other.ckpt")
     error = _refused(lambda: load_pruned_checkpoint(ImageClassifier, tmp_path / "other.ckpt"), "shapes")
     assert len(str(error).splitlines()) == 1
@@ -325,15 +350,25 @@ class CountingClassifier(ImageClassifier):
 def _setup_cases(tmp_path):
     wrong_teacher = tiny_vit(in_chans=3)
     return [
-        ("example_input_shape", lambda: [MobileExport(output_dir=str(tmp_path / "o1"), example_input_shape=[3, 32, 32])]),
-        ("example_input_shape", lambda: [MobileExport(output_dir=str(tmp_path / "o2"), example_input_shape=[1, 30, 30])]),
+        (
+            "example_input_shape",
+            lambda: [MobileExport(output_dir=str(tmp_path / "o1"), example_input_shape=[3, 32, 32])],
+        ),
+        (
+            "example_input_shape",
+            lambda: [MobileExport(output_dir=str(tmp_path / "o2"), example_input_shape=[1, 30, 30])],
+        ),
         ("output_dir", lambda: [MobileExport(output_dir="/proc/version/export")]),
         ("output_dir", lambda: [MobileExport(output_dir="/proc/pqv-export")]),
-        ("example_input_shape", lambda: [StructuredPruning(importance="l2", iterative_steps=1,
-                                                           example_input_shape=[3, 32, 32])]),
+        (
+            "example_input_shape",
+            lambda: [StructuredPruning(importance="l2", iterative_steps=1, example_input_shape=[3, 32, 32])],
+        ),
         ("round_to", lambda: [StructuredPruning(importance="l2", iterative_steps=1, round_to=1024)]),
-        ("ignored_layers", lambda: [StructuredPruning(importance="l2", iterative_steps=1,
-                                                      ignored_layers=["head", "blocks.9.attn"])]),
+        (
+            "ignored_layers",
+            lambda: [StructuredPruning(importance="l2", iterative_steps=1, ignored_layers=["head", "blocks.9.attn"])],
+        ),
         ("teacher", lambda: [KnowledgeDistillation(teacher=wrong_teacher)]),
         ("model_attr", lambda: [StructuredPruning(importance="l2", iterative_steps=1, model_attr="missing")]),
         ("model_attr", lambda: [MobileExport(output_dir=str(tmp_path / "o3"), model_attr="model.head")]),
@@ -402,12 +437,16 @@ def test_cli_exit_2_with_one_line(tmp_path, capsys, argv):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [\n")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
-    for name, callback in (("kd_nan", "pqv_lightning.KnowledgeDistillation\n      init_args: {tau: .nan}"),
-                           ("export_empty", "pqv_lightning.MobileExport\n      init_args: {precisions: []}")):
+    for name, callback in (
+        ("kd_nan", "pqv_lightning.KnowledgeDistillation\n      init_args: {tau: .nan}"),
+        ("export_empty", "pqv_lightning.MobileExport\n      init_args: {precisions: []}"),
+    ):
         (tmp_path / f"{name}.yaml").write_text(
-            "trainer:\n  max_epochs: 1\n  callbacks:\n    - class_path: " + callback
+            "trainer:\n  max_epochs: 1\n  callbacks:\n    - class_path: "
+            + callback
             + "\nmodel:\n  model_name: vit_test_tiny\n"
-            + "data:\n  class_path: pqv_lightning.data.FashionMNISTDataModule\n")
+            + "data:\n  class_path: pqv_lightning.data.FashionMNISTDataModule\n"
+        )
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     try:
         code = main(argv)
@@ -419,9 +458,18 @@ def test_cli_exit_2_with_one_line(tmp_path, capsys, argv):
 
 
 def test_every_table_has_150_cases_or_more(tmp_path):
-    total = (len(PRUNING_CASES) + len(KD_CASES) + len(EXPORT_CASES) + len(CONFIG_CASES) + len(_model_cases())
-             + len(_export_cases(tmp_path)) + len(_checkpoint_cases(tmp_path)) + 1 + len(_setup_cases(tmp_path))
-             + len(CLI_CASES))
+    total = (
+        len(PRUNING_CASES)
+        + len(KD_CASES)
+        + len(EXPORT_CASES)
+        + len(CONFIG_CASES)
+        + len(_model_cases())
+        + len(_export_cases(tmp_path))
+        + len(_checkpoint_cases(tmp_path))
+        + 1
+        + len(_setup_cases(tmp_path))
+        + len(CLI_CASES)
+    )
     assert total >= 150, total
 
 
@@ -436,11 +484,22 @@ def test_pl_module_network_in_eval_mode_reconstructs(tmp_path):
     inputs anyway (before: 'pass calibration input batches' at the first event)."""
     lit = ImageClassifier("vit_test_tiny")
     lit.model.eval()
-    pruning = StructuredPruning(importance="l2", pruning_ratio=0.25, iterative_steps=1, accumulate_batches=2,
-                                interval="step", frequency=2, reconstruct=True, reconstruct_samples=32)
+    pruning = StructuredPruning(
+        importance="l2",
+        pruning_ratio=0.25,
+        iterative_steps=1,
+        accumulate_batches=2,
+        interval="step",
+        frequency=2,
+        reconstruct=True,
+        reconstruct_samples=32,
+    )
     make_trainer(tmp_path, [pruning], max_epochs=1, limit_train_batches=4).fit(lit, random_loader(64, 16))
     (event,) = pruning.events
-    assert event.reconstruction_error_after is not None and event.reconstruction_error_after < event.reconstruction_error_before
+    assert (
+        event.reconstruction_error_after is not None
+        and event.reconstruction_error_after < event.reconstruction_error_before
+    )
 
 
 @pytest.mark.parametrize("argv", [["fit", "--config", "{tmp}/kd_nan.yaml"], ["bench", "--shape", "abc", "x.pte"]])
@@ -451,9 +510,11 @@ def test_cli_one_line_in_a_real_process(tmp_path, argv):
 
     (tmp_path / "kd_nan.yaml").write_text(
         "trainer:\n  max_epochs: 1\n  callbacks:\n    - class_path: pqv_lightning.KnowledgeDistillation\n"
-        "      init_args: {tau: .nan}\nmodel:\n  model_name: vit_test_tiny\n")
+        "      init_args: {tau: .nan}\nmodel:\n  model_name: vit_test_tiny\n"
+    )
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    done = subprocess.run([sys.executable, "-m", "pqv_lightning", *argv], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pqv_lightning", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("pqv: error:"), done.stderr

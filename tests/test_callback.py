@@ -10,8 +10,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from pqv_lightning import CHECKPOINT_KEY, StructuredPruning, load_pruned_checkpoint
-from pqv_lightning.errors import ConfigError
 from pqv_lightning.classifier import ImageClassifier
+from pqv_lightning.errors import ConfigError
 
 from conftest import make_trainer, random_loader
 
@@ -33,8 +33,15 @@ class EventProbe(pl.Callback):
 
 
 def test_epoch_schedule_prunes_after_the_window_and_keeps_optimizer_exact(tmp_path, lit_model):
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=3,
-                                interval="epoch", start=0, frequency=2)
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=3,
+        interval="epoch",
+        start=0,
+        frequency=2,
+    )
     probe = EventProbe()
     trainer = make_trainer(tmp_path, [pruning, probe], max_epochs=3)
     trainer.fit(lit_model, random_loader(128, 16))  # 8 steps per epoch
@@ -47,8 +54,15 @@ def test_epoch_schedule_prunes_after_the_window_and_keeps_optimizer_exact(tmp_pa
 
 
 def test_step_schedule_and_lr_scheduler_and_adam_state_continue(tmp_path, lit_model):
-    pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
-                                interval="step", start=3, frequency=5)
+    pruning = StructuredPruning(
+        importance="l2",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=3,
+        frequency=5,
+    )
     probe = EventProbe()
     trainer = make_trainer(tmp_path, [pruning, probe], max_epochs=2)
     trainer.fit(lit_model, random_loader(128, 16))
@@ -117,14 +131,22 @@ def _fit_count(model):
 @pytest.mark.parametrize(
     "kwargs, trainer_kwargs, message",
     [
-        (dict(iterative_steps=3, start=1, frequency=1), dict(max_epochs=3),
-         r"needs epoch 3 .* but max_epochs=3"),
-        (dict(iterative_steps=2, interval="step", start=10, frequency=10, accumulate_batches=4), dict(max_steps=20),
-         r"needs optimizer step 24 .* max_steps=20"),
-        (dict(iterative_steps=1, accumulate_batches=50), dict(max_epochs=1),
-         r"accumulate_batches=50 exceeds the 8 optimizer steps of one epoch"),
-        (dict(iterative_steps=2, interval="step", start=5, frequency=5, accumulate_batches=2), dict(max_epochs=1),
-         r"needs optimizer step 12 but this fit runs 8 steps"),
+        (dict(iterative_steps=3, start=1, frequency=1), dict(max_epochs=3), r"needs epoch 3 .* but max_epochs=3"),
+        (
+            dict(iterative_steps=2, interval="step", start=10, frequency=10, accumulate_batches=4),
+            dict(max_steps=20),
+            r"needs optimizer step 24 .* max_steps=20",
+        ),
+        (
+            dict(iterative_steps=1, accumulate_batches=50),
+            dict(max_epochs=1),
+            r"accumulate_batches=50 exceeds the 8 optimizer steps of one epoch",
+        ),
+        (
+            dict(iterative_steps=2, interval="step", start=5, frequency=5, accumulate_batches=2),
+            dict(max_epochs=1),
+            r"needs optimizer step 12 but this fit runs 8 steps",
+        ),
     ],
 )
 def test_schedule_errors_are_raised_before_training(tmp_path, lit_model, kwargs, trainer_kwargs, message):
@@ -152,7 +174,10 @@ def test_frozen_parameters_with_gradient_criterion_are_refused_before_training(t
         (dict(accumulate_batches=0), r"accumulate_batches=0 must be an integer >= 1"),
         (dict(pruning_ratio=1.5), r"pruning_ratio=1.5 must be a finite number >= 0 and < 1"),
         (dict(importance="snip"), r"importance='snip' is not registered"),
-        (dict(widths_for="tflite"), r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx', 'ptl', 'openvino'\]"),
+        (
+            dict(widths_for="tflite"),
+            r"widths_for='tflite' is not registered; allowed: \['pte', 'onnx', 'ptl', 'openvino'\]",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
@@ -175,8 +200,12 @@ def test_sharding_strategies_are_refused(tmp_path, lit_model):
         def restore_checkpoint_after_setup(self) -> bool:
             return True
 
-    trainer = make_trainer(tmp_path, [StructuredPruning(iterative_steps=1)], max_epochs=1,
-                           strategy=RestoresAfterSetup(device=torch.device("cpu")))
+    trainer = make_trainer(
+        tmp_path,
+        [StructuredPruning(iterative_steps=1)],
+        max_epochs=1,
+        strategy=RestoresAfterSetup(device=torch.device("cpu")),
+    )
     with pytest.raises(ValueError, match="does not support strategy RestoresAfterSetup"):
         trainer.fit(lit_model, random_loader(64, 16))
 
@@ -190,8 +219,9 @@ def test_fsdp_and_weight_averaging_are_refused_with_a_clear_error():
     pruning = StructuredPruning(iterative_steps=1)
     with pytest.raises(ValueError, match="does not support strategy FSDPStrategy"):
         pruning._check_strategy(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]))
-    swa = SimpleNamespace(strategy=SingleDeviceStrategy(device=torch.device("cpu")),
-                          callbacks=[StochasticWeightAveraging(swa_lrs=0.1)])
+    swa = SimpleNamespace(
+        strategy=SingleDeviceStrategy(device=torch.device("cpu")), callbacks=[StochasticWeightAveraging(swa_lrs=0.1)]
+    )
     with pytest.raises(ValueError, match=r"cannot run with \['StochasticWeightAveraging'\]"):
         pruning._check_strategy(swa)
 
@@ -212,8 +242,17 @@ def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None, reconstruct=Fal
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # windows of 4 steps opening after steps 6 and 14 straddle the epoch boundaries (8 steps / epoch)
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=4,
-                                interval="step", start=6, frequency=8, reconstruct=reconstruct, reconstruct_samples=48)
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=4,
+        interval="step",
+        start=6,
+        frequency=8,
+        reconstruct=reconstruct,
+        reconstruct_samples=48,
+    )
     cbs = [pruning] + ([ckpt_cb] if ckpt_cb else []) + ([StopAfterEpoch(stop_after)] if stop_after is not None else [])
     trainer = make_trainer(tmp_path / name, cbs, max_epochs=3, enable_checkpointing=ckpt_cb is not None)
     return model, pruning, trainer
@@ -228,8 +267,9 @@ def _resume_setup(tmp_path, name, stop_after=None, ckpt_cb=None, reconstruct=Fal
         (0, 0, 2, [1, 2], True),  # reconstruction: the window's inputs gathered so far travel in the checkpoint
     ],
 )
-def test_resume_matches_uninterrupted_run(tmp_path, stop_after, saved_events, saved_window, events_after_resume,
-                                          reconstruct):
+def test_resume_matches_uninterrupted_run(
+    tmp_path, stop_after, saved_events, saved_window, events_after_resume, reconstruct
+):
     ref_model, _, ref_trainer = _resume_setup(tmp_path, "ref", reconstruct=reconstruct)
     ref_trainer.fit(ref_model, random_loader(128, 16))
 
@@ -284,7 +324,9 @@ def test_module_hooks_after_fit_leave_a_picklable_structure_writer(tmp_path, lit
     trainer.fit(lit_model, random_loader(32, 16))
     assert "on_load_checkpoint" not in lit_model.__dict__  # the load-side shadow belongs to one stage
     clone = pickle.loads(pickle.dumps(lit_model))  # ddp_spawn / torch.save(module) still work
-    assert clone.on_save_checkpoint.module is clone and copy.deepcopy(lit_model).on_save_checkpoint.module is not lit_model
+    assert (
+        clone.on_save_checkpoint.module is clone and copy.deepcopy(lit_model).on_save_checkpoint.module is not lit_model
+    )
     checkpoint = {}
     lit_model.on_save_checkpoint(checkpoint)
     assert checkpoint[CHECKPOINT_KEY]["current_step"] == 1
@@ -305,8 +347,7 @@ def test_checkpoint_saved_after_fit_reloads_pruned(tmp_path, lit_model, weights_
 
 
 def test_model_checkpoint_last_and_best_files_carry_the_structure(tmp_path, lit_model):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/loss", save_top_k=1,
-                           filename="best")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/loss", save_top_k=1, filename="best")
     pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1)
     trainer = make_trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True)
     trainer.fit(lit_model, random_loader(64, 16), random_loader(32, 16))
@@ -327,7 +368,9 @@ def test_pruned_weights_without_structure_give_one_clear_error(tmp_path, lit_mod
     checkpoint = torch.load(path, weights_only=True)
     del checkpoint[CHECKPOINT_KEY]  # as an older release or a hand-made save would write it
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"other shapes than ImageClassifier in \d+ tensors .*no 'pqv_structured_pruning'"):
+    with pytest.raises(
+        ValueError, match=r"other shapes than ImageClassifier in \d+ tensors .*no 'pqv_structured_pruning'"
+    ):
         load_pruned_checkpoint(ImageClassifier, path)
     # the same inside a Trainer stage: a fresh, unpruned module validated on that file
     fresh = ImageClassifier("vit_test_tiny", lr=1e-3)
@@ -384,8 +427,9 @@ def test_a_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
 
     x = torch.randn(1, 1, 32, 32)
     full = count_macs(lit_model.model, x)
-    pruning = StructuredPruning(importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1,
-                                ratio_schedule="cubic")
+    pruning = StructuredPruning(
+        importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1, ratio_schedule="cubic"
+    )
     trainer = make_trainer(tmp_path, [pruning], max_epochs=2)
     trainer.fit(lit_model, random_loader(64, 16))
     macs = count_macs(lit_model.model, x)
@@ -399,19 +443,23 @@ def test_a_global_mac_budget_is_reached_at_the_last_event(tmp_path, lit_model):
 
     x = torch.randn(1, 1, 32, 32)
     full = count_macs(lit_model.model, x)
-    pruning = StructuredPruning(importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1,
-                                global_pruning=True)
+    pruning = StructuredPruning(
+        importance="taylor", target_macs=0.55, iterative_steps=2, accumulate_batches=1, global_pruning=True
+    )
     make_trainer(tmp_path, [pruning], max_epochs=2).fit(lit_model, random_loader(64, 16))
     macs = count_macs(lit_model.model, x)
     assert 0.97 * 0.55 * full < macs <= 0.55 * full
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(pruning_ratio=0.3, target_macs=0.5), "give a pruning_ratio .* or a budget"),
-    (dict(target_macs=0.5, target_params=0.5), "give one budget, not both"),
-    (dict(target_params=-1), r"target_params=-1 is out of range"),
-    (dict(target_macs=0.5, global_pruning=True, importance="random"), "needs a deterministic criterion"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pruning_ratio=0.3, target_macs=0.5), "give a pruning_ratio .* or a budget"),
+        (dict(target_macs=0.5, target_params=0.5), "give one budget, not both"),
+        (dict(target_params=-1), r"target_params=-1 is out of range"),
+        (dict(target_macs=0.5, global_pruning=True, importance="random"), "needs a deterministic criterion"),
+    ],
+)
 def test_bad_budgets_are_refused_when_the_callback_is_made(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StructuredPruning(**kwargs)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_trainer, random_loader, tiny_vit
 from pqv_lightning import MobileExport, StructuredPruning
 from pqv_lightning.errors import ConfigError
+
+from conftest import make_trainer, random_loader, tiny_vit
 
 
 class TwoNetworks(pl.LightningModule):
@@ -39,13 +40,23 @@ class TwoNetworks(pl.LightningModule):
 
 
 def _pruning(**kw) -> StructuredPruning:
-    return StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=1, accumulate_batches=1,
-                             interval="step", **kw)
+    return StructuredPruning(
+        importance="l2", pruning_ratio=0.5, iterative_steps=1, accumulate_batches=1, interval="step", **kw
+    )
 
 
 def _export(tmp_path, **kw) -> MobileExport:
-    return MobileExport(precisions=["fp32"], formats=["ptl"], output_dir=str(tmp_path / "export"), repeats=2,
-                        warmup=0, verify_batches=1, measure_memory=False, rank="in-process", **kw)
+    return MobileExport(
+        precisions=["fp32"],
+        formats=["ptl"],
+        output_dir=str(tmp_path / "export"),
+        repeats=2,
+        warmup=0,
+        verify_batches=1,
+        measure_memory=False,
+        rank="in-process",
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("callback", ["pruning", "export"])
@@ -96,7 +107,9 @@ def test_a_network_without_an_input_size_asks_for_example_input_shape(tmp_path):
 
 def _loader48(n: int) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 1, 48, 48, generator=g), torch.randint(0, 10, (n,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(n, 1, 48, 48, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
     return torch.utils.data.DataLoader(data, batch_size=16)
 
 

@@ -28,8 +28,21 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
         pytest.skip("needs the onnx extra: pip install 'pqv-lightning[onnx]'")
     files = [out / "model_int8-dynamic.onnx", out / "model_int8-dynamic.xml", out / "model_int8-dynamic_x86.ptl"]
     files = [f for f in files if f.is_file()]  # the OpenVINO IR where the extra is installed
-    argv = ["bench", "vit_test_tiny", *map(str, files), "--rounds", "2", "--calls", "2", "--warmup", "1",
-            "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")]
+    argv = [
+        "bench",
+        "vit_test_tiny",
+        *map(str, files),
+        "--rounds",
+        "2",
+        "--calls",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(tmp_path / "b.json"),
+        "--csv",
+        str(tmp_path / "b.csv"),
+    ]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "input [1, 1, 32, 32]" in stdout and "baseline: vit_test_tiny (fp32 eager)" in stdout
@@ -48,15 +61,18 @@ def test_bench_times_files_and_models_round_robin_with_json_and_csv(tmp_path, ca
     assert result["best"] == fastest and f"fastest: {fastest} (" in stdout
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["bench", "no_such_model_xyz"], ["no_such_model_xyz: not a file", "unknown model_name"]),
-    (["bench", "missing.pte"], ["missing.pte: no such file"]),
-    (["bench", "vit_test_tiny", "--baseline", "other"], ["--baseline 'other' is not one of"]),
-    (["bench", "vit_test_tiny", "--max-contention", "-1"], ["max_contention=-1.0", "a number of CPUs >= 0"]),
-    (["demo", "--data-dir", "/no/such/folder"], ["--data-dir /no/such/folder: no such folder"]),
-    (["demo", "--ratio", "1.5"], ["--ratio 1.5: pruning_ratio=1.5 must be a finite number >= 0 and < 1"]),
-    (["demo", "--checkpoint", "nope.pt"], ["--checkpoint nope.pt: no such file"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["bench", "no_such_model_xyz"], ["no_such_model_xyz: not a file", "unknown model_name"]),
+        (["bench", "missing.pte"], ["missing.pte: no such file"]),
+        (["bench", "vit_test_tiny", "--baseline", "other"], ["--baseline 'other' is not one of"]),
+        (["bench", "vit_test_tiny", "--max-contention", "-1"], ["max_contention=-1.0", "a number of CPUs >= 0"]),
+        (["demo", "--data-dir", "/no/such/folder"], ["--data-dir /no/such/folder: no such folder"]),
+        (["demo", "--ratio", "1.5"], ["--ratio 1.5: pruning_ratio=1.5 must be a finite number >= 0 and < 1"]),
+        (["demo", "--checkpoint", "nope.pt"], ["--checkpoint nope.pt: no such file"]),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
     _one_line_error(capsys, argv, *fragments)
 
@@ -72,9 +88,18 @@ def test_an_unexpected_error_keeps_its_traceback_and_is_not_bad_input(monkeypatc
         main(["demo"])
     assert "pqv: error" not in capsys.readouterr().err
     env = {**__import__("os").environ, "PQV_FMNIST_CHECKPOINT": "/no/such/vit.pt"}
-    proc = subprocess.run([sys.executable, "-m", "pqv_lightning", "demo"], capture_output=True, text=True,
-                          timeout=300, check=False, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip() == "pqv: error: $PQV_FMNIST_CHECKPOINT=/no/such/vit.pt: no such file"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqv_lightning", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "pqv: error: $PQV_FMNIST_CHECKPOINT=/no/such/vit.pt: no such file"
+    )
 
 
 def test_demo_help_claims_only_what_the_demo_reads(capsys):
@@ -86,11 +111,13 @@ def test_demo_help_claims_only_what_the_demo_reads(capsys):
     assert "$PQV_FMNIST_CHECKPOINT, else the bundled one" in text
 
 
-
-@pytest.mark.parametrize("argv, expected", [([], {"reconstruct": True, "reconstruct_layers": "all"}),
-                                            (["--widths-for", "openvino"], {"reconstruct": True,
-                                                                             "reconstruct_layers": "all",
-                                                                             "widths_for": "openvino"})])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {"reconstruct": True, "reconstruct_layers": "all"}),
+        (["--widths-for", "openvino"], {"reconstruct": True, "reconstruct_layers": "all", "widths_for": "openvino"}),
+    ],
+)
 def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expected):
     from pqv_lightning.apps import recipes
 
@@ -110,6 +137,7 @@ def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expecte
         main(["demo", "--export-dir", "", "--plots-dir", "", *argv])
     assert seen[-1] == expected
 
+
 def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
     (tmp_path / "model.tflite").write_bytes(b"x")
     _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")
@@ -118,8 +146,15 @@ def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
 
 
 def _run_pqv(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pqv_lightning", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900, check=False, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    return subprocess.run(
+        [sys.executable, "-m", "pqv_lightning", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+        check=False,
+        env={**__import__("os").environ, "WANDB_MODE": "disabled"},
+    )
 
 
 @pytest.mark.slow
@@ -139,7 +174,7 @@ trainer:
       init_args: {{importance: taylor, pruning_ratio: 0.5, iterative_steps: 1, accumulate_batches: 2,
                   interval: step, start: 0, frequency: 2, widths_for: openvino}}
     - class_path: pqv_lightning.MobileExport
-      init_args: {{precisions: [fp32], formats: [onnx], output_dir: {tmp_path / 'export'}, repeats: 1,
+      init_args: {{precisions: [fp32], formats: [onnx], output_dir: {tmp_path / "export"}, repeats: 1,
                   measure_memory: false, rank: in-process, min_top1_agreement: 0.0}}
 model:
   model_name: vit_test_tiny
@@ -165,9 +200,11 @@ def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
 
 def test_fit_with_a_value_a_callback_refuses_is_one_error_line(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("trainer:\n  callbacks:\n  - class_path: pqv_lightning.StructuredPruning\n"
-                      "    init_args: {importance: fisher}\nmodel: {model_name: vit_test_tiny}\n"
-                      "data: {class_path: pqv_lightning.data.FashionMNISTDataModule}\n")
+    config.write_text(
+        "trainer:\n  callbacks:\n  - class_path: pqv_lightning.StructuredPruning\n"
+        "    init_args: {importance: fisher}\nmodel: {model_name: vit_test_tiny}\n"
+        "data: {class_path: pqv_lightning.data.FashionMNISTDataModule}\n"
+    )
     proc = _run_pqv("fit", "--config", str(config), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -189,11 +226,13 @@ def test_shipped_configs_parse(tmp_path, name):
 
 
 def test_python_dash_m_and_console_script_show_the_commands():
-    proc = subprocess.run([sys.executable, "-m", "pqv_lightning", "--help"], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqv_lightning", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0 and "{demo,fit,bench,sweep,coverage}" in proc.stdout
     script = Path(sys.executable).parent / "pqv"
     if script.exists():  # installed with pip install -e .
-        proc = subprocess.run([str(script), "bench", "no_such_model_xyz"], capture_output=True, text=True,
-                              timeout=120, check=False)
+        proc = subprocess.run(
+            [str(script), "bench", "no_such_model_xyz"], capture_output=True, text=True, timeout=120, check=False
+        )
         assert proc.returncode == 2 and proc.stderr.startswith("pqv: error: no_such_model_xyz")

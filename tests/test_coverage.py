@@ -18,8 +18,10 @@ def test_coverage_rows_cells_and_cache(tmp_path, monkeypatch):
     vit, levit = rows["vit"]["cells"], rows["levit"]["cells"]
     assert all(cell.startswith("ok (") for cell in vit.values()), vit
     assert "MACs 0.50x" in vit["target_macs 0.5"] and "same outputs" in vit["save + reload"]
-    assert all(cell.startswith("refused: ") and ("timm.models.levit.LevitDistilled" in cell or "no prunable model" in cell)
-               for cell in levit.values()), levit
+    assert all(
+        cell.startswith("refused: ") and ("timm.models.levit.LevitDistilled" in cell or "no prunable model" in cell)
+        for cell in levit.values()
+    ), levit
     text = (tmp_path / "coverage.md").read_text()
     assert "| `vit` (ViT / DeiT) | timm `vit_tiny_patch16_224` | ok (" in text and "(every column)" in text
 
@@ -35,8 +37,14 @@ def test_a_failing_cell_is_reported_not_raised():
     assert coverage._cell(lambda: "3x") == "ok (3x)"
 
 
-@pytest.mark.parametrize("argv", [["coverage", "--families", "nope"], ["coverage", "--formats", "tflite"],
-                                  ["coverage", "--out", "/proc/version/cov"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["coverage", "--families", "nope"],
+        ["coverage", "--formats", "tflite"],
+        ["coverage", "--out", "/proc/version/cov"],
+    ],
+)
 def test_coverage_cli_refuses_bad_input(capsys, argv):
     try:
         code = main(argv)

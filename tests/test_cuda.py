@@ -39,8 +39,15 @@ class StopAtStep(pl.Callback):
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("importance", ["taylor", "hessian"])
 def test_pruning_mid_fit_on_cuda_with_mixed_precision(tmp_path, lit_model, precision, importance):
-    pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
-                                interval="step", start=1, frequency=4)
+    pruning = StructuredPruning(
+        importance=importance,
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=1,
+        frequency=4,
+    )
     seen = {}
 
     class Probe(pl.Callback):
@@ -71,10 +78,18 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
         pl.seed_everything(0, verbose=False)
         model = ImageClassifier("vit_test_tiny", lr=1e-3)
         # windows of 4 steps opening after steps 6 and 14 straddle the epoch boundaries (8 steps / epoch)
-        pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=4,
-                                    interval="step", start=6, frequency=8)
-        trainer = _trainer(tmp_path / name, [pruning, *extra], "32-true", max_epochs=3,
-                           enable_checkpointing=bool(extra))
+        pruning = StructuredPruning(
+            importance="taylor",
+            pruning_ratio=0.5,
+            iterative_steps=2,
+            accumulate_batches=4,
+            interval="step",
+            start=6,
+            frequency=8,
+        )
+        trainer = _trainer(
+            tmp_path / name, [pruning, *extra], "32-true", max_epochs=3, enable_checkpointing=bool(extra)
+        )
         trainer.fit(model, random_loader(128, 16), ckpt_path=ckpt_path)
         return model, pruning
 
@@ -90,8 +105,16 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_mobile_export_of_a_cuda_trained_module(tmp_path, lit_model):
-    export = MobileExport(precisions=["fp32", "int8-dynamic"], formats=["ptl"], output_dir=str(tmp_path / "out"),
-                          repeats=2, warmup=1, measure_memory=False, rank="in-process", min_top1_agreement=0.5)
+    export = MobileExport(
+        precisions=["fp32", "int8-dynamic"],
+        formats=["ptl"],
+        output_dir=str(tmp_path / "out"),
+        repeats=2,
+        warmup=1,
+        measure_memory=False,
+        rank="in-process",
+        min_top1_agreement=0.5,
+    )
     pruning = StructuredPruning(importance="l2", pruning_ratio=0.5, iterative_steps=1, accumulate_batches=1)
     trainer = _trainer(tmp_path, [pruning, export], "16-mixed", max_epochs=1)
     trainer.fit(lit_model, random_loader(64, 16), random_loader(32, 16))

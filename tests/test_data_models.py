@@ -1,16 +1,15 @@
 import gzip
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
-from pqv_lightning.data import DEFAULT_FMNIST_DIR, FashionMNISTDataModule, read_idx
-from pqv_lightning.classifier import ImageClassifier
-from pqv_lightning.models import create_vit, load_vit_checkpoint, paper_model, save_vit_checkpoint
 from pqv_lightning.apps.recipes import default_checkpoint, evaluate, train_vit_checkpoint
-
-from pathlib import Path
+from pqv_lightning.classifier import ImageClassifier
+from pqv_lightning.data import DEFAULT_FMNIST_DIR, FashionMNISTDataModule, read_idx
+from pqv_lightning.models import create_vit, load_vit_checkpoint, paper_model, save_vit_checkpoint
 
 HAVE_FMNIST = Path(DEFAULT_FMNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
 
@@ -105,7 +104,9 @@ def test_bundled_checkpoint_is_the_documented_file_and_ships_as_package_data(mon
     assert sum(p.numel() for p in model.parameters()) == 5_356_618 and model.training
     with pytest.raises(ValueError, match=r"fixed architecture .*'embed_dim': 64"):
         create_vit("vit_tiny_fmnist", pretrained=True, embed_dim=64)
-    with pytest.raises(ValueError, match=r"'vit_test_tiny' has no pretrained weights; families with weights: \['vit_tiny_fmnist'"):
+    with pytest.raises(
+        ValueError, match=r"'vit_test_tiny' has no pretrained weights; families with weights: \['vit_tiny_fmnist'"
+    ):
         create_vit("vit_test_tiny", pretrained=True)
     assert ImageClassifier("vit_tiny_fmnist", pretrained=True).model.embed_dim == 192
 
@@ -121,8 +122,9 @@ def test_bundled_checkpoint_loads_with_its_published_accuracy():
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_project_can_make_its_own_checkpoint(tmp_path):
-    path = train_vit_checkpoint(tmp_path / "own.pt", dim=32, depth=1, heads=2, epochs=1, batch_size=64,
-                                train_subset=512, precision="32-true")
+    path = train_vit_checkpoint(
+        tmp_path / "own.pt", dim=32, depth=1, heads=2, epochs=1, batch_size=64, train_subset=512, precision="32-true"
+    )
     model, meta = load_vit_checkpoint(path)
     assert meta["config"]["dim"] == 32 and 0.0 <= meta["test_accuracy"] <= 1.0
     lit = ImageClassifier(checkpoint=str(path))
@@ -138,9 +140,32 @@ def test_demo_runs_end_to_end_at_a_tiny_size(capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    assert demo.main(["--train-subset", "512", "--batch-size", "32", "--events", "2", "--accumulate", "2",
-                      "--test-subset", "128", "--ratio", "0.25", "--export-dir", str(tmp_path / "export"),
-                      "--plots-dir", str(tmp_path / "plots"), "--precisions", "fp32", "int8-dynamic"]) == 0
+    assert (
+        demo.main(
+            [
+                "--train-subset",
+                "512",
+                "--batch-size",
+                "32",
+                "--events",
+                "2",
+                "--accumulate",
+                "2",
+                "--test-subset",
+                "128",
+                "--ratio",
+                "0.25",
+                "--export-dir",
+                str(tmp_path / "export"),
+                "--plots-dir",
+                str(tmp_path / "plots"),
+                "--precisions",
+                "fp32",
+                "int8-dynamic",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| pretrained | - | 0 | 0 | 0 |" in out
     assert "| pruned + fine-tuned | taylor | 0.25 | 2 | 16 |" in out and "3.02 M" in out

@@ -11,8 +11,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
 def _launch(tmp_path, importance, mode):
     out = tmp_path / f"{importance}-{mode}"
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), importance, mode], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), importance, mode], capture_output=True, text=True, timeout=300
+    )
     return out, proc
 
 
@@ -92,8 +93,13 @@ def test_every_family_prunes_identically_on_both_ddp_ranks_and_reloads_from_its_
     if FAMILIES[family].source == "hf":
         pytest.importorskip("transformers")
     script = Path(__file__).parent / "scripts" / "ddp_family.py"
-    proc = subprocess.run([sys.executable, str(script), family, str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, str(script), family, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     events = json.loads((tmp_path / "events.json").read_text())

@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from pqv_lightning import KnowledgeDistillation, StructuredPruning
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.distillation import distillation_loss, frozen_teacher, teacher_logits
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.models import save_vit_checkpoint
 
 from conftest import make_trainer, random_loader, tiny_vit
@@ -79,8 +79,15 @@ class _AtFitEnd(pl.Callback):
 def test_beside_structured_pruning_the_teacher_stays_the_unpruned_model(tmp_path, lit_model):
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0)
     snap, end = _Snapshot(), _AtFitEnd()
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=1,
-                                interval="step", start=1, frequency=2)
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=1,
+        interval="step",
+        start=1,
+        frequency=2,
+    )
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer = make_trainer(tmp_path, [snap, end, pruning, kd], max_epochs=1, logger=logger, log_every_n_steps=1)
     trainer.fit(lit_model, random_loader(128, 16))
@@ -123,8 +130,9 @@ def test_the_combined_loss_goes_through_lightning(tmp_path, accumulate):
     # alpha=1: only the distillation term: the labels no longer matter, and training differs from plain
     kd = [KnowledgeDistillation(alpha=1.0, tau=2.0)]
     distilled = _fit(tmp_path / "c", kd, accumulate_grad_batches=accumulate)
-    relabelled = _fit(tmp_path / "d", [KnowledgeDistillation(alpha=1.0, tau=2.0)], label_seed=1,
-                      accumulate_grad_batches=accumulate)
+    relabelled = _fit(
+        tmp_path / "d", [KnowledgeDistillation(alpha=1.0, tau=2.0)], label_seed=1, accumulate_grad_batches=accumulate
+    )
     assert _same(distilled, relabelled) and not _same(distilled, plain, atol=1e-4)
 
 
@@ -133,8 +141,15 @@ def test_resume_rebuilds_the_teacher_and_matches_an_uninterrupted_run(tmp_path):
     def run(name, ckpt_path=None, stop=False):
         pl.seed_everything(0, verbose=False)
         model = ImageClassifier("vit_test_tiny", lr=1e-3)
-        pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
-                                    interval="step", start=2, frequency=8)
+        pruning = StructuredPruning(
+            importance="taylor",
+            pruning_ratio=0.5,
+            iterative_steps=2,
+            accumulate_batches=2,
+            interval="step",
+            start=2,
+            frequency=8,
+        )
         kd = KnowledgeDistillation(alpha=0.7, tau=2.0)
         extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)] if stop else []
 
@@ -142,8 +157,7 @@ def test_resume_rebuilds_the_teacher_and_matches_an_uninterrupted_run(tmp_path):
             def on_train_epoch_end(self, trainer, pl_module):
                 trainer.should_stop = stop
 
-        trainer = make_trainer(tmp_path / name, [pruning, kd, Stop(), *extra], max_epochs=3,
-                               enable_checkpointing=stop)
+        trainer = make_trainer(tmp_path / name, [pruning, kd, Stop(), *extra], max_epochs=3, enable_checkpointing=stop)
         trainer.fit(model, random_loader(128, 16), ckpt_path=ckpt_path)
         return model, kd
 
@@ -166,7 +180,10 @@ def test_a_given_teacher_path_and_bad_input(tmp_path, lit_model):
     for kwargs, message in [
         (dict(alpha=1.5), r"alpha=1.5 must be a finite number >= 0 and <= 1"),
         (dict(tau=0), r"tau=0 must be a finite number > 0"),
-        (dict(teacher_precision="int4"), r"teacher_precision='int4'; allowed: \['fp32', 'bf16', 'fp16', 'int8-dynamic'\]"),
+        (
+            dict(teacher_precision="int4"),
+            r"teacher_precision='int4'; allowed: \['fp32', 'bf16', 'fp16', 'int8-dynamic'\]",
+        ),
         (dict(teacher=str(tmp_path / "missing.pt")), r"missing.pt': no such checkpoint file"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pqv_lightning.errors import ConfigError
 import pqv_lightning.export.core as export_mod
+from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import (
     ENGINES,
     PRECISIONS,
@@ -69,8 +69,9 @@ def test_every_precision_and_engine_round_trips_through_the_lite_interpreter(tmp
 
 
 def test_default_engine_is_named_in_the_manifest_and_memory_is_measured(tmp_path):
-    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
-                             _config(tmp_path, precisions=["int8-dynamic"], measure_memory=True))
+    manifest = export_mobile(
+        tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["int8-dynamic"], measure_memory=True)
+    )
     memory = manifest["artifacts"][0]["memory"]
     assert memory["peak_rss_mb"] > memory["load_and_inference_mb"] > 0
     assert manifest["host"]["default_engine"] == host_default_engine()
@@ -79,16 +80,24 @@ def test_default_engine_is_named_in_the_manifest_and_memory_is_measured(tmp_path
 
 
 def test_threshold_marks_failure_or_raises(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "_verify", lambda run, ref, batches: {
-        "samples": 1, "top1_agreement": 0.5, "max_abs_logit_error": 1.0, "cosine": 0.1})
+    monkeypatch.setattr(
+        export_mod,
+        "_verify",
+        lambda run, ref, batches: {"samples": 1, "top1_agreement": 0.5, "max_abs_logit_error": 1.0, "cosine": 0.1},
+    )
     with pytest.warns(UserWarning, match="failed verification"):
         manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
     assert manifest["artifacts"][0]["status"] == "failed"
     assert "top-1 agreement 0.5000 < min_top1_agreement 0.9" in manifest["artifacts"][0]["reason"]
-    with pytest.raises(ExportFailedError, match="model_fp32.ptl: verification failed: top-1 agreement"), \
-            pytest.warns(UserWarning):
-        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
-                      _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")))
+    with (
+        pytest.raises(ExportFailedError, match="model_fp32.ptl: verification failed: top-1 agreement"),
+        pytest.warns(UserWarning),
+    ):
+        export_mobile(
+            tiny_vit(),
+            torch.randn(1, 1, 32, 32),
+            _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")),
+        )
 
 
 def test_on_failure_raise_stops_at_an_artifact_whose_export_throws(tmp_path, monkeypatch):
@@ -104,8 +113,11 @@ def test_on_failure_raise_stops_at_an_artifact_whose_export_throws(tmp_path, mon
         manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, precisions=["fp32"]))
     assert manifest["artifacts"][0]["status"] == "skipped"
     with pytest.raises(ExportFailedError, match=r"model_fp32.ptl: export failed: KeyError: .*aten::foo") as info:
-        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
-                      _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")))
+        export_mobile(
+            tiny_vit(),
+            torch.randn(1, 1, 32, 32),
+            _config(tmp_path, precisions=["fp32"], on_failure="raise", output_dir=str(tmp_path / "b")),
+        )
     assert isinstance(info.value.__cause__, KeyError)
 
 
@@ -121,8 +133,11 @@ def test_interrupt_mid_export_leaves_no_partial_artifact_or_entry(tmp_path, monk
 
     monkeypatch.setattr(export_mod, "_latency", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
-                      _config(tmp_path, precisions=["fp32", "int8-dynamic"], engines=[SUPPORTED[0]]))
+        export_mobile(
+            tiny_vit(),
+            torch.randn(1, 1, 32, 32),
+            _config(tmp_path, precisions=["fp32", "int8-dynamic"], engines=[SUPPORTED[0]]),
+        )
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_fp32.ptl"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -132,6 +147,7 @@ def test_interrupt_mid_export_leaves_no_partial_artifact_or_entry(tmp_path, monk
 def test_a_model_returning_a_dict_with_logits_is_exported_as_its_logits_and_other_outputs_are_refused(tmp_path):
     """A dict (or Hugging Face ModelOutput) with "logits" is exported as those logits (LogitsOnly); any other
     output is refused up front, before a file is written (it used to fail inside tracing)."""
+
     class DictOut(nn.Module):
         def __init__(self):
             super().__init__()
@@ -150,8 +166,11 @@ def test_a_model_returning_a_dict_with_logits_is_exported_as_its_logits_and_othe
             return self.vit(x), x.mean()
 
     out = tmp_path / "tuple"
-    with pytest.raises(ConfigError, match=r"model returns a tuple; allowed: a logits tensor, or an output with a "
-                                          r"'logits' tensor"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model returns a tuple; allowed: a logits tensor, or an output with a "
+        r"'logits' tensor",
+    ):
         export_mobile(TupleOut(), x[:1], _config(out, precisions=["fp32"]))
     assert not (out / "out").exists()  # refused before the output folder was made
 
@@ -181,8 +200,11 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="exists and is not a directory"):
         export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), _config(tmp_path, output_dir=str(tmp_path / "file")))
     (tmp_path / "full" / "model_int8-dynamic_x86.ptl").write_text("stale artifact of an earlier export")
-    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32),
-                             _config(tmp_path, precisions=["fp32"], output_dir=str(tmp_path / "full"), overwrite=True))
+    manifest = export_mobile(
+        tiny_vit(),
+        torch.randn(1, 1, 32, 32),
+        _config(tmp_path, precisions=["fp32"], output_dir=str(tmp_path / "full"), overwrite=True),
+    )
     assert manifest["artifacts"][0]["status"] == "ok"
     # overwrite replaces our own artifacts (none left stale beside the new manifest), never other files
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["manifest.json", "model_fp32.ptl", "old.ptl"]
@@ -194,12 +216,26 @@ def test_every_int8_artifact_is_at_most_0_3x_its_fp32_file(tmp_path):
     every format and engine must show it (x86/FBGEMM .ptl files once stored their weights twice)."""
     import importlib.util
 
-    formats = ["ptl"] + [f for f, mods in (("pte", ["executorch"]), ("onnx", ["onnx", "onnxruntime"]))
-                         if all(importlib.util.find_spec(m) for m in mods)]
+    formats = ["ptl"] + [
+        f
+        for f, mods in (("pte", ["executorch"]), ("onnx", ["onnx", "onnxruntime"]))
+        if all(importlib.util.find_spec(m) for m in mods)
+    ]
     model = tiny_vit(embed_dim=256, depth=2, num_heads=4)  # 1.6 M weights in Linears, 6 MB in fp32
-    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), _config(
-        tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], formats=formats, engines=SUPPORTED,
-        repeats=1, warmup=0, min_top1_agreement=0.0), validation_data=_data(1))  # random-init logits tie
+    manifest = export_mobile(
+        model,
+        torch.randn(1, 1, 32, 32),
+        _config(
+            tmp_path,
+            precisions=["fp32", "int8-dynamic", "int8-static"],
+            formats=formats,
+            engines=SUPPORTED,
+            repeats=1,
+            warmup=0,
+            min_top1_agreement=0.0,
+        ),
+        validation_data=_data(1),
+    )  # random-init logits tie
     fp32 = {a["format"]: a["size_bytes"] for a in manifest["artifacts"] if a["precision"] == "fp32"}
     int8 = [a for a in manifest["artifacts"] if a["precision"].startswith("int8")]
     assert len(int8) == 2 * len(SUPPORTED) + 2 * (len(formats) - 1)

@@ -28,14 +28,27 @@ def test_best_is_the_fastest_verified_artifact_timed_round_robin(exported_tiny):
 
 
 def _artifact(name, status, median):
-    return {"file": name, "format": "onnx", "runtime": "ONNX Runtime (CPU)", "precision": "fp32", "engine": None,
-            "status": status, "latency": {"median_ms": median, "p90_ms": median, "speedup_vs_fp32_eager": 10 / median}}
+    return {
+        "file": name,
+        "format": "onnx",
+        "runtime": "ONNX Runtime (CPU)",
+        "precision": "fp32",
+        "engine": None,
+        "status": status,
+        "latency": {"median_ms": median, "p90_ms": median, "speedup_vs_fp32_eager": 10 / median},
+    }
 
 
 def test_in_process_ranking_takes_only_verified_artifacts(tmp_path):
     config = MobileExportConfig(rank="in-process")
-    manifest = {"artifacts": [_artifact("a.onnx", "ok", 4.0), _artifact("b.onnx", "failed", 1.0),
-                              _artifact("c.onnx", "ok", 2.0), {"file": "d.onnx", "status": "skipped"}]}
+    manifest = {
+        "artifacts": [
+            _artifact("a.onnx", "ok", 4.0),
+            _artifact("b.onnx", "failed", 1.0),
+            _artifact("c.onnx", "ok", 2.0),
+            {"file": "d.onnx", "status": "skipped"},
+        ]
+    }
     best = rank_artifacts(manifest, tmp_path, nn.Identity(), torch.zeros(1), config)
     assert best["file"] == "c.onnx" and best["speedup_vs_fp32_eager"] == 5.0
     assert best["method"].startswith("in-process latency")
@@ -52,9 +65,17 @@ def test_round_robin_falls_back_to_in_process_when_the_model_cannot_be_pickled(t
         def forward(self, x):
             return self.vit(x)
 
-    config = MobileExportConfig(precisions=["fp32", "int8-dynamic"], formats=["ptl"], output_dir=str(tmp_path / "out"),
-                                repeats=2, warmup=1, measure_memory=False, rank="round-robin", rank_rounds=1,
-                                rank_calls=2)
+    config = MobileExportConfig(
+        precisions=["fp32", "int8-dynamic"],
+        formats=["ptl"],
+        output_dir=str(tmp_path / "out"),
+        repeats=2,
+        warmup=1,
+        measure_memory=False,
+        rank="round-robin",
+        rank_rounds=1,
+        rank_calls=2,
+    )
     with pytest.warns(UserWarning, match="round-robin ranking failed"):
         manifest = export_mobile(Local(), torch.randn(1, 1, 32, 32), copy.deepcopy(config))
     assert manifest["best"]["method"].startswith("in-process latency (round-robin failed: ")
@@ -63,16 +84,25 @@ def test_round_robin_falls_back_to_in_process_when_the_model_cannot_be_pickled(t
 
 
 def test_rank_none_writes_no_best_and_bad_rank_is_refused(tmp_path):
-    config = MobileExportConfig(precisions=["fp32"], formats=["ptl"], output_dir=str(tmp_path / "out"), repeats=1,
-                                warmup=0, measure_memory=False, rank="none")
+    config = MobileExportConfig(
+        precisions=["fp32"],
+        formats=["ptl"],
+        output_dir=str(tmp_path / "out"),
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        rank="none",
+    )
     assert "best" not in export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), config)
-    with pytest.raises(ValueError, match=r"rank='fastest' is not supported; allowed: \['round-robin', 'in-process', 'none'\]"):
+    with pytest.raises(
+        ValueError, match=r"rank='fastest' is not supported; allowed: \['round-robin', 'in-process', 'none'\]"
+    ):
         MobileExportConfig(rank="fastest").validate()
     with pytest.raises(ValueError, match=r"rank_rounds=0 must be an integer >= 1"):
         MobileExportConfig(rank_rounds=0).validate()
 
 
-_USER_TARGET = '''
+_USER_TARGET = """
 import torch
 from pqv_lightning.export import FP32, Built, ExportTarget, register_target
 
@@ -92,7 +122,7 @@ class PickledTarget(ExportTarget):
 @PickledTarget.handles(FP32)
 def _fp32(model):
     return model
-'''
+"""
 
 
 def test_a_format_registered_in_an_importable_module_is_ranked_round_robin(tmp_path, monkeypatch):
@@ -108,9 +138,20 @@ def test_a_format_registered_in_an_importable_module_is_ranked_round_robin(tmp_p
     try:
         assert "user_pickled_target" in target_modules()
         out = tmp_path / "export"
-        manifest = export_mobile(tiny_vit().eval(), torch.randn(1, 1, 32, 32), MobileExportConfig(
-            formats=["pickled-test"], precisions=["fp32"], output_dir=str(out), repeats=2, measure_memory=False,
-            rank="round-robin", rank_rounds=1, rank_calls=2))
+        manifest = export_mobile(
+            tiny_vit().eval(),
+            torch.randn(1, 1, 32, 32),
+            MobileExportConfig(
+                formats=["pickled-test"],
+                precisions=["fp32"],
+                output_dir=str(out),
+                repeats=2,
+                measure_memory=False,
+                rank="round-robin",
+                rank_rounds=1,
+                rank_calls=2,
+            ),
+        )
         best = manifest["best"]
         # the worker processes imported the module that registered the format (no fallback)
         assert best["method"].startswith("round-robin") and best["file"].endswith(".pickled")
@@ -129,10 +170,23 @@ def test_a_format_registered_in_main_is_ranked_in_process_and_says_why(tmp_path)
     try:
         assert "__main__" not in target_modules()
         with pytest.warns(UserWarning, match="registered in __main__"):
-            manifest = export_mobile(tiny_vit().eval(), torch.randn(1, 1, 32, 32), MobileExportConfig(
-                formats=["pickled-test"], precisions=["fp32"], output_dir=str(tmp_path / "export"), repeats=2,
-                measure_memory=False, rank="round-robin", rank_rounds=1, rank_calls=2))
-        assert manifest["best"]["method"].startswith("in-process latency (round-robin failed: RuntimeError: export "
-                                                     "format 'pickled-test' (model_fp32.pickled) is registered in __main__")
+            manifest = export_mobile(
+                tiny_vit().eval(),
+                torch.randn(1, 1, 32, 32),
+                MobileExportConfig(
+                    formats=["pickled-test"],
+                    precisions=["fp32"],
+                    output_dir=str(tmp_path / "export"),
+                    repeats=2,
+                    measure_memory=False,
+                    rank="round-robin",
+                    rank_rounds=1,
+                    rank_calls=2,
+                ),
+            )
+        assert manifest["best"]["method"].startswith(
+            "in-process latency (round-robin failed: RuntimeError: export "
+            "format 'pickled-test' (model_fp32.pickled) is registered in __main__"
+        )
     finally:
         TARGETS.unregister("pickled-test")

@@ -59,8 +59,15 @@ def _check_file(tmp_path, entry):
 
 
 # ---------------------------------------------------------------------------------------------- module swaps
-@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True), dict(init_values=1e-1, no_embed_class=True),
-                                 dict(embed_dim=256, num_heads=8, global_pool="avg")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(qk_norm=True),
+        dict(init_values=1e-1, no_embed_class=True),
+        dict(embed_dim=256, num_heads=8, global_pool="avg"),
+    ],
+)
 def test_delegation_swaps_compute_the_same_function(kw):
     model = tiny_vit(**kw).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -70,8 +77,9 @@ def test_delegation_swaps_compute_the_same_function(kw):
     assert counts.get("LayerNorm", 0) >= 5 + (4 if kw.get("qk_norm") else 0)  # 2 per block + final (+ q/k norms)
     assert not any(isinstance(m, nn.LayerNorm) for m in swapped.modules())
     if kw.get("qk_norm"):  # the q/k norms inside the swapped attention were swapped first
-        assert all(isinstance(m.q_norm, DelegatableLayerNorm) for m in swapped.modules()
-                   if isinstance(m, DelegatableAttention))
+        assert all(
+            isinstance(m.q_norm, DelegatableLayerNorm) for m in swapped.modules() if isinstance(m, DelegatableAttention)
+        )
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(swapped(x), model(x), rtol=1e-5, atol=1e-5)
@@ -129,8 +137,9 @@ def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
 @needs_et
 def test_pte_fp16_keeps_layernorm_fp32_at_width_256(tmp_path):
     """ExecuTorch 1.5.1 computes fp16 LayerNorm wrongly for widths >= 256 on x86; ours must be right."""
-    manifest = _export(tmp_path, tiny_vit(embed_dim=256, num_heads=8, depth=1), ["pte"], ["fp16"],
-                       delegation_friendly=False)
+    manifest = _export(
+        tmp_path, tiny_vit(embed_dim=256, num_heads=8, depth=1), ["pte"], ["fp16"], delegation_friendly=False
+    )
     (entry,) = manifest["artifacts"]
     assert entry["verification"]["cosine"] > 0.999, entry["verification"]
     assert entry["fp32_layernorms"] == 3 and entry["module_swaps"] == {}
@@ -270,8 +279,11 @@ def test_openvino_round_trips_through_the_openvino_runtime(tmp_path, precision):
         assert v["cosine"] > (0.999 if precision == "fp16" else 0.99)
     if precision == "int8-static":
         assert "FakeQuantize" in ops
-    element_types = {op.get_output_element_type(0).type_name for op in ov.Core().read_model(str(xml)).get_ops()
-                     if op.get_type_name() == "Constant"}
+    element_types = {
+        op.get_output_element_type(0).type_name
+        for op in ov.Core().read_model(str(xml)).get_ops()
+        if op.get_type_name() == "Constant"
+    }
     if precision == "int8-dynamic":
         assert "i8" in element_types  # int8 weights in the file
     if precision == "fp16":
@@ -319,10 +331,17 @@ def test_openvino_int8_dynamic_says_whether_the_plugin_quantizes_activations(tmp
     active = dynamic_quantization_active(str(out / dyn["file"]), shape)
     assert dyn["dynamic_quantization"] is active
     said = [a for a in dyn["optimizations_applied"] if a.startswith("activations")]
-    assert said == [("activations quantized to int8 per call by the CPU plugin (dynamic quantization, group size "
-                     f"{dyn['dynamic_quantization_group_size']})") if active else
-                    ("activations not quantized on this host: the CPU plugin decompresses the int8 weights into "
-                     f"{dyn['inference_precision']} GEMMs (its dynamic quantization did not apply)")]
+    assert said == [
+        (
+            "activations quantized to int8 per call by the CPU plugin (dynamic quantization, group size "
+            f"{dyn['dynamic_quantization_group_size']})"
+        )
+        if active
+        else (
+            "activations not quantized on this host: the CPU plugin decompresses the int8 weights into "
+            f"{dyn['inference_precision']} GEMMs (its dynamic quantization did not apply)"
+        )
+    ]
     assert "dynamic_quantization" not in fp32
     # no false positive: a file without compressed weights gives identical outputs either way
     assert dynamic_quantization_active(str(out / fp32["file"]), shape) is False
@@ -332,7 +351,9 @@ def test_openvino_int8_dynamic_says_whether_the_plugin_quantizes_activations(tmp
         model = ov.Core().read_model(str(out / dyn["file"]))
         model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
         ov.save_model(model, str(tmp_path / "f32.xml"), compress_to_fp16=False)
-        assert compile_ir(str(tmp_path / "f32.xml"), 1, shape).get_property("INFERENCE_PRECISION_HINT").type_name == "f32"
+        assert (
+            compile_ir(str(tmp_path / "f32.xml"), 1, shape).get_property("INFERENCE_PRECISION_HINT").type_name == "f32"
+        )
         assert dynamic_quantization_active(str(tmp_path / "f32.xml"), shape) is True
 
 
@@ -359,12 +380,22 @@ def test_openvino_interrupt_leaves_neither_xml_nor_bin(tmp_path, monkeypatch):
 @needs_onnx
 @needs_ov
 def test_every_format_in_one_manifest_and_overwrite_replaces_all_of_them(tmp_path):
-    manifest = _export(tmp_path, tiny_vit(depth=1), ["pte", "onnx", "openvino", "ptl"], ["int8-dynamic"], engines=["x86"])
+    manifest = _export(
+        tmp_path, tiny_vit(depth=1), ["pte", "onnx", "openvino", "ptl"], ["int8-dynamic"], engines=["x86"]
+    )
     assert [a["file"] for a in manifest["artifacts"]] == [
-        "model_int8-dynamic.pte", "model_int8-dynamic.onnx", "model_int8-dynamic.xml", "model_int8-dynamic_x86.ptl"]
+        "model_int8-dynamic.pte",
+        "model_int8-dynamic.onnx",
+        "model_int8-dynamic.xml",
+        "model_int8-dynamic_x86.ptl",
+    ]
     assert all(a["status"] == "ok" for a in manifest["artifacts"])
     assert [a["runtime"] for a in manifest["artifacts"]] == [
-        "ExecuTorch (XNNPACK delegate)", "ONNX Runtime (CPU)", "OpenVINO (CPU plugin)", "Lite Interpreter"]
+        "ExecuTorch (XNNPACK delegate)",
+        "ONNX Runtime (CPU)",
+        "OpenVINO (CPU plugin)",
+        "Lite Interpreter",
+    ]
     assert {"executorch", "onnxruntime", "openvino", "nncf", "torch"} <= set(manifest["versions"])
     assert (tmp_path / "out" / "model_int8-dynamic.bin").is_file()
     manifest = _export(tmp_path, tiny_vit(depth=1), ["onnx"], ["fp32"], overwrite=True)
@@ -375,10 +406,14 @@ def test_every_format_in_one_manifest_and_overwrite_replaces_all_of_them(tmp_pat
 def test_missing_extra_is_named_before_any_work(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
-    with pytest.raises(ValueError, match=r"format 'pte' needs \['executorch'\]: pip install 'pqv-lightning\[executorch\]'"):
+    with pytest.raises(
+        ValueError, match=r"format 'pte' needs \['executorch'\]: pip install 'pqv-lightning\[executorch\]'"
+    ):
         MobileExportConfig(formats=["pte"]).validate()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
-    with pytest.raises(ValueError, match=r"format 'openvino' needs \['nncf'\]: pip install 'pqv-lightning\[openvino\]'"):
+    with pytest.raises(
+        ValueError, match=r"format 'openvino' needs \['nncf'\]: pip install 'pqv-lightning\[openvino\]'"
+    ):
         MobileExportConfig(formats=["openvino"]).validate()
     with pytest.raises(ValueError, match=r"formats=\['tflite'\]: unknown \['tflite'\]; allowed: \["):
         MobileExportConfig(formats=["tflite"]).validate()
@@ -395,7 +430,9 @@ def test_ptl_int8_reads_per_channel(name):
     from pqv_lightning.settings import quantized_engine
 
     model, x = tiny_vit().eval(), torch.randn(2, 1, 32, 32)
-    for engine in [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines]:
+    for engine in [
+        e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines
+    ]:
         schemes = {}
         for per_channel in (True, False):
             precision = replace(PRECISIONS[name], per_channel=per_channel)

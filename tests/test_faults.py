@@ -24,8 +24,18 @@ EXAMPLE = torch.randn(1, 1, 32, 32)
 
 
 def _config(out, **kw) -> MobileExportConfig:
-    return MobileExportConfig(**{"precisions": ["fp32"], "formats": ["ptl"], "output_dir": str(out), "repeats": 2,
-                                 "warmup": 0, "measure_memory": False, "rank": "none", **kw})
+    return MobileExportConfig(
+        **{
+            "precisions": ["fp32"],
+            "formats": ["ptl"],
+            "output_dir": str(out),
+            "repeats": 2,
+            "warmup": 0,
+            "measure_memory": False,
+            "rank": "none",
+            **kw,
+        }
+    )
 
 
 def _consistent(out: Path) -> dict:
@@ -71,8 +81,9 @@ def test_enospc_on_the_manifest_of_a_real_tmpfs(tmp_path):
     pages = -(-(tmp_path / "ref" / "model_fp32.ptl").stat().st_size // 4096)
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -91,8 +102,11 @@ def test_enospc_on_the_manifest_removes_what_it_would_describe(tmp_path, monkeyp
 
     monkeypatch.setattr(core, "atomic_write_text", full_disk)
     out = tmp_path / "out"
-    with pytest.raises(ExportFailedError, match=r"could not write .*manifest.json .*No space left.*removed "
-                                                r"\['model_fp32.ptl'\]"):
+    with pytest.raises(
+        ExportFailedError,
+        match=r"could not write .*manifest.json .*No space left.*removed "
+        r"\['model_fp32.ptl'\]",
+    ):
         export_mobile(tiny_vit(depth=1), EXAMPLE, _config(out))
     assert list(out.iterdir()) == []  # no artifact without its manifest, no temporary file
 
@@ -204,10 +218,12 @@ def test_macs_before_after_a_resume_are_the_pruned_models():
 
 def test_cli_help_imports_no_heavy_module():
     """What makes ``pqv --help`` fast; its wall time is measured in benchmarks/cli_startup.py."""
-    code = ("import sys\nfrom pqv_lightning.apps.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'lightning', 'timm', 'torch_pruning') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys\nfrom pqv_lightning.apps.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'lightning', 'timm', 'torch_pruning') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout[-300:]

@@ -19,8 +19,16 @@ CONFIGS = sorted(p.name for p in (ROOT / "examples" / "configs").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def bare_copy(tmp_path_factory) -> Path:
     """The repository's files in ``<tmp>/isolated/pqv-lightning``: no ``shared/`` beside it, no .venv."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     dest = tmp_path_factory.mktemp("isolated") / "pqv-lightning"
     for name in filter(None, files):
         if (ROOT / name).is_file():
@@ -38,16 +46,30 @@ def _env(copy: Path, **extra) -> dict[str, str]:
 
 
 def _pqv(copy: Path, *args, timeout=900, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pqv_lightning", *args], cwd=copy, env=_env(copy, **env),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqv_lightning", *args],
+        cwd=copy,
+        env=_env(copy, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
 def test_the_bare_copy_imports_its_own_package_and_finds_the_bundled_checkpoint(bare_copy):
     code = "import pqv_lightning.apps.recipes as r; print(r.__file__); print(r.default_checkpoint())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=bare_copy, env=_env(bare_copy), capture_output=True,
-                         text=True, check=True, timeout=300).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=bare_copy,
+        env=_env(bare_copy),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.split()
     assert out[0].startswith(str(bare_copy / "src"))
     assert out[1] == str(bare_copy / "src" / "pqv_lightning" / "assets" / "vit_tiny_fmnist.pt")
 
@@ -56,9 +78,25 @@ def test_the_bare_copy_imports_its_own_package_and_finds_the_bundled_checkpoint(
 def test_readme_first_command_runs_the_real_demo_on_the_bundled_checkpoint(bare_copy):
     """``pqv demo`` at a reduced size (fewer steps, 1,000 test images, one export format), but on the
     shipped checkpoint: the table shows the pretrained accuracy and what pruning kept of it."""
-    proc = _pqv(bare_copy, "demo", "--train-subset", "1024", "--events", "2", "--accumulate", "2",
-                "--test-subset", "1000", "--formats", "onnx", "--precisions", "fp32", "int8-dynamic",
-                "--plots-dir", "runs/plots")
+    proc = _pqv(
+        bare_copy,
+        "demo",
+        "--train-subset",
+        "1024",
+        "--events",
+        "2",
+        "--accumulate",
+        "2",
+        "--test-subset",
+        "1000",
+        "--formats",
+        "onnx",
+        "--precisions",
+        "fp32",
+        "int8-dynamic",
+        "--plots-dir",
+        "runs/plots",
+    )
     assert "training a small ViT" not in proc.stdout  # the stand-in path is only for a missing checkpoint
     assert "checkpoint: " + str(bare_copy / "src" / "pqv_lightning" / "assets" / "vit_tiny_fmnist.pt") in proc.stdout
     rows = json.loads((bare_copy / "runs" / "plots" / "demo_results.json").read_text())["finetune"]
@@ -79,8 +117,15 @@ def test_readme_first_command_runs_the_real_demo_on_the_bundled_checkpoint(bare_
 def _shrink(config: dict, tmp: Path) -> dict:
     """The same config at a tiny size: a few steps, one pruning event, one small export."""
     trainer = config["trainer"]
-    trainer.update(max_steps=4, max_epochs=1, limit_val_batches=2, enable_progress_bar=False,
-                   default_root_dir=str(tmp / "root"), accelerator="cpu", precision="32-true")
+    trainer.update(
+        max_steps=4,
+        max_epochs=1,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp / "root"),
+        accelerator="cpu",
+        precision="32-true",
+    )
     if "WandbLogger" in str(trainer.get("logger")):
         trainer["logger"]["init_args"]["save_dir"] = str(tmp)
     for cb in trainer["callbacks"]:
@@ -88,8 +133,17 @@ def _shrink(config: dict, tmp: Path) -> dict:
         if cb["class_path"].endswith("StructuredPruning"):
             args.update(iterative_steps=1, accumulate_batches=2, interval="step", start=0, frequency=2)
         elif cb["class_path"].endswith("MobileExport"):
-            args.update(formats=["onnx"], precisions=["fp32"], repeats=1, measure_memory=False, rank_rounds=1,
-                        rank_calls=2, output_dir=str(tmp / "export"), min_top1_agreement=0.0, log_artifact=False)
+            args.update(
+                formats=["onnx"],
+                precisions=["fp32"],
+                repeats=1,
+                measure_memory=False,
+                rank_rounds=1,
+                rank_calls=2,
+                output_dir=str(tmp / "export"),
+                min_top1_agreement=0.0,
+                log_artifact=False,
+            )
     data = config["data"]["init_args"]
     if config["data"]["class_path"].endswith("FashionMNISTDataModule"):
         data.update(train_subset=64, batch_size=16)
@@ -99,9 +153,8 @@ def _shrink(config: dict, tmp: Path) -> dict:
 
 
 def _image_folder(root: Path, classes=2, per_class=6) -> None:
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -121,8 +174,12 @@ def test_every_example_config_runs_from_the_bare_copy(bare_copy, tmp_path, name)
     if config["data"]["class_path"].endswith("ImageFolderDataModule"):
         _image_folder(tmp_path / "images")
         # the config's ImageNet DeiT needs the hub: the same family, random init, at 32x32 and 2 classes
-        extra = ["--model.model_name=deit_tiny_patch16_224", "--model.pretrained=false", "--model.num_classes=2",
-                 "--model.model_kwargs={img_size: 32}"]
+        extra = [
+            "--model.model_name=deit_tiny_patch16_224",
+            "--model.pretrained=false",
+            "--model.num_classes=2",
+            "--model.model_kwargs={img_size: 32}",
+        ]
     else:
         assert config["model"] == {**config["model"], "model_name": "vit_tiny_fmnist", "pretrained": True}
     path = tmp_path / name

@@ -23,19 +23,32 @@ _VIT = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, nu
 def _build(name: str, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     cls = getattr(transformers, name)
-    config = {"SwinForImageClassification": dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
-                                                 num_heads=[2, 4], window_size=4)}.get(name, {**_VIT, **kwargs})
+    config = {
+        "SwinForImageClassification": dict(
+            image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4
+        )
+    }.get(name, {**_VIT, **kwargs})
     extra = {} if name.endswith("Model") else {"num_labels": 10}
     return cls(cls.config_class(**config, **extra)).eval()
 
 
 def test_importing_the_package_does_not_import_transformers():
     code = "import sys, pqv_lightning, pqv_lightning.pruning; print('transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
-@pytest.mark.parametrize("name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher",
-                                  "Dinov2ForImageClassification", "Dinov2Model"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ViTForImageClassification",
+        "DeiTForImageClassificationWithTeacher",
+        "Dinov2ForImageClassification",
+        "Dinov2Model",
+    ],
+)
 @pytest.mark.parametrize("rule", [dict(), dict(prune_num_heads=True, prune_head_dims=False)])
 def test_vit_like_models_prune_reload_and_keep_their_attention_attributes_in_step(name, rule):
     model, x = _build(name), torch.randn(2, 3, 32, 32)
@@ -96,14 +109,26 @@ def test_a_hf_vit_in_a_trainer_with_pruning_distillation_and_export(tmp_path):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-        torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)), batch_size=4)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(
+            torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+        ),
+        batch_size=4,
+    )
     pruning = StructuredPruning(iterative_steps=2, accumulate_batches=2)
     distill = KnowledgeDistillation(alpha=0.5)
-    export = MobileExport(output_dir=str(tmp_path / "out"), precisions=["fp32", "int8-dynamic"], formats=["onnx"],
-                          rank="none")
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[pruning, distill, export])
+    export = MobileExport(
+        output_dir=str(tmp_path / "out"), precisions=["fp32", "int8-dynamic"], formats=["onnx"], rank="none"
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[pruning, distill, export],
+    )
     module = Module()
     trainer.fit(module, data)
     assert len(pruning.events) == 2 and module.model.vit.layers[0].attention.q_proj.out_features == 48

@@ -7,14 +7,15 @@ from pqv_lightning.apps.sweep import _peak_for
 from pqv_lightning.export import TARGETS
 from pqv_lightning.export.host import gemm_throughput, openvino_int8_gemm
 
-needs_ov = pytest.mark.skipif(TARGETS["openvino"].missing() is not None,
-                              reason="extra not installed: pip install 'pqv-lightning[openvino]'")
+needs_ov = pytest.mark.skipif(
+    TARGETS["openvino"].missing() is not None, reason="extra not installed: pip install 'pqv-lightning[openvino]'"
+)
 
 
 def test_gemm_throughput_measures_bf16_and_takes_the_fastest_int8_kernel():
     g = gemm_throughput(threads=1, size=128, calls=2)
     assert g["fp32_gops"] > 0 and g["bf16_gops"] > 0 and g["bf16_source"] == "torch.mm"
-    sources = {k[len("int8_gops["):-1]: v for k, v in g.items() if k.startswith("int8_gops[")}
+    sources = {k[len("int8_gops[") : -1]: v for k, v in g.items() if k.startswith("int8_gops[")}
     assert "torch._int_mm" in sources and all(v > 0 for v in sources.values())
     assert g["int8_gops"] == max(sources.values()) and g["int8_source"] == max(sources, key=sources.get)
     if TARGETS["openvino"].missing() is None:
@@ -24,14 +25,18 @@ def test_gemm_throughput_measures_bf16_and_takes_the_fastest_int8_kernel():
 @needs_ov
 def test_the_openvino_gemm_runs_as_an_int8_fully_connected():
     compiled, feed = openvino_int8_gemm(64, threads=1)
-    layers = {op.get_rt_info()["layerType"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
-              for op in compiled.get_runtime_model().get_ops()}
+    layers = {
+        op.get_rt_info()["layerType"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in compiled.get_runtime_model().get_ops()
+    }
     assert layers.get("FullyConnected") in ("u8", "i8"), layers  # not a float MatMul
     assert compiled.create_infer_request().infer(feed)[0].shape == (64, 64)
 
 
-@pytest.mark.parametrize("precision, expected", [("int8-static", 3000.0), ("int8-dynamic", 3000.0), ("fp32", 300.0),
-                                                 ("fp16", 900.0), ("bf16", 900.0)])
+@pytest.mark.parametrize(
+    "precision, expected",
+    [("int8-static", 3000.0), ("int8-dynamic", 3000.0), ("fp32", 300.0), ("fp16", 900.0), ("bf16", 900.0)],
+)
 def test_each_precision_is_measured_against_its_own_peak(precision, expected):
     peak = {"fp32_gops": 300.0, "bf16_gops": 900.0, "int8_gops": 3000.0}
     assert _peak_for(peak, precision) == expected
@@ -48,12 +53,15 @@ def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path
     from pqv_lightning.export import host
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
-                       "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\ncache size\t: 107520 KB\n"
-                       "flags\t\t: avx2 avx512f amx_int8\n\nprocessor\t: 1\nmodel\t\t: 999\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\ncache size\t: 107520 KB\n"
+        "flags\t\t: avx2 avx512f amx_int8\n\nprocessor\t: 1\nmodel\t\t: 999\n"
+    )
     real = Path.read_text
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(cpuinfo if str(self) == "/proc/cpuinfo" else self,
-                                                                      *a, **k))
+    monkeypatch.setattr(
+        Path, "read_text", lambda self, *a, **k: real(cpuinfo if str(self) == "/proc/cpuinfo" else self, *a, **k)
+    )
     described = host.host_description()
     assert described["cpu"] == "Intel(R) Xeon(R) Processor" and described["isa"] == ["avx2", "avx512f", "amx_int8"]
     assert described["cpuid"] == "family 6 model 143 stepping 8" and described["cache_size"] == "107520 KB"

@@ -102,9 +102,14 @@ def test_max_contention_none_keeps_every_measurement(two_files, monkeypatch):
     assert calls == {"a": 1, "b": 1} and stats["a"]["retaken"] == 0 and stats["a"]["contention_max"] == 3.0
 
 
-@pytest.mark.parametrize("kwargs, match", [({"max_contention": -0.1}, "max_contention=-0.1"),
-                                           ({"max_contention": float("nan")}, "max_contention=nan"),
-                                           ({"retries": -1}, "retries=-1")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_contention": -0.1}, "max_contention=-0.1"),
+        ({"max_contention": float("nan")}, "max_contention=nan"),
+        ({"retries": -1}, "retries=-1"),
+    ],
+)
 def test_bad_guard_settings_are_refused(two_files, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         round_robin(two_files, [1], **kwargs)
@@ -122,9 +127,14 @@ class Sleepy(torch.nn.Module):
 def test_the_worker_reports_its_contention(tmp_path):
     torch.save(Sleepy(), tmp_path / "sleepy.pt")
     torch.save(torch.nn.Identity(), tmp_path / "instant.pt")
-    stats = round_robin([Candidate("sleepy", str(tmp_path / "sleepy.pt")),
-                         Candidate("instant", str(tmp_path / "instant.pt"))], [1, 4], threads=1, rounds=1, warmup=1,
-                        calls=8)
+    stats = round_robin(
+        [Candidate("sleepy", str(tmp_path / "sleepy.pt")), Candidate("instant", str(tmp_path / "instant.pt"))],
+        [1, 4],
+        threads=1,
+        rounds=1,
+        warmup=1,
+        calls=8,
+    )
     assert isinstance(stats["sleepy"]["contention_max"], float) and stats["sleepy"]["contention_max"] >= 0
     assert stats["instant"]["contention_max"] is None  # microseconds: too short a window to tell
     assert stats["sleepy"]["retaken"] >= 0 and stats["instant"]["retaken"] == 0

@@ -32,8 +32,16 @@ def test_wandb_offline_gets_metrics_and_tables(tmp_path, lit_model, monkeypatch,
     events = sorted(table_dir.glob("events_*.table.json"), key=lambda p: p.stat().st_mtime)
     assert events, f"no event table in {table_dir}"
     table = json.loads(events[-1].read_text())
-    assert table["columns"] == ["event", "target_ratio", "ratio_reached", "params", "macs", "seconds",
-                                "removed_by_ratio", "removed_by_threshold"]
+    assert table["columns"] == [
+        "event",
+        "target_ratio",
+        "ratio_reached",
+        "params",
+        "macs",
+        "seconds",
+        "removed_by_ratio",
+        "removed_by_threshold",
+    ]
     assert [row[0] for row in table["data"]] == [1, 2]
     widths = sorted(table_dir.glob("widths_event_2_*.table.json"))
     rows = {r[0]: r[1:] for r in json.loads(widths[-1].read_text())["data"]}
@@ -60,27 +68,42 @@ def test_lightning_cli_yaml_callbacks(tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "max_epochs": 2, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "default_root_dir": str(tmp_path),
-            "callbacks": [{
-                "class_path": "pqv_lightning.StructuredPruning",
-                "init_args": {"importance": "taylor", "pruning_ratio": 0.5, "iterative_steps": 2,
-                              "accumulate_batches": 2, "interval": "epoch", "ignored_layers": ["head"]},
-            }],
+            "accelerator": "cpu",
+            "max_epochs": 2,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [
+                {
+                    "class_path": "pqv_lightning.StructuredPruning",
+                    "init_args": {
+                        "importance": "taylor",
+                        "pruning_ratio": 0.5,
+                        "iterative_steps": 2,
+                        "accumulate_batches": 2,
+                        "interval": "epoch",
+                        "ignored_layers": ["head"],
+                    },
+                }
+            ],
         },
         "model": {"model_name": "vit_test_tiny", "lr": 0.001},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(ImageClassifier, RandomDataModule, args=["fit", "--config", str(path)],
-                       save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(
+        ImageClassifier, RandomDataModule, args=["fit", "--config", str(path)], save_config_kwargs={"overwrite": True}
+    )
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, StructuredPruning)]
     assert [e.index for e in pruning.events] == [1, 2]
     assert cli.model.model.patch_embed.proj.out_channels == 32
 
     bad = dict(config)
-    bad["trainer"] = {**config["trainer"], "callbacks": [{"class_path": "pqv_lightning.StructuredPruning",
-                                                          "init_args": {"importance": "fisher"}}]}
+    bad["trainer"] = {
+        **config["trainer"],
+        "callbacks": [{"class_path": "pqv_lightning.StructuredPruning", "init_args": {"importance": "fisher"}}],
+    }
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError) as exc:  # the callback's own error, wrapped by jsonargparse
         LightningCLI(ImageClassifier, RandomDataModule, args=["fit", "--config", str(path)])
@@ -99,9 +122,16 @@ def test_shipped_example_config_parses_and_builds(tmp_path):
     spec = importlib.util.spec_from_file_location("example_cli", root / "examples" / "cli.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    cli = example.main(args=["--config", str(root / "examples" / "configs" / "fmnist_prune.yaml"),
-                             "--model.pretrained=false", "--model.model_name=vit_test_tiny",
-                             f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = example.main(
+        args=[
+            "--config",
+            str(root / "examples" / "configs" / "fmnist_prune.yaml"),
+            "--model.pretrained=false",
+            "--model.model_name=vit_test_tiny",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, StructuredPruning)]
     assert (pruning.config.importance, pruning.config.pruning_ratio, pruning.schedule.frequency) == ("taylor", 0.5, 60)
     assert cli.datamodule.train_subset == 16384

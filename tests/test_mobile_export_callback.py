@@ -89,17 +89,20 @@ def test_wandb_offline_gets_a_model_artifact_with_the_manifest(tmp_path, lit_mod
     trainer = make_trainer(tmp_path, [export], max_epochs=1, logger=offline_wandb)
     trainer.fit(lit_model, random_loader(32, 16), random_loader(32, 16))
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    (artifact, kw), = [(a, kw) for a, kw in logged if a.type == "model"]
+    ((artifact, kw),) = [(a, kw) for a, kw in logged if a.type == "model"]
     assert kw["aliases"] == ["latest"]
     assert artifact.metadata["artifacts"][0]["file"] == "model_fp32.ptl"
-    assert sorted(artifact.manifest.entries) == sorted(["manifest.json", "model_fp32.ptl",
-                                                        f"model_int8-dynamic_{host_default_engine()}.ptl"])
+    assert sorted(artifact.manifest.entries) == sorted(
+        ["manifest.json", "model_fp32.ptl", f"model_int8-dynamic_{host_default_engine()}.ptl"]
+    )
     assert list((run_dir / "files" / "media" / "table" / "export").glob("manifest_*.table.json"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("executorch", "onnxruntime", "onnxscript")),
-                    reason="extras not installed: pip install 'pqv-lightning[executorch,onnx]'")
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("executorch", "onnxruntime", "onnxscript")),
+    reason="extras not installed: pip install 'pqv-lightning[executorch,onnx]'",
+)
 def test_pte_and_onnx_targets_after_fit_are_verified_and_logged(tmp_path, lit_model):
     export = _export(tmp_path, precisions=["fp32", "int8-dynamic"], formats=["pte", "onnx"])
     logger = CSVLogger(str(tmp_path), name="csv")

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from pqv_lightning import StructuredPruning
+from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import MobileExportConfig, export_mobile
-from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, restore_structure
-from pqv_lightning.pruning.adapters import ModelAdapter, find_adapter, register_adapter, ADAPTERS
+from pqv_lightning.pruning.adapters import ADAPTERS, ModelAdapter, find_adapter, register_adapter
 
 from conftest import make_trainer
 
@@ -68,10 +68,16 @@ def test_reconstruction_is_refused_for_cnns_by_name_before_any_change():
 
 
 def test_unknown_model_lists_the_supported_families():
-    with pytest.raises(ConfigError, match=r"torch.nn.modules.container.Sequential, which no pruning adapter "
-                                          r"knows; supported families: .*timm.models.resnet.ResNet.*register_adapter"):
-        prune_once(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), PruningConfig(importance="l2"),
-                   example_inputs=torch.randn(1, 4))
+    with pytest.raises(
+        ConfigError,
+        match=r"torch.nn.modules.container.Sequential, which no pruning adapter "
+        r"knows; supported families: .*timm.models.resnet.ResNet.*register_adapter",
+    ):
+        prune_once(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+            PruningConfig(importance="l2"),
+            example_inputs=torch.randn(1, 4),
+        )
 
 
 class TwoLayer(nn.Module):
@@ -113,11 +119,19 @@ def test_structured_pruning_callback_on_a_convnext(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
-                      batch_size=8)
+    data = DataLoader(
+        TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)), batch_size=8
+    )
     lit = ImageClassifier("convnext_atto", num_classes=10)
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=1,
-                                interval="step", frequency=1, example_input_shape=[3, 32, 32])
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.25,
+        iterative_steps=2,
+        accumulate_batches=1,
+        interval="step",
+        frequency=1,
+        example_input_shape=[3, 32, 32],
+    )
     make_trainer(tmp_path, [pruning], max_epochs=1, limit_train_batches=4).fit(lit, data)
     assert len(pruning.events) == 2 and pruning.events[-1].params_after < pruning.events[0].params_before
     assert lit.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
@@ -128,9 +142,20 @@ def test_a_pruned_cnn_exports_and_verifies(tmp_path):
     model = build("mobilenetv3_small_050")
     prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=X[:1])
     formats = ["onnx"] if _has("onnx") else ["ptl"]
-    manifest = export_mobile(copy.deepcopy(model), X[:1], MobileExportConfig(
-        precisions=["fp32"], formats=formats, output_dir=str(tmp_path / "out"), repeats=2, warmup=0,
-        measure_memory=False, rank="none"), validation_data=[X])
+    manifest = export_mobile(
+        copy.deepcopy(model),
+        X[:1],
+        MobileExportConfig(
+            precisions=["fp32"],
+            formats=formats,
+            output_dir=str(tmp_path / "out"),
+            repeats=2,
+            warmup=0,
+            measure_memory=False,
+            rank="none",
+        ),
+        validation_data=[X],
+    )
     (entry,) = manifest["artifacts"]
     assert entry["status"] == "ok" and entry["verification"]["cosine"] > 0.999
 
@@ -152,9 +177,21 @@ def test_every_format_and_precision_on_a_pruned_cnn(tmp_path, name):
     x = torch.randn(4, 3, 64, 64)
     prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
     formats = [f for f in TARGETS.names() if TARGETS[f].missing() is None]
-    manifest = export_mobile(model, x[:1], MobileExportConfig(
-        precisions=["fp32", "int8-dynamic", "int8-static"], formats=formats, output_dir=str(tmp_path / "out"),
-        repeats=2, warmup=0, measure_memory=False, rank="none", min_top1_agreement=0.0), validation_data=[x])
+    manifest = export_mobile(
+        model,
+        x[:1],
+        MobileExportConfig(
+            precisions=["fp32", "int8-dynamic", "int8-static"],
+            formats=formats,
+            output_dir=str(tmp_path / "out"),
+            repeats=2,
+            warmup=0,
+            measure_memory=False,
+            rank="none",
+            min_top1_agreement=0.0,
+        ),
+        validation_data=[x],
+    )
     ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
     assert len(ok) >= 3 * len(formats) - 1
     assert all(a["verification"]["cosine"] > 0.99 for a in ok)
@@ -186,8 +223,16 @@ def test_a_headless_backbone_keeps_its_output_width():
 
 def _swin(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32,
-                             window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval()
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=32,
+        window_size=4,
+        embed_dim=32,
+        depths=(1, 1),
+        num_heads=(2, 4),
+    ).eval()
 
 
 def test_swin_prunes_its_mlps_and_keeps_attention_and_residual_widths():
@@ -219,8 +264,16 @@ def test_beit_prunes_its_mlps_and_keeps_attention_whole():
 
     def beit(seed=0):
         torch.manual_seed(seed)
-        return timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
-                                 embed_dim=64, depth=2, num_heads=4).eval()
+        return timm.create_model(
+            "beit_base_patch16_224",
+            pretrained=False,
+            num_classes=10,
+            img_size=32,
+            patch_size=4,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+        ).eval()
 
     model, x = beit(), torch.randn(2, 3, 32, 32)
     pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25))
@@ -236,8 +289,9 @@ def test_beit_prunes_its_mlps_and_keeps_attention_whole():
     assert model(x).shape == (2, 5)
 
 
-@pytest.mark.parametrize("name, importance", [("regnetx_002", "taylor"), ("regnetx_002", "hessian"),
-                                              ("convnext_atto", "taylor")])
+@pytest.mark.parametrize(
+    "name, importance", [("regnetx_002", "taylor"), ("regnetx_002", "hessian"), ("convnext_atto", "taylor")]
+)
 def test_gradient_criteria_on_grouped_and_depthwise_convs(name, importance):
     """Taylor / Hessian scores of a grouped conv's inputs (RegNet: in_channels / groups per weight row)
     were indexed as if the conv were dense: IndexError at the first event."""
@@ -249,8 +303,12 @@ def test_gradient_criteria_on_grouped_and_depthwise_convs(name, importance):
     def calibrate(m):
         F.cross_entropy(m(X), y).backward()
 
-    event = prune_once(model, PruningConfig(importance=importance, pruning_ratio=0.25, iterative_steps=2),
-                       example_inputs=X[:1], calibrate=calibrate)
+    event = prune_once(
+        model,
+        PruningConfig(importance=importance, pruning_ratio=0.25, iterative_steps=2),
+        example_inputs=X[:1],
+        calibrate=calibrate,
+    )
     assert event.params_after < event.params_before and model(X).shape == (2, 10)
 
 
@@ -261,8 +319,9 @@ def test_torchvision_vit_with_multihead_attention():
 
     def tv(seed=0):
         torch.manual_seed(seed)
-        return TorchvisionViT(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
-                              num_classes=10).eval()
+        return TorchvisionViT(
+            image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+        ).eval()
 
     x = torch.randn(2, 3, 32, 32)
     model = tv()
@@ -283,12 +342,15 @@ def test_torchvision_vit_with_multihead_attention():
 
 def _eva(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=10, img_size=32, patch_size=4, embed_dim=64,
-                             depth=2, num_heads=4).eval()
+    return timm.create_model(
+        name, pretrained=False, num_classes=10, img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4
+    ).eval()
 
 
-@pytest.mark.parametrize("name, mlp", [("eva02_tiny_patch14_224", "GluMlp"), ("eva02_base_patch14_224", "SwiGLU"),
-                                       ("eva_giant_patch14_224", "Mlp")])
+@pytest.mark.parametrize(
+    "name, mlp",
+    [("eva02_tiny_patch14_224", "GluMlp"), ("eva02_base_patch14_224", "SwiGLU"), ("eva_giant_patch14_224", "Mlp")],
+)
 def test_eva_prunes_its_mlp_hidden_units_and_keeps_attention_and_residual_widths(name, mlp):
     import json
 
@@ -321,7 +383,7 @@ def test_a_fused_swiglu_loses_the_same_units_from_both_halves():
     with torch.no_grad():
         for before, after in zip(original.blocks, model.blocks):
             w, kept_w = before.mlp.fc2.weight, after.mlp.fc2.weight
-            kept = [int((w - kept_w[:, j:j + 1]).abs().sum(0).argmin()) for j in range(kept_w.shape[1])]
+            kept = [int((w - kept_w[:, j : j + 1]).abs().sum(0).argmin()) for j in range(kept_w.shape[1])]
             hidden = w.shape[1]
             torch.testing.assert_close(after.mlp.fc1.weight, before.mlp.fc1.weight[kept + [hidden + k for k in kept]])
             before.mlp.fc2.weight[:, sorted(set(range(hidden)) - set(kept))] = 0
@@ -329,20 +391,32 @@ def test_a_fused_swiglu_loses_the_same_units_from_both_halves():
 
 
 def test_swin_v2_prunes_its_mlps_like_swin():
-    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=10, img_size=32, embed_dim=32,
-                              depths=(1, 1), num_heads=(2, 4), window_size=4).eval()
+    model = timm.create_model(
+        "swinv2_tiny_window8_256",
+        pretrained=False,
+        num_classes=10,
+        img_size=32,
+        embed_dim=32,
+        depths=(1, 1),
+        num_heads=(2, 4),
+        window_size=4,
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5))
     assert {"patch_embed.proj", "layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.proj"} <= set(pruner.kept_whole)
     event = pruner.step()
-    assert model.layers[1].blocks[0].mlp.fc1.out_features == 128 and model.layers[1].blocks[0].attn.qkv.out_features == 192
+    assert (
+        model.layers[1].blocks[0].mlp.fc1.out_features == 128 and model.layers[1].blocks[0].attn.qkv.out_features == 192
+    )
     assert model(x).shape == (2, 10) and event.macs_after < 0.85 * event.macs_before
 
 
 def test_an_attention_option_on_a_cnn_is_refused_by_name():
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
     with pytest.raises(ConfigError, match="prune_num_heads=True: ResNet has no attention heads"):
-        prune_once(model, PruningConfig(importance="l2", prune_num_heads=True), example_inputs=torch.randn(1, 3, 64, 64))
+        prune_once(
+            model, PruningConfig(importance="l2", prune_num_heads=True), example_inputs=torch.randn(1, 3, 64, 64)
+        )
 
 
 def _family_names(source: str | None = None) -> list[str]:
@@ -373,9 +447,20 @@ def test_every_family_prunes_keeps_its_output_reloads_and_exports(name, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(main_tensor(fresh.eval()(x)), main_tensor(model.eval()(x)))
     fmt = "onnx" if TARGETS["onnx"].missing() is None else "ptl"
-    manifest = export_mobile(model, x[:1], MobileExportConfig(
-        precisions=["fp32"], formats=[fmt], output_dir=str(tmp_path / "out"), repeats=1, warmup=0,
-        measure_memory=False, rank="none"), validation_data=[x])
+    manifest = export_mobile(
+        model,
+        x[:1],
+        MobileExportConfig(
+            precisions=["fp32"],
+            formats=[fmt],
+            output_dir=str(tmp_path / "out"),
+            repeats=1,
+            warmup=0,
+            measure_memory=False,
+            rank="none",
+        ),
+        validation_data=[x],
+    )
     (artifact,) = manifest["artifacts"]
     assert artifact["status"] == "ok" and artifact["verification"]["cosine"] > 0.999, artifact
 
@@ -399,8 +484,9 @@ def test_reconstruction_refits_the_pruned_mlps_of_families_beyond_vit(name):
         pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)
     calibration = [torch.randn(32, *family.shape, generator=g) for _ in range(2)]
-    event = prune_once(family.build(), PruningConfig(importance="l2", pruning_ratio=0.5, reconstruct=True),
-                       calibration=calibration)
+    event = prune_once(
+        family.build(), PruningConfig(importance="l2", pruning_ratio=0.5, reconstruct=True), calibration=calibration
+    )
     assert event.reconstruction_error_after < 0.9 * event.reconstruction_error_before
 
 
@@ -434,14 +520,28 @@ def test_int8_dynamic_files_of_families_whose_attention_reads_its_qkv_weight(nam
     assert linears_read_directly(model) == [n for n, m in model.named_modules() if n.endswith("attn.qkv")]
     prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
     formats = [f for f in ("pte", "onnx", "ptl") if TARGETS[f].missing() is None]
-    manifest = export_mobile(model, x[:1], MobileExportConfig(
-        precisions=["int8-dynamic"], formats=formats, output_dir=str(tmp_path / "out"), repeats=1, warmup=0,
-        measure_memory=False, rank="none"), validation_data=[x])
+    manifest = export_mobile(
+        model,
+        x[:1],
+        MobileExportConfig(
+            precisions=["int8-dynamic"],
+            formats=formats,
+            output_dir=str(tmp_path / "out"),
+            repeats=1,
+            warmup=0,
+            measure_memory=False,
+            rank="none",
+        ),
+        validation_data=[x],
+    )
     # 0.98: ONNX Runtime's int8 kernels without AVX-512 VNNI (u8s8 on AVX2, which saturates) gave 0.985 for
     # this random Swin V2 on an AMD EPYC family 25 model 1; 0.99+ with VNNI
     for a in manifest["artifacts"]:
-        assert a["status"] == "ok" and a["verification"]["cosine"] > 0.98, (a["file"], a.get("reason"),
-                                                                            a.get("verification"))
+        assert a["status"] == "ok" and a["verification"]["cosine"] > 0.98, (
+            a["file"],
+            a.get("reason"),
+            a.get("verification"),
+        )
 
 
 @pytest.mark.parametrize("name", ["resnet", "swin", "eva02", "torchvision_vit", "hf_vit"])
@@ -499,16 +599,32 @@ def test_a_fit_resumed_between_events_equals_the_uninterrupted_one(name, tmp_pat
             return torch.optim.SGD(self.parameters(), lr=1e-2)
 
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-        torch.randn(16, *family.shape, generator=g), torch.randint(0, 10, (16,), generator=g)), batch_size=4)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(
+            torch.randn(16, *family.shape, generator=g), torch.randint(0, 10, (16,), generator=g)
+        ),
+        batch_size=4,
+    )
 
     def run(folder, epochs, callbacks=(), ckpt_path=None):
         pl.seed_everything(0)
-        pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=2,
-                                    example_input_shape=list(family.shape))
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=bool(callbacks),
-                             default_root_dir=str(tmp_path / folder), callbacks=[pruning, *callbacks])
+        pruning = StructuredPruning(
+            importance="taylor",
+            pruning_ratio=0.25,
+            iterative_steps=2,
+            accumulate_batches=2,
+            example_input_shape=list(family.shape),
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(callbacks),
+            default_root_dir=str(tmp_path / folder),
+            callbacks=[pruning, *callbacks],
+        )
         module = Classifier()
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return module, pruning

@@ -40,8 +40,10 @@ ALLOWED = {
 
 
 def _fields(config: type) -> dict[str, object]:
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-            for f in dataclasses.fields(config)}
+    return {
+        f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        for f in dataclasses.fields(config)
+    }
 
 
 def _literal_values(annotation: object) -> tuple:
@@ -70,13 +72,16 @@ def test_callback_defaults_are_their_configs(callback):
     if callback is StructuredPruning:  # the sparsity penalty's own defaults
         params = inspect.signature(callback.__init__).parameters
         assert (params["reg_strength"].default, params["reg_alpha"].default) == (
-            GroupSparsity.strength, GroupSparsity.alpha)
+            GroupSparsity.strength,
+            GroupSparsity.alpha,
+        )
 
 
 def test_the_check_finds_a_drifted_default_and_a_missing_option():
     class Drifted(KnowledgeDistillation):
-        def __init__(self, alpha: float = 0.7, teacher_precision: str = "fp32", hard_labels: bool = False,
-                     tau: float = 1.0) -> None:
+        def __init__(
+            self, alpha: float = 0.7, teacher_precision: str = "fp32", hard_labels: bool = False, tau: float = 1.0
+        ) -> None:
             super().__init__(alpha=alpha, tau=tau, teacher_precision=teacher_precision, hard_labels=hard_labels)
 
     @dataclasses.dataclass(frozen=True)
@@ -96,31 +101,77 @@ def test_callback_choices_are_their_configs(callback, option):
 #: each other, a ratio and a budget, in separate YAML files)
 NON_DEFAULT = {
     StructuredPruning: dict(
-        importance="l2", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2, interval="step", start=1,
-        frequency=3, prune_num_heads=True, head_pruning_ratio=0.25, prune_head_dims=False, round_to=4,
-        ignored_layers=["head"], global_pruning=True, model_attr="model", example_input_shape=[1, 32, 32], seed=3,
-        ratio_schedule="cubic", regularization="l1", reg_strength=0.01, reg_strength_end=0.02, reg_alpha=2.0,
-        threshold=0.05, reconstruct=True, reconstruct_layers="residual", reconstruct_samples=16,
-        reconstruct_ridge=0.01, widths_for="openvino"),
+        importance="l2",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=1,
+        frequency=3,
+        prune_num_heads=True,
+        head_pruning_ratio=0.25,
+        prune_head_dims=False,
+        round_to=4,
+        ignored_layers=["head"],
+        global_pruning=True,
+        model_attr="model",
+        example_input_shape=[1, 32, 32],
+        seed=3,
+        ratio_schedule="cubic",
+        regularization="l1",
+        reg_strength=0.01,
+        reg_strength_end=0.02,
+        reg_alpha=2.0,
+        threshold=0.05,
+        reconstruct=True,
+        reconstruct_layers="residual",
+        reconstruct_samples=16,
+        reconstruct_ridge=0.01,
+        widths_for="openvino",
+    ),
     (StructuredPruning, "macs"): dict(target_macs=0.5),
     (StructuredPruning, "params"): dict(target_params=1000),
     MobileExport: dict(
-        precisions=["fp32", "int8-static"], formats=["ptl"], engines=["qnnpack"], delegation_friendly=False,
-        pad_widths=8, output_dir="out", overwrite=True, min_top1_agreement=0.5, on_failure="raise",
-        verify_batches=2, calibration_batches=3, calibration_loader="train", threads=1, warmup=1, repeats=2,
-        run_on=["fit", "test"], model_attr="model", example_input_shape=[1, 32, 32],
-        input_normalization={"mean": [0.5], "std": [0.25]}, log_artifact=False, measure_memory=False,
-        rank="in-process", rank_rounds=2, rank_calls=4),
-    KnowledgeDistillation: dict(alpha=0.25, tau=2.0, teacher_precision="bf16", hard_labels=True, model_attr="model",
-                                store_teacher=False),
+        precisions=["fp32", "int8-static"],
+        formats=["ptl"],
+        engines=["qnnpack"],
+        delegation_friendly=False,
+        pad_widths=8,
+        output_dir="out",
+        overwrite=True,
+        min_top1_agreement=0.5,
+        on_failure="raise",
+        verify_batches=2,
+        calibration_batches=3,
+        calibration_loader="train",
+        threads=1,
+        warmup=1,
+        repeats=2,
+        run_on=["fit", "test"],
+        model_attr="model",
+        example_input_shape=[1, 32, 32],
+        input_normalization={"mean": [0.5], "std": [0.25]},
+        log_artifact=False,
+        measure_memory=False,
+        rank="in-process",
+        rank_rounds=2,
+        rank_calls=4,
+    ),
+    KnowledgeDistillation: dict(
+        alpha=0.25, tau=2.0, teacher_precision="bf16", hard_labels=True, model_attr="model", store_teacher=False
+    ),
 }
 
 
 def _settings(callback_obj) -> dict[str, object]:
     """Where each callback keeps an option once built (its config or itself)."""
     found: dict[str, object] = {}
-    for holder in (callback_obj, getattr(callback_obj, "config", None), getattr(callback_obj, "schedule", None),
-                   getattr(callback_obj, "regularization", None)):
+    for holder in (
+        callback_obj,
+        getattr(callback_obj, "config", None),
+        getattr(callback_obj, "schedule", None),
+        getattr(callback_obj, "regularization", None),
+    ):
         if holder is not None:
             found.update({k: v for k, v in vars(holder).items() if not k.startswith("_")})
     reg = getattr(callback_obj, "regularization", None)
@@ -132,12 +183,20 @@ def _settings(callback_obj) -> dict[str, object]:
 @pytest.mark.parametrize("callback", list(SOURCES), ids=lambda c: c.__name__)
 def test_the_yaml_cases_set_every_option(callback):
     params = {p for p in inspect.signature(callback.__init__).parameters if p not in ("self", "teacher")}
-    given = {name for key, options in NON_DEFAULT.items() if key == callback or (isinstance(key, tuple) and key[0] is callback)
-             for name in options}
+    given = {
+        name
+        for key, options in NON_DEFAULT.items()
+        if key == callback or (isinstance(key, tuple) and key[0] is callback)
+        for name in options
+    }
     assert given == params
 
 
-@pytest.mark.parametrize("key", list(NON_DEFAULT), ids=lambda k: "-".join(getattr(p, "__name__", p) for p in (k if isinstance(k, tuple) else (k,))))
+@pytest.mark.parametrize(
+    "key",
+    list(NON_DEFAULT),
+    ids=lambda k: "-".join(getattr(p, "__name__", p) for p in (k if isinstance(k, tuple) else (k,))),
+)
 def test_every_option_is_accepted_by_pqv_fit_yaml(key, tmp_path, monkeypatch):
     import yaml
 
@@ -146,18 +205,32 @@ def test_every_option_is_accepted_by_pqv_fit_yaml(key, tmp_path, monkeypatch):
     callback = key[0] if isinstance(key, tuple) else key
     options = NON_DEFAULT[key]
     monkeypatch.chdir(tmp_path)
-    config = {"trainer": {"accelerator": "cpu", "max_steps": 8, "logger": False, "enable_progress_bar": False,
-                          "default_root_dir": str(tmp_path),
-                          "callbacks": [{"class_path": f"pqv_lightning.{callback.__name__}", "init_args": options}]},
-              "model": {"model_name": "vit_test_tiny"},
-              "data": {"class_path": "pqv_lightning.data.FashionMNISTDataModule"}}
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 8,
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": f"pqv_lightning.{callback.__name__}", "init_args": options}],
+        },
+        "model": {"model_name": "vit_test_tiny"},
+        "data": {"class_path": "pqv_lightning.data.FashionMNISTDataModule"},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     cli = run_cli(["--config", str(tmp_path / "c.yaml")], run=False)
     (built,) = [c for c in cli.trainer.callbacks if isinstance(c, callback)]
     settings = _settings(built)
     for name, value in options.items():
         if name in settings:
-            assert settings[name] == value or settings[name] == tuple(value) or (
-                name == "output_dir" and str(settings[name]).endswith(value)), (name, settings[name], value)
+            assert (
+                settings[name] == value
+                or settings[name] == tuple(value)
+                or (name == "output_dir" and str(settings[name]).endswith(value))
+            ), (name, settings[name], value)
     if key is StructuredPruning:
-        assert (built.config.prune_num_heads, built.config.prune_head_dims, built.widths_for) == (True, False, "openvino")
+        assert (built.config.prune_num_heads, built.config.prune_head_dims, built.widths_for) == (
+            True,
+            False,
+            "openvino",
+        )

@@ -9,11 +9,11 @@ import matplotlib
 import pytest
 import torch
 
-from pqv_lightning.export.benchmark import load_runner
-from pqv_lightning.export import MobileExportConfig, export_mobile
 from pqv_lightning.apps.plots import demo_plots
-from pqv_lightning.settings import executorch_threads, logger_levels, quantized_engine, torch_threads
+from pqv_lightning.export import MobileExportConfig, export_mobile
+from pqv_lightning.export.benchmark import load_runner
 from pqv_lightning.export.host import gemm_throughput
+from pqv_lightning.settings import executorch_threads, logger_levels, quantized_engine, torch_threads
 
 from conftest import tiny_vit
 
@@ -56,9 +56,21 @@ def unusual_state():
 def test_export_benchmark_gemm_and_plots_restore_process_state(tmp_path, unusual_state):
     before = _snapshot()
     formats = ["ptl"] + (["pte"] if HAVE_ET else []) + (["onnx"] if HAVE_ONNX else [])
-    manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), MobileExportConfig(
-        precisions=["fp32", "int8-dynamic"], formats=formats, engines=["x86"], output_dir=str(tmp_path / "out"),
-        threads=2, repeats=1, warmup=0, measure_memory=False, rank="in-process"))
+    manifest = export_mobile(
+        tiny_vit(depth=1),
+        torch.randn(1, 1, 32, 32),
+        MobileExportConfig(
+            precisions=["fp32", "int8-dynamic"],
+            formats=formats,
+            engines=["x86"],
+            output_dir=str(tmp_path / "out"),
+            threads=2,
+            repeats=1,
+            warmup=0,
+            measure_memory=False,
+            rank="in-process",
+        ),
+    )
     assert {a["status"] for a in manifest["artifacts"]} == {"ok"}
     assert _snapshot() == before
     for a in manifest["artifacts"]:
@@ -76,8 +88,11 @@ def test_export_benchmark_gemm_and_plots_restore_process_state(tmp_path, unusual
 def test_settings_context_managers_restore_on_error():
     before = _snapshot()
     with pytest.raises(KeyError):
-        with torch_threads(1), quantized_engine(torch.backends.quantized.supported_engines[0]), \
-                logger_levels([""], logging.CRITICAL):
+        with (
+            torch_threads(1),
+            quantized_engine(torch.backends.quantized.supported_engines[0]),
+            logger_levels([""], logging.CRITICAL),
+        ):
             assert torch.get_num_threads() == 1 and logging.getLogger().level == logging.CRITICAL
             raise KeyError("boom")
     assert _snapshot() == before

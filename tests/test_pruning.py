@@ -67,8 +67,10 @@ def test_local_head_pruning_is_cumulative_not_compounding():
     """Torch-Pruning 1.6.1 alone would go 6 -> 5 -> 3 -> 1 heads for a 50 % target."""
     model = tiny_vit(embed_dim=96, num_heads=6)
     pruner = StructuredPruner(
-        model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=3, prune_num_heads=True,
-                             prune_head_dims=False)
+        model,
+        PruningConfig(
+            importance="l2", pruning_ratio=0.5, iterative_steps=3, prune_num_heads=True, prune_head_dims=False
+        ),
     )
     heads = []
     for _ in range(3):
@@ -79,14 +81,16 @@ def test_local_head_pruning_is_cumulative_not_compounding():
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
-
-@pytest.mark.parametrize("widths_for,given,heads,head_dim", [
-    (None, {}, 4, 12),  # the default: dims inside every head
-    ("openvino", {}, 3, 16),  # OpenVINO's faster rule at equal MACs: whole heads
-    ("onnx", {}, 4, 12),  # ONNX Runtime has no preference
-    ("openvino", {"prune_head_dims": True}, 3, 12),  # what the user sets wins
-    ("openvino", {"prune_num_heads": False, "prune_head_dims": True}, 4, 12),
-])
+@pytest.mark.parametrize(
+    "widths_for,given,heads,head_dim",
+    [
+        (None, {}, 4, 12),  # the default: dims inside every head
+        ("openvino", {}, 3, 16),  # OpenVINO's faster rule at equal MACs: whole heads
+        ("onnx", {}, 4, 12),  # ONNX Runtime has no preference
+        ("openvino", {"prune_head_dims": True}, 3, 12),  # what the user sets wins
+        ("openvino", {"prune_num_heads": False, "prune_head_dims": True}, 4, 12),
+    ],
+)
 def test_widths_for_makes_the_targets_width_rule_the_default(widths_for, given, heads, head_dim):
     from pqv_lightning.export.targets import TARGETS
     from pqv_lightning.widths import width_rule
@@ -115,7 +119,9 @@ def test_width_rule_and_the_targets_that_set_it():
     assert width_rule({}, prune_num_heads=True) == {"prune_num_heads": True, "prune_head_dims": None}
     config = PruningConfig(**width_rule({}))  # unset: the config's defaults
     assert (config.prune_num_heads, config.prune_head_dims) == (False, True)
-    with pytest.raises(ValueError, match=r"width-rule options are \['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
+    with pytest.raises(
+        ValueError, match=r"width-rule options are \['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"
+    ):
         width_rule({"round_to": 64})
     # a target may only choose the width rule: refused when it registers
 
@@ -123,8 +129,11 @@ def test_width_rule_and_the_targets_that_set_it():
         format, suffix = "rounds-to-test", ".rt"
         pruning_defaults = {"round_to": 64}
 
-    with pytest.raises(ConfigError, match=r"export format 'rounds-to-test': pruning_defaults may set "
-                                          r"\['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"export format 'rounds-to-test': pruning_defaults may set "
+        r"\['prune_head_dims', 'prune_num_heads'\], not \['round_to'\]",
+    ):
         register_target(RoundsTo)
     assert "rounds-to-test" not in TARGETS
 
@@ -132,8 +141,12 @@ def test_width_rule_and_the_targets_that_set_it():
 def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
     model = tiny_vit()
     opt = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
-         {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}], lr=1e-3)
+        [
+            {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
     pruner = StructuredPruner(model, PruningConfig(importance="taylor", pruning_ratio=0.25))
     _train_steps(model, opt, pruner, n=3)
     fc1 = model.blocks[1].mlp.fc1
@@ -152,7 +165,9 @@ def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
     assert torch.equal(new_state["step"], old_state["step"])  # bias correction continues
     assert new_state["exp_avg"].shape == fc1.weight.shape
     # the embedding (residual) group is rooted at one of the layers writing the residual stream
-    emb_root = [idx for (n, out), idx in hist.items() if out and n.endswith(("mlp.fc2", "attn.proj", "patch_embed.proj"))]
+    emb_root = [
+        idx for (n, out), idx in hist.items() if out and n.endswith(("mlp.fc2", "attn.proj", "patch_embed.proj"))
+    ]
     assert len(emb_root) == 1
     kept_cols = [i for i in range(64) if i not in set(emb_root[0])]
     expected = old_state["exp_avg"][kept_rows][:, kept_cols]
@@ -163,8 +178,9 @@ def test_optimizer_holds_new_params_and_adam_state_is_sliced_not_reset():
 
 def test_state_round_trip_restores_identical_model():
     model = tiny_vit()
-    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2,
-                                                   prune_num_heads=True))
+    pruner = StructuredPruner(
+        model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2, prune_num_heads=True)
+    )
     pruner.step()
     pruner.step()
     state = pruner.state_dict()
@@ -221,8 +237,9 @@ def test_frozen_ignored_layer_stays_frozen_and_untouched():
 
 def test_distilled_deit_and_deit3_style_models_prune():
     torch.manual_seed(0)
-    distilled = VisionTransformerDistilled(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64,
-                                           depth=2, num_heads=4)
+    distilled = VisionTransformerDistilled(
+        img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=4
+    )
     p = StructuredPruner(distilled, PruningConfig(importance="l2", pruning_ratio=0.25))
     assert p.ignored_names == ["head", "head_dist"]
     p.step()
@@ -230,8 +247,18 @@ def test_distilled_deit_and_deit3_style_models_prune():
     distilled.eval()
     assert distilled(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
-    deit3 = VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2,
-                              num_heads=4, init_values=1e-4, no_embed_class=True, class_token=True)
+    deit3 = VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        init_values=1e-4,
+        no_embed_class=True,
+        class_token=True,
+    )
     StructuredPruner(deit3, PruningConfig(importance="l1", pruning_ratio=0.25)).step()
     assert deit3.blocks[0].ls1.gamma.shape == (48,)
     assert deit3(torch.randn(1, 1, 32, 32)).shape == (1, 10)
@@ -247,13 +274,18 @@ def test_qk_norm_vit_prunes_embedding_and_mlp_and_keeps_its_attention_whole():
     assert "qk_norm=True" in pruner.kept_whole["blocks.0.attn.qkv"]
     pruner.step()
     attn = model.blocks[0].attn
-    assert model.pos_embed.shape[-1] == 48 and attn.qkv.in_features == 48 and model.blocks[0].mlp.fc1.out_features == 192
+    assert (
+        model.pos_embed.shape[-1] == 48 and attn.qkv.in_features == 48 and model.blocks[0].mlp.fc1.out_features == 192
+    )
     assert attn.qkv.out_features == 3 * 64 and attn.num_heads == 4 and attn.q_norm.weight.shape == (16,)
     model.eval()
     assert torch.isfinite(model(torch.randn(2, 1, 32, 32))).all()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConfigError, match=r"prune_num_heads=True: whole attention heads of VisionTransformer cannot "
-                                          r"be removed \(q/k normalized per head"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prune_num_heads=True: whole attention heads of VisionTransformer cannot "
+        r"be removed \(q/k normalized per head",
+    ):
         StructuredPruner(model, PruningConfig(importance="l2", prune_num_heads=True, prune_head_dims=False))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused untouched
     # a budget is met by the parts that are pruned
@@ -271,8 +303,9 @@ def test_prune_once_needs_calibration_for_gradient_criteria():
     def calibrate(m):
         F.cross_entropy(m(torch.randn(8, 1, 32, 32)), torch.randint(0, 10, (8,))).backward()
 
-    event = prune_once(tiny_vit(), PruningConfig(importance="taylor", pruning_ratio=0.25, iterative_steps=2),
-                       calibrate=calibrate)
+    event = prune_once(
+        tiny_vit(), PruningConfig(importance="taylor", pruning_ratio=0.25, iterative_steps=2), calibrate=calibrate
+    )
     assert event.index == 2
 
 
@@ -285,7 +318,10 @@ def test_prune_once_needs_calibration_for_gradient_criteria():
         (dict(importance="fisher"), r"importance='fisher' is not registered; allowed: \['taylor'"),
         (dict(iterative_steps=0), r"iterative_steps=0 must be an integer >= 1"),
         (dict(round_to=0), r"round_to=0 must be an integer >= 1"),
-        (dict(head_pruning_ratio=2.0, prune_num_heads=True), r"head_pruning_ratio=2.0 must be a finite number >= 0 and < 1"),
+        (
+            dict(head_pruning_ratio=2.0, prune_num_heads=True),
+            r"head_pruning_ratio=2.0 must be a finite number >= 0 and < 1",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_the_value_and_what_is_allowed(kwargs, message):
@@ -321,7 +357,10 @@ def test_locate_model_rules():
     assert locate_model(w, "net.backbone")[1] is w.net.backbone
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
         locate_model(w, "net.missing")
-    with pytest.raises(ValueError, match=r"which no pruning adapter knows; supported families: \[.timm.models.vision_transformer.VisionTransformer.*register_adapter"):
+    with pytest.raises(
+        ValueError,
+        match=r"which no pruning adapter knows; supported families: \[.timm.models.vision_transformer.VisionTransformer.*register_adapter",
+    ):
         locate_model(w, "other")
     w.second = tiny_vit()
     with pytest.raises(ValueError, match=r"several prunable models found.*\['net.backbone', 'second'\]"):
@@ -340,8 +379,12 @@ def test_bfloat16_model_prunes_and_keeps_its_dtype():
 
 def test_global_pruning_ranks_across_layers_and_counts_heads_globally():
     model = tiny_vit(embed_dim=96, num_heads=6)
-    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.25, global_pruning=True,
-                                                   prune_num_heads=True, head_pruning_ratio=0.5))
+    pruner = StructuredPruner(
+        model,
+        PruningConfig(
+            importance="l2", pruning_ratio=0.25, global_pruning=True, prune_num_heads=True, head_pruning_ratio=0.5
+        ),
+    )
     pruner.step()
     widths = [b.mlp.fc1.out_features for b in model.blocks]
     assert widths[0] != widths[1] and all(w < 384 for w in widths)  # one threshold, not 288 per layer
@@ -355,8 +398,9 @@ def test_cubic_ratio_schedule_prunes_most_in_the_first_events():
     assert linear_schedule(0.5, 4) == [0.0, 0.125, 0.25, 0.375, 0.5]
     assert cubic_schedule(0.5, 4) == [0.0, 0.2890625, 0.4375, 0.4921875, 0.5]
     model = tiny_vit()
-    pruner = StructuredPruner(model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2,
-                                                   ratio_schedule="cubic"))
+    pruner = StructuredPruner(
+        model, PruningConfig(importance="l2", pruning_ratio=0.5, iterative_steps=2, ratio_schedule="cubic")
+    )
     first = pruner.step()
     assert first.target_ratio == pytest.approx(0.4375)
     assert model.patch_embed.proj.out_channels == 36  # int(64 * (1 - 0.4375))
@@ -404,7 +448,8 @@ def test_ratio_for_budget_rejects_impossible_budgets():
             ratio_for_budget(model, PruningConfig(), **kwargs)
     # global allocation: the uniform ratio is the nominal one (the last event settles the real ratio)
     assert ratio_for_budget(model, PruningConfig(global_pruning=True), target_macs=0.5) == ratio_for_budget(
-        model, PruningConfig(), target_macs=0.5)
+        model, PruningConfig(), target_macs=0.5
+    )
     with pytest.raises(ConfigError, match="deterministic criterion"):
         StructuredPruner(model, PruningConfig(importance="random", global_pruning=True, target_macs=0.5))
     with pytest.raises(ConfigError, match="give one budget, not both"):
@@ -441,13 +486,16 @@ def test_global_budget_is_met_at_the_last_event_with_that_events_scores(kind):
     assert len(set(pruner.widths()[n][1] for n in widths)) > 1  # global: layers lose different shares
 
 
-@pytest.mark.parametrize("round_to, ratio, head_dim, embed", [
-    (8, 0.25, 12, 72),    # 6 x 12 = 72 is a multiple of 8: Torch-Pruning 1.6.1 gave head dim 8
-    (8, 0.125, 12, 80),   # 6 x 14 = 84 is not; 6 x 12 = 72 is
-    (16, 0.25, 8, 64),    # 6 x 12 = 72 is not a multiple of 16; 6 x 8 = 48 is
-    (32, 0.25, 16, 64),   # no smaller multiple of 32 (96 = 6 x 16): the head keeps its width
-    (None, 0.125, 14, 84),
-])
+@pytest.mark.parametrize(
+    "round_to, ratio, head_dim, embed",
+    [
+        (8, 0.25, 12, 72),  # 6 x 12 = 72 is a multiple of 8: Torch-Pruning 1.6.1 gave head dim 8
+        (8, 0.125, 12, 80),  # 6 x 14 = 84 is not; 6 x 12 = 72 is
+        (16, 0.25, 8, 64),  # 6 x 12 = 72 is not a multiple of 16; 6 x 8 = 48 is
+        (32, 0.25, 16, 64),  # no smaller multiple of 32 (96 = 6 x 16): the head keeps its width
+        (None, 0.125, 14, 84),
+    ],
+)
 def test_round_to_rounds_the_total_attention_width_not_each_head_by_the_total(round_to, ratio, head_dim, embed):
     from pqv_lightning.pruning import PruningConfig, prune_once
 
@@ -465,11 +513,11 @@ def test_round_to_rounds_the_total_attention_width_not_each_head_by_the_total(ro
 def test_head_dims_to_remove():
     from pqv_lightning.widths import head_dims_to_remove
 
-    assert head_dims_to_remove(64, 16, 12, 32) == 16   # DeiT-base 25 %: 12 x 48 = 576 = 18 x 32 (1.6.1: 32)
-    assert head_dims_to_remove(64, 6, 12, 8) == 6      # 9.375 %: 12 x 58 = 696 = 87 x 8
-    assert head_dims_to_remove(64, 6, 12, 64) == 16    # 58 -> 48: a head width step of 64 / gcd(64, 12) = 16
-    assert head_dims_to_remove(16, 16, 6, 8) == 12     # never below one step
-    assert head_dims_to_remove(3, 2, 6, 64) == 0       # a head narrower than one step keeps its width
+    assert head_dims_to_remove(64, 16, 12, 32) == 16  # DeiT-base 25 %: 12 x 48 = 576 = 18 x 32 (1.6.1: 32)
+    assert head_dims_to_remove(64, 6, 12, 8) == 6  # 9.375 %: 12 x 58 = 696 = 87 x 8
+    assert head_dims_to_remove(64, 6, 12, 64) == 16  # 58 -> 48: a head width step of 64 / gcd(64, 12) = 16
+    assert head_dims_to_remove(16, 16, 6, 8) == 12  # never below one step
+    assert head_dims_to_remove(3, 2, 6, 64) == 0  # a head narrower than one step keeps its width
 
 
 @pytest.mark.parametrize("model_name", ["vit_tiny_patch16_224", "resnet10t", "convnext_atto"])

@@ -34,7 +34,9 @@ def test_the_refit_is_the_least_squares_solution_computed_by_hand():
     with torch.no_grad():
         features = torch.cat([torch.relu(student[0](x)), torch.ones(len(x), 1)], dim=1).double()
         target = reference(x)[:, keep].double()
-        before = (features @ torch.cat([student[2].weight.T, student[2].bias[None]]).double() - target).norm() / target.norm()
+        before = (
+            features @ torch.cat([student[2].weight.T, student[2].bias[None]]).double() - target
+        ).norm() / target.norm()
         solution = torch.linalg.lstsq(features, target).solution
 
     fits = reconstruct_linears(student, reference, ["2"], inputs, {"2": keep}, ridge=0.0)
@@ -57,6 +59,16 @@ def test_a_fit_that_is_not_better_leaves_the_weights_alone():
     assert torch.equal(student[2].weight, weight)
 
 
+def _all_reduce_mean(recorded: dict[str, list[torch.Tensor]], calls):
+    """The mean of what ranks "a" and "b" recorded, call by call: what the all-reduce hands every rank."""
+
+    def reduce_mean(_t: torch.Tensor) -> torch.Tensor:
+        i = next(calls)
+        return (recorded["a"][i] + recorded["b"][i]) / 2
+
+    return reduce_mean
+
+
 def test_averaged_sums_give_every_rank_the_single_process_weights():
     a, b = torch.randn(8, 5), torch.randn(12, 5)
     single, reference, keep = _pair()
@@ -65,13 +77,19 @@ def test_averaged_sums_give_every_rank_the_single_process_weights():
     recorded: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     for rank, data in (("a", a), ("b", b)):  # what each rank would contribute to the all-reduce
         student, _, _ = _pair()
-        reconstruct_linears(student, reference, ["2"], [data], {"2": keep},
-                            reduce_mean=lambda t, r=rank: recorded[r].append(t.clone()) or t)
-    for rank, data in (("a", a), ("b", b)):
-        calls = iter(range(3))
+        reconstruct_linears(
+            student,
+            reference,
+            ["2"],
+            [data],
+            {"2": keep},
+            reduce_mean=lambda t, r=rank: recorded[r].append(t.clone()) or t,
+        )
+    for data in (a, b):
         student, _, _ = _pair()
-        reconstruct_linears(student, reference, ["2"], [data], {"2": keep},
-                            reduce_mean=lambda t: (lambda i: (recorded["a"][i] + recorded["b"][i]) / 2)(next(calls)))
+        reconstruct_linears(
+            student, reference, ["2"], [data], {"2": keep}, reduce_mean=_all_reduce_mean(recorded, iter(range(3)))
+        )
         torch.testing.assert_close(student[2].weight, single[2].weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(student[2].bias, single[2].bias, rtol=1e-5, atol=1e-6)
 
@@ -88,7 +106,9 @@ def test_bad_reconstruction_input_is_refused():
         reconstruct_linears(student, reference, ["1"], [torch.randn(4, 5)])
     with pytest.raises(ConfigError, match="reconstruct_ridge=nan"):
         PruningConfig(reconstruct_ridge=float("nan")).validate()
-    with pytest.raises(ConfigError, match=r"reconstruct_layers='writers' is not supported; allowed: \['all', 'residual'\]"):
+    with pytest.raises(
+        ConfigError, match=r"reconstruct_layers='writers' is not supported; allowed: \['all', 'residual'\]"
+    ):
         PruningConfig(reconstruct=True, reconstruct_layers="writers").validate()
     with pytest.raises(ConfigError, match="reconstruct_layers='qkv' is not supported"):
         StructuredPruning(reconstruct=True, reconstruct_layers="qkv")  # the callback refuses it before training
@@ -103,28 +123,44 @@ def test_pruning_with_reconstruction_keeps_the_network_closer_to_the_original():
     held_out = torch.randn(64, 1, 32, 32)
     plain, rebuilt, residual = copy.deepcopy(original), copy.deepcopy(original), copy.deepcopy(original)
     prune_once(plain, PruningConfig(importance="l2", pruning_ratio=0.25))
-    event = prune_once(rebuilt, PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True),
-                       calibration=calibration)
-    event_residual = prune_once(residual, PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True,
-                                                        reconstruct_layers="residual"), calibration=calibration)
+    event = prune_once(
+        rebuilt, PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True), calibration=calibration
+    )
+    event_residual = prune_once(
+        residual,
+        PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True, reconstruct_layers="residual"),
+        calibration=calibration,
+    )
     for e in (event, event_residual):
         assert e.reconstruction_error_after < 0.5 * e.reconstruction_error_before
     assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
     with torch.no_grad():
         target = original(held_out)
-        err_plain, err_rebuilt, err_residual = ((m.eval()(held_out) - target).norm() / target.norm()
-                                                for m in (plain, rebuilt, residual))
+        err_plain, err_rebuilt, err_residual = (
+            (m.eval()(held_out) - target).norm() / target.norm() for m in (plain, rebuilt, residual)
+        )
     # on inputs the fit never saw; refitting every Linear beats refitting the residual writers only
     assert err_rebuilt < err_residual < 0.85 * err_plain
     # "residual" left qkv / fc1 / head as pruning cut them
-    assert torch.equal(residual.head.weight, plain.head.weight) and not torch.equal(rebuilt.head.weight, plain.head.weight)
+    assert torch.equal(residual.head.weight, plain.head.weight) and not torch.equal(
+        rebuilt.head.weight, plain.head.weight
+    )
     with pytest.raises(RuntimeError, match="pass calibration input batches"):
         prune_once(copy.deepcopy(original), PruningConfig(importance="l2", reconstruct=True))
 
 
 def test_the_callback_fits_on_the_windows_inputs_and_leaves_no_hook(tmp_path, lit_model):
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.5, iterative_steps=2, accumulate_batches=2,
-                                interval="step", start=1, frequency=3, reconstruct=True, reconstruct_samples=24)
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=1,
+        frequency=3,
+        reconstruct=True,
+        reconstruct_samples=24,
+    )
     seen = []
     original = pruning._capture_input
     pruning._capture_input = lambda module, args: (seen.append(len(args[0])), original(module, args))[1]
@@ -149,8 +185,9 @@ def test_stage_by_stage_fitting_equals_whole_forward_fitting():
     adapter = find_adapter(pruned)
     assert adapter.residual_writers(pruned) == [f"blocks.{i}.{p}" for i in range(3) for p in ("attn.proj", "mlp.fc2")]
     layers, stages = adapter.reconstruction_layers(pruned), adapter.reconstruction_stages(pruned)
-    assert layers == [f"blocks.{i}.{p}" for i in range(3) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-                      ] + ["head"]  # the head runs after the stages: fitted with whole forward passes
+    assert layers == [f"blocks.{i}.{p}" for i in range(3) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + [
+        "head"
+    ]  # the head runs after the stages: fitted with whole forward passes
     assert stages == ["blocks.0", "blocks.1", "blocks.2"]
     keep = {n: torch.arange(pruned.get_submodule(n).out_features) for n in layers}  # any consistent choice will do
     calibration = [torch.randn(8, 1, 32, 32) for _ in range(2)]

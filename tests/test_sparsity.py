@@ -6,8 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_trainer, random_loader, tiny_vit
-
 from lightning.pytorch import Callback
 
 from pqv_lightning import StructuredPruning
@@ -21,6 +19,8 @@ from pqv_lightning.pruning.sparsity import (
     unit_norms,
     unit_weights,
 )
+
+from conftest import make_trainer, random_loader, tiny_vit
 
 
 def _pruner(model, **kw):
@@ -44,16 +44,32 @@ def test_groups_hold_every_coupled_weight_including_layernorm_tokens_and_head_di
     assert {g.name for g in groups} == {"blocks.0.mlp.fc2:out", "blocks.0.mlp.fc1:out", "blocks.0.attn.proj:in"}
     mlp = _group(groups, "blocks.0.mlp.fc1:out")
     assert (mlp.n_units, mlp.heads) == (32, 1)
-    assert _names(model, mlp) == {("blocks.0.mlp.fc1.weight", 0), ("blocks.0.mlp.fc1.bias", 0), ("blocks.0.mlp.fc2.weight", 1)}
+    assert _names(model, mlp) == {
+        ("blocks.0.mlp.fc1.weight", 0),
+        ("blocks.0.mlp.fc1.bias", 0),
+        ("blocks.0.mlp.fc2.weight", 1),
+    }
     attn = _group(groups, "blocks.0.attn.proj:in")
     assert (attn.n_units, attn.heads) == (8, 2)  # head_dim 8 offsets, each taken in both heads
-    assert _names(model, attn) == {("blocks.0.attn.proj.weight", 1), ("blocks.0.attn.qkv.weight", 0),
-                                   ("blocks.0.attn.qkv.bias", 0)}
+    assert _names(model, attn) == {
+        ("blocks.0.attn.proj.weight", 1),
+        ("blocks.0.attn.qkv.weight", 0),
+        ("blocks.0.attn.qkv.bias", 0),
+    }
     embed = _group(groups, "blocks.0.mlp.fc2:out")
     names = _names(model, embed)
-    for expected in [("blocks.0.norm1.weight", 0), ("blocks.0.norm1.bias", 0), ("norm.weight", 0), ("norm.bias", 0),
-                     ("cls_token", 2), ("pos_embed", 2), ("patch_embed.proj.weight", 0), ("head.weight", 1),
-                     ("blocks.0.attn.qkv.weight", 1), ("blocks.0.attn.proj.bias", 0)]:
+    for expected in [
+        ("blocks.0.norm1.weight", 0),
+        ("blocks.0.norm1.bias", 0),
+        ("norm.weight", 0),
+        ("norm.bias", 0),
+        ("cls_token", 2),
+        ("pos_embed", 2),
+        ("patch_embed.proj.weight", 0),
+        ("head.weight", 1),
+        ("blocks.0.attn.qkv.weight", 1),
+        ("blocks.0.attn.proj.bias", 0),
+    ]:
         assert expected in names
     # attention unit u is q, k and v row u of every head: qkv rows u, u+8, 16+u, 24+u, 32+u, 40+u
     qkv = next(s for s in attn.slices if s.param is model.blocks[0].attn.qkv.weight)
@@ -221,15 +237,18 @@ def test_threshold_rounds_head_dims_so_the_total_attention_width_is_a_multiple_o
     assert model.blocks[0].attn.head_dim == 16
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(regularization="l3"), "regularization='l3'"),
-    (dict(regularization="l2", reg_strength=-1.0), "reg_strength=-1.0"),
-    (dict(regularization="l2", reg_strength_end=-0.1), "reg_strength_end=-0.1"),
-    (dict(regularization="l2", reg_alpha=0.5), "reg_alpha=0.5"),
-    (dict(reg_strength_end=0.1), "reg_strength_end=0.1 needs regularization"),
-    (dict(threshold=0.0), "threshold=0.0"),
-    (dict(threshold=1.5), "threshold=1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(regularization="l3"), "regularization='l3'"),
+        (dict(regularization="l2", reg_strength=-1.0), "reg_strength=-1.0"),
+        (dict(regularization="l2", reg_strength_end=-0.1), "reg_strength_end=-0.1"),
+        (dict(regularization="l2", reg_alpha=0.5), "reg_alpha=0.5"),
+        (dict(reg_strength_end=0.1), "reg_strength_end=0.1 needs regularization"),
+        (dict(threshold=0.0), "threshold=0.0"),
+        (dict(threshold=1.5), "threshold=1.5"),
+    ],
+)
 def test_bad_regularization_settings_are_refused_at_construction(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         StructuredPruning(**kwargs)
@@ -242,8 +261,9 @@ class _CaptureGrads(Callback):
         self.grads = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()
-                           if p.grad is not None})
+        self.grads.append(
+            {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+        )
 
 
 def test_callback_adds_the_growing_penalty_until_the_last_event(tmp_path, lit_model, monkeypatch):
@@ -255,9 +275,18 @@ def test_callback_adds_the_growing_penalty_until_the_last_event(tmp_path, lit_mo
         return original(self, reg)
 
     monkeypatch.setattr(StructuredPruner, "regularize", spy)
-    cb = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=2,
-                           interval="step", start=2, frequency=2, regularization="l2", reg_strength=1e-3,
-                           reg_strength_end=3e-3)
+    cb = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.25,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=2,
+        frequency=2,
+        regularization="l2",
+        reg_strength=1e-3,
+        reg_strength_end=3e-3,
+    )
     make_trainer(tmp_path, [cb], max_steps=10, max_epochs=1).fit(lit_model, random_loader(n=160, batch_size=16))
     assert len(cb.events) == 2
     # the last event runs after optimizer step 6 (start 2 + frequency 2 + window 2): steps 0..5 are regularized
@@ -267,8 +296,17 @@ def test_callback_adds_the_growing_penalty_until_the_last_event(tmp_path, lit_mo
 
 
 def test_callback_regularization_gradient_matches_the_pure_function(tmp_path, lit_model):
-    cb = StructuredPruning(importance="l2", pruning_ratio=0.25, iterative_steps=1, accumulate_batches=1,
-                           interval="step", start=4, frequency=1, regularization="l1", reg_strength=1e-3)
+    cb = StructuredPruning(
+        importance="l2",
+        pruning_ratio=0.25,
+        iterative_steps=1,
+        accumulate_batches=1,
+        interval="step",
+        start=4,
+        frequency=1,
+        regularization="l1",
+        reg_strength=1e-3,
+    )
     reference_model = copy.deepcopy(lit_model.model)
     capture = _CaptureGrads()
     make_trainer(tmp_path, [cb, capture], max_steps=5, max_epochs=1).fit(lit_model, random_loader(n=80, batch_size=16))
@@ -288,21 +326,37 @@ def test_under_a_grad_scaler_the_penalty_is_added_to_the_unscaled_gradients(tmp_
             self.grads, self.models = [], []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.grads.append({n: p.grad.detach().float().clone() for n, p in pl_module.model.named_parameters()
-                               if p.grad is not None})
+            self.grads.append(
+                {
+                    n: p.grad.detach().float().clone()
+                    for n, p in pl_module.model.named_parameters()
+                    if p.grad is not None
+                }
+            )
             self.models.append(copy.deepcopy(pl_module.model))
 
     before, after = Snapshot(), _CaptureGrads()
-    cb = StructuredPruning(importance="l2", pruning_ratio=0.25, iterative_steps=1, accumulate_batches=1,
-                           interval="step", start=3, frequency=1, regularization="l2", reg_strength=1e-2)
+    cb = StructuredPruning(
+        importance="l2",
+        pruning_ratio=0.25,
+        iterative_steps=1,
+        accumulate_batches=1,
+        interval="step",
+        start=3,
+        frequency=1,
+        regularization="l2",
+        reg_strength=1e-2,
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    make_trainer(tmp_path, [before, cb, after], max_steps=4, max_epochs=1,
-                 plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(lit_model, random_loader(n=64, batch_size=16))
+    make_trainer(
+        tmp_path, [before, cb, after], max_steps=4, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
+    ).fit(lit_model, random_loader(n=64, batch_size=16))
     for step in range(2):
         model = before.models[step]
         model.zero_grad(set_to_none=True)
         add_sparsity_gradient(coupled_groups(_pruner(model)), GroupSparsity("l2", 1e-2))
         for n, p in model.named_parameters():
             if p.grad is not None:
-                torch.testing.assert_close(after.grads[step][n] - before.grads[step][n], p.grad, rtol=1e-3,
-                                           atol=1e-6, msg=n)
+                torch.testing.assert_close(
+                    after.grads[step][n] - before.grads[step][n], p.grad, rtol=1e-3, atol=1e-6, msg=n
+                )

@@ -9,9 +9,9 @@ import pytest
 
 import pqv_lightning.apps.sweep as sweep_mod
 from pqv_lightning.apps.cli import main
-from pqv_lightning.models import save_vit_checkpoint
 from pqv_lightning.apps.sweep import CellStore
 from pqv_lightning.apps.sweep_report import splice_between_markers
+from pqv_lightning.models import save_vit_checkpoint
 
 from conftest import tiny_vit
 
@@ -69,8 +69,9 @@ def test_quick_sweep_writes_every_cell_figure_and_table(quick_sweep):
     assert gemm["fp32_gops"] > 0 and gemm["int8_gops"] > 0
     lat = results["latency"]
     assert {r["precision"] for r in lat} == {"fp32", "fp16", "int8-dynamic"}
-    assert {(r["model"], r["ratio"]) for r in lat} == {(m, r) for m in ("vit_test_tiny", "vit_tiny_fmnist")
-                                                      for r in (0.0, 0.5)}
+    assert {(r["model"], r["ratio"]) for r in lat} == {
+        (m, r) for m in ("vit_test_tiny", "vit_tiny_fmnist") for r in (0.0, 0.5)
+    }
     pruned = {r["model"]: r["params"] for r in lat if r["ratio"] == 0.5}
     unpruned = {r["model"]: r["params"] for r in lat if r["ratio"] == 0.0}
     assert all(pruned[m] < unpruned[m] for m in pruned)
@@ -90,11 +91,17 @@ def test_quick_sweep_writes_every_cell_figure_and_table(quick_sweep):
     assert all(0 <= r["test_acc"] <= 1 for r in acc)
     imp = results["importance"]
     assert sorted((r["importance"], r["seed"], r["precision"]) for r in imp) == [
-        (c, seed, p) for c in ("l2", "taylor") for seed in (0, 1) for p in ("fp32", "fp32 eager")]
+        (c, seed, p) for c in ("l2", "taylor") for seed in (0, 1) for p in ("fp32", "fp32 eager")
+    ]
     taylor = next(r for r in imp if r["importance"] == "taylor" and r["seed"] == 0)
     assert taylor["test_acc"] == next(r["test_acc"] for r in acc if r["ratio"] == 0.5)
-    for name in ("fig2_latency_memory.png", "fig4_accuracy.png", "fig5_importance.png", "fig6_models.png",
-                 "fig7_engines.png"):
+    for name in (
+        "fig2_latency_memory.png",
+        "fig4_accuracy.png",
+        "fig5_importance.png",
+        "fig6_models.png",
+        "fig7_engines.png",
+    ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     with open(out / "sweep.csv") as fh:
         assert len(list(csv.DictReader(fh))) == sum(len(rows) for rows in results.values())
@@ -112,8 +119,10 @@ def test_quick_sweep_summary_is_what_the_results_page_publishes(quick_sweep, tmp
     assert "The paper's headline configuration" in summary and "**Fastest file per cell**" in summary
     for model in ("vit_test_tiny", "vit_tiny_fmnist"):
         assert summary.count(f"| {model} | 0 % |") == 4 and summary.count(f"| {model} | 50 % |") == 4
-        best = min((r for r in lat if r["model"] == model and r["ratio"] == 0.5 and r["precision"] == "int8-dynamic"),
-                   key=lambda r: r["median_ms"])
+        best = min(
+            (r for r in lat if r["model"] == model and r["ratio"] == 0.5 and r["precision"] == "int8-dynamic"),
+            key=lambda r: r["median_ms"],
+        )
         # within the 50 % cell: its own unpruned fp32 eager timing, not the 0 % cell's
         assert f"| {best['unpruned_eager_ms']:.1f} ms |" in summary
         assert f"**{best['unpruned_eager_ms'] / best['median_ms']:.2f}x**" in summary
@@ -128,8 +137,7 @@ def test_quick_sweep_summary_is_what_the_results_page_publishes(quick_sweep, tmp
 
 
 @pytest.mark.slow
-def test_published_cells_let_a_new_checkout_continue_without_recomputing(quick_sweep, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_published_cells_let_a_new_checkout_continue_without_recomputing(quick_sweep, tmp_path, monkeypatch, capsys):
     # runs/ is not in git: the published cells.jsonl is what a new checkout starts from
     import shutil
 
@@ -193,11 +201,14 @@ def test_torn_last_line_is_ignored_and_the_cell_redone(tmp_path):
     assert "a" in store and "b" not in store
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["sweep", "--quick", "--models", "no_such_model_xyz"], "unknown model_name='no_such_model_xyz'"),
-    (["sweep", "--quick", "--checkpoint", "missing.pt"], "checkpoint missing.pt: no such file"),
-    (["sweep", "--quick", "--data-dir", "/no/such"], "--data-dir /no/such: no such folder"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["sweep", "--quick", "--models", "no_such_model_xyz"], "unknown model_name='no_such_model_xyz'"),
+        (["sweep", "--quick", "--checkpoint", "missing.pt"], "checkpoint missing.pt: no such file"),
+        (["sweep", "--quick", "--data-dir", "/no/such"], "--data-dir /no/such: no such folder"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, capsys, argv, fragment):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -215,8 +226,11 @@ def _publisher():
 def test_splice_replaces_only_the_marked_block():
     text = "a\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\nb\n"
     assert splice_between_markers(text, "new\n") == "a\n<!-- sweep:begin -->\nnew\n<!-- sweep:end -->\nb\n"
-    for bad in ("no markers", "<!-- sweep:end --> <!-- sweep:begin -->",
-                "<!-- sweep:begin --><!-- sweep:begin --><!-- sweep:end -->"):
+    for bad in (
+        "no markers",
+        "<!-- sweep:end --> <!-- sweep:begin -->",
+        "<!-- sweep:begin --><!-- sweep:begin --><!-- sweep:end -->",
+    ):
         with pytest.raises(ValueError, match="expected one"):
             splice_between_markers(bad, "x")
 
@@ -226,8 +240,12 @@ def test_publishing_an_unfinished_sweep_fails_and_leaves_the_readme_alone(tmp_pa
     readme.write_text("<!-- sweep:begin -->\nkeep\n<!-- sweep:end -->\n")
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "results.md").write_text("partial")
-    assert _publisher().main(["--sweep", str(tmp_path / "sweep"), "--readme", str(readme),
-                              "--dest", str(tmp_path / "pub")]) == 2
+    assert (
+        _publisher().main(
+            ["--sweep", str(tmp_path / "sweep"), "--readme", str(readme), "--dest", str(tmp_path / "pub")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no summary.md, results.json, sweep.csv" in err and readme.read_text().endswith("keep\n<!-- sweep:end -->\n")
     assert not (tmp_path / "pub").exists()
@@ -257,20 +275,27 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
     reference = keys()
     # a one-format list keeps the keys of the one-format sweep (caches from before formats=[...] stay valid)
     assert all("|format=onnx|" in k for e, k in reference if e in ("latency", "accuracy", "importance"))
-    assert all("|format=onnx,openvino|" in k for e, k in keys(formats=["onnx", "openvino"])
-               if e in ("latency", "accuracy", "importance"))
+    assert all(
+        "|format=onnx,openvino|" in k
+        for e, k in keys(formats=["onnx", "openvino"])
+        if e in ("latency", "accuracy", "importance")
+    )
     computed = [k for _, k, compute in sweep_mod._cells(base, checkpoint) if compute is not None]
     assert len(set(computed)) == len(computed)  # no two cells share a key by accident
     for change, affected in [
         (dict(threads=1), {"gemm", "latency", "engines", "accuracy", "importance"}),
-        (dict(rounds=5), {"latency", "engines"}), (dict(repeats=7), {"latency", "engines"}),
+        (dict(rounds=5), {"latency", "engines"}),
+        (dict(repeats=7), {"latency", "engines"}),
         (dict(precisions=["fp32"]), {"latency", "accuracy", "importance"}),  # importance shares taylor's cell
         # latency-only precisions leave the accuracy cells alone (they can be added to a finished sweep)
         (dict(latency_precisions=["fp32", "int8-static"]), {"latency"}),
         (dict(latency_formats=["pte", "onnx", "openvino"]), {"latency"}),
-        (dict(verify_batches=3), {"accuracy", "importance"}), (dict(test_subset=128), {"accuracy", "importance"}),
-        (dict(engine_ratio=0.25), {"engines"}), (dict(formats=["ptl"]), {"latency", "accuracy", "importance"}),
-        (dict(recipe="v0.2"), {"accuracy", "importance"}), (dict(seeds=[0, 2]), {"importance"}),
+        (dict(verify_batches=3), {"accuracy", "importance"}),
+        (dict(test_subset=128), {"accuracy", "importance"}),
+        (dict(engine_ratio=0.25), {"engines"}),
+        (dict(formats=["ptl"]), {"latency", "accuracy", "importance"}),
+        (dict(recipe="v0.2"), {"accuracy", "importance"}),
+        (dict(seeds=[0, 2]), {"importance"}),
     ]:
         changed = {e for (e, k), (_, old) in zip(keys(**change), reference) if k != old}
         assert changed == affected, change
@@ -286,10 +311,21 @@ def test_cell_keys_hold_every_setting_that_changes_a_number(tmp_path, checkpoint
 def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error():
     from pqv_lightning.apps.sweep_report import importance_summary
 
-    rows = [{"importance": c, "seed": s, "precision": p, "test_acc": acc, "ratio": 0.25, "steps": 256, "params": 3e6,
-             "test_images": 10_000}
-            for c, accs in (("taylor", (0.90, 0.91, 0.89)), ("l2", (0.88,))) for s, acc in enumerate(accs)
-            for p in ("fp32 eager", "fp32", "int8-dynamic")]  # a sweep cell's rows: the model and each file
+    rows = [
+        {
+            "importance": c,
+            "seed": s,
+            "precision": p,
+            "test_acc": acc,
+            "ratio": 0.25,
+            "steps": 256,
+            "params": 3e6,
+            "test_images": 10_000,
+        }
+        for c, accs in (("taylor", (0.90, 0.91, 0.89)), ("l2", (0.88,)))
+        for s, acc in enumerate(accs)
+        for p in ("fp32 eager", "fp32", "int8-dynamic")
+    ]  # a sweep cell's rows: the model and each file
     summary = {r["importance"]: r for r in importance_summary(rows)}
     assert summary["taylor"]["accs"] == pytest.approx([90.0, 91.0, 89.0])
     assert summary["taylor"]["mean"] == pytest.approx(90.0) and summary["taylor"]["std"] == pytest.approx(1.0)
@@ -298,23 +334,38 @@ def test_importance_summary_is_mean_and_std_over_seeds_with_the_test_set_error()
     # a file-only row (no eager row for that seed) still counts, once
     extra = [{**rows[0], "seed": 7, "precision": "fp32", "test_acc": 0.95}]
     assert {r["importance"]: r for r in importance_summary(rows + extra)}["taylor"]["accs"] == pytest.approx(
-        [90.0, 91.0, 89.0, 95.0])
+        [90.0, 91.0, 89.0, 95.0]
+    )
 
 
 def test_fastest_file_per_cell_is_compared_with_onnx_runtime_int8_of_the_same_cell():
     from pqv_lightning.apps.sweep_report import fastest_per_cell, summary_markdown
 
     def row(model, ratio, fmt, precision, ms):
-        return {"model": model, "ratio": ratio, "format": fmt, "precision": precision, "median_ms": ms,
-                "x_vs_unpruned_eager": 200.0 / ms, "params": 1e6, "macs": 1e9, "peak_rss_mb": 100.0}
+        return {
+            "model": model,
+            "ratio": ratio,
+            "format": fmt,
+            "precision": precision,
+            "median_ms": ms,
+            "x_vs_unpruned_eager": 200.0 / ms,
+            "params": 1e6,
+            "macs": 1e9,
+            "peak_rss_mb": 100.0,
+        }
 
-    rows = [row("a", 0.25, "eager", "fp32", 100.0), row("a", 0.25, "pte", "int8-dynamic", 30.0),
-            row("a", 0.25, "onnx", "int8-dynamic", 50.0), row("a", 0.25, "onnx", "int8-static", 40.0),
-            row("a", 0.25, "openvino", "int8-static", 20.0),
-            # another cell: ONNX Runtime is the fastest itself; eager rows never count as files
-            row("a", 0.5, "eager", "fp32", 5.0), row("a", 0.5, "onnx", "int8-dynamic", 10.0),
-            row("a", 0.5, "pte", "fp32", 12.0),
-            row("b", 0.0, "pte", "int8-dynamic", 9.0)]  # no .onnx int8 file: no comparison
+    rows = [
+        row("a", 0.25, "eager", "fp32", 100.0),
+        row("a", 0.25, "pte", "int8-dynamic", 30.0),
+        row("a", 0.25, "onnx", "int8-dynamic", 50.0),
+        row("a", 0.25, "onnx", "int8-static", 40.0),
+        row("a", 0.25, "openvino", "int8-static", 20.0),
+        # another cell: ONNX Runtime is the fastest itself; eager rows never count as files
+        row("a", 0.5, "eager", "fp32", 5.0),
+        row("a", 0.5, "onnx", "int8-dynamic", 10.0),
+        row("a", 0.5, "pte", "fp32", 12.0),
+        row("b", 0.0, "pte", "int8-dynamic", 9.0),
+    ]  # no .onnx int8 file: no comparison
     race = {(c["model"], c["ratio"]): c for c in fastest_per_cell(rows)}
     assert set(race) == {("a", 0.25), ("a", 0.5)}
     assert race["a", 0.25]["best"]["format"] == "openvino" and race["a", 0.25]["onnx_int8"]["median_ms"] == 40.0
@@ -343,5 +394,7 @@ def test_unknown_recipe_and_bad_seeds_fail_before_any_cell(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--quick", "--out", str(tmp_path), "--latency-formats", "tflite"])
     with pytest.raises(ValueError, match=r"latency_formats=\['pte', 'tflite'\]: unknown \['tflite'\]"):
-        sweep_mod.run_sweep(dataclasses.replace(sweep_mod.QUICK, out_dir=str(tmp_path), latency_formats=["pte", "tflite"]))
+        sweep_mod.run_sweep(
+            dataclasses.replace(sweep_mod.QUICK, out_dir=str(tmp_path), latency_formats=["pte", "tflite"])
+        )
     assert not (tmp_path / "cells.jsonl").exists()

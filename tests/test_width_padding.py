@@ -38,12 +38,15 @@ def _random_layer_scales(model):
     return model
 
 
-@pytest.mark.parametrize("kw, multiple", [
-    (dict(), 8),                                                          # cls token, final LayerNorm
-    (dict(embed_dim=96, num_heads=3, qkv_bias=True), 16),                # head dims: steps of 16 / gcd(16, 3)
-    (dict(init_values=0.5, reg_tokens=2, global_pool="avg", fc_norm=True, class_token=False), 8),  # DeiT3-like
-    (dict(no_embed_class=True, init_values=0.5), 32),
-])
+@pytest.mark.parametrize(
+    "kw, multiple",
+    [
+        (dict(), 8),  # cls token, final LayerNorm
+        (dict(embed_dim=96, num_heads=3, qkv_bias=True), 16),  # head dims: steps of 16 / gcd(16, 3)
+        (dict(init_values=0.5, reg_tokens=2, global_pool="avg", fc_norm=True, class_token=False), 8),  # DeiT3-like
+        (dict(no_embed_class=True, init_values=0.5), 32),
+    ],
+)
 def test_pad_widths_keeps_the_function_and_makes_widths_multiples(kw, multiple):
     model = _pruned(**kw)
     if kw.get("init_values"):
@@ -106,8 +109,17 @@ def _data():
 
 
 def _export(tmp_path, model, formats, **kw):
-    config = MobileExportConfig(formats=formats, precisions=["fp32"], output_dir=str(tmp_path / "out"), repeats=1,
-                                warmup=0, measure_memory=False, rank="none", min_top1_agreement=0.0, **kw)
+    config = MobileExportConfig(
+        formats=formats,
+        precisions=["fp32"],
+        output_dir=str(tmp_path / "out"),
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        rank="none",
+        min_top1_agreement=0.0,
+        **kw,
+    )
     return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
 
 
@@ -138,16 +150,21 @@ def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     assert any("width padding to multiples of 8: cannot pad head dims" in s for s in entry["optimizations_skipped"])
     (entry,) = _export(tmp_path, _pruned(0.25), ["onnx"], pad_widths=64, overwrite=True)["artifacts"]
     assert entry["width_padding"]["widths"] == {"kept": {"embed_dim": [48, 64], "head_dim": [12, 16]}}
-    assert any("left embed_dim 48 (->64), head_dim 12 (->16) as they were: padding would add more than 12.5%" in s
-               for s in entry["optimizations_skipped"])
+    assert any(
+        "left embed_dim 48 (->64), head_dim 12 (->16) as they were: padding would add more than 12.5%" in s
+        for s in entry["optimizations_skipped"]
+    )
 
     # some widths padded, others kept (DeiT-base at 18.75 %: embed 624 -> 640, head dim 52 left): both noted
-    (entry,) = _export(tmp_path, _pruned(0.125, embed_dim=96, num_heads=3), ["onnx"], pad_widths=8,
-                       overwrite=True)["artifacts"]
+    (entry,) = _export(tmp_path, _pruned(0.125, embed_dim=96, num_heads=3), ["onnx"], pad_widths=8, overwrite=True)[
+        "artifacts"
+    ]
     assert entry["status"] == "ok" and entry["width_padding"]["applied"] is True
     assert entry["width_padding"]["widths"] == {"embed_dim": [84, 88], "kept": {"head_dim": [28, 32]}}
     assert "widths padded to multiples of 8, same function: embed_dim 84->88" in entry["optimizations_applied"]
-    assert any(s.startswith("width padding to multiples of 8 left head_dim 28 (->32)") for s in entry["optimizations_skipped"])
+    assert any(
+        s.startswith("width padding to multiples of 8 left head_dim 28 (->32)") for s in entry["optimizations_skipped"]
+    )
 
     def broken(model, multiple):
         raise RuntimeError("boom")

@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_names(package: str, namespace: dict[str, Any], exports: Mapping[str, str]
-               ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_names(
+    package: str, namespace: dict[str, Any], exports: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for the package ``package`` whose globals are ``namespace``:
     ``exports`` maps a public name to the module that defines it (absolute, or relative to
     ``package`` when it starts with a dot). A name is imported on first access and then kept in

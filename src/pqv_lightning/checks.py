@@ -26,8 +26,20 @@ from typing import Any
 
 from .errors import ConfigError, InputNotFoundError
 
-__all__ = ["check_bool", "check_choice", "check_example_tensor", "check_file", "check_forward", "check_int",
-           "check_mapping", "check_names", "check_number", "check_shape", "check_writable_dir", "first_line"]
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_example_tensor",
+    "check_file",
+    "check_forward",
+    "check_int",
+    "check_mapping",
+    "check_names",
+    "check_number",
+    "check_shape",
+    "check_writable_dir",
+    "first_line",
+]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -41,12 +53,25 @@ def _bound(op: str, value: float) -> str:
     return f"{op} {value:g}"
 
 
-def check_number(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
-                 min_open: bool = False, max_open: bool = False) -> float:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> float:
     """A real, finite number (not a bool) within the bounds (``min_open`` / ``max_open``: the bound
     itself is excluded). Returns it as a float."""
-    bounds = [b for b in (_bound(">" if min_open else ">=", minimum) if minimum is not None else None,
-                          _bound("<" if max_open else "<=", maximum) if maximum is not None else None) if b]
+    bounds = [
+        b
+        for b in (
+            _bound(">" if min_open else ">=", minimum) if minimum is not None else None,
+            _bound("<" if max_open else "<=", maximum) if maximum is not None else None,
+        )
+        if b
+    ]
     allowed = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if ok and minimum is not None:
@@ -60,8 +85,11 @@ def check_number(name: str, value: Any, *, minimum: float | None = None, maximum
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer (not a bool, not a float) within ``[minimum, maximum]``."""
-    bounds = [b for b in (f">= {minimum}" if minimum is not None else None,
-                          f"<= {maximum}" if maximum is not None else None) if b]
+    bounds = [
+        b
+        for b in (f">= {minimum}" if minimum is not None else None, f"<= {maximum}" if maximum is not None else None)
+        if b
+    ]
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
@@ -87,8 +115,9 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     return value
 
 
-def check_names(name: str, value: Any, allowed: Collection[str] | Callable[[], Collection[str]], *,
-                empty_ok: bool = False) -> list[str]:
+def check_names(
+    name: str, value: Any, allowed: Collection[str] | Callable[[], Collection[str]], *, empty_ok: bool = False
+) -> list[str]:
     """A list (or tuple) of names, each in ``allowed`` (a collection, or a function returning one, read
     only when needed), without repeats; a bare string is refused rather than read letter by letter."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -120,8 +149,11 @@ def check_mapping(name: str, value: Any, example: str) -> Any:
 
 def check_shape(name: str, value: Any, lengths: Sequence[int] = (3, 4)) -> tuple[int, ...]:
     """A list / tuple of ``len in lengths`` positive integers (e.g. ``[C, H, W]``)."""
-    ok = isinstance(value, (list, tuple)) and len(value) in lengths and all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) in lengths
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+    )
     if not ok:
         what = " or ".join(str(n) for n in lengths)
         raise ConfigError(f"{name}={value!r} must be a list of {what} positive integers, e.g. [3, 224, 224]")
@@ -184,8 +216,10 @@ def check_example_tensor(name: str, value: Any) -> Any:
     import torch
 
     if not isinstance(value, torch.Tensor):
-        raise ConfigError(f"{name} must be a torch.Tensor (a batch of inputs, e.g. torch.randn(1, 3, 224, 224)), "
-                          f"got {type(value).__name__}")
+        raise ConfigError(
+            f"{name} must be a torch.Tensor (a batch of inputs, e.g. torch.randn(1, 3, 224, 224)), "
+            f"got {type(value).__name__}"
+        )
     if value.dim() < 1 or value.shape[0] < 1 or value.numel() == 0:
         raise ConfigError(f"{name} has shape {list(value.shape)}; allowed: a batch of at least one input")
     if not (value.is_floating_point() or value.dtype in (torch.uint8,)):

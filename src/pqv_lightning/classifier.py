@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .models import create_vit, load_vit_checkpoint
@@ -44,6 +45,7 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.model: nn.Module
         if checkpoint:
             self.model, _ = load_vit_checkpoint(checkpoint)
             self.model.train()

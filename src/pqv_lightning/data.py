@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
 from .errors import ConfigError, InputNotFoundError
 
 __all__ = [
@@ -123,7 +124,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_size, self.train_subset, self.test_subset = val_size, train_subset, test_subset
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
-        self.train_set = self.val_set = self.test_set = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def check_files(self, splits: tuple[str, ...] = ("train", "test")) -> None:
         """Raise ``FileNotFoundError`` naming the folder and the missing files (reads nothing)."""
@@ -153,17 +156,32 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             n = len(test) if self.test_subset is None else min(self.test_subset, len(test))
             self.test_set = Subset(test, list(range(n)))
 
+    def dataset(self, name: str) -> Dataset:
+        """The ``"train"``, ``"val"`` or ``"test"`` split (after :meth:`setup`)."""
+        found = getattr(self, f"{name}_set")
+        if found is None:
+            raise RuntimeError(f"the {name} split is not loaded: call setup() first (the Trainer does)")
+        return found
+
+    def size(self, name: str) -> int:
+        """How many samples the ``"train"``, ``"val"`` or ``"test"`` split holds (after :meth:`setup`)."""
+        return len(self.dataset(name))  # type: ignore[arg-type]  # every split here is sized
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed), drop_last=True,
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=True,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.dataset("test"), batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -184,13 +202,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.mean, self.std = batch_size, num_workers, mean, std
 
     def _folder(self, split: str, train: bool):
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
 
         path = self.root / split
         if not path.is_dir():
-            raise InputNotFoundError(f"ImageFolder split {str(path)!r} does not exist (expected {self.root}/{{train,val}}/<class>/)")
-        aug = [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()] if train else [
-            T.Resize(int(self.image_size * 256 / 224)), T.CenterCrop(self.image_size)]
+            raise InputNotFoundError(
+                f"ImageFolder split {str(path)!r} does not exist (expected {self.root}/{{train,val}}/<class>/)"
+            )
+        aug = (
+            [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()]
+            if train
+            else [T.Resize(int(self.image_size * 256 / 224)), T.CenterCrop(self.image_size)]
+        )
         return datasets.ImageFolder(str(path), T.Compose([*aug, T.ToTensor(), T.Normalize(self.mean, self.std)]))
 
     def setup(self, stage: str | None = None) -> None:

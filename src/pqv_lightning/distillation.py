@@ -17,8 +17,15 @@ from .checks import check_bool, check_number
 from .errors import ConfigError
 from .outputs import logits_of
 
-__all__ = ["TEACHER_PRECISIONS", "DistillationConfig", "check_teacher_precision", "distillation_loss", "frozen_teacher", "split_loss",
-           "teacher_logits"]
+__all__ = [
+    "TEACHER_PRECISIONS",
+    "DistillationConfig",
+    "check_teacher_precision",
+    "distillation_loss",
+    "frozen_teacher",
+    "split_loss",
+    "teacher_logits",
+]
 
 #: How the teacher runs: ``fp32``; ``bf16`` (autocast on the input's device); ``fp16`` (a half
 #: copy, CUDA only); ``int8-dynamic`` (PyTorch dynamic int8 Linear layers, CPU only).
@@ -51,8 +58,9 @@ class DistillationConfig:
         check_bool("hard_labels", self.hard_labels)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0,
-                      hard: bool = False) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0, hard: bool = False
+) -> torch.Tensor:
     """``tau² · KL(softmax(teacher/tau) ‖ softmax(student/tau))`` averaged over the batch (Hinton et
     al.), or with ``hard=True`` the cross-entropy of the student against the teacher's top-1 class.
 
@@ -60,8 +68,10 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float =
     float32 whatever their dtype.
     """
     if student.shape != teacher.shape:
-        raise ConfigError(f"the teacher's output shape {tuple(teacher.shape)} differs from the student's "
-                          f"{tuple(student.shape)}; allowed: a teacher with the same number of classes")
+        raise ConfigError(
+            f"the teacher's output shape {tuple(teacher.shape)} differs from the student's "
+            f"{tuple(student.shape)}; allowed: a teacher with the same number of classes"
+        )
     check_number("tau", tau, minimum=0, min_open=True)
     student, teacher = student.float(), teacher.float().detach()
     if hard:
@@ -106,8 +116,9 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, precision: str = "fp32")
 def _logits(output: Any) -> torch.Tensor:
     logits = logits_of(output)
     if logits is None:
-        raise ConfigError(f"the teacher returns a {type(output).__name__}; allowed: logits, or an output with "
-                          "a 'logits' tensor")
+        raise ConfigError(
+            f"the teacher returns a {type(output).__name__}; allowed: logits, or an output with a 'logits' tensor"
+        )
     return logits
 
 
@@ -117,8 +128,10 @@ def check_teacher_precision(precision: str, device: torch.device | None = None) 
     if precision not in TEACHER_PRECISIONS:
         raise ConfigError(f"teacher_precision={precision!r}; allowed: {list(TEACHER_PRECISIONS)}")
     if device is not None and precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"teacher_precision='fp16' needs a CUDA device (this run is on {device.type}); on a "
-                          "CPU use 'bf16' or 'int8-dynamic'")
+        raise ConfigError(
+            f"teacher_precision='fp16' needs a CUDA device (this run is on {device.type}); on a "
+            "CPU use 'bf16' or 'int8-dynamic'"
+        )
 
 
 def split_loss(output: Any) -> tuple[torch.Tensor | None, Any]:

@@ -72,8 +72,14 @@ def load_tensors(path: str | Path, argument: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        why = ("it holds Python objects beyond tensors and containers, which pqv-lightning never unpickles "
-               "(weights_only=True)") if "Weights only load failed" in str(exc) else "not a torch checkpoint"
+        why = (
+            (
+                "it holds Python objects beyond tensors and containers, which pqv-lightning never unpickles "
+                "(weights_only=True)"
+            )
+            if "Weights only load failed" in str(exc)
+            else "not a torch checkpoint"
+        )
         raise ConfigError(f"{argument}={str(path)!r} cannot be loaded: {why}") from None
     except (EOFError, RuntimeError, ValueError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

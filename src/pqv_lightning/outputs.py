@@ -58,5 +58,7 @@ def tensor_module(model: nn.Module, output: Any, name: str = "model") -> nn.Modu
         return model
     if logits_of(output) is not None:
         return LogitsOnly(model)
-    raise ConfigError(f"{name} returns a {type(output).__name__}; allowed: a logits tensor, or an output with a "
-                      "'logits' tensor (a Hugging Face ModelOutput, a dict with 'logits')")
+    raise ConfigError(
+        f"{name} returns a {type(output).__name__}; allowed: a logits tensor, or an output with a "
+        "'logits' tensor (a Hugging Face ModelOutput, a dict with 'logits')"
+    )

@@ -62,9 +62,15 @@ class Registry(Mapping[str, T], Generic[T]):
             order (by the module that defines each entry), then the others in registration order.
     """
 
-    def __init__(self, kind: str, *, argument: str | None = None,
-                 types: Callable[[T], Iterable[type]] | None = None, mro: bool = True,
-                 builtins: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        argument: str | None = None,
+        types: Callable[[T], Iterable[type]] | None = None,
+        mro: bool = True,
+        builtins: Sequence[str] = (),
+    ) -> None:
         self.kind = kind
         self.argument = argument or kind
         self._types = types
@@ -97,8 +103,10 @@ class Registry(Mapping[str, T], Generic[T]):
             self._entries[name] = obj
             if self._builtins:  # built-ins in their declared order, whichever module was imported first
                 rank = {module: i for i, module in enumerate(self._builtins)}
-                key = {n: rank.get(getattr(e, "__module__", None) or type(e).__module__, len(rank))
-                       for n, e in self._registered.items()}
+                key = {
+                    n: rank.get(getattr(e, "__module__", None) or type(e).__module__, len(rank))
+                    for n, e in self._registered.items()
+                }
                 self._registered = dict(sorted(self._registered.items(), key=lambda item: key[item[0]]))
             return obj
 
@@ -112,7 +120,9 @@ class Registry(Mapping[str, T], Generic[T]):
 
     # ------------------------------------------------------------------ reading
     def _unknown(self, name: object, argument: str | None = None) -> UnknownNameError:
-        return UnknownNameError(f"{argument or self.argument}={name!r} is not registered; allowed: {list(self._entries)}")
+        return UnknownNameError(
+            f"{argument or self.argument}={name!r} is not registered; allowed: {list(self._entries)}"
+        )
 
     def __getitem__(self, name: str) -> T:
         try:
@@ -146,8 +156,9 @@ class Registry(Mapping[str, T], Generic[T]):
         given = list(values)
         bad = [v for v in given if v not in self]
         if bad or not given:
-            raise UnknownNameError(f"{argument}={given!r}: " + (f"unknown {bad}" if bad else "empty")
-                                   + f"; allowed: {list(self._entries)}")
+            raise UnknownNameError(
+                f"{argument}={given!r}: " + (f"unknown {bad}" if bad else "empty") + f"; allowed: {list(self._entries)}"
+            )
 
     def for_type(self, obj: Any) -> T | None:
         """The entry that applies to ``type(obj)`` — the closest class along its MRO, or only the

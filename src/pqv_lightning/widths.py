@@ -44,5 +44,4 @@ def width_rule(preferred: Mapping[str, bool], **given: bool | None) -> dict[str,
     unknown = sorted((set(preferred) | set(given)) - set(WIDTH_RULE_DEFAULTS))
     if unknown:
         raise ValueError(f"width-rule options are {sorted(WIDTH_RULE_DEFAULTS)}, not {unknown}")
-    return {name: given[name] if given.get(name) is not None else preferred.get(name)
-            for name in WIDTH_RULE_DEFAULTS}
+    return {name: given[name] if given.get(name) is not None else preferred.get(name) for name in WIDTH_RULE_DEFAULTS}

@@ -40,8 +40,13 @@ class Probe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
-        self.records.append({"step": trainer.global_step, "n_params": int(flat.numel()),
-                             "digest": hashlib.sha256(flat.numpy().tobytes()).hexdigest()})
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "n_params": int(flat.numel()),
+                "digest": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+            }
+        )
 
     def on_train_end(self, trainer, pl_module):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
@@ -53,11 +58,27 @@ def main(family: str, out: str) -> None:
     gen = torch.Generator().manual_seed(0)
     shape = FAMILIES[family].shape
     data = TensorDataset(torch.randn(64, *shape, generator=gen), torch.randint(0, 10, (64,), generator=gen))
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=1,
-                                interval="step", start=1, frequency=2, example_input_shape=list(shape))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, max_steps=6,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[pruning, KnowledgeDistillation(alpha=0.5, tau=2.0), Probe(out_dir)])
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.25,
+        iterative_steps=2,
+        accumulate_batches=1,
+        interval="step",
+        start=1,
+        frequency=2,
+        example_input_shape=list(shape),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        max_steps=6,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, KnowledgeDistillation(alpha=0.5, tau=2.0), Probe(out_dir)],
+    )
     trainer.fit(Classifier(family), DataLoader(data, batch_size=4, shuffle=True))
     trainer.save_checkpoint(out_dir / "last.ckpt")
     if trainer.global_rank == 0:

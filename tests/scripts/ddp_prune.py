@@ -34,14 +34,16 @@ class Probe(pl.Callback):
         flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
         live = {id(p) for p in pl_module.parameters()}
         held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        self.records.append({
-            "step": trainer.global_step,
-            "digest": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
-            "n_params": int(flat.numel()),
-            "optimizer_exact": live == held,
-            "ddp_wraps_live": sorted(id(p) for p in trainer.strategy.model.parameters()) == sorted(live),
-            "teacher": _digest(self.kd.teacher) if self.kd is not None else None,
-        })
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "digest": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+                "n_params": int(flat.numel()),
+                "optimizer_exact": live == held,
+                "ddp_wraps_live": sorted(id(p) for p in trainer.strategy.model.parameters()) == sorted(live),
+                "teacher": _digest(self.kd.teacher) if self.kd is not None else None,
+            }
+        )
 
     def on_train_end(self, trainer, pl_module):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
@@ -57,12 +59,30 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     model = ImageClassifier("vit_test_tiny", lr=1e-3)
     # mode "kd" also adds group-sparsity regularization and threshold mode
     # and least-squares reconstruction after each event (each rank fits on its own batches; sums averaged)
-    extra = dict(regularization="l2", reg_strength=1e-3, reg_strength_end=1e-2, threshold=0.05,
-                 reconstruct=True, reconstruct_samples=16) if rewrap == "kd" else {}
+    extra = (
+        dict(
+            regularization="l2",
+            reg_strength=1e-3,
+            reg_strength_end=1e-2,
+            threshold=0.05,
+            reconstruct=True,
+            reconstruct_samples=16,
+        )
+        if rewrap == "kd"
+        else {}
+    )
     resume = rewrap in ("resume-a", "resume-b")
     ckpt_dir = out_dir.parent / "ckpt"
-    pruning = StructuredPruning(importance=importance, pruning_ratio=0.5, iterative_steps=2,
-                                accumulate_batches=2, interval="step", start=1, frequency=16 if resume else 4, **extra)
+    pruning = StructuredPruning(
+        importance=importance,
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=1,
+        frequency=16 if resume else 4,
+        **extra,
+    )
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision="bf16") if rewrap == "kd" else None
     callbacks = [pruning] + ([kd] if kd else []) + [Probe(out_dir, kd)]
     if rewrap == "resume-a":  # 16 optimizer steps per epoch: a checkpoint after step 16, between the events
@@ -73,16 +93,24 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     # exactly under max_steps: it runs one extra batch first)
     length = dict(max_epochs=2) if resume else dict(max_steps=12, accumulate_grad_batches=2)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", logger=False,
-        enable_checkpointing=rewrap == "resume-a", enable_progress_bar=False, enable_model_summary=False,
-        callbacks=callbacks, precision="bf16-mixed" if kd else "32-true", **length,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=rewrap == "resume-a",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        precision="bf16-mixed" if kd else "32-true",
+        **length,
     )
     ckpt_path = str(next(ckpt_dir.glob("epoch=0-*.ckpt"))) if rewrap == "resume-b" else None
     trainer.fit(model, DataLoader(ds, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
         (out_dir / "events.json").write_text(json.dumps([e.params_after for e in pruning.events]))
-        (out_dir / "reconstruction.json").write_text(json.dumps(
-            [[e.reconstruction_error_before, e.reconstruction_error_after] for e in pruning.events]))
+        (out_dir / "reconstruction.json").write_text(
+            json.dumps([[e.reconstruction_error_before, e.reconstruction_error_after] for e in pruning.events])
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -29,25 +30,41 @@ from .command import CLIError, LazyChoices, OneLineParser, run_command
 
 # ---------------------------------------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="latency and memory of exported files and timm models",
-                       description="Latency (median/p90/min over all timed calls) and peak memory of exported "
-                                   "artifacts (.pte, .onnx, .ptl, torch.save'd .pt modules) and of timm models by "
-                                   "name, each timed in a fresh process, round-robin; ratios against the first "
-                                   "candidate (or --baseline), measured in the same run.")
-    p.add_argument("candidates", nargs="+", metavar="PATH_OR_MODEL",
-                   help="an artifact file, or a timm / pqv model name (timed eagerly in fp32)")
-    p.add_argument("--shape", default=None, type=_shape,
-                   help="input shape, e.g. 1,3,224,224 (default: the manifest.json beside an artifact, else the "
-                        "model's default input size at batch 1)")
+    p = sub.add_parser(
+        "bench",
+        help="latency and memory of exported files and timm models",
+        description="Latency (median/p90/min over all timed calls) and peak memory of exported "
+        "artifacts (.pte, .onnx, .ptl, torch.save'd .pt modules) and of timm models by "
+        "name, each timed in a fresh process, round-robin; ratios against the first "
+        "candidate (or --baseline), measured in the same run.",
+    )
+    p.add_argument(
+        "candidates",
+        nargs="+",
+        metavar="PATH_OR_MODEL",
+        help="an artifact file, or a timm / pqv model name (timed eagerly in fp32)",
+    )
+    p.add_argument(
+        "--shape",
+        default=None,
+        type=_shape,
+        help="input shape, e.g. 1,3,224,224 (default: the manifest.json beside an artifact, else the "
+        "model's default input size at batch 1)",
+    )
     p.add_argument("--engine", default=None, help="torch quantized engine for .ptl files (default: from the manifest)")
     p.add_argument("--threads", type=_count(1), default=2)
     p.add_argument("--rounds", type=_count(1), default=3)
     p.add_argument("--warmup", type=_count(0), default=3)
     p.add_argument("--calls", type=_count(1), default=10)
     p.add_argument("--baseline", default=None, help="label of the baseline candidate (default: the first)")
-    p.add_argument("--max-contention", type=_contention, default=0.2, metavar="CPUS",
-                   help="retake a measurement during which other work kept more than this many CPUs busy beyond "
-                        "those --threads leaves free (Linux /proc/stat; default 0.2; 'none': keep every measurement)")
+    p.add_argument(
+        "--max-contention",
+        type=_contention,
+        default=0.2,
+        metavar="CPUS",
+        help="retake a measurement during which other work kept more than this many CPUs busy beyond "
+        "those --threads leaves free (Linux /proc/stat; default 0.2; 'none': keep every measurement)",
+    )
     p.add_argument("--retries", type=_count(0), default=2, help="retakes per measurement on a busy host (default 2)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--csv", dest="csv_out", default=None, help="write the results as CSV here")
@@ -59,13 +76,15 @@ def _shape(text: str) -> list[int]:
     except ValueError:
         dims = []
     if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed is a comma-separated list of positive integers, "
-                                         "e.g. 1,3,224,224")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: allowed is a comma-separated list of positive integers, e.g. 1,3,224,224"
+        )
     return dims
 
 
 def _count(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -103,13 +122,14 @@ def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
 def _resolve_candidates(args, workdir: Path):
     import torch
 
-    from ..pruning.adapters import input_shape_for
     from ..export.benchmark import Candidate, known_suffixes
     from ..models import create_vit
+    from ..pruning.adapters import input_shape_for
 
     suffixes = known_suffixes()
     shape = args.shape
-    candidates, shapes = [], []
+    candidates: list[Any] = []
+    shapes: list[Any] = []
     for item in args.candidates:
         path = Path(item)
         if path.suffix in suffixes or path.exists():
@@ -121,8 +141,9 @@ def _resolve_candidates(args, workdir: Path):
             engine = args.engine or (entry or {}).get("engine")
             if manifest is not None:
                 shapes.append(manifest["input"]["shape"])
-            candidates.append(Candidate(path.name if path.name not in [c.label for c in candidates] else item,
-                                        str(path), engine))
+            candidates.append(
+                Candidate(path.name if path.name not in [c.label for c in candidates] else item, str(path), engine)
+            )
         else:
             try:
                 model = create_vit(item).eval()
@@ -162,28 +183,51 @@ def cmd_bench(args) -> int:
             print(f"\r[{done[0]}/{total}] round {r + 1}: {label}" + " " * 20, end="", file=sys.stderr, flush=True)
 
         try:
-            stats = round_robin(candidates, shape, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                                calls=args.calls, baseline=baseline, progress=progress,
-                                max_contention=args.max_contention, retries=args.retries)
+            stats = round_robin(
+                candidates,
+                shape,
+                threads=args.threads,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                calls=args.calls,
+                baseline=baseline,
+                progress=progress,
+                max_contention=args.max_contention,
+                retries=args.retries,
+            )
         except RuntimeError as exc:
             raise CLIError(str(exc)) from exc
         print(file=sys.stderr)
     rows = [{"candidate": label, **s} for label, s in stats.items()]
-    print(f"input {shape}, {args.threads} threads, {args.rounds} rounds x {args.calls} calls, a fresh process each; "
-          f"baseline: {baseline}")
-    print("| candidate | median ms | p90 ms | min ms | x baseline | peak RSS MB | load+inference MB | "
-          "contention CPUs | retaken |")
+    print(
+        f"input {shape}, {args.threads} threads, {args.rounds} rounds x {args.calls} calls, a fresh process each; "
+        f"baseline: {baseline}"
+    )
+    print(
+        "| candidate | median ms | p90 ms | min ms | x baseline | peak RSS MB | load+inference MB | "
+        "contention CPUs | retaken |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         contention = "-" if r["contention_max"] is None else f"{r['contention_max']:.2f}"
-        print(f"| {r['candidate']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | "
-              f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} | "
-              f"{contention} | {r['retaken']} |")
+        print(
+            f"| {r['candidate']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | "
+            f"{r['speedup_vs_baseline']:.2f} | {r['peak_rss_mb']:.0f} | {r['load_and_inference_mb']:.1f} | "
+            f"{contention} | {r['retaken']} |"
+        )
     best = min(rows, key=lambda r: r["median_ms"])
     print(f"fastest: {best['candidate']} ({best['median_ms']:.2f} ms, {best['speedup_vs_baseline']:.2f}x {baseline})")
-    meta = {"shape": shape, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
-            "warmup": args.warmup, "baseline": baseline, "best": best["candidate"],
-            "max_contention": args.max_contention, "retries": args.retries}
+    meta = {
+        "shape": shape,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "warmup": args.warmup,
+        "baseline": baseline,
+        "best": best["candidate"],
+        "max_contention": args.max_contention,
+        "retries": args.retries,
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({**meta, "results": rows}, indent=1))
     if args.csv_out:
@@ -201,36 +245,81 @@ def _sweep_parser(sub) -> None:
     PRECISIONS = LazyChoices("pqv_lightning.export.precisions", "PRECISIONS")
     EXPERIMENTS = LazyChoices("pqv_lightning.apps.sweep", "EXPERIMENTS")
 
-    p = sub.add_parser("sweep", help="the paper's experiments as one resumable run: CSV, plots, results.md",
-                       description="The PQV-Mobile experiments (latency/memory vs pruning x precision, models, "
-                                   "engines, accuracy vs pruning x precision, importance criteria) as one run. "
-                                   "Finished cells are kept in OUT/cells.jsonl and never recomputed: rerun the same "
-                                   "command to continue after an interruption.")
+    p = sub.add_parser(
+        "sweep",
+        help="the paper's experiments as one resumable run: CSV, plots, results.md",
+        description="The PQV-Mobile experiments (latency/memory vs pruning x precision, models, "
+        "engines, accuracy vs pruning x precision, importance criteria) as one run. "
+        "Finished cells are kept in OUT/cells.jsonl and never recomputed: rerun the same "
+        "command to continue after an interruption.",
+    )
     p.add_argument("--quick", action="store_true", help="CI size: tiny models, a few hundred images (minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/sweep, or runs/sweep_quick with --quick)")
-    p.add_argument("--experiments", nargs="+", default=None, choices=EXPERIMENTS, metavar="NAME",
-                   help="experiments to run: %(choices)s (default: all)")
-    p.add_argument("--formats", "--format", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
-                   help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
-                        "several formats put every runtime in each latency cell's round-robin")
+    p.add_argument(
+        "--experiments",
+        nargs="+",
+        default=None,
+        choices=EXPERIMENTS,
+        metavar="NAME",
+        help="experiments to run: %(choices)s (default: all)",
+    )
+    p.add_argument(
+        "--formats",
+        "--format",
+        nargs="+",
+        default=None,
+        choices=TARGETS,
+        metavar="FORMAT",
+        help="export formats of the latency/accuracy cells (default pte; onnx with --quick); "
+        "several formats put every runtime in each latency cell's round-robin",
+    )
     p.add_argument("--models", nargs="+", default=None, help="models of the latency cells")
-    p.add_argument("--latency-formats", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
-                   help="export formats of the latency cells (default: --formats), e.g. pte onnx openvino to "
-                        "time every runtime while the accuracy cells keep theirs")
-    p.add_argument("--latency-precisions", nargs="+", default=None, choices=PRECISIONS, metavar="PRECISION",
-                   help="precisions of the latency cells (default: those of the accuracy cells, fp32 fp16 "
-                        "int8-dynamic), e.g. add int8-static")
-    p.add_argument("--engine-models", nargs="+", default=None,
-                   help="models of the engine comparison (default deit3_medium_patch16_224, as in the paper's Fig. 7)")
+    p.add_argument(
+        "--latency-formats",
+        nargs="+",
+        default=None,
+        choices=TARGETS,
+        metavar="FORMAT",
+        help="export formats of the latency cells (default: --formats), e.g. pte onnx openvino to "
+        "time every runtime while the accuracy cells keep theirs",
+    )
+    p.add_argument(
+        "--latency-precisions",
+        nargs="+",
+        default=None,
+        choices=PRECISIONS,
+        metavar="PRECISION",
+        help="precisions of the latency cells (default: those of the accuracy cells, fp32 fp16 "
+        "int8-dynamic), e.g. add int8-static",
+    )
+    p.add_argument(
+        "--engine-models",
+        nargs="+",
+        default=None,
+        help="models of the engine comparison (default deit3_medium_patch16_224, as in the paper's Fig. 7)",
+    )
     p.add_argument("--checkpoint", default=None, help="Fashion-MNIST ViT checkpoint for the accuracy cells")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--recipe", default=None, choices=RECIPES, metavar="NAME",
-                   help="fine-tuning recipe of the accuracy cells (default: 'default', the best one measured)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds of the importance experiment (default 0 1 2; 0 1 with --quick)")
-    p.add_argument("--report-only", action="store_true",
-                   help="write the report and plots from the finished cells only (a partial report); compute nothing")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        choices=RECIPES,
+        metavar="NAME",
+        help="fine-tuning recipe of the accuracy cells (default: 'default', the best one measured)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the importance experiment (default 0 1 2; 0 1 with --quick)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report and plots from the finished cells only (a partial report); compute nothing",
+    )
 
 
 def cmd_sweep(args) -> int:
@@ -239,13 +328,20 @@ def cmd_sweep(args) -> int:
     from .sweep import FULL, QUICK, run_sweep
 
     config = dataclasses.replace(QUICK if args.quick else FULL)
-    for name, value in (("out_dir", args.out), ("experiments", args.experiments), ("formats", args.formats),
-                        ("latency_models", args.models), ("latency_precisions", args.latency_precisions),
-                        ("latency_formats", args.latency_formats),
-                        ("engine_models", args.engine_models),
-                        ("checkpoint", args.checkpoint),
-                        ("data_dir", args.data_dir), ("threads", args.threads), ("recipe", args.recipe),
-                        ("seeds", args.seeds)):
+    for name, value in (
+        ("out_dir", args.out),
+        ("experiments", args.experiments),
+        ("formats", args.formats),
+        ("latency_models", args.models),
+        ("latency_precisions", args.latency_precisions),
+        ("latency_formats", args.latency_formats),
+        ("engine_models", args.engine_models),
+        ("checkpoint", args.checkpoint),
+        ("data_dir", args.data_dir),
+        ("threads", args.threads),
+        ("recipe", args.recipe),
+        ("seeds", args.seeds),
+    ):
         if value is not None:
             setattr(config, name, value)
     config.report_only = args.report_only
@@ -276,16 +372,29 @@ def cmd_sweep(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- coverage
 def _coverage_parser(sub) -> None:
-    p = sub.add_parser("coverage", help="which model families prune, reload, fine-tune and export: a generated table",
-                       description="Every model family (small random-initialized timm models) through pruning 25 %% / "
-                                   "50 %% / a MAC budget, save + reload, a short fit with the callbacks and export x "
-                                   "verify; writes OUT/coverage.md. Finished families are cached in OUT/rows.jsonl.")
-    p.add_argument("--families", nargs="+", default=None, metavar="NAME",
-                   choices=LazyChoices("pqv_lightning.apps.coverage", "FAMILIES"),
-                   help="families to check: %(choices)s (default: all)")
-    p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
-                   choices=LazyChoices("pqv_lightning.export.targets", "TARGETS"),
-                   help="export formats (default: every installed one)")
+    p = sub.add_parser(
+        "coverage",
+        help="which model families prune, reload, fine-tune and export: a generated table",
+        description="Every model family (small random-initialized timm models) through pruning 25 %% / "
+        "50 %% / a MAC budget, save + reload, a short fit with the callbacks and export x "
+        "verify; writes OUT/coverage.md. Finished families are cached in OUT/rows.jsonl.",
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        choices=LazyChoices("pqv_lightning.apps.coverage", "FAMILIES"),
+        help="families to check: %(choices)s (default: all)",
+    )
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=None,
+        metavar="FORMAT",
+        choices=LazyChoices("pqv_lightning.export.targets", "TARGETS"),
+        help="export formats (default: every installed one)",
+    )
     p.add_argument("--out", default="runs/coverage", help="output folder (default runs/coverage)")
 
 
@@ -301,8 +410,9 @@ def cmd_fit(rest: list[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
-    parser = OneLineParser(prog="pqv", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog="pqv", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep,coverage}")
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)

@@ -44,7 +44,7 @@ class LazyChoices(Sequence[str]):
     def __len__(self) -> int:
         return len(self._names())
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         return self._names()[index]
 
 

@@ -20,9 +20,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FAMILIES", "Family", "check_family", "coverage_table", "run_coverage"]
+
+
+def _output(output: Any) -> torch.Tensor:
+    """The tensor a family's output is checked by (every family here has one)."""
+    from ..outputs import main_tensor
+
+    found = main_tensor(output)
+    assert found is not None, f"no logits or hidden state in a {type(output).__name__}"
+    return found
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ class Family:
         import timm
 
         model = timm.create_model(self.model, pretrained=False, num_classes=10, **self.kwargs).eval()
-        head = model.get_classifier()
+        head = model.get_classifier()  # type: ignore[operator]  # timm's models have it
         # timm's head_init_scale (BEiT, EVA: 0.001) leaves random-init logits near 1e-4, below what int8
         # activations resolve; a fine-tuned head is not that small
         if isinstance(head, torch.nn.Linear) and float(head.weight.std()) < 1e-3:
@@ -71,37 +83,70 @@ FAMILIES: dict[str, Family] = {
     "vit": Family("vit_tiny_patch16_224", _VIT, (3, 32, 32), "ViT / DeiT"),
     "deit_distilled": Family("deit_tiny_distilled_patch16_224", _VIT, (3, 32, 32), "two heads"),
     "deit3_layerscale": Family("deit3_small_patch16_224", {**_VIT, "init_values": 1e-5}, (3, 32, 32), "LayerScale"),
-    "vit_reg_tokens": Family("vit_base_patch16_reg4_gap_256", {**_VIT, "reg_tokens": 4}, (3, 32, 32),
-                             "register tokens, average pooling"),
+    "vit_reg_tokens": Family(
+        "vit_base_patch16_reg4_gap_256", {**_VIT, "reg_tokens": 4}, (3, 32, 32), "register tokens, average pooling"
+    ),
     "vit_qk_norm": Family("vit_tiny_patch16_224", {**_VIT, "qk_norm": True}, (3, 32, 32), "q/k LayerNorm"),
     "resnet": Family("resnet10t", {}, (3, 64, 64)),
     "convnext": Family("convnext_atto", {}, (3, 64, 64), "LayerScale"),
     "efficientnet": Family("efficientnet_b0", {}, (3, 64, 64), "squeeze-excite"),
     "mobilenetv3": Family("mobilenetv3_small_050", {}, (3, 64, 64), "hard-swish, squeeze-excite"),
     "regnet": Family("regnetx_002", {}, (3, 64, 64)),
-    "torchvision_vit": Family("VisionTransformer", dict(image_size=32, patch_size=4, num_layers=2, num_heads=4,
-                                                       hidden_dim=64, mlp_dim=128), (3, 32, 32),
-                              "nn.MultiheadAttention", source="torchvision"),
-    "eva02": Family("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, (3, 28, 28),
-                    "rotary embedding, SwiGLU fused in one Linear"),
-    "eva02_swiglu": Family("eva02_base_patch14_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2,
-                                                      "num_heads": 4}, (3, 32, 32), "rotary embedding, SwiGLU"),
-    "beit": Family("beit_base_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2,
-                                             "num_heads": 4}, (3, 32, 32), "relative position bias"),
-    "swin": Family("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 32,
-                                                    "depths": (1, 1), "num_heads": (2, 4)}, (3, 32, 32),
-                   "window attention, patch merging"),
-    "swinv2": Family("swinv2_tiny_window8_256", {"img_size": 32, "window_size": 4, "embed_dim": 32,
-                                                 "depths": (1, 1), "num_heads": (2, 4)}, (3, 32, 32),
-                     "cosine attention, log-spaced position bias"),
+    "torchvision_vit": Family(
+        "VisionTransformer",
+        dict(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128),
+        (3, 32, 32),
+        "nn.MultiheadAttention",
+        source="torchvision",
+    ),
+    "eva02": Family(
+        "eva02_tiny_patch14_224",
+        {"img_size": 28, "depth": 2},
+        (3, 28, 28),
+        "rotary embedding, SwiGLU fused in one Linear",
+    ),
+    "eva02_swiglu": Family(
+        "eva02_base_patch14_224",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4},
+        (3, 32, 32),
+        "rotary embedding, SwiGLU",
+    ),
+    "beit": Family(
+        "beit_base_patch16_224",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4},
+        (3, 32, 32),
+        "relative position bias",
+    ),
+    "swin": Family(
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 4)},
+        (3, 32, 32),
+        "window attention, patch merging",
+    ),
+    "swinv2": Family(
+        "swinv2_tiny_window8_256",
+        {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 4)},
+        (3, 32, 32),
+        "cosine attention, log-spaced position bias",
+    ),
     "hf_vit": Family("ViTForImageClassification", _HF_VIT, (3, 32, 32), "Hugging Face", source="hf"),
-    "hf_deit": Family("DeiTForImageClassificationWithTeacher", _HF_VIT, (3, 32, 32), "Hugging Face, two heads",
-                      source="hf"),
-    "hf_dinov2": Family("Dinov2ForImageClassification", {**_HF_VIT, "mlp_ratio": 2}, (3, 32, 32),
-                        "Hugging Face, LayerScale, [CLS, mean] classifier", source="hf"),
-    "hf_swin": Family("SwinForImageClassification", dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
-                                                        num_heads=[2, 4], window_size=4), (3, 32, 32),
-                      "Hugging Face", source="hf"),
+    "hf_deit": Family(
+        "DeiTForImageClassificationWithTeacher", _HF_VIT, (3, 32, 32), "Hugging Face, two heads", source="hf"
+    ),
+    "hf_dinov2": Family(
+        "Dinov2ForImageClassification",
+        {**_HF_VIT, "mlp_ratio": 2},
+        (3, 32, 32),
+        "Hugging Face, LayerScale, [CLS, mean] classifier",
+        source="hf",
+    ),
+    "hf_swin": Family(
+        "SwinForImageClassification",
+        dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4),
+        (3, 32, 32),
+        "Hugging Face",
+        source="hf",
+    ),
     "levit": Family("levit_128s", {"img_size": 64}, (3, 64, 64), "no adapter: how a refusal reads"),
 }
 
@@ -127,7 +172,6 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
     import torch
 
     from ..export import MobileExportConfig, export_mobile
-    from ..outputs import main_tensor
     from ..pruning import PruningConfig, StructuredPruner, count_macs, count_params, prune_once, restore_structure
 
     x = torch.randn(2, *family.shape)
@@ -140,9 +184,10 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
             model = family.build()
             macs, params = count_macs(model, x[:1]), count_params(model)
             prune_once(model, PruningConfig(importance="l2", pruning_ratio=ratio), example_inputs=x[:1])
-            shape = tuple(main_tensor(model(x)).shape)
+            shape = tuple(_output(model(x)).shape)
             assert shape == (2, 10), f"output {shape}"
-            return (f"params {count_params(model) / params:.2f}x, MACs {count_macs(model, x[:1]) / macs:.2f}x")
+            return f"params {count_params(model) / params:.2f}x, MACs {count_macs(model, x[:1]) / macs:.2f}x"
+
         return run
 
     def budget() -> str:
@@ -158,7 +203,7 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
         fresh = restore_structure(family.build(seed=1), json.loads(json.dumps(pruner.state_dict())))
         fresh.load_state_dict(model.state_dict())
         with torch.no_grad():
-            error = float((main_tensor(fresh.eval()(x)) - main_tensor(model.eval()(x))).abs().max())
+            error = float((_output(fresh.eval()(x)) - _output(model.eval()(x))).abs().max())
         assert error < 1e-5, f"reloaded outputs differ by {error}"
         return "same outputs"
 
@@ -168,14 +213,26 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
     def export() -> str:
         model = family.build()
         prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=x[:1])
-        manifest = export_mobile(model, x[:1], MobileExportConfig(
-            precisions=["fp32", "int8-dynamic"], formats=formats, output_dir=str(out_dir / "export"), overwrite=True,
-            repeats=2, warmup=0, measure_memory=False, rank="none", min_top1_agreement=0.0),
-            validation_data=[x])
+        manifest = export_mobile(
+            model,
+            x[:1],
+            MobileExportConfig(
+                precisions=["fp32", "int8-dynamic"],
+                formats=formats,
+                output_dir=str(out_dir / "export"),
+                overwrite=True,
+                repeats=2,
+                warmup=0,
+                measure_memory=False,
+                rank="none",
+                min_top1_agreement=0.0,
+            ),
+            validation_data=[x],
+        )
         # a random-initialized network whose logits are below int8's resolution (EfficientNet: ~1e-4) gives
         # int8 files with meaningless cosines: said so, not counted as a bad file
         with torch.no_grad():
-            peak = float(main_tensor(model.eval()(x)).abs().max())
+            peak = float(_output(model.eval()(x)).abs().max())
         tiny = peak < 1e-3
         parts = []
         for a in manifest["artifacts"]:
@@ -183,8 +240,14 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
             low = "" if cosine >= 0.99 else ("tiny-logit " if tiny and "int8" in a["file"] else "LOW ")
             state = f"{low}cos {cosine:.3f}" if a["status"] == "ok" else f"{a['status']}: {a['reason'][:120]}"
             parts.append(f"{a['file']} {state}")
-        note = (f" [logits of this random-initialized model are at most {peak:.0e}, below int8 resolution: a "
-                "tiny-logit cosine says nothing about the file]") if tiny else ""
+        note = (
+            (
+                f" [logits of this random-initialized model are at most {peak:.0e}, below int8 resolution: a "
+                "tiny-logit cosine says nothing about the file]"
+            )
+            if tiny
+            else ""
+        )
         return "; ".join(parts) + note
 
     for column, run in zip(COLUMNS, (prune(0.25), prune(0.5), budget, reload, fit, export)):
@@ -201,7 +264,6 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..callbacks import KnowledgeDistillation, StructuredPruning
-    from ..outputs import main_tensor
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
@@ -210,23 +272,39 @@ def _short_fit(family: Family, x, out_dir: Path) -> str:
 
         def training_step(self, batch, batch_idx):
             images, labels = batch
-            return F.cross_entropy(main_tensor(self.model(images)), labels)
+            return F.cross_entropy(_output(self.model(images)), labels)
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(16, *x.shape[1:], generator=g), torch.randint(0, 10, (16,), generator=g)),
-                      batch_size=4)
-    pruning = StructuredPruning(importance="taylor", pruning_ratio=0.25, iterative_steps=2, accumulate_batches=1,
-                                interval="step", frequency=1, example_input_shape=list(x.shape[1:]))
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(out_dir / "fit"),
-                         callbacks=[pruning, KnowledgeDistillation(alpha=0.5, tau=2.0)])
+    data = DataLoader(
+        TensorDataset(torch.randn(16, *x.shape[1:], generator=g), torch.randint(0, 10, (16,), generator=g)),
+        batch_size=4,
+    )
+    pruning = StructuredPruning(
+        importance="taylor",
+        pruning_ratio=0.25,
+        iterative_steps=2,
+        accumulate_batches=1,
+        interval="step",
+        frequency=1,
+        example_input_shape=list(x.shape[1:]),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir / "fit"),
+        callbacks=[pruning, KnowledgeDistillation(alpha=0.5, tau=2.0)],
+    )
     module = Classifier()
     trainer.fit(module, data)
-    assert len(pruning.events) == 2 and main_tensor(module.model(x)).shape == (2, 10)
+    assert len(pruning.events) == 2 and _output(module.model(x)).shape == (2, 10)
     return f"2 events, params {pruning.events[-1].params_after / pruning.events[0].params_before:.2f}x"
 
 
@@ -244,8 +322,9 @@ def coverage_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_coverage(families: list[str], formats: list[str], out: Path,
-                 progress: Callable[[str, bool], None] | None = None) -> dict[str, dict[str, Any]]:
+def run_coverage(
+    families: list[str], formats: list[str], out: Path, progress: Callable[[str, bool], None] | None = None
+) -> dict[str, dict[str, Any]]:
     """Check each family (cached rows are kept), write ``rows.jsonl`` and ``coverage.md``; return the rows."""
     import logging
     import warnings
@@ -272,22 +351,29 @@ def run_coverage(families: list[str], formats: list[str], out: Path,
         with warnings.catch_warnings(), logger_levels(["lightning.pytorch", "lightning.fabric"], logging.WARNING):
             warnings.simplefilter("ignore")
             cells = check_family(FAMILIES[name], formats, out / "work" / name)
-        rows[name] = {"family": name, "model": FAMILIES[name].model, "formats": formats, "cells": cells,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        rows[name] = {
+            "family": name,
+            "model": FAMILIES[name].model,
+            "formats": formats,
+            "cells": cells,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         with open(cache, "a") as fh:
             fh.write(json.dumps(rows[name]) + "\n")
     ordered = {n: rows[n] for n in families if n in rows}
     host = host_description()
-    text = ("# Model coverage (generated)\n\n"
-            f"Made by `pqv coverage --families {' '.join(families)} --formats {' '.join(formats)}` on "
-            f"{host_label(host)}, torch {host.get('torch')}, {time.strftime('%Y-%m-%d')}. Each family is a small "
-            "random-initialized timm, torchvision or Hugging Face model (configurations in "
-            "`pqv_lightning.apps.coverage.FAMILIES`). Cells: `ok` with the numbers; `partly` where an exported "
-            "file was skipped (with the reason) or its logits disagree with the pruned fp32 model (`LOW cos`: "
-            "cosine below 0.99); `refused: ...` is the `ConfigError` a user gets before any work; `FAILED: ...` "
-            "is a bug. Export: fp32 and int8-dynamic per format, verified against the pruned fp32 model (cosine "
-            "of the logits; `tiny-logit cos`: the random-initialized model's logits are below int8 resolution, "
-            "so that cosine says nothing about the file).\n\n" + coverage_table(ordered) + "\n")
+    text = (
+        "# Model coverage (generated)\n\n"
+        f"Made by `pqv coverage --families {' '.join(families)} --formats {' '.join(formats)}` on "
+        f"{host_label(host)}, torch {host.get('torch')}, {time.strftime('%Y-%m-%d')}. Each family is a small "
+        "random-initialized timm, torchvision or Hugging Face model (configurations in "
+        "`pqv_lightning.apps.coverage.FAMILIES`). Cells: `ok` with the numbers; `partly` where an exported "
+        "file was skipped (with the reason) or its logits disagree with the pruned fp32 model (`LOW cos`: "
+        "cosine below 0.99); `refused: ...` is the `ConfigError` a user gets before any work; `FAILED: ...` "
+        "is a bug. Export: fp32 and int8-dynamic per format, verified against the pruned fp32 model (cosine "
+        "of the logits; `tiny-logit cos`: the random-initialized model's logits are below int8 resolution, "
+        "so that cosine says nothing about the file).\n\n" + coverage_table(ordered) + "\n"
+    )
     atomic_write_text(out / "coverage.md", text)
     return ordered
 

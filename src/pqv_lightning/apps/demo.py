@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
 from ..errors import ConfigError, InputNotFoundError
 
 QUICK_CHECKPOINT = Path("runs") / "vit_fmnist_quick.pt"
@@ -41,36 +42,79 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     PRECISIONS = LazyChoices("pqv_lightning.export.precisions", "PRECISIONS")
     SCHEDULES = LazyChoices("pqv_lightning.pruning.config", "RATIO_SCHEDULES")
     ap.description = __doc__.split("\n\n")[0]
-    ap.add_argument("--checkpoint", default=None,
-                    help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)")
-    ap.add_argument("--data-dir", default=None,
-                    help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
-                         "the Debian package's /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--importance", default=None, choices=IMPORTANCE, metavar="NAME",
-                    help="importance criterion: %(choices)s (default: PruningConfig's, taylor)")
-    ap.add_argument("--recipe", default="default", choices=RECIPES, metavar="NAME",
-                    help="fine-tuning recipe, one of %(choices)s: learning rate, warm-up, distillation, regularization (see "
-                         "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)")
-    ap.add_argument("--ratio", type=float, default=None,
-                    help="final channel pruning ratio (default: PruningConfig's, 0.25)")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="vit_tiny_fmnist.pt-format checkpoint (default: $PQV_FMNIST_CHECKPOINT, else the bundled one)",
+    )
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="Fashion-MNIST folder with the four IDX *-ubyte.gz files (default: $PQV_FMNIST_DIR, else "
+        "the Debian package's /usr/share/datasets/fashion-mnist)",
+    )
+    ap.add_argument(
+        "--importance",
+        default=None,
+        choices=IMPORTANCE,
+        metavar="NAME",
+        help="importance criterion: %(choices)s (default: PruningConfig's, taylor)",
+    )
+    ap.add_argument(
+        "--recipe",
+        default="default",
+        choices=RECIPES,
+        metavar="NAME",
+        help="fine-tuning recipe, one of %(choices)s: learning rate, warm-up, distillation, regularization (see "
+        "pqv_lightning.apps.recipes.RECIPES; 'default' is the best one measured)",
+    )
+    ap.add_argument(
+        "--ratio", type=float, default=None, help="final channel pruning ratio (default: PruningConfig's, 0.25)"
+    )
     ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
-    ap.add_argument("--schedule", default=None, choices=SCHEDULES,
-                    help="growth of the ratio over events (default: the recipe's)")
-    ap.add_argument("--accumulate", type=int, default=None,
-                    help="optimizer steps of statistics per event (default: EventSchedule's, 8)")
-    ap.add_argument("--widths-for", default=None, choices=TARGETS, metavar="FORMAT",
-                    help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
-                         "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))")
+    ap.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        metavar="NAME",
+        help="growth of the ratio over events: %(choices)s (default: the recipe's)",
+    )
+    ap.add_argument(
+        "--accumulate",
+        type=int,
+        default=None,
+        help="optimizer steps of statistics per event (default: EventSchedule's, 8)",
+    )
+    ap.add_argument(
+        "--widths-for",
+        default=None,
+        choices=TARGETS,
+        metavar="FORMAT",
+        help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
+        "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))",
+    )
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", nargs="+", default=None, choices=TARGETS, metavar="FORMAT",
-                    help="export formats, of %(choices)s (default: pte, onnx and openvino where their extras are "
-                         "installed, else ptl)")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8-dynamic", "int8-static"],
-                    choices=PRECISIONS, metavar="PRECISION", help="precisions to export: %(choices)s")
+    ap.add_argument(
+        "--formats",
+        nargs="+",
+        default=None,
+        choices=TARGETS,
+        metavar="FORMAT",
+        help="export formats, of %(choices)s (default: pte, onnx and openvino where their extras are "
+        "installed, else ptl)",
+    )
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "int8-dynamic", "int8-static"],
+        choices=PRECISIONS,
+        metavar="PRECISION",
+        help="precisions to export: %(choices)s",
+    )
     ap.add_argument("--export-dir", default="runs/demo_export", help="where MobileExport writes ('' to skip)")
     ap.add_argument("--plots-dir", default="runs/demo_plots", help="where the PNG plots go ('' to skip)")
     return ap
@@ -138,9 +182,20 @@ def _run_demo(args) -> int:
     if ckpt is None:
         if not QUICK_CHECKPOINT.is_file():
             print(f"no pretrained checkpoint found: training a small ViT first -> {QUICK_CHECKPOINT}", flush=True)
-            train_vit_checkpoint(QUICK_CHECKPOINT, dim=64, depth=4, heads=2, epochs=6, batch_size=128, lr=2e-3,
-                                 train_subset=16384, data_dir=args.data_dir, precision="32-true",
-                                 warmup_epochs=0.25, drop_path_rate=0.0)
+            train_vit_checkpoint(
+                QUICK_CHECKPOINT,
+                dim=64,
+                depth=4,
+                heads=2,
+                epochs=6,
+                batch_size=128,
+                lr=2e-3,
+                train_subset=16384,
+                data_dir=args.data_dir,
+                precision="32-true",
+                warmup_epochs=0.25,
+                drop_path_rate=0.0,
+            )
         ckpt = QUICK_CHECKPOINT
     common = dict(data_dir=args.data_dir, batch_size=args.batch_size, test_subset=args.test_subset)
     print(f"checkpoint: {ckpt}")
@@ -149,26 +204,53 @@ def _run_demo(args) -> int:
     export = None
     formats = args.formats or _default_formats()
     if args.export_dir:
-        export = MobileExport(precisions=args.precisions, formats=formats, output_dir=args.export_dir,
-                              overwrite=True, threads=args.threads, verify_batches=4, calibration_batches=4,
-                              input_normalization={"mean": [0.2860], "std": [0.3530], "pad": 2})
+        export = MobileExport(
+            precisions=args.precisions,
+            formats=formats,
+            output_dir=args.export_dir,
+            overwrite=True,
+            threads=args.threads,
+            verify_batches=4,
+            calibration_batches=4,
+            input_normalization={"mean": [0.2860], "std": [0.3530], "pad": 2},
+        )
     recipe = recipe_settings(args.recipe, budget=False)
     if args.widths_for is not None:
         recipe["pruning_kwargs"] = {**recipe.get("pruning_kwargs", {}), "widths_for": args.widths_for}
-    recipe.update({k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule))
-                   if v is not None})
+    recipe.update(
+        {k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule)) if v is not None}
+    )
     # options left unset keep their one default (PruningConfig's, EventSchedule's)
-    recipe.update({k: v for k, v in (("importance", args.importance), ("pruning_ratio", args.ratio),
-                                     ("accumulate_batches", args.accumulate)) if v is not None})
-    rows.append(finetune_with_pruning(
-        ckpt, label="pruned + fine-tuned", train_subset=args.train_subset, epochs=args.epochs,
-        extra_callbacks=[export] if export else None, **recipe, **common))
+    recipe.update(
+        {
+            k: v
+            for k, v in (
+                ("importance", args.importance),
+                ("pruning_ratio", args.ratio),
+                ("accumulate_batches", args.accumulate),
+            )
+            if v is not None
+        }
+    )
+    rows.append(
+        finetune_with_pruning(
+            ckpt,
+            label="pruned + fine-tuned",
+            train_subset=args.train_subset,
+            epochs=args.epochs,
+            extra_callbacks=[export] if export else None,
+            **recipe,
+            **common,
+        )
+    )
     print()
     print(format_table(rows))
     if export is not None and export.manifest is not None:
         samples = export.manifest["artifacts"][0].get("verification", {}).get("samples", 0)
-        print(f"\nMobileExport -> {args.export_dir}/ (verified on {samples} validation images against the fp32 "
-              f"eager model; batch-1 latency, {args.threads} threads):")
+        print(
+            f"\nMobileExport -> {args.export_dir}/ (verified on {samples} validation images against the fp32 "
+            f"eager model; batch-1 latency, {args.threads} threads):"
+        )
         print(export_table(export.manifest))
     if args.plots_dir:
         from .plots import demo_plots
@@ -185,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python examples/demo.py`` entry: the same as ``pqv demo``."""
     import sys
 
-    from .command import run_command
-
-    from .command import OneLineParser
+    from .command import OneLineParser, run_command
 
     parser = add_demo_arguments(OneLineParser(prog="pqv demo", description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from ..classifier import ImageClassifier
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import logger_levels
-from ..classifier import ImageClassifier
 
 __all__ = ["run_cli"]
 
@@ -63,8 +63,14 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         # one-line error of the config (the seed is set before the classes are instantiated)
         warnings.filterwarnings("ignore", message="No seed found, seed set to")
         with logger_levels(["lightning.fabric.utilities.seed"], logging.WARNING):
-            return LightningCLI(ImageClassifier, save_config_kwargs={"overwrite": True}, args=args, run=run,
-                                subclass_mode_data=True, parser_kwargs={"exit_on_error": False})
+            return LightningCLI(
+                ImageClassifier,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                run=run,
+                subclass_mode_data=True,
+                parser_kwargs={"exit_on_error": False},
+            )
     except ArgumentError as exc:
         raise ConfigError(" ".join(str(exc).split())) from exc
     except ValueError as exc:

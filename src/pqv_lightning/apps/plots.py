@@ -46,8 +46,8 @@ def demo_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
     fig.suptitle("Structured pruning: accuracy vs size")
     paths.append(save_figure(fig, out / "demo_accuracy.png"))
-    manifest = results.get("manifest")
-    ok = [a for a in (manifest or {}).get("artifacts", []) if a.get("status") != "skipped"]
+    manifest = results.get("manifest") or {}
+    ok = [a for a in manifest.get("artifacts", []) if a.get("status") != "skipped"]
     if ok:
         base = manifest["baseline_fp32_eager"]["latency"]["median_ms"]
         labels = ["fp32 eager"] + [a["file"] for a in ok]
@@ -57,12 +57,20 @@ def demo_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         fig, axes = subplots(1, 2, figsize=(10, 0.45 * len(labels) + 1.5), sharey=True)
         ys = list(range(len(labels)))
         axes[0].barh(ys, median, color="tab:green", label="median")
-        axes[0].errorbar(median, ys, xerr=[[0] * len(ys), [p - m for p, m in zip(p90, median)]], fmt="none",
-                         ecolor="black", capsize=3, label="to p90")
+        axes[0].errorbar(
+            median,
+            ys,
+            xerr=[[0] * len(ys), [p - m for p, m in zip(p90, median)]],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+            label="to p90",
+        )
         axes[0].set_xlabel("batch-1 latency (ms)")
         axes[0].legend(fontsize=8)
-        axes[1].barh([y for y, s in zip(ys, sizes) if s is not None], [s for s in sizes if s is not None],
-                     color="tab:orange")
+        axes[1].barh(
+            [y for y, s in zip(ys, sizes) if s is not None], [s for s in sizes if s is not None], color="tab:orange"
+        )
         axes[1].set_xlabel("file size (MB)")
         axes[0].set_yticks(ys, labels, fontsize=8)
         axes[0].invert_yaxis()

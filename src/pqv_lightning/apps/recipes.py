@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,25 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..errors import ConfigError
 from ..callbacks import KnowledgeDistillation, StructuredPruning
-from ..data import FashionMNISTDataModule
-from ..classifier import ImageClassifier
-from ..models import bundled_checkpoint
 from ..callbacks.structured_pruning import ITERATIVE_STEPS
+from ..classifier import ImageClassifier
+from ..data import FashionMNISTDataModule
+from ..errors import ConfigError
+from ..models import bundled_checkpoint
 from ..pruning import EventSchedule, PruningConfig, count_macs, count_params
 from ..pruning.config import DEFAULT_PRUNING_RATIO
 
-__all__ = ["RECIPES", "FinetuneResult", "recipe_settings", "default_checkpoint", "evaluate", "export_table", "finetune_with_pruning", "format_table"]
+__all__ = [
+    "RECIPES",
+    "FinetuneResult",
+    "recipe_settings",
+    "default_checkpoint",
+    "evaluate",
+    "export_table",
+    "finetune_with_pruning",
+    "format_table",
+]
 
 
 def default_checkpoint() -> Path | None:
@@ -41,18 +51,33 @@ def default_checkpoint() -> Path | None:
 #: steps of batch 128. ``"v0.2"`` is the recipe of releases up to 0.2; ``"default"`` is the best one
 #: measured by ``benchmarks/fmnist_recovery.py`` and is what the demo and the sweep use.
 RECIPES: dict[str, dict[str, Any]] = {
-    "v0.2": {"lr": 2e-4, "warmup_steps": 0, "epochs": 2, "train_subset": 16384, "iterative_steps": 4,
-             "prune_span": 0.25, "ratio_schedule": "cubic"},
+    "v0.2": {
+        "lr": 2e-4,
+        "warmup_steps": 0,
+        "epochs": 2,
+        "train_subset": 16384,
+        "iterative_steps": 4,
+        "prune_span": 0.25,
+        "ratio_schedule": "cubic",
+    },
 }
 # measured in benchmarks/results/fmnist_recovery_recipe.md: lr 2e-4 recovers pruned models best (5e-5 keeps the
 # unpruned control but costs 0.35 pt at 25 %), a 10 % warm-up and distillation from the unpruned network help both
-RECIPES["distillation"] = {**RECIPES["v0.2"], "warmup_fraction": 0.1, "distill_alpha": 0.5, "distill_tau": 2.0,
-                           "teacher_precision": "bf16"}
+RECIPES["distillation"] = {
+    **RECIPES["v0.2"],
+    "warmup_fraction": 0.1,
+    "distill_alpha": 0.5,
+    "distill_tau": 2.0,
+    "teacher_precision": "bf16",
+}
 # benchmarks/results/fmnist_recovery_methods.md: least-squares reconstruction of every Linear at each event keeps
 # the pruned network close to the unpruned one (one-shot 25 % / 50 % channels: ~90.5 % / ~90 % before any training),
 # so fine-tuning then wants the gentle rate that also keeps the unpruned model's accuracy (5e-5)
-RECIPES["default"] = {**RECIPES["distillation"], "lr": 5e-5,
-                      "pruning_kwargs": {"reconstruct": True, "reconstruct_layers": "all"}}
+RECIPES["default"] = {
+    **RECIPES["distillation"],
+    "lr": 5e-5,
+    "pruning_kwargs": {"reconstruct": True, "reconstruct_layers": "all"},
+}
 #: Keys of a recipe that set the data budget (the demo and the sweep choose their own).
 BUDGET_KEYS = ("epochs", "train_subset")
 
@@ -134,37 +159,63 @@ def finetune_with_pruning(
     if not 0 < prune_span <= 1:
         raise ConfigError(f"prune_span={prune_span} must be in (0, 1]")
     if not 0 <= prune_start < 1 or prune_start + prune_span > 1:
-        raise ConfigError(f"prune_start={prune_start} must be in [0, 1) with prune_start + prune_span <= 1 "
-                          f"(prune_span={prune_span})")
+        raise ConfigError(
+            f"prune_start={prune_start} must be in [0, 1) with prune_start + prune_span <= 1 (prune_span={prune_span})"
+        )
     pl.seed_everything(seed, verbose=False)
-    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset,
-                                test_subset=test_subset, seed=seed)
+    dm = FashionMNISTDataModule(
+        data_dir=data_dir, batch_size=batch_size, train_subset=train_subset, test_subset=test_subset, seed=seed
+    )
     dm.setup("fit")
-    steps = epochs * (len(dm.train_set) // batch_size)
+    steps = epochs * (dm.size("train") // batch_size)
     if warmup_fraction is not None:
         if not 0 <= warmup_fraction < 1:
             raise ConfigError(f"warmup_fraction={warmup_fraction} must be in [0, 1)")
         warmup_steps = int(warmup_fraction * steps)
-    module = ImageClassifier(checkpoint=str(checkpoint), lr=lr, warmup_steps=warmup_steps,
-                             label_smoothing=label_smoothing)
+    module = ImageClassifier(
+        checkpoint=str(checkpoint), lr=lr, warmup_steps=warmup_steps, label_smoothing=label_smoothing
+    )
     callbacks: list[pl.Callback] = []
     if pruning_ratio > 0:
         span = max(1, int(prune_span * steps) - accumulate_batches)
-        frequency = max(accumulate_batches, span // max(1, iterative_steps - 1)) if iterative_steps > 1 else accumulate_batches
+        frequency = (
+            max(accumulate_batches, span // max(1, iterative_steps - 1)) if iterative_steps > 1 else accumulate_batches
+        )
         kwargs = dict(pruning_kwargs or {})
         # a budget (target_macs / target_params) replaces the ratio; pruning_ratio then only labels the row
         ratio = None if ("target_macs" in kwargs or "target_params" in kwargs) else pruning_ratio
-        callbacks.append(StructuredPruning(
-            importance=importance, pruning_ratio=ratio, iterative_steps=iterative_steps,
-            accumulate_batches=accumulate_batches, interval="step", start=int(prune_start * steps), frequency=frequency,
-            ratio_schedule=ratio_schedule, **kwargs,
-        ))
+        callbacks.append(
+            StructuredPruning(
+                importance=importance,
+                pruning_ratio=ratio,
+                iterative_steps=iterative_steps,
+                accumulate_batches=accumulate_batches,
+                interval="step",
+                start=int(prune_start * steps),
+                frequency=frequency,
+                ratio_schedule=ratio_schedule,  # type: ignore[arg-type]  # the callback checks it
+                **kwargs,
+            )
+        )
     if distill_alpha > 0:
-        callbacks.append(KnowledgeDistillation(alpha=distill_alpha, tau=distill_tau, teacher_precision=teacher_precision))
+        callbacks.append(
+            KnowledgeDistillation(
+                alpha=distill_alpha,
+                tau=distill_tau,
+                teacher_precision=teacher_precision,  # type: ignore[arg-type]
+            )
+        )
     callbacks += list(extra_callbacks or [])
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, precision=precision,
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
         gradient_clip_val=1.0,
     )
     t0 = time.perf_counter()
@@ -174,22 +225,36 @@ def finetune_with_pruning(
     model = module.model
     test_acc = evaluate(model, dm)
     return FinetuneResult(
-        label=label, importance=importance if pruning_ratio > 0 else "-", pruning_ratio=pruning_ratio,
-        events=iterative_steps if pruning_ratio > 0 else 0, steps=steps, test_acc=test_acc,
-        params=count_params(model), macs=count_macs(model, torch.randn(1, 1, 32, 32)), seconds=seconds,
-        test_images=len(dm.test_set),
+        label=label,
+        importance=importance if pruning_ratio > 0 else "-",
+        pruning_ratio=pruning_ratio,
+        events=iterative_steps if pruning_ratio > 0 else 0,
+        steps=steps,
+        test_acc=test_acc,
+        params=count_params(model),
+        macs=count_macs(model, torch.randn(1, 1, 32, 32)),
+        seconds=seconds,
+        test_images=dm.size("test"),
     )
 
 
-def format_table(rows: list[FinetuneResult | dict[str, Any]], show_time: bool = True) -> str:
+def format_table(rows: Sequence[FinetuneResult | dict[str, Any]], show_time: bool = True) -> str:
     """A Markdown table of results (``show_time=False`` drops the wall-clock column)."""
     dicts = [asdict(r) if isinstance(r, FinetuneResult) else r for r in rows]
     cols = ["run", "importance", "channel ratio", "events", "steps", "test acc", "params", "MACs"]
     cols += ["fit time"] if show_time else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for d in dicts:
-        cells = [d["label"], d["importance"], f"{d['pruning_ratio']:g}", str(d["events"]), str(d["steps"]),
-                 f"{100 * d['test_acc']:.2f} %", f"{d['params'] / 1e6:.2f} M", f"{d['macs'] / 1e6:.1f} M"]
+        cells = [
+            d["label"],
+            d["importance"],
+            f"{d['pruning_ratio']:g}",
+            str(d["events"]),
+            str(d["steps"]),
+            f"{100 * d['test_acc']:.2f} %",
+            f"{d['params'] / 1e6:.2f} M",
+            f"{d['macs'] / 1e6:.1f} M",
+        ]
         cells += [f"{d['seconds']:.0f} s"] if show_time else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -198,21 +263,28 @@ def format_table(rows: list[FinetuneResult | dict[str, Any]], show_time: bool = 
 def export_table(manifest: dict[str, Any]) -> str:
     """A Markdown table of a MobileExport manifest."""
     base = manifest["baseline_fp32_eager"]["latency"]["median_ms"]
-    lines = ["| artifact | status | size | latency (median / p90) | vs fp32 eager | top-1 agreement | top-1 acc |",
-             "|---|---|---|---|---|---|---|", f"| fp32 eager (baseline) | - | - | {base:.2f} ms | 1.00x | - | - |"]
+    lines = [
+        "| artifact | status | size | latency (median / p90) | vs fp32 eager | top-1 agreement | top-1 acc |",
+        "|---|---|---|---|---|---|---|",
+        f"| fp32 eager (baseline) | - | - | {base:.2f} ms | 1.00x | - | - |",
+    ]
     for a in manifest["artifacts"]:
         if a["status"] == "skipped":
             lines.append(f"| {a['file']} | skipped: {a['reason']} | | | | | |")
             continue
         lat, v = a["latency"], a["verification"]
         acc = f"{100 * v['top1_accuracy']:.2f} %" if "top1_accuracy" in v else "-"
-        lines.append(f"| {a['file']} | {a['status']} | {a['size_bytes'] / 2**20:.1f} MB | {lat['median_ms']:.2f} / "
-                     f"{lat['p90_ms']:.2f} ms | {lat['speedup_vs_fp32_eager']:.2f}x | "
-                     f"{100 * v['top1_agreement']:.1f} % | {acc} |")
+        lines.append(
+            f"| {a['file']} | {a['status']} | {a['size_bytes'] / 2**20:.1f} MB | {lat['median_ms']:.2f} / "
+            f"{lat['p90_ms']:.2f} ms | {lat['speedup_vs_fp32_eager']:.2f}x | "
+            f"{100 * v['top1_agreement']:.1f} % | {acc} |"
+        )
     best = manifest.get("best")
     if best:
-        lines.append(f"\nfastest verified artifact on this host: {best['file']} ({best['runtime']}), "
-                     f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager [{best['method']}]")
+        lines.append(
+            f"\nfastest verified artifact on this host: {best['file']} ({best['runtime']}), "
+            f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager [{best['method']}]"
+        )
     return "\n".join(lines)
 
 
@@ -244,18 +316,34 @@ def train_vit_checkpoint(
     pl.seed_everything(seed, verbose=False)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=batch_size, train_subset=train_subset, seed=seed)
     dm.setup("fit")
-    steps_per_epoch = max(1, len(dm.train_set) // batch_size)
+    steps_per_epoch = max(1, dm.size("train") // batch_size)
     module = ImageClassifier(
-        "vit_tiny_fmnist", lr=lr, warmup_steps=int(warmup_epochs * steps_per_epoch),
+        "vit_tiny_fmnist",
+        lr=lr,
+        warmup_steps=int(warmup_epochs * steps_per_epoch),
         model_kwargs=dict(embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path_rate),
     )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     trainer = pl.Trainer(
-        accelerator=accelerator, max_epochs=epochs, max_steps=max_steps, precision=precision, gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator=accelerator,
+        max_epochs=epochs,
+        max_steps=max_steps,
+        precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm)
     acc = evaluate(module.model.cpu().float(), dm)
-    recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, train_images=len(dm.train_set))
-    return save_vit_checkpoint(module.model, out, recipe=recipe, dataset="fashion-mnist",
-                               normalize=[0.2860, 0.3530], pad=2, test_accuracy=acc)
+    recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, train_images=dm.size("train"))
+    return save_vit_checkpoint(
+        module.model,  # type: ignore[arg-type]  # a timm VisionTransformer
+        out,
+        recipe=recipe,
+        dataset="fashion-mnist",
+        normalize=[0.2860, 0.3530],
+        pad=2,
+        test_accuracy=acc,
+    )

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ import torch
 from ..errors import ConfigError, InputNotFoundError
 from ..export.host import gemm_throughput
 from ..fileio import atomic_write
-from .command import CommandFailed
 from ..settings import torch_threads
+from .command import CommandFailed
 
 __all__ = ["FULL", "QUICK", "SweepCellError", "SweepConfig", "run_sweep"]
 
@@ -79,10 +80,22 @@ class SweepConfig:
 
 FULL = SweepConfig()
 QUICK = SweepConfig(
-    out_dir="runs/sweep_quick", latency_models=["vit_test_tiny", "vit_tiny_fmnist"], ratios=[0.0, 0.25, 0.5],
+    out_dir="runs/sweep_quick",
+    latency_models=["vit_test_tiny", "vit_tiny_fmnist"],
+    ratios=[0.0, 0.25, 0.5],
     engine_models=["vit_test_tiny"],
-    formats=["onnx"], accuracy_ratios=[0.0, 0.5], importances=["taylor", "l2"], importance_ratio=0.5, seeds=[0, 1],
-    train_subset=256, test_subset=256, epochs=1, batch_size=64, verify_batches=2, repeats=3, rounds=1,
+    formats=["onnx"],
+    accuracy_ratios=[0.0, 0.5],
+    importances=["taylor", "l2"],
+    importance_ratio=0.5,
+    seeds=[0, 1],
+    train_subset=256,
+    test_subset=256,
+    epochs=1,
+    batch_size=64,
+    verify_batches=2,
+    repeats=3,
+    rounds=1,
 )
 EXPERIMENTS = ("gemm", "latency", "engines", "accuracy", "importance")
 
@@ -117,13 +130,20 @@ class CellStore:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: list[str], precisions: list[str],
-                  engines: list[str] | None, work: Path) -> list[dict[str, Any]]:
-    from ..pruning.adapters import input_shape_for
-    from ..export.benchmark import Candidate, round_robin
+def _latency_cell(
+    config: SweepConfig,
+    model_name: str,
+    ratio: float,
+    formats: list[str],
+    precisions: list[str],
+    engines: list[str] | None,
+    work: Path,
+) -> list[dict[str, Any]]:
     from ..export import MobileExportConfig, export_mobile
+    from ..export.benchmark import Candidate, round_robin
     from ..models import paper_model
     from ..pruning import count_macs, count_params
+    from ..pruning.adapters import input_shape_for
 
     candidates = []
     if ratio > 0:
@@ -137,25 +157,68 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     data = [torch.randn(2, *shape[1:], generator=g) for _ in range(2)]
     macs = count_macs(model, data[0][:1])
     out = work / "export"
-    manifest = export_mobile(model, data[0][:1], MobileExportConfig(
-        precisions=precisions, formats=formats, engines=engines, output_dir=str(out), overwrite=True,
-        threads=config.threads, repeats=1, warmup=0, verify_batches=2, calibration_batches=2,
-        min_top1_agreement=0.0, measure_memory=False, rank="none"), validation_data=data)
+    manifest = export_mobile(
+        model,
+        data[0][:1],
+        MobileExportConfig(
+            precisions=precisions,
+            formats=formats,
+            engines=engines,
+            output_dir=str(out),
+            overwrite=True,
+            threads=config.threads,
+            repeats=1,
+            warmup=0,
+            verify_batches=2,
+            calibration_batches=2,
+            min_top1_agreement=0.0,
+            measure_memory=False,
+            rank="none",
+        ),
+        validation_data=data,
+    )
     # latency and memory: every file and the eager model in a fresh process, round-robin
     torch.save(model, work / "eager.pt")
     ok = [a for a in manifest["artifacts"] if a["status"] != "skipped"]
     candidates.append(Candidate("fp32 eager", str(work / "eager.pt")))
     candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
     baseline = candidates[0].label  # the unpruned fp32 eager model of this cell
-    stats = round_robin(candidates, list(shape), threads=config.threads, rounds=config.rounds, warmup=3,
-                        calls=config.repeats, baseline=baseline)
+    stats = round_robin(
+        candidates,
+        list(shape),
+        threads=config.threads,
+        rounds=config.rounds,
+        warmup=3,
+        calls=config.repeats,
+        baseline=baseline,
+    )
     common = {"model": model_name, "ratio": ratio, "params": count_params(model), "macs": macs}
-    rows = [{**common, "variant": "fp32 eager", "format": "eager", "precision": "fp32", "engine": None,
-             "size_mb": None, "cosine": 1.0, **stats["fp32 eager"]}]
+    rows = [
+        {
+            **common,
+            "variant": "fp32 eager",
+            "format": "eager",
+            "precision": "fp32",
+            "engine": None,
+            "size_mb": None,
+            "cosine": 1.0,
+            **stats["fp32 eager"],
+        }
+    ]
     for a in ok:
-        rows.append({**common, "variant": a["file"], "format": a["format"], "precision": a["precision"],
-                     "engine": a["engine"], "size_mb": a["size_bytes"] / 2**20, "cosine": a["verification"]["cosine"],
-                     "partitions": a.get("partitions"), **stats[a["file"]]})
+        rows.append(
+            {
+                **common,
+                "variant": a["file"],
+                "format": a["format"],
+                "precision": a["precision"],
+                "engine": a["engine"],
+                "size_mb": a["size_bytes"] / 2**20,
+                "cosine": a["verification"]["cosine"],
+                "partitions": a.get("partitions"),
+                **stats[a["file"]],
+            }
+        )
     for r in rows:
         r["achieved_gops"] = 2 * macs / (r["median_ms"] * 1e6)
         r["unpruned_eager_ms"] = stats[baseline]["median_ms"]
@@ -163,32 +226,81 @@ def _latency_cell(config: SweepConfig, model_name: str, ratio: float, formats: l
     return rows
 
 
-def _accuracy_cell(config: SweepConfig, checkpoint: str, ratio: float, importance: str, precisions: list[str],
-                   work: Path, seed: int = 0) -> list[dict[str, Any]]:
+def _accuracy_cell(
+    config: SweepConfig,
+    checkpoint: str | None,
+    ratio: float,
+    importance: str,
+    precisions: list[str],
+    work: Path,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     from ..callbacks import MobileExport
     from .recipes import finetune_with_pruning, recipe_settings
 
-    export = MobileExport(precisions=precisions, formats=list(config.formats), output_dir=str(work / "export"),
-                          overwrite=True, threads=config.threads, repeats=3, warmup=1,
-                          verify_batches=config.verify_batches, calibration_batches=2, min_top1_agreement=0.0,
-                          measure_memory=False, log_artifact=False, rank="none")
+    export = MobileExport(
+        precisions=precisions,
+        formats=list(config.formats),
+        output_dir=str(work / "export"),
+        overwrite=True,
+        threads=config.threads,
+        repeats=3,
+        warmup=1,
+        verify_batches=config.verify_batches,
+        calibration_batches=2,
+        min_top1_agreement=0.0,
+        measure_memory=False,
+        log_artifact=False,
+        rank="none",
+    )
+    if checkpoint is None:
+        raise ConfigError(
+            "the accuracy experiments need a Fashion-MNIST checkpoint: --checkpoint or $PQV_FMNIST_CHECKPOINT"
+        )
     steps = config.epochs * (config.train_subset // config.batch_size)
     recipe = recipe_settings(config.recipe, budget=False)
     if steps < 64:  # short budgets: one-shot after one statistics window
         recipe["iterative_steps"] = 1
     result = finetune_with_pruning(
-        checkpoint, label=f"{importance} {ratio:g}", importance=importance, pruning_ratio=ratio,
-        accumulate_batches=min(8, max(1, steps // 8)), train_subset=config.train_subset, epochs=config.epochs,
-        batch_size=config.batch_size, data_dir=config.data_dir, test_subset=config.test_subset, seed=seed,
-        extra_callbacks=[export], **recipe)
-    common = {"ratio": ratio, "importance": importance, "seed": seed, "recipe": config.recipe,
-              "test_acc": result.test_acc, "test_images": result.test_images, "params": result.params,
-              "macs": result.macs, "steps": result.steps, "seconds": result.seconds}
+        checkpoint,
+        label=f"{importance} {ratio:g}",
+        importance=importance,
+        pruning_ratio=ratio,
+        accumulate_batches=min(8, max(1, steps // 8)),
+        train_subset=config.train_subset,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        data_dir=config.data_dir,
+        test_subset=config.test_subset,
+        seed=seed,
+        extra_callbacks=[export],
+        **recipe,
+    )
+    common = {
+        "ratio": ratio,
+        "importance": importance,
+        "seed": seed,
+        "recipe": config.recipe,
+        "test_acc": result.test_acc,
+        "test_images": result.test_images,
+        "params": result.params,
+        "macs": result.macs,
+        "steps": result.steps,
+        "seconds": result.seconds,
+    }
     rows = [{**common, "precision": "fp32 eager", "val_acc": None}]
     for a in (export.manifest or {}).get("artifacts", []):
         if a["status"] != "skipped":
-            rows.append({**common, "format": a["format"], "precision": a["precision"], "val_acc": a["verification"].get("top1_accuracy"),
-                         "val_images": a["verification"]["samples"], "top1_agreement": a["verification"]["top1_agreement"]})
+            rows.append(
+                {
+                    **common,
+                    "format": a["format"],
+                    "precision": a["precision"],
+                    "val_acc": a["verification"].get("top1_accuracy"),
+                    "val_images": a["verification"]["samples"],
+                    "top1_agreement": a["verification"]["top1_agreement"],
+                }
+            )
     return rows
 
 
@@ -210,42 +322,81 @@ def _cells(config: SweepConfig, checkpoint: str | None) -> list[tuple[str, str, 
         for m in config.latency_models:
             for r in config.ratios:
                 # (the key name stays "format": a one-format list gives the keys of the one-format sweep)
-                cells.append(("latency", _key("latency", format=latency_formats, model=m, ratio=r,
-                                              precisions=latency_precisions, **timing),
-                              lambda w, m=m, r=r: _latency_cell(config, m, r, list(latency_formats),
-                                                                latency_precisions, None, w)))
+                cells.append(
+                    (
+                        "latency",
+                        _key(
+                            "latency", format=latency_formats, model=m, ratio=r, precisions=latency_precisions, **timing
+                        ),
+                        partial(_latency_cell, config, m, r, list(latency_formats), latency_precisions, None),
+                    )
+                )
     if "engines" in config.experiments:
-        engines = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
+        engines: list[str] = [e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in q.supported_engines]
         for m in config.engine_models:
-            cells.append(("engines", _key("engines", model=m, ratio=config.engine_ratio, engines=engines, **timing),
-                          lambda w, m=m: _latency_cell(config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"],
-                                                       engines, w)))
+            cells.append(
+                (
+                    "engines",
+                    _key("engines", model=m, ratio=config.engine_ratio, engines=engines, **timing),
+                    partial(_latency_cell, config, m, config.engine_ratio, ["ptl"], ["int8-dynamic"], engines),
+                )
+            )
     needs_data = {"accuracy", "importance"} & set(config.experiments)
     if needs_data and checkpoint is None:
-        raise InputNotFoundError("the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
-                                 "--checkpoint (or set $PQV_FMNIST_CHECKPOINT; the bundled one is missing from this "
-                                 "installation)")
-    data = dict(train_subset=config.train_subset, epochs=config.epochs, batch_size=config.batch_size,
-                test_subset=config.test_subset, data_dir=config.data_dir, verify_batches=config.verify_batches,
-                threads=config.threads, checkpoint=_digest(checkpoint) if needs_data else None,
-                recipe=_recipe_digest(config.recipe) if needs_data else None)
-    accuracy_key = lambda r: _key("accuracy", format=config.formats, ratio=r, precisions=config.precisions,  # noqa: E731
-                                  **data)
+        raise InputNotFoundError(
+            "the accuracy/importance experiments need a Fashion-MNIST ViT checkpoint: pass "
+            "--checkpoint (or set $PQV_FMNIST_CHECKPOINT; the bundled one is missing from this "
+            "installation)"
+        )
+    data = dict(
+        train_subset=config.train_subset,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        test_subset=config.test_subset,
+        data_dir=config.data_dir,
+        verify_batches=config.verify_batches,
+        threads=config.threads,
+        checkpoint=_digest(checkpoint) if needs_data else None,
+        recipe=_recipe_digest(config.recipe) if needs_data else None,
+    )
+
+    def accuracy_key(r: float) -> str:
+        return _key("accuracy", format=config.formats, ratio=r, precisions=config.precisions, **data)
+
     if "accuracy" in config.experiments:
         for r in config.accuracy_ratios:
-            cells.append(("accuracy", accuracy_key(r),
-                          lambda w, r=r: _accuracy_cell(config, checkpoint, r, "taylor", config.precisions, w)))
+            cells.append(
+                (
+                    "accuracy",
+                    accuracy_key(r),
+                    partial(_accuracy_cell, config, checkpoint, r, "taylor", config.precisions),
+                )
+            )
     if "importance" in config.experiments:
         for seed in config.seeds:  # seed-major: an interrupted run has every criterion at the first seeds
             for imp in config.importances:
-                if (imp == "taylor" and seed == 0 and "accuracy" in config.experiments and
-                        config.importance_ratio in config.accuracy_ratios):  # the same run: share its cell
+                if (
+                    imp == "taylor"
+                    and seed == 0
+                    and "accuracy" in config.experiments
+                    and config.importance_ratio in config.accuracy_ratios
+                ):  # the same run: share its cell
                     cells.append(("importance", accuracy_key(config.importance_ratio), None))
                     continue
-                cells.append(("importance", _key("importance", format=config.formats, importance=imp,
-                                                 ratio=config.importance_ratio, seed=seed, **data),
-                              lambda w, imp=imp, seed=seed: _accuracy_cell(config, checkpoint, config.importance_ratio,
-                                                                           imp, ["fp32"], w, seed=seed)))
+                cells.append(
+                    (
+                        "importance",
+                        _key(
+                            "importance",
+                            format=config.formats,
+                            importance=imp,
+                            ratio=config.importance_ratio,
+                            seed=seed,
+                            **data,
+                        ),
+                        partial(_accuracy_cell, config, checkpoint, config.importance_ratio, imp, ["fp32"], seed=seed),
+                    )
+                )
     return cells
 
 
@@ -261,8 +412,9 @@ def _recipe_digest(name: str) -> str:
 
 def _key(kind: str, **settings: Any) -> str:
     """``kind|name=value|...``: a cell's identity, with every setting that changes its numbers."""
-    return "|".join([kind] + [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                              for k, v in settings.items()])
+    return "|".join(
+        [kind] + [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+    )
 
 
 def _digest(path: str | None) -> str | None:
@@ -289,21 +441,22 @@ def _in_worker(config: SweepConfig, checkpoint: str | None, key: str, work: Path
 
     result = work / "rows.json"
     worker = multiprocessing.get_context("spawn").Process(
-        target=_cell_worker, args=(asdict(config), checkpoint, key, str(work), str(result)), name=f"sweep {key}")
+        target=_cell_worker, args=(asdict(config), checkpoint, key, str(work), str(result)), name=f"sweep {key}"
+    )
     worker.start()
     worker.join()
     if worker.exitcode != 0 or not result.is_file():
-        raise SweepCellError(f"sweep cell {key!r} failed in its worker process (exit code {worker.exitcode}); its "
-                           "traceback is printed above. Finished cells are kept: rerun the same command to continue.")
+        raise SweepCellError(
+            f"sweep cell {key!r} failed in its worker process (exit code {worker.exitcode}); its "
+            "traceback is printed above. Finished cells are kept: rerun the same command to continue."
+        )
     return json.loads(result.read_text())
 
 
 def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], None] | None = None) -> dict[str, Any]:
     """Run every cell not yet in ``out_dir/cells.jsonl``; write ``sweep.csv``, ``results.json``,
     ``results.md``, ``summary.md`` and the plots. Returns ``{experiment: rows}``."""
-    from .recipes import default_checkpoint
-
-    from .recipes import recipe_settings
+    from .recipes import default_checkpoint, recipe_settings
 
     recipe_settings(config.recipe)  # an unknown recipe fails here, before any cell runs
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
@@ -337,7 +490,11 @@ def run_sweep(config: SweepConfig, progress: Callable[[int, int, str, bool], Non
                 continue
             with tempfile.TemporaryDirectory(dir=out, prefix=".cell-") as work:
                 t0 = time.perf_counter()
-                rows = _in_worker(config, checkpoint, key, Path(work)) if config.isolate else compute(Path(work))
+                if config.isolate:
+                    rows = _in_worker(config, checkpoint, key, Path(work))
+                else:
+                    assert compute is not None  # a cell that shares its key is cached by the one before it
+                    rows = compute(Path(work))
                 for r in rows:
                     r["cell_seconds"] = time.perf_counter() - t0
             store.add(key, rows)
@@ -385,10 +542,21 @@ def _write(out: Path, config: SweepConfig, results: dict[str, list[dict[str, Any
             writer.writerows(rows)
 
     atomic_write(out / "sweep.csv", write_csv)
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(
-        {"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)))
+    atomic_write(
+        out / "results.json",
+        lambda p: Path(p).write_text(
+            json.dumps({"config": asdict(copy.deepcopy(config)), "results": results}, indent=1)
+        ),
+    )
     plots = sweep_plots(results, out)
-    note = (f"**Partial report**: {len(missing)} cell(s) not run yet: " + ", ".join(f"`{k}`" for k in missing) +
-            ". Rerun the sweep without `--report-only` to finish them.\n\n") if missing else ""
+    note = (
+        (
+            f"**Partial report**: {len(missing)} cell(s) not run yet: "
+            + ", ".join(f"`{k}`" for k in missing)
+            + ". Rerun the sweep without `--report-only` to finish them.\n\n"
+        )
+        if missing
+        else ""
+    )
     atomic_write(out / "results.md", lambda p: Path(p).write_text(note + markdown_report(results, config, plots)))
     atomic_write(out / "summary.md", lambda p: Path(p).write_text(note + summary_markdown(results, config)))

@@ -56,8 +56,9 @@ def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, *
     """
     if isinstance(module_class, pl.LightningModule):
         name = type(module_class).__name__
-        raise ConfigError(f"module_class is an instance of {name}; pass the class itself: "
-                          f"load_pruned_checkpoint({name}, path)")
+        raise ConfigError(
+            f"module_class is an instance of {name}; pass the class itself: load_pruned_checkpoint({name}, path)"
+        )
     if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
         raise ConfigError(f"module_class={module_class!r} must be a LightningModule subclass")
     if not isinstance(checkpoint_path, (str, os.PathLike)) or not Path(checkpoint_path).is_file():
@@ -72,8 +73,10 @@ def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, *
         raise ConfigError(f"{where} is not a torch checkpoint ({first_line(exc)})") from None
     except KeyError as exc:
         if exc.args and exc.args[0] in ("pytorch-lightning_version", "state_dict"):
-            raise ConfigError(f"{where} is not a Lightning checkpoint (no {exc.args[0]!r} entry; a plain state_dict "
-                              "loads with module.load_state_dict(torch.load(path)))") from None
+            raise ConfigError(
+                f"{where} is not a Lightning checkpoint (no {exc.args[0]!r} entry; a plain state_dict "
+                "loads with module.load_state_dict(torch.load(path)))"
+            ) from None
         raise
     except RuntimeError as exc:
         text = str(exc)
@@ -82,6 +85,7 @@ def load_pruned_checkpoint(module_class: type[M], checkpoint_path: str | Path, *
         if "Error(s) in loading state_dict" in text:
             problems = [line.strip() for line in text.splitlines()[1:] if line.strip()]
             shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-            raise ConfigError(f"{where} does not fit {module_class.__name__} as built from its hyper-parameters: "
-                              f"{shown}") from None
+            raise ConfigError(
+                f"{where} does not fit {module_class.__name__} as built from its hyper-parameters: {shown}"
+            ) from None
         raise

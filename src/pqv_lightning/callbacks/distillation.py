@@ -9,10 +9,10 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 from torch import nn
+from typing_extensions import override
 
-from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
+from ..checks import check_bool, check_forward, first_line
 from ..distillation import (
     DistillationConfig,
     check_teacher_precision,
@@ -21,9 +21,9 @@ from ..distillation import (
     split_loss,
     teacher_logits,
 )
-from ..checks import check_bool, check_forward, first_line
 from ..errors import ConfigError, InputNotFoundError
 from ..outputs import logits_of
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 
 __all__ = ["KnowledgeDistillation"]
 
@@ -87,8 +87,9 @@ class KnowledgeDistillation(Callback):
         store_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.config = DistillationConfig(alpha=alpha, tau=tau, teacher_precision=teacher_precision,
-                                         hard_labels=hard_labels)
+        self.config = DistillationConfig(
+            alpha=alpha, tau=tau, teacher_precision=teacher_precision, hard_labels=hard_labels
+        )
         self.config.validate()
         check_bool("store_teacher", store_teacher)
         check_model_attr(model_attr)
@@ -147,13 +148,18 @@ class KnowledgeDistillation(Callback):
             source = self._skeleton
         else:
             if trainer.ckpt_path is not None and not self.store_teacher:
-                raise ConfigError("resuming with store_teacher=False: the checkpoint holds no teacher, and the "
-                                  "network may already be pruned; pass teacher=... or resume from a checkpoint "
-                                  "written with store_teacher=True")
+                raise ConfigError(
+                    "resuming with store_teacher=False: the checkpoint holds no teacher, and the "
+                    "network may already be pruned; pass teacher=... or resume from a checkpoint "
+                    "written with store_teacher=True"
+                )
             source = network  # at fit start: synchronised across DDP ranks, not pruned yet
         self._fp32_teacher = frozen_teacher(source, "fp32").to(pl_module.device)
-        self.teacher = (self._fp32_teacher if self.teacher_precision == "fp32"
-                        else frozen_teacher(self._fp32_teacher, self.teacher_precision))
+        self.teacher = (
+            self._fp32_teacher
+            if self.teacher_precision == "fp32"
+            else frozen_teacher(self._fp32_teacher, self.teacher_precision)
+        )
         if self.teacher_precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
         self._skeleton = self._restored = None
@@ -169,17 +175,19 @@ class KnowledgeDistillation(Callback):
             return  # the input size is not known before the first batch: checked there
         student = logits_of(check_forward("the network", network, example))
         assert self.teacher is not None
-        teacher = check_forward("teacher", _TeacherRun(self.teacher, self.teacher_precision), example,
-                                "the teacher")
+        teacher = check_forward("teacher", _TeacherRun(self.teacher, self.teacher_precision), example, "the teacher")
         if isinstance(student, torch.Tensor) and tuple(teacher.shape) != tuple(student.shape):
-            raise ConfigError(f"teacher: its output shape {tuple(teacher.shape)} differs from the student's "
-                              f"{tuple(student.shape)}; allowed: a teacher with the same number of classes")
+            raise ConfigError(
+                f"teacher: its output shape {tuple(teacher.shape)} differs from the student's "
+                f"{tuple(student.shape)}; allowed: a teacher with the same number of classes"
+            )
 
     def _load_given_teacher(self) -> nn.Module:
         if isinstance(self.teacher_source, nn.Module):
             return self.teacher_source
         from ..models import load_vit_checkpoint
 
+        assert self.teacher_source is not None  # None: the default teacher, built elsewhere
         try:
             return load_vit_checkpoint(self.teacher_source)[0]
         except ValueError as exc:
@@ -221,24 +229,36 @@ class KnowledgeDistillation(Callback):
             if loss is None:
                 if output is None:
                     return None  # the module skipped this batch
-                raise ConfigError("KnowledgeDistillation needs training_step to return the loss tensor or a dict "
-                                  f"with 'loss'; got {type(output).__name__}")
+                raise ConfigError(
+                    "KnowledgeDistillation needs training_step to return the loss tensor or a dict "
+                    f"with 'loss'; got {type(output).__name__}"
+                )
             if self._captured is None:
-                raise ConfigError("KnowledgeDistillation saw no forward call of the network in this training_step "
-                                  "(set model_attr to the network the loss is computed from)")
+                raise ConfigError(
+                    "KnowledgeDistillation saw no forward call of the network in this training_step "
+                    "(set model_attr to the network the loss is computed from)"
+                )
             x, student = self._captured
             self._captured = None
             assert self.teacher is not None
             try:
                 teacher = teacher_logits(self.teacher, x, self.teacher_precision)
             except RuntimeError as exc:  # e.g. a teacher for other input channels
-                raise ConfigError(f"teacher cannot run on the training input of shape {list(x.shape)} "
-                                  f"({first_line(exc)})") from exc
+                raise ConfigError(
+                    f"teacher cannot run on the training input of shape {list(x.shape)} ({first_line(exc)})"
+                ) from exc
             kd = distillation_loss(student, teacher, self.tau, self.hard_labels)
             total = (1.0 - self.alpha) * loss + self.alpha * kd
             agreement = (student.detach().argmax(-1) == teacher.argmax(-1)).float().mean()
-            pl_module.log_dict({"distill/kd_loss": kd.detach(), "distill/task_loss": loss.detach(),
-                                "distill/teacher_agreement": agreement}, on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {
+                    "distill/kd_loss": kd.detach(),
+                    "distill/task_loss": loss.detach(),
+                    "distill/teacher_agreement": agreement,
+                },
+                on_step=True,
+                on_epoch=False,
+            )
             return rebuild(total)
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
@@ -251,7 +271,7 @@ class _TeacherRun(nn.Module):
         super().__init__()
         self.teacher, self.precision = teacher, precision
 
-    def train(self, mode: bool = True) -> "_TeacherRun":  # the teacher stays in eval mode
+    def train(self, mode: bool = True) -> _TeacherRun:  # the teacher stays in eval mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

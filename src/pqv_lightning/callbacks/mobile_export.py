@@ -8,14 +8,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from ..checks import check_bool, check_choice, check_forward, check_mapping, check_names, check_shape
-from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..export import MobileExportConfig, check_output_dir, export_mobile
 from ..export.core import NORMALIZATION_EXAMPLE
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 
 __all__ = ["MobileExport"]
 
@@ -80,11 +80,11 @@ class MobileExport(Callback):
         formats: list[str] | None = None,  # None: the config's default list
         engines: list[Literal["x86", "fbgemm", "qnnpack", "onednn"]] | None = _C.engines,
         delegation_friendly: bool = _C.delegation_friendly,
-        pad_widths: int | Literal["auto"] | None = _C.pad_widths,  # type: ignore[assignment]
+        pad_widths: int | Literal["auto"] | None = _C.pad_widths,
         output_dir: str | None = None,
         overwrite: bool = _C.overwrite,
         min_top1_agreement: float = _C.min_top1_agreement,
-        on_failure: Literal["warn", "raise"] = _C.on_failure,  # type: ignore[assignment]
+        on_failure: Literal["warn", "raise"] = _C.on_failure,
         verify_batches: int = _C.verify_batches,
         calibration_batches: int = _C.calibration_batches,
         calibration_loader: Literal["val", "train"] = "val",
@@ -97,7 +97,7 @@ class MobileExport(Callback):
         input_normalization: dict[str, Any] | None = None,
         log_artifact: bool = True,
         measure_memory: bool = _C.measure_memory,
-        rank: Literal["round-robin", "in-process", "none"] = _C.rank,  # type: ignore[assignment]
+        rank: Literal["round-robin", "in-process", "none"] = _C.rank,
         rank_rounds: int = _C.rank_rounds,
         rank_calls: int = _C.rank_calls,
     ) -> None:
@@ -106,11 +106,21 @@ class MobileExport(Callback):
         # None = the config's default (output_dir: <default_root_dir>/mobile_export, filled in at setup);
         # anything else is checked as given, never replaced ([] and "" are errors, not defaults)
         self.config = MobileExportConfig(
-            **{k: v for k, v in given.items() if v is not None}, delegation_friendly=delegation_friendly,
-            pad_widths=pad_widths, overwrite=overwrite, min_top1_agreement=min_top1_agreement,
-            on_failure=on_failure, threads=threads, warmup=warmup, repeats=repeats, verify_batches=verify_batches,
-            calibration_batches=calibration_batches, measure_memory=measure_memory, rank=rank,
-            rank_rounds=rank_rounds, rank_calls=rank_calls,
+            **{k: v for k, v in given.items() if v is not None},
+            delegation_friendly=delegation_friendly,
+            pad_widths=pad_widths,
+            overwrite=overwrite,
+            min_top1_agreement=min_top1_agreement,
+            on_failure=on_failure,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
+            verify_batches=verify_batches,
+            calibration_batches=calibration_batches,
+            measure_memory=measure_memory,
+            rank=rank,
+            rank_rounds=rank_rounds,
+            rank_calls=rank_calls,
         )
         self.config.validate()
         self._default_output_dir = output_dir is None
@@ -156,7 +166,7 @@ class MobileExport(Callback):
 
     # ------------------------------------------------------------------ the work
     def _loader(self, trainer: pl.Trainer, which: str):
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)  # Trainer sets it in fit (not a declared attribute)
         hook = "val_dataloader" if which == "val" else "train_dataloader"
         if dm is not None and is_overridden(hook, dm):
             return getattr(dm, hook)()  # the user's code: whatever it raises surfaces
@@ -181,23 +191,33 @@ class MobileExport(Callback):
             x = next(iter(val))
             example = (x if isinstance(x, torch.Tensor) else x[0])[:1]
         else:  # the shape the user gave wins over the data's; without either, the network's own
-            example = example_inputs_for(model, adapter, tuple(self.example_input_shape) if self.example_input_shape else None)
+            example = example_inputs_for(
+                model, adapter, tuple(self.example_input_shape) if self.example_input_shape else None
+            )
         # trainer.test runs its end hooks under inference_mode; quantization and tracing need it off
         with torch.inference_mode(False):
             self.manifest = export_mobile(
-                model, example.detach().cpu().clone(), self.config, validation_data=val, calibration_data=calibration,
+                model,
+                example.detach().cpu().clone(),
+                self.config,
+                validation_data=val,
+                calibration_data=calibration,
                 input_normalization=self.input_normalization,
             )
         self._log(trainer)
         ok = sum(a["status"] == "ok" for a in self.manifest["artifacts"])
         engines = self.config.engines or [f"{self.manifest['host']['default_engine']} (host default)"]
-        rank_zero_info(f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in "
-                       f"{self.config.output_dir}; engines {engines}")
+        rank_zero_info(
+            f"MobileExport: {ok}/{len(self.manifest['artifacts'])} artifacts verified in "
+            f"{self.config.output_dir}; engines {engines}"
+        )
         best = self.manifest.get("best")
         if best:
-            rank_zero_info(f"MobileExport: fastest verified artifact on this host: {best['file']} ({best['runtime']}), "
-                           f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager "
-                           f"[{best['method']}]" + (f"; CAVEAT: {best['caveat']}" if "caveat" in best else ""))
+            rank_zero_info(
+                f"MobileExport: fastest verified artifact on this host: {best['file']} ({best['runtime']}), "
+                f"{best['median_ms']:.2f} ms, {best['speedup_vs_fp32_eager']:.2f}x fp32 eager "
+                f"[{best['method']}]" + (f"; CAVEAT: {best['caveat']}" if "caveat" in best else "")
+            )
         return self.manifest
 
     def _log(self, trainer: pl.Trainer) -> None:
@@ -207,22 +227,37 @@ class MobileExport(Callback):
         for a in self.manifest["artifacts"]:
             stem = a["file"].replace(".", "_")
             if a["status"] == "skipped":
-                rows.append([a["file"], a["format"], a["precision"], a["engine"], a["status"], None, None, None, None,
-                             None])
+                rows.append(
+                    [a["file"], a["format"], a["precision"], a["engine"], a["status"], None, None, None, None, None]
+                )
                 continue
             v, lat = a["verification"], a["latency"]
-            metrics.update({
-                f"export/{stem}/size_mb": a["size_bytes"] / 2**20,
-                f"export/{stem}/latency_median_ms": lat["median_ms"],
-                f"export/{stem}/latency_p90_ms": lat["p90_ms"],
-                f"export/{stem}/speedup_vs_fp32_eager": lat["speedup_vs_fp32_eager"],
-                f"export/{stem}/top1_agreement": v["top1_agreement"],
-                f"export/{stem}/cosine": v["cosine"],
-            })
+            metrics.update(
+                {
+                    f"export/{stem}/size_mb": a["size_bytes"] / 2**20,
+                    f"export/{stem}/latency_median_ms": lat["median_ms"],
+                    f"export/{stem}/latency_p90_ms": lat["p90_ms"],
+                    f"export/{stem}/speedup_vs_fp32_eager": lat["speedup_vs_fp32_eager"],
+                    f"export/{stem}/top1_agreement": v["top1_agreement"],
+                    f"export/{stem}/cosine": v["cosine"],
+                }
+            )
             if "top1_accuracy" in v:
                 metrics[f"export/{stem}/top1_accuracy"] = v["top1_accuracy"]
-            rows.append([a["file"], a["format"], a["precision"], a["engine"], a["status"], a["size_bytes"], lat["median_ms"],
-                         lat["speedup_vs_fp32_eager"], v["top1_agreement"], v.get("top1_accuracy")])
+            rows.append(
+                [
+                    a["file"],
+                    a["format"],
+                    a["precision"],
+                    a["engine"],
+                    a["status"],
+                    a["size_bytes"],
+                    lat["median_ms"],
+                    lat["speedup_vs_fp32_eager"],
+                    v["top1_agreement"],
+                    v.get("top1_accuracy"),
+                ]
+            )
         best = self.manifest.get("best")
         if best:
             metrics["export/best/latency_median_ms"] = best["median_ms"]
@@ -234,9 +269,22 @@ class MobileExport(Callback):
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            logger.log_table(key="export/manifest", columns=["file", "format", "precision", "engine", "status", "size_bytes",
-                                                             "latency_median_ms", "speedup", "top1_agreement",
-                                                             "top1_accuracy"], data=rows)
+            logger.log_table(
+                key="export/manifest",
+                columns=[
+                    "file",
+                    "format",
+                    "precision",
+                    "engine",
+                    "status",
+                    "size_bytes",
+                    "latency_median_ms",
+                    "speedup",
+                    "top1_agreement",
+                    "top1_accuracy",
+                ],
+                data=rows,
+            )
             if self.log_artifact:
                 import wandb
 

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections import Counter
 import json
 import math
+from collections import Counter
 from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
-from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
-from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..export.targets import TARGETS
 from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
+from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
+from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning.sparsity import GroupSparsity
 from ..widths import width_rule
 
@@ -166,8 +166,11 @@ class StructuredPruning(Callback):
             TARGETS.check(widths_for, "widths_for")
         #: the export format whose runtime's width rule the pruning follows (None: the defaults)
         self.widths_for = widths_for
-        rule = width_rule(TARGETS[widths_for].pruning_defaults if widths_for else {},
-                          prune_num_heads=prune_num_heads, prune_head_dims=prune_head_dims)
+        rule = width_rule(
+            TARGETS[widths_for].pruning_defaults if widths_for else {},
+            prune_num_heads=prune_num_heads,
+            prune_head_dims=prune_head_dims,
+        )
         self.config = PruningConfig(
             importance=importance,
             pruning_ratio=pruning_ratio,
@@ -187,8 +190,9 @@ class StructuredPruning(Callback):
             **rule,
         )
         self.config.validate()
-        self.schedule = EventSchedule(accumulate_batches=accumulate_batches, interval=interval, start=start,
-                                      frequency=frequency)
+        self.schedule = EventSchedule(
+            accumulate_batches=accumulate_batches, interval=interval, start=start, frequency=frequency
+        )
         self.schedule.validate()
         self.regularization = None
         self.reg_strength_end = reg_strength_end
@@ -220,8 +224,9 @@ class StructuredPruning(Callback):
     @override
     def state_key(self) -> str:
         if self.config.budget:  # the ratio is derived in setup; the budget is what identifies the callback
-            return self._generate_state_key(importance=self.config.importance, model_attr=self.model_attr,
-                                            **self.config.budget)
+            return self._generate_state_key(
+                importance=self.config.importance, model_attr=self.model_attr, **self.config.budget
+            )
         return self._generate_state_key(
             importance=self.config.importance, pruning_ratio=self.config.pruning_ratio, model_attr=self.model_attr
         )
@@ -265,15 +270,19 @@ class StructuredPruning(Callback):
             # a budget's ratio is derived here, before training: an unreachable budget fails now
             self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
             if self.config.budget:
-                rank_zero_info(f"StructuredPruning: budget {self.config.budget} -> channel ratio "
-                               f"{self.pruner.config.pruning_ratio:.4f}")
+                rank_zero_info(
+                    f"StructuredPruning: budget {self.config.budget} -> channel ratio "
+                    f"{self.pruner.config.pruning_ratio:.4f}"
+                )
             self._located_attr = attr
             rank_zero_info(
                 f"StructuredPruning: pruning {type(model).__name__} at "
                 f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
                 f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
-                + "".join(f"; kept whole by its adapter: {count} layers ({why})"
-                          for why, count in Counter(self.pruner.kept_whole.values()).items())
+                + "".join(
+                    f"; kept whole by its adapter: {count} layers ({why})"
+                    for why, count in Counter(self.pruner.kept_whole.values()).items()
+                )
             )
         # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)
@@ -311,7 +320,7 @@ class StructuredPruning(Callback):
         from lightning.pytorch import callbacks as cb
 
         averaging = tuple(getattr(cb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(cb, n))
-        clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]
+        clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]  # type: ignore[attr-defined]
         if clash:
             raise ConfigError(
                 f"StructuredPruning cannot run with {clash}: they keep a copy of the model whose shapes would go stale"
@@ -370,7 +379,9 @@ class StructuredPruning(Callback):
         return {"model_attr": self._located_attr, **self.pruner.state_dict()}
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Every full save while this callback is in the Trainer: during fit, and after it
         # (``trainer.save_checkpoint("final.ckpt")``), when ``teardown`` has removed the module hooks.
         if self.pruner is not None:
@@ -427,7 +438,9 @@ class StructuredPruning(Callback):
         return now >= opens_at
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._window_open_now = self._window_open(trainer)
         if self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.enabled = self._window_open_now
@@ -474,8 +487,9 @@ class StructuredPruning(Callback):
             assert self.pruner is not None
             reg = self.reg_at(trainer.global_step)
             penalty = self.pruner.regularize(reg)
-            pl_module.log_dict({"pruning/reg_penalty": penalty, "pruning/reg_strength": reg.strength},
-                               on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {"pruning/reg_penalty": penalty, "pruning/reg_strength": reg.strength}, on_step=True, on_epoch=False
+            )
 
     def reg_at(self, step: int) -> GroupSparsity:
         """The regularization at optimizer step ``step``: the strength grows linearly from
@@ -528,8 +542,9 @@ class StructuredPruning(Callback):
             return strategy.reduce(t, reduce_op="mean")
 
         calibration = self._calibration_batches() if self.config.reconstruct else None
-        event = self.pruner.step(optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None,
-                                 calibration=calibration)
+        event = self.pruner.step(
+            optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None, calibration=calibration
+        )
         self._window_steps = 0
         self._calibration = []
         if distributed:
@@ -564,10 +579,16 @@ class StructuredPruning(Callback):
             f"params {event.params_before:,} -> {event.params_after:,}, MACs {event.macs_before / 1e6:.1f}M -> "
             f"{event.macs_after / 1e6:.1f}M, channel ratio {event.ratio_reached:.3f} "
             f"(target {event.target_ratio:.3f}), {event.seconds:.2f} s"
-            + (f"; channels removed by ratio {event.removed_by_ratio}, by threshold {event.removed_by_threshold}"
-               if self.config.threshold is not None else "")
-            + (f"; reconstruction error {event.reconstruction_error_before:.3f} -> {event.reconstruction_error_after:.3f}"
-               if event.reconstruction_error_after is not None else "")
+            + (
+                f"; channels removed by ratio {event.removed_by_ratio}, by threshold {event.removed_by_threshold}"
+                if self.config.threshold is not None
+                else ""
+            )
+            + (
+                f"; reconstruction error {event.reconstruction_error_before:.3f} -> {event.reconstruction_error_after:.3f}"
+                if event.reconstruction_error_after is not None
+                else ""
+            )
         )
         metrics = event.metrics()
         for logger in trainer.loggers:
@@ -578,11 +599,27 @@ class StructuredPruning(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_table(
                     key="pruning/events",
-                    columns=["event", "target_ratio", "ratio_reached", "params", "macs", "seconds",
-                             "removed_by_ratio", "removed_by_threshold"],
+                    columns=[
+                        "event",
+                        "target_ratio",
+                        "ratio_reached",
+                        "params",
+                        "macs",
+                        "seconds",
+                        "removed_by_ratio",
+                        "removed_by_threshold",
+                    ],
                     data=[
-                        [e.index, e.target_ratio, e.ratio_reached, e.params_after, e.macs_after, e.seconds,
-                         e.removed_by_ratio, e.removed_by_threshold]
+                        [
+                            e.index,
+                            e.target_ratio,
+                            e.ratio_reached,
+                            e.params_after,
+                            e.macs_after,
+                            e.seconds,
+                            e.removed_by_ratio,
+                            e.removed_by_threshold,
+                        ]
                         for e in self.events
                     ],
                     step=trainer.global_step,

@@ -14,8 +14,19 @@ from .._lazy import lazy_names
 
 #: public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("ENGINES", "RANKINGS", "ExportFailedError", "MobileExportConfig", "check_output_dir",
-                     "export_mobile", "host_default_engine", "rank_artifacts"), ".core"),
+    **dict.fromkeys(
+        (
+            "ENGINES",
+            "RANKINGS",
+            "ExportFailedError",
+            "MobileExportConfig",
+            "check_output_dir",
+            "export_mobile",
+            "host_default_engine",
+            "rank_artifacts",
+        ),
+        ".core",
+    ),
     **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), ".delegation"),
     **dict.fromkeys(("WidthPaddingError", "pad_widths"), ".padding"),
     **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), ".precisions"),

@@ -50,9 +50,16 @@ import torch
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import set_executorch_threads
 
-__all__ = ["Candidate", "HostLoad", "known_suffixes", "load_runner", "round_robin", "summarize", "target_modules",
-           "time_calls"]
-
+__all__ = [
+    "Candidate",
+    "HostLoad",
+    "known_suffixes",
+    "load_runner",
+    "round_robin",
+    "summarize",
+    "target_modules",
+    "time_calls",
+]
 
 
 def known_suffixes() -> tuple[str, ...]:
@@ -77,13 +84,16 @@ class Candidate:
     def __post_init__(self) -> None:
         suffixes = known_suffixes()
         if Path(self.path).suffix not in suffixes:
-            raise ConfigError(f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(suffixes)}")
+            raise ConfigError(
+                f"{self.path!r}: unsupported file type {Path(self.path).suffix!r}; allowed: {list(suffixes)}"
+            )
         if not Path(self.path).is_file():
             raise InputNotFoundError(f"{self.path!r}: no such file")
 
 
-def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | None = None, *,
-                ort_spinning: bool = False):
+def load_runner(
+    path: str, shape: Sequence[int], threads: int, engine: str | None = None, *, ort_spinning: bool = False
+):
     """A callable ``x -> logits`` for the file at ``path``.
 
     ``threads`` sizes ONNX Runtime's session; torch's thread count, its quantized engine (``engine``,
@@ -115,8 +125,8 @@ def load_runner(path: str, shape: Sequence[int], threads: int, engine: str | Non
 
 
 @torch.no_grad()
-def time_calls(run, x: torch.Tensor, warmup: int, calls: int) -> list[float]:
-    """Milliseconds of each of ``calls`` calls after ``warmup`` untimed ones."""
+def time_calls(run, x: Any, warmup: int, calls: int) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``run(x)`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run(x)
     times = []
@@ -129,8 +139,12 @@ def time_calls(run, x: torch.Tensor, warmup: int, calls: int) -> list[float]:
 
 def summarize(times: Sequence[float]) -> dict[str, float]:
     ordered = sorted(times)
-    return {"median_ms": statistics.median(ordered), "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-            "min_ms": ordered[0], "calls": len(ordered)}
+    return {
+        "median_ms": statistics.median(ordered),
+        "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "min_ms": ordered[0],
+        "calls": len(ordered),
+    }
 
 
 def target_modules() -> list[str]:
@@ -148,14 +162,27 @@ def _check_importable(candidates: Sequence[Candidate]) -> None:
     for name, target in TARGETS.items():
         used = [c.label for c in candidates if Path(c.path).suffix == target.suffix]
         if used and type(target).__module__ == "__main__":
-            raise RuntimeError(f"export format {name!r} ({used[0]}) is registered in __main__, which a worker process "
-                               f"cannot import; define its target in an importable module to time it in fresh processes")
+            raise RuntimeError(
+                f"export format {name!r} ({used[0]}) is registered in __main__, which a worker process "
+                f"cannot import; define its target in an importable module to time it in fresh processes"
+            )
 
 
-def _time_in_subprocess(candidate: Candidate, shape: Sequence[int], threads: int, warmup: int,
-                        calls: int) -> dict[str, Any]:
-    args = [sys.executable, "-m", "pqv_lightning.export.benchmark", candidate.path, ",".join(map(str, shape)), str(threads),
-            candidate.engine or "-", str(warmup), str(calls), ",".join(target_modules()) or "-"]
+def _time_in_subprocess(
+    candidate: Candidate, shape: Sequence[int], threads: int, warmup: int, calls: int
+) -> dict[str, Any]:
+    args = [
+        sys.executable,
+        "-m",
+        "pqv_lightning.export.benchmark",
+        candidate.path,
+        ",".join(map(str, shape)),
+        str(threads),
+        candidate.engine or "-",
+        str(warmup),
+        str(calls),
+        ",".join(target_modules()) or "-",
+    ]
     # the parent's sys.path, so that modules it imported from a script's folder import in the worker too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False, env=env)
@@ -165,9 +192,19 @@ def _time_in_subprocess(candidate: Candidate, shape: Sequence[int], threads: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, threads: int = 2, rounds: int = 5,
-                warmup: int = 5, calls: int = 10, baseline: str | None = None, progress=None,
-                max_contention: float | None = 0.2, retries: int = 2) -> dict[str, dict]:
+def round_robin(
+    candidates: Sequence[Candidate],
+    shape: Sequence[int],
+    *,
+    threads: int = 2,
+    rounds: int = 5,
+    warmup: int = 5,
+    calls: int = 10,
+    baseline: str | None = None,
+    progress=None,
+    max_contention: float | None = 0.2,
+    retries: int = 2,
+) -> dict[str, dict]:
     """Time every candidate in a fresh process per round; returns ``{label: stats}``: median, p90,
     min over all calls, peak resident memory of the process and how much loading + running the
     candidate added to it (the largest over the rounds, Linux ``/proc``), ``speedup_vs_baseline``
@@ -186,11 +223,14 @@ def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, thread
     if retries < 0:
         raise ConfigError(f"retries={retries!r} must be >= 0")
     if max_contention is not None and not max_contention >= 0:
-        raise ConfigError(f"max_contention={max_contention!r}: allowed are None (keep every measurement) or a "
-                          "number of CPUs >= 0")
+        raise ConfigError(
+            f"max_contention={max_contention!r}: allowed are None (keep every measurement) or a number of CPUs >= 0"
+        )
     _check_importable(candidates)
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
-    memory: dict[str, dict[str, float]] = {c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates}
+    memory: dict[str, dict[str, float]] = {
+        c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates
+    }
     load: dict[str, dict[str, Any]] = {c.label: {"contention_max": None, "retaken": 0} for c in candidates}
     for r in range(rounds):
         for c in candidates:
@@ -201,9 +241,11 @@ def round_robin(candidates: Sequence[Candidate], shape: Sequence[int], *, thread
                 load[c.label]["retaken"] += 1
                 result = _time_in_subprocess(c, shape, threads, warmup, calls)
             if _too_busy(result.get("contention"), max_contention):
-                warnings.warn(f"{c.label}: timed while other work kept {result['contention']:.2f} CPUs busy "
-                              f"(max_contention={max_contention}), after {retries} retries; its latency may be high",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{c.label}: timed while other work kept {result['contention']:.2f} CPUs busy "
+                    f"(max_contention={max_contention}), after {retries} retries; its latency may be high",
+                    stacklevel=2,
+                )
             times[c.label] += result["times_ms"]
             for key in memory[c.label]:  # the worst round
                 memory[c.label][key] = max(memory[c.label][key], result[key])
@@ -293,10 +335,10 @@ def _status_kib(key: str) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    path, shape, threads, engine, warmup, calls, modules = argv
+    path, shape_arg, threads, engine, warmup, calls, modules = argv
     for module in modules.split(",") if modules != "-" else []:
         importlib.import_module(module)  # registers the user's export targets in this process
-    shape = [int(d) for d in shape.split(",")]
+    shape = [int(d) for d in shape_arg.split(",")]
     x = torch.randn(*shape)
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
         fh.write("5")
@@ -314,8 +356,16 @@ def _main(argv: list[str]) -> None:
     times = time_calls(run, x, int(warmup), int(calls))
     contention = host.contention(int(threads))
     peak = _status_kib("VmHWM:")
-    print(json.dumps({"times_ms": times, "peak_rss_mb": peak / 1024, "load_and_inference_mb": (peak - before) / 1024,
-                      "contention": contention}))
+    print(
+        json.dumps(
+            {
+                "times_ms": times,
+                "peak_rss_mb": peak / 1024,
+                "load_and_inference_mb": (peak - before) / 1024,
+                "contention": contention,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,21 +43,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import (check_bool, check_choice, check_example_tensor, check_forward, check_int, check_mapping,
-                      check_names,
-                      check_number, check_writable_dir, first_line)
+from .._version import __version__
+from ..checks import (
+    check_bool,
+    check_choice,
+    check_example_tensor,
+    check_forward,
+    check_int,
+    check_mapping,
+    check_names,
+    check_number,
+    check_writable_dir,
+    first_line,
+)
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
 from ..outputs import tensor_module
 from ..settings import executorch_threads, quantized_engine, torch_threads
-from .._version import __version__
 from .benchmark import summarize, time_calls
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
 
-__all__ = ["ENGINES", "ON_FAILURE", "PRECISIONS", "RANKINGS", "TARGETS", "ExportFailedError", "MobileExportConfig",
-           "check_output_dir", "export_mobile", "host_default_engine", "rank_artifacts"]
+__all__ = [
+    "ENGINES",
+    "ON_FAILURE",
+    "PRECISIONS",
+    "RANKINGS",
+    "TARGETS",
+    "ExportFailedError",
+    "MobileExportConfig",
+    "check_output_dir",
+    "export_mobile",
+    "host_default_engine",
+    "rank_artifacts",
+]
 
 #: torch's quantized engines (fixed by torch, not an extension point)
 ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
@@ -170,8 +190,11 @@ class MobileExportConfig:
             check_bool(name, getattr(self, name))
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
             raise ConfigError(f"output_dir={self.output_dir!r} must be a folder path (a non-empty string)")
-        if not (self.pad_widths is None or self.pad_widths == "auto" or
-                (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)):
+        if not (
+            self.pad_widths is None
+            or self.pad_widths == "auto"
+            or (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)
+        ):
             raise ConfigError(f"pad_widths={self.pad_widths!r}; allowed: 'auto', None or an integer >= 2")
         check_choice("rank", self.rank, RANKINGS)
         check_choice("on_failure", self.on_failure, ON_FAILURE)
@@ -209,8 +232,12 @@ def _prepare_dir(config: MobileExportConfig) -> Path:
     for stale in _leftovers(out):  # an earlier export was killed: its temporary files and timing folder
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if config.overwrite:  # replace our own previous artifacts (never other files) so none goes stale
-        old_files = [p for t in TARGETS.values() for suffix in (t.suffix, *t.companion_suffixes)
-                     for p in out.glob(f"model_*{suffix}")]
+        old_files = [
+            p
+            for t in TARGETS.values()
+            for suffix in (t.suffix, *t.companion_suffixes)
+            for p in out.glob(f"model_*{suffix}")
+        ]
         for old in [*old_files, out / "manifest.json"]:
             old.unlink(missing_ok=True)
     return out
@@ -226,8 +253,10 @@ def _write_manifest(path: Path, manifest: dict[str, Any], described: Sequence[Pa
         for f in described:
             f.unlink(missing_ok=True)
         removed = f"; removed {[f.name for f in described]}, which it would have described" if described else ""
-        raise ExportFailedError(f"could not write {path} ({first_line(exc)}){removed}. The folder holds what "
-                                "the previous manifest lists (if any)") from exc
+        raise ExportFailedError(
+            f"could not write {path} ({first_line(exc)}){removed}. The folder holds what "
+            "the previous manifest lists (if any)"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -246,17 +275,23 @@ def _verify(run, reference: nn.Module, batches: Sequence[tuple[torch.Tensor, tor
         if y is not None:
             correct_logits.append(out)
             labels.append(y)
-    result = {"samples": total, "top1_agreement": agree / total, "max_abs_logit_error": max_err,
-              "cosine": cos_sum / total}
+    result = {
+        "samples": total,
+        "top1_agreement": agree / total,
+        "max_abs_logit_error": max_err,
+        "cosine": cos_sum / total,
+    }
     if labels:
         logits = torch.cat(correct_logits)
-        result["top1_accuracy"] = float(multiclass_accuracy(logits, torch.cat(labels), num_classes=logits.shape[-1],
-                                                            average="micro"))
+        result["top1_accuracy"] = float(
+            multiclass_accuracy(logits, torch.cat(labels), num_classes=logits.shape[-1], average="micro")
+        )
     return result
 
 
-def _inference_memory(probe: str, path: str, shape: Sequence[int], threads: int,
-                      engine: str | None) -> dict[str, float]:
+def _inference_memory(
+    probe: str, path: str, shape: Sequence[int], threads: int, engine: str | None
+) -> dict[str, float]:
     """Peak RSS of a fresh process while it loads ``path`` and runs 3 inferences (Linux /proc), and
     how much of it the model added over the process with torch imported."""
     import subprocess
@@ -264,22 +299,30 @@ def _inference_memory(probe: str, path: str, shape: Sequence[int], threads: int,
 
     proc = subprocess.run(
         [sys.executable, "-c", probe, path, ",".join(map(str, shape)), str(threads), engine or "-"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        error = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        return {"error": error}  # type: ignore[dict-item]  # the manifest's memory entry holds the reason
     before, after = (int(v) for v in proc.stdout.split()[-2:])  # KiB
     return {"peak_rss_mb": after / 1024, "load_and_inference_mb": (after - before) / 1024}
 
 
-def _latency(run, example: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
+def _latency(run, example: torch.Tensor, warmup: int, repeats: int) -> dict[str, Any]:
     stats = summarize(time_calls(run, example, warmup, repeats))
-    return {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "min_ms": stats["min_ms"],
-            "repeats": repeats, "warmup": warmup}
+    return {
+        "median_ms": stats["median_ms"],
+        "p90_ms": stats["p90_ms"],
+        "min_ms": stats["min_ms"],
+        "repeats": repeats,
+        "warmup": warmup,
+    }
 
 
 def _batches(data: Iterable | None, limit: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    out = []
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     if data is None:
         return out
     for item in data:
@@ -343,8 +386,9 @@ def export_mobile(
     check_example_tensor("example_input", example_input)
     check_mapping("input_normalization", input_normalization, NORMALIZATION_EXAMPLE)
     engines = list(config.engines or [host_default_engine()])
-    calibration = _batches(calibration_data if calibration_data is not None else validation_data,
-                           config.calibration_batches)
+    calibration = _batches(
+        calibration_data if calibration_data is not None else validation_data, config.calibration_batches
+    )
     precisions = [PRECISIONS[p] for p in config.precisions]
     calibrated = [p.name for p in precisions if p.needs_calibration]
     if calibrated and not calibration:
@@ -359,8 +403,12 @@ def export_mobile(
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
-        "host": {"machine": platform.machine(), "threads": config.threads,
-                 "default_engine": host_default_engine(), "xnnpack": bool(torch._C._is_xnnpack_enabled())},
+        "host": {
+            "machine": platform.machine(),
+            "threads": config.threads,
+            "default_engine": host_default_engine(),
+            "xnnpack": bool(torch._C._is_xnnpack_enabled()),
+        },
         "input": {"shape": list(example.shape), "dtype": str(example.dtype), "normalization": input_normalization},
         "artifacts": [],
     }
@@ -381,8 +429,21 @@ def export_mobile(
             for precision in precisions:
                 per_engine = target.engine_dependent and precision.engine_dependent
                 for engine in engines if per_engine else [None]:
-                    entry = _export_one(target, reference, precision, engine, engines[0], example, calibration,
-                                        verify, config, out, baseline, source, padding)
+                    entry = _export_one(
+                        target,
+                        reference,
+                        precision,
+                        engine,
+                        engines[0],
+                        example,
+                        calibration,
+                        verify,
+                        config,
+                        out,
+                        baseline,
+                        source,
+                        padding,
+                    )
                     manifest["artifacts"].append(entry)
                     _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
                     if entry["status"] != "ok" and config.on_failure == "raise":
@@ -400,27 +461,46 @@ def _files_of(entry: dict[str, Any], target: ExportTarget, out: Path) -> list[Pa
     return [out / entry["file"], *target.companions(out / entry["file"])]
 
 
-def _best_entry(artifact: dict[str, Any], stats: dict[str, float], speedup: float, method: str,
-                baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+def _best_entry(
+    artifact: dict[str, Any],
+    stats: dict[str, float],
+    speedup: float,
+    method: str,
+    baseline: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The manifest's ``best``; both latencies by their median. With round-robin ``stats`` / ``baseline``
     timed while other work kept more CPUs busy than the limit (after the retakes), a ``caveat`` says so:
     such a ratio can be far off (a busy host slows one process more than another)."""
-    best = {"file": artifact["file"], "format": artifact["format"], "runtime": artifact.get("runtime"),
-            "precision": artifact["precision"], "engine": artifact["engine"], "median_ms": stats["median_ms"],
-            "p90_ms": stats["p90_ms"], "speedup_vs_fp32_eager": speedup, "statistic": "median / median",
-            "method": method}
-    busy = {label: s["contention_max"] for label, s in (("this file", stats), ("fp32 eager", baseline or {}))
-            if s.get("contention_max") is not None and s["contention_max"] > ROUND_ROBIN_MAX_CONTENTION}
+    best = {
+        "file": artifact["file"],
+        "format": artifact["format"],
+        "runtime": artifact.get("runtime"),
+        "precision": artifact["precision"],
+        "engine": artifact["engine"],
+        "median_ms": stats["median_ms"],
+        "p90_ms": stats["p90_ms"],
+        "speedup_vs_fp32_eager": speedup,
+        "statistic": "median / median",
+        "method": method,
+    }
+    busy = {
+        label: s["contention_max"]
+        for label, s in (("this file", stats), ("fp32 eager", baseline or {}))
+        if s.get("contention_max") is not None and s["contention_max"] > ROUND_ROBIN_MAX_CONTENTION
+    }
     if busy:
-        best["caveat"] = ("measured on a busy host: other work kept " + ", ".join(
-            f"{v:.2f} CPUs busy while {k} was timed" for k, v in busy.items())
+        best["caveat"] = (
+            "measured on a busy host: other work kept "
+            + ", ".join(f"{v:.2f} CPUs busy while {k} was timed" for k, v in busy.items())
             + f" (limit {ROUND_ROBIN_MAX_CONTENTION}, after retakes); the ratio may be far off: time again "
-              "on a quiet host (pqv bench)")
+            "on a quiet host (pqv bench)"
+        )
     return best
 
 
-def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, example: torch.Tensor,
-                   config: MobileExportConfig) -> dict[str, Any] | None:
+def rank_artifacts(
+    manifest: dict[str, Any], out: Path, reference: nn.Module, example: torch.Tensor, config: MobileExportConfig
+) -> dict[str, Any] | None:
     """The fastest verified (``ok``) artifact of ``manifest`` on this host, or None when none is.
 
     ``config.rank="round-robin"``: every ``ok`` artifact and ``reference`` (fp32 eager, saved to a
@@ -445,23 +525,34 @@ def rank_artifacts(manifest: dict[str, Any], out: Path, reference: nn.Module, ex
                 torch.save(reference, eager)
                 candidates = [Candidate("fp32 eager", str(eager))]
                 candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
-                stats = round_robin(candidates, list(example.shape), threads=threads, rounds=config.rank_rounds,
-                                    warmup=config.warmup, calls=config.rank_calls, baseline="fp32 eager",
-                                    max_contention=ROUND_ROBIN_MAX_CONTENTION)
+                stats = round_robin(
+                    candidates,
+                    list(example.shape),
+                    threads=threads,
+                    rounds=config.rank_rounds,
+                    warmup=config.warmup,
+                    calls=config.rank_calls,
+                    baseline="fp32 eager",
+                    max_contention=ROUND_ROBIN_MAX_CONTENTION,
+                )
         except Exception as exc:  # noqa: BLE001 - the artifacts are fine; only the ranking method changes
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            warnings.warn(f"MobileExport: round-robin ranking failed ({reason}); ranking by in-process latency",
-                          stacklevel=3)
+            warnings.warn(
+                f"MobileExport: round-robin ranking failed ({reason}); ranking by in-process latency", stacklevel=3
+            )
             fallback = f"in-process latency (round-robin failed: {reason})"
         else:
             manifest["baseline_fp32_eager"]["latency_round_robin"] = stats["fp32 eager"]
             for a in ok:
                 a["latency_round_robin"] = stats[a["file"]]
             winner = min(ok, key=lambda a: stats[a["file"]]["median_ms"])
-            method = (f"round-robin: every artifact and fp32 eager in a fresh process, {config.rank_rounds} rounds x "
-                      f"{config.rank_calls} calls, {threads} threads, batch {example.shape[0]}")
-            return _best_entry(winner, stats[winner["file"]], stats[winner["file"]]["speedup_vs_baseline"], method,
-                               stats["fp32 eager"])
+            method = (
+                f"round-robin: every artifact and fp32 eager in a fresh process, {config.rank_rounds} rounds x "
+                f"{config.rank_calls} calls, {threads} threads, batch {example.shape[0]}"
+            )
+            return _best_entry(
+                winner, stats[winner["file"]], stats[winner["file"]]["speedup_vs_baseline"], method, stats["fp32 eager"]
+            )
     else:
         fallback = "in-process latency (measured during export, all runtimes in one process)"
     winner = min(ok, key=lambda a: a["latency"]["median_ms"])
@@ -490,12 +581,18 @@ def _cosine(run, reference, batches) -> float:
     return cos / total
 
 
-def _padded_source(target: ExportTarget, reference: nn.Module, example: torch.Tensor, pad: int | str | None,
-                   cache: dict[int, tuple[nn.Module, dict[str, Any]]]) -> tuple[nn.Module, dict[str, Any] | None]:
+def _padded_source(
+    target: ExportTarget,
+    reference: nn.Module,
+    example: torch.Tensor,
+    pad: int | str | None,
+    cache: dict[int, tuple[nn.Module, dict[str, Any]]],
+) -> tuple[nn.Module, dict[str, Any] | None]:
     """The model ``target`` exports: ``reference`` with widths padded to the multiple ``pad`` asks for
     (one copy per multiple, kept in ``cache``), and the manifest's ``width_padding`` entry (None when
     no padding was asked for this target)."""
     multiple = target.width_multiple if pad == "auto" else pad
+    assert not isinstance(multiple, str), "MobileExportConfig.validate allows 'auto', an int or None"
     if not multiple:
         return reference, None
     if multiple not in cache:
@@ -508,15 +605,21 @@ def _padded_source(target: ExportTarget, reference: nn.Module, example: torch.Te
         else:
             with torch.no_grad():
                 ref, out = reference(example), model(example)
-            error = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)) if ref.shape == out.shape else None
+            error = (
+                float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)) if ref.shape == out.shape else None
+            )
             if error is None or error > 1e-4:  # a forward that uses the widths itself (e.g. returns features)
-                reason = (f"the padded model's output differs (shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
-                          f"relative error {error})")
+                reason = (
+                    f"the padded model's output differs (shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
+                    f"relative error {error})"
+                )
                 cache[multiple] = reference, {"multiple": multiple, "applied": False, "reason": reason}
             else:
                 applied = any(k != "kept" for k in changes)
-                cache[multiple] = (model if applied else reference), {
-                    "multiple": multiple, "applied": applied, "widths": changes, "max_relative_error": error}
+                cache[multiple] = (
+                    (model if applied else reference),
+                    {"multiple": multiple, "applied": applied, "widths": changes, "max_relative_error": error},
+                )
     return cache[multiple]
 
 
@@ -528,16 +631,36 @@ def _padding_notes(padding: dict[str, Any] | None) -> tuple[list[str], list[str]
     if "reason" in padding:
         return [], [f"width padding to multiples of {m}: {padding['reason']}"]
     kept = padding["widths"].get("kept", {})
-    skipped = [f"width padding to multiples of {m} left " + ", ".join(f"{k} {a} (->{b})" for k, (a, b) in kept.items())
-               + f" as they were: padding would add more than {MAX_GROWTH:.1%}"] if kept else []
+    skipped = (
+        [
+            f"width padding to multiples of {m} left "
+            + ", ".join(f"{k} {a} (->{b})" for k, (a, b) in kept.items())
+            + f" as they were: padding would add more than {MAX_GROWTH:.1%}"
+        ]
+        if kept
+        else []
+    )
     if not padding["applied"]:
         return ([] if kept else [f"widths already multiples of {m} (no padding needed)"]), skipped
     widths = ", ".join(f"{k} {v[0]}->{v[1]}" for k, v in padding["widths"].items() if k != "kept")
     return [f"widths padded to multiples of {m}, same function: {widths}"], skipped
 
 
-def _export_one(target: ExportTarget, reference, precision: Precision, engine, default_engine, example, calibration,
-                verify, config, out, baseline, source: nn.Module, padding: dict[str, Any] | None) -> dict[str, Any]:
+def _export_one(
+    target: ExportTarget,
+    reference,
+    precision: Precision,
+    engine,
+    default_engine,
+    example,
+    calibration,
+    verify,
+    config,
+    out,
+    baseline,
+    source: nn.Module,
+    padding: dict[str, Any] | None,
+) -> dict[str, Any]:
     """Write, verify (against ``reference``) and time one file of ``source`` (the model to export:
     ``reference`` or its width-padded copy)."""
     name = f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
@@ -549,8 +672,9 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
         with quantized_engine(engine or default_engine), torch.no_grad():
             # verify and time the staged file; it gets its final name only when all of that succeeded
             with staged(path, suffix=target.suffix) as tmp, _companions_staged(target, tmp, path):
-                built = target.write(source, precision, engine or default_engine, example,
-                                     [x for x, _ in calibration], tmp, options)
+                built = target.write(
+                    source, precision, engine or default_engine, example, [x for x, _ in calibration], tmp, options
+                )
                 stage = "load and verify"
                 run = target.load(tmp, example, config.threads)
                 checks = _verify(run, reference, verify)
@@ -559,10 +683,13 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
                 stage = "time"
                 latency = _latency(run, example, config.warmup, config.repeats)
                 del run
-                memory = (_inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
-                          if config.measure_memory and target.memory_probe else None)
+                memory = (
+                    _inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
+                    if config.measure_memory and target.memory_probe
+                    else None
+                )
                 digest = file_digest(tmp, 64)
-                size = sum(Path(f).stat().st_size for f in [tmp, *target.companions(tmp)])
+                size = sum(Path(f).stat().st_size for f in [Path(tmp), *target.companions(tmp)])
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
         if config.on_failure == "raise":
@@ -579,10 +706,20 @@ def _export_one(target: ExportTarget, reference, precision: Precision, engine, d
     entry.update(
         runtime=target.runtime,
         status="ok" if ok else "failed",
-        reason=None if ok else (f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
-                                f"{config.min_top1_agreement}"),
-        sha256=digest, size_bytes=size, optimizations_applied=pad_applied + built.applied,
-        optimizations_skipped=pad_skipped + built.skipped, **built.details, verification=checks, latency=latency, memory=memory,
+        reason=None
+        if ok
+        else (
+            f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
+            f"{config.min_top1_agreement}"
+        ),
+        sha256=digest,
+        size_bytes=size,
+        optimizations_applied=pad_applied + built.applied,
+        optimizations_skipped=pad_skipped + built.skipped,
+        **built.details,
+        verification=checks,
+        latency=latency,
+        memory=memory,
     )
     if not ok:
         warnings.warn(f"MobileExport: {name} failed verification: {entry['reason']}", stacklevel=3)

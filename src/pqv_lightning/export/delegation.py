@@ -43,6 +43,7 @@ __all__ = [
     "keep_layernorm_fp32",
 ]
 
+
 @dataclass(frozen=True)
 class DelegationSwap:
     """Replace every module of exactly one of ``module_types`` by ``build(module)`` (exact types: a
@@ -53,8 +54,9 @@ class DelegationSwap:
 
 
 #: name -> :class:`DelegationSwap`; applied by :func:`make_delegation_friendly` before ExecuTorch lowering.
-DELEGATION_SWAPS: Registry[DelegationSwap] = Registry("delegation swap", types=lambda swap: swap.module_types,
-                                                      mro=False)
+DELEGATION_SWAPS: Registry[DelegationSwap] = Registry(
+    "delegation swap", types=lambda swap: swap.module_types, mro=False
+)
 
 
 def register_delegation_swap(module_type: type, name: str | None = None) -> Callable:
@@ -62,8 +64,11 @@ def register_delegation_swap(module_type: type, name: str | None = None) -> Call
     (registered in :data:`DELEGATION_SWAPS` under ``name``, default the type's qualified name)."""
 
     def wrap(fn: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
-        DELEGATION_SWAPS.register(name or f"{module_type.__module__}.{module_type.__qualname__}",
-                                  DelegationSwap((module_type,), fn), overwrite=True)
+        DELEGATION_SWAPS.register(
+            name or f"{module_type.__module__}.{module_type.__qualname__}",
+            DelegationSwap((module_type,), fn),
+            overwrite=True,
+        )
         return fn
 
     return wrap
@@ -75,13 +80,16 @@ class DelegatableLayerNorm(nn.Module):
     def __init__(self, norm: nn.LayerNorm) -> None:
         super().__init__()
         if len(norm.normalized_shape) != 1:
-            raise ValueError(f"normalized_shape={tuple(norm.normalized_shape)}: only last-dimension LayerNorm is supported")
+            raise ValueError(
+                f"normalized_shape={tuple(norm.normalized_shape)}: only last-dimension LayerNorm is supported"
+            )
         width = norm.normalized_shape[0]
         self.width, self.eps = width, norm.eps
         self.weight, self.bias = norm.weight, norm.bias
         ref = norm.weight if norm.weight is not None else torch.empty(0)
-        self.register_buffer("mean_row", torch.full((1, width), 1.0 / width, dtype=ref.dtype, device=ref.device),
-                             persistent=False)
+        self.register_buffer(
+            "mean_row", torch.full((1, width), 1.0 / width, dtype=ref.dtype, device=ref.device), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - F.linear(x, self.mean_row)
@@ -119,25 +127,29 @@ class DelegatableAttention(nn.Module):
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.attn_dim = attn.num_heads * attn.head_dim
         if attn.qkv.out_features != 3 * self.attn_dim:
-            raise ValueError(f"qkv.out_features={attn.qkv.out_features} != 3 * num_heads * head_dim "
-                             f"= {3 * self.attn_dim}; the module's head attributes are out of sync")
+            raise ValueError(
+                f"qkv.out_features={attn.qkv.out_features} != 3 * num_heads * head_dim "
+                f"= {3 * self.attn_dim}; the module's head attributes are out of sync"
+            )
         ref = attn.qkv.weight
-        self.register_buffer("scale", torch.tensor([float(attn.scale)], dtype=ref.dtype, device=ref.device),
-                             persistent=False)
+        self.register_buffer(
+            "scale", torch.tensor([float(attn.scale)], dtype=ref.dtype, device=ref.device), persistent=False
+        )
 
     def _heads(self, t: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         return t.reshape(batch, tokens, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("DelegatableAttention supports unmasked self-attention only (attn_mask=None, "
-                             "is_causal=False)")
+            raise ValueError(
+                "DelegatableAttention supports unmasked self-attention only (attn_mask=None, is_causal=False)"
+            )
         b, n, _ = x.shape
         h, d, a = self.num_heads, self.head_dim, self.attn_dim
         qkv = self.qkv(x)
         q = self.q_norm(self._heads(qkv[:, :, :a], b, n)) * self.scale
-        k = self.k_norm(self._heads(qkv[:, :, a:2 * a], b, n))
-        v = self._heads(qkv[:, :, 2 * a:], b, n)
+        k = self.k_norm(self._heads(qkv[:, :, a : 2 * a], b, n))
+        v = self._heads(qkv[:, :, 2 * a :], b, n)
         scores = torch.bmm(q.reshape(b * h, n, d), k.transpose(-2, -1).reshape(b * h, d, n)).softmax(-1)
         out = torch.bmm(scores, v.reshape(b * h, n, d)).reshape(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, a)
         out = self.norm(out)
@@ -157,8 +169,11 @@ except ImportError:  # pragma: no cover - timm is a dependency
     pass
 
 
-def _replace(module: nn.Module, pick: Callable[[nn.Module], Callable[[nn.Module], nn.Module] | None],
-             counts: dict[str, int] | None = None) -> dict[str, int]:
+def _replace(
+    module: nn.Module,
+    pick: Callable[[nn.Module], Callable[[nn.Module], nn.Module] | None],
+    counts: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Post-order: a module's children are swapped before the module itself is (e.g. the q/k norms of
     an attention block before the block)."""
     counts = {} if counts is None else counts
@@ -176,6 +191,7 @@ def make_delegation_friendly(model: nn.Module) -> dict[str, int]:
 
     Call it on a copy (the exporter does): the swapped modules share the original parameters.
     """
+
     def pick(module: nn.Module):
         swap = DELEGATION_SWAPS.for_type(module)
         return None if swap is None else swap.build

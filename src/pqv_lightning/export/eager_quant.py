@@ -21,8 +21,8 @@ from torch import nn
 __all__ = ["linears_read_directly", "quantize_linears_dynamic"]
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_source(cls: type) -> str:
+@functools.cache
+def _forward_source(cls: type[nn.Module]) -> str:
     try:
         return inspect.getsource(cls.forward)
     except (OSError, TypeError):
@@ -33,14 +33,16 @@ def linears_read_directly(model: nn.Module) -> list[str]:
     """Dotted names of the Linear layers whose parent's ``forward`` reads their ``weight`` or ``bias``."""
     found = []
     for parent_name, parent in model.named_modules():
-        source = _forward_source(type(parent))
+        source = _forward_source(type(parent))  # type: ignore[arg-type]  # a class is hashable
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and re.search(rf"\bself\.{re.escape(name)}\.(weight|bias)\b", source):
                 found.append(f"{parent_name}.{name}" if parent_name else name)
     return found
 
 
-def quantize_linears_dynamic(model: nn.Module, dtype: torch.dtype = torch.qint8, per_channel: bool = False) -> nn.Module:
+def quantize_linears_dynamic(
+    model: nn.Module, dtype: torch.dtype = torch.qint8, per_channel: bool = False
+) -> nn.Module:
     """``quantize_dynamic`` of every Linear layer except :func:`linears_read_directly` (``qint8`` or
     ``float16`` weights, ``torch.ao``'s dynamic qconfig for that type; ``qint8`` with one weight scale
     per output channel when ``per_channel``, else per tensor)."""

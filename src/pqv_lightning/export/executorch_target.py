@@ -51,8 +51,9 @@ def _symbolic_batch(ep: torch.export.ExportedProgram) -> bool:
     return False  # pragma: no cover - a model always has an input
 
 
-def _pt2e_quantize(model: nn.Module, precision: Int8Dynamic | Int8Static, example: torch.Tensor,
-                   calibration: Sequence[torch.Tensor]) -> tuple[nn.Module, bool]:
+def _pt2e_quantize(
+    model: nn.Module, precision: Int8Dynamic | Int8Static, example: torch.Tensor, calibration: Sequence[torch.Tensor]
+) -> tuple[nn.Module, bool]:
     """The pt2e-converted model, and whether it takes any batch size (else only ``len(example)``)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -62,7 +63,8 @@ def _pt2e_quantize(model: nn.Module, precision: Int8Dynamic | Int8Static, exampl
 
     dynamic = isinstance(precision, Int8Dynamic)
     quantizer = XNNPACKQuantizer().set_module_type(
-        nn.Linear, get_symmetric_quantization_config(is_per_channel=precision.per_channel, is_dynamic=dynamic))
+        nn.Linear, get_symmetric_quantization_config(is_per_channel=precision.per_channel, is_dynamic=dynamic)
+    )
     # export with a free batch size when the model allows it, so calibration runs on whole batches
     # (from a batch of 2: a batch of 1 would specialize the batch dimension)
     pair = torch.cat([example, example])
@@ -91,9 +93,14 @@ def delegation_report(edge_program: torch.export.ExportedProgram) -> dict[str, A
     return {"partitions": partitions, "non_delegated_ops": sorted(other)}
 
 
-def lower_to_executorch(model: nn.Module, example: torch.Tensor, precision: str | Precision,
-                        calibration: Sequence[torch.Tensor] = (), *, delegation_friendly: bool = True
-                        ) -> tuple[bytes, dict[str, Any], Runner | None]:
+def lower_to_executorch(
+    model: nn.Module,
+    example: torch.Tensor,
+    precision: str | Precision,
+    calibration: Sequence[torch.Tensor] = (),
+    *,
+    delegation_friendly: bool = True,
+) -> tuple[bytes, dict[str, Any], Runner | None]:
     """Lower a copy of ``model`` to an ExecuTorch program for XNNPACK.
 
     Returns ``(pte bytes, details, runner of the quantized reference model or None)``. The program
@@ -134,30 +141,43 @@ class ExecuTorchTarget(ExportTarget):
     format = "pte"
     suffix = ".pte"
     runtime = "ExecuTorch (XNNPACK delegate)"
-    unsupported_options = {"attention_matmuls": (
-        "ExecuTorch's XNNPACK delegate runs bmm (the attention products) in fp32 only "
-        "(its BMMConfig); use format 'onnx'")}
+    unsupported_options = {
+        "attention_matmuls": (
+            "ExecuTorch's XNNPACK delegate runs bmm (the attention products) in fp32 only "
+            "(its BMMConfig); use format 'onnx'"
+        )
+    }
     extra = "executorch"
     requires = ("executorch", "torchao")
-    memory_probe = PROBE_HEAD + """
+    memory_probe = (
+        PROBE_HEAD
+        + """
 from executorch.extension.pybindings import portable_lib
 from executorch.runtime import Runtime
 portable_lib._unsafe_reset_threadpool(int(sys.argv[3]))
 runtime = Runtime.get()
-""" + PROBE_RESET + """
+"""
+        + PROBE_RESET
+        + """
 method = runtime.load_program(sys.argv[1]).load_method("forward")
 for _ in range(3):
     method.execute([x])
-""" + PROBE_TAIL
+"""
+        + PROBE_TAIL
+    )
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         friendly = options.get("delegation_friendly", True)
-        buffer, details, quantized = lower_to_executorch(reference, example, precision, calibration,
-                                                         delegation_friendly=friendly)
+        buffer, details, quantized = lower_to_executorch(
+            reference, example, precision, calibration, delegation_friendly=friendly
+        )
         with open(path, "wb") as fh:
             fh.write(buffer)
         applied = (["delegation-friendly module swaps"] if friendly else []) + [
-            *details.pop("applied"), "torch.export", "to_edge_transform_and_lower(XnnpackPartitioner)"]
+            *details.pop("applied"),
+            "torch.export",
+            "to_edge_transform_and_lower(XnnpackPartitioner)",
+        ]
         return Built(applied=applied, details=details, quantized_reference=quantized)
 
     def load(self, path, example, threads):

@@ -26,11 +26,16 @@ def _ort_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
     except ImportError:
         return None
     rng = np.random.default_rng(0)
-    weight = helper.make_tensor("B", TensorProto.INT8, [size, size],
-                                rng.integers(-128, 127, (size, size), dtype=np.int8).tobytes(), raw=True)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "gemm",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
-                              [helper.make_tensor_value_info("C", TensorProto.INT32, [size, size])], [weight])
+    weight = helper.make_tensor(
+        "B", TensorProto.INT8, [size, size], rng.integers(-128, 127, (size, size), dtype=np.int8).tobytes(), raw=True
+    )
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["C"])],
+        "gemm",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
+        [helper.make_tensor_value_info("C", TensorProto.INT32, [size, size])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     session = ort_session(model.SerializeToString(), threads)
     feed = {"A": rng.integers(0, 255, (size, size), dtype=np.uint8)}
@@ -55,8 +60,9 @@ def openvino_int8_gemm(size: int, threads: int):
     scale = ops.constant(np.full((size, 1), 0.01, dtype=np.float32))
     weight = ops.multiply(ops.convert(w, np.float32), scale)
     model = ov.Model([ops.matmul(xq, weight, False, True)], [x], "gemm_int8")
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                      "PERFORMANCE_HINT": "LATENCY"})
+    compiled = ov.Core().compile_model(
+        model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    )
     return compiled, {0: rng.standard_normal((size, size), dtype=np.float32)}
 
 
@@ -84,9 +90,15 @@ def host_description() -> dict[str, Any]:
         pass
     cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
     flags = set((info.get("flags") or info.get("Features") or "").split())
-    out = {"cpu": cpu, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
-           "isa": [f for f in _ISA_FLAGS if f in flags], "system": platform.system(),
-           "python": platform.python_version(), "torch": torch.__version__}
+    out = {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "isa": [f for f in _ISA_FLAGS if f in flags],
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     # a cloud VM may name different CPU generations alike ("Intel(R) Xeon(R) Processor"): the CPUID
     # family / model / stepping and the last-level cache tell them apart
     if "cpu family" in info and "model" in info:
@@ -126,8 +138,16 @@ def _gemm_throughput(threads: int, size: int, calls: int) -> dict[str, Any]:
     ov_ms = _openvino_int8_gemm_ms(size, threads, calls)
     if ov_ms is not None:
         int8["openvino FullyConnected"] = ov_ms
-    source = min(int8, key=int8.get)
-    return {"fp32_gops": ops / (fp32 * 1e6), "fp32_source": "torch.mm", "bf16_gops": ops / (bf16 * 1e6),
-            "bf16_source": "torch.mm", "int8_gops": ops / (int8[source] * 1e6),
-            "int8_source": source, **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
-            "size": size, "threads": threads, "host": host_description()}
+    source = min(int8, key=lambda name: int8[name])
+    return {
+        "fp32_gops": ops / (fp32 * 1e6),
+        "fp32_source": "torch.mm",
+        "bf16_gops": ops / (bf16 * 1e6),
+        "bf16_source": "torch.mm",
+        "int8_gops": ops / (int8[source] * 1e6),
+        "int8_source": source,
+        **{f"int8_gops[{k}]": ops / (v * 1e6) for k, v in int8.items()},
+        "size": size,
+        "threads": threads,
+        "host": host_description(),
+    }

@@ -62,8 +62,11 @@ def ort_session(model: str | bytes, threads: int, spinning: bool = False):
 @contextlib.contextmanager
 def _quiet():
     """The exporter and quantizer print progress and advice on every call; keep errors only."""
-    with logger_levels(("onnxruntime", "onnxscript", "torch.onnx", ""), logging.ERROR), \
-            warnings.catch_warnings(), contextlib.redirect_stdout(None):
+    with (
+        logger_levels(("onnxruntime", "onnxscript", "torch.onnx", ""), logging.ERROR),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(None),
+    ):
         warnings.simplefilter("ignore")
         yield
 
@@ -82,8 +85,13 @@ def _calibration_reader(input_name: str, batches: Sequence[torch.Tensor]):
     return Reader()
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, precision: str | Precision, path: str,
-                calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    precision: str | Precision,
+    path: str,
+    calibration: Sequence[torch.Tensor] = (),
+) -> dict[str, Any]:
     """Export a copy of ``model`` to ONNX at ``precision`` (written to ``path``). Returns details
     (``applied``: what the precision's handler did)."""
     import onnx
@@ -93,17 +101,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, precision: str | Precis
     model = copy.deepcopy(model).eval().float()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if weight_bytes >= _PROTOBUF_LIMIT:
-        raise ValueError(f"the model has {weight_bytes / 2**30:.2f} GiB of weights; a single .onnx file holds < 2 GiB "
-                         "(external-data exports are not supported by this target)")
+        raise ValueError(
+            f"the model has {weight_bytes / 2**30:.2f} GiB of weights; a single .onnx file holds < 2 GiB "
+            "(external-data exports are not supported by this target)"
+        )
     details: dict[str, Any] = {"opset": None, "dynamic_batch": True}
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".onnx-") as work, _quiet():
         fp32 = str(Path(work) / "fp32.onnx")
         pair = torch.cat([example, example])  # a batch of 2: a batch of 1 would specialize the batch dimension
-        torch.onnx.export(model, (pair,), fp32, dynamo=True, external_data=False, optimize=True, verbose=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-        details["opset"] = next((o.version for o in onnx.load(fp32, load_external_data=False).opset_import
-                                 if o.domain in ("", "ai.onnx")), None)
+        torch.onnx.export(
+            model,
+            (pair,),
+            fp32,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+        details["opset"] = next(
+            (o.version for o in onnx.load(fp32, load_external_data=False).opset_import if o.domain in ("", "ai.onnx")),
+            None,
+        )
         # handlers: (fp32 .onnx, output path, work folder, precision, calibration) -> details
         details.update(apply(fp32, path, work, precision, calibration))
     return details
@@ -133,7 +154,9 @@ class ONNXTarget(ExportTarget):
     runtime = "ONNX Runtime (CPU)"
     extra = "onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
-    memory_probe = PROBE_HEAD + """
+    memory_probe = (
+        PROBE_HEAD
+        + """
 import onnxruntime as ort
 # the probe imports only the runtime (not pqv_lightning), so its peak RSS is the runtime's own;
 # its session settings mirror ort_session()
@@ -142,11 +165,15 @@ options.intra_op_num_threads = int(sys.argv[3])
 options.inter_op_num_threads = 1
 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 feed = x.numpy()
-""" + PROBE_RESET + """
+"""
+        + PROBE_RESET
+        + """
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 for _ in range(3):
     session.run(None, {session.get_inputs()[0].name: feed})
-""" + PROBE_TAIL
+"""
+        + PROBE_TAIL
+    )
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_onnx(reference, example, precision, path, calibration)
@@ -184,14 +211,22 @@ def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calib
 
     # MatMulConstBOnly=False: the MatMuls of two activations (q @ k.T, attn @ v) become MatMulInteger too
     applied: list[str] = []
-    quantize_dynamic(_pre_processed(fp32, work, applied), path, weight_type=QuantType.QInt8,
-                     per_channel=precision.per_channel, extra_options={"MatMulConstBOnly": not precision.attention_matmuls})
+    quantize_dynamic(
+        _pre_processed(fp32, work, applied),
+        path,
+        weight_type=QuantType.QInt8,
+        per_channel=precision.per_channel,
+        extra_options={"MatMulConstBOnly": not precision.attention_matmuls},
+    )
     scales = "per-channel" if precision.per_channel else "per-tensor"
     applied.append(f"quantize_dynamic (int8 {scales} weights)")
     if precision.attention_matmuls:
         applied.append("attention matmuls (q @ k.T, attn @ v) int8, both inputs quantized per call")
-    return {"applied": applied, "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)",
-            "attention_matmuls": "int8" if precision.attention_matmuls else "fp32"}
+    return {
+        "applied": applied,
+        "quantized_op_types": "ONNX Runtime dynamic defaults (MatMul, Gemm, Attention, ...)",
+        "attention_matmuls": "int8" if precision.attention_matmuls else "fp32",
+    }
 
 
 @ONNXTarget.handles(Int8Static)
@@ -199,9 +234,16 @@ def _int8_static(fp32: str, path: str, work: str, precision: Int8Static, calibra
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     applied: list[str] = []
-    quantize_static(_pre_processed(fp32, work, applied), path, _calibration_reader("input", calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=precision.per_channel,
-                    op_types_to_quantize=list(STATIC_OP_TYPES))
+    quantize_static(
+        _pre_processed(fp32, work, applied),
+        path,
+        _calibration_reader("input", calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=precision.per_channel,
+        op_types_to_quantize=list(STATIC_OP_TYPES),
+    )
     scales = "per-channel" if precision.per_channel else "per-tensor"
-    return {"applied": [*applied, f"quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
-            "quantized_op_types": list(STATIC_OP_TYPES)}
+    return {
+        "applied": [*applied, f"quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
+        "quantized_op_types": list(STATIC_OP_TYPES),
+    }

@@ -63,8 +63,11 @@ _SHAPES_KEPT = 4
 @contextlib.contextmanager
 def _quiet():
     """NNCF and the converter log progress bars and advice on every call; keep errors only."""
-    with logger_levels(("nncf", "openvino", "torch"), logging.ERROR), warnings.catch_warnings(), \
-            contextlib.redirect_stdout(None):
+    with (
+        logger_levels(("nncf", "openvino", "torch"), logging.ERROR),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(None),
+    ):
         warnings.simplefilter("ignore")
         yield
 
@@ -87,8 +90,7 @@ def _core():
     return ov.Core()
 
 
-def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None,
-               options: Mapping[str, Any] | None = None):
+def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None, options: Mapping[str, Any] | None = None):
     """An OpenVINO CPU ``CompiledModel`` for the IR at ``path``, with the IR's own runtime options
     (e.g. ``fp32`` files: ``INFERENCE_PRECISION_HINT=f32``), ``threads`` inference threads, one
     stream and the latency hint. ``shape``: compile for this one input shape (static shapes, the
@@ -98,8 +100,13 @@ def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None,
     model = core.read_model(path)
     if shape is not None:
         model.reshape([int(d) for d in shape])
-    config = {**runtime_options(model), "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-              "PERFORMANCE_HINT": "LATENCY", **(options or {})}
+    config = {
+        **runtime_options(model),
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        **(options or {}),
+    }
     return core.compile_model(model, "CPU", config)
 
 
@@ -130,8 +137,13 @@ def _describe(compiled) -> dict[str, Any]:
     return out
 
 
-def export_openvino(model: nn.Module, example: torch.Tensor, precision: str | Precision, path: str,
-                    calibration: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+def export_openvino(
+    model: nn.Module,
+    example: torch.Tensor,
+    precision: str | Precision,
+    path: str,
+    calibration: Sequence[torch.Tensor] = (),
+) -> dict[str, Any]:
     """Convert a copy of ``model`` to an OpenVINO IR at ``precision``: ``path`` (``.xml``) and the
     ``.bin`` of the same name. Returns details (``applied``: what the precision's handler did)."""
     import nncf  # noqa: F401  (imported before _quiet(): its import sets its logger's level, undoing ours)
@@ -150,8 +162,7 @@ def export_openvino(model: nn.Module, example: torch.Tensor, precision: str | Pr
         for key, value in options.items():
             ir.set_rt_info(value, [RUNTIME_OPTIONS, key])
         ov.save_model(ir, path, compress_to_fp16=compress)
-    return {"applied": ["openvino.convert_model", *applied], "runtime_options": options,
-            "openvino": ov.__version__}
+    return {"applied": ["openvino.convert_model", *applied], "runtime_options": options, "openvino": ov.__version__}
 
 
 @register_target
@@ -160,9 +171,12 @@ class OpenVINOTarget(ExportTarget):
     suffix = ".xml"
     companion_suffixes = (".bin",)
     runtime = "OpenVINO (CPU plugin)"
-    unsupported_options = {"attention_matmuls": (
-        "the OpenVINO CPU plugin quantizes activations per call in compressed-weight "
-        "layers only; int8-static (NNCF) quantizes q and k of the attention")}
+    unsupported_options = {
+        "attention_matmuls": (
+            "the OpenVINO CPU plugin quantizes activations per call in compressed-weight "
+            "layers only; int8-static (NNCF) quantizes q and k of the attention"
+        )
+    }
     extra = "openvino"
     requires = ("openvino", "nncf")
     # int8 on an AMX host: the 9.375 %-pruned DeiT-base (widths 696, head dim 58) ran 1.32x faster padded
@@ -171,11 +185,15 @@ class OpenVINOTarget(ExportTarget):
     # whole heads instead of head dims: DeiT-base pruned 25 % both ways (9.50 GMACs each), int8-static
     # 1.12x faster with 9 heads of 64 than with 12 of 48 (9 of 10 round-robins, benchmarks/headline.py)
     pruning_defaults = {"prune_num_heads": True, "prune_head_dims": False}
-    memory_probe = PROBE_HEAD + """
+    memory_probe = (
+        PROBE_HEAD
+        + """
 import openvino as ov
 core = ov.Core()
 feed = x.numpy()
-""" + PROBE_RESET + """
+"""
+        + PROBE_RESET
+        + """
 model = core.read_model(sys.argv[1])
 options = {}  # as compile_ir(): the IR's own runtime options
 if model.has_rt_info(["runtime_options"]):
@@ -185,7 +203,9 @@ compiled = core.compile_model(model, "CPU", {**options, "INFERENCE_NUM_THREADS":
                                              "PERFORMANCE_HINT": "LATENCY"})
 for _ in range(3):
     compiled(feed)
-""" + PROBE_TAIL
+"""
+        + PROBE_TAIL
+    )
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_openvino(reference, example, precision, path, calibration)
@@ -196,9 +216,11 @@ for _ in range(3):
             details["dynamic_quantization"] = active = dynamic_quantization_active(path, example.shape, compiled)
             applied.append(
                 "activations quantized to int8 per call by the CPU plugin (dynamic quantization, group size "
-                f"{details.get('dynamic_quantization_group_size')})" if active else
-                "activations not quantized on this host: the CPU plugin decompresses the int8 weights into "
-                f"{details['inference_precision']} GEMMs (its dynamic quantization did not apply)")
+                f"{details.get('dynamic_quantization_group_size')})"
+                if active
+                else "activations not quantized on this host: the CPU plugin decompresses the int8 weights into "
+                f"{details['inference_precision']} GEMMs (its dynamic quantization did not apply)"
+            )
         return Built(applied=applied, details=details)
 
     def load(self, path, example, threads):
@@ -241,8 +263,10 @@ def _int8_dynamic(ir, precision: Int8Dynamic, calibration):
     import nncf
 
     if not precision.per_channel:
-        raise ValueError(f"precision {precision.name!r}: NNCF int8 weight compression has one scale per output "
-                         "channel; per_channel=False is not available for format 'openvino'")
+        raise ValueError(
+            f"precision {precision.name!r}: NNCF int8 weight compression has one scale per output "
+            "channel; per_channel=False is not available for format 'openvino'"
+        )
     ir = nncf.compress_weights(ir, mode=nncf.CompressWeightsMode.INT8_SYM)
     return ir, False, {}, ["nncf.compress_weights(INT8_SYM, per-channel)"]
 
@@ -254,8 +278,10 @@ def _int8_static(ir, precision: Int8Static, calibration):
     if not calibration:
         raise ValueError("int8-static needs calibration batches")
     if not precision.per_channel:
-        raise ValueError(f"precision {precision.name!r}: NNCF quantizes weights per output channel; "
-                         "per_channel=False is not available for format 'openvino'")
+        raise ValueError(
+            f"precision {precision.name!r}: NNCF quantizes weights per output channel; "
+            "per_channel=False is not available for format 'openvino'"
+        )
     data = nncf.Dataset([b.float().cpu().numpy() for b in calibration])
     ir = nncf.quantize(ir, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
     return ir, False, {}, [f"nncf.quantize(model_type=TRANSFORMER, {len(calibration)} calibration batches)"]

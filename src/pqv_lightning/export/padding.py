@@ -86,10 +86,11 @@ def _zero_input_columns(lin: nn.Linear, width: int, inputs_per_group: int = 0, g
     weight = new.weight.data
     weight.zero_()
     if groups == 1:
-        weight[:, :lin.in_features] = lin.weight
+        weight[:, : lin.in_features] = lin.weight
     else:
         weight.view(lin.out_features, groups, -1)[:, :, :inputs_per_group] = lin.weight.view(
-            lin.out_features, groups, inputs_per_group)
+            lin.out_features, groups, inputs_per_group
+        )
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias)
     return new
@@ -99,10 +100,13 @@ def _mlp_target(mlp: nn.Module, multiple: int, max_growth: float, kept: dict[str
     """The padded hidden width (the same when it is a multiple); refuses an MLP it cannot pad."""
     target = _grown(mlp.fc1.out_features, multiple, max_growth, "mlp_hidden", kept)
     zero = torch.zeros(1, dtype=mlp.fc1.weight.dtype)
-    if target != mlp.fc1.out_features and (not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
-                                           or float(mlp.act(zero).abs().max()) != 0.0):
-        raise WidthPaddingError(f"cannot pad the MLP hidden width: its activation {type(mlp.act).__name__} does not "
-                                f"map 0 to 0 or it has a norm ({type(mlp.norm).__name__})")
+    if target != mlp.fc1.out_features and (
+        not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) or float(mlp.act(zero).abs().max()) != 0.0
+    ):
+        raise WidthPaddingError(
+            f"cannot pad the MLP hidden width: its activation {type(mlp.act).__name__} does not "
+            f"map 0 to 0 or it has a norm ({type(mlp.norm).__name__})"
+        )
     return target
 
 
@@ -127,8 +131,10 @@ def _head_target(attn: nn.Module, multiple: int, max_growth: float, kept: dict[s
     target = _grown(attn.head_dim, head_width_step(multiple, attn.num_heads), max_growth, "head_dim", kept)
     for part in ("q_norm", "k_norm", "norm"):
         if target != attn.head_dim and not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-            raise WidthPaddingError(f"cannot pad head dims of an attention with {part}="
-                                    f"{type(getattr(attn, part)).__name__} (it normalizes over the head dims)")
+            raise WidthPaddingError(
+                f"cannot pad head dims of an attention with {part}="
+                f"{type(getattr(attn, part)).__name__} (it normalizes over the head dims)"
+            )
     return target
 
 
@@ -274,13 +280,20 @@ def pad_widths(model: nn.Module, multiple: int = 64, max_growth: float = MAX_GRO
         raise ConfigError(f"max_growth={max_growth!r} must be >= 0")
     vits = [m for m in model.modules() if isinstance(m, VisionTransformer)]
     if not vits:
-        raise WidthPaddingError(f"{type(model).__name__} holds no timm VisionTransformer; pad_widths supports only those")
+        raise WidthPaddingError(
+            f"{type(model).__name__} holds no timm VisionTransformer; pad_widths supports only those"
+        )
     # every target first, so that a part that cannot be padded refuses before anything changed
     kept: dict[str, list[int]] = {}
-    plan = [(vit, _embedding_target(vit, multiple, max_growth, kept),
-             [(m, _mlp_target(m, multiple, max_growth, kept)) for m in vit.modules() if isinstance(m, Mlp)],
-             [(m, _head_target(m, multiple, max_growth, kept)) for m in vit.modules() if isinstance(m, Attention)])
-            for vit in vits]
+    plan = [
+        (
+            vit,
+            _embedding_target(vit, multiple, max_growth, kept),
+            [(m, _mlp_target(m, multiple, max_growth, kept)) for m in vit.modules() if isinstance(m, Mlp)],
+            [(m, _head_target(m, multiple, max_growth, kept)) for m in vit.modules() if isinstance(m, Attention)],
+        )
+        for vit in vits
+    ]
     changes: dict[str, Any] = {}
     for vit, embed, mlps, attns in plan:
         for mlp, target in mlps:

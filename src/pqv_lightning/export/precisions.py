@@ -80,8 +80,13 @@ class Int8Static(Precision):
 
 #: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
 PRECISIONS: Registry[Precision] = Registry("precision", argument="precisions")
-for _config in (FP32(), FP16(), Int8Dynamic(), Int8Static(),
-                Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True)):
+for _config in (
+    FP32(),
+    FP16(),
+    Int8Dynamic(),
+    Int8Static(),
+    Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True),
+):
     PRECISIONS.register(_config.name, _config)
 
 

@@ -109,13 +109,15 @@ class ExportTarget:
         for option, reason in self.unsupported_options.items():
             if getattr(precision, option, False):
                 raise UnsupportedPrecisionError(
-                    f"format {self.format!r} cannot apply precision {precision.name!r} ({option}=True): {reason}")
+                    f"format {self.format!r} cannot apply precision {precision.name!r} ({option}=True): {reason}"
+                )
         for klass in type(precision).__mro__:
             if klass in self._handlers:
                 return self._handlers[klass]
         raise UnsupportedPrecisionError(
             f"format {self.format!r} cannot apply precision {precision.name!r} ({type(precision).__name__}); "
-            f"it handles {sorted(t.__name__ for t in self._handlers)}")
+            f"it handles {sorted(t.__name__ for t in self._handlers)}"
+        )
 
     def supports(self, precision: Precision) -> bool:
         try:
@@ -136,8 +138,16 @@ class ExportTarget:
         """The files that belong to the artifact at ``path`` besides itself."""
         return [Path(path).with_suffix(s) for s in self.companion_suffixes]
 
-    def write(self, reference: nn.Module, precision: Precision, engine: str, example: torch.Tensor,
-              calibration: Sequence[torch.Tensor], path: str, options: dict[str, Any]) -> Built:
+    def write(
+        self,
+        reference: nn.Module,
+        precision: Precision,
+        engine: str,
+        example: torch.Tensor,
+        calibration: Sequence[torch.Tensor],
+        path: str,
+        options: dict[str, Any],
+    ) -> Built:
         raise NotImplementedError
 
     def load(self, path: str, example: torch.Tensor, threads: int) -> Runner:
@@ -145,16 +155,22 @@ class ExportTarget:
 
 
 #: format name -> :class:`ExportTarget`; what ``formats=[...]`` accepts everywhere.
-TARGETS: Registry[ExportTarget] = Registry("export format", argument="formats", builtins=tuple(
-    f"{__package__}.{m}" for m in ("executorch_target", "onnx_target", "torchscript_target", "openvino_target")))
+TARGETS: Registry[ExportTarget] = Registry(
+    "export format",
+    argument="formats",
+    builtins=tuple(
+        f"{__package__}.{m}" for m in ("executorch_target", "onnx_target", "torchscript_target", "openvino_target")
+    ),
+)
 
 
 def register_target(cls: type[ExportTarget]) -> type[ExportTarget]:
     """Class decorator: make ``cls.format`` available to ``MobileExportConfig(formats=[...])``."""
     unknown = sorted(set(cls.pruning_defaults) - set(WIDTH_RULE_DEFAULTS))
     if unknown:
-        raise ConfigError(f"export format {cls.format!r}: pruning_defaults may set {sorted(WIDTH_RULE_DEFAULTS)}, "
-                          f"not {unknown}")
+        raise ConfigError(
+            f"export format {cls.format!r}: pruning_defaults may set {sorted(WIDTH_RULE_DEFAULTS)}, not {unknown}"
+        )
     TARGETS.register(cls.format, cls())
     return cls
 
@@ -166,7 +182,7 @@ def chunked(run: Runner, batch: int) -> Runner:
     def call(x: torch.Tensor) -> torch.Tensor:
         outs = []
         for start in range(0, len(x), batch):
-            part = x[start:start + batch]
+            part = x[start : start + batch]
             rows = len(part)
             if rows < batch:
                 part = torch.cat([part, part.new_zeros((batch - rows, *part.shape[1:]))])

@@ -22,8 +22,13 @@ from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, Export
 __all__ = ["TorchScriptTarget", "quantize_torch_ao", "script_for_mobile"]
 
 
-def quantize_torch_ao(model: nn.Module, precision: str | Precision, engine: str, example: torch.Tensor,
-                      calibration: Sequence[torch.Tensor]) -> nn.Module:
+def quantize_torch_ao(
+    model: nn.Module,
+    precision: str | Precision,
+    engine: str,
+    example: torch.Tensor,
+    calibration: Sequence[torch.Tensor],
+) -> nn.Module:
     """A quantized copy for the given torch quantized engine (the caller selects the engine).
 
     Only Linear layers (and, for ``int8-static``, the patch-embedding conv: PyTorch has no dynamic
@@ -45,12 +50,17 @@ def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.ji
         # FBGEMM packed weights were written twice into a .ptl (each serialization unpacks them into a
         # new tensor, so the archive cannot share one copy): int8 files came out at half the fp32
         # size instead of a quarter. Kept as attributes they are stored once, at the same speed.
-        packed = [f"{name}._packed_params" for name, module in model.named_modules()
-                  if isinstance(getattr(module, "_packed_params", None), (nn.Module, torch.ScriptObject))]
+        packed = [
+            f"{name}._packed_params"
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "_packed_params", None), (nn.Module, torch.ScriptObject))
+        ]
         try:
             scripted = torch.jit.freeze(scripted.eval(), preserved_attrs=packed)
-            applied.append("torch.jit.freeze (constant folding, dropout removal, conv-bn folding; packed "
-                           "quantized weights kept as attributes, stored once)")
+            applied.append(
+                "torch.jit.freeze (constant folding, dropout removal, conv-bn folding; packed "
+                "quantized weights kept as attributes, stored once)"
+            )
         except Exception as exc:  # pragma: no cover - freeze works for every variant we export
             skipped.append(f"torch.jit.freeze: {type(exc).__name__}: {exc}")
         if torch._C._is_xnnpack_enabled():
@@ -62,7 +72,9 @@ def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.ji
             except Exception as exc:  # never lose the end of a long fit to the mobile optimizer
                 skipped.append(f"optimize_for_mobile: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         else:
-            skipped.append("optimize_for_mobile: this torch build has no XNNPACK (torch._C._is_xnnpack_enabled() is False)")
+            skipped.append(
+                "optimize_for_mobile: this torch build has no XNNPACK (torch._C._is_xnnpack_enabled() is False)"
+            )
     return scripted, applied, skipped
 
 
@@ -71,19 +83,26 @@ class TorchScriptTarget(ExportTarget):
     format = "ptl"
     suffix = ".ptl"
     runtime = "Lite Interpreter"
-    unsupported_options = {"attention_matmuls": (
-        "torch.ao dynamic quantization covers nn.Linear only; use format 'onnx'")}
+    unsupported_options = {
+        "attention_matmuls": ("torch.ao dynamic quantization covers nn.Linear only; use format 'onnx'")
+    }
     engine_dependent = True
-    memory_probe = PROBE_HEAD + """
+    memory_probe = (
+        PROBE_HEAD
+        + """
 if sys.argv[4] != "-":
     torch.backends.quantized.engine = sys.argv[4]
 from torch.jit.mobile import _load_for_lite_interpreter
-""" + PROBE_RESET + """
+"""
+        + PROBE_RESET
+        + """
 model = _load_for_lite_interpreter(sys.argv[1])
 with torch.no_grad():
     for _ in range(3):
         model(x)
-""" + PROBE_TAIL
+"""
+        + PROBE_TAIL
+    )
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         # handlers: (fp32 copy, precision, engine, example, calibration) -> module to script

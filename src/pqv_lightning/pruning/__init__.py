@@ -25,8 +25,8 @@ from .budget import count_macs, count_params
 from .config import PruningConfig, check_budget_value, cubic_schedule, linear_schedule
 from .events import PruningEvent
 from .pruner import StructuredPruner, prune_once, ratio_for_budget, restore_structure
-from .schedule import EventSchedule
 from .reconstruction import LayerFit, reconstruct_linears
+from .schedule import EventSchedule
 
 __all__ = [
     "EventSchedule",

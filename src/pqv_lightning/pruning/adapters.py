@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -124,8 +125,9 @@ class ModelAdapter:
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", types=lambda adapter: adapter.model_types)
 
 
-def register_adapter(*model_types: type | str,
-                     name: str | None = None) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+def register_adapter(
+    *model_types: type | str, name: str | None = None
+) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
     """Class decorator: ``@register_adapter(MyViT) class MyViTAdapter(ModelAdapter): ...`` registers an
     instance in :data:`ADAPTERS` under ``name`` (default the adapter class's qualified name). A model
     type may be a ``"module.Class"`` string: an optional library's class, matched without importing it."""
@@ -204,9 +206,7 @@ if _TimmViT is not None:
         """
 
         def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
-            return [
-                AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in _iter_timm_attention(model)
-            ]
+            return [AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in _iter_timm_attention(model)]
 
         def classifier_names(self, model: nn.Module) -> list[str]:
             names = []
@@ -252,17 +252,20 @@ if _TimmViT is not None:
             # and fails (IndexError) for head dims and whole heads alike, so such an attention keeps its
             # widths; its input (the embedding) and the MLP are still pruned.
             why = "q/k normalized per head (qk_norm=True): the attention keeps its head dims and heads"
-            return {f"{name}.qkv": why for name, m in _iter_timm_attention(model)
-                    if any(not isinstance(getattr(m, part, None), (nn.Identity, type(None))) for part in ("q_norm", "k_norm"))}
+            return {
+                f"{name}.qkv": why
+                for name, m in _iter_timm_attention(model)
+                if any(
+                    not isinstance(getattr(m, part, None), (nn.Identity, type(None))) for part in ("q_norm", "k_norm")
+                )
+            }
 
         def sync_attributes(self, model: nn.Module, num_heads: dict[str, int]) -> None:
             for name, m in _iter_timm_attention(model):
                 heads = int(num_heads.get(name, m.num_heads))
                 qkv_out = m.qkv.out_features
                 if qkv_out % (3 * heads):
-                    raise RuntimeError(
-                        f"{name}: qkv has {qkv_out} outputs, not divisible by 3 x {heads} heads"
-                    )
+                    raise RuntimeError(f"{name}: qkv has {qkv_out} outputs, not divisible by 3 x {heads} heads")
                 m.num_heads = heads
                 m.head_dim = qkv_out // (3 * heads)
                 m.attn_dim = heads * m.head_dim
@@ -273,24 +276,39 @@ if _TimmViT is not None:
 def check_model_attr(attr: object) -> str | None:
     """``model_attr`` is None or a dotted attribute path such as ``"model"`` or ``"net.backbone"``."""
     if attr is not None and (not isinstance(attr, str) or not all(p.isidentifier() for p in attr.split("."))):
-        raise ConfigError(f"model_attr={attr!r} must be None or a dotted attribute path such as 'model' or "
-                          "'net.backbone'")
+        raise ConfigError(
+            f"model_attr={attr!r} must be None or a dotted attribute path such as 'model' or 'net.backbone'"
+        )
     return attr
 
 
 #: timm convolutional families pruned through Torch-Pruning's generic dependency graph (no attention)
-_TIMM_CNN_CLASSES = ("timm.models.resnet.ResNet", "timm.models.convnext.ConvNeXt",
-                     "timm.models.efficientnet.EfficientNet", "timm.models.mobilenetv3.MobileNetV3",
-                     "timm.models.regnet.RegNet")
+_TIMM_CNN_CLASSES = (
+    "timm.models.resnet.ResNet",
+    "timm.models.convnext.ConvNeXt",
+    "timm.models.efficientnet.EfficientNet",
+    "timm.models.mobilenetv3.MobileNetV3",
+    "timm.models.regnet.RegNet",
+)
 
 #: layer types that own their parameters in Torch-Pruning's eyes; any other module's bare parameters
 #: (ConvNeXt's layer scale ``gamma``) are declared as unwrapped parameters
-_WRAPPED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-            nn.Embedding, nn.MultiheadAttention)
+_WRAPPED = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Embedding,
+    nn.MultiheadAttention,
+)
 
 
-def _mlp_linears(model: nn.Module, hidden: tuple[str, ...] = ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
-                 out: tuple[str, ...] = ("mlp.fc2",)) -> tuple[list[str], list[str]]:
+def _mlp_linears(
+    model: nn.Module,
+    hidden: tuple[str, ...] = ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
+    out: tuple[str, ...] = ("mlp.fc2",),
+) -> tuple[list[str], list[str]]:
     """(every MLP Linear, the MLP output Linears) in forward order: what reconstruction refits in a
     family whose pruning reaches only the MLP hidden units."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(hidden + out)]
@@ -401,8 +419,11 @@ if _CNN_TYPES:
                 return
             # MobileNetV3 keeps num_features for the blocks' output (conv_head's input)
             conv_head = getattr(model, "conv_head", None)
-            features = (conv_head.in_channels if type(model).__name__ == "MobileNetV3" and
-                        isinstance(conv_head, nn.Conv2d) else width)
+            features = (
+                conv_head.in_channels
+                if type(model).__name__ == "MobileNetV3" and isinstance(conv_head, nn.Conv2d)
+                else width
+            )
             for attr, value in (("num_features", features), ("head_hidden_size", width)):
                 if isinstance(getattr(model, attr, None), int):
                     setattr(model, attr, value)
@@ -484,8 +505,9 @@ if _TV_VIT_TYPES:
 SWIN_RESIDUAL_WHY = "Swin's residual stream keeps its width (Torch-Pruning mis-couples patch merging)"
 SWIN_ATTENTION_WHY = "window attention keeps its head dims (coupled to the relative position bias)"
 
-_SWIN_TYPES = _classes("timm.models.swin_transformer.SwinTransformer",
-                       "timm.models.swin_transformer_v2.SwinTransformerV2")
+_SWIN_TYPES = _classes(
+    "timm.models.swin_transformer.SwinTransformer", "timm.models.swin_transformer_v2.SwinTransformerV2"
+)
 
 if _SWIN_TYPES:
 
@@ -501,10 +523,14 @@ if _SWIN_TYPES:
         whole_heads = False
 
         def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
-            window = _classes("timm.models.swin_transformer.WindowAttention",
-                              "timm.models.swin_transformer_v2.WindowAttention")
-            return [AttentionInfo(name, m, m.qkv, int(m.num_heads)) for name, m in model.named_modules()
-                    if isinstance(m, window) and isinstance(getattr(m, "qkv", None), nn.Linear)]
+            window = _classes(
+                "timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer_v2.WindowAttention"
+            )
+            return [
+                AttentionInfo(name, m, m.qkv, int(m.num_heads))
+                for name, m in model.named_modules()
+                if isinstance(m, window) and isinstance(getattr(m, "qkv", None), nn.Linear)
+            ]
 
         def classifier_names(self, model: nn.Module) -> list[str]:
             fc = getattr(getattr(model, "head", None), "fc", None)
@@ -577,15 +603,19 @@ def supported_families() -> list[str]:
 
 
 #: how to make an unknown model prunable, in every "no adapter" message
-REGISTER_HINT = ("register an adapter: @pqv_lightning.register_adapter(MyNet) class MyNetAdapter(ModelAdapter): "
-                 "def classifier_names(self, model): return ['fc']; def example_input_shape(self, model): "
-                 "return (1, 3, 224, 224)  (docs/architecture.md)")
+REGISTER_HINT = (
+    "register an adapter: @pqv_lightning.register_adapter(MyNet) class MyNetAdapter(ModelAdapter): "
+    "def classifier_names(self, model): return ['fc']; def example_input_shape(self, model): "
+    "return (1, 3, 224, 224)  (docs/architecture.md)"
+)
 
 
 def no_adapter_error(model: nn.Module, argument: str = "model") -> ConfigError:
     """The refusal of a model no adapter knows: its class, the supported families, how to add one."""
-    return ConfigError(f"{argument} is a {type(model).__module__}.{type(model).__name__}, which no pruning adapter "
-                       f"knows; supported families: {supported_families()}; or {REGISTER_HINT}")
+    return ConfigError(
+        f"{argument} is a {type(model).__module__}.{type(model).__name__}, which no pruning adapter "
+        f"knows; supported families: {supported_families()}; or {REGISTER_HINT}"
+    )
 
 
 def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Module, ModelAdapter]:
@@ -628,15 +658,17 @@ def locate_model(root: nn.Module, attr: str | None = None) -> tuple[str, nn.Modu
             "choose one with model_attr="
         )
     name, module = found[0]
-    return name, module, find_adapter(module)  # type: ignore[return-value]
+    return name, module, find_adapter(module)
 
 
 def input_shape_for(model: nn.Module) -> tuple[int, ...]:
     """The batch-1 input shape of a supported model (e.g. ``(1, 3, 224, 224)`` for DeiT-S)."""
     adapter = find_adapter(model)
     if adapter is None:
-        raise ConfigError(f"{type(model).__name__} has no registered adapter: give the input shape explicitly "
-                          f"(supported families: {supported_families()})")
+        raise ConfigError(
+            f"{type(model).__name__} has no registered adapter: give the input shape explicitly "
+            f"(supported families: {supported_families()})"
+        )
     return tuple(adapter.example_input_shape(model))
 
 

@@ -22,17 +22,29 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .adapters import (SWIN_ATTENTION_WHY, SWIN_RESIDUAL_WHY, AttentionInfo, ModelAdapter, _bare_parameters,
-                       _MLPReconstruction, register_adapter)
+from .adapters import (
+    SWIN_ATTENTION_WHY,
+    SWIN_RESIDUAL_WHY,
+    AttentionInfo,
+    ModelAdapter,
+    _bare_parameters,
+    _MLPReconstruction,
+    register_adapter,
+)
 
 __all__ = ["HF_SWIN_CLASSES", "HF_VIT_CLASSES", "HFSwinAdapter", "HFViTAdapter"]
 
 _T = "transformers.models"
 #: the ViT-like classes (class-token ViTs with q/k/v/o projections)
-HF_VIT_CLASSES = (f"{_T}.vit.modeling_vit.ViTForImageClassification", f"{_T}.vit.modeling_vit.ViTModel",
-                  f"{_T}.deit.modeling_deit.DeiTForImageClassification",
-                  f"{_T}.deit.modeling_deit.DeiTForImageClassificationWithTeacher", f"{_T}.deit.modeling_deit.DeiTModel",
-                  f"{_T}.dinov2.modeling_dinov2.Dinov2ForImageClassification", f"{_T}.dinov2.modeling_dinov2.Dinov2Model")
+HF_VIT_CLASSES = (
+    f"{_T}.vit.modeling_vit.ViTForImageClassification",
+    f"{_T}.vit.modeling_vit.ViTModel",
+    f"{_T}.deit.modeling_deit.DeiTForImageClassification",
+    f"{_T}.deit.modeling_deit.DeiTForImageClassificationWithTeacher",
+    f"{_T}.deit.modeling_deit.DeiTModel",
+    f"{_T}.dinov2.modeling_dinov2.Dinov2ForImageClassification",
+    f"{_T}.dinov2.modeling_dinov2.Dinov2Model",
+)
 HF_SWIN_CLASSES = (f"{_T}.swin.modeling_swin.SwinForImageClassification", f"{_T}.swin.modeling_swin.SwinModel")
 
 _CLASSIFIERS = ("classifier", "cls_classifier", "distillation_classifier")
@@ -40,8 +52,9 @@ _CLASSIFIERS = ("classifier", "cls_classifier", "distillation_classifier")
 
 def _attention(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")) \
-                and isinstance(getattr(module, "num_attention_heads", None), int):
+        if all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")) and isinstance(
+            getattr(module, "num_attention_heads", None), int
+        ):
             yield name, module
 
 
@@ -84,8 +97,11 @@ class HFViTAdapter(_HFModel, ModelAdapter):
     the first forward); ``Dinov2Model`` (no classifier) prunes its embedding too."""
 
     def attention_modules(self, model: nn.Module) -> list[AttentionInfo]:
-        return [AttentionInfo(name, m, getattr(m, p), int(m.num_attention_heads))
-                for name, m in _attention(model) for p in ("q_proj", "k_proj", "v_proj")]
+        return [
+            AttentionInfo(name, m, getattr(m, p), int(m.num_attention_heads))
+            for name, m in _attention(model)
+            for p in ("q_proj", "k_proj", "v_proj")
+        ]
 
     def kept_whole(self, model: nn.Module) -> dict[str, str]:
         if type(model).__name__ != "Dinov2ForImageClassification":
@@ -128,4 +144,3 @@ class HFSwinAdapter(_MLPReconstruction, _HFModel, ModelAdapter):
         kept.update({n: residual for n in _linears(model, ("o_proj", "mlp.fc2", "downsample.reduction"))})
         kept.update({n: attention for n in _linears(model, ("q_proj", "k_proj", "v_proj"))})
         return kept
-

@@ -45,8 +45,16 @@ def ratio_resolution(model: nn.Module) -> float:
     return 1.0 / max(widths or [1])
 
 
-def search_ratio(measure: Callable[[float], float], absolute: float, lo: float, lo_value: float,
-                  resolution: float, *, top: float = 0.99, max_passes: int = 8) -> tuple[float | None, float]:
+def search_ratio(
+    measure: Callable[[float], float],
+    absolute: float,
+    lo: float,
+    lo_value: float,
+    resolution: float,
+    *,
+    top: float = 0.99,
+    max_passes: int = 8,
+) -> tuple[float | None, float]:
     """The smallest ratio in ``(lo, top]`` whose ``measure`` (MACs / parameters after pruning a copy) is at
     most ``absolute``, to within ``resolution``, and the smallest measure seen; ``(None, smallest)``
     when none is found. ``lo`` (measure ``lo_value``) does not meet the budget.
@@ -98,8 +106,9 @@ def interpolate(points: dict[float, float], absolute: float, lo: float, upper: f
     one flat step of the measure would make the fit extrapolate wildly), else the nearest to the budget;
     the midpoint of ``(lo, upper)`` when the fit gives no crossing there."""
     ends = [(lo, points[lo]), (upper, points[upper])] if bracketed else []
-    rest = sorted((p for p in points.items() if p[0] not in (lo, upper) or not bracketed),
-                  key=lambda p: abs(p[1] - absolute))
+    rest = sorted(
+        (p for p in points.items() if p[0] not in (lo, upper) or not bracketed), key=lambda p: abs(p[1] - absolute)
+    )
     near = (ends + rest)[:3]
     ks = [1.0 - r for r, _ in near]
     ys = [v for _, v in near]
@@ -110,8 +119,13 @@ def interpolate(points: dict[float, float], absolute: float, lo: float, upper: f
             a = (ys[0] - ys[1]) / (ks[0] ** 2 - ks[1] ** 2)
             coeffs = [a, 0.0, ys[0] - a * ks[0] ** 2]
         else:
-            coeffs = [float(c) for c in torch.linalg.solve(
-                torch.tensor([[k * k, k, 1.0] for k in ks], dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))]
+            coeffs = [
+                float(c)
+                for c in torch.linalg.solve(
+                    torch.tensor([[k * k, k, 1.0] for k in ks], dtype=torch.float64),
+                    torch.tensor(ys, dtype=torch.float64),
+                )
+            ]
     except (ZeroDivisionError, RuntimeError):
         return (lo + upper) / 2
     a, b, c = coeffs

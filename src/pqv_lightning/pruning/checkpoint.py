@@ -56,8 +56,11 @@ def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any], limit
     if not isinstance(saved, dict):
         return
     current = module.state_dict()
-    diff = [(k, tuple(v.shape), tuple(current[k].shape)) for k, v in saved.items()
-            if k in current and hasattr(v, "shape") and tuple(v.shape) != tuple(current[k].shape)]
+    diff = [
+        (k, tuple(v.shape), tuple(current[k].shape))
+        for k, v in saved.items()
+        if k in current and hasattr(v, "shape") and tuple(v.shape) != tuple(current[k].shape)
+    ]
     if diff:
         shown = "; ".join(f"{k}: checkpoint {list(a)} vs module {list(b)}" for k, a, b in diff[:limit])
         more = f" (and {len(diff) - limit} more)" if len(diff) > limit else ""

@@ -15,8 +15,15 @@ from .importance import IMPORTANCE
 from .reconstruction import check_ridge
 from .sparsity import check_threshold
 
-__all__ = ["DEFAULT_PRUNING_RATIO", "RATIO_SCHEDULES", "RECONSTRUCT_LAYERS", "PruningConfig", "check_budget_value",
-           "cubic_schedule", "linear_schedule"]
+__all__ = [
+    "DEFAULT_PRUNING_RATIO",
+    "RATIO_SCHEDULES",
+    "RECONSTRUCT_LAYERS",
+    "PruningConfig",
+    "check_budget_value",
+    "cubic_schedule",
+    "linear_schedule",
+]
 
 
 def linear_schedule(ratio: float, steps: int) -> list[float]:
@@ -117,7 +124,9 @@ class PruningConfig:
     def validate(self) -> None:
         check_choice("ratio_schedule", self.ratio_schedule, sorted(RATIO_SCHEDULES))
         if not isinstance(self.importance, str):
-            raise ConfigError(f"importance={self.importance!r} must be a registered name; allowed: {IMPORTANCE.names()}")
+            raise ConfigError(
+                f"importance={self.importance!r} must be a registered name; allowed: {IMPORTANCE.names()}"
+            )
         IMPORTANCE.check(self.importance)
         for name in (*WIDTH_RULE_DEFAULTS, "global_pruning", "reconstruct"):
             check_bool(name, getattr(self, name))
@@ -127,26 +136,35 @@ class PruningConfig:
         for name, value in budget.items():
             check_budget_value(name, value)
             if self.pruning_ratio is not None:
-                raise ConfigError(f"give a pruning_ratio ({self.pruning_ratio!r}) or a budget ({name}={value!r}), "
-                                  "not both")
+                raise ConfigError(
+                    f"give a pruning_ratio ({self.pruning_ratio!r}) or a budget ({name}={value!r}), not both"
+                )
             if self.global_pruning and not IMPORTANCE[self.importance].deterministic:
-                raise ConfigError(f"a budget ({name}={value!r}) with global_pruning=True needs a deterministic "
-                                  f"criterion, not importance={self.importance!r}")
+                raise ConfigError(
+                    f"a budget ({name}={value!r}) with global_pruning=True needs a deterministic "
+                    f"criterion, not importance={self.importance!r}"
+                )
         if not budget:
             _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
             if not self.prune_num_heads:
-                raise ConfigError(f"head_pruning_ratio={self.head_pruning_ratio!r} has no effect with "
-                                  "prune_num_heads=False; allowed: prune_num_heads=True, or no head_pruning_ratio")
+                raise ConfigError(
+                    f"head_pruning_ratio={self.head_pruning_ratio!r} has no effect with "
+                    "prune_num_heads=False; allowed: prune_num_heads=True, or no head_pruning_ratio"
+                )
         check_int("iterative_steps", self.iterative_steps, minimum=1)
         if self.round_to is not None:
             check_int("round_to", self.round_to, minimum=1)
         check_int("seed", self.seed)
         if self.ignored_layers is not None and (
-                not isinstance(self.ignored_layers, (list, tuple)) or not all(isinstance(n, str) for n in self.ignored_layers)):
-            raise ConfigError(f"ignored_layers={self.ignored_layers!r} must be None or a list of module names or glob "
-                              "patterns, e.g. ['head', 'blocks.0.*']")
+            not isinstance(self.ignored_layers, (list, tuple))
+            or not all(isinstance(n, str) for n in self.ignored_layers)
+        ):
+            raise ConfigError(
+                f"ignored_layers={self.ignored_layers!r} must be None or a list of module names or glob "
+                "patterns, e.g. ['head', 'blocks.0.*']"
+            )
         if self.threshold is not None:
             check_threshold(self.threshold)
         check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
@@ -155,14 +173,16 @@ class PruningConfig:
     @property
     def budget(self) -> dict[str, float]:
         """``{"target_macs": x}``, ``{"target_params": x}`` or ``{}``: the budgets that are set."""
-        return {k: v for k, v in (("target_macs", self.target_macs), ("target_params", self.target_params))
-                if v is not None}
+        return {
+            k: v for k, v in (("target_macs", self.target_macs), ("target_params", self.target_params)) if v is not None
+        }
 
     @property
     def effective_head_ratio(self) -> float:
         if not self.prune_num_heads:
             return 0.0
-        return self.pruning_ratio if self.head_pruning_ratio is None else self.head_pruning_ratio
+        ratio = self.pruning_ratio if self.head_pruning_ratio is None else self.head_pruning_ratio
+        return ratio or 0.0
 
 
 def _check_ratio(name: str, value: Any) -> None:
@@ -172,5 +192,7 @@ def _check_ratio(name: str, value: Any) -> None:
 def check_budget_value(name: str, value: Any) -> None:
     """A MAC / parameter budget is a finite number > 0 (a fraction when < 1, else absolute)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned model "
-                          "or an absolute count")
+        raise ConfigError(
+            f"{name}={value!r} is out of range; allowed: a fraction in (0, 1) of the unpruned model "
+            "or an absolute count"
+        )

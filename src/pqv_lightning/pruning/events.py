@@ -31,10 +31,16 @@ class PruningEvent:
     reconstruction_error_after: float | None = None
 
     def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
-        extra = {} if self.reconstruction_error_after is None else {
-            f"{prefix}reconstruction_error_before": float(self.reconstruction_error_before or 0.0),
-            f"{prefix}reconstruction_error_after": float(self.reconstruction_error_after)}
-        return {**extra,
+        extra = (
+            {}
+            if self.reconstruction_error_after is None
+            else {
+                f"{prefix}reconstruction_error_before": float(self.reconstruction_error_before or 0.0),
+                f"{prefix}reconstruction_error_after": float(self.reconstruction_error_after),
+            }
+        )
+        return {
+            **extra,
             f"{prefix}event": float(self.index),
             f"{prefix}params": float(self.params_after),
             f"{prefix}macs": float(self.macs_after),

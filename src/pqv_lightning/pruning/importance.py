@@ -42,6 +42,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tpf
+
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -63,10 +64,10 @@ _TRACKED_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm)
 
 def tracked_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """Weights whose channels can be scored: those of Linear, Conv and LayerNorm modules."""
-    out = {}
+    out: dict[str, nn.Parameter] = {}
     for mname, module in model.named_modules():
         if isinstance(module, _TRACKED_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
-            out[f"{mname}.weight" if mname else "weight"] = module.weight
+            out[f"{mname}.weight" if mname else "weight"] = module.weight  # type: ignore[assignment]
     return out
 
 
@@ -279,7 +280,11 @@ class StatisticsImportance(tp.importance.GroupMagnitudeImportance):
             if name is None:
                 continue
             out_s, in_s = self.stats.channel_scores(name)
-            if prune_fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels, tpf.prune_layernorm_out_channels):
+            if prune_fn in (
+                tpf.prune_conv_out_channels,
+                tpf.prune_linear_out_channels,
+                tpf.prune_layernorm_out_channels,
+            ):
                 scores = out_s
             elif prune_fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
                 scores = in_s
@@ -343,21 +348,46 @@ class Criterion:
 
 
 def _from_statistics(stats: GradientStatistics | None, seed: int) -> tp.importance.Importance:
+    assert stats is not None, "a criterion with statistics gets them (make_importance)"
     return StatisticsImportance(stats)
 
 
 #: name -> :class:`Criterion`; what ``importance=`` accepts everywhere.
 IMPORTANCE: Registry[Criterion] = Registry("importance criterion", argument="importance")
-IMPORTANCE.register("taylor", Criterion(_from_statistics, statistics="taylor",
-                                        description="first-order Taylor saliency |w * g| over the training steps"))
-IMPORTANCE.register("hessian", Criterion(_from_statistics, statistics="hessian",
-                                         description="Optimal Brain Damage w^2 * diagonal empirical Fisher, per micro-batch"))
-IMPORTANCE.register("l1", Criterion(lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=1),
-                                    description="L1 norm of the coupled weights"))
-IMPORTANCE.register("l2", Criterion(lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=2),
-                                    description="L2 norm of the coupled weights"))
-IMPORTANCE.register("random", Criterion(lambda stats, seed: SeededRandomImportance(seed), deterministic=False,
-                                        description="seeded random scores (a control)"))
+IMPORTANCE.register(
+    "taylor",
+    Criterion(
+        _from_statistics, statistics="taylor", description="first-order Taylor saliency |w * g| over the training steps"
+    ),
+)
+IMPORTANCE.register(
+    "hessian",
+    Criterion(
+        _from_statistics,
+        statistics="hessian",
+        description="Optimal Brain Damage w^2 * diagonal empirical Fisher, per micro-batch",
+    ),
+)
+IMPORTANCE.register(
+    "l1",
+    Criterion(
+        lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=1), description="L1 norm of the coupled weights"
+    ),
+)
+IMPORTANCE.register(
+    "l2",
+    Criterion(
+        lambda stats, seed: tp.importance.GroupMagnitudeImportance(p=2), description="L2 norm of the coupled weights"
+    ),
+)
+IMPORTANCE.register(
+    "random",
+    Criterion(
+        lambda stats, seed: SeededRandomImportance(seed),
+        deterministic=False,
+        description="seeded random scores (a control)",
+    ),
+)
 
 
 def make_importance(name: str, stats: GradientStatistics | None = None, seed: int = 0) -> tp.importance.Importance:

@@ -23,9 +23,7 @@ from torch_pruning.pruner import function as tpf
 __all__ = ["Replacement", "record_parameter_replacements", "remap_optimizer"]
 
 if not hasattr(tpf.BasePruningFunc, "_prune_parameter_and_grad"):  # pragma: no cover - version guard
-    raise ImportError(
-        "pqv_lightning needs torch-pruning 1.6.1 (BasePruningFunc._prune_parameter_and_grad is missing)"
-    )
+    raise ImportError("pqv_lightning needs torch-pruning 1.6.1 (BasePruningFunc._prune_parameter_and_grad is missing)")
 
 
 @dataclass
@@ -71,9 +69,7 @@ def record_parameter_replacements() -> Iterator[ReplacementLog]:
 
 
 @torch.no_grad()
-def remap_optimizer(
-    optimizer: torch.optim.Optimizer, log: ReplacementLog, live_params: Iterable[nn.Parameter]
-) -> int:
+def remap_optimizer(optimizer: torch.optim.Optimizer, log: ReplacementLog, live_params: Iterable[nn.Parameter]) -> int:
     """Point ``optimizer`` at the replacement parameters and slice their state. Returns how many
     parameters were remapped. Param-group membership and hyper-parameters are preserved."""
     live = {id(p): p for p in live_params}

@@ -23,7 +23,6 @@ Example (plain PyTorch)::
             print(event.params_after, event.macs_after)
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -85,9 +84,10 @@ class StructuredPruner:
     ):
         config = _check_model_and_config(model, config)
         self.model = model
-        self.adapter = adapter or find_adapter(model)
-        if self.adapter is None:
+        found = adapter or find_adapter(model)
+        if found is None:
             raise no_adapter_error(model)
+        self.adapter: ModelAdapter = found
         if example_inputs is None:
             example_inputs = example_inputs_for(model, self.adapter)
         else:
@@ -114,25 +114,33 @@ class StructuredPruner:
         attn = self.adapter.attention_modules(model)
         kept_ids = {id(model.get_submodule(n)) for n in self.kept_whole}
         if config.prune_num_heads and self.adapter.whole_heads and not attn:
-            raise ConfigError(f"prune_num_heads=True: {type(model).__name__} has no attention heads its adapter knows "
-                              "of; allowed: prune_num_heads=False")
+            raise ConfigError(
+                f"prune_num_heads=True: {type(model).__name__} has no attention heads its adapter knows "
+                "of; allowed: prune_num_heads=False"
+            )
         if config.prune_num_heads and (not self.adapter.whole_heads or all(id(a.qkv) in kept_ids for a in attn)):
-            why = next(iter(self.kept_whole.values()), "") if self.adapter.whole_heads else "its adapter prunes no heads"
-            raise ConfigError(f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
-                              f"removed ({why}); allowed: prune_num_heads=False")
+            why = (
+                next(iter(self.kept_whole.values()), "") if self.adapter.whole_heads else "its adapter prunes no heads"
+            )
+            raise ConfigError(
+                f"prune_num_heads=True: whole attention heads of {type(model).__name__} cannot be "
+                f"removed ({why}); allowed: prune_num_heads=False"
+            )
         self.adapter.check_prunable(model, self.ignored_names)
         if config.reconstruct and not self._reconstruction_layers():
             method = RECONSTRUCT_LAYERS[config.reconstruct_layers]
-            raise ConfigError(f"reconstruct=True, reconstruct_layers={config.reconstruct_layers!r}: the adapter of "
-                              f"{type(model).__name__} names no layers to refit (ModelAdapter.{method}); allowed: "
-                              "reconstruct=False")
+            raise ConfigError(
+                f"reconstruct=True, reconstruct_layers={config.reconstruct_layers!r}: the adapter of "
+                f"{type(model).__name__} names no layers to refit (ModelAdapter.{method}); allowed: "
+                "reconstruct=False"
+            )
         ignored_modules = [model.get_submodule(n) for n in self.ignored_names]
         ignored_ids = {id(p) for m in ignored_modules for p in m.parameters()}
         scored = [(n, p) for n, p in tracked_weights(model).items() if id(p) not in ignored_ids]
         check_trainable(scored, config.importance)
 
         kind = IMPORTANCE[config.importance].statistics
-        self.stats = GradientStatistics(model, kind) if kind is not None else None
+        self.stats = GradientStatistics(model, kind) if kind is not None else None  # type: ignore[arg-type]
         self.importance = make_importance(config.importance, self.stats, seed=config.seed)
         self._attn_names = {id(a.qkv): a.name for a in attn}
         num_heads = {a.qkv: a.num_heads for a in attn}
@@ -194,21 +202,28 @@ class StructuredPruner:
         """Refuse options that would make the ratio rule prune nothing, rather than prune nothing silently:
         ``round_to`` not below any prunable width, or a head ratio that removes no head."""
         config = self.config
-        if config.pruning_ratio <= 0:
+        if not config.pruning_ratio or config.pruning_ratio <= 0:  # set once the budget is resolved
             return
         widths = self._prunable_out_widths()
         if config.round_to is not None and widths and config.round_to >= max(widths.values()):
-            raise ConfigError(f"round_to={config.round_to} is not below any prunable width of "
-                              f"{type(self.model).__name__} (the largest is {max(widths.values())}): nothing would "
-                              f"be pruned; allowed: round_to < {max(widths.values())}")
+            raise ConfigError(
+                f"round_to={config.round_to} is not below any prunable width of "
+                f"{type(self.model).__name__} (the largest is {max(widths.values())}): nothing would "
+                f"be pruned; allowed: round_to < {max(widths.values())}"
+            )
         ratio = config.effective_head_ratio
         heads = [int(n) for n in self._tp.num_heads.values()] if config.prune_num_heads else []
         if heads and ratio > 0 and not config.global_pruning and all(max(1, int(h * (1 - ratio))) >= h for h in heads):
             fewest = min(h for h in heads if h > 1) if any(h > 1 for h in heads) else 1
-            allowed = (f"a head_pruning_ratio >= {1 / fewest:.4g} (one of {fewest} heads)" if fewest > 1
-                       else "prune_num_heads=False (every attention has one head)")
-            raise ConfigError(f"prune_num_heads=True, head_pruning_ratio={ratio!r} removes no head: attention with "
-                              f"{sorted(set(heads))} heads keeps them all; allowed: {allowed}")
+            allowed = (
+                f"a head_pruning_ratio >= {1 / fewest:.4g} (one of {fewest} heads)"
+                if fewest > 1
+                else "prune_num_heads=False (every attention has one head)"
+            )
+            raise ConfigError(
+                f"prune_num_heads=True, head_pruning_ratio={ratio!r} removes no head: attention with "
+                f"{sorted(set(heads))} heads keeps them all; allowed: {allowed}"
+            )
 
     def _check_output_width(self, event: int) -> None:
         """The network's output shape never changes (a classifier keeps its classes)."""
@@ -224,7 +239,8 @@ class StructuredPruner:
                 f"pruning event {event} changed the output of {type(self.model).__name__} from "
                 f"{list(self._output_shape)} to {list(out.shape)}: the layer that produces it was pruned. Keep it "
                 f"whole with ignored_layers=[...] (ignored now: {self.ignored_names}) or an adapter whose "
-                "classifier_names names it")
+                "classifier_names names it"
+            )
 
     def _example(self) -> torch.Tensor:
         """The tracing input on the model's current device and floating dtype (it may have moved)."""
@@ -350,8 +366,13 @@ class StructuredPruner:
 
         def after(ratio: float) -> int:
             trial_model = copy.deepcopy(self.model)
-            trial = StructuredPruner(trial_model, dataclasses.replace(config, pruning_ratio=ratio),
-                                     example_inputs=self._example_inputs, adapter=self.adapter, measure=False)
+            trial = StructuredPruner(
+                trial_model,
+                dataclasses.replace(config, pruning_ratio=ratio),
+                example_inputs=self._example_inputs,
+                adapter=self.adapter,
+                measure=False,
+            )
             trial._tp._scope_initial_channels = dict(self._tp._scope_initial_channels)
             if stats_state is not None and trial.stats is not None:
                 trial.stats.load_state_dict(stats_state)
@@ -367,8 +388,10 @@ class StructuredPruner:
         # more passes than the smooth uniform case needs
         ratio, _ = search_ratio(after, absolute, done, now, resolution, max_passes=14)
         if ratio is None:
-            raise ConfigError(f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
-                              f"{self.iterative_steps} (tried cumulative ratios up to 0.99)")
+            raise ConfigError(
+                f"{name}={absolute:,.0f} cannot be reached with global allocation at event {event} of "
+                f"{self.iterative_steps} (tried cumulative ratios up to 0.99)"
+            )
         return ratio
 
     # ------------------------------------------------------------------ statistics
@@ -391,7 +414,9 @@ class StructuredPruner:
         ``calibration``: batches of network inputs for ``config.reconstruct``.
         """
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("pruning under torch.inference_mode() would create inference tensors; prune in a training hook")
+            raise RuntimeError(
+                "pruning under torch.inference_mode() would create inference tensors; prune in a training hook"
+            )
         if self.completed_events >= self.iterative_steps:
             raise RuntimeError(f"all {self.iterative_steps} pruning events have already run")
         if self.stats is not None:
@@ -465,9 +490,11 @@ class StructuredPruner:
         self.events.append(event)
         self._check_output_width(event.index)
         if event.target_ratio > 0 and event.removed_by_ratio == 0 and event.removed_by_threshold == 0:
-            warnings.warn(f"pruning event {event.index}: nothing was removed (target ratio {event.target_ratio:.3f}; "
-                          "round_to, ignored_layers or the head rule leave no channel to remove at this ratio)",
-                          stacklevel=2)
+            warnings.warn(
+                f"pruning event {event.index}: nothing was removed (target ratio {event.target_ratio:.3f}; "
+                "round_to, ignored_layers or the head rule leave no channel to remove at this ratio)",
+                stacklevel=2,
+            )
         return event
 
     def _reconstruction_reference(self, calibration: Sequence[torch.Tensor] | None) -> nn.Module | None:
@@ -475,15 +502,22 @@ class StructuredPruner:
         if not self.config.reconstruct:
             return None
         if not calibration:
-            raise RuntimeError("PruningConfig(reconstruct=True): pass calibration input batches to step() "
-                               "(StructuredPruning collects them from the statistics window)")
+            raise RuntimeError(
+                "PruningConfig(reconstruct=True): pass calibration input batches to step() "
+                "(StructuredPruning collects them from the statistics window)"
+            )
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _reconstruction_layers(self) -> list[str]:
         return getattr(self.adapter, RECONSTRUCT_LAYERS[self.config.reconstruct_layers])(self.model)
 
-    def _reconstruct(self, reference: nn.Module, log: Any, calibration: Sequence[torch.Tensor],
-                     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> list[LayerFit]:
+    def _reconstruct(
+        self,
+        reference: nn.Module,
+        log: Any,
+        calibration: Sequence[torch.Tensor],
+        reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> list[LayerFit]:
         """Refit ``config.reconstruct_layers``; the kept output indices come from the event's replacement log."""
         chains = log.chains()
         layers = self._reconstruction_layers()
@@ -496,9 +530,16 @@ class StructuredPruner:
                 if dim == 0:
                     index = index[keep.cpu()]
             keep_out[name] = index if ops else None
-        return reconstruct_linears(self.model, reference, layers, calibration, keep_out,
-                                   ridge=self.config.reconstruct_ridge, reduce_mean=reduce_mean,
-                                   stages=self.adapter.reconstruction_stages(self.model) or None)
+        return reconstruct_linears(
+            self.model,
+            reference,
+            layers,
+            calibration,
+            keep_out,
+            ridge=self.config.reconstruct_ridge,
+            reduce_mean=reduce_mean,
+            stages=self.adapter.reconstruction_stages(self.model) or None,
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -602,7 +643,9 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     for _ in range(pruner.iterative_steps):
         if pruner.stats is not None:
             if calibrate is None:
-                raise ValueError(f"importance={pruner.config.importance!r} needs calibrate=callable for one-shot pruning")
+                raise ValueError(
+                    f"importance={pruner.config.importance!r} needs calibrate=callable for one-shot pruning"
+                )
             model.zero_grad(set_to_none=True)
             calibrate(model)
             pruner.accumulate()
@@ -615,8 +658,11 @@ def _last_layer(model: nn.Module, example: torch.Tensor) -> list[str]:
     """The Linear / conv layer that runs last in a forward pass (a classifier's output layer), as a
     one-element list; empty when there is none."""
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
-             for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -671,32 +717,50 @@ def ratio_for_budget(
     given = {k: v for k, v in (("target_macs", target_macs), ("target_params", target_params)) if v is not None}
     budget = given or config.budget
     if len(budget) != 1:
-        raise ConfigError(f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
-                          f"target_params={target_params!r})")
+        raise ConfigError(
+            f"give exactly one of target_macs / target_params (got target_macs={target_macs!r}, "
+            f"target_params={target_params!r})"
+        )
     check_int("max_passes", max_passes, minimum=1)
     adapter = adapter or find_adapter(model)
     if adapter is None:
         raise no_adapter_error(model)
     if example_inputs is None:
         example_inputs = example_inputs_for(model, adapter)
-    (name, target), = budget.items()
+    ((name, target),) = budget.items()
     check_budget_value(name, target)
     full = budget_measure(model, name, example_inputs)
     absolute = target * full if target < 1 else target
     if absolute >= full:
-        raise ConfigError(f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
-                          f"(0, 1) or an absolute count below {full:,}")
-    trial_config = dataclasses.replace(config, pruning_ratio=0.0, target_macs=None, target_params=None,
-                                       iterative_steps=1, importance="l2", global_pruning=False, threshold=None)
+        raise ConfigError(
+            f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
+            f"(0, 1) or an absolute count below {full:,}"
+        )
+    trial_config = dataclasses.replace(
+        config,
+        pruning_ratio=0.0,
+        target_macs=None,
+        target_params=None,
+        iterative_steps=1,
+        importance="l2",
+        global_pruning=False,
+        threshold=None,
+    )
 
     def after(ratio: float) -> int:
         trial = copy.deepcopy(model)
-        prune_once(trial, dataclasses.replace(trial_config, pruning_ratio=ratio), example_inputs=example_inputs,
-                   adapter=adapter)
+        prune_once(
+            trial,
+            dataclasses.replace(trial_config, pruning_ratio=ratio),
+            example_inputs=example_inputs,
+            adapter=adapter,
+        )
         return budget_measure(trial, name, example_inputs)
 
     ratio, smallest = search_ratio(after, absolute, 0.0, full, ratio_resolution(model), max_passes=max_passes)
     if ratio is None:
-        raise ConfigError(f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning up to 99 % of the channels "
-                          f"leaves at least {smallest:,.0f} (ignored layers and the layers its adapter keeps whole keep the rest)")
+        raise ConfigError(
+            f"{name}={target!r} ({absolute:,.0f}) cannot be reached: pruning up to 99 % of the channels "
+            f"leaves at least {smallest:,.0f} (ignored layers and the layers its adapter keeps whole keep the rest)"
+        )
     return ratio

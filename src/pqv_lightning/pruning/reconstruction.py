@@ -82,8 +82,10 @@ def _check(name: str, layer: nn.Module, ref_layer: nn.Module, keep: torch.Tensor
         raise ConfigError(f"reconstruction refits nn.Linear layers; {name!r} is a {type(layer).__name__}")
     expected = ref_layer.out_features if keep is None else len(keep)
     if layer.out_features != expected:
-        raise ConfigError(f"{name!r}: the pruned layer has {layer.out_features} outputs but {expected} kept outputs "
-                          f"of the reference were given")
+        raise ConfigError(
+            f"{name!r}: the pruned layer has {layer.out_features} outputs but {expected} kept outputs "
+            f"of the reference were given"
+        )
 
 
 @torch.no_grad()
@@ -121,24 +123,42 @@ def reconstruct_linears(
     try:
         if not stages:
             runs = [(model, x, reference, x) for x in inputs]
-            return [_refit(name, model.get_submodule(name), reference.get_submodule(name), keep_out.get(name), runs,
-                           ridge, reduce_mean) for name in layers]
+            return [
+                _refit(
+                    name,
+                    _linear(model, name),
+                    _linear(reference, name),
+                    keep_out.get(name),
+                    runs,
+                    ridge,
+                    reduce_mean,
+                )
+                for name in layers
+            ]
         return _refit_by_stage(model, reference, layers, inputs, keep_out, ridge, reduce_mean, list(stages))
     finally:
         model.train(modes[0])
         reference.train(modes[1])
 
 
-def _refit_by_stage(model: nn.Module, reference: nn.Module, layers: Sequence[str], inputs: Sequence[torch.Tensor],
-                    keep_out: dict[str, torch.Tensor | None], ridge: float,
-                    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None, stages: list[str]) -> list[LayerFit]:
+def _refit_by_stage(
+    model: nn.Module,
+    reference: nn.Module,
+    layers: Sequence[str],
+    inputs: Sequence[torch.Tensor],
+    keep_out: dict[str, torch.Tensor | None],
+    ridge: float,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+    stages: list[str],
+) -> list[LayerFit]:
     owner = {}  # stage index; len(stages): after the last stage (e.g. the classifier head)
     for name in layers:
         inside = [i for i, stage in enumerate(stages) if name.startswith(stage + ".")]
         owner[name] = inside[0] if inside else len(stages)
     if list(owner.values()) != sorted(owner.values()):
-        raise ConfigError(f"layers {list(layers)} are not in the order of the stages {stages} (layers in none "
-                          "of them come last)")
+        raise ConfigError(
+            f"layers {list(layers)} are not in the order of the stages {stages} (layers in none of them come last)"
+        )
     first, ref_first = model.get_submodule(stages[0]), reference.get_submodule(stages[0])
     hidden = [_capture(model, first, x, "input") for x in inputs]
     ref_hidden = [_capture(reference, ref_first, x.to(next(reference.parameters()).device), "input") for x in inputs]
@@ -147,22 +167,53 @@ def _refit_by_stage(model: nn.Module, reference: nn.Module, layers: Sequence[str
         block, ref_block = model.get_submodule(stage), reference.get_submodule(stage)
         runs = [(block, h, ref_block, r) for h, r in zip(hidden, ref_hidden)]
         for name in (n for n in layers if owner[n] == i):
-            fits.append(_refit(name, model.get_submodule(name), reference.get_submodule(name), keep_out.get(name),
-                               runs, ridge, reduce_mean))
+            fits.append(
+                _refit(
+                    name,
+                    _linear(model, name),
+                    _linear(reference, name),
+                    keep_out.get(name),
+                    runs,
+                    ridge,
+                    reduce_mean,
+                )
+            )
         if i + 1 < len(stages):
             with torch.no_grad():
                 hidden = [block(h) for h in hidden]
                 ref_hidden = [ref_block(r) for r in ref_hidden]
     runs = [(model, x, reference, x) for x in inputs]  # after the stages: whole (early-stopped) forwards
     for name in (n for n in layers if owner[n] == len(stages)):
-        fits.append(_refit(name, model.get_submodule(name), reference.get_submodule(name), keep_out.get(name), runs,
-                           ridge, reduce_mean))
+        fits.append(
+            _refit(
+                name,
+                _linear(model, name),
+                _linear(reference, name),
+                keep_out.get(name),
+                runs,
+                ridge,
+                reduce_mean,
+            )
+        )
     return fits
 
 
-def _refit(name: str, layer: nn.Linear, ref_layer: nn.Linear, keep: torch.Tensor | None,
-           runs: Sequence[tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]], ridge: float,
-           reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> LayerFit:
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear):
+        raise ConfigError(f"reconstruction refits nn.Linear layers; {name!r} is a {type(layer).__name__}")
+    return layer
+
+
+def _refit(
+    name: str,
+    layer: nn.Linear,
+    ref_layer: nn.Linear,
+    keep: torch.Tensor | None,
+    runs: Sequence[tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]],
+    ridge: float,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> LayerFit:
     """Fit ``layer`` on ``runs``: (module, its input, reference module, its input) pairs whose
     forward passes reach ``layer`` / ``ref_layer``."""
     device = layer.weight.device

@@ -41,7 +41,8 @@ class EventSchedule:
         if self.interval == "step" and self.frequency < self.accumulate_batches:
             raise ConfigError(
                 f"frequency={self.frequency} steps is shorter than accumulate_batches={self.accumulate_batches}: "
-                "statistics windows would overlap; allowed: frequency >= accumulate_batches")
+                "statistics windows would overlap; allowed: frequency >= accumulate_batches"
+            )
 
     def window_opens(self, event: int) -> int:
         """The epoch (``interval="epoch"``) or optimizer step at which the window of event ``event``
@@ -56,5 +57,7 @@ class EventSchedule:
 
     def describe(self, events: int) -> str:
         """The schedule's values, for error messages."""
-        return (f"start={self.start}, frequency={self.frequency}, iterative_steps={events}, "
-                f"accumulate_batches={self.accumulate_batches}, interval={self.interval!r}")
+        return (
+            f"start={self.start}, frequency={self.frequency}, iterative_steps={events}, "
+            f"accumulate_batches={self.accumulate_batches}, interval={self.interval!r}"
+        )

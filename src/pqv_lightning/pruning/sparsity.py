@@ -91,8 +91,10 @@ def _check_number(name: str, value: Any, minimum: float, allowed: str) -> None:
 def check_threshold(value: Any) -> None:
     """A threshold is relative to the mean unit norm of a group: a number in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1:
-        raise ConfigError(f"threshold={value!r} is out of range; allowed: a number in (0, 1) (relative to the "
-                          "mean unit norm of each group)")
+        raise ConfigError(
+            f"threshold={value!r} is out of range; allowed: a number in (0, 1) (relative to the "
+            "mean unit norm of each group)"
+        )
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ParamSlice:
         x = x.square() if norm == "l2" else x.abs()
         other = tuple(d for d in range(x.dim()) if d != self.dim)
         return x.sum(other) if other else x
+
 
 @dataclass
 class CoupledGroup:
@@ -195,8 +198,9 @@ def coupled_groups(pruner: StructuredPruner) -> list[CoupledGroup]:
                 unique.append(s)
         root_name = names.get(root_dep.target.module, str(root_dep.target.module))
         direction = "out" if dg.is_out_channel_pruning_fn(root_dep.handler) else "in"
-        groups.append(CoupledGroup(f"{root_name}:{direction}", n_units, heads, unique, root_dep.target.module,
-                                   root_dep.handler))
+        groups.append(
+            CoupledGroup(f"{root_name}:{direction}", n_units, heads, unique, root_dep.target.module, root_dep.handler)
+        )
     return groups
 
 

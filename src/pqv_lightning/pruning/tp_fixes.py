@@ -57,8 +57,9 @@ def _map_channel_chunks(graph) -> None:
             backward = [d for d in out_node.dependencies if d.target == node]
             for deps, reverse in ((forward, False), (backward, True)):
                 if deps:
-                    deps[0].index_mapping[0] = tp_index_mapping._SplitIndexMapping(offset=offsets[i:i + 2],
-                                                                                   reverse=reverse)
+                    deps[0].index_mapping[0] = tp_index_mapping._SplitIndexMapping(
+                        offset=offsets[i : i + 2], reverse=reverse
+                    )
 
 
 def install() -> None:
