@@ -329,7 +329,7 @@ def test_a_format_without_a_handler_for_a_precision_is_refused_before_work():
     class Fp32Only(ExportTarget):
         format, suffix = "fp32only-test", ".fp32only"
 
-    Fp32Only.handles(FP32)(lambda model: model)
+    Fp32Only.handles(FP32)(lambda model, job: model)
     try:
         MobileExportConfig(formats=["fp32only-test"], precisions=["fp32"]).validate()
         with pytest.raises(ConfigError, match="'fp32only-test' cannot apply precision 'int8-dynamic'"):
@@ -378,3 +378,31 @@ def test_ci_runs_exactly_the_readme_test_command():
     ]
     assert ci == [tests]
     assert '-m "not slow"' in tests and "-m slow" in tests  # both tiers
+
+
+def test_every_precision_handler_has_the_one_signature():
+    """One signature for every handler of every target: ``handler(subject, job: PrecisionJob)`` (the 0.1
+    handlers took four different ones); another is refused when it registers."""
+    import inspect
+
+    from pqv_lightning.export import FP32, ExportTarget, PrecisionJob
+
+    handlers = {(fmt, t.__name__): fn for fmt in TARGETS for t, fn in type(TARGETS[fmt])._handlers.items()}
+    assert len(handlers) >= 15
+    for key, fn in handlers.items():
+        names = list(inspect.signature(fn).parameters)
+        assert len(names) == 2 and names[1] == "job", (key, names)
+
+    class Strict(ExportTarget):
+        format, suffix = "strict-test", ".strict"
+
+    old_onnx = "def _fp32(fp32, path, work, precision, calibration): ..."
+    namespace: dict = {}
+    exec(old_onnx, namespace)
+    with pytest.raises(
+        TypeError,
+        match=r"takes \(fp32, path, work, precision, calibration\); a handler takes "
+        r"\(subject, job: PrecisionJob\)",
+    ):
+        Strict.handles(FP32)(namespace["_fp32"])
+    assert Strict.handles(FP32)(lambda subject, job: subject)("x", PrecisionJob(FP32)) == "x"

@@ -104,7 +104,7 @@ def test_rank_none_writes_no_best_and_bad_rank_is_refused(tmp_path):
 
 _USER_TARGET = """
 import torch
-from pqv_lightning.export import FP32, Built, ExportTarget, register_target
+from pqv_lightning.export import FP32, Built, ExportTarget, PrecisionJob, register_target
 
 
 @register_target
@@ -112,7 +112,7 @@ class PickledTarget(ExportTarget):
     format, suffix = "pickled-test", ".pickled"
 
     def write(self, reference, precision, engine, example, calibration, path, options):
-        torch.save(self.handler(precision)(reference), path)
+        torch.save(self.handler(precision)(reference, PrecisionJob(precision)), path)
         return Built(applied=["torch.save"])
 
     def load(self, path, example, threads):
@@ -120,7 +120,7 @@ class PickledTarget(ExportTarget):
 
 
 @PickledTarget.handles(FP32)
-def _fp32(model):
+def _fp32(model, job):
     return model
 """
 

@@ -545,3 +545,18 @@ def test_the_budget_search_costs_a_few_pruning_passes_and_finds_the_smallest_rat
 
     step = pruner.ratio_resolution(model)  # one channel of the widest layer
     assert macs_at(ratio) <= 0.5 * full < macs_at(ratio - 2 * step)
+
+
+def test_an_event_says_where_its_time_went():
+    model = tiny_vit()
+    config = PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True)
+    event = prune_once(model, config, calibration=[torch.randn(8, 1, 32, 32)])
+    phases = event.phase_seconds
+    assert set(phases) == {"reference", "score_and_remove", "optimizer", "reconstruction", "measure"}
+    assert all(v >= 0 for v in phases.values())
+    # the phases inside the structural change add up to at most its wall time (measure runs after it)
+    assert sum(v for k, v in phases.items() if k != "measure") <= event.seconds + 1e-3
+    assert {f"pruning/seconds_{k}" for k in phases} <= set(event.metrics())
+    assert event.timing().startswith(f"{event.seconds:.2f} s: ")
+    plain = prune_once(tiny_vit(), PruningConfig(importance="l2", pruning_ratio=0.25, threshold=0.05))
+    assert "reconstruction" not in plain.phase_seconds and "threshold" in plain.phase_seconds

@@ -578,7 +578,7 @@ class StructuredPruning(Callback):
             f"StructuredPruning event {event.index}/{self.config.iterative_steps} at step {trainer.global_step}: "
             f"params {event.params_before:,} -> {event.params_after:,}, MACs {event.macs_before / 1e6:.1f}M -> "
             f"{event.macs_after / 1e6:.1f}M, channel ratio {event.ratio_reached:.3f} "
-            f"(target {event.target_ratio:.3f}), {event.seconds:.2f} s"
+            f"(target {event.target_ratio:.3f}), {event.timing()}"
             + (
                 f"; channels removed by ratio {event.removed_by_ratio}, by threshold {event.removed_by_threshold}"
                 if self.config.threshold is not None

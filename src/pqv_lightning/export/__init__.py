@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), ".delegation"),
     **dict.fromkeys(("WidthPaddingError", "pad_widths"), ".padding"),
     **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), ".precisions"),
-    **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "register_target"), ".targets"),
+    **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "PrecisionJob", "register_target"), ".targets"),
 }
 
 __all__ = sorted(_EXPORTS)

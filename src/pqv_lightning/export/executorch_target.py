@@ -28,7 +28,18 @@ import torch
 from torch import nn
 
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, Runner, chunked, register_target
+from .targets import (
+    PROBE_HEAD,
+    PROBE_RESET,
+    PROBE_TAIL,
+    TARGETS,
+    Built,
+    ExportTarget,
+    PrecisionJob,
+    Runner,
+    chunked,
+    register_target,
+)
 
 __all__ = ["ExecuTorchTarget", "lower_to_executorch", "delegation_report"]
 
@@ -120,7 +131,7 @@ def lower_to_executorch(
     details: dict[str, Any] = {"module_swaps": make_delegation_friendly(model) if delegation_friendly else {}}
     # handlers: (model, precision, example, calibration, details) -> (model to export, quantized reference
     # or None); they add what they did to details["applied"]
-    model, reference = apply(model, precision, example, calibration, details)
+    model, reference = apply(model, PrecisionJob(precision, example, calibration, details=details))
     with torch.no_grad():
         ep = torch.export.export(model, (example,))
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
@@ -192,13 +203,15 @@ for _ in range(3):
 
 
 @ExecuTorchTarget.handles(FP32)
-def _fp32(model, precision, example, calibration, details):
+def _fp32(model, job: PrecisionJob):
+    details = job.details
     details["applied"] = []
     return model, None
 
 
 @ExecuTorchTarget.handles(FP16)
-def _fp16(model, precision, example, calibration, details):
+def _fp16(model, job: PrecisionJob):
+    details = job.details
     from .delegation import keep_layernorm_fp32
 
     details["fp32_layernorms"] = keep_layernorm_fp32(model.half())
@@ -207,7 +220,9 @@ def _fp16(model, precision, example, calibration, details):
 
 
 @ExecuTorchTarget.handles(Int8Dynamic, Int8Static)
-def _int8(model, precision, example, calibration, details):
+def _int8(model, job: PrecisionJob):
+    precision, example, calibration, details = job.precision, job.example, job.calibration, job.details
+    assert isinstance(precision, (Int8Dynamic, Int8Static)) and example is not None
     quantized, any_batch = _pt2e_quantize(model, precision, example, calibration)
     kind = "dynamic" if isinstance(precision, Int8Dynamic) else "static, calibrated"
     scales = "per-channel" if precision.per_channel else "per-tensor"

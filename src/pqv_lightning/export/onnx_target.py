@@ -35,7 +35,7 @@ from torch import nn
 
 from ..settings import logger_levels
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, PrecisionJob, register_target
 
 __all__ = ["ONNXTarget", "export_onnx", "ort_session"]
 
@@ -126,7 +126,7 @@ def export_onnx(
             None,
         )
         # handlers: (fp32 .onnx, output path, work folder, precision, calibration) -> details
-        details.update(apply(fp32, path, work, precision, calibration))
+        details.update(apply(fp32, PrecisionJob(precision, calibration=calibration, path=path, work_dir=work)))
     return details
 
 
@@ -191,13 +191,17 @@ for _ in range(3):
 
 
 @ONNXTarget.handles(FP32)
-def _fp32(fp32: str, path: str, work: str, precision: Precision, calibration) -> dict[str, Any]:
+def _fp32(fp32: str, job: PrecisionJob) -> dict[str, Any]:
+    path = job.path
+    assert path is not None
     Path(fp32).replace(path)
     return {"applied": []}
 
 
 @ONNXTarget.handles(FP16)
-def _fp16(fp32: str, path: str, work: str, precision: Precision, calibration) -> dict[str, Any]:
+def _fp16(fp32: str, job: PrecisionJob) -> dict[str, Any]:
+    path = job.path
+    assert path is not None
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -206,7 +210,9 @@ def _fp16(fp32: str, path: str, work: str, precision: Precision, calibration) ->
 
 
 @ONNXTarget.handles(Int8Dynamic)
-def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calibration) -> dict[str, Any]:
+def _int8_dynamic(fp32: str, job: PrecisionJob) -> dict[str, Any]:
+    path, work, precision = job.path, job.work_dir, job.precision
+    assert isinstance(precision, Int8Dynamic) and path is not None and work is not None
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # MatMulConstBOnly=False: the MatMuls of two activations (q @ k.T, attn @ v) become MatMulInteger too
@@ -230,7 +236,9 @@ def _int8_dynamic(fp32: str, path: str, work: str, precision: Int8Dynamic, calib
 
 
 @ONNXTarget.handles(Int8Static)
-def _int8_static(fp32: str, path: str, work: str, precision: Int8Static, calibration) -> dict[str, Any]:
+def _int8_static(fp32: str, job: PrecisionJob) -> dict[str, Any]:
+    path, work, precision, calibration = job.path, job.work_dir, job.precision, job.calibration
+    assert isinstance(precision, Int8Static) and path is not None and work is not None
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     applied: list[str] = []

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..settings import logger_levels
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, PrecisionJob, register_target
 
 __all__ = ["OpenVINOTarget", "compile_ir", "dynamic_quantization_active", "export_openvino"]
 
@@ -158,7 +158,7 @@ def export_openvino(
         shape = ov.PartialShape([-1, *example.shape[1:]])  # any batch, the trained image size
         ir = ov.convert_model(model, example_input=example, input=[shape])
         # handlers: (ov.Model, precision, calibration) -> (ov.Model, compress_to_fp16, runtime options, applied)
-        ir, compress, options, applied = apply(ir, precision, calibration)
+        ir, compress, options, applied = apply(ir, PrecisionJob(precision, calibration=calibration))
         for key, value in options.items():
             ir.set_rt_info(value, [RUNTIME_OPTIONS, key])
         ov.save_model(ir, path, compress_to_fp16=compress)
@@ -249,17 +249,19 @@ for _ in range(3):
 
 
 @OpenVINOTarget.handles(FP32)
-def _fp32(ir, precision: Precision, calibration):
+def _fp32(ir, job: PrecisionJob):
     return ir, False, {"INFERENCE_PRECISION_HINT": "f32"}, ["fp32 weights, INFERENCE_PRECISION_HINT=f32"]
 
 
 @OpenVINOTarget.handles(FP16)
-def _fp16(ir, precision: Precision, calibration):
+def _fp16(ir, job: PrecisionJob):
     return ir, True, {}, ["fp16 weights (compress_to_fp16), the plugin's default inference precision"]
 
 
 @OpenVINOTarget.handles(Int8Dynamic)
-def _int8_dynamic(ir, precision: Int8Dynamic, calibration):
+def _int8_dynamic(ir, job: PrecisionJob):
+    precision = job.precision
+    assert isinstance(precision, Int8Dynamic)
     import nncf
 
     if not precision.per_channel:
@@ -272,7 +274,9 @@ def _int8_dynamic(ir, precision: Int8Dynamic, calibration):
 
 
 @OpenVINOTarget.handles(Int8Static)
-def _int8_static(ir, precision: Int8Static, calibration):
+def _int8_static(ir, job: PrecisionJob):
+    precision, calibration = job.precision, job.calibration
+    assert isinstance(precision, Int8Static)
     import nncf
 
     if not calibration:

@@ -20,6 +20,7 @@ config (:mod:`.precisions`) with the handler it registered for that config's cla
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,16 @@ from ..registry import Registry
 from ..widths import WIDTH_RULE_DEFAULTS
 from .precisions import Precision
 
-__all__ = ["TARGETS", "Built", "ExportTarget", "Runner", "UnsupportedPrecisionError", "chunked", "register_target"]
+__all__ = [
+    "TARGETS",
+    "Built",
+    "ExportTarget",
+    "PrecisionJob",
+    "Runner",
+    "UnsupportedPrecisionError",
+    "chunked",
+    "register_target",
+]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -91,9 +101,10 @@ class ExportTarget:
     @classmethod
     def handles(cls, *config_types: type[Precision]) -> Callable:
         """Decorator: the function applies precision configs of these classes (and their subclasses)
-        for this target. Its signature is the target's own (see each target's ``write``)."""
+        for this target: ``handler(subject, job: PrecisionJob) -> result`` (:class:`PrecisionJob`)."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            check_handler_signature(fn)
             for config_type in config_types:
                 cls._handlers[config_type] = fn
             return fn
@@ -162,6 +173,38 @@ TARGETS: Registry[ExportTarget] = Registry(
         f"{__package__}.{m}" for m in ("executorch_target", "onnx_target", "torchscript_target", "openvino_target")
     ),
 )
+
+
+def check_handler_signature(fn: Callable[..., Any]) -> None:
+    """A precision handler takes ``(subject, job)``: two positional parameters, nothing else required.
+
+    Raises:
+        TypeError: another signature (the name of the function and what it takes).
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_rest = [p for p in params[len(positional) :] if p.default is p.empty and p.kind == p.KEYWORD_ONLY]
+    if len(positional) != 2 or required_rest:
+        taken = ", ".join(p.name for p in params)
+        raise TypeError(
+            f"precision handler {getattr(fn, '__qualname__', fn)!r} takes ({taken}); a handler takes "
+            "(subject, job: PrecisionJob)"
+        )
+
+
+@dataclass
+class PrecisionJob:
+    """What a precision handler gets besides the thing it converts. Every handler of every target has
+    one signature, ``handler(subject, job) -> result``; the subject and the result are the target's own
+    (``pte`` / ``ptl``: a module; ``onnx``: the fp32 file's path; ``openvino``: an OpenVINO model)."""
+
+    precision: Precision
+    example: torch.Tensor | None = None
+    calibration: Sequence[torch.Tensor] = ()
+    engine: str | None = None  # torch's quantized engine (``ptl``)
+    path: str | None = None  # where the file goes (``onnx``)
+    work_dir: str | None = None  # a scratch folder (``onnx``)
+    details: dict[str, Any] = field(default_factory=dict)  # what the handler reports for the manifest
 
 
 def register_target(cls: type[ExportTarget]) -> type[ExportTarget]:

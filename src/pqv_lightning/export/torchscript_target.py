@@ -17,7 +17,7 @@ from torch import nn
 
 from .eager_quant import quantize_linears_dynamic
 from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
-from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, register_target
+from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, PrecisionJob, register_target
 
 __all__ = ["TorchScriptTarget", "quantize_torch_ao", "script_for_mobile"]
 
@@ -37,7 +37,7 @@ def quantize_torch_ao(
     apply = TARGETS["ptl"].handler(precision)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deprecated|reduce_range).*")  # torch.ao's own notices
-        return apply(copy.deepcopy(model).eval().float(), precision, engine, example, calibration)
+        return apply(copy.deepcopy(model).eval().float(), PrecisionJob(precision, example, calibration, engine=engine))
 
 
 def script_for_mobile(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, list[str], list[str]]:
@@ -124,24 +124,28 @@ with torch.no_grad():
 
 
 @TorchScriptTarget.handles(FP32)
-def _fp32(model, precision, engine, example, calibration):
+def _fp32(model, job: PrecisionJob):
     return model
 
 
 @TorchScriptTarget.handles(FP16)
-def _fp16(model, precision, engine, example, calibration):
+def _fp16(model, job: PrecisionJob):
     return quantize_linears_dynamic(model, torch.float16)
 
 
 @TorchScriptTarget.handles(Int8Dynamic)
-def _int8_dynamic(model, precision, engine, example, calibration):
+def _int8_dynamic(model, job: PrecisionJob):
+    precision = job.precision
+    assert isinstance(precision, Int8Dynamic)
     # weights per channel or per tensor as ``precision.per_channel`` says (every engine runs both); Linear
     # layers whose weight the model reads itself (BEiT, EVA attention) stay fp32 (eager_quant)
     return quantize_linears_dynamic(model, torch.qint8, per_channel=precision.per_channel)
 
 
 @TorchScriptTarget.handles(Int8Static)
-def _int8_static(model, precision, engine, example, calibration):
+def _int8_static(model, job: PrecisionJob):
+    precision, engine, example, calibration = job.precision, job.engine, job.example, job.calibration
+    assert isinstance(precision, Int8Static) and engine is not None
     # the engine's default activation observer; weights per channel or per tensor as ``precision.per_channel``
     # says (the engines' own defaults differ: x86 / FBGEMM per channel, QNNPACK per tensor)
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig

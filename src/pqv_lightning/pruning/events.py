@@ -18,7 +18,7 @@ class PruningEvent:
     params_after: int
     macs_before: int
     macs_after: int
-    seconds: float  # wall time of the structural change (scoring, removal, optimizer remap)
+    seconds: float  # wall time of the structural change (scoring, removal, optimizer remap, reconstruction)
     widths: dict[str, list[int]] = field(default_factory=dict)  # layer -> [in, out] after the event
     heads: dict[str, int] = field(default_factory=dict)  # attention module -> heads after the event
     optimizer_params_remapped: int = 0
@@ -29,6 +29,16 @@ class PruningEvent:
     # reconstruction: mean relative error of the refitted layers on the calibration inputs, before / after
     reconstruction_error_before: float | None = None
     reconstruction_error_after: float | None = None
+    #: where the time went: ``budget`` (settling a global budget's ratio), ``reference`` (the frozen copy
+    #: reconstruction fits against), ``score_and_remove`` (Torch-Pruning's step), ``threshold``,
+    #: ``optimizer`` (state remap, attribute sync), ``reconstruction``, ``measure`` (MACs after the event,
+    #: not part of ``seconds``); a phase that did not run is absent
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timing(self) -> str:
+        """``"2.31 s: score_and_remove 1.20, reconstruction 0.95, ..."`` (largest phase first)."""
+        parts = sorted(self.phase_seconds.items(), key=lambda kv: -kv[1])
+        return f"{self.seconds:.2f} s" + (": " + ", ".join(f"{k} {v:.2f}" for k, v in parts) if parts else "")
 
     def metrics(self, prefix: str = "pruning/") -> dict[str, float]:
         extra = (
@@ -41,6 +51,7 @@ class PruningEvent:
         )
         return {
             **extra,
+            **{f"{prefix}seconds_{phase}": float(s) for phase, s in self.phase_seconds.items()},
             f"{prefix}event": float(self.index),
             f"{prefix}params": float(self.params_after),
             f"{prefix}macs": float(self.macs_after),

@@ -25,6 +25,7 @@ Example (plain PyTorch)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -32,7 +33,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -64,6 +65,17 @@ from .sparsity import CoupledGroup, GroupSparsity, add_sparsity_gradient, couple
 from .tp_fixes import FixedBasePruner
 
 __all__ = ["StructuredPruner", "prune_once", "ratio_for_budget", "restore_structure"]
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``phases[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
 
 STATE_VERSION = 1
 
@@ -436,37 +448,46 @@ class StructuredPruner:
         params_before = count_params(self.model)
         macs_before = self._macs_now
         was_training = self.model.training
+        phases: dict[str, float] = {}  # where the event's time goes (PruningEvent.phase_seconds)
         t0 = time.perf_counter()
         # Gradients are consumed by then (statistics are separate); dropping them halves the copying.
         if self.budget and self.config.global_pruning:
             # global allocation: every event's ratio is settled on copies with this event's scores, so the
             # run follows the schedule in MACs / parameters and the last event lands on the budget
-            self._tp.per_step_pruning_ratio[self.completed_events + 1] = self._global_ratio_for_budget()
+            with _timed(phases, "budget"):
+                self._tp.per_step_pruning_ratio[self.completed_events + 1] = self._global_ratio_for_budget()
         self.model.zero_grad(set_to_none=True)
-        reference = self._reconstruction_reference(calibration)
+        with _timed(phases, "reference"):
+            reference = self._reconstruction_reference(calibration)
         channels_before = self.prunable_channels()
         removed_by_threshold = 0
         with record_parameter_replacements() as log, torch.enable_grad():
-            self._tp.step()
-            after_ratio = coupled_groups(self)
-            removed_by_ratio = channels_before - self.prunable_channels(after_ratio)
-            if self.config.threshold is not None:
-                removed_by_threshold = self._threshold_prune(after_ratio)
+            with _timed(phases, "score_and_remove"):  # Torch-Pruning: scores every group, removes channels
+                self._tp.step()
+            with _timed(phases, "threshold"):
+                after_ratio = coupled_groups(self)
+                removed_by_ratio = channels_before - self.prunable_channels(after_ratio)
+                if self.config.threshold is not None:
+                    removed_by_threshold = self._threshold_prune(after_ratio)
         self._groups = None
-        live = list(self.model.parameters())
-        remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
-        restore_requires_grad(log, live)
-        self.adapter.sync_attributes(self.model, self.current_heads())
+        with _timed(phases, "optimizer"):
+            live = list(self.model.parameters())
+            remapped = sum(remap_optimizer(opt, log, live) for opt in optimizers)
+            restore_requires_grad(log, live)
+            self.adapter.sync_attributes(self.model, self.current_heads())
         fits = []
         if reference is not None:
             assert calibration is not None
-            fits = self._reconstruct(reference, log, calibration, reduce_mean)
+            with _timed(phases, "reconstruction"):
+                fits = self._reconstruct(reference, log, calibration, reduce_mean)
             del reference
         self.model.train(was_training)
         seconds = time.perf_counter() - t0
         if self.stats is not None:
             self.stats.reset()
             self.stats.attach()
+        with _timed(phases, "measure"):  # MACs after the event (a traced forward pass)
+            macs_after = count_macs(self.model, self._example()) if self.measure else 0
         event = PruningEvent(
             index=self.completed_events,
             target_ratio=float(self._tp.per_step_pruning_ratio[self.completed_events]),
@@ -474,8 +495,9 @@ class StructuredPruner:
             params_before=params_before,
             params_after=count_params(self.model),
             macs_before=macs_before,
-            macs_after=count_macs(self.model, self._example()) if self.measure else 0,
+            macs_after=macs_after,
             seconds=seconds,
+            phase_seconds={k: round(v, 4) for k, v in phases.items() if k != "threshold" or self.config.threshold},
             widths=self.widths(),
             heads=self.current_heads(),
             optimizer_params_remapped=remapped,
