@@ -34,6 +34,39 @@ def random_loader(n: int = 128, batch_size: int = 16, seed: int = 0, shuffle: bo
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
 
 
+def image_batches(n: int = 3, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` (images, labels) batches of 1x32x32 noise and random labels: what export verification and
+    calibration read in the tests."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def quick_export_config(output_dir, **kw):
+    """A MobileExportConfig that is fast to run in a test: few timed calls, no memory probe, ranked in
+    process (round-robin ranking has its own tests); anything in ``kw`` wins."""
+    from pqv_lightning.export import MobileExportConfig
+
+    defaults = dict(output_dir=str(output_dir), repeats=2, warmup=1, measure_memory=False, rank="in-process")
+    return MobileExportConfig(**{**defaults, **kw})
+
+
+def step_pruning(**kw):
+    """StructuredPruning with step-interval windows (taylor, 50 %, two events of two statistics steps,
+    opening after steps 1 and 4); anything in ``kw`` wins."""
+    from pqv_lightning import StructuredPruning
+
+    defaults = dict(
+        importance="taylor",
+        pruning_ratio=0.5,
+        iterative_steps=2,
+        accumulate_batches=2,
+        interval="step",
+        start=1,
+        frequency=3,
+    )
+    return StructuredPruning(**{**defaults, **kw})
+
+
 def make_trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu",

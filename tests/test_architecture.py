@@ -406,3 +406,68 @@ def test_every_precision_handler_has_the_one_signature():
     ):
         Strict.handles(FP32)(namespace["_fp32"])
     assert Strict.handles(FP32)(lambda subject, job: subject)("x", PrecisionJob(FP32)) == "x"
+
+
+#: packages that are not installed by default (an extra) or that a module may lack: imported where used
+OPTIONAL_PACKAGES = {
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "openvino",
+    "nncf",
+    "executorch",
+    "torchao",
+    "transformers",
+    "matplotlib",
+    "wandb",
+    "yaml",
+    "numpy",
+    "resource",
+    "torchvision",
+}
+#: modules whose function-level imports are deliberate, and why; every other import is at the top of its module
+LAZY_IMPORTS = {
+    "pqv_lightning.apps.*": "the pqv parser builds without torch: `pqv --help` imports no heavy module",
+    "pqv_lightning.checks": "imported by the pqv parser: torch only where a tensor is checked",
+    "pqv_lightning.fileio": "imported by the pqv parser and the latency worker: torch only where tensors load",
+    "pqv_lightning.export": "the package's public names load on first use (PEP 562)",
+    "pqv_lightning.export.benchmark": "the latency worker: only the module of the file's own format",
+    "pqv_lightning.export.host": "imported by the latency worker: the GEMM probes' runtimes load when run",
+    "pqv_lightning.export.*_target": "loaded by the latency worker: converters and timm load when a file is written",
+    "pqv_lightning.export.eager_quant": "torch.ao's quantization stack loads when a model is quantized",
+    "pqv_lightning.export.padding": "reachable from the latency worker's targets: timm loads when a model is padded",
+    "pqv_lightning.pruning.adapters": "timm classes that moved between timm releases, looked up when used",
+}
+
+
+def function_level_imports() -> list[tuple[str, str, str]]:
+    """(module, function, imported name) for every import inside a function of the package."""
+    import ast
+
+    found = []
+    for path in ROOT.rglob("*.py"):
+        mod = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Import):
+                        found += [(mod, node.name, a.name) for a in sub.names]
+                    elif isinstance(sub, ast.ImportFrom):
+                        found.append((mod, node.name, "." * sub.level + (sub.module or "")))
+    return found
+
+
+def test_function_level_imports_only_where_start_up_time_needs_them():
+    import fnmatch
+
+    imports = function_level_imports()
+    assert len(imports) > 50  # the source really was read
+    unexplained = sorted(
+        {
+            (mod, fn, name)
+            for mod, fn, name in imports
+            if name.split(".")[0] not in OPTIONAL_PACKAGES
+            and not any(fnmatch.fnmatch(mod, pattern) for pattern in LAZY_IMPORTS)
+        }
+    )
+    assert unexplained == []

@@ -12,28 +12,20 @@ from pqv_lightning.export import (
     PRECISIONS,
     TARGETS,
     ExportFailedError,
-    MobileExportConfig,
     export_mobile,
     host_default_engine,
 )
 
-from conftest import tiny_vit
+from conftest import image_batches, quick_export_config, tiny_vit
 
 SUPPORTED = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
 
 
-def _data(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+_data = image_batches
 
 
 def _config(tmp_path, **kw):
-    kw.setdefault("output_dir", str(tmp_path / "out"))
-    kw.setdefault("repeats", 2)
-    kw.setdefault("warmup", 1)
-    kw.setdefault("measure_memory", False)
-    kw.setdefault("rank", "in-process")  # round-robin ranking has its own tests
-    return MobileExportConfig(**kw)
+    return quick_export_config(tmp_path / "out", **kw)
 
 
 @pytest.mark.parametrize("dim", [64, 256])

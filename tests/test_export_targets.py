@@ -20,7 +20,7 @@ from pqv_lightning.export.delegation import (
     make_delegation_friendly,
 )
 
-from conftest import tiny_vit
+from conftest import image_batches, tiny_vit
 
 HAS_ET = importlib.util.find_spec("executorch") is not None and importlib.util.find_spec("torchao") is not None
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -31,9 +31,7 @@ needs_ov = pytest.mark.skipif(not HAS_OV, reason="extra not installed: pip insta
 ALLOWED_OUTSIDE_XNNPACK = {"aten.expand_copy.default", "aten.select_copy.int"}  # cls-token expand, cls-token pick
 
 
-def _data(n=3, seed=0, batch=8):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+_data = image_batches
 
 
 def _export(tmp_path, model, formats, precisions, **kw):

@@ -18,24 +18,13 @@ from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
 from pqv_lightning.export.core import ExportFailedError, _best_entry
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, count_macs, prune_once
 
-from conftest import tiny_vit
+from conftest import quick_export_config, tiny_vit
 
 EXAMPLE = torch.randn(1, 1, 32, 32)
 
 
 def _config(out, **kw) -> MobileExportConfig:
-    return MobileExportConfig(
-        **{
-            "precisions": ["fp32"],
-            "formats": ["ptl"],
-            "output_dir": str(out),
-            "repeats": 2,
-            "warmup": 0,
-            "measure_memory": False,
-            "rank": "none",
-            **kw,
-        }
-    )
+    return quick_export_config(out, **{"precisions": ["fp32"], "formats": ["ptl"], "warmup": 0, "rank": "none", **kw})
 
 
 def _consistent(out: Path) -> dict:
@@ -129,10 +118,9 @@ KILLED_EXPORT = textwrap.dedent("""
             return real(*a, **k)
         core._verify = verify
     else:                      # inside the ranking: its working folder holds a copy of the model
-        import pqv_lightning.export.benchmark as bench
         def round_robin(*a, **k):
             print("READY", flush=True); time.sleep(600)
-        bench.round_robin = round_robin
+        core.round_robin = round_robin
     export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), MobileExportConfig(
         precisions=["fp32", "int8-dynamic"], formats=["ptl"], engines=["x86"], output_dir={out!r}, repeats=2,
         warmup=0, measure_memory=False, rank="round-robin" if stage == "rank" else "none"))

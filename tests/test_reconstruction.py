@@ -10,7 +10,7 @@ from pqv_lightning import StructuredPruning
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.pruning import PruningConfig, prune_once, reconstruct_linears
 
-from conftest import make_trainer, random_loader, tiny_vit
+from conftest import make_trainer, random_loader, step_pruning, tiny_vit
 
 
 def _pair(hidden_student=6, seed=0):
@@ -150,17 +150,7 @@ def test_pruning_with_reconstruction_keeps_the_network_closer_to_the_original():
 
 
 def test_the_callback_fits_on_the_windows_inputs_and_leaves_no_hook(tmp_path, lit_model):
-    pruning = StructuredPruning(
-        importance="taylor",
-        pruning_ratio=0.5,
-        iterative_steps=2,
-        accumulate_batches=2,
-        interval="step",
-        start=1,
-        frequency=3,
-        reconstruct=True,
-        reconstruct_samples=24,
-    )
+    pruning = step_pruning(reconstruct=True, reconstruct_samples=24)
     seen = []
     original = pruning._capture_input
     pruning._capture_input = lambda module, args: (seen.append(len(args[0])), original(module, args))[1]

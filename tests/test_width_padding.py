@@ -13,7 +13,7 @@ from pqv_lightning.callbacks import MobileExport
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import MobileExportConfig, WidthPaddingError, export_mobile, pad_widths
 
-from conftest import tiny_vit
+from conftest import image_batches, quick_export_config, tiny_vit
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 HAS_OV = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
@@ -103,24 +103,18 @@ def test_pad_widths_option_is_validated():
     assert MobileExport().config.pad_widths == "auto"
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
-
-
 def _export(tmp_path, model, formats, **kw):
-    config = MobileExportConfig(
+    config = quick_export_config(
+        tmp_path / "out",
         formats=formats,
         precisions=["fp32"],
-        output_dir=str(tmp_path / "out"),
         repeats=1,
         warmup=0,
-        measure_memory=False,
         rank="none",
         min_top1_agreement=0.0,
         **kw,
     )
-    return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
+    return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=image_batches(2, batch=4))
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")

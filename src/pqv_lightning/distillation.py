@@ -15,6 +15,7 @@ from torch import nn
 
 from .checks import check_bool, check_number
 from .errors import ConfigError
+from .export.eager_quant import quantize_linears_dynamic
 from .outputs import logits_of
 
 __all__ = [
@@ -91,8 +92,6 @@ def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     if precision == "int8-dynamic":
-        from .export.eager_quant import quantize_linears_dynamic
-
         teacher = quantize_linears_dynamic(teacher.cpu().float(), torch.qint8)
     elif precision == "fp16":
         teacher = teacher.half()

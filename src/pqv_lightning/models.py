@@ -30,6 +30,7 @@ from torch import nn
 from .checks import first_line
 from .errors import ConfigError, InputNotFoundError
 from .fileio import load_tensors, staged
+from .pruning import PruningConfig, prune_once
 from .registry import Registry
 
 __all__ = [
@@ -176,8 +177,6 @@ def paper_model(
     ``prune_heads``: remove whole attention heads (each kept head keeps its head dim) instead of
     dimensions inside every head.
     """
-    from .pruning import PruningConfig, prune_once
-
     torch.manual_seed(seed)
     model = create_vit(model_name, **kwargs).eval()
     if ratio > 0:

@@ -22,6 +22,7 @@ from ..distillation import (
     teacher_logits,
 )
 from ..errors import ConfigError, InputNotFoundError
+from ..models import load_vit_checkpoint
 from ..outputs import logits_of
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 
@@ -185,8 +186,6 @@ class KnowledgeDistillation(Callback):
     def _load_given_teacher(self) -> nn.Module:
         if isinstance(self.teacher_source, nn.Module):
             return self.teacher_source
-        from ..models import load_vit_checkpoint
-
         assert self.teacher_source is not None  # None: the default teacher, built elsewhere
         try:
             return load_vit_checkpoint(self.teacher_source)[0]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
@@ -264,8 +265,6 @@ class MobileExport(Callback):
             metrics["export/best/speedup_vs_fp32_eager"] = best["speedup_vs_fp32_eager"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        from lightning.pytorch.loggers import WandbLogger
-
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue

@@ -12,8 +12,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch import callbacks as cb
+from lightning.pytorch import strategies as st
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..checks import check_forward, check_int, check_number, check_shape
@@ -305,8 +310,6 @@ class StructuredPruning(Callback):
             self.pruner.stats.detach()  # no gradient hooks left on the model that gets exported
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        from lightning.pytorch import strategies as st
-
         refused = tuple(
             getattr(st, n) for n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") if hasattr(st, n)
         )
@@ -317,8 +320,6 @@ class StructuredPruning(Callback):
                 "parameters, so they cannot be reshaped mid-fit. Supported: single device, 'ddp', 'ddp_spawn', "
                 "'ddp_find_unused_parameters_true'"
             )
-        from lightning.pytorch import callbacks as cb
-
         averaging = tuple(getattr(cb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(cb, n))
         clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]  # type: ignore[attr-defined]
         if clash:
@@ -561,9 +562,6 @@ class StructuredPruning(Callback):
 
     @staticmethod
     def _rewrap_ddp(trainer: pl.Trainer) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
-        from torch.nn.parallel import DistributedDataParallel
-
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
             # The old reducer registered hooks on the replaced parameters; drop it before re-wrapping.
@@ -593,8 +591,6 @@ class StructuredPruning(Callback):
         metrics = event.metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        from lightning.pytorch.loggers import WandbLogger
-
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(

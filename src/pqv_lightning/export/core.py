@@ -33,15 +33,20 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from .._version import __version__
 from ..checks import (
@@ -60,7 +65,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
 from ..outputs import tensor_module
 from ..settings import executorch_threads, quantized_engine, torch_threads
-from .benchmark import summarize, time_calls
+from .benchmark import Candidate, round_robin, summarize, time_calls
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
@@ -262,8 +267,6 @@ def _write_manifest(path: Path, manifest: dict[str, Any], described: Sequence[Pa
 # ---------------------------------------------------------------------------------------------- checks
 @torch.no_grad()
 def _verify(run, reference: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, Any]:
-    from torchmetrics.functional.classification import multiclass_accuracy
-
     agree = total = 0
     max_err, cos_sum, correct_logits, labels = 0.0, 0.0, [], []
     for x, y in batches:
@@ -294,9 +297,6 @@ def _inference_memory(
 ) -> dict[str, float]:
     """Peak RSS of a fresh process while it loads ``path`` and runs 3 inferences (Linux /proc), and
     how much of it the model added over the process with torch imported."""
-    import subprocess
-    import sys
-
     proc = subprocess.run(
         [sys.executable, "-c", probe, path, ",".join(map(str, shape)), str(threads), engine or "-"],
         capture_output=True,
@@ -342,8 +342,6 @@ class ExportFailedError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- entry point
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"torch": torch.__version__, "pqv_lightning": __version__}
     for dist in ("executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf"):
         try:
@@ -515,10 +513,6 @@ def rank_artifacts(
         return None
     threads = config.threads
     if config.rank == "round-robin":
-        import tempfile
-
-        from .benchmark import Candidate, round_robin
-
         try:
             with tempfile.TemporaryDirectory(prefix=".rank-", dir=out) as work:
                 eager = Path(work) / "fp32_eager.pt"

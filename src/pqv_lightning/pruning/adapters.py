@@ -17,6 +17,8 @@ own. Add a family with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -343,8 +345,6 @@ class _TimmHeadModel:
 def _classes(*paths: str) -> tuple[type, ...]:
     """The classes at ``"module.Class"`` paths that import here (an optional library that is missing, or
     another version without the class: left out)."""
-    import importlib
-
     found = []
     for path in paths:
         module, _, name = path.rpartition(".")
@@ -487,8 +487,6 @@ if _TV_VIT_TYPES:
             return ["heads"] if isinstance(getattr(model, "heads", None), nn.Module) else []
 
         def width_multiple(self, model: nn.Module) -> int:
-            import math
-
             return math.lcm(*[int(m.num_heads) for m in self._attention(model)] or [1])
 
         def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
