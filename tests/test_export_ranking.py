@@ -12,6 +12,7 @@ from pqv_lightning.export import MobileExportConfig, export_mobile, rank_artifac
 from conftest import tiny_vit
 
 
+@pytest.mark.slow  # fast tier <= 5 min: the exported_tiny set, every file timed in fresh processes (~60 s)
 def test_best_is_the_fastest_verified_artifact_timed_round_robin(exported_tiny):
     out, manifest = exported_tiny
     best = manifest["best"]

@@ -105,7 +105,15 @@ def test_fp32_layernorm_wrapper_computes_in_fp32():
 
 # ---------------------------------------------------------------------------------------------- ExecuTorch
 @needs_et
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        "int8-dynamic",
+        pytest.param("fp16", marks=pytest.mark.slow),
+        pytest.param("int8-static", marks=pytest.mark.slow),
+    ],
+)
 def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
     model = tiny_vit(depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -183,6 +191,7 @@ def test_pruned_network_exports_to_pte(tmp_path):
     assert fp32["partitions"] <= 2
 
 
+@pytest.mark.slow  # fast tier <= 5 min: reads the exported_tiny set (~60 s to build)
 @needs_et
 def test_pte_memory_probe_runs_in_a_fresh_process(exported_tiny):
     _, manifest = exported_tiny
@@ -236,6 +245,7 @@ def test_onnx_int8_attention_matmuls(tmp_path):
     assert attention["verification"]["cosine"] > 0.99
 
 
+@pytest.mark.slow  # fast tier <= 5 min: reads the exported_tiny set (~60 s to build)
 @needs_onnx
 def test_onnx_takes_any_batch_and_its_sessions_do_not_spin(exported_tiny):
     from pqv_lightning.export.onnx_target import ort_session
@@ -375,6 +385,7 @@ def test_openvino_interrupt_leaves_neither_xml_nor_bin(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- all together
 @needs_et
+@pytest.mark.slow  # fast tier <= 5 min: every format twice (~20 s)
 @needs_onnx
 @needs_ov
 def test_every_format_in_one_manifest_and_overwrite_replaces_all_of_them(tmp_path):

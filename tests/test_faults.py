@@ -127,6 +127,7 @@ KILLED_EXPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # fast tier <= 5 min: a killed export process, then two exports (~30 s each)
 @pytest.mark.parametrize("stage", ["verify", "rank"])
 def test_sigkill_mid_export_then_rerun(tmp_path, stage):
     out = tmp_path / "out"

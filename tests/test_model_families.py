@@ -505,6 +505,7 @@ def test_the_coverage_row_of_a_new_family_is_filled_in_every_installed_format(na
     assert row["export"].startswith(("ok (", "partly (")) and row["export"].count("cos ") >= len(formats), row
 
 
+@pytest.mark.slow  # fast tier <= 5 min: three formats of a Swin V2 / BEiT (~25-45 s)
 @pytest.mark.parametrize("name", ["beit", "swinv2"])
 def test_int8_dynamic_files_of_families_whose_attention_reads_its_qkv_weight(name, tmp_path):
     """BEiT / EVA / Swin V2 call F.linear(x, self.qkv.weight, qkv_bias): .ptl's eager dynamic quantization

@@ -53,6 +53,7 @@ def unusual_state():
             yield
 
 
+@pytest.mark.slow  # fast tier <= 5 min: every runtime and the GEMM probes (~25 s)
 def test_export_benchmark_gemm_and_plots_restore_process_state(tmp_path, unusual_state):
     before = _snapshot()
     formats = ["ptl"] + (["pte"] if HAVE_ET else []) + (["onnx"] if HAVE_ONNX else [])

@@ -251,6 +251,7 @@ def test_publishing_an_unfinished_sweep_fails_and_leaves_the_readme_alone(tmp_pa
     assert not (tmp_path / "pub").exists()
 
 
+@pytest.mark.slow  # fast tier <= 5 min: a real sweep worker process (~40 s)
 def test_a_failing_cell_worker_is_one_error_line_and_keeps_finished_cells(tmp_path, capsys):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -169,6 +169,7 @@ def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     assert "width padding to multiples of 8: RuntimeError: boom" in entry["optimizations_skipped"]
 
 
+@pytest.mark.slow  # fast tier <= 5 min: every format, padded (~20 s)
 def test_every_format_exports_the_padded_model_faithfully(tmp_path):
     """pad_widths=8 for every installed format at fp32: each file of the padded model matches the
     unpadded model (the .pte also goes through the delegation-friendly attention swap)."""

@@ -15,7 +15,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["executorch_threads", "logger_levels", "quantized_engine", "set_executorch_threads", "torch_threads"]
+__all__ = [
+    "dropped_log_lines",
+    "executorch_threads",
+    "logger_levels",
+    "quantized_engine",
+    "set_executorch_threads",
+    "torch_threads",
+]
 
 
 @contextlib.contextmanager
@@ -67,6 +74,29 @@ def executorch_threads(threads: int) -> Iterator[None]:
     finally:
         if previous is not None:
             set_executorch_threads(previous)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def dropped_log_lines(name: str, prefixes: Sequence[str]) -> Iterator[None]:
+    """Inside the block, the logger ``name`` drops records whose message starts with one of ``prefixes``
+    (a third party's banner lines our own calls cause); every other record, and the logger after the
+    block, are untouched."""
+    drop = _DropLines(tuple(prefixes))
+    logger = logging.getLogger(name)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

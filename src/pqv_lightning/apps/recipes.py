@@ -3,10 +3,12 @@ structured pruning and measure test accuracy, parameters and MACs before and aft
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ..errors import ConfigError
 from ..models import bundled_checkpoint
 from ..pruning import EventSchedule, PruningConfig, count_macs, count_params
 from ..pruning.config import DEFAULT_PRUNING_RATIO
+from ..settings import dropped_log_lines
 
 __all__ = [
     "RECIPES",
@@ -102,6 +105,21 @@ class FinetuneResult:
     macs: int
     seconds: float
     test_images: int = 0
+
+
+#: what Lightning prints when the apps make and run their own Trainers: its hardware banner, its cloud
+#: tips and a notice about estimating the steps; the apps say what they do themselves
+_LIGHTNING_BANNER = ("GPU available", "TPU available", "HPU available", "💡 Tip", "Loading `train_dataloader`")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's banner lines and its pytree deprecation warning (Lightning's own call into torch)
+    dropped while the apps' own Trainers are built and run; the callbacks' lines and any other
+    warning still show."""
+    with dropped_log_lines("lightning.pytorch.utilities.rank_zero", _LIGHTNING_BANNER), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        yield
 
 
 @torch.no_grad()
@@ -206,21 +224,22 @@ def finetune_with_pruning(
             )
         )
     callbacks += list(extra_callbacks or [])
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
-        gradient_clip_val=1.0,
-    )
-    t0 = time.perf_counter()
-    if steps > 0 and epochs > 0:
-        trainer.fit(module, datamodule=dm)
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=callbacks,
+            precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
+            gradient_clip_val=1.0,
+        )
+        t0 = time.perf_counter()
+        if steps > 0 and epochs > 0:
+            trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     model = module.model
     test_acc = evaluate(model, dm)
@@ -324,18 +343,19 @@ def train_vit_checkpoint(
         model_kwargs=dict(embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path_rate),
     )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        max_epochs=epochs,
-        max_steps=max_steps,
-        precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=dm)
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            max_epochs=epochs,
+            max_steps=max_steps,
+            precision=precision,  # type: ignore[arg-type]  # the Trainer checks it
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=dm)
     acc = evaluate(module.model.cpu().float(), dm)
     recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, train_images=dm.size("train"))
     return save_vit_checkpoint(

@@ -165,8 +165,12 @@ def _refit_by_stage(
     fits = []
     for i, stage in enumerate(stages):
         block, ref_block = model.get_submodule(stage), reference.get_submodule(stage)
+        names = [n for n in layers if owner[n] == i]
+        # one pass of the reference stage gives every target of its layers and the next stage's input
+        # (the reference never changes; only the pruned model is rerun after each refit)
+        targets, ref_next = _reference_pass(reference, ref_block, ref_hidden, names)
         runs = [(block, h, ref_block, r) for h, r in zip(hidden, ref_hidden)]
-        for name in (n for n in layers if owner[n] == i):
+        for name in names:
             fits.append(
                 _refit(
                     name,
@@ -176,12 +180,13 @@ def _refit_by_stage(
                     runs,
                     ridge,
                     reduce_mean,
+                    targets=targets.get(name),
                 )
             )
         if i + 1 < len(stages):
             with torch.no_grad():
                 hidden = [block(h) for h in hidden]
-                ref_hidden = [ref_block(r) for r in ref_hidden]
+            ref_hidden = ref_next
     runs = [(model, x, reference, x) for x in inputs]  # after the stages: whole (early-stopped) forwards
     for name in (n for n in layers if owner[n] == len(stages)):
         fits.append(
@@ -196,6 +201,26 @@ def _refit_by_stage(
             )
         )
     return fits
+
+
+@torch.no_grad()
+def _reference_pass(
+    reference: nn.Module, ref_block: nn.Module, ref_hidden: Sequence[torch.Tensor], names: Sequence[str]
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """The outputs of the reference layers ``names`` on every batch, from one pass of ``ref_block``
+    (a layer that ran other than once per batch gets none: its fit captures its own), and the block's
+    outputs (the next stage's inputs)."""
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        reference.get_submodule(n).register_forward_hook(lambda module, args, out, n=n: outputs[n].append(out.detach()))
+        for n in names
+    ]
+    try:
+        following = [ref_block(r) for r in ref_hidden]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: outs for n, outs in outputs.items() if len(outs) == len(ref_hidden)}, following
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:
@@ -213,17 +238,22 @@ def _refit(
     runs: Sequence[tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]],
     ridge: float,
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None = None,
 ) -> LayerFit:
     """Fit ``layer`` on ``runs``: (module, its input, reference module, its input) pairs whose
-    forward passes reach ``layer`` / ``ref_layer``."""
+    forward passes reach ``layer`` / ``ref_layer``; ``targets``: ``ref_layer``'s outputs on every run,
+    when already known (else captured from the reference run)."""
     device = layer.weight.device
     dims = layer.in_features + (1 if layer.bias is not None else 0)
     gram = torch.zeros(dims, dims, dtype=torch.float64, device=device)
     cross = torch.zeros(dims, layer.out_features, dtype=torch.float64, device=device)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
-    for module, batch, ref_module, ref_batch in runs:
+    for k, (module, batch, ref_module, ref_batch) in enumerate(runs):
         x = _capture(module, layer, batch.to(device), "input").reshape(-1, layer.in_features).float()
-        y = _capture(ref_module, ref_layer, ref_batch.to(ref_layer.weight.device), "output").to(device)
+        if targets is not None:
+            y = targets[k].to(device)
+        else:
+            y = _capture(ref_module, ref_layer, ref_batch.to(ref_layer.weight.device), "output").to(device)
         y = y.reshape(-1, ref_layer.out_features).float()
         if keep is not None:
             y = y[:, keep.to(device)]
