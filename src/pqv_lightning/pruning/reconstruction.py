@@ -123,18 +123,7 @@ def reconstruct_linears(
     try:
         if not stages:
             runs = [(model, x, reference, x) for x in inputs]
-            return [
-                _refit(
-                    name,
-                    _linear(model, name),
-                    _linear(reference, name),
-                    keep_out.get(name),
-                    runs,
-                    ridge,
-                    reduce_mean,
-                )
-                for name in layers
-            ]
+            return [_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean) for name in layers]
         return _refit_by_stage(model, reference, layers, inputs, keep_out, ridge, reduce_mean, list(stages))
     finally:
         model.train(modes[0])
@@ -171,35 +160,14 @@ def _refit_by_stage(
         targets, ref_next = _reference_pass(reference, ref_block, ref_hidden, names)
         runs = [(block, h, ref_block, r) for h, r in zip(hidden, ref_hidden)]
         for name in names:
-            fits.append(
-                _refit(
-                    name,
-                    _linear(model, name),
-                    _linear(reference, name),
-                    keep_out.get(name),
-                    runs,
-                    ridge,
-                    reduce_mean,
-                    targets=targets.get(name),
-                )
-            )
+            fits.append(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean, targets.get(name)))
         if i + 1 < len(stages):
             with torch.no_grad():
                 hidden = [block(h) for h in hidden]
             ref_hidden = ref_next
     runs = [(model, x, reference, x) for x in inputs]  # after the stages: whole (early-stopped) forwards
     for name in (n for n in layers if owner[n] == len(stages)):
-        fits.append(
-            _refit(
-                name,
-                _linear(model, name),
-                _linear(reference, name),
-                keep_out.get(name),
-                runs,
-                ridge,
-                reduce_mean,
-            )
-        )
+        fits.append(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean))
     return fits
 
 
@@ -221,6 +189,21 @@ def _reference_pass(
         for handle in handles:
             handle.remove()
     return {n: outs for n, outs in outputs.items() if len(outs) == len(ref_hidden)}, following
+
+
+def _refit_named(
+    name: str,
+    model: nn.Module,
+    reference: nn.Module,
+    keep_out: dict[str, torch.Tensor | None],
+    runs: Sequence[tuple[nn.Module, torch.Tensor, nn.Module, torch.Tensor]],
+    ridge: float,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None = None,
+) -> LayerFit:
+    """:func:`_refit` of the layer ``name`` of ``model`` against the same layer of ``reference``."""
+    layer, ref_layer = _linear(model, name), _linear(reference, name)
+    return _refit(name, layer, ref_layer, keep_out.get(name), runs, ridge, reduce_mean, targets=targets)
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:
