@@ -44,7 +44,18 @@ def test_the_cycle_finder_finds_a_cycle():
 
 #: every module of the package, by layer (a module missing here fails the layout test: place it)
 LAYERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("_lazy", "_version", "errors", "checks", "registry", "fileio", "settings", "widths", "outputs"),
+    "foundation": (
+        "_lazy",
+        "_version",
+        "errors",
+        "checks",
+        "registry",
+        "fileio",
+        "settings",
+        "widths",
+        "outputs",
+        "progress",
+    ),
     "library": ("pruning", "export", "distillation", "models"),
     "lightning": ("callbacks", "classifier", "data"),
     "apps": ("apps", "__main__"),

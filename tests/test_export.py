@@ -25,7 +25,7 @@ _data = image_batches
 
 
 def _config(tmp_path, **kw):
-    return quick_export_config(tmp_path / "out", **kw)
+    return quick_export_config(kw.pop("output_dir", tmp_path / "out"), **kw)
 
 
 @pytest.mark.parametrize("dim", [64, 256])

@@ -3,6 +3,7 @@ and keep our lines and every other warning."""
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 
@@ -10,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from pqv_lightning.apps.recipes import quiet_lightning
+from pqv_lightning.progress import progress_bar
 from pqv_lightning.settings import dropped_log_lines
 
 RANK_ZERO = "lightning.pytorch.utilities.rank_zero"
@@ -39,7 +41,7 @@ def test_the_apps_trainers_drop_lightnings_banner_but_not_our_lines(tmp_path):
             warnings.simplefilter("always")
             pl.Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False)
             rank_zero_info("StructuredPruning event 1/4 at step 8: ...")
-            warnings.warn("the user's own warning", UserWarning)
+            warnings.warn("the user's own warning", UserWarning, stacklevel=1)
         inside = list(handler.lines)
         handler.lines.clear()
         pl.Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False)
@@ -64,3 +66,59 @@ def test_dropped_log_lines_leaves_the_logger_as_it_was():
     logger.info("noise after the block")
     logger.removeHandler(handler)
     assert handler.lines == ["signal", "noise after the block"] and logger.filters == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_and_is_silent_elsewhere():
+    terminal, log = _Terminal(), io.StringIO()
+    with progress_bar("MobileExport", stream=terminal) as report:
+        report(1, 4, "model_fp32.pte")
+        report(2, 4, "model_int8-dynamic.pte")
+    with progress_bar("MobileExport", stream=log) as report:
+        report(1, 4, "model_fp32.pte")
+    with progress_bar("MobileExport", stream=terminal, enabled=False) as silent:
+        silent(1, 4, "x")
+    assert "MobileExport" in terminal.getvalue() and "2/4" in terminal.getvalue()
+    assert log.getvalue() == ""
+
+
+def test_reconstruction_and_export_report_their_progress(tmp_path):
+    import torch
+
+    from pqv_lightning.export import export_mobile
+    from pqv_lightning.pruning import PruningConfig, prune_once
+
+    from conftest import image_batches, quick_export_config, tiny_vit
+
+    seen: list[tuple[int, int, str]] = []
+    model = tiny_vit()
+    prune_once(
+        model,
+        PruningConfig(importance="l2", pruning_ratio=0.25, reconstruct=True),
+        calibration=[torch.randn(8, 1, 32, 32)],
+        progress=lambda *a: seen.append(a),
+    )
+    layers = [f"blocks.{b}.{n}" for b in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["head"]
+    assert seen == [(i + 1, len(layers), name) for i, name in enumerate(layers)]
+
+    seen.clear()
+    config = quick_export_config(
+        tmp_path / "out",
+        formats=["ptl"],
+        precisions=["fp32", "int8-dynamic"],
+        engines=["x86"],
+        rank="none",
+        min_top1_agreement=0.0,
+    )
+    export_mobile(
+        model.eval(),
+        torch.randn(1, 1, 32, 32),
+        config,
+        validation_data=image_batches(1),
+        progress=lambda *a: seen.append(a),
+    )
+    assert seen == [(1, 2, "model_fp32.ptl"), (2, 2, "model_int8-dynamic_x86.ptl")]

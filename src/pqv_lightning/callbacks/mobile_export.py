@@ -16,6 +16,7 @@ from typing_extensions import override
 from ..checks import check_bool, check_choice, check_forward, check_mapping, check_names, check_shape
 from ..export import MobileExportConfig, check_output_dir, export_mobile
 from ..export.core import NORMALIZATION_EXAMPLE
+from ..progress import progress_bar
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 
 __all__ = ["MobileExport"]
@@ -197,14 +198,16 @@ class MobileExport(Callback):
             )
         # trainer.test runs its end hooks under inference_mode; quantization and tracing need it off
         with torch.inference_mode(False):
-            self.manifest = export_mobile(
-                model,
-                example.detach().cpu().clone(),
-                self.config,
-                validation_data=val,
-                calibration_data=calibration,
-                input_normalization=self.input_normalization,
-            )
+            with progress_bar("MobileExport") as progress:
+                self.manifest = export_mobile(
+                    model,
+                    example.detach().cpu().clone(),
+                    self.config,
+                    validation_data=val,
+                    calibration_data=calibration,
+                    input_normalization=self.input_normalization,
+                    progress=progress,
+                )
         self._log(trainer)
         ok = sum(a["status"] == "ok" for a in self.manifest["artifacts"])
         engines = self.config.engines or [f"{self.manifest['host']['default_engine']} (host default)"]

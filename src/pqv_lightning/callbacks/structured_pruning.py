@@ -24,6 +24,7 @@ from typing_extensions import override
 from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
 from ..export.targets import TARGETS
+from ..progress import progress_bar
 from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
@@ -543,9 +544,14 @@ class StructuredPruning(Callback):
             return strategy.reduce(t, reduce_op="mean")
 
         calibration = self._calibration_batches() if self.config.reconstruct else None
-        event = self.pruner.step(
-            optimizers=trainer.optimizers, reduce_mean=reduce_mean if distributed else None, calibration=calibration
-        )
+        description = f"StructuredPruning event {self.pruner.completed_events + 1}: reconstruction"
+        with progress_bar(description, enabled=trainer.is_global_zero and self.config.reconstruct) as progress:
+            event = self.pruner.step(
+                optimizers=trainer.optimizers,
+                reduce_mean=reduce_mean if distributed else None,
+                calibration=calibration,
+                progress=progress,
+            )
         self._window_steps = 0
         self._calibration = []
         if distributed:

@@ -64,6 +64,7 @@ from ..checks import (
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, file_digest, staged
 from ..outputs import tensor_module
+from ..progress import Progress
 from ..settings import executorch_threads, quantized_engine, torch_threads
 from .benchmark import Candidate, round_robin, summarize, time_calls
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
@@ -359,8 +360,12 @@ def export_mobile(
     validation_data: Iterable | None = None,
     calibration_data: Iterable | None = None,
     input_normalization: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Quantize and export ``model`` to every format x precision of ``config``; verify and time each file.
+
+    ``progress(done, total, what)`` is called after each file and, while the files are ranked round-robin,
+    after each timed run (:mod:`pqv_lightning.progress`).
 
     ``validation_data`` / ``calibration_data`` yield tensors or ``(x, y)`` pairs (a DataLoader).
     Verification uses ``validation_data`` (``example_input`` when None); ``int8-static`` needs
@@ -421,6 +426,11 @@ def export_mobile(
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
         padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+        total = sum(
+            len(engines) if TARGETS[fmt].engine_dependent and p.engine_dependent else 1
+            for fmt in config.formats
+            for p in precisions
+        )
         for fmt in config.formats:
             target = TARGETS[fmt]
             source, padding = _padded_source(target, reference, example, config.pad_widths, padded)
@@ -444,10 +454,12 @@ def export_mobile(
                     )
                     manifest["artifacts"].append(entry)
                     _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
+                    if progress is not None:
+                        progress(len(manifest["artifacts"]), total, entry["file"])
                     if entry["status"] != "ok" and config.on_failure == "raise":
                         raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
         if config.rank != "none":
-            manifest["best"] = rank_artifacts(manifest, out, reference, example, config)
+            manifest["best"] = rank_artifacts(manifest, out, reference, example, config, progress)
     _write_manifest(manifest_path, manifest)
     return manifest
 
@@ -497,7 +509,12 @@ def _best_entry(
 
 
 def rank_artifacts(
-    manifest: dict[str, Any], out: Path, reference: nn.Module, example: torch.Tensor, config: MobileExportConfig
+    manifest: dict[str, Any],
+    out: Path,
+    reference: nn.Module,
+    example: torch.Tensor,
+    config: MobileExportConfig,
+    progress: Progress | None = None,
 ) -> dict[str, Any] | None:
     """The fastest verified (``ok``) artifact of ``manifest`` on this host, or None when none is.
 
@@ -519,6 +536,14 @@ def rank_artifacts(
                 torch.save(reference, eager)
                 candidates = [Candidate("fp32 eager", str(eager))]
                 candidates += [Candidate(a["file"], str(out / a["file"]), a["engine"]) for a in ok]
+                runs = config.rank_rounds * len(candidates)
+                timed: list[str] = []
+
+                def one_run(round_index: int, label: str) -> None:
+                    timed.append(label)
+                    if progress is not None:
+                        progress(len(timed), runs, f"ranking round {round_index + 1}: {label}")
+
                 stats = round_robin(
                     candidates,
                     list(example.shape),
@@ -528,6 +553,7 @@ def rank_artifacts(
                     calls=config.rank_calls,
                     baseline="fp32 eager",
                     max_contention=ROUND_ROBIN_MAX_CONTENTION,
+                    progress=one_run,
                 )
         except Exception as exc:  # noqa: BLE001 - the artifacts are fine; only the ranking method changes
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -44,6 +44,7 @@ from torch import nn
 from ..checks import check_example_tensor, check_forward, check_int
 from ..errors import ConfigError
 from ..outputs import main_tensor
+from ..progress import Progress
 from ..widths import head_width_step
 from . import tp_fixes
 from .adapters import ModelAdapter, example_inputs_for, find_adapter, no_adapter_error
@@ -417,13 +418,15 @@ class StructuredPruner:
         optimizers: Sequence[torch.optim.Optimizer] = (),
         reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
         calibration: Sequence[torch.Tensor] | None = None,
+        progress: Progress | None = None,
     ) -> PruningEvent:
         """Run the next pruning event on the live model and return what it did.
 
         ``optimizers`` are re-pointed at the new parameters with sliced state; ``.grad`` is cleared
         (call it after the optimizer step, as the callback does). ``reduce_mean``
         averages gradient statistics (and the reconstruction's sums) over processes first (DDP).
-        ``calibration``: batches of network inputs for ``config.reconstruct``.
+        ``calibration``: batches of network inputs for ``config.reconstruct``. ``progress(done, total,
+        layer)`` is called after each refitted layer (:mod:`pqv_lightning.progress`).
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -479,7 +482,7 @@ class StructuredPruner:
         if reference is not None:
             assert calibration is not None
             with _timed(phases, "reconstruction"):
-                fits = self._reconstruct(reference, log, calibration, reduce_mean)
+                fits = self._reconstruct(reference, log, calibration, reduce_mean, progress)
             del reference
         self.model.train(was_training)
         seconds = time.perf_counter() - t0
@@ -539,6 +542,7 @@ class StructuredPruner:
         log: Any,
         calibration: Sequence[torch.Tensor],
         reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+        progress: Progress | None = None,
     ) -> list[LayerFit]:
         """Refit ``config.reconstruct_layers``; the kept output indices come from the event's replacement log."""
         chains = log.chains()
@@ -561,6 +565,7 @@ class StructuredPruner:
             ridge=self.config.reconstruct_ridge,
             reduce_mean=reduce_mean,
             stages=self.adapter.reconstruction_stages(self.model) or None,
+            progress=progress,
         )
 
     # ------------------------------------------------------------------ state
@@ -654,10 +659,12 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
     unless ``kwargs['calibrate']`` is a callable that runs forward/backward passes: it is called
     before each event and its gradients are folded into the statistics. With
     ``config.reconstruct``, ``kwargs['calibration']`` (batches of network inputs) feeds the
-    least-squares reconstruction after each event.
+    least-squares reconstruction after each event, and ``kwargs['progress']`` is told of each refitted
+    layer (:mod:`pqv_lightning.progress`).
     """
     calibrate = kwargs.pop("calibrate", None)
     calibration = kwargs.pop("calibration", None)
+    progress = kwargs.pop("progress", None)
     if calibrate is not None and not callable(calibrate):
         raise ConfigError(f"calibrate={calibrate!r} must be a callable that runs forward/backward passes on the model")
     pruner = StructuredPruner(model, config, **kwargs)
@@ -671,7 +678,7 @@ def prune_once(model: nn.Module, config: PruningConfig | None = None, **kwargs: 
             model.zero_grad(set_to_none=True)
             calibrate(model)
             pruner.accumulate()
-        event = pruner.step(calibration=calibration)
+        event = pruner.step(calibration=calibration, progress=progress)
     assert event is not None
     return event
 

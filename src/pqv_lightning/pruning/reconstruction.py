@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..progress import Progress
 
 __all__ = ["LayerFit", "check_ridge", "reconstruct_linears"]
 
@@ -99,6 +100,7 @@ def reconstruct_linears(
     ridge: float = 1e-3,
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stages: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> list[LayerFit]:
     """Refit the Linear ``layers`` of ``model`` (dotted names, in forward order) so that each
     reproduces the matching layer of ``reference`` (the network before pruning) on ``inputs``
@@ -120,11 +122,21 @@ def reconstruct_linears(
     modes = (model.training, reference.training)
     model.eval()
     reference.eval()
+    fits: list[LayerFit] = []
+
+    def fitted(fit: LayerFit) -> None:  # every refit ends here, in order
+        fits.append(fit)
+        if progress is not None:
+            progress(len(fits), len(layers), fit.name)
+
     try:
         if not stages:
             runs = [(model, x, reference, x) for x in inputs]
-            return [_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean) for name in layers]
-        return _refit_by_stage(model, reference, layers, inputs, keep_out, ridge, reduce_mean, list(stages))
+            for name in layers:
+                fitted(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean))
+        else:
+            _refit_by_stage(model, reference, layers, inputs, keep_out, ridge, reduce_mean, list(stages), fitted)
+        return fits
     finally:
         model.train(modes[0])
         reference.train(modes[1])
@@ -139,7 +151,8 @@ def _refit_by_stage(
     ridge: float,
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
     stages: list[str],
-) -> list[LayerFit]:
+    fitted: Callable[[LayerFit], None],
+) -> None:
     owner = {}  # stage index; len(stages): after the last stage (e.g. the classifier head)
     for name in layers:
         inside = [i for i, stage in enumerate(stages) if name.startswith(stage + ".")]
@@ -151,7 +164,6 @@ def _refit_by_stage(
     first, ref_first = model.get_submodule(stages[0]), reference.get_submodule(stages[0])
     hidden = [_capture(model, first, x, "input") for x in inputs]
     ref_hidden = [_capture(reference, ref_first, x.to(next(reference.parameters()).device), "input") for x in inputs]
-    fits = []
     for i, stage in enumerate(stages):
         block, ref_block = model.get_submodule(stage), reference.get_submodule(stage)
         names = [n for n in layers if owner[n] == i]
@@ -160,15 +172,14 @@ def _refit_by_stage(
         targets, ref_next = _reference_pass(reference, ref_block, ref_hidden, names)
         runs = [(block, h, ref_block, r) for h, r in zip(hidden, ref_hidden)]
         for name in names:
-            fits.append(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean, targets.get(name)))
+            fitted(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean, targets.get(name)))
         if i + 1 < len(stages):
             with torch.no_grad():
                 hidden = [block(h) for h in hidden]
             ref_hidden = ref_next
     runs = [(model, x, reference, x) for x in inputs]  # after the stages: whole (early-stopped) forwards
     for name in (n for n in layers if owner[n] == len(stages)):
-        fits.append(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean))
-    return fits
+        fitted(_refit_named(name, model, reference, keep_out, runs, ridge, reduce_mean))
 
 
 @torch.no_grad()
