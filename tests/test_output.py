@@ -122,3 +122,32 @@ def test_reconstruction_and_export_report_their_progress(tmp_path):
         progress=lambda *a: seen.append(a),
     )
     assert seen == [(1, 2, "model_fp32.ptl"), (2, 2, "model_int8-dynamic_x86.ptl")]
+
+
+def test_filtered_stderr_drops_matching_lines_written_by_any_code(capfd):
+    import os
+
+    from pqv_lightning.settings import filtered_stderr
+
+    with filtered_stderr(["[cpuinfo_utils.cpp:"]):
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n")  # as C++ writes it
+        os.write(2, b"a line of the user's\n")
+    os.write(2, b"[cpuinfo_utils.cpp:71] after the block\n")
+    assert capfd.readouterr().err == "a line of the user's\n[cpuinfo_utils.cpp:71] after the block\n"
+
+
+def test_executorch_thread_pool_is_sized_without_its_cpuinfo_lines():
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("executorch") is None:
+        pytest.skip("extra not installed: pip install 'pqv-lightning[executorch]'")
+    code = (
+        "import sys\nfrom pqv_lightning.settings import executorch_threads\n"
+        "with executorch_threads(1):\n    print('inside', file=sys.stderr, flush=True)\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "inside" in err and "cpuinfo_utils" not in err and "is an Enum subclass" not in err, err

@@ -11,12 +11,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import torch
 
 __all__ = [
+    "EXECUTORCH_NOISE",
     "dropped_log_lines",
+    "filtered_stderr",
     "executorch_threads",
     "logger_levels",
     "quantized_engine",
@@ -47,10 +52,37 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+#: what ExecuTorch's runtime prints on its own when it is loaded and sizes its thread pool: cpuinfo's
+#: probing of ARM-only files, and a torch notice about an enum of torchao's
+EXECUTORCH_NOISE = ("[cpuinfo_utils.cpp:", "is an Enum subclass and is now natively supported")
+
+
+@contextlib.contextmanager
+def filtered_stderr(patterns: Sequence[str]) -> Iterator[None]:
+    """Lines written to the process's stderr inside the block (file descriptor 2, so C and C++ libraries
+    too) that contain one of ``patterns`` are dropped; the others are written out when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(p in line for p in patterns))
+            if kept:
+                os.write(2, kept.encode())
+
+
 def _portable_lib():
     if importlib.util.find_spec("executorch") is None:
         return None
-    from executorch.extension.pybindings import portable_lib
+    with filtered_stderr(EXECUTORCH_NOISE):
+        from executorch.extension.pybindings import portable_lib
 
     return portable_lib
 
@@ -59,15 +91,19 @@ def set_executorch_threads(threads: int) -> None:
     """Resize ExecuTorch's (process-wide) thread pool; a no-op without ExecuTorch. For processes that
     own their settings; library code uses :func:`executorch_threads`."""
     lib = _portable_lib()
-    if lib is not None and lib._threadpool_get_thread_count() != threads:
-        lib._unsafe_reset_threadpool(threads)
+    if lib is None:
+        return
+    with filtered_stderr(EXECUTORCH_NOISE):  # the pool's first use runs cpuinfo's probes
+        if lib._threadpool_get_thread_count() != threads:
+            lib._unsafe_reset_threadpool(threads)
 
 
 @contextlib.contextmanager
 def executorch_threads(threads: int) -> Iterator[None]:
     """ExecuTorch's thread pool at ``threads`` threads inside the block, its old size after it."""
     lib = _portable_lib()
-    previous = lib._threadpool_get_thread_count() if lib is not None else None
+    with filtered_stderr(EXECUTORCH_NOISE):  # the pool's first use runs cpuinfo's probes
+        previous = lib._threadpool_get_thread_count() if lib is not None else None
     set_executorch_threads(threads)
     try:
         yield
