@@ -79,6 +79,9 @@ def filtered_stderr(patterns: Sequence[str]) -> Iterator[None]:
 
 
 def _portable_lib():
+    loaded = sys.modules.get("executorch.extension.pybindings.portable_lib")
+    if loaded is not None:  # the noise comes with the first import only
+        return loaded
     if importlib.util.find_spec("executorch") is None:
         return None
     with filtered_stderr(EXECUTORCH_NOISE):

@@ -426,38 +426,37 @@ def export_mobile(
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
         padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
-        total = sum(
-            len(engines) if TARGETS[fmt].engine_dependent and p.engine_dependent else 1
+        # every file to write, in order: format x precision (x engine, where the precision depends on one)
+        variants = [
+            (fmt, precision, engine)
             for fmt in config.formats
-            for p in precisions
-        )
-        for fmt in config.formats:
+            for precision in precisions
+            for engine in (engines if TARGETS[fmt].engine_dependent and precision.engine_dependent else [None])
+        ]
+        for fmt, precision, engine in variants:
             target = TARGETS[fmt]
             source, padding = _padded_source(target, reference, example, config.pad_widths, padded)
-            for precision in precisions:
-                per_engine = target.engine_dependent and precision.engine_dependent
-                for engine in engines if per_engine else [None]:
-                    entry = _export_one(
-                        target,
-                        reference,
-                        precision,
-                        engine,
-                        engines[0],
-                        example,
-                        calibration,
-                        verify,
-                        config,
-                        out,
-                        baseline,
-                        source,
-                        padding,
-                    )
-                    manifest["artifacts"].append(entry)
-                    _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
-                    if progress is not None:
-                        progress(len(manifest["artifacts"]), total, entry["file"])
-                    if entry["status"] != "ok" and config.on_failure == "raise":
-                        raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
+            entry = _export_one(
+                target,
+                reference,
+                precision,
+                engine,
+                engines[0],
+                example,
+                calibration,
+                verify,
+                config,
+                out,
+                baseline,
+                source,
+                padding,
+            )
+            manifest["artifacts"].append(entry)
+            _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
+            if progress is not None:
+                progress(len(manifest["artifacts"]), len(variants), entry["file"])
+            if entry["status"] != "ok" and config.on_failure == "raise":
+                raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
         if config.rank != "none":
             manifest["best"] = rank_artifacts(manifest, out, reference, example, config, progress)
     _write_manifest(manifest_path, manifest)
