@@ -55,6 +55,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "widths",
         "outputs",
         "progress",
+        "hostcpu",
     ),
     "library": ("pruning", "export", "distillation", "models"),
     "lightning": ("callbacks", "classifier", "data"),

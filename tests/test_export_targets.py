@@ -12,6 +12,7 @@ from torch import nn
 
 from pqv_lightning import PruningConfig, prune_once
 from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
+from pqv_lightning.hostcpu import has_any_feature
 from pqv_lightning.export.delegation import (
     DelegatableAttention,
     DelegatableLayerNorm,
@@ -316,14 +317,6 @@ def test_openvino_round_trips_through_the_openvino_runtime(tmp_path, precision):
         assert list(run.compiled) == [(2, 1, 32, 32), (3, 1, 32, 32), (4, 1, 32, 32), (6, 1, 32, 32)]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return {f for line in fh if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
 @needs_ov
 def test_openvino_int8_dynamic_says_whether_the_plugin_quantizes_activations(tmp_path):
     """The CPU plugin's dynamic quantization depends on the host and its inference precision: the
@@ -355,7 +348,7 @@ def test_openvino_int8_dynamic_says_whether_the_plugin_quantizes_activations(tmp
     assert dynamic_quantization_active(str(out / fp32["file"]), shape) is False
     # and when the plugin is told to compute in f32 on a host with int8 dot-product units, it does quantize:
     # the same input gives different logits with dynamic quantization on and off
-    if _cpu_flags() & {"avx512_vnni", "amx_int8"}:
+    if has_any_feature(("avx512_vnni", "amx_int8")):
         model = ov.Core().read_model(str(out / dyn["file"]))
         model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
         ov.save_model(model, str(tmp_path / "f32.xml"), compress_to_fp16=False)

@@ -48,8 +48,7 @@ def test_a_gemm_cell_without_bf16_measures_fp16_against_fp32():
 
 
 def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path):
-    from pathlib import Path
-
+    from pqv_lightning import hostcpu
     from pqv_lightning.export import host
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -58,10 +57,7 @@ def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path
         "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\ncache size\t: 107520 KB\n"
         "flags\t\t: avx2 avx512f amx_int8\n\nprocessor\t: 1\nmodel\t\t: 999\n"
     )
-    real = Path.read_text
-    monkeypatch.setattr(
-        Path, "read_text", lambda self, *a, **k: real(cpuinfo if str(self) == "/proc/cpuinfo" else self, *a, **k)
-    )
+    monkeypatch.setattr(host, "cpu_info", lambda: hostcpu.cpu_info(cpuinfo))
     described = host.host_description()
     assert described["cpu"] == "Intel(R) Xeon(R) Processor" and described["isa"] == ["avx2", "avx512f", "amx_int8"]
     assert described["cpuid"] == "family 6 model 143 stepping 8" and described["cache_size"] == "107520 KB"

@@ -15,6 +15,7 @@ from torch import nn
 from pqv_lightning import StructuredPruning
 from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.errors import ConfigError
+from pqv_lightning.hostcpu import INT8_DOT_FEATURES, has_any_feature
 from pqv_lightning.export import MobileExportConfig, export_mobile
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, restore_structure
 from pqv_lightning.pruning.adapters import ADAPTERS, ModelAdapter, find_adapter, register_adapter
@@ -169,11 +170,7 @@ def _has(fmt: str) -> bool:
 
 def _has_int8_dot_product() -> bool:
     """Whether this x86 CPU has VNNI or AMX (what ONNX Runtime's / OpenVINO's int8 kernels use)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) or "avx2" not in flags
+    return has_any_feature(INT8_DOT_FEATURES) or not has_any_feature(("avx2",))
 
 
 @pytest.mark.slow

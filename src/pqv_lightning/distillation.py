@@ -16,12 +16,14 @@ from torch import nn
 from .checks import check_bool, check_number
 from .errors import ConfigError
 from .export.eager_quant import quantize_linears_dynamic
+from .hostcpu import BF16_FEATURES, has_any_feature
 from .outputs import logits_of
 
 __all__ = [
     "TEACHER_PRECISIONS",
     "DistillationConfig",
     "check_teacher_precision",
+    "resolve_teacher_precision",
     "distillation_loss",
     "frozen_teacher",
     "split_loss",
@@ -29,8 +31,9 @@ __all__ = [
 ]
 
 #: How the teacher runs: ``fp32``; ``bf16`` (autocast on the input's device); ``fp16`` (a half
-#: copy, CUDA only); ``int8-dynamic`` (PyTorch dynamic int8 Linear layers, CPU only).
-TEACHER_PRECISIONS = ("fp32", "bf16", "fp16", "int8-dynamic")
+#: copy, CUDA only); ``int8-dynamic`` (PyTorch dynamic int8 Linear layers, CPU only); ``auto``
+#: (:func:`resolve_teacher_precision`: bf16 where the device computes it natively, else fp32).
+TEACHER_PRECISIONS = ("fp32", "bf16", "fp16", "int8-dynamic", "auto")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,11 @@ class DistillationConfig:
             ``(1 - alpha) * loss + alpha * distillation``.
         tau: softmax temperature, > 0.
         teacher_precision: how the teacher runs, one of :data:`TEACHER_PRECISIONS`: ``"fp32"``,
-            ``"bf16"`` (autocast, cheaper on CPUs with bf16 units), ``"fp16"`` (CUDA only) or
-            ``"int8-dynamic"`` (dynamic int8 Linear layers on the CPU).
+            ``"bf16"`` (autocast: 1.1x the cost of no teacher on a CPU with bf16 instructions, but
+            3.9x on one without, where fp32 costs 1.25x), ``"fp16"`` (CUDA only),
+            ``"int8-dynamic"`` (dynamic int8 Linear layers on the CPU) or ``"auto"`` (bf16 where
+            the run's device computes bf16 natively, else fp32; see
+            :func:`resolve_teacher_precision`).
         hard_labels: distil the teacher's top-1 class instead of its soft distribution.
     """
 
@@ -85,9 +91,11 @@ def distillation_loss(
 def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
     """An independent, frozen copy of ``network`` (eval mode, no gradients) in ``precision``.
 
-    The copy shares nothing with ``network``: pruning the student later never touches it.
+    The copy shares nothing with ``network``: pruning the student later never touches it. ``"auto"``
+    is resolved for the device ``network`` is on (:func:`resolve_teacher_precision`).
     """
-    check_teacher_precision(precision)
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    precision = resolve_teacher_precision(precision, device)
     teacher = copy.deepcopy(network).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -100,7 +108,9 @@ def frozen_teacher(network: nn.Module, precision: str = "fp32") -> nn.Module:
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """The teacher's logits for ``x`` (float32, on ``x``'s device), run the way ``precision`` says."""
+    """The teacher's logits for ``x`` (float32, on ``x``'s device), run the way ``precision`` says
+    (``"auto"``: resolved for ``x``'s device)."""
+    precision = resolve_teacher_precision(precision, x.device)
     if precision == "int8-dynamic":
         return _logits(teacher(x.detach().float().cpu())).float().to(x.device)
     if precision == "fp16":
@@ -131,6 +141,22 @@ def check_teacher_precision(precision: str, device: torch.device | None = None) 
             f"teacher_precision='fp16' needs a CUDA device (this run is on {device.type}); on a "
             "CPU use 'bf16' or 'int8-dynamic'"
         )
+
+
+def resolve_teacher_precision(precision: str, device: torch.device, cpu: dict[str, str] | None = None) -> str:
+    """The precision the teacher really runs in on ``device``: ``precision`` itself, except ``"auto"``:
+    ``bf16`` on a CUDA device that supports it and on a CPU with bf16 instructions
+    (:data:`~pqv_lightning.hostcpu.BF16_FEATURES`; ``cpu``: another CPU's ``/proc/cpuinfo`` entries),
+    else ``fp32`` (bf16 emulated on an AVX2-only CPU made each step 3.9x slower than without a
+    teacher; ``benchmarks/results/distillation_overhead_avx2.md``)."""
+    check_teacher_precision(precision)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if has_any_feature(BF16_FEATURES, cpu) else "fp32"
+    return "fp32"
 
 
 def split_loss(output: Any) -> tuple[torch.Tensor | None, Any]:

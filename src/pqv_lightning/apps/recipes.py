@@ -71,7 +71,7 @@ RECIPES["distillation"] = {
     "warmup_fraction": 0.1,
     "distill_alpha": 0.5,
     "distill_tau": 2.0,
-    "teacher_precision": "bf16",
+    "teacher_precision": "auto",  # bf16 where the CPU has bf16 instructions, else fp32 (3.9x slower emulated)
 }
 # benchmarks/results/fmnist_recovery_methods.md: least-squares reconstruction of every Linear at each event keeps
 # the pruned network close to the unpruned one (one-shot 25 % / 50 % channels: ~90.5 % / ~90 % before any training),
@@ -157,7 +157,7 @@ def finetune_with_pruning(
     label_smoothing: float = 0.1,
     distill_alpha: float = 0.0,
     distill_tau: float = 1.0,
-    teacher_precision: str = "bf16",
+    teacher_precision: str = "auto",
     pruning_kwargs: dict[str, Any] | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
 ) -> FinetuneResult:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -18,6 +19,7 @@ from ..distillation import (
     check_teacher_precision,
     distillation_loss,
     frozen_teacher,
+    resolve_teacher_precision,
     split_loss,
     teacher_logits,
 )
@@ -82,7 +84,7 @@ class KnowledgeDistillation(Callback):
         alpha: float = _D.alpha,
         tau: float = _D.tau,
         teacher: nn.Module | str | None = None,
-        teacher_precision: Literal["fp32", "bf16", "fp16", "int8-dynamic"] = _D.teacher_precision,  # type: ignore[assignment]
+        teacher_precision: Literal["fp32", "bf16", "fp16", "int8-dynamic", "auto"] = _D.teacher_precision,  # type: ignore[assignment]
         hard_labels: bool = _D.hard_labels,
         model_attr: str | None = None,
         store_teacher: bool = True,
@@ -101,6 +103,7 @@ class KnowledgeDistillation(Callback):
         self.alpha, self.tau, self.hard_labels = float(alpha), float(tau), hard_labels
         self.teacher_source = teacher
         self.teacher_precision = teacher_precision
+        self._precision = teacher_precision  # "auto" resolved for the run's device at fit start
         self.model_attr = model_attr
         self.store_teacher = store_teacher
         self.teacher: nn.Module | None = None
@@ -141,6 +144,12 @@ class KnowledgeDistillation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _, network, adapter = locate_model(pl_module, self.model_attr)
         check_teacher_precision(self.teacher_precision, pl_module.device)
+        self._precision = resolve_teacher_precision(self.teacher_precision, pl_module.device)
+        if self._precision != self.teacher_precision:
+            rank_zero_info(
+                f"KnowledgeDistillation: teacher_precision='auto' -> {self._precision!r} on this "
+                f"{pl_module.device.type} ({_why(self._precision, pl_module.device)})"
+            )
         if self.teacher_source is not None:
             source = self._load_given_teacher()
         elif self._restored is not None:  # resumed: the teacher of the interrupted run
@@ -158,10 +167,10 @@ class KnowledgeDistillation(Callback):
         self._fp32_teacher = frozen_teacher(source, "fp32").to(pl_module.device)
         self.teacher = (
             self._fp32_teacher
-            if self.teacher_precision == "fp32"
-            else frozen_teacher(self._fp32_teacher, self.teacher_precision)
+            if self._precision == "fp32"
+            else frozen_teacher(self._fp32_teacher, self._precision)
         )
-        if self.teacher_precision != "int8-dynamic":
+        if self._precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
         self._skeleton = self._restored = None
         self._check_teacher_fits(network, adapter)
@@ -176,7 +185,7 @@ class KnowledgeDistillation(Callback):
             return  # the input size is not known before the first batch: checked there
         student = logits_of(check_forward("the network", network, example))
         assert self.teacher is not None
-        teacher = check_forward("teacher", _TeacherRun(self.teacher, self.teacher_precision), example, "the teacher")
+        teacher = check_forward("teacher", _TeacherRun(self.teacher, self._precision), example, "the teacher")
         if isinstance(student, torch.Tensor) and tuple(teacher.shape) != tuple(student.shape):
             raise ConfigError(
                 f"teacher: its output shape {tuple(teacher.shape)} differs from the student's "
@@ -241,7 +250,7 @@ class KnowledgeDistillation(Callback):
             self._captured = None
             assert self.teacher is not None
             try:
-                teacher = teacher_logits(self.teacher, x, self.teacher_precision)
+                teacher = teacher_logits(self.teacher, x, self._precision)
             except RuntimeError as exc:  # e.g. a teacher for other input channels
                 raise ConfigError(
                     f"teacher cannot run on the training input of shape {list(x.shape)} ({first_line(exc)})"
@@ -261,6 +270,12 @@ class KnowledgeDistillation(Callback):
             return rebuild(total)
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+
+def _why(precision: str, device: torch.device) -> str:
+    if device.type == "cpu":
+        return "it has bf16 instructions" if precision == "bf16" else "it has no bf16 instructions: bf16 would be emulated"
+    return "it supports bf16" if precision == "bf16" else "no native bf16 here"
 
 
 class _TeacherRun(nn.Module):

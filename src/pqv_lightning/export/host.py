@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..hostcpu import cpu_features, cpu_info
 from ..settings import torch_threads
 from .benchmark import summarize, time_calls
 from .onnx_target import ort_session
@@ -75,21 +75,15 @@ def _openvino_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
     return summarize(time_calls(lambda _: request.infer(feed), None, 3, calls))["median_ms"]
 
 
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
 
 
 def host_description() -> dict[str, Any]:
     """CPU model, core count and the SIMD features that decide GEMM speed (from /proc/cpuinfo where it
     exists), with the OS and the torch version: the host line of a sweep report."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first processor's entries
-    except OSError:
-        pass
+    info = cpu_info()
     cpu = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
+    flags = cpu_features(info)
     out = {
         "cpu": cpu,
         "machine": platform.machine(),
