@@ -1,5 +1,5 @@
-"""The manifest's ``best``: the fastest verified artifact on this host, chosen round-robin in fresh
-processes (as ``pqv bench``) or from the in-process latencies."""
+"""The manifest's ``best``: the fastest verified artifact on this host, chosen round-robin, each file in a
+process of its own (as ``pqv bench``) or from the in-process latencies."""
 
 import copy
 
@@ -12,7 +12,7 @@ from pqv_lightning.export import MobileExportConfig, export_mobile, rank_artifac
 from conftest import tiny_vit
 
 
-@pytest.mark.slow  # fast tier <= 5 min: the exported_tiny set, every file timed in fresh processes (~60 s)
+@pytest.mark.slow  # fast tier <= 5 min: the exported_tiny set, every file timed in a process of its own
 def test_best_is_the_fastest_verified_artifact_timed_round_robin(exported_tiny):
     out, manifest = exported_tiny
     best = manifest["best"]
@@ -24,7 +24,7 @@ def test_best_is_the_fastest_verified_artifact_timed_round_robin(exported_tiny):
     assert best["median_ms"] == fastest["latency_round_robin"]["median_ms"]
     eager = manifest["baseline_fp32_eager"]["latency_round_robin"]["median_ms"]
     assert best["speedup_vs_fp32_eager"] == pytest.approx(eager / best["median_ms"])
-    assert best["method"].startswith("round-robin: every artifact and fp32 eager in a fresh process, 1 rounds x 3")
+    assert best["method"].startswith("round-robin: every artifact and fp32 eager in a process of its own, 1 rounds x 3")
     assert not list(out.glob(".rank-*"))  # the temporary eager model is gone
 
 

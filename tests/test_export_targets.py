@@ -12,7 +12,6 @@ from torch import nn
 
 from pqv_lightning import PruningConfig, prune_once
 from pqv_lightning.export import TARGETS, MobileExportConfig, export_mobile
-from pqv_lightning.hostcpu import has_any_feature
 from pqv_lightning.export.delegation import (
     DelegatableAttention,
     DelegatableLayerNorm,
@@ -20,6 +19,7 @@ from pqv_lightning.export.delegation import (
     keep_layernorm_fp32,
     make_delegation_friendly,
 )
+from pqv_lightning.hostcpu import has_any_feature
 
 from conftest import image_batches, tiny_vit
 

@@ -116,15 +116,30 @@ def test_bad_guard_settings_are_refused(two_files, kwargs, match):
 
 
 class Sleepy(torch.nn.Module):
-    """30 ms a call: a worker's window (load to last call) long enough to count CPU ticks in."""
+    """30 ms a call."""
 
     def forward(self, x):
         time.sleep(0.03)
         return x
 
 
+class PidRecorder(torch.nn.Module):
+    """Appends the id of the process that runs it to ``path`` on every call."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = str(path)
+
+    def forward(self, x):
+        with open(self.path, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return x
+
+
 @linux
 def test_the_worker_reports_its_contention(tmp_path):
+    """Even microsecond calls get a load window the kernel's ticks can resolve: the worker pads it with
+    untimed calls."""
     torch.save(Sleepy(), tmp_path / "sleepy.pt")
     torch.save(torch.nn.Identity(), tmp_path / "instant.pt")
     stats = round_robin(
@@ -134,10 +149,35 @@ def test_the_worker_reports_its_contention(tmp_path):
         rounds=1,
         warmup=1,
         calls=8,
+        max_contention=None,
     )
-    assert isinstance(stats["sleepy"]["contention_max"], float) and stats["sleepy"]["contention_max"] >= 0
-    assert stats["instant"]["contention_max"] is None  # microseconds: too short a window to tell
-    assert stats["sleepy"]["retaken"] >= 0 and stats["instant"]["retaken"] == 0
+    for label in ("sleepy", "instant"):
+        assert isinstance(stats[label]["contention_max"], float) and stats[label]["calls"] == 8
+    assert stats["sleepy"]["min_ms"] >= 30 > stats["instant"]["median_ms"]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_kept_workers_load_each_file_once_and_never_share_a_process(tmp_path, fresh):
+    """fresh_processes=False: one process per candidate for all rounds (one start-up and load each);
+    True: a new process per round. Never two candidates in one process."""
+    files = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
+    candidates = []
+    for name, log in files.items():
+        torch.save(PidRecorder(log), tmp_path / f"{name}.pt")
+        candidates.append(Candidate(name, str(tmp_path / f"{name}.pt")))
+    stats = round_robin(
+        candidates, [1, 4], threads=1, rounds=3, warmup=1, calls=2, max_contention=None, fresh_processes=fresh
+    )
+    pids = {name: set(log.read_text().split()) for name, log in files.items()}
+    assert {name: len(p) for name, p in pids.items()} == {"a": 3 if fresh else 1, "b": 3 if fresh else 1}
+    assert not pids["a"] & pids["b"] and str(os.getpid()) not in pids["a"] | pids["b"]
+    assert stats["a"]["calls"] == stats["b"]["calls"] == 6
+
+
+def test_a_worker_that_fails_to_load_names_its_file(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=r"timing broken failed: .*"):
+        round_robin([Candidate("broken", str(tmp_path / "broken.pt"))], [1, 4], rounds=1, fresh_processes=False)
 
 
 @linux

@@ -5,7 +5,6 @@ models, reload, export."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import timm
@@ -15,8 +14,8 @@ from torch import nn
 from pqv_lightning import StructuredPruning
 from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.hostcpu import INT8_DOT_FEATURES, has_any_feature
 from pqv_lightning.export import MobileExportConfig, export_mobile
+from pqv_lightning.hostcpu import INT8_DOT_FEATURES, has_any_feature
 from pqv_lightning.pruning import PruningConfig, StructuredPruner, prune_once, restore_structure
 from pqv_lightning.pruning.adapters import ADAPTERS, ModelAdapter, find_adapter, register_adapter
 

@@ -103,7 +103,7 @@ class KnowledgeDistillation(Callback):
         self.alpha, self.tau, self.hard_labels = float(alpha), float(tau), hard_labels
         self.teacher_source = teacher
         self.teacher_precision = teacher_precision
-        self._precision = teacher_precision  # "auto" resolved for the run's device at fit start
+        self._precision: str = teacher_precision  # "auto" resolved for the run's device at fit start
         self.model_attr = model_attr
         self.store_teacher = store_teacher
         self.teacher: nn.Module | None = None
@@ -166,9 +166,7 @@ class KnowledgeDistillation(Callback):
             source = network  # at fit start: synchronised across DDP ranks, not pruned yet
         self._fp32_teacher = frozen_teacher(source, "fp32").to(pl_module.device)
         self.teacher = (
-            self._fp32_teacher
-            if self._precision == "fp32"
-            else frozen_teacher(self._fp32_teacher, self._precision)
+            self._fp32_teacher if self._precision == "fp32" else frozen_teacher(self._fp32_teacher, self._precision)
         )
         if self._precision != "int8-dynamic":
             self.teacher = self.teacher.to(pl_module.device)
@@ -274,7 +272,9 @@ class KnowledgeDistillation(Callback):
 
 def _why(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
-        return "it has bf16 instructions" if precision == "bf16" else "it has no bf16 instructions: bf16 would be emulated"
+        return (
+            "it has bf16 instructions" if precision == "bf16" else "it has no bf16 instructions: bf16 would be emulated"
+        )
     return "it supports bf16" if precision == "bf16" else "no native bf16 here"
 
 

@@ -6,7 +6,10 @@ is timed next shares the cores with them. Here every measurement is a fresh proc
 candidate, pins its threads, warms up and times ``calls`` calls; the candidates are visited in
 turn for ``rounds`` rounds, so a slow phase of a shared machine hits all of them alike. Median,
 p90 and min are over all timed calls of a candidate; ratios are against a baseline from the same
-rounds.
+rounds. With ``fresh_processes=False`` each candidate gets one process for all rounds instead
+(started and loaded together, timed only once all have loaded, a short pause before each
+measurement for the previous one's threads to go to sleep): one start-up and load per candidate
+instead of one per round (``MobileExport``'s ranking; ``pqv bench`` keeps fresh processes).
 
 Candidates are files: ``.pte`` (ExecuTorch), ``.onnx`` (ONNX Runtime), ``.xml`` (OpenVINO IR,
 its ``.bin`` beside it), ``.ptl`` (Lite Interpreter; give the quantized engine it was built for) or ``.pt`` (a whole ``nn.Module`` saved
@@ -16,8 +19,9 @@ the exporter uses while it shares a process with other runtimes).
 
 A busy host shows up as slow calls of whatever ran at the time. Each worker therefore also
 measures, from Linux's ``/proc/stat`` and its own CPU time, how many CPUs other processes (and the
-hypervisor's steal time) kept busy from loading its file to its last timed call, beyond those its
-``threads`` leave free: its ``contention`` in CPUs. A measurement whose contention exceeds
+hypervisor's steal time) kept busy from its first warm-up call to its last timed call (padded
+with untimed calls to at least :data:`MIN_LOAD_WINDOW_S`, which the kernel's 10 ms ticks can
+resolve), beyond those its ``threads`` leave free: its ``contention`` in CPUs. A measurement whose contention exceeds
 ``max_contention`` (default 0.2 of a CPU) is thrown away and taken again, up to ``retries`` times;
 the stats record the worst contention kept and how many measurements were retaken, and a warning
 names a candidate still measured on a busy host. Elsewhere than Linux the contention is unknown
@@ -32,12 +36,14 @@ files are refused with an error that says so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -168,28 +174,89 @@ def _check_importable(candidates: Sequence[Candidate]) -> None:
             )
 
 
+class _Worker:
+    """A process that loads one candidate and times it on request (``python -m
+    pqv_lightning.export.benchmark``): it answers each line ``calls`` written to its stdin with one
+    JSON line of times, memory and contention, until its stdin closes."""
+
+    def __init__(self, candidate: Candidate, shape: Sequence[int], threads: int, warmup: int) -> None:
+        self.label = candidate.label
+        args = [
+            sys.executable,
+            "-m",
+            "pqv_lightning.export.benchmark",
+            candidate.path,
+            ",".join(map(str, shape)),
+            str(threads),
+            candidate.engine or "-",
+            str(warmup),
+            ",".join(target_modules()) or "-",
+        ]
+        # the parent's sys.path, so that modules it imported from a script's folder import in the worker too
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty runtime cannot block it
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
+        )
+
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its file (it answers nothing before)."""
+        if not self._ready:
+            self._reply(None)
+            self._ready = True
+
+    def time(self, calls: int) -> dict[str, Any]:
+        """``calls`` timed calls (after the worker's warm-up calls): ``times_ms``, ``peak_rss_mb``,
+        ``load_and_inference_mb`` and ``contention``."""
+        self.wait_ready()
+        return self._reply(calls)
+
+    def _reply(self, calls: int | None) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            if calls is not None:
+                self._proc.stdin.write(f"{calls}\n")
+                self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line.strip():
+            self._proc.wait(timeout=60)
+            self._stderr.seek(0)
+            lines = self._stderr.read().strip().splitlines()
+            raise RuntimeError(f"timing {self.label} failed: {lines[-1] if lines else f'exit {self._proc.returncode}'}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._stderr.close()
+
+
 def _time_in_subprocess(
     candidate: Candidate, shape: Sequence[int], threads: int, warmup: int, calls: int
 ) -> dict[str, Any]:
-    args = [
-        sys.executable,
-        "-m",
-        "pqv_lightning.export.benchmark",
-        candidate.path,
-        ",".join(map(str, shape)),
-        str(threads),
-        candidate.engine or "-",
-        str(warmup),
-        str(calls),
-        ",".join(target_modules()) or "-",
-    ]
-    # the parent's sys.path, so that modules it imported from a script's folder import in the worker too
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False, env=env)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise RuntimeError(f"timing {candidate.label} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One measurement in a fresh process that exits afterwards."""
+    worker = _Worker(candidate, shape, threads, warmup)
+    try:
+        return worker.time(calls)
+    finally:
+        worker.close()
+
+
+#: seconds the parent waits before each measurement of kept workers: the threads of the worker timed
+#: just before (OpenMP, ONNX Runtime) spin a little while after their last call before they sleep
+SETTLE_SECONDS = 0.25
 
 
 def round_robin(
@@ -204,8 +271,11 @@ def round_robin(
     progress=None,
     max_contention: float | None = 0.2,
     retries: int = 2,
+    fresh_processes: bool = True,
 ) -> dict[str, dict]:
-    """Time every candidate in a fresh process per round; returns ``{label: stats}``: median, p90,
+    """Time every candidate in a fresh process per round (``fresh_processes=False``: in one process per
+    candidate, started once, loaded once and kept for all rounds: one start-up and load per candidate
+    instead of one per round, still never two candidates in one process); returns ``{label: stats}``: median, p90,
     min over all calls, peak resident memory of the process and how much loading + running the
     candidate added to it (the largest over the rounds, Linux ``/proc``), ``speedup_vs_baseline``
     when ``baseline`` (a label) is given, and the host's load while it ran: ``contention_max`` (the
@@ -232,28 +302,45 @@ def round_robin(
         c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates
     }
     load: dict[str, dict[str, Any]] = {c.label: {"contention_max": None, "retaken": 0} for c in candidates}
-    for r in range(rounds):
-        for c in candidates:
-            result = _time_in_subprocess(c, shape, threads, warmup, calls)
-            for _ in range(retries):
-                if not _too_busy(result.get("contention"), max_contention):
-                    break
-                load[c.label]["retaken"] += 1
-                result = _time_in_subprocess(c, shape, threads, warmup, calls)
-            if _too_busy(result.get("contention"), max_contention):
-                warnings.warn(
-                    f"{c.label}: timed while other work kept {result['contention']:.2f} CPUs busy "
-                    f"(max_contention={max_contention}), after {retries} retries; its latency may be high",
-                    stacklevel=2,
-                )
-            times[c.label] += result["times_ms"]
-            for key in memory[c.label]:  # the worst round
-                memory[c.label][key] = max(memory[c.label][key], result[key])
-            if result.get("contention") is not None:
-                worst = load[c.label]["contention_max"]
-                load[c.label]["contention_max"] = max(result["contention"], worst or 0.0)
-            if progress is not None:
-                progress(r, c.label)
+    kept: dict[str, _Worker] = {}
+
+    def measure(c: Candidate) -> dict[str, Any]:
+        if not fresh_processes:
+            time.sleep(SETTLE_SECONDS)
+            return kept[c.label].time(calls)
+        return _time_in_subprocess(c, shape, threads, warmup, calls)
+
+    try:
+        if not fresh_processes:  # all start and load at once; the timing starts when every one has loaded
+            for c in candidates:
+                kept[c.label] = _Worker(c, shape, threads, warmup)
+            for worker in kept.values():
+                worker.wait_ready()
+        for r in range(rounds):
+            for c in candidates:
+                result = measure(c)
+                for _ in range(retries):
+                    if not _too_busy(result.get("contention"), max_contention):
+                        break
+                    load[c.label]["retaken"] += 1
+                    result = measure(c)
+                if _too_busy(result.get("contention"), max_contention):
+                    warnings.warn(
+                        f"{c.label}: timed while other work kept {result['contention']:.2f} CPUs busy "
+                        f"(max_contention={max_contention}), after {retries} retries; its latency may be high",
+                        stacklevel=2,
+                    )
+                times[c.label] += result["times_ms"]
+                for key in memory[c.label]:  # the worst round
+                    memory[c.label][key] = max(memory[c.label][key], result[key])
+                if result.get("contention") is not None:
+                    worst = load[c.label]["contention_max"]
+                    load[c.label]["contention_max"] = max(result["contention"], worst or 0.0)
+                if progress is not None:
+                    progress(r, c.label)
+    finally:
+        for worker in kept.values():
+            worker.close()
     stats = {label: {**summarize(t), **memory[label], **load[label]} for label, t in times.items()}
     if baseline is not None:
         for s in stats.values():
@@ -334,8 +421,14 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(key))
 
 
+#: the shortest window a worker measures the host's load over (the kernel counts CPU time in 10 ms
+#: ticks): the timed calls of a fast file are padded with untimed ones up to it
+MIN_LOAD_WINDOW_S = 0.25
+
+
 def _main(argv: list[str]) -> None:
-    path, shape_arg, threads, engine, warmup, calls, modules = argv
+    """The worker: load one file, then answer each stdin line ``calls`` with one JSON line."""
+    path, shape_arg, threads, engine, warmup, modules = argv
     for module in modules.split(",") if modules != "-" else []:
         importlib.import_module(module)  # registers the user's export targets in this process
     shape = [int(d) for d in shape_arg.split(",")]
@@ -343,9 +436,6 @@ def _main(argv: list[str]) -> None:
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
         fh.write("5")
     before = _status_kib("VmRSS:")
-    # the host's load from loading to the last timed call: the timed calls of a fast file alone are too
-    # short a window for the kernel's CPU-time ticks; other work while it loads is likely still there
-    host = HostLoad().start()
     # this process exists to time one file: its settings are set for good
     torch.set_num_threads(int(threads))
     if path.endswith(".pte"):
@@ -353,19 +443,21 @@ def _main(argv: list[str]) -> None:
     if engine != "-":
         torch.backends.quantized.engine = engine
     run = load_runner(path, shape, int(threads), None if engine == "-" else engine, ort_spinning=True)
-    times = time_calls(run, x, int(warmup), int(calls))
-    contention = host.contention(int(threads))
-    peak = _status_kib("VmHWM:")
-    print(
-        json.dumps(
-            {
-                "times_ms": times,
-                "peak_rss_mb": peak / 1024,
-                "load_and_inference_mb": (peak - before) / 1024,
-                "contention": contention,
-            }
-        )
-    )
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        host = HostLoad().start()  # the window: warm-up, timed calls and padding of this request
+        times = time_calls(run, x, int(warmup), int(line))
+        while time.perf_counter() - host.wall_s < MIN_LOAD_WINDOW_S:
+            run(x)
+        contention = host.contention(int(threads))
+        peak = _status_kib("VmHWM:")
+        reply = {
+            "times_ms": times,
+            "peak_rss_mb": peak / 1024,
+            "load_and_inference_mb": (peak - before) / 1024,
+            "contention": contention,
+        }
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

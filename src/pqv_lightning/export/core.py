@@ -149,9 +149,10 @@ class MobileExportConfig:
             pay for); an integer >= 2: for every target; ``None``: never. A model it cannot pad
             (not a timm ViT, a custom block) is exported unpadded and ``optimizations_skipped`` says why.
         rank: how the manifest's ``best`` (the fastest verified artifact on this host) is chosen:
-            ``"round-robin"`` times every ``ok`` artifact and the fp32 eager model each in a fresh
-            process, in turn, ``rank_rounds`` rounds of ``rank_calls`` calls (the method of
-            ``pqv bench``; about 3 s of process start per artifact and round, plus the calls);
+            ``"round-robin"`` times every ``ok`` artifact and the fp32 eager model each in a
+            process of its own, in turn, ``rank_rounds`` rounds of ``rank_calls`` calls (the method
+            of ``pqv bench``, except that each process is started and loaded once and kept for every
+            round: 3-8 s of start-up and loading per artifact, plus the calls);
             ``"in-process"`` ranks by the latency measured above (no extra time; runtimes in one
             process disturb each other, so a close ranking can be wrong); ``"none"``: no ``best``.
     """
@@ -518,7 +519,8 @@ def rank_artifacts(
     """The fastest verified (``ok``) artifact of ``manifest`` on this host, or None when none is.
 
     ``config.rank="round-robin"``: every ``ok`` artifact and ``reference`` (fp32 eager, saved to a
-    temporary ``.pt``) are timed each in a fresh process, in turn (:func:`~.benchmark.round_robin`);
+    temporary ``.pt``) are timed each in a process of its own (started and loaded once, kept for
+    every round), in turn (:func:`~.benchmark.round_robin` with ``fresh_processes=False``);
     each artifact gets a ``latency_round_robin`` entry and the ranking is by its median. When the
     reference cannot be pickled for the worker processes (a class defined in ``__main__`` or a
     function), or a worker fails, the ranking falls back to the in-process latencies and says why in
@@ -553,6 +555,7 @@ def rank_artifacts(
                     baseline="fp32 eager",
                     max_contention=ROUND_ROBIN_MAX_CONTENTION,
                     progress=one_run,
+                    fresh_processes=False,  # one start-up and load per file, not per round
                 )
         except Exception as exc:  # noqa: BLE001 - the artifacts are fine; only the ranking method changes
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -566,7 +569,7 @@ def rank_artifacts(
                 a["latency_round_robin"] = stats[a["file"]]
             winner = min(ok, key=lambda a: stats[a["file"]]["median_ms"])
             method = (
-                f"round-robin: every artifact and fp32 eager in a fresh process, {config.rank_rounds} rounds x "
+                f"round-robin: every artifact and fp32 eager in a process of its own, {config.rank_rounds} rounds x "
                 f"{config.rank_calls} calls, {threads} threads, batch {example.shape[0]}"
             )
             return _best_entry(

@@ -75,7 +75,18 @@ def _openvino_int8_gemm_ms(size: int, threads: int, calls: int) -> float | None:
     return summarize(time_calls(lambda _: request.infer(feed), None, 3, calls))["median_ms"]
 
 
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
+_ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "sve",
+)
 
 
 def host_description() -> dict[str, Any]:
