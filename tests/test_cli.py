@@ -190,6 +190,7 @@ data:
     assert manifest["input"]["shape"] == [1, 1, 32, 32]
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: a real pqv fit process (~19 s)
 def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("trainer:\n  max_steps: [not, a, number\n")
@@ -198,6 +199,7 @@ def test_fit_with_a_malformed_config_fails_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and "error" in proc.stderr.lower()
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: a real pqv fit process (~19 s)
 def test_fit_with_a_value_a_callback_refuses_is_one_error_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(

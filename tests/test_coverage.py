@@ -13,6 +13,7 @@ def _format() -> str:
     return "onnx" if TARGETS["onnx"].missing() is None else "ptl"
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: pqv coverage end to end (~25 s)
 def test_coverage_rows_cells_and_cache(tmp_path, monkeypatch):
     rows = coverage.run_coverage(["vit", "levit"], [_format()], tmp_path)
     vit, levit = rows["vit"]["cells"], rows["levit"]["cells"]

@@ -121,6 +121,7 @@ def test_bundled_checkpoint_loads_with_its_published_accuracy():
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: trains a checkpoint (~12 s)
 def test_project_can_make_its_own_checkpoint(tmp_path):
     path = train_vit_checkpoint(
         tmp_path / "own.pt", dim=32, depth=1, heads=2, epochs=1, batch_size=64, train_subset=512, precision="32-true"
@@ -229,3 +230,57 @@ def test_image_folder_datamodule_reads_real_image_files(tmp_path):
         assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=0.05)
     with pytest.raises(InputNotFoundError, match=r"ImageFolder split .*missing.*train"):
         ImageFolderDataModule(str(tmp_path / "missing")).setup("fit")
+
+
+def _copy_of_test_split(src: Path, dst: Path, flip_label: bool) -> None:
+    """The test split of ``src`` re-compressed into ``dst``, optionally with its first label changed."""
+    dst.mkdir()
+    images = read_idx(src / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(src / "t10k-labels-idx1-ubyte.gz").clone()
+    if flip_label:
+        labels[0] = (labels[0] + 1) % 10
+    _write_idx(dst / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(dst / "t10k-labels-idx1-ubyte.gz", labels)
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
+def test_a_recorded_accuracy_is_used_only_for_the_same_file_and_the_same_data(tmp_path, monkeypatch):
+    """The demo's pretrained row: recorded for the bundled file on this test set (both by sha256),
+    identical data however compressed; another file, one changed label or a subset: measured."""
+    from pqv_lightning.apps import recipes
+    from pqv_lightning.models import bundled_checkpoint
+
+    bundled = bundled_checkpoint()
+    full = FashionMNISTDataModule()
+    assert recipes.recorded_test_accuracy(bundled, full) == 0.9093
+    _copy_of_test_split(Path(DEFAULT_FMNIST_DIR), tmp_path / "same", flip_label=False)
+    assert recipes.recorded_test_accuracy(bundled, FashionMNISTDataModule(data_dir=str(tmp_path / "same"))) == 0.9093
+    _copy_of_test_split(Path(DEFAULT_FMNIST_DIR), tmp_path / "changed", flip_label=True)
+    assert recipes.recorded_test_accuracy(bundled, FashionMNISTDataModule(data_dir=str(tmp_path / "changed"))) is None
+    assert recipes.recorded_test_accuracy(bundled, FashionMNISTDataModule(test_subset=100)) is None
+    other = save_vit_checkpoint(load_vit_checkpoint(bundled)[0], tmp_path / "copy.pt", recipe={"note": 1})
+    assert recipes.recorded_test_accuracy(other, full) is None  # same weights, another file: measured
+    # the demo's pretrained row takes the record without evaluating, and says so in the table
+    monkeypatch.setattr(recipes, "evaluate", lambda *a: pytest.fail("evaluated although recorded"))
+    row = recipes.finetune_with_pruning(bundled, label="pretrained", pruning_ratio=0.0, epochs=0, recorded_ok=True)
+    assert row.recorded and row.test_acc == 0.9093 and row.test_images == 10000
+    assert "| pretrained | - | 0 | 0 | 0 | 90.93 % (recorded) | 5.36 M |" in recipes.format_table([row])
+    monkeypatch.setattr(recipes, "evaluate", lambda *a: 0.5)  # --reevaluate: measured
+    row = recipes.finetune_with_pruning(bundled, label="pretrained", pruning_ratio=0.0, epochs=0)
+    assert not row.recorded and row.test_acc == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
+def test_the_recorded_accuracy_is_what_the_bundled_checkpoint_measures():
+    """Re-measures the record (float32, this host's kernels): within 3 of 10,000 images of it."""
+    from pqv_lightning.apps.recipes import RECORDED_TEST_ACCURACY
+    from pqv_lightning.models import bundled_checkpoint
+
+    model = ImageClassifier(checkpoint=str(bundled_checkpoint())).model
+    measured = evaluate(model, FashionMNISTDataModule(batch_size=256))
+    assert abs(measured - RECORDED_TEST_ACCURACY[(BUNDLED_SHA16, FMNIST_TEST_DIGEST)]) <= 3e-4
+
+
+BUNDLED_SHA16 = "ace3f5e02bc9ebf1"
+FMNIST_TEST_DIGEST = "e63ca673c908c3871024e75bfe96d35cd968cc772ea1ec5d64f59b26b92ab235"

@@ -161,7 +161,7 @@ def _same(a, b, atol=1e-6):
     return all(torch.allclose(a[k], v, rtol=0, atol=atol) for k, v in b.items())
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("accumulate", [pytest.param(1, marks=pytest.mark.slow), 2])  # fast tier <= 5 min
 def test_the_combined_loss_goes_through_lightning(tmp_path, accumulate):
     plain = _fit(tmp_path / "a", [], accumulate_grad_batches=accumulate)
     # alpha=0: exactly the user's loss, scaled for accumulation and clipped by Lightning as before

@@ -28,7 +28,7 @@ def _config(tmp_path, **kw):
     return quick_export_config(kw.pop("output_dir", tmp_path / "out"), **kw)
 
 
-@pytest.mark.parametrize("dim", [64, 256])
+@pytest.mark.parametrize("dim", [64, pytest.param(256, marks=pytest.mark.slow)])  # fast tier <= 5 min
 @pytest.mark.parametrize("precision", [p for p in PRECISIONS if TARGETS["ptl"].supports(PRECISIONS[p])])
 def test_every_precision_and_engine_round_trips_through_the_lite_interpreter(tmp_path, precision, dim):
     model = tiny_vit(embed_dim=dim, depth=1, num_heads=4)

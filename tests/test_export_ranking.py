@@ -126,6 +126,7 @@ def _fp32(model, job):
 """
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: worker processes (~10 s)
 def test_a_format_registered_in_an_importable_module_is_ranked_round_robin(tmp_path, monkeypatch):
     import importlib
     import sys

@@ -109,7 +109,7 @@ def test_fp32_layernorm_wrapper_computes_in_fp32():
 @pytest.mark.parametrize(
     "precision",
     [
-        "fp32",
+        pytest.param("fp32", marks=pytest.mark.slow),  # fast tier <= 5 min: int8-dynamic lowers the same graph
         "int8-dynamic",
         pytest.param("fp16", marks=pytest.mark.slow),
         pytest.param("int8-static", marks=pytest.mark.slow),
@@ -142,6 +142,7 @@ def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
 
 
 @needs_et
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: a width-256 .pte lowering (~9 s)
 def test_pte_fp16_keeps_layernorm_fp32_at_width_256(tmp_path):
     """ExecuTorch 1.5.1 computes fp16 LayerNorm wrongly for widths >= 256 on x86; ours must be right."""
     manifest = _export(
@@ -172,6 +173,7 @@ def test_executorch_fp16_layernorm_bug_still_exists():
 
 
 @needs_et
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: a .pte lowering (~8 s)
 def test_without_swaps_a_vit_splits_into_many_partitions(tmp_path):
     manifest = _export(tmp_path, tiny_vit(depth=1), ["pte"], ["fp32"], delegation_friendly=False)
     (entry,) = manifest["artifacts"]

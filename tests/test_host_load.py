@@ -156,7 +156,7 @@ def test_the_worker_reports_its_contention(tmp_path):
     assert stats["sleepy"]["min_ms"] >= 30 > stats["instant"]["median_ms"]
 
 
-@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("fresh", [pytest.param(True, marks=pytest.mark.slow), False])  # fast tier <= 5 min
 def test_kept_workers_load_each_file_once_and_never_share_a_process(tmp_path, fresh):
     """fresh_processes=False: one process per candidate for all rounds (one start-up and load each);
     True: a new process per round. Never two candidates in one process."""

@@ -139,6 +139,7 @@ def test_structured_pruning_callback_on_a_convnext(tmp_path):
     assert lit.model.num_features == lit.model.head.fc.in_features == lit.model.head.in_features
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: (~18 s)
 def test_a_pruned_cnn_exports_and_verifies(tmp_path):
     model = build("mobilenetv3_small_050")
     prune_once(model, PruningConfig(importance="l2", pruning_ratio=0.25), example_inputs=X[:1])
@@ -435,10 +436,28 @@ def _family_names(source: str | None = None) -> list[str]:
     return [n for n, f in FAMILIES.items() if n != "levit" and (source is None or f.source == source)]
 
 
-@pytest.mark.parametrize("name", _family_names())
+#: families whose pass takes 5-14 s on 2 cores: the slow tier (fast tier <= 5 min); the fast tier keeps
+#: one of each source and kind (timm ViT variants, Swin, EVA, BEiT, ConvNeXt, Hugging Face, torchvision)
+SLOW_FAMILIES = {
+    "efficientnet",
+    "mobilenetv3",
+    "regnet",
+    "resnet",
+    "swinv2",
+    "eva02_swiglu",
+    "hf_dinov2",
+    "hf_deit",
+    "deit_distilled",
+}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in _family_names()]
+)
 def test_every_family_prunes_keeps_its_output_reloads_and_exports(name, tmp_path):
-    """The fast tier's pass over every family of ``pqv coverage``: prune 25 % (l2), the same output shape,
-    reload from the structure with the same outputs, one verified ONNX (or .ptl) fp32 file."""
+    """The pass over every family of ``pqv coverage`` (a representative part in the fast tier): prune 25 %
+    (l2), the same output shape, reload from the structure with the same outputs, one verified ONNX (or
+    .ptl) fp32 file."""
     import json
 
     from pqv_lightning.apps.coverage import FAMILIES

@@ -138,6 +138,7 @@ def test_export_pads_when_asked_and_verifies_against_the_unpadded_model(tmp_path
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: exports in every format (~18 s)
 def test_export_says_why_it_did_not_pad(tmp_path, monkeypatch):
     (entry,) = _export(tmp_path, tiny_vit(qk_norm=True, embed_dim=60).eval(), ["onnx"], pad_widths=8)["artifacts"]
     assert entry["status"] == "ok" and entry["width_padding"]["applied"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -136,6 +137,18 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                 f"Fashion-MNIST files {missing} not found in data_dir={str(self.data_dir)!r}; install the Debian "
                 "package 'dataset-fashion-mnist' or pass data_dir= / set PQV_FMNIST_DIR"
             )
+
+    def split_digest(self, split: str = "test") -> str:
+        """sha256 of the whole ``"train"`` or ``"test"`` split as decoded (images, then labels, with their
+        shapes), whatever ``train_subset`` / ``test_subset`` say: equal digests, equal data, however the
+        files were compressed."""
+        self.check_files((split,))
+        digest = hashlib.sha256()
+        for name in _FILES[split]:
+            tensor = read_idx(self.data_dir / name)
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def _load(self, split: str) -> TensorDataset:
         self.check_files((split,))

@@ -21,6 +21,7 @@ from ..callbacks.structured_pruning import ITERATIVE_STEPS
 from ..classifier import ImageClassifier
 from ..data import FashionMNISTDataModule
 from ..errors import ConfigError
+from ..fileio import file_digest
 from ..models import bundled_checkpoint
 from ..pruning import EventSchedule, PruningConfig, count_macs, count_params
 from ..pruning.config import DEFAULT_PRUNING_RATIO
@@ -81,6 +82,24 @@ RECIPES["default"] = {
     "lr": 5e-5,
     "pruning_kwargs": {"reconstruct": True, "reconstruct_layers": "all"},
 }
+#: Top-1 accuracy of a checkpoint on a whole test set, measured once by :func:`evaluate` (float32, 2
+#: threads), keyed by (the checkpoint's sha256, first 16 hex digits; the test set's
+#: ``FashionMNISTDataModule.split_digest``): the bundled ViT on the Debian package's Fashion-MNIST.
+#: ``pqv demo`` shows it as the pretrained row instead of measuring it again (80 s of a 2-core
+#: CPU); ``pqv demo --reevaluate`` measures; ``tests/test_recorded_accuracy.py`` (slow) remeasures.
+RECORDED_TEST_ACCURACY: dict[tuple[str, str], float] = {
+    ("ace3f5e02bc9ebf1", "e63ca673c908c3871024e75bfe96d35cd968cc772ea1ec5d64f59b26b92ab235"): 0.9093,
+}
+
+
+def recorded_test_accuracy(checkpoint: str | Path, dm: FashionMNISTDataModule) -> float | None:
+    """The :data:`RECORDED_TEST_ACCURACY` of ``checkpoint`` on ``dm``'s whole test set; None when
+    nothing is recorded for this file and these data, or when ``dm`` evaluates a subset."""
+    if dm.test_subset is not None:
+        return None
+    return RECORDED_TEST_ACCURACY.get((file_digest(checkpoint), dm.split_digest("test")))
+
+
 #: Keys of a recipe that set the data budget (the demo and the sweep choose their own).
 BUDGET_KEYS = ("epochs", "train_subset")
 
@@ -105,6 +124,7 @@ class FinetuneResult:
     macs: int
     seconds: float
     test_images: int = 0
+    recorded: bool = False  # test_acc from RECORDED_TEST_ACCURACY, not measured in this run
 
 
 #: what Lightning prints when the apps make and run their own Trainers: its hardware banner, its cloud
@@ -160,6 +180,7 @@ def finetune_with_pruning(
     teacher_precision: str = "auto",
     pruning_kwargs: dict[str, Any] | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
+    recorded_ok: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` for ``epochs`` over ``train_subset`` images while
     :class:`StructuredPruning` runs ``iterative_steps`` events spread evenly over the first
@@ -173,7 +194,10 @@ def finetune_with_pruning(
     a ``target_macs`` / ``target_params`` budget there replaces ``pruning_ratio``, which then only
     labels the result and must be > 0).
     ``prune_start``: fraction of the steps before the first statistics window (a sparse-training
-    phase when ``pruning_kwargs`` holds a regularization)."""
+    phase when ``pruning_kwargs`` holds a regularization).
+    ``recorded_ok``: with ``epochs=0`` (the checkpoint as it is), take its test accuracy from
+    :data:`RECORDED_TEST_ACCURACY` where one is recorded for this file and test set (the result's
+    ``recorded`` is then True) instead of evaluating."""
     if not 0 < prune_span <= 1:
         raise ConfigError(f"prune_span={prune_span} must be in (0, 1]")
     if not 0 <= prune_start < 1 or prune_start + prune_span > 1:
@@ -242,7 +266,9 @@ def finetune_with_pruning(
             trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     model = module.model
-    test_acc = evaluate(model, dm)
+    recorded = recorded_test_accuracy(checkpoint, dm) if recorded_ok and epochs == 0 else None
+    dm.setup("test")
+    test_acc = evaluate(model, dm) if recorded is None else recorded
     return FinetuneResult(
         label=label,
         importance=importance if pruning_ratio > 0 else "-",
@@ -254,6 +280,7 @@ def finetune_with_pruning(
         macs=count_macs(model, torch.randn(1, 1, 32, 32)),
         seconds=seconds,
         test_images=dm.size("test"),
+        recorded=recorded is not None,
     )
 
 
@@ -270,7 +297,7 @@ def format_table(rows: Sequence[FinetuneResult | dict[str, Any]], show_time: boo
             f"{d['pruning_ratio']:g}",
             str(d["events"]),
             str(d["steps"]),
-            f"{100 * d['test_acc']:.2f} %",
+            f"{100 * d['test_acc']:.2f} %" + (" (recorded)" if d.get("recorded") else ""),
             f"{d['params'] / 1e6:.2f} M",
             f"{d['macs'] / 1e6:.1f} M",
         ]
