@@ -25,7 +25,7 @@ from pqv_lightning import KnowledgeDistillation, StructuredPruning
 from pqv_lightning.classifier import ImageClassifier
 from pqv_lightning.data import FashionMNISTDataModule
 from pqv_lightning.distillation import frozen_teacher, teacher_logits
-from pqv_lightning.export.host import host_description
+from pqv_lightning.export.host import host_description, host_label
 from pqv_lightning.models import bundled_checkpoint
 from pqv_lightning.settings import torch_threads
 
@@ -128,8 +128,9 @@ def main() -> None:
     base = rows[0]["median"]
     host = host_description()
     lines = [
-        f"`python benchmarks/distillation_overhead.py --steps {args.steps} --batch-size {args.batch_size} "
-        f"--threads {args.threads}` — {host['cpu']} ({', '.join(host['isa'])}), {args.threads} threads, "
+        f"`python benchmarks/distillation_overhead.py --steps {args.steps} --warmup {args.warmup} --batch-size "
+        f"{args.batch_size} --threads {args.threads} --agreement-images {args.agreement_images}` — "
+        f"{host_label(host)} ({', '.join(host['isa'])}), {args.threads} threads, "
         f"torch {host['torch']}; the bundled Fashion-MNIST ViT (5.36 M params), batch {args.batch_size}, "
         f"{args.steps - args.warmup} timed steps per row after {args.warmup} warm-up steps (the regularization "
         f"row's one pruning event runs after its last step, outside the timing); agreement and "
