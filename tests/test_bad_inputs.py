@@ -502,7 +502,13 @@ def test_pl_module_network_in_eval_mode_reconstructs(tmp_path):
     )
 
 
-@pytest.mark.parametrize("argv", [["fit", "--config", "{tmp}/kd_nan.yaml"], ["bench", "--shape", "abc", "x.pte"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["fit", "--config", "{tmp}/kd_nan.yaml"], marks=pytest.mark.slow),  # fast tier <= 5 min: trains
+        ["bench", "--shape", "abc", "x.pte"],
+    ],
+)
 def test_cli_one_line_in_a_real_process(tmp_path, argv):
     """What a user's terminal shows (no capture in between: Lightning's own log lines would show here)."""
     import subprocess

@@ -59,6 +59,7 @@ def _pqv(copy: Path, *args, timeout=900, **env) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores: copies the tree and installs nothing, but imports it in a new process (~13 s)
 def test_the_bare_copy_imports_its_own_package_and_finds_the_bundled_checkpoint(bare_copy):
     code = "import pqv_lightning.apps.recipes as r; print(r.__file__); print(r.default_checkpoint())"
     out = subprocess.run(
