@@ -86,7 +86,7 @@ RECIPES["default"] = {
 #: threads), keyed by (the checkpoint's sha256, first 16 hex digits; the test set's
 #: ``FashionMNISTDataModule.split_digest``): the bundled ViT on the Debian package's Fashion-MNIST.
 #: ``pqv demo`` shows it as the pretrained row instead of measuring it again (80 s of a 2-core
-#: CPU); ``pqv demo --reevaluate`` measures; ``tests/test_recorded_accuracy.py`` (slow) remeasures.
+#: CPU); ``pqv demo --reevaluate`` measures; ``tests/test_data_models.py`` re-measures it (slow tier).
 RECORDED_TEST_ACCURACY: dict[tuple[str, str], float] = {
     ("ace3f5e02bc9ebf1", "e63ca673c908c3871024e75bfe96d35cd968cc772ea1ec5d64f59b26b92ab235"): 0.9093,
 }

@@ -198,7 +198,6 @@ class _Worker:
         self._proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
         )
-
         self._ready = False
 
     def wait_ready(self) -> None:
