@@ -42,11 +42,12 @@ def image_batches(n: int = 3, batch: int = 8, seed: int = 0) -> list[tuple[torch
 
 
 def quick_export_config(output_dir, **kw):
-    """A MobileExportConfig that is fast to run in a test: few timed calls, no memory probe, ranked in
-    process (round-robin ranking has its own tests); anything in ``kw`` wins."""
+    """A MobileExportConfig that is fast to run in a test: few timed calls, no memory probe, built and
+    ranked in process (build workers and round-robin ranking have their own tests); anything in ``kw``
+    wins."""
     from pqv_lightning.export import MobileExportConfig
 
-    defaults = dict(output_dir=str(output_dir), repeats=2, warmup=1, measure_memory=False, rank="in-process")
+    defaults = dict(output_dir=str(output_dir), repeats=2, warmup=1, measure_memory=False, rank="in-process", jobs=1)
     return MobileExportConfig(**{**defaults, **kw})
 
 

@@ -56,6 +56,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "outputs",
         "progress",
         "hostcpu",
+        "workers",
     ),
     "library": ("pruning", "export", "distillation", "models"),
     "lightning": ("callbacks", "classifier", "data"),

@@ -234,3 +234,101 @@ def test_every_int8_artifact_is_at_most_0_3x_its_fp32_file(tmp_path):
     ratios = {a["file"]: a["size_bytes"] / fp32[a["format"]] for a in int8 if a["status"] == "ok"}
     assert len(ratios) == len(int8), [a.get("reason") for a in int8 if a["status"] != "ok"]
     assert all(r <= 0.3 for r in ratios.values()), ratios
+
+
+# ---------------------------------------------------------------------------------------------- build workers
+def _without_timings(entry: dict) -> dict:
+    """An entry without what differs between two builds of the same file: timings, and the bytes
+    (a TorchScript archive is not byte-reproducible, even built twice in one process)."""
+    return {k: v for k, v in entry.items() if k not in ("latency", "memory", "sha256", "size_bytes", "build_seconds")}
+
+
+def test_files_built_in_worker_processes_equal_those_built_here(tmp_path):
+    """jobs=2: the first file is built here, the other two in two worker processes; every entry (file,
+    checks, hash, what was applied) equals the in-process build's, and only the finished files stay."""
+    model, example = tiny_vit(depth=1), torch.randn(1, 1, 32, 32)
+    kw = dict(precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86"])
+    here = export_mobile(model, example, _config(tmp_path, output_dir=tmp_path / "a", **kw), validation_data=_data())
+    seen = []
+    there = export_mobile(
+        model,
+        example,
+        _config(tmp_path, output_dir=tmp_path / "b", jobs=2, **kw),
+        validation_data=_data(),
+        progress=lambda *a: seen.append(a),
+    )
+    assert here["build"]["processes"] == 1 and there["build"]["processes"] == 2, there["build"]
+    assert "note" not in there["build"]
+    assert [_without_timings(e) for e in there["artifacts"]] == [_without_timings(e) for e in here["artifacts"]]
+    assert [a["status"] for a in there["artifacts"]] == ["ok"] * 3
+    assert all(a["build_seconds"] > 0 for a in there["artifacts"])
+    for a, b in zip(here["artifacts"], there["artifacts"]):
+        assert abs(a["size_bytes"] - b["size_bytes"]) < 0.01 * a["size_bytes"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert seen[0] == (1, 3, "model_fp32.ptl") and sorted(s[0] for s in seen) == [1, 2, 3]
+    assert model.training  # the user's model is untouched (export works on a copy)
+
+
+class _LoadsOnlyHere:
+    """Pickles, but cannot be unpickled in a build worker (as a class defined in a script's
+    ``__main__`` cannot)."""
+
+    def __reduce__(self):
+        return (_load_here, ())
+
+
+def _load_here():
+    import sys
+
+    if "build_worker" in sys.argv[0]:
+        raise RuntimeError("this object cannot be loaded in a build worker")
+    return _LoadsOnlyHere()
+
+
+@pytest.mark.slow  # fast tier <= 5 min: two worker processes that start and fail (~13 s)
+def test_a_model_the_workers_cannot_load_is_built_here_and_the_manifest_says_why(tmp_path):
+    model = tiny_vit(depth=1)
+    model.marker = _LoadsOnlyHere()
+    config = _config(tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86"], jobs=2)
+    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=_data())
+    build = manifest["build"]
+    assert build["processes"] == 1, build
+    assert "the build workers failed" in build["note"] and "cannot be loaded in a build worker" in build["note"]
+    assert [a["status"] for a in manifest["artifacts"]] == ["ok"] * 3
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_model_that_cannot_be_pickled_is_built_here(tmp_path):
+    class Local(nn.Module):  # a local class: torch.save cannot pickle it, so no worker is started
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_vit(depth=1)
+
+        def forward(self, x):
+            return self.net(x)
+
+    config = _config(tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86"], jobs=2)
+    manifest = export_mobile(Local(), torch.randn(1, 1, 32, 32), config, validation_data=_data())
+    assert manifest["build"]["processes"] == 1 and "Local" in manifest["build"]["note"], manifest["build"]
+    assert [a["status"] for a in manifest["artifacts"]] == ["ok"] * 3
+
+
+@pytest.mark.parametrize(
+    ("jobs", "first_s", "remaining", "expected"),
+    [
+        ("auto", export_mod.PARALLEL_AFTER_S - 1, 8, 1),  # a small model: a worker's start-up would not pay
+        ("auto", export_mod.PARALLEL_AFTER_S, 8, min(export_mod.MAX_AUTO_JOBS, export_mod.usable_cpus())),
+        ("auto", 600.0, 1, 1),  # one file left: nothing to run side by side
+        (3, 0.0, 8, 3),
+        (3, 0.0, 2, 2),
+        (1, 600.0, 8, 1),
+    ],
+)
+def test_how_many_build_workers(jobs, first_s, remaining, expected):
+    assert export_mod._build_processes(jobs, first_s, remaining) == expected
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2", "many", None])
+def test_bad_jobs_is_refused(tmp_path, jobs):
+    with pytest.raises(ConfigError, match=rf"jobs={jobs!r}; allowed: 'auto' or an integer >= 1"):
+        _config(tmp_path, jobs=jobs).validate()

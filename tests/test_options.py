@@ -153,6 +153,7 @@ NON_DEFAULT = {
         input_normalization={"mean": [0.5], "std": [0.25]},
         log_artifact=False,
         measure_memory=False,
+        jobs=2,
         rank="in-process",
         rank_rounds=2,
         rank_calls=4,

@@ -9,7 +9,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "current_umask", "file_digest", "load_tensors", "staged"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "commit_staged",
+    "current_umask",
+    "file_digest",
+    "load_tensors",
+    "staged",
+    "staged_name",
+]
 
 
 @contextlib.contextmanager
@@ -17,15 +26,28 @@ def staged(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary file name beside ``path``; it replaces ``path`` only if the block succeeds,
     so a reader never sees a half-written file and a failure leaves the old file untouched.
     ``suffix``: the temporary name's ending (writers that pick a format by extension need it)."""
+    tmp = staged_name(path, suffix)
+    try:
+        yield tmp
+        commit_staged(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def staged_name(path: str | Path, suffix: str = ".tmp") -> str:
+    """A new empty hidden temporary file beside ``path`` (``.<name>.<random><suffix>``), for a write
+    that :func:`commit_staged` finishes later (or the caller removes)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would follow the umask
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return tmp
+
+
+def commit_staged(tmp: str | Path, path: str | Path) -> None:
+    """Give the finished temporary file ``tmp`` the final name ``path`` (atomically), with the mode a
+    plain ``open()`` would have made (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
 
 
 def current_umask() -> int:

@@ -44,7 +44,7 @@ class MobileExport(Callback):
     once (the defaults here are read from it; a test checks that they agree): ``precisions``,
     ``formats``, ``engines``, ``delegation_friendly``, ``pad_widths``, ``overwrite``,
     ``min_top1_agreement``, ``on_failure``, ``verify_batches``, ``calibration_batches``, ``threads``,
-    ``warmup``, ``repeats``, ``measure_memory``, ``rank``, ``rank_rounds``, ``rank_calls``. A format
+    ``warmup``, ``repeats``, ``measure_memory``, ``jobs``, ``rank``, ``rank_rounds``, ``rank_calls``. A format
     whose extra is missing is reported when the callback is created.
 
     Args (the callback's own):
@@ -99,6 +99,7 @@ class MobileExport(Callback):
         input_normalization: dict[str, Any] | None = None,
         log_artifact: bool = True,
         measure_memory: bool = _C.measure_memory,
+        jobs: int | Literal["auto"] = _C.jobs,
         rank: Literal["round-robin", "in-process", "none"] = _C.rank,
         rank_rounds: int = _C.rank_rounds,
         rank_calls: int = _C.rank_calls,
@@ -120,6 +121,7 @@ class MobileExport(Callback):
             verify_batches=verify_batches,
             calibration_batches=calibration_batches,
             measure_memory=measure_memory,
+            jobs=jobs,
             rank=rank,
             rank_rounds=rank_rounds,
             rank_calls=rank_calls,

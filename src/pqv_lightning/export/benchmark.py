@@ -36,14 +36,11 @@ files are refused with an error that says so.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -55,6 +52,7 @@ import torch
 
 from ..errors import ConfigError, InputNotFoundError
 from ..settings import set_executorch_threads
+from ..workers import LineWorker, WorkerFailed
 
 __all__ = [
     "Candidate",
@@ -174,6 +172,10 @@ def _check_importable(candidates: Sequence[Candidate]) -> None:
             )
 
 
+#: seconds a timing worker may stay silent (loading a large file, then its calls) before it is killed
+WORKER_TIMEOUT_S = 1800.0
+
+
 class _Worker:
     """A process that loads one candidate and times it on request (``python -m
     pqv_lightning.export.benchmark``): it answers each line ``calls`` written to its stdin with one
@@ -182,9 +184,6 @@ class _Worker:
     def __init__(self, candidate: Candidate, shape: Sequence[int], threads: int, warmup: int) -> None:
         self.label = candidate.label
         args = [
-            sys.executable,
-            "-m",
-            "pqv_lightning.export.benchmark",
             candidate.path,
             ",".join(map(str, shape)),
             str(threads),
@@ -192,12 +191,7 @@ class _Worker:
             str(warmup),
             ",".join(target_modules()) or "-",
         ]
-        # the parent's sys.path, so that modules it imported from a script's folder import in the worker too
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty runtime cannot block it
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
-        )
+        self._worker = LineWorker("pqv_lightning.export.benchmark", args, f"timing {self.label}")
         self._ready = False
 
     def wait_ready(self) -> None:
@@ -213,33 +207,15 @@ class _Worker:
         return self._reply(calls)
 
     def _reply(self, calls: int | None) -> dict[str, Any]:
-        assert self._proc.stdin is not None and self._proc.stdout is not None
+        if calls is not None:
+            self._worker.send(str(calls))
         try:
-            if calls is not None:
-                self._proc.stdin.write(f"{calls}\n")
-                self._proc.stdin.flush()
-            line = self._proc.stdout.readline()
-        except (BrokenPipeError, OSError):
-            line = ""
-        if not line.strip():
-            self._proc.wait(timeout=60)
-            self._stderr.seek(0)
-            lines = self._stderr.read().strip().splitlines()
-            raise RuntimeError(f"timing {self.label} failed: {lines[-1] if lines else f'exit {self._proc.returncode}'}")
-        return json.loads(line)
+            return self._worker.reply(timeout=WORKER_TIMEOUT_S)
+        except WorkerFailed as exc:
+            raise RuntimeError(str(exc)) from None
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._stderr.close()
+        self._worker.close()
 
 
 def _time_in_subprocess(

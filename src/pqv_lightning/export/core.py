@@ -62,11 +62,12 @@ from ..checks import (
     first_line,
 )
 from ..errors import ConfigError
-from ..fileio import atomic_write_text, file_digest, staged
+from ..fileio import atomic_write_text, commit_staged, file_digest, staged_name
 from ..outputs import tensor_module
 from ..progress import Progress
 from ..settings import executorch_threads, quantized_engine, torch_threads
-from .benchmark import Candidate, round_robin, summarize, time_calls
+from ..workers import LineWorker, WorkerFailed, wait_readable
+from .benchmark import Candidate, round_robin, summarize, target_modules, time_calls
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
 from .targets import TARGETS, ExportTarget
@@ -93,6 +94,8 @@ RANKINGS: tuple[str, ...] = ("round-robin", "in-process", "none")
 ON_FAILURE: tuple[str, ...] = ("warn", "raise")
 #: what ``input_normalization`` looks like, for its error message
 NORMALIZATION_EXAMPLE = "{'mean': [0.286], 'std': [0.353]}"
+#: seconds a build worker may take to start (import torch and the runtimes, load the model)
+WORKER_START_TIMEOUT_S = 600.0
 #: CPUs other work may keep busy while a round-robin ranking times a file before it is retaken, and
 #: past which (after the retakes) the manifest's ``best`` carries a ``caveat``
 ROUND_ROBIN_MAX_CONTENTION = 0.2
@@ -148,6 +151,16 @@ class MobileExportConfig:
             (``ExportTarget.width_multiple``; OpenVINO: 64, others none: padding adds MACs they
             pay for); an integer >= 2: for every target; ``None``: never. A model it cannot pad
             (not a timm ViT, a custom block) is exported unpadded and ``optimizations_skipped`` says why.
+        jobs: how many files are written and verified at once, each in a worker process of its own
+            (a plain subprocess: a script is never re-run in it); the first file is always built in
+            this process, and every file is timed here, one by one, after all are built.
+            ``"auto"`` (default): as many workers as this process may use CPUs (at most
+            ``MAX_AUTO_JOBS``) when the first file took ``PARALLEL_AFTER_S`` (20 s) or longer, else
+            none (a worker's start-up, ~15 s, would cost a small model more than it saves); an
+            integer >= 1: that many (1: every file in this process). ExecuTorch's lowering is
+            single-threaded Python: the demo's 9 files take about half as long with 2 workers on 2
+            cores. The manifest's ``build`` says how the files were built (and why not in workers,
+            e.g. a model whose class is defined in ``__main__`` cannot be sent to one).
         rank: how the manifest's ``best`` (the fastest verified artifact on this host) is chosen:
             ``"round-robin"`` times every ``ok`` artifact and the fp32 eager model each in a
             process of its own, in turn, ``rank_rounds`` rounds of ``rank_calls`` calls (the method
@@ -172,6 +185,7 @@ class MobileExportConfig:
     calibration_batches: int = 8
     measure_memory: bool = True
     pad_widths: int | str | None = "auto"
+    jobs: int | str = "auto"
     rank: str = "round-robin"
     rank_rounds: int = 3
     rank_calls: int = 10
@@ -203,6 +217,10 @@ class MobileExportConfig:
             or (isinstance(self.pad_widths, int) and not isinstance(self.pad_widths, bool) and self.pad_widths >= 2)
         ):
             raise ConfigError(f"pad_widths={self.pad_widths!r}; allowed: 'auto', None or an integer >= 2")
+        if self.jobs != "auto" and not (
+            isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1
+        ):
+            raise ConfigError(f"jobs={self.jobs!r}; allowed: 'auto' or an integer >= 1")
         check_choice("rank", self.rank, RANKINGS)
         check_choice("on_failure", self.on_failure, ON_FAILURE)
         check_number("min_top1_agreement", self.min_top1_agreement, minimum=0, maximum=1)
@@ -213,8 +231,8 @@ class MobileExportConfig:
 
 # ---------------------------------------------------------------------------------------------- files
 #: what an interrupted export leaves in its folder (hidden temporary files of atomic writes, the
-#: round-robin ranking's working folder): removed by the next export to the folder
-_LEFTOVER_PATTERNS = (".model_*", ".manifest.json.*", ".rank-*")
+#: round-robin ranking's and the build workers' working folders): removed by the next export to the folder
+_LEFTOVER_PATTERNS = (".model_*", ".manifest.json.*", ".rank-*", ".build-*")
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -427,37 +445,45 @@ def export_mobile(
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
         padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+        ctx = _BuildContext(
+            reference=reference,
+            sources={
+                f: _padded_source(TARGETS[f], reference, example, config.pad_widths, padded) for f in config.formats
+            },
+            example=example,
+            calibration=[x for x, _ in calibration],
+            verify=verify,
+            config=config,
+            default_engine=engines[0],
+            out=str(out),
+        )
         # every file to write, in order: format x precision (x engine, where the precision depends on one)
         variants = [
-            (fmt, precision, engine)
+            (fmt, precision.name, engine)
             for fmt in config.formats
             for precision in precisions
             for engine in (engines if TARGETS[fmt].engine_dependent and precision.engine_dependent else [None])
         ]
-        for fmt, precision, engine in variants:
-            target = TARGETS[fmt]
-            source, padding = _padded_source(target, reference, example, config.pad_widths, padded)
-            entry = _export_one(
-                target,
-                reference,
-                precision,
-                engine,
-                engines[0],
-                example,
-                calibration,
-                verify,
-                config,
-                out,
-                baseline,
-                source,
-                padding,
-            )
-            manifest["artifacts"].append(entry)
-            _write_manifest(manifest_path, manifest, _files_of(entry, target, out))
-            if progress is not None:
-                progress(len(manifest["artifacts"]), len(variants), entry["file"])
-            if entry["status"] != "ok" and config.on_failure == "raise":
-                raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
+        built, errors, manifest["build"] = _build_all(ctx, variants, progress)
+        try:
+            # timed one by one in this process once nothing else builds, then named and described
+            for i, entry in enumerate(built):
+                if entry["status"] == "not built":  # an earlier file failed under on_failure="raise"
+                    break
+                if entry["status"] == "built":
+                    entry = built[i] = _finish_one(entry, example, config, baseline, out)
+                manifest["artifacts"].append(entry)
+                _write_manifest(manifest_path, manifest, _files_of(entry, TARGETS[entry["format"]], out))
+                if entry["status"] == "ok":
+                    continue
+                if config.on_failure == "raise" and entry["status"] == "skipped":
+                    raise errors.get(i) or ExportFailedError(f"{entry['file']}: {entry['reason']}")
+                what = "failed verification" if entry["status"] == "failed" else "skipped"
+                warnings.warn(f"MobileExport: {entry['file']} {what}: {entry['reason']}", stacklevel=2)
+                if config.on_failure == "raise":
+                    raise ExportFailedError(f"{entry['file']}: {entry['reason']}")
+        finally:  # an interruption or a failure: no staged file stays behind
+            _discard_staged(built)
         if config.rank != "none":
             manifest["best"] = rank_artifacts(manifest, out, reference, example, config, progress)
     _write_manifest(manifest_path, manifest)
@@ -581,20 +607,6 @@ def rank_artifacts(
     return _best_entry(winner, winner["latency"], winner["latency"]["speedup_vs_fp32_eager"], fallback)
 
 
-@contextlib.contextmanager
-def _companions_staged(target: ExportTarget, tmp: str, path: Path):
-    """The companion files (OpenVINO's ``.bin``) the target writes beside the staged ``tmp``: renamed
-    to their final names when the block succeeds (just before :func:`staged` renames the main file),
-    removed when it fails."""
-    try:
-        yield
-        for staged_file, final in zip(target.companions(tmp), target.companions(path)):
-            os.replace(staged_file, final)
-    finally:
-        for staged_file in target.companions(tmp):
-            staged_file.unlink(missing_ok=True)
-
-
 def _cosine(run, reference, batches) -> float:
     total, cos = 0, 0.0
     for x, _ in batches:
@@ -668,81 +680,299 @@ def _padding_notes(padding: dict[str, Any] | None) -> tuple[list[str], list[str]
     return [f"widths padded to multiples of {m}, same function: {widths}"], skipped
 
 
-def _export_one(
-    target: ExportTarget,
-    reference,
-    precision: Precision,
-    engine,
-    default_engine,
-    example,
-    calibration,
-    verify,
-    config,
-    out,
-    baseline,
-    source: nn.Module,
-    padding: dict[str, Any] | None,
+@dataclass
+class _BuildContext:
+    """What building a file needs besides its (format, precision, engine): sent once to each build
+    worker (``torch.save``), so it holds only picklable values."""
+
+    reference: nn.Module
+    sources: dict[str, tuple[nn.Module, dict[str, Any] | None]]  # per format: the model it exports, its padding
+    example: torch.Tensor
+    calibration: list[torch.Tensor]
+    verify: list[tuple[torch.Tensor, torch.Tensor | None]]
+    config: MobileExportConfig
+    default_engine: str
+    out: str
+
+
+def _artifact_name(target: ExportTarget, precision: Precision, engine: str | None) -> str:
+    return f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
+
+
+def _build_one(
+    ctx: _BuildContext, fmt: str, precision_name: str, engine: str | None, threads: int, raise_on_failure: bool
 ) -> dict[str, Any]:
-    """Write, verify (against ``reference``) and time one file of ``source`` (the model to export:
-    ``reference`` or its width-padded copy)."""
-    name = f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
-    path = out / name
+    """Write one file under a temporary name beside its final one, load it back and verify it (against
+    ``ctx.reference``), measure its memory: the manifest entry so far, with the temporary name in
+    ``"staged"`` (:func:`_finish_one` times it and gives it its name), or a ``skipped`` entry (its
+    temporary files removed) saying at which stage it failed. Runs in this process or a build worker
+    (:mod:`.build_worker`); ``raise_on_failure`` raises :class:`ExportFailedError` instead of skipping."""
+    target, precision, config = TARGETS[fmt], PRECISIONS[precision_name], ctx.config
+    source, padding = ctx.sources[fmt]
+    name = _artifact_name(target, precision, engine)
+    path = Path(ctx.out) / name
     entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision.name, "engine": engine}
     stage = "export"
-    options = {"delegation_friendly": config.delegation_friendly}
+    started = time.perf_counter()
+    tmp = staged_name(path, suffix=target.suffix)
     try:
-        with quantized_engine(engine or default_engine), torch.no_grad():
-            # verify and time the staged file; it gets its final name only when all of that succeeded
-            with staged(path, suffix=target.suffix) as tmp, _companions_staged(target, tmp, path):
-                built = target.write(
-                    source, precision, engine or default_engine, example, [x for x, _ in calibration], tmp, options
-                )
-                stage = "load and verify"
-                run = target.load(tmp, example, config.threads)
-                checks = _verify(run, reference, verify)
-                if built.quantized_reference is not None:
-                    checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, verify)
-                stage = "time"
-                latency = _latency(run, example, config.warmup, config.repeats)
-                del run
-                memory = (
-                    _inference_memory(target.memory_probe, tmp, example.shape, config.threads, engine)
-                    if config.measure_memory and target.memory_probe
-                    else None
-                )
-                digest = file_digest(tmp, 64)
-                size = sum(Path(f).stat().st_size for f in [Path(tmp), *target.companions(tmp)])
+        with quantized_engine(engine or ctx.default_engine), torch.no_grad():
+            built = target.write(
+                source,
+                precision,
+                engine or ctx.default_engine,
+                ctx.example,
+                ctx.calibration,
+                tmp,
+                {"delegation_friendly": config.delegation_friendly},
+            )
+            stage = "load and verify"
+            run = target.load(tmp, ctx.example, threads)
+            checks = _verify(run, ctx.reference, ctx.verify)
+            if built.quantized_reference is not None:
+                checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, ctx.verify)
+            del run
+            memory = (
+                _inference_memory(target.memory_probe, tmp, ctx.example.shape, config.threads, engine)
+                if config.measure_memory and target.memory_probe
+                else None
+            )
+            digest = file_digest(tmp, 64)
+            size = sum(Path(f).stat().st_size for f in [Path(tmp), *target.companions(tmp)])
     except Exception as exc:  # an untraceable model, an unsupported op...: skip this variant and say why
+        _discard(target, tmp)
         entry.update(status="skipped", reason=f"{stage} failed: {type(exc).__name__}: {exc}")
-        if config.on_failure == "raise":
+        if raise_on_failure:
             raise ExportFailedError(f"{name}: {entry['reason']}") from exc
-        warnings.warn(f"MobileExport: {name} skipped: {entry['reason']}", stacklevel=3)
         return entry
-    latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
-    ok = checks["top1_agreement"] >= config.min_top1_agreement
-    if target.companion_suffixes:
-        entry["companions"] = [p.name for p in target.companions(path)]
+    except BaseException:  # Ctrl-C: nothing half-written stays
+        _discard(target, tmp)
+        raise
     pad_applied, pad_skipped = _padding_notes(padding)
     if padding is not None:
         entry["width_padding"] = padding
     entry.update(
         runtime=target.runtime,
-        status="ok" if ok else "failed",
-        reason=None
-        if ok
-        else (
-            f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
-            f"{config.min_top1_agreement}"
-        ),
+        status="built",
+        reason=None,
+        staged=tmp,
         sha256=digest,
         size_bytes=size,
         optimizations_applied=pad_applied + built.applied,
         optimizations_skipped=pad_skipped + built.skipped,
         **built.details,
         verification=checks,
-        latency=latency,
         memory=memory,
+        build_seconds=round(time.perf_counter() - started, 2),  # write + reload + verify + memory probe
     )
-    if not ok:
-        warnings.warn(f"MobileExport: {name} failed verification: {entry['reason']}", stacklevel=3)
+    return entry
+
+
+#: ``jobs="auto"`` builds the files after the first in parallel worker processes when the first took at
+#: least this long (starting a worker, importing torch and the runtimes and loading the model, takes
+#: ~15 s on 2 cores: below this a tiny model's files are built faster in this process)
+PARALLEL_AFTER_S = 20.0
+#: at most this many build workers under ``jobs="auto"`` (each holds a copy of the model)
+MAX_AUTO_JOBS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _build_processes(jobs: int | str, first_s: float, remaining: int) -> int:
+    """How many worker processes build the ``remaining`` files (1: none, this process builds them)."""
+    if remaining < 2:
+        return 1
+    if jobs == "auto":
+        return min(MAX_AUTO_JOBS, usable_cpus(), remaining) if first_s >= PARALLEL_AFTER_S else 1
+    assert isinstance(jobs, int), "MobileExportConfig.validate allows 'auto' or an int >= 1"
+    return min(jobs, remaining)
+
+
+def _build_all(
+    ctx: _BuildContext, variants: list[tuple[str, str, str | None]], progress: Progress | None
+) -> tuple[list[dict[str, Any]], dict[int, BaseException], dict[str, Any]]:
+    """Build (write + verify) every variant: the first in this process, the rest in this process or in
+    worker processes (``config.jobs``). Returns the entries in ``variants``' order, the exception of a
+    file that failed under ``on_failure="raise"`` (the files after it are ``not built``), and how the
+    files were built (the manifest's ``build``). Interrupted, it removes what it had built."""
+    builder = _Builder(ctx, variants, progress)
+    try:
+        how = builder.run()
+    except BaseException:
+        _discard_staged([e for e in builder.entries if e is not None])
+        raise
+    return [e for e in builder.entries if e is not None], builder.errors, how
+
+
+class _Builder:
+    """The state of :func:`_build_all`: the entries so far (None: not yet built) and the exceptions."""
+
+    def __init__(
+        self, ctx: _BuildContext, variants: list[tuple[str, str, str | None]], progress: Progress | None
+    ) -> None:
+        self.ctx, self.variants, self.progress = ctx, variants, progress
+        self.entries: list[dict[str, Any] | None] = [None] * len(variants)
+        self.errors: dict[int, BaseException] = {}
+
+    def record(self, i: int, entry: dict[str, Any]) -> None:
+        self.entries[i] = entry
+        if self.progress is not None:
+            self.progress(sum(e is not None for e in self.entries), len(self.variants), entry["file"])
+
+    def stopped(self) -> bool:
+        """A file failed and ``on_failure="raise"``: nothing more is built."""
+        return self.ctx.config.on_failure == "raise" and any(
+            e is not None and e["status"] == "skipped" for e in self.entries
+        )
+
+    def build_here(self, i: int) -> None:
+        config = self.ctx.config
+        try:
+            entry = _build_one(
+                self.ctx, *self.variants[i], config.threads, raise_on_failure=config.on_failure == "raise"
+            )
+        except ExportFailedError as exc:
+            entry = {**_identity(*self.variants[i]), "status": "skipped", "reason": str(exc).split(": ", 1)[1]}
+            self.errors[i] = exc
+        self.record(i, entry)
+
+    def run(self) -> dict[str, Any]:
+        config = self.ctx.config
+        started = time.perf_counter()
+        if self.variants:
+            self.build_here(0)
+        first_s = time.perf_counter() - started
+        pending = list(range(1, len(self.variants)))
+        processes = 1 if self.stopped() else _build_processes(config.jobs, first_s, len(pending))
+        how: dict[str, Any] = {"processes": 1, "first_file_s": round(first_s, 1)}
+        if processes > 1:
+            local = [f for f in config.formats if type(TARGETS[f]).__module__ == "__main__"]
+            if local:
+                how["note"] = f"built in this process: the targets of {local} are defined in __main__"
+            else:
+                try:
+                    _build_in_workers(self, pending, processes)
+                    how["processes"] = processes
+                except Exception as exc:  # noqa: BLE001 - the files are built here instead; the manifest says why
+                    how["note"] = (
+                        f"built in this process: the build workers failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                    )
+        for i in pending:
+            if self.entries[i] is None:  # not sent to a worker, or its worker died
+                if self.stopped():
+                    self.entries[i] = {**_identity(*self.variants[i]), "status": "not built"}
+                else:
+                    self.build_here(i)
+        return how
+
+
+def _identity(fmt: str, precision: str, engine: str | None) -> dict[str, Any]:
+    """The first keys of a manifest entry."""
+    name = _artifact_name(TARGETS[fmt], PRECISIONS[precision], engine)
+    return {"file": name, "format": TARGETS[fmt].format, "precision": precision, "engine": engine}
+
+
+def _build_in_workers(builder: _Builder, pending: list[int], processes: int) -> None:
+    """Build the ``pending`` variants in ``processes`` worker processes (:mod:`.build_worker`), each
+    given the next file as soon as it finished one. Raises when the context cannot be saved or no
+    worker starts; a file whose worker died is left unbuilt (the caller builds it here)."""
+    ctx, variants, record, stopped = builder.ctx, builder.variants, builder.record, builder.stopped
+    threads = max(1, usable_cpus() // processes)
+    modules = ",".join(target_modules()) or "-"
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=ctx.out) as work:
+        payload = Path(work) / "context.pt"
+        torch.save(ctx, payload)
+        workers = [
+            LineWorker("pqv_lightning.export.build_worker", [str(payload), str(threads), modules], f"build worker {k}")
+            for k in range(processes)
+        ]
+        try:
+            idle = []
+            for w in workers:
+                try:
+                    w.reply(timeout=WORKER_START_TIMEOUT_S)  # {"ready": true}
+                    idle.append(w)
+                except WorkerFailed:
+                    pass
+            if not idle:
+                raise WorkerFailed(f"no build worker started: {workers[0].last_error()}")
+            queue = list(pending)
+            busy: dict[LineWorker, int] = {}
+            while busy or (queue and idle and not stopped()):
+                while idle and queue and not stopped():
+                    w, i = idle.pop(), queue.pop(0)
+                    w.send(json.dumps(list(variants[i])))
+                    busy[w] = i
+                for w in wait_readable(list(busy)):
+                    i = busy.pop(w)
+                    try:
+                        record(i, w.reply())
+                        idle.append(w)
+                    except WorkerFailed:  # it died (out of memory, a crash in a runtime): built here later
+                        pass
+        finally:
+            for w in workers:
+                w.kill()
+
+
+def _discard_staged(entries: Sequence[dict[str, Any]]) -> None:
+    for entry in entries:
+        if entry.get("staged"):
+            _discard(TARGETS[entry["format"]], entry.pop("staged"))
+
+
+def _discard(target: ExportTarget, tmp: str) -> None:
+    """Remove a staged file and its staged companions."""
+    for f in [Path(tmp), *target.companions(tmp)]:
+        f.unlink(missing_ok=True)
+
+
+def _finish_one(
+    entry: dict[str, Any], example: torch.Tensor, config: MobileExportConfig, baseline: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Time a built file (in this process, with nothing else building), then give it and its companions
+    their final names: the finished manifest entry. A timing failure removes the staged files and
+    marks the entry ``skipped``."""
+    target = TARGETS[entry["format"]]
+    tmp = entry.pop("staged")
+    path = out / entry["file"]
+    try:
+        run = target.load(tmp, example, config.threads)
+        with torch.no_grad():
+            latency = _latency(run, example, config.warmup, config.repeats)
+        del run
+    except Exception as exc:  # noqa: BLE001 - reported like a failed export
+        _discard(target, tmp)
+        for key in [k for k in entry if k not in ("file", "format", "precision", "engine")]:
+            del entry[key]
+        entry.update(status="skipped", reason=f"time failed: {type(exc).__name__}: {exc}")
+        return entry
+    except BaseException:
+        _discard(target, tmp)
+        raise
+    for staged_file, final in zip(target.companions(tmp), target.companions(path)):
+        os.replace(staged_file, final)
+    commit_staged(tmp, path)
+    latency["speedup_vs_fp32_eager"] = baseline["median_ms"] / latency["median_ms"]
+    checks = entry["verification"]
+    ok = checks["top1_agreement"] >= config.min_top1_agreement
+    if target.companion_suffixes:
+        entry["companions"] = [p.name for p in target.companions(path)]
+    entry["status"] = "ok" if ok else "failed"
+    entry["reason"] = (
+        None
+        if ok
+        else (
+            f"verification failed: top-1 agreement {checks['top1_agreement']:.4f} < min_top1_agreement "
+            f"{config.min_top1_agreement}"
+        )
+    )
+    entry["latency"] = latency
+    # the manifest's key order of before: ... verification, latency, memory
+    entry["memory"] = entry.pop("memory")
+    entry["build_seconds"] = entry.pop("build_seconds")
     return entry
