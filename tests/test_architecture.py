@@ -254,11 +254,19 @@ def test_builtin_registries_hold_the_builtin_entries():
     assert {n for n, c in IMPORTANCE.items() if c.statistics} == {"taylor", "hessian"}
     assert not IMPORTANCE["random"].deterministic
     assert set(TARGETS.names()) == {"pte", "onnx", "openvino", "ptl"}
-    assert PRECISIONS.names() == ("fp32", "fp16", "int8-dynamic", "int8-static", "int8-dynamic-attention")
-    # every format applies every precision, except int8 attention matmuls: only ONNX Runtime can
+    assert PRECISIONS.names() == (
+        "fp32",
+        "fp16",
+        "int8-dynamic",
+        "int8-static",
+        "int8-dynamic-attention",
+        "int8-dynamic-int4-weight",
+    )
+    # every format applies every precision, except int8 attention matmuls (only ONNX Runtime can) and
+    # int4 weights (only ExecuTorch's XNNPACK, so far)
     assert {(f, p) for f in TARGETS for p in PRECISIONS if not TARGETS[f].supports(PRECISIONS[p])} == {
         (f, "int8-dynamic-attention") for f in ("pte", "openvino", "ptl")
-    }
+    } | {(f, "int8-dynamic-int4-weight") for f in ("onnx", "openvino", "ptl")}
     with pytest.raises(
         ConfigError,
         match=r"format 'pte' cannot apply precision 'int8-dynamic-attention' "

@@ -419,6 +419,12 @@ def export_mobile(
     reference = copy.deepcopy(model).eval().float().cpu()
     # before any file is written; a Hugging Face model is exported as its logits
     reference = tensor_module(reference, check_forward("example_input", reference, example))
+    # the model each format exports (width-padded where it asks for that), one copy per multiple
+    padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+    sources = {f: _padded_source(TARGETS[f], reference, example, config.pad_widths, padded) for f in config.formats}
+    for fmt in config.formats:  # a model a format cannot write at a precision: refused before the folder is touched
+        for precision in precisions:
+            TARGETS[fmt].check_model(sources[fmt][0], precision)
     out = _prepare_dir(config)
     verify = _batches(validation_data, config.verify_batches) or [(example, None)]
 
@@ -444,12 +450,9 @@ def export_mobile(
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
-        padded: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
         ctx = _BuildContext(
             reference=reference,
-            sources={
-                f: _padded_source(TARGETS[f], reference, example, config.pad_widths, padded) for f in config.formats
-            },
+            sources=sources,
             example=example,
             calibration=[x for x, _ in calibration],
             verify=verify,

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .int4 import check_int4_groups, quantize_int4_
+from .precisions import FP16, FP32, Int8Dynamic, Int8DynamicInt4Weight, Int8Static, Precision, resolve_precision
 from .targets import (
     PROBE_HEAD,
     PROBE_RESET,
@@ -177,6 +178,10 @@ for _ in range(3):
         + PROBE_TAIL
     )
 
+    def check_model(self, model: nn.Module, precision: Precision) -> None:
+        if isinstance(precision, Int8DynamicInt4Weight):
+            check_int4_groups(model, precision)
+
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         friendly = options.get("delegation_friendly", True)
         buffer, details, quantized = lower_to_executorch(
@@ -228,3 +233,18 @@ def _int8(model, job: PrecisionJob):
     scales = "per-channel" if precision.per_channel else "per-tensor"
     details["applied"] = [f"pt2e XNNPACKQuantizer (Linear only, {scales}, {kind})"]
     return quantized, (quantized if any_batch else chunked(quantized, len(example)))
+
+
+@ExecuTorchTarget.handles(Int8DynamicInt4Weight)
+def _int4(model, job: PrecisionJob):
+    precision = job.precision
+    assert isinstance(precision, Int8DynamicInt4Weight)
+    names = quantize_int4_(model, precision)
+    groups = "one scale per output channel" if precision.group_size is None else f"groups of {precision.group_size}"
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
+    job.details["int4_layers"] = len(names)
+    job.details["applied"] = [
+        f"torchao Int8DynamicActivationIntxWeightConfig: int4 weights ({groups}, symmetric), int8 activations "
+        f"per token (dynamic) in {len(names)} Linear layers" + (f"; fp32: {kept}" if kept else "")
+    ]
+    return model, model  # the torchao model runs any batch: the lowering's own reference

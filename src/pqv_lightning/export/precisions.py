@@ -24,7 +24,16 @@ from typing import ClassVar
 
 from ..registry import Registry
 
-__all__ = ["FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision", "resolve_precision"]
+__all__ = [
+    "FP16",
+    "FP32",
+    "PRECISIONS",
+    "Int8Dynamic",
+    "Int8DynamicInt4Weight",
+    "Int8Static",
+    "Precision",
+    "resolve_precision",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class Precision:
     engine_dependent: ClassVar[bool] = False
     #: needs calibration batches (activation ranges)
     needs_calibration: ClassVar[bool] = False
+    #: where the precision runs, for the error of a format that has no handler for it ("" : no note)
+    runs_on: ClassVar[str] = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,25 @@ class Int8Static(Precision):
     needs_calibration: ClassVar[bool] = True
 
 
+@dataclass(frozen=True)
+class Int8DynamicInt4Weight(Precision):
+    """int4 weights of the Linear layers and int8 activations quantized per token on each call
+    ("8da4w": torchao's ``Int8DynamicActivationIntxWeightConfig``). ``group_size``: input channels
+    sharing one symmetric weight scale (a multiple of 32 that divides every quantized layer's input
+    width: XNNPACK's blockwise kernels), ``None``: one scale per output channel. Linear layers named
+    ``keep_float`` (or inside a module of that name) stay fp32: the classifier ``head`` by default
+    (few outputs that decide the top-1, a small share of the weights). The patch embedding is a
+    convolution and stays fp32. Only ``.pte`` runs it (:mod:`.int4` has the pure functions)."""
+
+    name: str = "int8-dynamic-int4-weight"
+    group_size: int | None = 32
+    keep_float: tuple[str, ...] = ("head",)
+    runs_on: ClassVar[str] = (
+        "int4 weights run in ExecuTorch's XNNPACK delegate (format 'pte'); ONNX Runtime's MatMulNBits and "
+        "OpenVINO's int4 weight compression are not wired up yet"
+    )
+
+
 #: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
 PRECISIONS: Registry[Precision] = Registry("precision", argument="precisions")
 for _config in (
@@ -86,6 +116,7 @@ for _config in (
     Int8Dynamic(),
     Int8Static(),
     Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True),
+    Int8DynamicInt4Weight(),
 ):
     PRECISIONS.register(_config.name, _config)
 

@@ -128,7 +128,13 @@ class ExportTarget:
         raise UnsupportedPrecisionError(
             f"format {self.format!r} cannot apply precision {precision.name!r} ({type(precision).__name__}); "
             f"it handles {sorted(t.__name__ for t in self._handlers)}"
+            + (f" ({precision.runs_on})" if precision.runs_on else "")
         )
+
+    def check_model(self, model: nn.Module, precision: Precision) -> None:
+        """Refuse (``ConfigError``) a model this target cannot write at ``precision`` — called by
+        ``export_mobile`` for every format x precision before any file is written. Default: accept."""
+        return None
 
     def supports(self, precision: Precision) -> bool:
         try:
