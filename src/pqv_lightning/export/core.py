@@ -453,6 +453,7 @@ def export_mobile(
         ctx = _BuildContext(
             reference=reference,
             sources=sources,
+            precisions={p.name: p for p in precisions},
             example=example,
             calibration=[x for x, _ in calibration],
             verify=verify,
@@ -690,16 +691,13 @@ class _BuildContext:
 
     reference: nn.Module
     sources: dict[str, tuple[nn.Module, dict[str, Any] | None]]  # per format: the model it exports, its padding
+    precisions: dict[str, Precision]  # by name
     example: torch.Tensor
     calibration: list[torch.Tensor]
     verify: list[tuple[torch.Tensor, torch.Tensor | None]]
     config: MobileExportConfig
     default_engine: str
     out: str
-
-
-def _artifact_name(target: ExportTarget, precision: Precision, engine: str | None) -> str:
-    return f"model_{precision.name}" + (f"_{engine}" if engine else "") + target.suffix
 
 
 def _build_one(
@@ -710,11 +708,12 @@ def _build_one(
     ``"staged"`` (:func:`_finish_one` times it and gives it its name), or a ``skipped`` entry (its
     temporary files removed) saying at which stage it failed. Runs in this process or a build worker
     (:mod:`.build_worker`); ``raise_on_failure`` raises :class:`ExportFailedError` instead of skipping."""
-    target, precision, config = TARGETS[fmt], PRECISIONS[precision_name], ctx.config
+    # the precision object itself, not the registry: one registered only in the caller works in a worker too
+    target, precision, config = TARGETS[fmt], ctx.precisions[precision_name], ctx.config
     source, padding = ctx.sources[fmt]
-    name = _artifact_name(target, precision, engine)
+    entry = _identity(fmt, precision_name, engine)
+    name = entry["file"]
     path = Path(ctx.out) / name
-    entry: dict[str, Any] = {"file": name, "format": target.format, "precision": precision.name, "engine": engine}
     stage = "export"
     started = time.perf_counter()
     tmp = staged_name(path, suffix=target.suffix)
@@ -875,7 +874,7 @@ class _Builder:
 
 def _identity(fmt: str, precision: str, engine: str | None) -> dict[str, Any]:
     """The first keys of a manifest entry."""
-    name = _artifact_name(TARGETS[fmt], PRECISIONS[precision], engine)
+    name = f"model_{precision}" + (f"_{engine}" if engine else "") + TARGETS[fmt].suffix
     return {"file": name, "format": TARGETS[fmt].format, "precision": precision, "engine": engine}
 
 
