@@ -41,6 +41,19 @@ def test_ddp_ranks_stay_identical_through_pruning_events(tmp_path, importance):
 
 
 @pytest.mark.ddp
+def test_ddp_ranks_stay_identical_through_pruning_then_quantization_aware_training(tmp_path):
+    (r0, r1), events = _run(tmp_path, "taylor", "qat")
+    assert len(events) == 2 and len(r0) == len(r1) == 24
+    for a, b in zip(r0, r1):
+        assert a["digest"] == b["digest"], f"ranks diverged at step {a['step']}"
+        assert a["fake_quantized"] == b["fake_quantized"] and a["optimizer_exact"] and a["ddp_wraps_live"]
+    # events after steps 3 and 7 (of 12); fake quantization from the next optimizer step on, on both ranks
+    assert [r["fake_quantized"] for r in r0] == [0] * 14 + [8] * 10
+    # and the network trained on: the weights it started QAT with, then after each of the 5 optimizer steps
+    assert len({r["digest"] for r in r0 if r["fake_quantized"]}) == 6
+
+
+@pytest.mark.ddp
 def test_without_rewrapping_ddp_breaks(tmp_path):
     """Negative control: keeping the stale DDP wrapper after an event must not pass silently."""
     out, proc = _launch(tmp_path, "taylor", "no-rewrap")

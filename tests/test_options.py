@@ -1,5 +1,6 @@
 """One source of truth per option: every callback option's default and allowed values are its config's
-(PruningConfig, EventSchedule, GroupSparsity, MobileExportConfig, DistillationConfig), every config option
+(PruningConfig, EventSchedule, GroupSparsity, MobileExportConfig, DistillationConfig,
+QuantizationAwareTrainingConfig), every config option
 is reachable from its callback, and a `pqv fit` YAML accepts each option with a non-default value."""
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import typing
 
 import pytest
 
-from pqv_lightning import KnowledgeDistillation, MobileExport, StructuredPruning
+from pqv_lightning import KnowledgeDistillation, MobileExport, QuantizationAwareTraining, StructuredPruning
 from pqv_lightning.callbacks.structured_pruning import ITERATIVE_STEPS
 from pqv_lightning.distillation import TEACHER_PRECISIONS, DistillationConfig
 from pqv_lightning.export import ENGINES, RANKINGS, MobileExportConfig
 from pqv_lightning.export.core import ON_FAILURE
+from pqv_lightning.export.qat import QuantizationAwareTrainingConfig
 from pqv_lightning.pruning import EventSchedule, PruningConfig
 from pqv_lightning.pruning.config import RATIO_SCHEDULES, RECONSTRUCT_LAYERS
 from pqv_lightning.pruning.schedule import INTERVALS
@@ -25,6 +27,7 @@ SOURCES = {
     StructuredPruning: ((PruningConfig, EventSchedule), {"iterative_steps": ITERATIVE_STEPS}),
     MobileExport: ((MobileExportConfig,), {"precisions": None, "formats": None, "output_dir": None}),
     KnowledgeDistillation: ((DistillationConfig,), {}),
+    QuantizationAwareTraining: ((QuantizationAwareTrainingConfig,), {}),
 }
 #: callback option -> what its config allows
 ALLOWED = {
@@ -161,6 +164,10 @@ NON_DEFAULT = {
     KnowledgeDistillation: dict(
         alpha=0.25, tau=2.0, teacher_precision="bf16", hard_labels=True, model_attr="model", store_teacher=False
     ),
+    QuantizationAwareTraining: dict(
+        scheme="int8-dynamic-int8-weight", start_step=3, activation_delay_steps=2, model_attr="model"
+    ),
+    (QuantizationAwareTraining, "epoch"): dict(start_epoch=1),
 }
 
 

@@ -14,7 +14,8 @@ from ._version import __version__
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ("CHECKPOINT_KEY", "KnowledgeDistillation", "MobileExport", "StructuredPruning"), "pqv_lightning.callbacks"
+        ("CHECKPOINT_KEY", "KnowledgeDistillation", "MobileExport", "QuantizationAwareTraining", "StructuredPruning"),
+        "pqv_lightning.callbacks",
     ),
     **dict.fromkeys(("load_pruned_checkpoint", "restore_pruned_module"), "pqv_lightning.callbacks.checkpoint"),
     **dict.fromkeys(

@@ -2,7 +2,8 @@
 KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, group-sparsity
 regularization with threshold mode and least-squares reconstruction; modes ``resume-a`` / ``resume-b``: an uninterrupted run that saves
 a checkpoint at the end of its first epoch, and a second run that resumes from it with
-``fit(ckpt_path=...)``; the second pruning event happens after the resume point).
+``fit(ckpt_path=...)``; the second pruning event happens after the resume point; mode ``qat``:
+QuantizationAwareTraining for int4 weights from right after the last event, activations 2 steps later).
 
 Each rank writes, after every optimizer step, a digest of its model's weights to
 OUT/rank{r}.json, plus the parameter shapes and whether the optimizer holds exactly the live params.
@@ -17,8 +18,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pqv_lightning import KnowledgeDistillation, StructuredPruning
+from pqv_lightning import KnowledgeDistillation, QuantizationAwareTraining, StructuredPruning
 from pqv_lightning.classifier import ImageClassifier
+from pqv_lightning.export.qat import fake_quantized_layers
 
 
 def _digest(module) -> str:
@@ -42,6 +44,7 @@ class Probe(pl.Callback):
                 "optimizer_exact": live == held,
                 "ddp_wraps_live": sorted(id(p) for p in trainer.strategy.model.parameters()) == sorted(live),
                 "teacher": _digest(self.kd.teacher) if self.kd is not None else None,
+                "fake_quantized": len(fake_quantized_layers(pl_module.model)),
             }
         )
 
@@ -81,10 +84,12 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
         interval="step",
         start=1,
         frequency=16 if resume else 4,
+        round_to=32 if rewrap == "qat" else None,
         **extra,
     )
     kd = KnowledgeDistillation(alpha=0.5, tau=2.0, teacher_precision="bf16") if rewrap == "kd" else None
-    callbacks = [pruning] + ([kd] if kd else []) + [Probe(out_dir, kd)]
+    qat = [QuantizationAwareTraining(activation_delay_steps=2)] if rewrap == "qat" else []
+    callbacks = [pruning] + ([kd] if kd else []) + qat + [Probe(out_dir, kd)]
     if rewrap == "resume-a":  # 16 optimizer steps per epoch: a checkpoint after step 16, between the events
         from lightning.pytorch.callbacks import ModelCheckpoint
 

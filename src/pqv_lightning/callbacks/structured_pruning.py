@@ -13,7 +13,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import callbacks as cb
-from lightning.pytorch import strategies as st
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -30,6 +29,7 @@ from ..pruning.adapters import check_model_attr, example_inputs_for, locate_mode
 from ..pruning.checkpoint import CHECKPOINT_KEY, check_checkpoint_shapes
 from ..pruning.sparsity import GroupSparsity
 from ..widths import width_rule
+from .strategies import refuse_sharding_strategies
 
 __all__ = ["CHECKPOINT_KEY", "StructuredPruning"]
 
@@ -311,16 +311,7 @@ class StructuredPruning(Callback):
             self.pruner.stats.detach()  # no gradient hooks left on the model that gets exported
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        refused = tuple(
-            getattr(st, n) for n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") if hasattr(st, n)
-        )
-        strategy = trainer.strategy
-        if isinstance(strategy, refused) or strategy.restore_checkpoint_after_setup:
-            raise ConfigError(
-                f"StructuredPruning does not support strategy {type(strategy).__name__}: it shards or flattens "
-                "parameters, so they cannot be reshaped mid-fit. Supported: single device, 'ddp', 'ddp_spawn', "
-                "'ddp_find_unused_parameters_true'"
-            )
+        refuse_sharding_strategies(trainer, "StructuredPruning", "they cannot be reshaped mid-fit")
         averaging = tuple(getattr(cb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(cb, n))
         clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, averaging)]  # type: ignore[attr-defined]
         if clash:

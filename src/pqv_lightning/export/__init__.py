@@ -29,7 +29,30 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(("DELEGATION_SWAPS", "make_delegation_friendly", "register_delegation_swap"), ".delegation"),
     **dict.fromkeys(("WidthPaddingError", "pad_widths"), ".padding"),
-    **dict.fromkeys(("FP16", "FP32", "PRECISIONS", "Int8Dynamic", "Int8Static", "Precision"), ".precisions"),
+    **dict.fromkeys(
+        (
+            "FP16",
+            "FP32",
+            "PRECISIONS",
+            "Int8Dynamic",
+            "Int8DynamicInt4Weight",
+            "Int8DynamicInt8Weight",
+            "Int8DynamicIntxWeight",
+            "Int8Static",
+            "Precision",
+        ),
+        ".precisions",
+    ),
+    **dict.fromkeys(
+        (
+            "QuantizationAwareTrainingConfig",
+            "prepare_qat_",
+            "qat_schemes",
+            "set_activation_fake_quant_",
+            "strip_fake_quant_",
+        ),
+        ".qat",
+    ),
     **dict.fromkeys(("TARGETS", "Built", "ExportTarget", "PrecisionJob", "register_target"), ".targets"),
 }
 

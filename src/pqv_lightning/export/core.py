@@ -10,8 +10,11 @@
   - ``ptl``: TorchScript Lite Interpreter (legacy, deprecated upstream; one file per torch
     quantized engine ``x86``, ``fbgemm``, ``qnnpack``, ``onednn`` for int8);
 
-* precisions ``fp32``, ``fp16``, ``int8-dynamic`` (int8 weights, activations quantized per call)
-  and ``int8-static`` (weights and activations, calibrated); only Linear layers (plus MatMul/Conv
+* precisions ``fp32``, ``fp16``, ``int8-dynamic`` (int8 weights, activations quantized per call),
+  ``int8-static`` (weights and activations, calibrated) and, in ``.pte`` only, torchao's
+  ``int8-dynamic-int4-weight`` / ``int8-dynamic-int8-weight`` (:mod:`.intx`); a network trained with
+  fake quantization (:mod:`.qat`) is exported as the float network under it, and the manifest says
+  which files compute what it trained; only Linear layers (plus MatMul/Conv
   in ONNX, the patch-embedding conv in ``.ptl`` static) are quantized — LayerNorm, softmax, GELU
   and the residual adds stay float (quantizing the residual stream of a ViT destroys its accuracy);
 * each file is loaded back with the runtime that will execute it (Lite Interpreter, ExecuTorch
@@ -70,6 +73,7 @@ from ..workers import LineWorker, WorkerFailed, wait_readable
 from .benchmark import Candidate, round_robin, summarize, target_modules, time_calls
 from .padding import MAX_GROWTH, WidthPaddingError, pad_widths
 from .precisions import PRECISIONS, Precision
+from .qat import matching_precisions, strip_fake_quant_
 from .targets import TARGETS, ExportTarget
 
 __all__ = [
@@ -417,6 +421,11 @@ def export_mobile(
         raise ConfigError(f"precisions {calibrated} need calibration_data (or validation_data) to calibrate on")
     example = example_input.detach().float().cpu()
     reference = copy.deepcopy(model).eval().float().cpu()
+    # a network trained with fake quantization (QuantizationAwareTraining, prepare_qat_) is exported as the
+    # float network under it: quantized with the scheme it trained for, a file computes what was trained
+    trained_qat = strip_fake_quant_(reference)
+    if trained_qat is not None:
+        trained_qat["matches"] = matching_precisions(reference, trained_qat, precisions)
     # before any file is written; a Hugging Face model is exported as its logits
     reference = tensor_module(reference, check_forward("example_input", reference, example))
     # the model each format exports (width-padded where it asks for that), one copy per multiple
@@ -440,6 +449,8 @@ def export_mobile(
         "input": {"shape": list(example.shape), "dtype": str(example.dtype), "normalization": input_normalization},
         "artifacts": [],
     }
+    if trained_qat is not None:
+        manifest["qat"] = trained_qat
     manifest_path = out / "manifest.json"
     # threads (torch's and, for .pte, ExecuTorch's pool) and the quantized engine are the caller's again
     # when this returns
@@ -476,6 +487,8 @@ def export_mobile(
                     break
                 if entry["status"] == "built":
                     entry = built[i] = _finish_one(entry, example, config, baseline, out)
+                if trained_qat is not None:  # the file computes what quantization-aware training trained
+                    entry["from_qat"] = entry["precision"] in trained_qat["matches"]
                 manifest["artifacts"].append(entry)
                 _write_manifest(manifest_path, manifest, _files_of(entry, TARGETS[entry["format"]], out))
                 if entry["status"] == "ok":

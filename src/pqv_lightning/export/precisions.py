@@ -30,6 +30,8 @@ __all__ = [
     "PRECISIONS",
     "Int8Dynamic",
     "Int8DynamicInt4Weight",
+    "Int8DynamicInt8Weight",
+    "Int8DynamicIntxWeight",
     "Int8Static",
     "Precision",
     "resolve_precision",
@@ -90,22 +92,46 @@ class Int8Static(Precision):
 
 
 @dataclass(frozen=True)
-class Int8DynamicInt4Weight(Precision):
-    """int4 weights of the Linear layers and int8 activations quantized per token on each call
-    ("8da4w": torchao's ``Int8DynamicActivationIntxWeightConfig``). ``group_size``: input channels
-    sharing one symmetric weight scale (a multiple of 32 that divides every quantized layer's input
-    width: XNNPACK's blockwise kernels), ``None``: one scale per output channel. Linear layers named
-    ``keep_float`` (or inside a module of that name) stay fp32: the classifier ``head`` by default
-    (few outputs that decide the top-1, a small share of the weights). The patch embedding is a
-    convolution and stays fp32. Only ``.pte`` runs it (:mod:`.int4` has the pure functions)."""
+class Int8DynamicIntxWeight(Precision):
+    """Integer weights of ``weight_bits`` bits in the Linear layers and int8 activations quantized per
+    token on each call (torchao's ``Int8DynamicActivationIntxWeightConfig``; symmetric weight scales).
+    ``group_size``: input channels sharing one weight scale, ``None``: one scale per output channel.
+    Linear layers named ``keep_float`` (or inside a module of that name) stay fp32: the classifier
+    ``head`` by default (few outputs that decide the top-1, a small share of the weights). The patch
+    embedding is a convolution and stays fp32. Only ``.pte`` runs them (:mod:`.intx` has the pure
+    functions); :class:`~pqv_lightning.QuantizationAwareTraining` trains for exactly these numerics
+    (:mod:`.qat`). Use a subclass: :class:`Int8DynamicInt4Weight` or :class:`Int8DynamicInt8Weight`."""
+
+    name: str = ""
+    group_size: int | None = None
+    keep_float: tuple[str, ...] = ("head",)
+    weight_bits: ClassVar[int] = 0
+    runs_on: ClassVar[str] = (
+        "int4 and int8 weights with int8 per-token activations (torchao) run in ExecuTorch's XNNPACK delegate "
+        "(format 'pte'); ONNX Runtime's MatMulNBits and OpenVINO's int4 weight compression are not wired up yet"
+    )
+
+
+@dataclass(frozen=True)
+class Int8DynamicInt4Weight(Int8DynamicIntxWeight):
+    """int4 weights, int8 dynamic activations ("8da4w"). ``group_size`` must be a multiple of 32 that
+    divides every quantized layer's input width (XNNPACK's blockwise kernels), or ``None``."""
 
     name: str = "int8-dynamic-int4-weight"
     group_size: int | None = 32
-    keep_float: tuple[str, ...] = ("head",)
-    runs_on: ClassVar[str] = (
-        "int4 weights run in ExecuTorch's XNNPACK delegate (format 'pte'); ONNX Runtime's MatMulNBits and "
-        "OpenVINO's int4 weight compression are not wired up yet"
-    )
+    weight_bits: ClassVar[int] = 4
+
+
+@dataclass(frozen=True)
+class Int8DynamicInt8Weight(Int8DynamicIntxWeight):
+    """int8 weights with one scale per output channel, int8 dynamic activations per token ("8da8w",
+    torchao's numerics: the scheme :class:`~pqv_lightning.QuantizationAwareTraining` trains for int8;
+    ``int8-dynamic`` is the pt2e XNNPACKQuantizer's own flavour). XNNPACK takes no int8 weight groups:
+    ``group_size`` must stay ``None``."""
+
+    name: str = "int8-dynamic-int8-weight"
+    group_size: int | None = None
+    weight_bits: ClassVar[int] = 8
 
 
 #: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
@@ -117,6 +143,7 @@ for _config in (
     Int8Static(),
     Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True),
     Int8DynamicInt4Weight(),
+    Int8DynamicInt8Weight(),
 ):
     PRECISIONS.register(_config.name, _config)
 

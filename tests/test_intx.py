@@ -1,4 +1,5 @@
-"""int4 weights with int8 dynamic activations (8da4w): the pure functions, the `.pte` file, the refusals."""
+"""int4 / int8 weights with int8 dynamic activations (8da4w, 8da8w): the pure functions, the `.pte` file, the
+refusals."""
 
 import pytest
 import torch
@@ -6,36 +7,45 @@ from torch import nn
 
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile
-from pqv_lightning.export.int4 import check_int4_groups, int4_layers, quantize_int4_
-from pqv_lightning.export.precisions import Int8DynamicInt4Weight
+from pqv_lightning.export.intx import check_intx_groups, intx_layers, quantize_intx_
+from pqv_lightning.export.precisions import Int8DynamicInt4Weight, Int8DynamicInt8Weight
 
 from conftest import image_batches, quick_export_config, tiny_vit
 
 needs_pte = pytest.mark.skipif(TARGETS["pte"].missing() is not None, reason="the executorch extra is not installed")
 INT4 = "int8-dynamic-int4-weight"
+INT8W = "int8-dynamic-int8-weight"
 
 
-def test_int4_is_a_registered_precision_with_the_head_kept_float():
+def test_int4_and_int8_weights_are_registered_precisions_with_the_head_kept_float():
     precision = PRECISIONS[INT4]
-    assert isinstance(precision, Int8DynamicInt4Weight)
+    assert isinstance(precision, Int8DynamicInt4Weight) and precision.weight_bits == 4
     assert precision.group_size == 32 and precision.keep_float == ("head",)
+    precision = PRECISIONS[INT8W]
+    assert isinstance(precision, Int8DynamicInt8Weight) and precision.weight_bits == 8
+    assert precision.group_size is None and precision.keep_float == ("head",)
+
+
+def test_int8_weights_in_groups_are_refused_xnnpack_runs_them_per_channel():
+    with pytest.raises(ConfigError, match=r"group_size=32, but ExecuTorch's XNNPACK runs 8-bit weights with one scale"):
+        check_intx_groups(tiny_vit(depth=1), Int8DynamicInt8Weight(group_size=32))
 
 
 def test_the_layers_to_quantize_are_every_linear_but_the_head():
     model = tiny_vit(depth=2)
-    names = set(int4_layers(model, Int8DynamicInt4Weight()))
+    names = set(intx_layers(model, Int8DynamicInt4Weight()))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert names == linears - {"head"} and len(names) == 8
     # keep_float takes whole modules too: a block's Linear layers all stay
-    names = set(int4_layers(model, Int8DynamicInt4Weight(keep_float=("head", "blocks.0"))))
+    names = set(intx_layers(model, Int8DynamicInt4Weight(keep_float=("head", "blocks.0"))))
     assert names == {n for n in linears if n.startswith("blocks.1.")}
 
 
-def test_quantize_int4_changes_the_chosen_weights_only_and_stays_close():
+def test_quantize_intx_changes_the_chosen_weights_only_and_stays_close():
     model = tiny_vit(depth=2, embed_dim=64).eval()
     x = torch.randn(4, 1, 32, 32)
     before, head = model(x), model.head.weight.detach().clone()
-    names = quantize_int4_(model, Int8DynamicInt4Weight(group_size=32))
+    names = quantize_intx_(model, Int8DynamicInt4Weight(group_size=32))
     assert len(names) == 8
     assert type(model.head.weight) is nn.Parameter and torch.equal(model.head.weight, head)
     assert type(model.blocks[0].mlp.fc1.weight.data) is not torch.Tensor  # a torchao int4 tensor now
@@ -59,21 +69,21 @@ def test_quantize_int4_changes_the_chosen_weights_only_and_stays_close():
 )
 def test_a_group_size_that_does_not_fit_names_the_layer_and_what_would_work(group, message):
     with pytest.raises(ConfigError, match=message):
-        check_int4_groups(tiny_vit(depth=1, embed_dim=64), Int8DynamicInt4Weight(group_size=group))
+        check_intx_groups(tiny_vit(depth=1, embed_dim=64), Int8DynamicInt4Weight(group_size=group))
 
 
 def test_widths_no_multiple_of_32_divides_leave_only_per_channel_scales():
     model = tiny_vit(depth=1, embed_dim=48, num_heads=3)  # 48 wide: no multiple of 32 divides it
     with pytest.raises(ConfigError, match=r"greatest common divisor is 48\): use group_size=None"):
-        check_int4_groups(model, Int8DynamicInt4Weight(group_size=32))
-    assert len(check_int4_groups(model, Int8DynamicInt4Weight(group_size=None))) == 4
+        check_intx_groups(model, Int8DynamicInt4Weight(group_size=32))
+    assert len(check_intx_groups(model, Int8DynamicInt4Weight(group_size=None))) == 4
 
 
 def test_a_model_with_no_linear_left_to_quantize_is_refused():
     with pytest.raises(ConfigError, match=r"has no Linear layer to quantize \(keep_float=\['head', 'blocks'\] keeps 5"):
-        check_int4_groups(tiny_vit(depth=1), Int8DynamicInt4Weight(keep_float=("head", "blocks")))
+        check_intx_groups(tiny_vit(depth=1), Int8DynamicInt4Weight(keep_float=("head", "blocks")))
     with pytest.raises(ConfigError, match="Conv2d has no Linear layer to quantize"):
-        check_int4_groups(nn.Conv2d(1, 4, 3), Int8DynamicInt4Weight())
+        check_intx_groups(nn.Conv2d(1, 4, 3), Int8DynamicInt4Weight())
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "ptl"])
@@ -110,7 +120,18 @@ def test_the_int4_pte_file_runs_what_torchao_computes(tmp_path):
     assert entry["status"] == "ok", entry.get("reason")
     assert entry["verification"]["quantized_reference_cosine"] > 0.999
     assert entry["verification"]["cosine"] > 0.95
-    assert entry["int4_layers"] == 8 and entry["partitions"] >= 1
+    assert entry["intx_layers"] == 8 and entry["partitions"] >= 1
     assert any(
         "int4 weights (groups of 32, symmetric)" in a and "fp32: ['head']" in a for a in entry["optimizations_applied"]
     )
+
+
+@needs_pte
+def test_the_int8_weight_pte_file_runs_what_torchao_computes(tmp_path):
+    model = tiny_vit(depth=1, embed_dim=64)
+    config = quick_export_config(tmp_path / "out", formats=["pte"], precisions=[INT8W], min_top1_agreement=0.0)
+    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=image_batches(2))
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok", entry.get("reason")
+    assert entry["verification"]["quantized_reference_cosine"] > 0.9999
+    assert any("int8 weights (one scale per output channel" in a for a in entry["optimizations_applied"])
