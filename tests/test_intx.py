@@ -109,6 +109,7 @@ def test_export_refuses_a_bad_group_before_touching_the_folder(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow  # the fast tier lowers an int4 .pte in tests/test_qat.py::test_mobile_export_writes_what_qat_trained
 @needs_pte
 def test_the_int4_pte_file_runs_what_torchao_computes(tmp_path):
     """The lowered file agrees with the torchao-quantized model it came from (the lowering is exact up
@@ -126,6 +127,7 @@ def test_the_int4_pte_file_runs_what_torchao_computes(tmp_path):
     )
 
 
+@pytest.mark.slow
 @needs_pte
 def test_the_int8_weight_pte_file_runs_what_torchao_computes(tmp_path):
     model = tiny_vit(depth=1, embed_dim=64)
