@@ -262,12 +262,16 @@ def test_builtin_registries_hold_the_builtin_entries():
         "int8-dynamic-attention",
         "int8-dynamic-int4-weight",
         "int8-dynamic-int8-weight",
+        "int4-weight",
     )
     # every format applies every precision, except int8 attention matmuls (only ONNX Runtime can) and
-    # torchao's int4 / int8 weights with per-token activations (only ExecuTorch's XNNPACK, so far)
+    # torchao's int4 / int8 weights with per-token activations (only ExecuTorch's XNNPACK, so far) and
+    # int4 weight-only (ONNX Runtime's MatMulNBits and OpenVINO's NNCF, not ExecuTorch 1.5.1's lowering)
     assert {(f, p) for f in TARGETS for p in PRECISIONS if not TARGETS[f].supports(PRECISIONS[p])} == {
         (f, "int8-dynamic-attention") for f in ("pte", "openvino", "ptl")
-    } | {(f, p) for f in ("onnx", "openvino", "ptl") for p in ("int8-dynamic-int4-weight", "int8-dynamic-int8-weight")}
+    } | {
+        (f, p) for f in ("onnx", "openvino", "ptl") for p in ("int8-dynamic-int4-weight", "int8-dynamic-int8-weight")
+    } | {(f, "int4-weight") for f in ("pte", "ptl")}
     with pytest.raises(
         ConfigError,
         match=r"format 'pte' cannot apply precision 'int8-dynamic-attention' "

@@ -8,7 +8,7 @@ from torch import nn
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile
 from pqv_lightning.export.intx import check_intx_groups, intx_layers, quantize_intx_
-from pqv_lightning.export.precisions import Int8DynamicInt4Weight, Int8DynamicInt8Weight
+from pqv_lightning.export.precisions import Int4Weight, Int8DynamicInt4Weight, Int8DynamicInt8Weight
 
 from conftest import image_batches, quick_export_config, tiny_vit
 
@@ -27,7 +27,9 @@ def test_int4_and_int8_weights_are_registered_precisions_with_the_head_kept_floa
 
 
 def test_int8_weights_in_groups_are_refused_xnnpack_runs_them_per_channel():
-    with pytest.raises(ConfigError, match=r"group_size=32, but ExecuTorch's XNNPACK runs 8-bit weights with one scale"):
+    with pytest.raises(
+        ConfigError, match=r"group_size=32, but ExecuTorch's XNNPACK delegate runs 8-bit weights with one scale"
+    ):
         check_intx_groups(tiny_vit(depth=1), Int8DynamicInt8Weight(group_size=32))
 
 
@@ -60,7 +62,7 @@ def test_quantize_intx_changes_the_chosen_weights_only_and_stays_close():
         (
             48,
             r"group_size=48 must be a multiple of 32 .*; group sizes that divide every quantized layer's input "
-            r"width and XNNPACK can run: \[32, 64\], or group_size=None",
+            r"width and ExecuTorch's XNNPACK delegate can run: \[32, 64\], or group_size=None",
         ),
         (128, r"group_size=128 does not divide the input width 64 of layer 'blocks.0.attn.qkv'; .*\[32, 64\]"),
         (0, r"group_size=0 must be a multiple of 32"),
@@ -137,3 +139,66 @@ def test_the_int8_weight_pte_file_runs_what_torchao_computes(tmp_path):
     assert entry["status"] == "ok", entry.get("reason")
     assert entry["verification"]["quantized_reference_cosine"] > 0.9999
     assert any("int8 weights (one scale per output channel" in a for a in entry["optimizations_applied"])
+
+
+# ---------------------------------------------------------------------------------------------- int4 weight-only
+INT4W = "int4-weight"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int4_weight_only_files_are_smaller_and_stay_close_in_every_runtime_that_has_kernels(tmp_path, fmt):
+    if TARGETS[fmt].missing() is not None:
+        pytest.skip(f"the {fmt} extra is not installed")
+    model = tiny_vit(depth=2, embed_dim=64)
+    config = quick_export_config(tmp_path / "out", formats=[fmt], precisions=["fp32", INT4W], min_top1_agreement=0.0)
+    manifest = export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=image_batches(2))
+    fp32, int4 = manifest["artifacts"]
+    assert fp32["status"] == int4["status"] == "ok", int4.get("reason")
+    assert int4["verification"]["cosine"] > 0.95
+    # 8 of the 9 Linear layers (the head stays fp32): int4 + scales is well under half the fp32 file
+    assert int4["size_bytes"] < 0.45 * fp32["size_bytes"], (int4["size_bytes"], fp32["size_bytes"])
+    applied = " ".join(int4["optimizations_applied"])
+    if fmt == "onnx":
+        assert int4["intx_layers"] == 8 and "MatMulNBitsQuantizer" in applied
+    else:
+        assert "INT4_SYM, groups of 32, every Linear but ['head']" in applied
+        assert int4["inference_precision"] == "f32"
+
+
+def test_int4_weight_in_an_openvino_ir_keeps_the_keep_float_layers_float(tmp_path):
+    if TARGETS["openvino"].missing() is not None:
+        pytest.skip("the openvino extra is not installed")
+    import openvino as ov
+
+    from pqv_lightning.export.openvino_target import export_openvino
+
+    counts = {}
+    for keep in [("head",), ("head", "blocks.0")]:
+        precision = Int4Weight(name=f"int4-keep-{len(keep)}", keep_float=keep)
+        path = tmp_path / f"{len(keep)}.xml"
+        export_openvino(tiny_vit(depth=2), torch.randn(1, 1, 32, 32), precision, str(path))
+        ir = ov.Core().read_model(str(path))
+        counts[keep] = sum(
+            op.get_type_name() == "Constant" and str(op.get_element_type()) == "<Type: 'int4_t'>" for op in ir.get_ops()
+        )
+    assert counts == {("head",): 8, ("head", "blocks.0"): 4}
+
+
+def test_int4_weight_group_rules_per_runtime_name_what_works():
+    model = tiny_vit(depth=1, embed_dim=96, num_heads=3)  # widths 96 and 384
+    with pytest.raises(ConfigError, match=r"group_size=None .*MatMulNBits quantizes in groups only; .*\[16, 32\]"):
+        TARGETS["onnx"].check_model(model, Int4Weight(group_size=None))
+    with pytest.raises(ConfigError, match=r"group_size=48 must be a power of two and at least 16 \(ONNX Runtime's"):
+        TARGETS["onnx"].check_model(model, Int4Weight(group_size=48))
+    TARGETS["openvino"].check_model(model, Int4Weight(group_size=48))  # NNCF takes any divisor
+    TARGETS["openvino"].check_model(model, Int4Weight(group_size=None))
+    with pytest.raises(ConfigError, match=r"group_size=64 does not divide the input width 96 of layer"):
+        TARGETS["openvino"].check_model(model, Int4Weight(group_size=64))
+
+
+@pytest.mark.parametrize("fmt", ["pte", "ptl"])
+def test_formats_without_a_working_int4_weight_only_path_refuse_it_naming_where_it_runs(fmt):
+    with pytest.raises(
+        ConfigError, match=rf"format '{fmt}' cannot apply precision 'int4-weight' .*formats 'onnx' \(MatMulNBits\)"
+    ):
+        MobileExportConfig(formats=[fmt], precisions=[INT4W]).validate()

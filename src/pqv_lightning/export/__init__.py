@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
             "Int8DynamicInt4Weight",
             "Int8DynamicInt8Weight",
             "Int8DynamicIntxWeight",
+            "Int4Weight",
+            "IntxWeights",
             "Int8Static",
             "Precision",
         ),

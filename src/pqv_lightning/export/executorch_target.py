@@ -27,8 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .intx import check_intx_groups, quantize_intx_
-from .precisions import FP16, FP32, Int8Dynamic, Int8DynamicIntxWeight, Int8Static, Precision, resolve_precision
+from .intx import XNNPACK_GROUPS, check_intx_groups, quantize_intx_
+from .precisions import (
+    FP16,
+    FP32,
+    Int8Dynamic,
+    Int8DynamicIntxWeight,
+    Int8Static,
+    IntxWeights,
+    Precision,
+    resolve_precision,
+)
 from .targets import (
     PROBE_HEAD,
     PROBE_RESET,
@@ -179,8 +188,8 @@ for _ in range(3):
     )
 
     def check_model(self, model: nn.Module, precision: Precision) -> None:
-        if isinstance(precision, Int8DynamicIntxWeight):
-            check_intx_groups(model, precision)
+        if isinstance(precision, IntxWeights):
+            check_intx_groups(model, precision, XNNPACK_GROUPS)
 
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         friendly = options.get("delegation_friendly", True)
@@ -238,13 +247,16 @@ def _int8(model, job: PrecisionJob):
 @ExecuTorchTarget.handles(Int8DynamicIntxWeight)
 def _intx(model, job: PrecisionJob):
     precision = job.precision
-    assert isinstance(precision, Int8DynamicIntxWeight)
+    assert isinstance(precision, IntxWeights)
     names = quantize_intx_(model, precision)
     groups = "one scale per output channel" if precision.group_size is None else f"groups of {precision.group_size}"
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
+    dynamic = isinstance(precision, Int8DynamicIntxWeight)
+    config = "Int8DynamicActivationIntxWeightConfig" if dynamic else "IntxWeightOnlyConfig"
+    activations = "int8 activations per token (dynamic)" if dynamic else "fp32 activations"
     job.details["intx_layers"] = len(names)
     job.details["applied"] = [
-        f"torchao Int8DynamicActivationIntxWeightConfig: int{precision.weight_bits} weights ({groups}, symmetric), "
-        f"int8 activations per token (dynamic) in {len(names)} Linear layers" + (f"; fp32: {kept}" if kept else "")
+        f"torchao {config}: int{precision.weight_bits} weights ({groups}, symmetric), {activations} in "
+        f"{len(names)} Linear layers" + (f"; fp32: {kept}" if kept else "")
     ]
     return model, model  # the torchao model runs any batch: the lowering's own reference

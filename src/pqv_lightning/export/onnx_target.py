@@ -21,6 +21,7 @@ Needs the ``onnx`` extra (``pip install 'pqv-lightning[onnx]'``: onnx, onnxscrip
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import logging
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from ..settings import logger_levels
-from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .intx import MATMULNBITS_GROUPS, check_intx_groups
+from .precisions import FP16, FP32, Int4Weight, Int8Dynamic, Int8Static, Precision, resolve_precision
 from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, PrecisionJob, register_target
 
 __all__ = ["ONNXTarget", "export_onnx", "ort_session"]
@@ -175,6 +177,10 @@ for _ in range(3):
         + PROBE_TAIL
     )
 
+    def check_model(self, model: nn.Module, precision: Precision) -> None:
+        if isinstance(precision, Int4Weight):
+            check_intx_groups(model, precision, MATMULNBITS_GROUPS)
+
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_onnx(reference, example, precision, path, calibration)
         applied = ["torch.onnx.export(dynamo=True, external_data=False)", *details.pop("applied")]
@@ -254,4 +260,39 @@ def _int8_static(fp32: str, job: PrecisionJob) -> dict[str, Any]:
     return {
         "applied": [*applied, f"quantize_static (QDQ, {scales}, MatMul/Gemm/Conv)"],
         "quantized_op_types": list(STATIC_OP_TYPES),
+    }
+
+
+def _scopes(node) -> list[str]:
+    """The module paths the dynamo exporter recorded for an ONNX node (``['', 'blocks', 'blocks.0', ...]``)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return [str(s) for s in ast.literal_eval(prop.value)]
+    return []
+
+
+@ONNXTarget.handles(Int4Weight)
+def _int4_weight(fp32: str, job: PrecisionJob) -> dict[str, Any]:
+    path, precision = job.path, job.precision
+    assert isinstance(precision, Int4Weight) and path is not None and precision.group_size is not None
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graph = onnx.load(fp32)
+    kept = [
+        node.name
+        for node in graph.graph.node
+        if node.op_type == "MatMul"
+        and any(s == k or s.startswith(k + ".") for s in _scopes(node) for k in precision.keep_float)
+    ]
+    quantizer = MatMulNBitsQuantizer(graph, block_size=precision.group_size, is_symmetric=True, nodes_to_exclude=kept)
+    quantizer.process()
+    quantizer.model.save_model_to_file(path, use_external_data_format=False)
+    count = sum(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node)
+    return {
+        "applied": [
+            f"MatMulNBitsQuantizer: int4 weights (blocks of {precision.group_size}, symmetric), fp32 activations, in "
+            f"{count} MatMul nodes (weights constant; Gemm and the keep_float layers {list(precision.keep_float)} stay fp32)"
+        ],
+        "intx_layers": count,
     }

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import functools
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +50,8 @@ import torch
 from torch import nn
 
 from ..settings import logger_levels
-from .precisions import FP16, FP32, Int8Dynamic, Int8Static, Precision, resolve_precision
+from .intx import NNCF_GROUPS, check_intx_groups
+from .precisions import FP16, FP32, Int4Weight, Int8Dynamic, Int8Static, Precision, resolve_precision
 from .targets import PROBE_HEAD, PROBE_RESET, PROBE_TAIL, TARGETS, Built, ExportTarget, PrecisionJob, register_target
 
 __all__ = ["OpenVINOTarget", "compile_ir", "dynamic_quantization_active", "export_openvino"]
@@ -207,6 +209,10 @@ for _ in range(3):
         + PROBE_TAIL
     )
 
+    def check_model(self, model: nn.Module, precision: Precision) -> None:
+        if isinstance(precision, Int4Weight):
+            check_intx_groups(model, precision, NNCF_GROUPS)
+
     def write(self, reference, precision, engine, example, calibration, path, options: dict[str, Any]) -> Built:
         details = export_openvino(reference, example, precision, path, calibration)
         applied = details.pop("applied") + ["compiled at static input shapes (one compiled model per shape)"]
@@ -289,3 +295,37 @@ def _int8_static(ir, job: PrecisionJob):
     data = nncf.Dataset([b.float().cpu().numpy() for b in calibration])
     ir = nncf.quantize(ir, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
     return ir, False, {}, [f"nncf.quantize(model_type=TRANSFORMER, {len(calibration)} calibration batches)"]
+
+
+@OpenVINOTarget.handles(Int4Weight)
+def _int4_weight(ir, job: PrecisionJob):
+    precision = job.precision
+    assert isinstance(precision, Int4Weight)
+    import nncf
+
+    # convert_model names a Linear's ops after its module: "__module.blocks.0.attn.qkv/aten::linear/MatMul"
+    scope = nncf.IgnoredScope(
+        patterns=[rf"__module\.{re.escape(k)}[./].*" for k in precision.keep_float], validate=False
+    )
+    group = -1 if precision.group_size is None else precision.group_size
+    ir = nncf.compress_weights(
+        ir,
+        mode=nncf.CompressWeightsMode.INT4_SYM,
+        group_size=group,
+        ratio=1.0,
+        all_layers=True,
+        backup_mode=nncf.BackupMode.NONE,
+        ignored_scope=scope,
+    )
+    groups = "one scale per output channel" if group == -1 else f"groups of {group}"
+    # weight-only: the plugin must neither quantize the activations per call nor compute in bf16
+    options = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+    return (
+        ir,
+        False,
+        options,
+        [
+            f"nncf.compress_weights(INT4_SYM, {groups}, every Linear but {list(precision.keep_float)})",
+            "fp32 activations (INFERENCE_PRECISION_HINT=f32, DYNAMIC_QUANTIZATION_GROUP_SIZE=0)",
+        ],
+    )

@@ -32,6 +32,8 @@ __all__ = [
     "Int8DynamicInt4Weight",
     "Int8DynamicInt8Weight",
     "Int8DynamicIntxWeight",
+    "Int4Weight",
+    "IntxWeights",
     "Int8Static",
     "Precision",
     "resolve_precision",
@@ -92,23 +94,29 @@ class Int8Static(Precision):
 
 
 @dataclass(frozen=True)
-class Int8DynamicIntxWeight(Precision):
-    """Integer weights of ``weight_bits`` bits in the Linear layers and int8 activations quantized per
-    token on each call (torchao's ``Int8DynamicActivationIntxWeightConfig``; symmetric weight scales).
-    ``group_size``: input channels sharing one weight scale, ``None``: one scale per output channel.
-    Linear layers named ``keep_float`` (or inside a module of that name) stay fp32: the classifier
-    ``head`` by default (few outputs that decide the top-1, a small share of the weights). The patch
-    embedding is a convolution and stays fp32. Only ``.pte`` runs them (:mod:`.intx` has the pure
-    functions); :class:`~pqv_lightning.QuantizationAwareTraining` trains for exactly these numerics
-    (:mod:`.qat`). Use a subclass: :class:`Int8DynamicInt4Weight` or :class:`Int8DynamicInt8Weight`."""
+class IntxWeights(Precision):
+    """Base class: integer weights of ``weight_bits`` bits in the Linear layers, one symmetric scale per
+    ``group_size`` input channels (``None``: one per output channel). Linear layers named
+    ``keep_float`` (or inside a module of that name) stay fp32: the classifier ``head`` by default (few
+    outputs that decide the top-1, a small share of the weights). The patch embedding is a convolution
+    and stays fp32. :mod:`.intx` has the pure functions."""
 
     name: str = ""
     group_size: int | None = None
     keep_float: tuple[str, ...] = ("head",)
     weight_bits: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class Int8DynamicIntxWeight(IntxWeights):
+    """Integer weights and int8 activations quantized per token on each call (torchao's
+    ``Int8DynamicActivationIntxWeightConfig``). Only ``.pte`` runs them;
+    :class:`~pqv_lightning.QuantizationAwareTraining` trains for exactly these numerics (:mod:`.qat`).
+    Use a subclass: :class:`Int8DynamicInt4Weight` or :class:`Int8DynamicInt8Weight`."""
+
     runs_on: ClassVar[str] = (
         "int4 and int8 weights with int8 per-token activations (torchao) run in ExecuTorch's XNNPACK delegate "
-        "(format 'pte'); ONNX Runtime's MatMulNBits and OpenVINO's int4 weight compression are not wired up yet"
+        "(format 'pte'); for ONNX Runtime and OpenVINO use 'int4-weight' (int4 weights, float activations)"
     )
 
 
@@ -134,6 +142,25 @@ class Int8DynamicInt8Weight(Int8DynamicIntxWeight):
     weight_bits: ClassVar[int] = 8
 
 
+@dataclass(frozen=True)
+class Int4Weight(IntxWeights):
+    """int4 weights, activations left float ("weight-only"): the weights are stored in 4 bits and
+    expanded for a float GEMM. ``.onnx``: ONNX Runtime's ``MatMulNBits`` (``group_size`` a power of
+    two >= 16); ``openvino``: NNCF ``compress_weights(INT4_SYM)``, run with fp32 activations. Not
+    ``.pte``: ExecuTorch 1.5.1 lowers torchao's ``IntxWeightOnlyConfig`` to XNNPACK into a file that
+    is no smaller and disagrees with the torchao model (cosine 0.30-0.50 on a tiny ViT); use
+    ``int8-dynamic-int4-weight`` there. Saves file size and memory; at batch 1 a ViT's Linear layers
+    are not memory-bound, so it is not expected to be faster."""
+
+    name: str = "int4-weight"
+    group_size: int | None = 32
+    weight_bits: ClassVar[int] = 4
+    runs_on: ClassVar[str] = (
+        "int4 weight-only runs in formats 'onnx' (MatMulNBits) and 'openvino' (NNCF); ExecuTorch 1.5.1's XNNPACK "
+        "lowering of it disagrees with the torchao model, so 'pte' takes 'int8-dynamic-int4-weight' instead"
+    )
+
+
 #: name -> :class:`Precision` config; what ``precisions=[...]`` accepts everywhere.
 PRECISIONS: Registry[Precision] = Registry("precision", argument="precisions")
 for _config in (
@@ -144,6 +171,7 @@ for _config in (
     Int8Dynamic(name="int8-dynamic-attention", attention_matmuls=True),
     Int8DynamicInt4Weight(),
     Int8DynamicInt8Weight(),
+    Int4Weight(),
 ):
     PRECISIONS.register(_config.name, _config)
 
