@@ -14,10 +14,12 @@ same total step budget:
 Accuracy is top-1 on all 10,000 test images. A quantized network is evaluated as torchao's
 fake-quantized network, which computes exactly what the scheme's post-training quantization (and
 the ``.pte`` file lowered from it, up to float rounding) computes (tests/test_qat.py checks both).
-With ``--export``, the first seed's networks of each ratio are exported to ``.pte`` (fp32, the
-pt2e ``int8-dynamic``, and both torchao schemes, the QAT networks' too), verified, timed
-round-robin in fresh processes and their peak inference memory measured: file size, latency and
-memory per file.
+With ``--export``, the first seed's networks of each ratio are exported — ``.pte`` fp32, the pt2e
+``int8-dynamic`` and both torchao schemes; ``.onnx`` and OpenVINO fp32, ``int8-dynamic`` and
+``int4-weight`` (int4 weight-only); a QAT network at its scheme only — verified, timed round-robin
+in fresh processes and their peak inference memory measured: file size, latency and memory per file.
+Each trained network's state is kept in ``benchmarks/results/qat_networks/`` (not in git) so that
+``--export`` can be run after training.
 
 Every finished (ratio, seed, arm) is cached in ``benchmarks/results/qat.json``: the script resumes
 where it stopped; ``--report-only`` writes ``qat.md`` from what finished.
@@ -52,7 +54,8 @@ from pqv_lightning.settings import torch_threads
 
 OUT = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000
-INT4, INT8W = "int8-dynamic-int4-weight", "int8-dynamic-int8-weight"
+INT4, INT8W, INT4W = "int8-dynamic-int4-weight", "int8-dynamic-int8-weight", "int4-weight"
+NETWORKS = OUT / "qat_networks"
 ARMS = {"ptq": None, "qat-int4": INT4, "qat-int8": INT8W}
 ROUND_TO = 32
 
@@ -107,32 +110,48 @@ def run_arm(ckpt: Path, ratio: float, seed: int, arm: str) -> tuple[dict[str, An
 
 
 def export_arm(network: torch.nn.Module, arm: str, threads: int) -> dict[str, Any]:
-    precisions = ["fp32", "int8-dynamic", INT8W, INT4] if arm == "ptq" else [ARMS[arm]]
     dm = FashionMNISTDataModule(seed=0)
     dm.setup("fit")
     val = [batch for _, batch in zip(range(4), dm.val_dataloader())]
-    with tempfile.TemporaryDirectory() as out:
-        config = MobileExportConfig(
-            precisions=precisions, formats=["pte"], output_dir=out, threads=threads, rank="round-robin"
-        )
-        manifest = export_mobile(network, torch.randn(1, 1, 32, 32), config, validation_data=val)
+    runs = (
+        [(["pte"], ["fp32", "int8-dynamic", INT8W, INT4]), (["onnx", "openvino"], ["fp32", "int8-dynamic", INT4W])]
+        if arm == "ptq"
+        else [(["pte"], [ARMS[arm]])]
+    )
+    artifacts: list[dict[str, Any]] = []
+    manifest: dict[str, Any] = {}
+    for formats, precisions in runs:  # .pte and the others apart: each config's precisions run in all its formats
+        with tempfile.TemporaryDirectory() as out:
+            config = MobileExportConfig(
+                precisions=precisions, formats=formats, output_dir=out, threads=threads, rank="round-robin"
+            )
+            manifest = export_mobile(network, torch.randn(1, 1, 32, 32), config, validation_data=val)
+        artifacts += [
+            {**a, "ranked": a.get("latency_round_robin"), "run_baseline_ms": _baseline(manifest)}
+            for a in manifest["artifacts"]
+        ]
     return {
-        "baseline_ms": manifest["baseline_fp32_eager"]["latency"]["median_ms"],
         "from_qat": manifest.get("qat", {}).get("matches", []),
         "files": [
             {
+                "format": a["format"],
                 "precision": a["precision"],
                 "status": a["status"],
                 "size_bytes": a.get("size_bytes"),
                 "latency": a.get("latency"),
-                "ranked": a.get("latency_round_robin"),
+                "ranked": a["ranked"],
+                "baseline_ms": a["run_baseline_ms"],
                 "memory": a.get("memory"),
                 "verification": a.get("verification"),
             }
-            for a in manifest["artifacts"]
+            for a in artifacts
         ],
-        "best": manifest.get("best"),
     }
+
+
+def _baseline(manifest: dict[str, Any]) -> float | None:
+    base = manifest["baseline_fp32_eager"]
+    return (base.get("latency_round_robin") or base["latency"]).get("median_ms")
 
 
 def _stats(values: list[float]) -> str:
@@ -176,25 +195,26 @@ def report(cache: dict[str, Any], ratios: list[float], seeds: list[int], command
     if exported:
         lines += [
             "",
-            "Files (`.pte`, XNNPACK; first seed): size, latency ranked round-robin in fresh processes (median), "
-            "peak resident memory of inference.",
+            "Files (first seed): size, latency ranked round-robin with each file in a process of its own (median, "
+            "batch 1), peak resident memory of inference (a fresh process per file).",
             "",
-            "| channel ratio | network | precision | status | size | vs fp32 file | latency | vs fp32 eager | "
+            "| channel ratio | network | format | precision | status | size | vs fp32 file | latency | vs fp32 eager | "
             "peak memory |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, r in sorted(exported, key=lambda kr: (kr[1]["pruning_ratio"], kr[1]["label"])):
             files = r["export"]["files"]
-            fp32_size = next((f["size_bytes"] for f in files if f["precision"] == "fp32"), None)
-            if fp32_size is None:  # a QAT network's file: compare with its PTQ twin's fp32 file
-                twin = cache.get(_key(r["pruning_ratio"], r["seed"], "ptq"), {}).get("export", {})
-                fp32_size = next((f["size_bytes"] for f in twin.get("files", []) if f["precision"] == "fp32"), None)
+            twin = cache.get(_key(r["pruning_ratio"], r["seed"], "ptq"), {}).get("export", {})
+            fp32_sizes = {  # a QAT network's file is compared with its PTQ twin's fp32 file
+                f.get("format", "pte"): f["size_bytes"] for f in twin.get("files", []) if f["precision"] == "fp32"
+            }
             for f in files:
+                fp32_size = fp32_sizes.get(f.get("format", "pte"))
                 lat = (f.get("ranked") or f.get("latency") or {}) if f["status"] == "ok" else {}
                 size = f.get("size_bytes")
                 mem = (f.get("memory") or {}).get("peak_rss_mb")
                 lines.append(
-                    f"| {r['pruning_ratio']:g} | {r['label']} | {f['precision']} | {f['status']} | "
+                    f"| {r['pruning_ratio']:g} | {r['label']} | {f.get('format', 'pte')} | {f['precision']} | {f['status']} | "
                     + (f"{size / 2**20:.2f} MB" if size else "-")
                     + " | "
                     + (f"{size / fp32_size:.3f}x" if size and fp32_size else "-")
@@ -243,8 +263,14 @@ def main(argv: list[str] | None = None) -> None:
                     want_export = args.export and seed == args.seeds[0]
                     if args.report_only or (k in cache and (not want_export or "export" in cache[k])):
                         continue
-                    row, network = run_arm(ckpt, ratio, seed, arm)
-                    row.update(seed=seed, host=host_label(host), isa=host["isa"], threads=args.threads)
+                    saved_network = NETWORKS / f"{k.replace('/', '_')}.pt"
+                    if k in cache and saved_network.is_file():  # trained before: export it
+                        row, network = cache[k], torch.load(saved_network, weights_only=False)
+                    else:
+                        row, network = run_arm(ckpt, ratio, seed, arm)
+                        row.update(seed=seed, host=host_label(host), isa=host["isa"], threads=args.threads)
+                        NETWORKS.mkdir(parents=True, exist_ok=True)
+                        torch.save(network, saved_network)
                     if want_export:
                         row["export"] = export_arm(network, arm, args.threads)
                     cache[k] = row
