@@ -44,7 +44,7 @@ import torch
 from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile, pad_widths
 from pqv_lightning.export.benchmark import Candidate, round_robin
 from pqv_lightning.export.host import gemm_throughput, host_description
-from pqv_lightning.fileio import atomic_write_text
+from pqv_lightning.fileio import JsonCache, atomic_write_text
 from pqv_lightning.models import paper_model
 from pqv_lightning.pruning import count_macs, count_params
 
@@ -52,20 +52,7 @@ OUT = Path(__file__).parent / "results"
 INT8 = ["int8-dynamic", "int8-static", "int8-dynamic-attention"]
 
 
-class Cache:
-    """Finished rows by key, written atomically after each one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+Cache = JsonCache  # the resumable cache of every benchmark here (pqv_lightning.fileio)
 
 
 # ---------------------------------------------------------------------------------------------- fidelity

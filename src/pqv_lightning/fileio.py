@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "JsonCache",
     "atomic_write",
     "atomic_write_text",
     "commit_staged",
@@ -106,3 +109,20 @@ def load_tensors(path: str | Path, argument: str) -> object:
     except (EOFError, RuntimeError, ValueError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"{argument}={str(path)!r} is not a torch checkpoint ({reason})") from None
+
+
+class JsonCache:
+    """Finished rows of a long, resumable run by key, in one JSON file rewritten atomically after each
+    :meth:`put`: an interrupted run keeps every row it finished."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))

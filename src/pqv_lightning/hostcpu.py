@@ -11,7 +11,16 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["BF16_FEATURES", "INT8_DOT_FEATURES", "cpu_features", "cpu_info", "has_any_feature"]
+__all__ = [
+    "BF16_FEATURES",
+    "INT8_DOT_FEATURES",
+    "cpu_features",
+    "cpu_info",
+    "cpu_mhz",
+    "cpu_times",
+    "has_any_feature",
+    "steal_fraction",
+]
 
 #: CPU features with native bf16 arithmetic (x86 AVX-512 BF16 / AMX, Arm's BF16 extension).
 BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")
@@ -44,3 +53,50 @@ def cpu_features(info: dict[str, str] | None = None) -> frozenset[str]:
 def has_any_feature(wanted: Iterable[str], info: dict[str, str] | None = None) -> bool:
     """Whether the CPU of ``info`` (default: this one) has any of the ``wanted`` features."""
     return not cpu_features(info).isdisjoint(wanted)
+
+
+#: the fields of ``/proc/stat``'s ``cpu`` line, in order (Linux ``proc(5)``)
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest", "guest_nice")
+
+
+def cpu_times(path: str | Path = "/proc/stat") -> dict[str, int] | None:
+    """The host's CPU time so far, in clock ticks, by kind (``user`` ... ``steal``) from the ``cpu`` line
+    of ``path``; None where there is no such file (not Linux)."""
+    try:
+        with open(path) as fh:
+            line = fh.readline()
+    except OSError:
+        return None
+    parts = line.split()
+    if not parts or parts[0] != "cpu":
+        return None
+    return {name: int(v) for name, v in zip(_STAT_FIELDS, parts[1:])}
+
+
+def steal_fraction(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests between two :func:`cpu_times`
+    readings ("steal": a busy cloud host makes every measurement on a VM slower); None when unknown."""
+    if before is None or after is None:
+        return None
+    # guest time is also counted in user / nice: leave it out of the total
+    fields = [f for f in _STAT_FIELDS if f not in ("guest", "guest_nice")]
+    total = sum(after.get(f, 0) - before.get(f, 0) for f in fields)
+    return (after.get("steal", 0) - before.get("steal", 0)) / total if total > 0 else None
+
+
+def cpu_mhz(path: str | Path = "/proc/cpuinfo") -> float | None:
+    """The mean current clock of the CPUs in ``path`` (its ``cpu MHz`` lines, read now: it changes with
+    load and turbo); None where they are missing."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    values = []
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "cpu MHz":
+            try:
+                values.append(float(value))
+            except ValueError:
+                continue
+    return sum(values) / len(values) if values else None

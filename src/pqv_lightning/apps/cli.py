@@ -4,6 +4,7 @@
     pqv fit --config x.yaml          # LightningCLI with the plugin's callbacks and model builders
     pqv bench out/*.pte out/*.onnx deit_small_patch16_224   # latency + memory, round-robin
     pqv sweep [--quick]              # the paper's experiments: resumable, CSV + plots + results.md
+    pqv headline                     # the README's headline ratio, reproduced on this host (DeiT-base, ~30 min)
 
 Bad input (an unknown model, a missing file or data folder, a malformed option or config value)
 ends with one line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback. Those are the
@@ -25,7 +26,7 @@ __all__ = ["main"]
 
 
 from ..errors import ConfigError
-from .command import CLIError, LazyChoices, OneLineParser, run_command
+from .command import CLIError, LazyChoices, OneLineParser, contention_limit, count_at_least, run_command
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -52,20 +53,22 @@ def _bench_parser(sub) -> None:
         "model's default input size at batch 1)",
     )
     p.add_argument("--engine", default=None, help="torch quantized engine for .ptl files (default: from the manifest)")
-    p.add_argument("--threads", type=_count(1), default=2)
-    p.add_argument("--rounds", type=_count(1), default=3)
-    p.add_argument("--warmup", type=_count(0), default=3)
-    p.add_argument("--calls", type=_count(1), default=10)
+    p.add_argument("--threads", type=count_at_least(1), default=2)
+    p.add_argument("--rounds", type=count_at_least(1), default=3)
+    p.add_argument("--warmup", type=count_at_least(0), default=3)
+    p.add_argument("--calls", type=count_at_least(1), default=10)
     p.add_argument("--baseline", default=None, help="label of the baseline candidate (default: the first)")
     p.add_argument(
         "--max-contention",
-        type=_contention,
+        type=contention_limit,
         default=0.2,
         metavar="CPUS",
         help="retake a measurement during which other work kept more than this many CPUs busy beyond "
         "those --threads leaves free (Linux /proc/stat; default 0.2; 'none': keep every measurement)",
     )
-    p.add_argument("--retries", type=_count(0), default=2, help="retakes per measurement on a busy host (default 2)")
+    p.add_argument(
+        "--retries", type=count_at_least(0), default=2, help="retakes per measurement on a busy host (default 2)"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--csv", dest="csv_out", default=None, help="write the results as CSV here")
 
@@ -80,31 +83,6 @@ def _shape(text: str) -> list[int]:
             f"{text!r}: allowed is a comma-separated list of positive integers, e.g. 1,3,224,224"
         )
     return dims
-
-
-def _count(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: allowed is an integer >= {minimum}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _contention(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed are a number of CPUs (e.g. 0.2) or 'none'") from None
 
 
 def _manifest_entry(path: Path) -> tuple[dict | None, dict | None]:
@@ -409,16 +387,29 @@ def cmd_fit(rest: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
+    from .headline import __doc__ as headline_module_doc
+    from .headline import add_headline_arguments
+
+    def headline_doc() -> str:
+        return (headline_module_doc or "").split("\n\n")[0]
 
     parser = OneLineParser(
         prog="pqv", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep,coverage}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep,coverage,headline}")
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)
     _bench_parser(sub)
     _sweep_parser(sub)
     _coverage_parser(sub)
+    add_headline_arguments(
+        sub.add_parser(
+            "headline",
+            help="the headline ratio on this host: prune DeiT-base, export int8, time against fp32 eager, repeated",
+            description=headline_doc(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -437,6 +428,10 @@ def _dispatch(argv: list[str]) -> int:
         return run_demo(args)
     if args.command == "sweep":
         return cmd_sweep(args)
+    if args.command == "headline":
+        from .headline import run_headline
+
+        return run_headline(args)
     if args.command == "coverage":
         from .coverage import run_coverage_command
 

@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["CLIError", "CommandFailed", "LazyChoices", "OneLineParser", "run_command"]
+__all__ = [
+    "CLIError",
+    "CommandFailed",
+    "LazyChoices",
+    "OneLineParser",
+    "contention_limit",
+    "count_at_least",
+    "run_command",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,3 +80,29 @@ def run_command(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("pqv: interrupted", file=sys.stderr)
         return 130
+
+
+def count_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed is an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def contention_limit(text: str) -> float | None:
+    """An argparse type: a number of CPUs, or 'none' (keep every measurement)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed are a number of CPUs (e.g. 0.2) or 'none'") from None

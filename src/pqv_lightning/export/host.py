@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..hostcpu import cpu_features, cpu_info
+from ..hostcpu import cpu_features, cpu_info, cpu_mhz
 from ..settings import torch_threads
 from .benchmark import summarize, time_calls
 from .onnx_target import ort_session
@@ -103,7 +103,12 @@ def host_description() -> dict[str, Any]:
         "system": platform.system(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # the widest vector ISA torch's own CPU kernels dispatch to here ("AVX2", "AVX512", ...)
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
     }
+    mhz = cpu_mhz()
+    if mhz is not None:
+        out["mhz"] = round(mhz)
     # a cloud VM may name different CPU generations alike ("Intel(R) Xeon(R) Processor"): the CPUID
     # family / model / stepping and the last-level cache tell them apart
     if "cpu family" in info and "model" in info:

@@ -112,6 +112,24 @@ def compile_ir(path: str, threads: int, shape: Sequence[int] | None = None, opti
     return core.compile_model(model, "CPU", config)
 
 
+def gemm_kernels(compiled) -> dict[str, int]:
+    """How many of the compiled model's FullyConnected / MatMul layers run on each CPU kernel, e.g.
+    ``{"FullyConnected brgemm_avx512_amx_I8 (i8)": 48}``: whether its int8 GEMMs use AMX, VNNI or
+    plain AVX2 here. The plugin picks a kernel on the first call, so this runs one call (zeros)."""
+    import numpy as np
+
+    shape = [int(d) for d in compiled.input(0).get_shape()]
+    compiled.create_infer_request().infer({0: np.zeros(shape, dtype=np.float32)})
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer in ("FullyConnected", "MatMul"):
+            key = f"{layer} {info['primitiveType'].astype(str)} ({info['runtimePrecision'].astype(str)})"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def dynamic_quantization_active(path: str, shape: Sequence[int], compiled=None) -> bool:
     """Whether the OpenVINO CPU plugin quantizes activations per call (its dynamic quantization) in
     the compressed-weight layers of the IR at ``path`` on this host, at its own settings.
