@@ -98,6 +98,8 @@ def test_pqv_headline_exports_times_and_reports_the_ratio_with_the_host_facts(tm
     assert sorted(exported["files"]) == sorted(f"model_int8-dynamic{TARGETS[f].suffix}" for f in formats)
     if "openvino" in formats:
         assert sum(exported["openvino_kernels"]["model_int8-dynamic.xml"].values()) == 9
+    assert all(exported["sizes"][f] > 0 for f in exported["files"])
+    assert "| 25 % | model_int8-dynamic.onnx |" in out  # the table of every file
     assert "Headline ratios of `vit_test_tiny`" in out and "| steal | CPU clock |" in out and "Host: " in out
     assert out.strip().endswith((tmp_path / "headline.md").read_text().strip())  # after the progress lines
     # a second run reuses the export and the repeat: nothing is measured again

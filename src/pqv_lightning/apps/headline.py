@@ -120,6 +120,7 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
         "macs": count_macs(model, data[0][:1]),
         "files": [a["file"] for a in ok],
         "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
+        "sizes": {a["file"]: a["size_bytes"] for a in ok},
         "width_padding": {a["file"]: a["width_padding"] for a in ok if a.get("width_padding")},
         "openvino_kernels": _openvino_kernels(folder, [a["file"] for a in ok], shape, args.threads),
     }
@@ -310,9 +311,41 @@ def _report(args, cache: JsonCache) -> str:
         f"The unpruned fp32 eager baseline over the repeats: median {statistics.median(base):.1f} ms, range "
         f"{min(base):.1f}-{max(base):.1f} ms.",
         "",
+        *_file_table(repeats, cache, keys, variants),
+        "",
         _host_details(repeats[-1]["host"], cache, keys),
     ]
     return "\n".join(lines)
+
+
+def _file_table(repeats: list[dict[str, Any]], cache: JsonCache, keys: list[str], variants: list[Variant]) -> list[str]:
+    """Every file of every variant: its median latency over the repeats, its ratio to the same repeat's
+    baseline (median over repeats), its size and its cosine to the fp32 model."""
+    lines = [
+        "Every file (median over the repeats):",
+        "",
+        "| pruned | file | ms | x eager | size | cosine to fp32 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for k, v in zip(keys, variants):
+        row = cache.get(f"export/{k}")
+        for f in row["files"]:
+            label = f"{v.prefix} | {f}"
+            ms = [rep["stats"][label]["median_ms"] for rep in repeats if label in rep["stats"]]
+            if not ms:
+                continue
+            ratios = [
+                rep["summary"]["baseline_ms"] / rep["stats"][label]["median_ms"]
+                for rep in repeats
+                if label in rep["stats"]
+            ]
+            size = (row.get("sizes") or {}).get(f)
+            lines.append(
+                f"| {v.title} | {f} | {statistics.median(ms):.1f} | {statistics.median(ratios):.2f}x | "
+                + (f"{size / 2**20:.1f} MB" if size else "-")
+                + f" | {row['cosine'][f]:.4f} |"
+            )
+    return lines
 
 
 def _percent(value: float | None) -> str:
