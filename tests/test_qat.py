@@ -313,3 +313,27 @@ def test_export_mobile_says_no_file_matches_when_activations_were_never_fake_qua
     assert manifest["qat"]["activations"] is False and manifest["qat"]["matches"] == []
     assert [a["from_qat"] for a in manifest["artifacts"]] == [False]
     assert len(fake_quantized_layers(model)) == 4  # the caller's model is untouched
+
+
+def test_a_second_fit_goes_on_with_the_fake_quantized_network_and_refuses_another_scheme(tmp_path, lit_model):
+    first = QuantizationAwareTraining(scheme=INT4)
+    make_trainer(tmp_path, [first], max_steps=2, max_epochs=None).fit(lit_model, random_loader(64))
+    weights = [p.detach().clone() for p in lit_model.parameters()]
+    again = QuantizationAwareTraining(scheme=INT4)  # a new callback, the same scheme: it adopts the layers
+    make_trainer(tmp_path, [again], max_steps=2, max_epochs=None).fit(lit_model, random_loader(64))
+    assert again.started_step == 0 and again.layers == sorted(first.layers)
+    assert len(fake_quantized_layers(lit_model.model)) == 8
+    assert not all(torch.equal(a, b) for a, b in zip(weights, lit_model.parameters()))  # it trained on
+    with pytest.raises(ConfigError, match=r"fake-quantized already for another scheme \(4-bit weights, group 32, 8"):
+        make_trainer(tmp_path, [QuantizationAwareTraining(scheme=INT8W)], max_steps=2, max_epochs=None).fit(
+            lit_model, random_loader(64)
+        )
+
+
+def test_qat_that_never_starts_says_so(tmp_path, lit_model):
+    qat = QuantizationAwareTraining(start_step=100)
+    with pytest.warns(
+        UserWarning, match=r"QuantizationAwareTraining never started: training ended before start_step=100"
+    ):
+        make_trainer(tmp_path, [qat], max_steps=2, max_epochs=None).fit(lit_model, random_loader(64))
+    assert qat.started_step is None and fake_quantized_layers(lit_model.model) == {}

@@ -8,15 +8,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from ..errors import ConfigError
-from ..export.intx import check_intx_groups
+from ..export.intx import check_intx_groups, intx_layers
 from ..export.precisions import PRECISIONS, Int8DynamicIntxWeight
 from ..export.qat import (
     QuantizationAwareTrainingConfig,
+    describe_fake_quant,
     fake_quantized_layers,
     prepare_qat_,
     set_activation_fake_quant_,
@@ -208,7 +209,23 @@ class QuantizationAwareTraining(Callback):
         return True
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, resumed: bool = False) -> None:
-        self.layers = prepare_qat_(self._network(pl_module), self.precision)
+        network = self._network(pl_module)
+        trained = describe_fake_quant(network)
+        if trained is None:
+            self.layers = prepare_qat_(network, self.precision)
+        else:  # fake-quantized by an earlier fit (or by hand): go on if it is this scheme
+            wanted = (
+                self.precision.weight_bits,
+                self.precision.group_size,
+                sorted(intx_layers(network, self.precision)),
+            )
+            if (trained["weight_bits"], trained["group_size"], trained["layers"]) != wanted:
+                raise ConfigError(
+                    f"QuantizationAwareTraining(scheme={self.precision.name!r}): the network is fake-quantized already "
+                    f"for another scheme ({trained['weight_bits']}-bit weights, group {trained['group_size']}, "
+                    f"{len(trained['layers'])} layers); strip_fake_quant_ it first, or use that scheme"
+                )
+            self.layers = trained["layers"]
         if self.started_step is None:
             self.started_step = trainer.global_step
         self._activations = None
@@ -221,6 +238,19 @@ class QuantizationAwareTraining(Callback):
                 else ""
             )
         )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.started_step is None:
+            rank_zero_warn(
+                "QuantizationAwareTraining never started: "
+                + (
+                    "StructuredPruning's events did not all run"
+                    if not all(p._done() for p in self._pruning(trainer))
+                    else f"training ended before start_step={self.config.start_step} / start_epoch={self.config.start_epoch}"
+                )
+                + "; the network was trained without fake quantization"
+            )
 
     @override
     def on_train_batch_start(

@@ -35,6 +35,7 @@ from .precisions import PRECISIONS, Int8DynamicIntxWeight, Precision
 
 __all__ = [
     "QuantizationAwareTrainingConfig",
+    "describe_fake_quant",
     "fake_quantized_layers",
     "matching_precisions",
     "prepare_qat_",
@@ -177,6 +178,13 @@ def _describe(layers: dict[str, Any]) -> dict[str, Any]:
         "activations": activations.pop(),
         "layers": sorted(layers),
     }
+
+
+def describe_fake_quant(model: nn.Module) -> dict[str, Any] | None:
+    """What ``model``'s fake-quantized layers compute — ``weight_bits``, ``group_size``, ``activations``
+    (on or off now), the ``layers`` — or None when it has none."""
+    layers = fake_quantized_layers(model)
+    return _describe(layers) if layers else None
 
 
 def strip_fake_quant_(model: nn.Module) -> dict[str, Any] | None:
