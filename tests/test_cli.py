@@ -77,6 +77,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
     _one_line_error(capsys, argv, *fragments)
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29)
 def test_an_unexpected_error_keeps_its_traceback_and_is_not_bad_input(monkeypatch, capsys):
     import pqv_lightning.apps.demo as demo
 

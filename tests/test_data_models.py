@@ -243,6 +243,7 @@ def _copy_of_test_split(src: Path, dst: Path, flip_label: bool) -> None:
     _write_idx(dst / "t10k-labels-idx1-ubyte.gz", labels)
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29)
 @pytest.mark.skipif(not HAVE_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
 def test_a_recorded_accuracy_is_used_only_for_the_same_file_and_the_same_data(tmp_path, monkeypatch):
     """The demo's pretrained row: recorded for the bundled file on this test set (both by sha256),

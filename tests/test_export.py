@@ -243,6 +243,7 @@ def _without_timings(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("latency", "memory", "sha256", "size_bytes", "build_seconds")}
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29): CI's slow tier runs it
 def test_files_built_in_worker_processes_equal_those_built_here(tmp_path):
     """jobs=2: the first file is built here, the other two in two worker processes; every entry (file,
     checks, hash, what was applied) equals the in-process build's, and only the finished files stay."""

@@ -136,6 +136,7 @@ def test_filtered_stderr_drops_matching_lines_written_by_any_code(capfd):
     assert capfd.readouterr().err == "a line of the user's\n[cpuinfo_utils.cpp:71] after the block\n"
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29)
 def test_executorch_thread_pool_is_sized_without_its_cpuinfo_lines():
     import importlib.util
     import subprocess

@@ -260,6 +260,7 @@ def test_qat_composes_with_distillation_bf16_and_gradient_accumulation(tmp_path,
     assert torch.isfinite(trainer.callback_metrics["train/loss"]).item()
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29); the fast tier checks the numerics it relies on exactly
 @needs_pte
 def test_mobile_export_writes_what_qat_trained(tmp_path, lit_model):
     """Pruned, then QAT, then exported: the int4 ``.pte`` file agrees with the fake-quantized network's

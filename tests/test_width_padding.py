@@ -117,6 +117,7 @@ def _export(tmp_path, model, formats, **kw):
     return export_mobile(model, torch.randn(1, 1, 32, 32), config, validation_data=image_batches(2, batch=4))
 
 
+@pytest.mark.slow  # fast tier <= 5 min on 2 cores (issue 29)
 @pytest.mark.skipif(not HAS_ONNX, reason="extra not installed: pip install 'pqv-lightning[onnx]'")
 def test_export_pads_when_asked_and_verifies_against_the_unpadded_model(tmp_path):
     import onnx
