@@ -8,6 +8,7 @@ import logging
 import warnings
 
 import lightning.pytorch as pl
+import pytest
 from lightning.pytorch.utilities import rank_zero_info
 
 from pqv_lightning.apps.recipes import quiet_lightning
