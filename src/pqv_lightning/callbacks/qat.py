@@ -22,7 +22,7 @@ from ..export.qat import (
     prepare_qat_,
     set_activation_fake_quant_,
 )
-from ..export.targets import TARGETS, UnsupportedPrecisionError
+from ..export.targets import TARGETS
 from ..pruning.adapters import check_model_attr, locate_model
 from .mobile_export import MobileExport
 from .strategies import refuse_sharding_strategies
@@ -156,7 +156,7 @@ class QuantizationAwareTraining(Callback):
 
     def _check_export(self, trainer: pl.Trainer) -> None:
         name = self.precision.name
-        runs = [f for f in TARGETS if _handles(f, self.precision)]
+        runs = [f for f in TARGETS if TARGETS[f].supports(self.precision)]
         if not runs:
             raise ConfigError(f"QAT scheme {name!r}: no export format can run it ({self.precision.runs_on})")
         for export in [c for c in trainer.callbacks if isinstance(c, MobileExport)]:  # type: ignore[attr-defined]
@@ -264,14 +264,6 @@ class QuantizationAwareTraining(Callback):
         if on != self._activations:
             set_activation_fake_quant_(self._network(pl_module), on)
             self._activations = on
-
-
-def _handles(fmt: str, precision: Int8DynamicIntxWeight) -> bool:
-    try:
-        TARGETS[fmt].handler(precision)
-    except UnsupportedPrecisionError:
-        return False
-    return True
 
 
 def _ungrouped(precision: Int8DynamicIntxWeight) -> Int8DynamicIntxWeight:
