@@ -59,6 +59,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "workers",
     ),
     "library": ("pruning", "export", "distillation", "models"),
+    "workflows": ("compress",),
     "lightning": ("callbacks", "classifier", "data"),
     "apps": ("apps", "__main__"),
 }

@@ -232,7 +232,7 @@ def test_python_dash_m_and_console_script_show_the_commands():
     proc = subprocess.run(
         [sys.executable, "-m", "pqv_lightning", "--help"], capture_output=True, text=True, timeout=120, check=False
     )
-    assert proc.returncode == 0 and "{demo,fit,bench,sweep,coverage,headline}" in proc.stdout
+    assert proc.returncode == 0 and "{demo,fit,compress,bench,sweep,coverage,headline}" in proc.stdout
     script = Path(sys.executable).parent / "pqv"
     if script.exists():  # installed with pip install -e .
         proc = subprocess.run(

@@ -5,6 +5,7 @@
     pqv bench out/*.pte out/*.onnx deit_small_patch16_224   # latency + memory, round-robin
     pqv sweep [--quick]              # the paper's experiments: resumable, CSV + plots + results.md
     pqv headline                     # the README's headline ratio, reproduced on this host (DeiT-base, ~30 min)
+    pqv compress --ratio 0.5         # a trained model -> pruned, quantized, verified, timed files; no training
 
 Bad input (an unknown model, a missing file or data folder, a malformed option or config value)
 ends with one line on stderr, ``pqv: error: ...``, and exit status 2 — no traceback. Those are the
@@ -386,6 +387,7 @@ def cmd_fit(rest: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
+    from .compress import add_compress_arguments
     from .demo import add_demo_arguments
     from .headline import __doc__ as headline_module_doc
     from .headline import add_headline_arguments
@@ -396,9 +398,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pqv", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,fit,bench,sweep,coverage,headline}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,fit,compress,bench,sweep,coverage,headline}"
+    )
     add_demo_arguments(sub.add_parser("demo", help="prune + fine-tune the Fashion-MNIST ViT, export, table + plots"))
     sub.add_parser("fit", help="LightningCLI: pqv fit --config x.yaml (see pqv fit --help)", add_help=False)
+    add_compress_arguments(
+        sub.add_parser(
+            "compress",
+            help="a trained model -> pruned (post-training), quantized, verified, timed files; no training loop",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     _bench_parser(sub)
     _sweep_parser(sub)
     _coverage_parser(sub)
@@ -426,6 +437,10 @@ def _dispatch(argv: list[str]) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "compress":
+        from .compress import run_compress
+
+        return run_compress(args)
     if args.command == "sweep":
         return cmd_sweep(args)
     if args.command == "headline":

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..progress import Progress
 
-__all__ = ["LayerFit", "check_ridge", "reconstruct_linears"]
+__all__ = ["LayerFit", "check_ridge", "reconstruct_linears", "samples_needed"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,39 @@ def _check(name: str, layer: nn.Module, ref_layer: nn.Module, keep: torch.Tensor
             f"{name!r}: the pruned layer has {layer.out_features} outputs but {expected} kept outputs "
             f"of the reference were given"
         )
+
+
+@torch.no_grad()
+def samples_needed(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> tuple[int, str, int]:
+    """How many calibration inputs (images) the least-squares fit of ``layers`` needs at least:
+    each layer's system ``XᵀX`` is as wide as the layer's input, and is only determined by the data
+    (not by the ridge alone) when ``X`` has at least that many rows. One forward pass of
+    ``example`` (a batch of one input) counts the rows a single input gives each layer (a ViT's
+    ``qkv`` sees one per token, its head one per image). Returns ``(inputs, layer, width)`` of the
+    layer that needs the most."""
+    rows: dict[str, int] = {}
+    hooks = []
+    for name in layers:
+        layer = model.get_submodule(name)
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            rows[name] = args[0].numel() // module.in_features
+
+        hooks.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()(example[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    worst = (0, "", 0)
+    for name, per_input in rows.items():
+        width = _linear(model, name).in_features
+        needed = math.ceil(width / max(per_input, 1))
+        if needed > worst[0]:
+            worst = (needed, name, width)
+    return worst
 
 
 @torch.no_grad()
