@@ -195,6 +195,9 @@ def test_pqv_compress_end_to_end_on_tensor_files(tmp_path, capsys):
         (["--ratio", "1.5"], ["pruning_ratio=1.5"]),
         (["--calibration", "nowhere"], ["--calibration nowhere: no such file or folder"]),
         (["--formats", "tflite"], ["--formats", "tflite"]),
+        (["--max-accuracy-drop", "0.5", "--ratio", "0.3"], ["not allowed with argument"]),
+        (["--max-accuracy-drop", "-1"], ["max_accuracy_drop=-1.0"]),
+        (["--max-accuracy-drop", "0.5"], ["max_accuracy_drop=0.5 needs labelled validation data"]),
     ],
 )
 def test_pqv_compress_bad_input_is_one_line(tmp_path, capsys, extra, fragments):
@@ -228,3 +231,50 @@ def test_pqv_compress_the_bundled_vit_on_fashion_mnist(tmp_path, capsys):
     report = json.loads((tmp_path / "compress.json").read_text())
     assert report["stages"]["accuracy"]["images"] == 10_000
     assert report["stages"]["accuracy"]["pruned"] >= 0.895
+
+
+# ---------------------------------------------------------------------------------------------- accuracy floor
+def _floor_config(out, drop, **kw):
+    config = _config(out)
+    return CompressConfig(pruning=config.pruning, export=config.export, max_accuracy_drop=drop, **kw)
+
+
+def test_the_accuracy_floor_finds_the_largest_ratio_within_the_drop(tmp_path, monkeypatch):
+    import pqv_lightning.compress as mod
+
+    # accuracy = the share of the embedding kept (the unpruned model: 100 %), so the floor is a known ratio
+    monkeypatch.setattr(mod, "_accuracy", lambda network, val: network.embed_dim / 64)
+    model, (images, labels) = tiny_vit(), _data()
+    report = compress(model, images, _floor_config(tmp_path, 30.0), validation=[(images[:64], labels[:64])])
+    search = report["stages"]["search"]
+    assert search["unpruned"] == 1.0
+    assert 0.3 - mod.SEARCH_RESOLUTION <= search["ratio"] <= 0.3 + 1e-9
+    assert len(search["trials"]) == 6  # 0.9, then bisection to within 1/32
+    assert all((t["accuracy"] >= 0.7) == (t["ratio"] <= search["ratio"]) for t in search["trials"].values())
+    assert report["stages"]["prune"]["config"]["pruning_ratio"] == search["ratio"]
+    assert "Accuracy floor: at most 30.0 points below the unpruned 100.00 %" in report["table"]
+
+
+def test_an_accuracy_floor_no_ratio_meets_says_what_the_smallest_trial_reached(tmp_path, monkeypatch):
+    import pqv_lightning.compress as mod
+
+    monkeypatch.setattr(mod, "_accuracy", lambda network, val: 1.0 if network.embed_dim == 64 else 0.5)
+    images, labels = _data()
+    with pytest.raises(
+        ConfigError, match=r"no channel ratio keeps .* the smallest ratio tried, 0\.0[0-9]+, reached 50\.00 %"
+    ):
+        compress(tiny_vit(), images, _floor_config(tmp_path, 1.0), validation=[(images[:64], labels[:64])])
+
+
+def test_an_accuracy_floor_needs_labelled_validation_and_no_budget(tmp_path):
+    images, _ = _data()
+    with pytest.raises(ConfigError, match=r"max_accuracy_drop=0\.5 needs labelled validation data"):
+        compress(tiny_vit(), images, _floor_config(tmp_path / "a", 0.5))
+    with pytest.raises(ConfigError, match=r"needs labelled validation data"):
+        compress(tiny_vit(), images, _floor_config(tmp_path / "b", 0.5), validation=images[:64])
+    budget = CompressConfig(pruning=PruningConfig(target_macs=0.5), max_accuracy_drop=0.5)
+    with pytest.raises(ConfigError, match=r"give it or a budget \(target_macs=0\.5\), not both"):
+        compress(tiny_vit(), images, budget)
+    with pytest.raises(ConfigError, match="max_ratio=1"):
+        compress(tiny_vit(), images, CompressConfig(max_ratio=1))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_bool, check_forward, check_int, check_writable_dir
+from .checks import check_bool, check_forward, check_int, check_number, check_writable_dir
 from .errors import ConfigError
 from .export import MobileExportConfig, export_mobile
 from .export.benchmark import summarize, time_calls
@@ -69,6 +69,8 @@ __all__ = ["CompressConfig", "compress", "load_compressed", "trade_off_table"]
 
 #: bump when the stages' files change meaning: an older folder is then not resumed from
 STATE_VERSION = 1
+#: the accuracy-floor search stops once the passing and the failing ratio are this close
+SEARCH_RESOLUTION = 1 / 32
 REPORT = "compress.json"
 PRUNED = "pruned.pt"
 TABLE = "compress.md"
@@ -97,6 +99,14 @@ class CompressConfig:
         batch_size: images per forward pass during calibration, accuracy and reconstruction.
         time_unpruned: time the unpruned model in fp32 eager too (same warm-up and repeats as the
             export's baseline), so the table states each file's speed-up over the model given.
+        max_accuracy_drop: an accuracy floor instead of a size, in percentage points (``0.5``: at most
+            half a point below the unpruned model): the channel ratio is searched (bisection to within
+            :data:`SEARCH_RESOLUTION`, each trial pruned and refitted from the unpruned model and
+            evaluated on all validation images) and the largest ratio whose fp32 validation accuracy
+            stays within the drop is compressed; ``pruning.pruning_ratio`` is then not used. Needs
+            labelled validation data, and no MAC / parameter budget. The floor is met on the data it was
+            searched on; hold out other data to report an unbiased accuracy.
+        max_ratio: the largest channel ratio the accuracy-floor search tries, in ``(0, 1)``.
     """
 
     pruning: PruningConfig = field(default_factory=_default_pruning)
@@ -105,6 +115,8 @@ class CompressConfig:
     validation_images: int | None = None
     batch_size: int = 64
     time_unpruned: bool = True
+    max_accuracy_drop: float | None = None
+    max_ratio: float = 0.9
 
     def validate(self) -> None:
         if not isinstance(self.pruning, PruningConfig):
@@ -118,6 +130,15 @@ class CompressConfig:
             check_int("validation_images", self.validation_images, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
         check_bool("time_unpruned", self.time_unpruned)
+        check_number("max_ratio", self.max_ratio, minimum=0, maximum=1, min_open=True, max_open=True)
+        if self.max_accuracy_drop is not None:
+            check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0, maximum=100)
+            if self.pruning.budget:
+                name, value = next(iter(self.pruning.budget.items()))
+                raise ConfigError(
+                    f"max_accuracy_drop={self.max_accuracy_drop!r} searches the ratio: give it or a budget "
+                    f"({name}={value!r}), not both"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -206,7 +227,11 @@ def _digest(model: nn.Module, config: CompressConfig, *data: torch.Tensor | None
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     prune = dataclasses.asdict(config.pruning)
     exported = {k: v for k, v in dataclasses.asdict(config.export).items() if k not in ("output_dir", "overwrite")}
-    settings = {"pruning": prune, "export": exported, "batch_size": config.batch_size, "time": config.time_unpruned}
+    settings = {
+        "pruning": prune,
+        "export": exported,
+        **{k: getattr(config, k) for k in ("batch_size", "time_unpruned", "max_accuracy_drop", "max_ratio")},
+    }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for tensor in data:
         h.update(b"-" if tensor is None else tensor.contiguous().numpy().tobytes())
@@ -332,6 +357,11 @@ def compress(
         _check_shape(model, val_images, "validation")
         if val_labels is not None:
             val = list(zip(val_images.split(config.batch_size), val_labels.split(config.batch_size), strict=True))
+    if config.max_accuracy_drop is not None and not val:
+        raise ConfigError(
+            f"max_accuracy_drop={config.max_accuracy_drop!r} needs labelled validation data "
+            "(validation=(images, labels) batches; pqv compress --validation)"
+        )
     key = _digest(reference, config, images, labels, val_images, val_labels)
     out = check_writable_dir("output_dir", config.export.output_dir)
     report = _open_folder(out, key, config.export.overwrite)
@@ -341,7 +371,12 @@ def compress(
     if "prune" in stages and pruned_file.is_file():
         pruned = load_compressed(copy.deepcopy(reference), pruned_file)
     else:
-        pruned, structure, stages["prune"] = _prune(reference, config, images, labels, progress)
+        pruning = config.pruning
+        if config.max_accuracy_drop is not None:
+            ratio = _search(reference, config, images, labels, val, report, out, progress)
+            pruning = dataclasses.replace(pruning, pruning_ratio=ratio)
+        run = dataclasses.replace(config, pruning=pruning)
+        pruned, structure, stages["prune"] = _prune(reference, run, images, labels, progress)
         _save_pruned(pruned_file, pruned, structure, key)
         _write_report(out, report)
     if val and "accuracy" not in stages:
@@ -375,6 +410,62 @@ def compress(
     atomic_write_text(out / TABLE, report["table"] + "\n")
     _write_report(out, report)
     return report
+
+
+def _search(
+    reference: nn.Module,
+    config: CompressConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    val: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    report: dict[str, Any],
+    out: Path,
+    progress: Progress | None,
+) -> float:
+    """The largest channel ratio in ``(0, max_ratio]`` (to within :data:`SEARCH_RESOLUTION`) whose pruned,
+    refitted network keeps fp32 validation accuracy within ``max_accuracy_drop`` points of the unpruned
+    one, by bisection (accuracy is taken to fall as the ratio grows). Every trial is kept in the report."""
+    assert config.max_accuracy_drop is not None
+    search = report["stages"].setdefault("search", {"max_accuracy_drop": config.max_accuracy_drop, "trials": {}})
+    if "unpruned" not in search:
+        search["unpruned"] = _accuracy(reference, val)
+        _write_report(out, report)
+    floor = search["unpruned"] - config.max_accuracy_drop / 100
+    trials: dict[str, dict[str, float]] = search["trials"]
+
+    def passes(ratio: float) -> bool:
+        name = f"{ratio:.6f}"
+        if name not in trials:
+            t0 = time.perf_counter()
+            trial = dataclasses.replace(config, pruning=dataclasses.replace(config.pruning, pruning_ratio=ratio))
+            network, _, info = _prune(reference, trial, images, labels, None)
+            trials[name] = {
+                "ratio": ratio,
+                "ratio_reached": info["ratio_reached"],
+                "accuracy": _accuracy(network, val),
+                "seconds": time.perf_counter() - t0,
+            }
+            _write_report(out, report)
+            if progress is not None:
+                progress(len(trials), len(trials), f"ratio {ratio:.3f}: {100 * trials[name]['accuracy']:.2f} %")
+        return trials[name]["accuracy"] >= floor
+
+    lo, hi = 0.0, config.max_ratio
+    if passes(hi):
+        lo = hi
+    while hi - lo > SEARCH_RESOLUTION:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+    if lo == 0.0:
+        smallest = min(trials.values(), key=lambda t: t["ratio"])
+        raise ConfigError(
+            f"max_accuracy_drop={config.max_accuracy_drop!r}: no channel ratio keeps validation accuracy within "
+            f"{config.max_accuracy_drop} points of the unpruned {100 * search['unpruned']:.2f} %; the smallest ratio "
+            f"tried, {smallest['ratio']:.3f}, reached {100 * smallest['accuracy']:.2f} % (trials in {out / REPORT})"
+        )
+    search["ratio"] = lo
+    _write_report(out, report)
+    return lo
 
 
 def _open_folder(out: Path, key: str, overwrite: bool) -> dict[str, Any]:
@@ -456,6 +547,16 @@ def trade_off_table(report: dict[str, Any]) -> str:
             f"| {a['file']} ({a['status']}) | {pct(v.get('top1_accuracy'))} | | | {a['size_bytes'] / 2**20:.2f} MB | "
             f"{ms(lat)} | {speedup(lat)} | {pct(v.get('top1_agreement'))} |"
         )
+    search = stages.get("search")
+    if search and "ratio" in search:
+        trials = sorted(search["trials"].values(), key=lambda t: t["ratio"])
+        tried = ", ".join(f"{t['ratio']:.3f}: {100 * t['accuracy']:.2f} %" for t in trials)
+        lines += [
+            "",
+            f"Accuracy floor: at most {search['max_accuracy_drop']} points below the unpruned "
+            f"{100 * search['unpruned']:.2f} % on the validation images; ratio {search['ratio']:.3f} chosen from "
+            f"{len(trials)} trials (ratio: fp32 accuracy; {tried}).",
+        ]
     best = manifest.get("best")
     if best:
         lines += [

@@ -81,6 +81,17 @@ def add_compress_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentPars
     budget.add_argument("--ratio", type=float, default=None, help="channel ratio to remove (default 0.25)")
     budget.add_argument("--target-macs", type=float, default=None, help="MAC budget: fraction (< 1) or count")
     budget.add_argument("--target-params", type=float, default=None, help="parameter budget: fraction or count")
+    budget.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="an accuracy floor instead: the largest ratio whose validation accuracy stays within this many "
+        "points of the unpruned model (searched; needs validation data)",
+    )
+    prune.add_argument(
+        "--max-ratio", type=float, default=None, help="largest ratio the floor's search tries (default 0.9)"
+    )
     prune.add_argument("--events", type=count_at_least(1), default=None, help="pruning events (default 1)")
     prune.add_argument("--importance", default=None, choices=importance, metavar="NAME", help="%(choices)s")
     prune.add_argument("--round-to", type=count_at_least(1), default=None, metavar="N", help="widths multiple of N")
@@ -269,7 +280,12 @@ def _configs(args, formats_default: list[str]):
     export.update(formats=args.formats or formats_default, output_dir=args.output_dir, overwrite=args.overwrite)
     top = {
         k: v
-        for k, v in (("calibration_images", args.calibration_images), ("validation_images", args.validation_images))
+        for k, v in (
+            ("calibration_images", args.calibration_images),
+            ("validation_images", args.validation_images),
+            ("max_accuracy_drop", args.max_accuracy_drop),
+            ("max_ratio", args.max_ratio),
+        )
         if v is not None
     }
     try:
