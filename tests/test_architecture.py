@@ -59,7 +59,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "workers",
     ),
     "library": ("pruning", "export", "distillation", "models"),
-    "workflows": ("compress",),
+    "workflows": ("compress", "latency_budget"),
     "lightning": ("callbacks", "classifier", "data"),
     "apps": ("apps", "__main__"),
 }

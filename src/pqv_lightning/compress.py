@@ -56,6 +56,7 @@ from .export import MobileExportConfig, export_mobile
 from .export.benchmark import summarize, time_calls
 from .export.host import host_description, host_label
 from .fileio import atomic_write_text, load_tensors, staged
+from .latency_budget import LatencyBudget, ratio_for_latency
 from .progress import Progress
 from .pruning import PruningConfig, StructuredPruner, restore_structure
 from .pruning.adapters import find_adapter, input_shape_for, no_adapter_error
@@ -65,7 +66,7 @@ from .pruning.importance import IMPORTANCE
 from .pruning.reconstruction import samples_needed
 from .settings import torch_threads
 
-__all__ = ["CompressConfig", "compress", "load_compressed", "trade_off_table"]
+__all__ = ["CompressConfig", "LatencyBudget", "compress", "load_compressed", "trade_off_table"]
 
 #: bump when the stages' files change meaning: an older folder is then not resumed from
 STATE_VERSION = 1
@@ -107,6 +108,12 @@ class CompressConfig:
             labelled validation data, and no MAC / parameter budget. The floor is met on the data it was
             searched on; hold out other data to report an unbiased accuracy.
         max_ratio: the largest channel ratio the accuracy-floor search tries, in ``(0, 1)``.
+        target_latency: a latency budget on one export target instead of a size
+            (:class:`~pqv_lightning.latency_budget.LatencyBudget`: ms or a fraction of the unpruned
+            model, the format and precision it is measured on): the smallest channel ratio whose file
+            meets it on this host is searched (:func:`~pqv_lightning.latency_budget.ratio_for_latency`,
+            trials kept for resume) and compressed; the table puts the search's measurement beside the
+            exported file's. Not with a MAC / parameter budget or an accuracy floor.
     """
 
     pruning: PruningConfig = field(default_factory=_default_pruning)
@@ -117,6 +124,7 @@ class CompressConfig:
     time_unpruned: bool = True
     max_accuracy_drop: float | None = None
     max_ratio: float = 0.9
+    target_latency: LatencyBudget | None = None
 
     def validate(self) -> None:
         if not isinstance(self.pruning, PruningConfig):
@@ -131,6 +139,17 @@ class CompressConfig:
         check_int("batch_size", self.batch_size, minimum=1)
         check_bool("time_unpruned", self.time_unpruned)
         check_number("max_ratio", self.max_ratio, minimum=0, maximum=1, min_open=True, max_open=True)
+        if self.target_latency is not None:
+            if not isinstance(self.target_latency, LatencyBudget):
+                raise ConfigError(
+                    f"target_latency must be a LatencyBudget (e.g. LatencyBudget(0.5, format='onnx')), got "
+                    f"{type(self.target_latency).__name__}"
+                )
+            self.target_latency.validate()
+            others = {**self.pruning.budget, "max_accuracy_drop": self.max_accuracy_drop}
+            given = {k: v for k, v in others.items() if v is not None}
+            if given:
+                raise ConfigError(f"give target_latency or {given}, not both: each decides the ratio")
         if self.max_accuracy_drop is not None:
             check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0, maximum=100)
             if self.pruning.budget:
@@ -231,6 +250,7 @@ def _digest(model: nn.Module, config: CompressConfig, *data: torch.Tensor | None
         "pruning": prune,
         "export": exported,
         **{k: getattr(config, k) for k in ("batch_size", "time_unpruned", "max_accuracy_drop", "max_ratio")},
+        "target_latency": dataclasses.asdict(config.target_latency) if config.target_latency else None,
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for tensor in data:
@@ -375,6 +395,9 @@ def compress(
         if config.max_accuracy_drop is not None:
             ratio = _search(reference, config, images, labels, val, report, out, progress)
             pruning = dataclasses.replace(pruning, pruning_ratio=ratio)
+        if config.target_latency is not None:
+            ratio = _latency_search(reference, config, images, report, out, progress)
+            pruning = dataclasses.replace(pruning, pruning_ratio=ratio)
         run = dataclasses.replace(config, pruning=pruning)
         pruned, structure, stages["prune"] = _prune(reference, run, images, labels, progress)
         _save_pruned(pruned_file, pruned, structure, key)
@@ -468,6 +491,37 @@ def _search(
     return lo
 
 
+def _latency_search(
+    reference: nn.Module,
+    config: CompressConfig,
+    images: torch.Tensor,
+    report: dict[str, Any],
+    out: Path,
+    progress: Progress | None,
+) -> float:
+    """The channel ratio of ``config.target_latency`` (:func:`ratio_for_latency`), its trials kept in the report."""
+    assert config.target_latency is not None
+    stages = report["stages"]
+    done = stages.get("latency", {})
+    if "ratio" in done:
+        return float(done["ratio"])
+    trials = dict(done.get("trials", {}))
+
+    def on_trial(row: dict[str, float]) -> None:
+        trials[f"{row['ratio']:.6f}"] = row
+        stages["latency"] = {"trials": trials}
+        _write_report(out, report)
+        if progress is not None:
+            progress(len(trials), len(trials), f"ratio {row['ratio']:.3f}: {row['ms']:.2f} ms")
+
+    ratio, info = ratio_for_latency(
+        reference, config.target_latency, config.pruning, example_inputs=images[:1], trials=trials, on_trial=on_trial
+    )
+    stages["latency"] = info
+    _write_report(out, report)
+    return ratio
+
+
 def _open_folder(out: Path, key: str, overwrite: bool) -> dict[str, Any]:
     """The report to continue: the folder's own when it holds a run of the same inputs, else a new one
     (a folder with other content needs ``overwrite``; our previous files are then removed)."""
@@ -556,6 +610,30 @@ def trade_off_table(report: dict[str, Any]) -> str:
             f"Accuracy floor: at most {search['max_accuracy_drop']} points below the unpruned "
             f"{100 * search['unpruned']:.2f} % on the validation images; ratio {search['ratio']:.3f} chosen from "
             f"{len(trials)} trials (ratio: fp32 accuracy; {tried}).",
+        ]
+    latency = stages.get("latency")
+    if latency and "ratio" in latency:
+        budget = LatencyBudget(**latency["budget"])
+        file = next(
+            (
+                a
+                for a in manifest.get("artifacts", [])
+                if a.get("format") == budget.format and a.get("precision") == budget.precision and a["status"] == "ok"
+            ),
+            None,
+        )
+        measured = ""
+        if file is not None:
+            ranked = (file.get("latency_round_robin") or {}).get("median_ms")
+            measured = f"; the exported {file['file']}: {ms(ranked or file['latency']['median_ms'])}" + (
+                " (ranked round-robin)" if ranked else " (in-process)"
+            )
+        lines += [
+            "",
+            f"Latency budget: {budget.describe()} (a fraction {latency['budget_fraction']:.3f} of the unpruned "
+            f"{latency['unpruned_ms']:.2f} ms): ratio {latency['ratio']:.3f} chosen from {len(latency['trials'])} trials, "
+            f"its file measured {latency['predicted_ms']:.2f} ms ({latency['predicted_fraction']:.3f}) in the "
+            f"search{measured}.",
         ]
     best = manifest.get("best")
     if best:

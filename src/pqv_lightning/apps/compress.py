@@ -89,6 +89,20 @@ def add_compress_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="an accuracy floor instead: the largest ratio whose validation accuracy stays within this many "
         "points of the unpruned model (searched; needs validation data)",
     )
+    budget.add_argument(
+        "--target-latency",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="a latency budget instead: ms per call, or below 1 a fraction of the unpruned model, measured "
+        "on --latency-for at --latency-precision on this host (searched by exporting and timing)",
+    )
+    prune.add_argument(
+        "--latency-for", default=None, choices=targets, metavar="FORMAT", help="%(choices)s (default: onnx)"
+    )
+    prune.add_argument(
+        "--latency-precision", default=None, choices=precisions, metavar="PRECISION", help="default: fp32"
+    )
     prune.add_argument(
         "--max-ratio", type=float, default=None, help="largest ratio the floor's search tries (default 0.9)"
     )
@@ -288,6 +302,22 @@ def _configs(args, formats_default: list[str]):
         )
         if v is not None
     }
+    if args.target_latency is not None:
+        from ..latency_budget import LatencyBudget
+
+        given = {
+            k: v
+            for k, v in (
+                ("format", args.latency_for),
+                ("precision", args.latency_precision),
+                ("threads", args.threads),
+                ("max_ratio", args.max_ratio),
+            )
+            if v is not None
+        }
+        top["target_latency"] = LatencyBudget(args.target_latency, **given)
+    elif args.latency_for or args.latency_precision:
+        raise ConfigError("--latency-for and --latency-precision go with --target-latency")
     try:
         return dataclasses.replace(
             base,

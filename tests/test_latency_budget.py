@@ -1,0 +1,125 @@
+"""ratio_for_latency: the smallest ratio whose exported file meets a latency budget, found by exporting and
+timing trials; here with a synthetic timer (timings belong in benchmarks), and once for real (slow)."""
+
+import pytest
+import torch
+
+import pqv_lightning.latency_budget as mod
+from pqv_lightning.errors import ConfigError
+from pqv_lightning.latency_budget import LatencyBudget, ratio_for_latency
+from pqv_lightning.pruning import PruningConfig, count_macs
+
+from conftest import tiny_vit
+
+EXAMPLE = torch.randn(1, 1, 32, 32)
+
+
+@pytest.fixture
+def mac_timer(monkeypatch):
+    """Files written as state dicts and round_robin replaced by a timer whose latency is 0.1 ms + 1 ms per
+    100 kB of the file (the real export and timing: the slow test below)."""
+    pytest.importorskip("onnxruntime")
+    calls = []
+
+    def fake_write(model, example, budget, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / "model.pt")
+        return folder / "model.pt"
+
+    monkeypatch.setattr(mod, "_write", fake_write)
+
+    def fake_round_robin(candidates, shape, **kw):
+        sizes = {c.label: __import__("os").path.getsize(c.path) for c in candidates}
+        calls.append(kw)
+        return {label: {"median_ms": 0.1 + size / 1e5, "contention_max": 0.0} for label, size in sizes.items()}
+
+    monkeypatch.setattr(mod, "round_robin", fake_round_robin)
+    return calls
+
+
+def test_the_search_lands_on_the_budget_and_keeps_every_trial(mac_timer):
+    model = tiny_vit()
+    seen = []
+    ratio, info = ratio_for_latency(model, LatencyBudget(0.5, threads=1), example_inputs=EXAMPLE, on_trial=seen.append)
+    trials = sorted(info["trials"].values(), key=lambda t: t["ratio"])
+    assert info["predicted_fraction"] <= 0.5 and info["ratio"] == ratio
+    # the smallest ratio that meets it, to within the width step of one channel of the widest layer (1/256)
+    above = [t for t in trials if t["fraction"] > 0.5]
+    assert above and max(t["ratio"] for t in above) < ratio <= max(t["ratio"] for t in above) + 2 / 64
+    assert trials[-1]["ratio"] == 0.9  # the smallest model allowed is measured first
+    assert len(seen) == len(trials) <= 1 + LatencyBudget(0.5).max_passes
+    assert all(kw["threads"] == 1 and kw["fresh_processes"] is False for kw in mac_timer)
+    assert list(model.state_dict()) and model.embed_dim == 64  # the model was not pruned
+
+    # resumed: the trials given are not measured again
+    again, _ = ratio_for_latency(model, LatencyBudget(0.5, threads=1), example_inputs=EXAMPLE, trials=info["trials"])
+    assert again == ratio and len(mac_timer) == len(trials)
+
+
+def test_an_absolute_budget_is_a_fraction_of_the_unpruned_file(mac_timer):
+    _, info = ratio_for_latency(tiny_vit(), LatencyBudget(0.5), example_inputs=EXAMPLE)
+    ms = 0.5 * info["unpruned_ms"]
+    ratio, absolute = ratio_for_latency(tiny_vit(), LatencyBudget(ms if ms >= 1 else 1.0), example_inputs=EXAMPLE)
+    assert absolute["budget_fraction"] == pytest.approx(max(ms, 1.0) / absolute["unpruned_ms"])
+    assert absolute["predicted_ms"] <= max(ms, 1.0)
+
+
+def test_budgets_that_cannot_be_met_say_what_the_host_measures(mac_timer):
+    with pytest.raises(
+        ConfigError, match=r"cannot be met: the smallest model allowed \(0\.9 of the channels removed\) measures"
+    ):
+        ratio_for_latency(tiny_vit(), LatencyBudget(0.01), example_inputs=EXAMPLE)
+    with pytest.raises(ConfigError, match=r"is not below the unpruned model, which measures [0-9.]+ ms"):
+        ratio_for_latency(tiny_vit(), LatencyBudget(1e6), example_inputs=EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"target": 0}, "target=0"),
+        ({"target": 0.5, "format": "tflite"}, "format='tflite'"),
+        ({"target": 0.5, "precision": "int3"}, "precision='int3'"),
+        ({"target": 0.5, "format": "onnx", "precision": "int8-dynamic-int4-weight"}, "cannot write precision"),
+        ({"target": 0.5, "max_ratio": 1.0}, "max_ratio=1.0"),
+        ({"target": 0.5, "rounds": 0}, "rounds=0"),
+    ],
+)
+def test_a_bad_budget_is_named(kwargs, fragment):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        LatencyBudget(**kwargs).validate()
+
+
+def test_compress_takes_a_latency_budget_and_refuses_it_beside_another(tmp_path, mac_timer):
+    from pqv_lightning.compress import CompressConfig, compress
+
+    from conftest import quick_export_config
+
+    images = torch.randn(128, 1, 32, 32)
+    config = CompressConfig(
+        pruning=PruningConfig(importance="l2", reconstruct=True),
+        export=quick_export_config(tmp_path, formats=["onnx"], precisions=["fp32"]),
+        target_latency=LatencyBudget(0.5, threads=1),
+    )
+    report = compress(tiny_vit(), images, config)
+    latency = report["stages"]["latency"]
+    assert report["stages"]["prune"]["config"]["pruning_ratio"] == latency["ratio"]
+    assert "Latency budget: 0.5 of the unpruned model's latency on onnx fp32" in report["table"]
+    assert count_macs(tiny_vit(), EXAMPLE) > report["stages"]["prune"]["macs_after"]
+    with pytest.raises(ConfigError, match="give target_latency or"):
+        CompressConfig(pruning=PruningConfig(target_macs=0.5), target_latency=LatencyBudget(0.5)).validate()
+    with pytest.raises(ConfigError, match="give target_latency or"):
+        CompressConfig(max_accuracy_drop=1.0, target_latency=LatencyBudget(0.5)).validate()
+
+
+@pytest.mark.slow
+def test_a_real_search_times_onnx_files(tmp_path):
+    """Real exports and fresh-process timings; only what holds on a busy host is asserted."""
+    pytest.importorskip("onnxruntime")
+    ratio, info = ratio_for_latency(
+        tiny_vit(),
+        LatencyBudget(0.9, threads=1, rounds=1, calls=5, max_passes=2, max_contention=None),
+        example_inputs=EXAMPLE,
+    )
+    assert 0 < ratio <= 0.9 and all(t["ms"] > 0 and t["unpruned_ms"] > 0 for t in info["trials"].values())
+    assert info["trials"][f"{ratio:.6f}"]["fraction"] <= 0.9
