@@ -216,23 +216,6 @@ def test_pqv_compress_bad_input_is_one_line(tmp_path, capsys, extra, fragments):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_pqv_compress_the_bundled_vit_on_fashion_mnist(tmp_path, capsys):
-    """The issue's workflow on the real proxy: 50 % of the channels post-training, all 10,000 test images."""
-    pytest.importorskip("onnxruntime")
-    from pqv_lightning.data import FashionMNISTDataModule
-
-    try:
-        FashionMNISTDataModule().check_files()
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed")
-    argv = ["compress", "--ratio", "0.5", "--formats", "onnx", "--output-dir", str(tmp_path), "--quiet"]
-    assert main(argv) == 0
-    report = json.loads((tmp_path / "compress.json").read_text())
-    assert report["stages"]["accuracy"]["images"] == 10_000
-    assert report["stages"]["accuracy"]["pruned"] >= 0.895
-
-
 # ---------------------------------------------------------------------------------------------- accuracy floor
 def _floor_config(out, drop, **kw):
     config = _config(out)

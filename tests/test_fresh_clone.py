@@ -115,6 +115,20 @@ def test_readme_first_command_runs_the_real_demo_on_the_bundled_checkpoint(bare_
     assert f"fastest verified artifact on this host: {best['file']} (ONNX Runtime (CPU))" in proc.stdout
 
 
+@pytest.mark.slow
+def test_pqv_compress_the_bundled_vit_post_training_from_a_fresh_clone(bare_copy):
+    """Issue 31's workflow on the real proxy, with no training loop: 50 % of the channels, one-shot with
+    reconstruction on 256 Fashion-MNIST training images, accuracy on all 10,000 test images (>= 89.5 %)."""
+    proc = _pqv(bare_copy, "compress", "--ratio", "0.5", "--formats", "onnx", "--output-dir", "runs/c50", "--quiet")
+    report = json.loads((bare_copy / "runs" / "c50" / "compress.json").read_text())
+    accuracy = report["stages"]["accuracy"]
+    assert accuracy["images"] == 10_000 and accuracy["unpruned"] == pytest.approx(0.9093, abs=5e-5)
+    assert accuracy["pruned"] >= 0.895
+    assert report["stages"]["prune"]["ratio_reached"] == pytest.approx(0.5, abs=0.01)
+    assert f"| pruned, fp32 eager | {100 * accuracy['pruned']:.2f} % |" in proc.stdout
+    assert (bare_copy / "runs" / "c50" / "model_int8-dynamic.onnx").is_file()
+
+
 def _shrink(config: dict, tmp: Path) -> dict:
     """The same config at a tiny size: a few steps, one pruning event, one small export."""
     trainer = config["trainer"]

@@ -431,6 +431,21 @@ def test_ratio_for_budget_lands_within_one_channel_of_the_target(kind, target):
     assert pruned(ratio) <= absolute < pruned(ratio - 1 / 64)  # one channel of 64 less would miss it
 
 
+def test_a_budget_with_reconstruction_derives_its_ratio_without_calibration():
+    """The search's trials are structure only: reconstruct=True (which needs calibration batches at a real
+    event) once made every budget fail before training with "pass calibration input batches"."""
+    from pqv_lightning.pruning import PruningConfig, StructuredPruner, ratio_for_budget
+
+    x = torch.randn(1, 1, 32, 32)
+    plain = ratio_for_budget(tiny_vit(), PruningConfig(target_macs=0.5), example_inputs=x)
+    refit = PruningConfig(target_macs=0.5, reconstruct=True)
+    assert ratio_for_budget(tiny_vit(), refit, example_inputs=x) == plain
+    pruner = StructuredPruner(tiny_vit(), PruningConfig(importance="l2", target_macs=0.5, reconstruct=True))
+    assert pruner.config.pruning_ratio == plain and pruner.config.reconstruct
+    pruner.step(calibration=[torch.randn(64, 1, 32, 32)])
+    assert pruner.events[0].reconstruction_error_after is not None
+
+
 @pytest.mark.slow
 def test_ratio_for_budget_rejects_impossible_budgets():
     from pqv_lightning.errors import ConfigError

@@ -141,17 +141,6 @@ def ratio_for_latency(
     """
     budget.validate()
     config = config or PruningConfig()
-    trial_config = dataclasses.replace(
-        config,
-        pruning_ratio=0.0,
-        target_macs=None,
-        target_params=None,
-        iterative_steps=1,
-        importance="l2",
-        global_pruning=False,
-        threshold=None,
-        reconstruct=False,
-    )
     known: dict[str, dict[str, float]] = dict(trials or {})
     example = example_inputs[:1].detach().float()
     with tempfile.TemporaryDirectory(prefix="pqv-latency-") as tmp:
@@ -164,7 +153,7 @@ def ratio_for_latency(
             if not unpruned_file:
                 unpruned_file.append(_write(model, example, budget, Path(tmp) / "unpruned"))
             pruned = copy.deepcopy(model)
-            prune_once(pruned, dataclasses.replace(trial_config, pruning_ratio=ratio), example_inputs=example)
+            prune_once(pruned, config.structure_trial(ratio), example_inputs=example)
             path = _write(pruned, example, budget, Path(tmp) / f"trial{len(known)}")
             stats = round_robin(
                 [Candidate("unpruned", str(unpruned_file[0])), Candidate("pruned", str(path))],

@@ -4,6 +4,7 @@ and the budget value check."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,23 @@ class PruningConfig:
             check_threshold(self.threshold)
         check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
+
+    def structure_trial(self, ratio: float = 0.0) -> PruningConfig:
+        """This configuration's structure at channel ``ratio``, for trials on copies of the model (the
+        budget and latency searches): one event by L2 magnitude, uniform allocation, no threshold, no
+        reconstruction. With uniform allocation the widths depend on the ratio alone, so a trial needs
+        neither gradient statistics nor calibration data."""
+        return dataclasses.replace(
+            self,
+            pruning_ratio=ratio,
+            target_macs=None,
+            target_params=None,
+            iterative_steps=1,
+            importance="l2",
+            global_pruning=False,
+            threshold=None,
+            reconstruct=False,
+        )
 
     @property
     def budget(self) -> dict[str, float]:

@@ -765,22 +765,12 @@ def ratio_for_budget(
             f"{name}={target!r} is not below the unpruned model ({full:,}); allowed: a fraction in "
             f"(0, 1) or an absolute count below {full:,}"
         )
-    trial_config = dataclasses.replace(
-        config,
-        pruning_ratio=0.0,
-        target_macs=None,
-        target_params=None,
-        iterative_steps=1,
-        importance="l2",
-        global_pruning=False,
-        threshold=None,
-    )
 
     def after(ratio: float) -> int:
         trial = copy.deepcopy(model)
         prune_once(
             trial,
-            dataclasses.replace(trial_config, pruning_ratio=ratio),
+            config.structure_trial(ratio),
             example_inputs=example_inputs,
             adapter=adapter,
         )
