@@ -137,3 +137,26 @@ def test_a_hf_vit_in_a_trainer_with_pruning_distillation_and_export(tmp_path):
     artifacts = export.manifest["artifacts"]
     assert [a["status"] for a in artifacts] == ["ok", "ok"]
     assert all(a["verification"]["cosine"] > 0.99 for a in artifacts)
+
+
+def test_compress_a_hf_vit_with_its_logits_output(tmp_path):
+    """compress() reads a Hugging Face classifier's logits for accuracy and for a gradient criterion."""
+    from pqv_lightning.compress import CompressConfig, compress, load_compressed
+
+    from conftest import quick_export_config
+
+    pytest.importorskip("onnxruntime")
+    model = _build("ViTForImageClassification", num_channels=1)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(96, 1, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g)
+    config = CompressConfig(
+        pruning=PruningConfig(importance="taylor", pruning_ratio=0.5, reconstruct=True),
+        export=quick_export_config(tmp_path, formats=["onnx"], precisions=["fp32"]),
+    )
+    report = compress(model, [(images, labels)], config, validation=[(images[:32], labels[:32])])
+    assert report["stages"]["prune"]["params_after"] < 0.5 * report["stages"]["prune"]["params_before"]
+    rebuilt = load_compressed(_build("ViTForImageClassification", seed=3, num_channels=1), tmp_path)
+    with torch.no_grad():
+        expected = (rebuilt(images[:32]).logits.argmax(-1) == labels[:32]).float().mean().item()
+    assert report["stages"]["accuracy"]["pruned"] == pytest.approx(expected)
+    assert [a["status"] for a in report["manifest"]["artifacts"]] == ["ok"]

@@ -57,6 +57,7 @@ from .export.benchmark import summarize, time_calls
 from .export.host import host_description, host_label
 from .fileio import atomic_write_text, load_tensors, staged
 from .latency_budget import LatencyBudget, ratio_for_latency
+from .outputs import logits_of
 from .progress import Progress
 from .pruning import PruningConfig, StructuredPruner, restore_structure
 from .pruning.adapters import find_adapter, input_shape_for, no_adapter_error
@@ -277,7 +278,7 @@ def _prune(
             pruned.eval()
             for x, y in zip(batches, labels.split(config.batch_size), strict=True):
                 pruned.zero_grad(set_to_none=True)
-                F.cross_entropy(pruned(x), y).backward()
+                F.cross_entropy(_logits(pruned, x), y).backward()
                 pruner.accumulate()
         pruner.step(calibration=batches, progress=progress)
     pruned.zero_grad(set_to_none=True)
@@ -298,12 +299,19 @@ def _prune(
     return pruned, pruner.state_dict(), info
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(model(x))  # a Hugging Face classifier's output holds them
+    if logits is None:
+        raise ConfigError(f"{type(model).__name__} returns no logits tensor: accuracy and gradient criteria need one")
+    return logits
+
+
 @torch.no_grad()
 def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model.eval()
     correct = total = 0
     for x, y in batches:
-        correct += int((model(x).argmax(-1) == y).sum())
+        correct += int((_logits(model, x).argmax(-1) == y).sum())
         total += len(y)
     return correct / total
 
