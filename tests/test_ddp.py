@@ -54,6 +54,18 @@ def test_ddp_ranks_stay_identical_through_pruning_then_quantization_aware_traini
 
 
 @pytest.mark.ddp
+def test_ddp_a_latency_budget_is_measured_once_on_rank_0_and_both_ranks_prune_to_it(tmp_path):
+    (r0, r1), events = _run(tmp_path, "taylor", "latency")
+    out = tmp_path / "taylor-latency"
+    ratios = [json.loads((out / f"ratio{r}.json").read_text()) for r in (0, 1)]
+    assert ratios[0] == ratios[1] and 0 < ratios[0] < 0.9
+    assert len((out / "timer_calls").read_text().split()) >= 2  # the smallest model, then the search
+    assert len(events) == 2 and events[-1] < events[0]
+    for a, b in zip(r0, r1):
+        assert a["digest"] == b["digest"], f"ranks diverged at step {a['step']}"
+
+
+@pytest.mark.ddp
 def test_without_rewrapping_ddp_breaks(tmp_path):
     """Negative control: keeping the stale DDP wrapper after an event must not pass silently."""
     out, proc = _launch(tmp_path, "taylor", "no-rewrap")

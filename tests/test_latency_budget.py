@@ -112,6 +112,38 @@ def test_compress_takes_a_latency_budget_and_refuses_it_beside_another(tmp_path,
         CompressConfig(max_accuracy_drop=1.0, target_latency=LatencyBudget(0.5)).validate()
 
 
+def test_structured_pruning_prunes_to_the_ratio_the_latency_budget_measured(tmp_path, lit_model, mac_timer):
+    from conftest import make_trainer, random_loader, step_pruning
+
+    callback = step_pruning(importance="l2", pruning_ratio=None, target_latency=0.5, widths_for="onnx")
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(lit_model, random_loader(128, 16))  # 8 steps: events after steps 3 and 6
+    search = callback.latency_search
+    assert search is not None and search["predicted_fraction"] <= 0.5
+    assert callback.pruner.config.pruning_ratio == search["ratio"] == callback.config.pruning_ratio
+    assert callback.pruner.ratio_reached() == pytest.approx(search["ratio"], abs=1 / 16)
+    assert callback.state_dict()["latency_search"] == search
+    assert len(callback.events) == 2 and len(mac_timer) == len(search["trials"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({}, "give widths_for"),
+        ({"widths_for": "onnx", "pruning_ratio": 0.3}, r"give target_latency=0\.5 or \{'pruning_ratio': 0\.3\}"),
+        ({"widths_for": "onnx", "target_macs": 0.3}, "not both: each decides the ratio"),
+        ({"widths_for": "onnx", "global_pruning": True}, "allowed: global_pruning=False"),
+        ({"widths_for": "onnx", "latency_precision": "int8-dynamic-int4-weight"}, "cannot write precision"),
+    ],
+)
+def test_structured_pruning_refuses_a_latency_budget_it_cannot_meet_as_asked(kwargs, fragment):
+    pytest.importorskip("onnxruntime")
+    from pqv_lightning import StructuredPruning
+
+    with pytest.raises(ConfigError, match=fragment):
+        StructuredPruning(target_latency=0.5, **kwargs)
+
+
 @pytest.mark.slow
 def test_a_real_search_times_onnx_files(tmp_path):
     """Real exports and fresh-process timings; only what holds on a busy host is asserted."""

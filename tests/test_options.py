@@ -134,6 +134,7 @@ NON_DEFAULT = {
     ),
     (StructuredPruning, "macs"): dict(target_macs=0.5),
     (StructuredPruning, "params"): dict(target_params=1000),
+    (StructuredPruning, "latency"): dict(target_latency=0.5, widths_for="onnx", latency_precision="int8-dynamic"),
     MobileExport: dict(
         precisions=["fp32", "int8-static"],
         formats=["ptl"],

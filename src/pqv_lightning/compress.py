@@ -151,6 +151,11 @@ class CompressConfig:
             given = {k: v for k, v in others.items() if v is not None}
             if given:
                 raise ConfigError(f"give target_latency or {given}, not both: each decides the ratio")
+            if self.pruning.global_pruning:
+                raise ConfigError(
+                    "target_latency is met with uniform allocation (every layer keeps the same share of its "
+                    "channels); allowed: global_pruning=False"
+                )
         if self.max_accuracy_drop is not None:
             check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0, maximum=100)
             if self.pruning.budget:

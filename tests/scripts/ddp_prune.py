@@ -3,7 +3,9 @@ KnowledgeDistillation under bf16-mixed, recording a digest of the teacher too, g
 regularization with threshold mode and least-squares reconstruction; modes ``resume-a`` / ``resume-b``: an uninterrupted run that saves
 a checkpoint at the end of its first epoch, and a second run that resumes from it with
 ``fit(ckpt_path=...)``; the second pruning event happens after the resume point; mode ``qat``:
-QuantizationAwareTraining for int4 weights from right after the last event, activations 2 steps later).
+QuantizationAwareTraining for int4 weights from right after the last event, activations 2 steps later;
+mode ``latency``: ``target_latency`` instead of a ratio, timed by a synthetic timer (latency from the
+file's size) that only global rank 0 may call: the ratio it finds must reach rank 1 by broadcast).
 
 Each rank writes, after every optimizer step, a digest of its model's weights to
 OUT/rank{r}.json, plus the parameter shapes and whether the optimizer holds exactly the live params.
@@ -52,8 +54,30 @@ class Probe(pl.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
 
 
+def _synthetic_timer(out_dir: Path) -> None:
+    """Files as state dicts, timed by their size; a rank other than 0 that measures fails the run."""
+    import os
+
+    import pqv_lightning.latency_budget as latency
+
+    def write(model, example, budget, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / "model.pt")
+        return folder / "model.pt"
+
+    def timer(candidates, shape, **kw):
+        assert os.environ.get("LOCAL_RANK", "0") == "0", "only global rank 0 measures the latency budget"
+        with (out_dir / "timer_calls").open("a") as f:
+            f.write("1\n")
+        return {c.label: {"median_ms": 0.1 + os.path.getsize(c.path) / 1e5, "contention_max": 0.0} for c in candidates}
+
+    latency._write, latency.round_robin = write, timer
+
+
 def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     out_dir = Path(out)
+    if rewrap == "latency":
+        _synthetic_timer(out_dir)
     if rewrap == "no-rewrap":  # negative control: keep the stale DDP wrapper after pruning
         StructuredPruning._rewrap_ddp = staticmethod(lambda trainer: None)
     pl.seed_everything(0)
@@ -76,9 +100,10 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
     )
     resume = rewrap in ("resume-a", "resume-b")
     ckpt_dir = out_dir.parent / "ckpt"
+    budget = dict(target_latency=0.5, widths_for="onnx") if rewrap == "latency" else dict(pruning_ratio=0.5)
     pruning = StructuredPruning(
         importance=importance,
-        pruning_ratio=0.5,
+        **budget,
         iterative_steps=2,
         accumulate_batches=2,
         interval="step",
@@ -116,6 +141,7 @@ def main(out: str, importance: str, rewrap: str = "rewrap") -> None:
         (out_dir / "reconstruction.json").write_text(
             json.dumps([[e.reconstruction_error_before, e.reconstruction_error_after] for e in pruning.events])
         )
+    (out_dir / f"ratio{trainer.global_rank}.json").write_text(json.dumps(pruning.config.pruning_ratio))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -23,6 +24,7 @@ from typing_extensions import override
 from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
 from ..export.targets import TARGETS
+from ..latency_budget import LatencyBudget, ratio_for_latency
 from ..progress import progress_bar
 from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
@@ -112,6 +114,14 @@ class StructuredPruning(Callback):
             ``prune_head_dims`` (:func:`pqv_lightning.widths.width_rule`); values given explicitly
             win. ``"openvino"``: whole heads instead of head dims, 1.12x faster int8 on DeiT-base
             with AMX, at an accuracy cost (docs/pruning.md); the others change nothing.
+        target_latency: a latency budget instead of a ratio: ms per batch-1 call, or below 1 a fraction of
+            the unpruned model's latency, of the ``widths_for`` file at ``latency_precision`` on this host.
+            In ``setup`` (global rank 0, then sent to every rank) the smallest channel ratio that meets it
+            is found by exporting and timing copies of the unpruned network round-robin against its own
+            file (:func:`~pqv_lightning.latency_budget.ratio_for_latency`, uniform allocation; a few
+            minutes for a small model); the run then prunes to that ratio. Needs ``widths_for``; not with
+            ``pruning_ratio`` or a MAC / parameter budget. ``latency_search`` holds what was measured.
+        latency_precision: the precision of that file (:class:`~pqv_lightning.latency_budget.LatencyBudget`).
 
     Example::
 
@@ -166,10 +176,39 @@ class StructuredPruning(Callback):
         reconstruct_samples: int = 256,
         reconstruct_ridge: float = _P.reconstruct_ridge,
         widths_for: str | None = None,
+        target_latency: float | None = None,
+        latency_precision: str = LatencyBudget.precision,
     ) -> None:
         super().__init__()
         if widths_for is not None:
             TARGETS.check(widths_for, "widths_for")
+        #: a latency budget on ``widths_for``'s runtime (resolved to a channel ratio in ``setup``)
+        self.target_latency, self.latency_precision = target_latency, latency_precision
+        if target_latency is not None:
+            if widths_for is None:
+                raise ConfigError(
+                    f"target_latency={target_latency!r} is measured on the runtime the model is meant for: give "
+                    f"widths_for (one of {TARGETS.names()})"
+                )
+            decided = {
+                k: v
+                for k, v in (
+                    ("pruning_ratio", pruning_ratio),
+                    ("target_macs", target_macs),
+                    ("target_params", target_params),
+                )
+                if v is not None
+            }
+            if decided:
+                raise ConfigError(
+                    f"give target_latency={target_latency!r} or {decided}, not both: each decides the ratio"
+                )
+            if global_pruning:
+                raise ConfigError(
+                    f"target_latency={target_latency!r} is met with uniform allocation (every layer keeps the same "
+                    "share of its channels); allowed: global_pruning=False"
+                )
+            LatencyBudget(target_latency, format=widths_for, precision=latency_precision).validate()
         #: the export format whose runtime's width rule the pruning follows (None: the defaults)
         self.widths_for = widths_for
         rule = width_rule(
@@ -224,11 +263,27 @@ class StructuredPruning(Callback):
         self.reconstruct_samples = reconstruct_samples
         self._calibration: list[torch.Tensor] = []  # network inputs of the open window (reconstruction)
         self._capture_handle: Any = None
+        #: what the latency budget's search measured (:func:`~pqv_lightning.latency_budget.ratio_for_latency`)
+        self.latency_search: dict[str, Any] | None = None
+
+    @property
+    def latency_budget(self) -> LatencyBudget | None:
+        """The :class:`~pqv_lightning.latency_budget.LatencyBudget` of ``target_latency``, or None."""
+        if self.target_latency is None or self.widths_for is None:
+            return None
+        return LatencyBudget(self.target_latency, format=self.widths_for, precision=self.latency_precision)
 
     # ------------------------------------------------------------------ identity / state
     @property
     @override
     def state_key(self) -> str:
+        if self.target_latency is not None:  # the ratio is measured in setup; the budget identifies the callback
+            return self._generate_state_key(
+                importance=self.config.importance,
+                model_attr=self.model_attr,
+                target_latency=self.target_latency,
+                widths_for=self.widths_for,
+            )
         if self.config.budget:  # the ratio is derived in setup; the budget is what identifies the callback
             return self._generate_state_key(
                 importance=self.config.importance, model_attr=self.model_attr, **self.config.budget
@@ -245,6 +300,7 @@ class StructuredPruning(Callback):
             "stats": stats,
             "events": [asdict(e) for e in self.events],
             "calibration": [t.cpu() for t in self._calibration],
+            "latency_search": self.latency_search,
         }
 
     @override
@@ -252,6 +308,7 @@ class StructuredPruning(Callback):
         self._window_steps = int(state_dict.get("window_steps", 0))
         self.events = [PruningEvent(**e) for e in state_dict.get("events", [])]
         self._calibration = list(state_dict.get("calibration", []))
+        self.latency_search = state_dict.get("latency_search", self.latency_search)
         stats = state_dict.get("stats")
         if stats is not None and self.pruner is not None and self.pruner.stats is not None:
             self.pruner.stats.load_state_dict(stats)
@@ -273,6 +330,8 @@ class StructuredPruning(Callback):
             if self.example_input_shape is not None:
                 example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
                 check_forward("example_input_shape", model, example)
+            if self.target_latency is not None and self.latency_search is None:
+                self._resolve_latency(trainer, model, adapter, example)
             # a budget's ratio is derived here, before training: an unreachable budget fails now
             self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
             if self.config.budget:
@@ -292,6 +351,32 @@ class StructuredPruning(Callback):
             )
         # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)
+
+    def _resolve_latency(self, trainer: pl.Trainer, model: torch.nn.Module, adapter: Any, example: Any) -> None:
+        """The channel ratio that meets the latency budget, measured once (global rank 0, exporting and
+        timing copies of the unpruned network) and sent to every rank, so all prune alike. On a resumed
+        fit the checkpoint's event ratios replace the schedule (StructuredPruner.load_state_dict)."""
+        budget = self.latency_budget
+        assert budget is not None
+        found: tuple[float, dict[str, Any]] | None = None
+        if trainer.is_global_zero:
+            reference = copy.deepcopy(model).float().cpu().eval()
+            shape = tuple(example.shape) if example is not None else None
+            found = ratio_for_latency(
+                reference,
+                budget,
+                self.config,
+                example_inputs=example_inputs_for(reference, adapter, shape),
+            )
+        received: tuple[float, dict[str, Any]] = trainer.strategy.broadcast(found, src=0)  # type: ignore[assignment]
+        ratio, search = received
+        self.config = replace(self.config, pruning_ratio=ratio)
+        self.latency_search = search
+        rank_zero_info(
+            f"StructuredPruning: latency budget {budget.describe()} -> channel ratio {ratio:.4f} (its file measured "
+            f"{search['predicted_ms']:.2f} ms, {search['predicted_fraction']:.3f} of the unpruned "
+            f"{search['unpruned_ms']:.2f} ms on this host, {len(search['trials'])} trials)"
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
