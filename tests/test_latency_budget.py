@@ -6,7 +6,7 @@ import torch
 
 import pqv_lightning.latency_budget as mod
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.latency_budget import LatencyBudget, ratio_for_latency
+from pqv_lightning.latency_budget import LatencyBudget, LatencyProbe, ratio_for_latency
 from pqv_lightning.pruning import PruningConfig, count_macs
 
 from conftest import tiny_vit
@@ -155,3 +155,13 @@ def test_a_real_search_times_onnx_files(tmp_path):
     )
     assert 0 < ratio <= 0.9 and all(t["ms"] > 0 and t["unpruned_ms"] > 0 for t in info["trials"].values())
     assert info["trials"][f"{ratio:.6f}"]["fraction"] <= 0.9
+
+
+def test_a_probe_measures_only_while_open(mac_timer):
+    probe = LatencyProbe(tiny_vit(), LatencyBudget(0.5), example_inputs=EXAMPLE)
+    with pytest.raises(RuntimeError, match="in a with block"):
+        probe.measure(0.25)
+    with probe:
+        row = probe.measure(0.25)
+    assert row["fraction"] < 1 and probe.measure(0.25) is row  # kept by ratio, no second timing
+    assert len(mac_timer) == 1

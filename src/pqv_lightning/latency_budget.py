@@ -38,7 +38,7 @@ from .export.targets import TARGETS
 from .pruning import PruningConfig, prune_once
 from .pruning.budget import ratio_resolution, search_ratio
 
-__all__ = ["LatencyBudget", "ratio_for_latency"]
+__all__ = ["LatencyBudget", "LatencyProbe", "ratio_for_latency"]
 
 
 @dataclass
@@ -120,6 +120,77 @@ def _write(model: nn.Module, example: torch.Tensor, budget: LatencyBudget, folde
     return folder / manifest["artifacts"][0]["file"]
 
 
+class LatencyProbe:
+    """Measures pruned copies of ``model`` against the unpruned model's own file, as a context manager
+    (the files live in a temporary folder until it closes): :meth:`measure` prunes a copy at a channel
+    ratio (``config.structure_trial``), writes it at the budget's format and precision, and times both
+    files round-robin with the budget's settings. Results are kept by ratio (``known``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: LatencyBudget,
+        config: PruningConfig | None = None,
+        *,
+        example_inputs: torch.Tensor,
+        known: dict[str, dict[str, float]] | None = None,
+        on_trial: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        budget.validate()
+        self.model, self.budget, self.config = model, budget, config or PruningConfig()
+        self.example = example_inputs[:1].detach().float()
+        self.known: dict[str, dict[str, float]] = dict(known or {})
+        self.on_trial = on_trial
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._unpruned: Path | None = None
+
+    def __enter__(self) -> LatencyProbe:
+        self._tmp = tempfile.TemporaryDirectory(prefix="pqv-latency-")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self._tmp = self._unpruned = None
+
+    def measure(self, ratio: float) -> dict[str, float]:
+        """``{"ratio", "ms", "unpruned_ms", "fraction", "contention_max"}`` of the copy pruned at ``ratio``."""
+        key = f"{ratio:.6f}"
+        if key in self.known:
+            return self.known[key]
+        if self._tmp is None:
+            raise RuntimeError("LatencyProbe.measure needs the probe open: use it in a with block")
+        folder, budget = Path(self._tmp.name), self.budget
+        if self._unpruned is None:
+            self._unpruned = _write(self.model, self.example, budget, folder / "unpruned")
+        pruned = copy.deepcopy(self.model)
+        prune_once(pruned, self.config.structure_trial(ratio), example_inputs=self.example)
+        path = _write(pruned, self.example, budget, folder / f"trial{len(self.known)}")
+        stats = round_robin(
+            [Candidate("unpruned", str(self._unpruned)), Candidate("pruned", str(path))],
+            list(self.example.shape),
+            threads=budget.threads,
+            rounds=budget.rounds,
+            warmup=budget.warmup,
+            calls=budget.calls,
+            max_contention=budget.max_contention,
+            fresh_processes=False,
+        )
+        row = {
+            "ratio": ratio,
+            "ms": stats["pruned"]["median_ms"],
+            "unpruned_ms": stats["unpruned"]["median_ms"],
+            "fraction": stats["pruned"]["median_ms"] / stats["unpruned"]["median_ms"],
+            "contention_max": max(
+                (s["contention_max"] for s in stats.values() if s["contention_max"] is not None), default=-1.0
+            ),
+        }
+        self.known[key] = row
+        if self.on_trial is not None:
+            self.on_trial(row)
+        return row
+
+
 def ratio_for_latency(
     model: nn.Module,
     budget: LatencyBudget,
@@ -130,7 +201,8 @@ def ratio_for_latency(
     on_trial: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """The smallest channel ratio at which ``model`` pruned with ``config`` (its ``round_to``, head
-    rule and ignored layers; uniform allocation) meets ``budget``, and what the search measured.
+    rule and ignored layers; uniform allocation) meets ``budget``, and what the search measured
+    (:class:`LatencyProbe` trials).
 
     ``model`` is not changed. ``trials`` (ratio -> measurement, from an earlier call's result) are reused
     instead of measured again, so an interrupted search resumes; ``on_trial`` is told of each new one.
@@ -139,46 +211,10 @@ def ratio_for_latency(
         ConfigError: a budget not below the unpruned model, or below what the smallest allowed model
             measures (the message says what it measures).
     """
-    budget.validate()
-    config = config or PruningConfig()
-    known: dict[str, dict[str, float]] = dict(trials or {})
-    example = example_inputs[:1].detach().float()
-    with tempfile.TemporaryDirectory(prefix="pqv-latency-") as tmp:
-        unpruned_file: list[Path] = []
-
-        def measure(ratio: float) -> dict[str, float]:
-            key = f"{ratio:.6f}"
-            if key in known:
-                return known[key]
-            if not unpruned_file:
-                unpruned_file.append(_write(model, example, budget, Path(tmp) / "unpruned"))
-            pruned = copy.deepcopy(model)
-            prune_once(pruned, config.structure_trial(ratio), example_inputs=example)
-            path = _write(pruned, example, budget, Path(tmp) / f"trial{len(known)}")
-            stats = round_robin(
-                [Candidate("unpruned", str(unpruned_file[0])), Candidate("pruned", str(path))],
-                list(example.shape),
-                threads=budget.threads,
-                rounds=budget.rounds,
-                warmup=budget.warmup,
-                calls=budget.calls,
-                max_contention=budget.max_contention,
-                fresh_processes=False,
-            )
-            row = {
-                "ratio": ratio,
-                "ms": stats["pruned"]["median_ms"],
-                "unpruned_ms": stats["unpruned"]["median_ms"],
-                "fraction": stats["pruned"]["median_ms"] / stats["unpruned"]["median_ms"],
-                "contention_max": max(
-                    (s["contention_max"] for s in stats.values() if s["contention_max"] is not None), default=-1.0
-                ),
-            }
-            known[key] = row
-            if on_trial is not None:
-                on_trial(row)
-            return row
-
+    probe = LatencyProbe(model, budget, config, example_inputs=example_inputs, known=trials, on_trial=on_trial)
+    known = probe.known
+    with probe:
+        measure = probe.measure
         smallest = measure(budget.max_ratio)
         unpruned_ms = smallest["unpruned_ms"]
         fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms

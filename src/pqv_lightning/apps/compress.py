@@ -201,7 +201,9 @@ def _source(path: str | None, name: str, fmnist_dir: str | None) -> tuple[str, P
     return ("idx" if (p / _IDX_MARK).is_file() else "folder"), p
 
 
-def _idx(path: Path, split: str, count: int | None, seed: int | None):
+def fmnist_images(path: Path, split: str, count: int | None, seed: int | None):
+    """The first ``count`` images and labels of a Fashion-MNIST IDX split, preprocessed like the bundled ViT;
+    a random draw of them when ``seed`` is given (calibration), else in the split's order."""
     import torch
 
     from ..data import FashionMNISTDataModule
@@ -256,7 +258,7 @@ def _tensors(path: Path, name: str):
 def _data(args, name: str, model, count: int | None, seed: int | None, batch_size: int):
     kind, path = _source(getattr(args, name), name, args.data_dir)
     if kind == "idx":
-        return [_idx(path, "train" if name == "calibration" else "test", count, seed)]
+        return [fmnist_images(path, "train" if name == "calibration" else "test", count, seed)]
     if kind == "folder":
         return _folder(path, model, count, seed, batch_size)
     return _tensors(path, name)
