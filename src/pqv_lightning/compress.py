@@ -62,7 +62,6 @@ from .progress import Progress
 from .pruning import PruningConfig, StructuredPruner, restore_structure
 from .pruning.adapters import find_adapter, input_shape_for, no_adapter_error
 from .pruning.checkpoint import CHECKPOINT_KEY
-from .pruning.config import RECONSTRUCT_LAYERS
 from .pruning.importance import IMPORTANCE
 from .pruning.reconstruction import samples_needed
 from .settings import torch_threads
@@ -226,7 +225,7 @@ def _check_enough(model: nn.Module, config: PruningConfig, images: torch.Tensor)
         return
     adapter = find_adapter(model)
     assert adapter is not None
-    layers = getattr(adapter, RECONSTRUCT_LAYERS[config.reconstruct_layers])(model)
+    layers = config.layers_to_refit(adapter, model)
     needed, layer, width = samples_needed(model, layers, images[:1])
     if len(images) < needed:
         raise ConfigError(
@@ -250,14 +249,9 @@ def _digest(model: nn.Module, config: CompressConfig, *data: torch.Tensor | None
     for name, tensor in model.state_dict().items():
         h.update(f"{name} {list(tensor.shape)} {tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    prune = dataclasses.asdict(config.pruning)
-    exported = {k: v for k, v in dataclasses.asdict(config.export).items() if k not in ("output_dir", "overwrite")}
-    settings = {
-        "pruning": prune,
-        "export": exported,
-        **{k: getattr(config, k) for k in ("batch_size", "time_unpruned", "max_accuracy_drop", "max_ratio")},
-        "target_latency": dataclasses.asdict(config.target_latency) if config.target_latency else None,
-    }
+    settings = dataclasses.asdict(config)  # every option, nested configs included
+    for where in ("output_dir", "overwrite"):  # where the files go is not what they hold
+        settings["export"].pop(where)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for tensor in data:
         h.update(b"-" if tensor is None else tensor.contiguous().numpy().tobytes())

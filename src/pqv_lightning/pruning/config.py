@@ -171,6 +171,11 @@ class PruningConfig:
         check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
 
+    def layers_to_refit(self, adapter: Any, model: Any) -> list[str]:
+        """The Linear layers ``reconstruct`` refits in ``model``, as its adapter names them
+        (``reconstruct_layers``: :data:`RECONSTRUCT_LAYERS`)."""
+        return list(getattr(adapter, RECONSTRUCT_LAYERS[self.reconstruct_layers])(model))
+
     def structure_trial(self, ratio: float = 0.0) -> PruningConfig:
         """This configuration's structure at channel ``ratio``, for trials on copies of the model (the
         budget and latency searches): one event by L2 magnitude, uniform allocation, no threshold, no

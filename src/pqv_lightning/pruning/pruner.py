@@ -534,7 +534,7 @@ class StructuredPruner:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _reconstruction_layers(self) -> list[str]:
-        return getattr(self.adapter, RECONSTRUCT_LAYERS[self.config.reconstruct_layers])(self.model)
+        return self.config.layers_to_refit(self.adapter, self.model)
 
     def _reconstruct(
         self,
