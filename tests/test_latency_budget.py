@@ -6,7 +6,7 @@ import torch
 
 import pqv_lightning.latency_budget as mod
 from pqv_lightning.errors import ConfigError
-from pqv_lightning.latency_budget import LatencyBudget, LatencyProbe, ratio_for_latency
+from pqv_lightning.latency_budget import LatencyBudget, LatencyProbe, ratio_for_latency, widths_for_latency
 from pqv_lightning.pruning import PruningConfig, count_macs
 
 from conftest import tiny_vit
@@ -34,6 +34,12 @@ def mac_timer(monkeypatch):
         return {label: {"median_ms": 0.1 + size / 1e5, "contention_max": 0.0} for label, size in sizes.items()}
 
     monkeypatch.setattr(mod, "round_robin", fake_round_robin)
+
+    def fake_sequential(files, budget):  # the latency table's layers, by the same rule
+        calls.append({"table": len(files)})
+        return [0.1 + __import__("os").path.getsize(path) / 1e5 for path, _ in files]
+
+    monkeypatch.setattr(mod, "_time_sequentially", fake_sequential)
     return calls
 
 
@@ -165,3 +171,74 @@ def test_a_probe_measures_only_while_open(mac_timer):
         row = probe.measure(0.25)
     assert row["fraction"] < 1 and probe.measure(0.25) is row  # kept by ratio, no second timing
     assert len(mac_timer) == 1
+
+
+# ------------------------------------------------------------------ global allocation (a width per group)
+def _global(target=0.5, **kw):
+    return LatencyBudget(target, threads=1, allocation="global", **kw)
+
+
+def test_global_allocation_meets_the_budget_with_a_width_per_group_and_caches_its_table(tmp_path, mac_timer):
+    from pqv_lightning.pruning import StructuredPruner, prune_once
+
+    model = tiny_vit()
+    widths, info = widths_for_latency(model, _global(), example_inputs=EXAMPLE, cache_dir=tmp_path)
+    assert info["met"] and info["measured_fraction"] <= 0.5 and info["group_widths"] == widths
+    # the latency model (layer table + a calibrated rest) predicts the file it chose within 10 %
+    assert info["predicted_ms"] == pytest.approx(info["measured_ms"], rel=0.1)
+    assert not info["table"]["cached"] and len(list(tmp_path.glob("onnx-fp32-*.json"))) == 1
+    # the widths differ between groups (not one ratio) and the pruner reaches them exactly
+    pruned = tiny_vit()
+    prune_once(pruned, PruningConfig(importance="l2", group_widths=widths), example_inputs=EXAMPLE)
+    reached = {g.name: g.n_units for g in StructuredPruner(pruned, PruningConfig(), example_inputs=EXAMPLE).coupled_groups()}
+    assert all(reached[name] == kept for name, kept in widths.items())
+    assert len({kept / 256 if "fc1" in name else kept for name, kept in widths.items()}) > 1
+    assert model.embed_dim == 64 and model.blocks[0].mlp.fc1.out_features == 256  # the model given is untouched
+
+    # a second search reads the table from the cache and reuses the trials it is given
+    tables = [c for c in mac_timer if "table" in c]
+    again, second = widths_for_latency(
+        model, _global(), example_inputs=EXAMPLE, cache_dir=tmp_path, trials=info["trials"]
+    )
+    assert again == widths and second["table"]["cached"]
+    assert [c for c in mac_timer if "table" in c] == tables
+
+
+def test_global_allocation_refuses_a_budget_below_the_narrowest_widths(tmp_path, mac_timer):
+    with pytest.raises(ConfigError, match=r"cannot be met: the narrowest widths allowed \(0\.9 of each group's"):
+        widths_for_latency(tiny_vit(), _global(0.05), example_inputs=EXAMPLE, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="allocation='evenly'"):
+        LatencyBudget(0.5, allocation="evenly").validate()
+
+
+def test_compress_and_the_callback_prune_to_the_global_allocation(tmp_path, lit_model, mac_timer, monkeypatch):
+    from pqv_lightning.compress import CompressConfig, compress
+
+    from conftest import make_trainer, quick_export_config, random_loader, step_pruning
+
+    monkeypatch.setenv("PQV_CACHE_DIR", str(tmp_path / "cache"))
+    config = CompressConfig(
+        pruning=PruningConfig(importance="l2", reconstruct=True),
+        export=quick_export_config(tmp_path / "out", formats=["onnx"], precisions=["fp32"]),
+        target_latency=_global(),
+    )
+    report = compress(tiny_vit(), torch.randn(128, 1, 32, 32), config)
+    latency = report["stages"]["latency"]
+    assert report["stages"]["prune"]["config"]["group_widths"] == latency["group_widths"]
+    assert report["stages"]["prune"]["config"]["pruning_ratio"] is None
+    assert list((tmp_path / "cache" / "latency_tables").glob("*.json"))
+
+    callback = step_pruning(
+        importance="l2", pruning_ratio=None, target_latency=0.5, widths_for="onnx", latency_allocation="global"
+    )
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(lit_model, random_loader(128, 16))
+    search = callback.latency_search
+    assert search is not None and search["allocation"] == "global"
+    assert callback.pruner.config.group_widths == search["group_widths"]
+    final = {g.name: g.n_units for g in callback.pruner.coupled_groups()}
+    assert all(final[name] == kept for name, kept in search["group_widths"].items())
+    with pytest.raises(ConfigError, match="prune_num_heads=False"):
+        from pqv_lightning import StructuredPruning
+
+        StructuredPruning(target_latency=0.5, widths_for="onnx", latency_allocation="global", prune_num_heads=True)

@@ -17,6 +17,7 @@ from pqv_lightning.distillation import TEACHER_PRECISIONS, DistillationConfig
 from pqv_lightning.export import ENGINES, RANKINGS, MobileExportConfig
 from pqv_lightning.export.core import ON_FAILURE
 from pqv_lightning.export.qat import QuantizationAwareTrainingConfig
+from pqv_lightning.latency_budget import ALLOCATIONS
 from pqv_lightning.pruning import EventSchedule, PruningConfig
 from pqv_lightning.pruning.config import RATIO_SCHEDULES, RECONSTRUCT_LAYERS
 from pqv_lightning.pruning.schedule import INTERVALS
@@ -35,6 +36,7 @@ ALLOWED = {
     (StructuredPruning, "reconstruct_layers"): tuple(RECONSTRUCT_LAYERS),
     (StructuredPruning, "interval"): INTERVALS,
     (StructuredPruning, "regularization"): tuple(SPARSITY_NORMS),
+    (StructuredPruning, "latency_allocation"): tuple(ALLOCATIONS),
     (MobileExport, "engines"): ENGINES,
     (MobileExport, "on_failure"): ON_FAILURE,
     (MobileExport, "rank"): RANKINGS,
@@ -134,7 +136,10 @@ NON_DEFAULT = {
     ),
     (StructuredPruning, "macs"): dict(target_macs=0.5),
     (StructuredPruning, "params"): dict(target_params=1000),
-    (StructuredPruning, "latency"): dict(target_latency=0.5, widths_for="onnx", latency_precision="int8-dynamic"),
+    (StructuredPruning, "latency"): dict(
+        target_latency=0.5, widths_for="onnx", latency_precision="int8-dynamic", latency_allocation="global"
+    ),
+    (StructuredPruning, "widths"): dict(group_widths={"blocks.0.mlp.fc1:out": 64}),
     MobileExport: dict(
         precisions=["fp32", "int8-static"],
         formats=["ptl"],

@@ -56,7 +56,7 @@ from .export import MobileExportConfig, export_mobile
 from .export.benchmark import summarize, time_calls
 from .export.host import host_description, host_label
 from .fileio import atomic_write_text, load_tensors, staged
-from .latency_budget import LatencyBudget, ratio_for_latency
+from .latency_budget import LatencyBudget, ratio_for_latency, widths_for_latency
 from .outputs import logits_of
 from .progress import Progress
 from .pruning import PruningConfig, StructuredPruner, restore_structure
@@ -150,10 +150,10 @@ class CompressConfig:
             given = {k: v for k, v in others.items() if v is not None}
             if given:
                 raise ConfigError(f"give target_latency or {given}, not both: each decides the ratio")
-            if self.pruning.global_pruning:
+            if self.pruning.global_pruning or self.pruning.group_widths is not None:
                 raise ConfigError(
-                    "target_latency is met with uniform allocation (every layer keeps the same share of its "
-                    "channels); allowed: global_pruning=False"
+                    "target_latency decides the widths (LatencyBudget.allocation: 'uniform' or 'global'); "
+                    "allowed: global_pruning=False and no group_widths"
                 )
         if self.max_accuracy_drop is not None:
             check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0, maximum=100)
@@ -403,8 +403,11 @@ def compress(
             ratio = _search(reference, config, images, labels, val, report, out, progress)
             pruning = dataclasses.replace(pruning, pruning_ratio=ratio)
         if config.target_latency is not None:
-            ratio = _latency_search(reference, config, images, report, out, progress)
-            pruning = dataclasses.replace(pruning, pruning_ratio=ratio)
+            decided = _latency_search(reference, config, images, report, out, progress)
+            if isinstance(decided, dict):  # global allocation: a width per group
+                pruning = dataclasses.replace(pruning, pruning_ratio=None, group_widths=decided)
+            else:
+                pruning = dataclasses.replace(pruning, pruning_ratio=decided)
         run = dataclasses.replace(config, pruning=pruning)
         pruned, structure, stages["prune"] = _prune(reference, run, images, labels, progress)
         _save_pruned(pruned_file, pruned, structure, key)
@@ -505,28 +508,34 @@ def _latency_search(
     report: dict[str, Any],
     out: Path,
     progress: Progress | None,
-) -> float:
-    """The channel ratio of ``config.target_latency`` (:func:`ratio_for_latency`), its trials kept in the report."""
-    assert config.target_latency is not None
+) -> float | dict[str, int]:
+    """The channel ratio (uniform allocation, :func:`ratio_for_latency`) or the width per group (global
+    allocation, :func:`widths_for_latency`) of ``config.target_latency``, its trials kept in the report."""
+    budget = config.target_latency
+    assert budget is not None
     stages = report["stages"]
     done = stages.get("latency", {})
+    if "group_widths" in done:
+        return dict(done["group_widths"])
     if "ratio" in done:
         return float(done["ratio"])
     trials = dict(done.get("trials", {}))
 
-    def on_trial(row: dict[str, float]) -> None:
-        trials[f"{row['ratio']:.6f}"] = row
+    def on_trial(row: dict[str, Any]) -> None:
+        trials[row["key"]] = row
         stages["latency"] = {"trials": trials}
         _write_report(out, report)
         if progress is not None:
-            progress(len(trials), len(trials), f"ratio {row['ratio']:.3f}: {row['ms']:.2f} ms")
+            what = f"ratio {row['ratio']:.3f}" if "ratio" in row else "a width per group"
+            progress(len(trials), len(trials), f"{what}: {row['ms']:.2f} ms")
 
-    ratio, info = ratio_for_latency(
-        reference, config.target_latency, config.pruning, example_inputs=images[:1], trials=trials, on_trial=on_trial
+    search = widths_for_latency if budget.allocation == "global" else ratio_for_latency
+    decided, info = search(
+        reference, budget, config.pruning, example_inputs=images[:1], trials=trials, on_trial=on_trial
     )
     stages["latency"] = info
     _write_report(out, report)
-    return ratio
+    return decided
 
 
 def _open_folder(out: Path, key: str, overwrite: bool) -> dict[str, Any]:

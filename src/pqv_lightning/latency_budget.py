@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +39,38 @@ from torch import nn
 from .checks import check_bool, check_choice, check_int, check_number
 from .errors import ConfigError
 from .export import MobileExportConfig, export_mobile
-from .export.benchmark import Candidate, round_robin
+from .export.benchmark import Candidate, HostLoad, load_runner, round_robin, time_calls
+from .export.core import runtime_versions
+from .export.host import host_description, host_label
 from .export.precisions import PRECISIONS
 from .export.targets import TARGETS
-from .pruning import PruningConfig, prune_once
+from .fileio import atomic_write_text
+from .pruning import PruningConfig, StructuredPruner, prune_once
+from .pruning.allocation import (
+    CostTables,
+    LinearSite,
+    WidthCostModel,
+    allocate_widths,
+    group_levels,
+    linear_sites,
+    removal_costs,
+)
 from .pruning.budget import ratio_resolution, search_ratio
 
-__all__ = ["LatencyBudget", "LatencyProbe", "ratio_for_latency"]
+__all__ = [
+    "ALLOCATIONS",
+    "LatencyBudget",
+    "LatencyProbe",
+    "layer_cost_tables",
+    "ratio_for_latency",
+    "widths_for_latency",
+]
+
+#: ``LatencyBudget.allocation``: how the widths that meet a latency budget are chosen
+ALLOCATIONS = {
+    "uniform": "every layer keeps the same share of its channels (the smallest ratio that meets the budget)",
+    "global": "a width per group, from a per-layer latency table of the target runtime",
+}
 
 
 @dataclass
@@ -58,6 +90,9 @@ class LatencyBudget:
             (``None``: keep every timing).
         strict: a budget the search cannot meet within ``max_passes`` is an error (else the closest
             ratio below it is used and the report says so).
+        allocation: ``"uniform"``: every layer keeps the same share of its channels
+            (:func:`ratio_for_latency`); ``"global"``: a width per group from a per-layer latency table of
+            the target runtime (:func:`widths_for_latency`).
     """
 
     target: float
@@ -71,6 +106,7 @@ class LatencyBudget:
     max_ratio: float = 0.9
     max_contention: float | None = 0.2
     strict: bool = False
+    allocation: str = "uniform"
 
     def validate(self) -> None:
         check_number("target", self.target, minimum=0, min_open=True)
@@ -91,6 +127,7 @@ class LatencyBudget:
         if self.max_contention is not None:
             check_number("max_contention", self.max_contention, minimum=0)
         check_bool("strict", self.strict)
+        check_choice("allocation", self.allocation, list(ALLOCATIONS))
 
     def describe(self) -> str:
         amount = f"{self.target:g} ms" if self.target >= 1 else f"{self.target:g} of the unpruned model's latency"
@@ -156,7 +193,11 @@ class LatencyProbe:
 
     def measure(self, ratio: float) -> dict[str, float]:
         """``{"ratio", "ms", "unpruned_ms", "fraction", "contention_max"}`` of the copy pruned at ``ratio``."""
-        key = f"{ratio:.6f}"
+        return self.measure_structure(f"{ratio:.6f}", self.config.structure_trial(ratio), {"ratio": ratio})
+
+    def measure_structure(self, key: str, structure: PruningConfig, row: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`measure`, for a copy pruned with ``structure`` (one event, e.g. ``group_widths``),
+        kept as ``known[key]``; ``row`` is copied into the result."""
         if key in self.known:
             return self.known[key]
         if self._tmp is None:
@@ -165,7 +206,7 @@ class LatencyProbe:
         if self._unpruned is None:
             self._unpruned = _write(self.model, self.example, budget, folder / "unpruned")
         pruned = copy.deepcopy(self.model)
-        prune_once(pruned, self.config.structure_trial(ratio), example_inputs=self.example)
+        prune_once(pruned, structure, example_inputs=self.example)
         path = _write(pruned, self.example, budget, folder / f"trial{len(self.known)}")
         stats = round_robin(
             [Candidate("unpruned", str(self._unpruned)), Candidate("pruned", str(path))],
@@ -181,7 +222,8 @@ class LatencyProbe:
             fresh_processes=True,
         )
         row = {
-            "ratio": ratio,
+            "key": key,
+            **row,
             "ms": stats["pruned"]["median_ms"],
             "unpruned_ms": stats["unpruned"]["median_ms"],
             "fraction": stats["pruned"]["median_ms"] / stats["unpruned"]["median_ms"],
@@ -193,6 +235,11 @@ class LatencyProbe:
         if self.on_trial is not None:
             self.on_trial(row)
         return row
+
+    def unpruned_ms(self) -> float:
+        """The unpruned file's median of the first trial (measures the uniform ``max_ratio`` copy if none ran)."""
+        first = next(iter(self.known.values()), None) or self.measure(self.budget.max_ratio)
+        return float(first["unpruned_ms"])
 
 
 def ratio_for_latency(
@@ -258,3 +305,241 @@ def ratio_for_latency(
         "predicted_fraction": chosen["fraction"],
         "trials": known,
     }
+
+
+# ------------------------------------------------------------------------------ global allocation
+#: kept fractions of a layer's prunable widths at which its latency is measured
+TABLE_FRACTIONS = (0.1, 0.4, 0.7, 1.0)
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("PQV_CACHE_DIR") or Path.home() / ".cache" / "pqv_lightning") / "latency_tables"
+
+
+def _axis(sites: list[LinearSite], side: str) -> list[float]:
+    pruned = any(getattr(s, f"{side}_group") is not None for s in sites)
+    return list(TABLE_FRACTIONS) if pruned else [1.0]
+
+
+def layer_cost_tables(
+    sites: list[LinearSite],
+    budget: LatencyBudget,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[CostTables, dict[str, Any]]:
+    """The latency (ms) of every Linear layer shape of ``sites`` on the budget's format and precision,
+    on a grid of kept input / output fractions (:data:`TABLE_FRACTIONS`; a width no group prunes is
+    measured at 1 only), and where it is cached.
+
+    Each grid point is one ``nn.Linear`` written with the budget's exporter; all of them are timed
+    one after another in a fresh process per round (``budget.rounds`` rounds, each a median of
+    ``budget.calls`` calls after ``budget.warmup``), every timing retaken up to twice while other work
+    kept more than ``budget.max_contention`` CPUs busy; a point's latency is the median of its rounds.
+    The table is cached per host (CPUID, cache size), format, precision, threads, runtime versions and
+    shapes in ``cache_dir`` (default ``$PQV_CACHE_DIR/latency_tables`` or ``~/.cache/pqv_lightning/...``).
+    """
+    by_shape: dict[tuple[int, int, int], list[LinearSite]] = {}
+    for site in sites:
+        by_shape.setdefault(site.shape, []).append(site)
+    grid = {shape: (_axis(group, "in"), _axis(group, "out")) for shape, group in sorted(by_shape.items())}
+    host = host_description()
+    identity = {
+        "host": host_label(host),
+        "format": budget.format,
+        "precision": budget.precision,
+        "threads": budget.threads,
+        "versions": runtime_versions(),
+        "grid": {str(k): v for k, v in grid.items()},
+        "timing": [budget.rounds, budget.warmup, budget.calls],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) if cache_dir is not None else _default_cache()
+    path = path / f"{budget.format}-{budget.precision}-{key}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        tables: CostTables = {}
+        for k, v in cached["tables"].items():
+            tokens, w_in, w_out = json.loads(k)
+            tables[tokens, w_in, w_out] = (v[0], v[1], v[2])
+        return tables, {"cache": str(path), "cached": True, "seconds": cached.get("seconds")}
+    t0 = time.perf_counter()
+    points = [(shape, fi, fo) for shape, (ins, outs) in grid.items() for fi in ins for fo in outs]
+    with tempfile.TemporaryDirectory(prefix="pqv-latency-table-") as tmp:
+        files = []
+        for n, (shape, fi, fo) in enumerate(points):
+            tokens, w_in, w_out = shape
+            width_in, width_out = max(1, round(w_in * fi)), max(1, round(w_out * fo))
+            layer = nn.Linear(width_in, width_out)
+            example = torch.randn(1, tokens, width_in) if tokens > 1 else torch.randn(1, width_in)
+            files.append([str(_write(layer, example, budget, Path(tmp) / f"p{n}")), list(example.shape)])
+            if progress is not None:
+                progress(n + 1, 2 * len(points), f"latency table: wrote {n + 1}/{len(points)} layers")
+        rounds: list[list[float]] = []
+        for r in range(budget.rounds):
+            order = files[r % len(files) :] + files[: r % len(files)]  # a slow phase hits other points each round
+            times = _time_sequentially(order, budget)
+            rounds.append(times[len(files) - r % len(files) :] + times[: len(files) - r % len(files)])
+            if progress is not None:
+                progress(len(points) * (r + 1) // budget.rounds + len(points), 2 * len(points), "latency table: timed")
+    medians = [statistics.median(col) for col in zip(*rounds, strict=True)]
+    tables = {}
+    it = iter(medians)
+    for shape, (ins, outs) in grid.items():
+        tables[shape] = (ins, outs, [[next(it) for _ in outs] for _ in ins])
+    seconds = time.perf_counter() - t0
+    payload = {
+        "identity": identity,
+        "seconds": seconds,
+        "tables": {json.dumps(list(k)): list(v) for k, v in tables.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=1))
+    return tables, {"cache": str(path), "cached": False, "seconds": seconds}
+
+
+def _time_sequentially(files: list[list[Any]], budget: LatencyBudget) -> list[float]:
+    """Median ms of each file, timed one after another in one fresh process (:func:`_table_worker`)."""
+    spec = {
+        "files": files,
+        "threads": budget.threads,
+        "warmup": budget.warmup,
+        "calls": budget.calls,
+        "max_contention": budget.max_contention,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pqv_lightning.latency_budget"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"latency table worker failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return [float(t) for t in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def _table_worker(spec: dict[str, Any]) -> list[float]:
+    """Time each file in turn, one loaded at a time (a runtime never idles beside the one timed)."""
+    threads = int(spec["threads"])
+    torch.set_num_threads(threads)
+    out = []
+    for path, shape in spec["files"]:
+        run = load_runner(path, shape, threads, ort_spinning=True)
+        x = torch.randn(*shape)
+        for _ in range(3):  # retaken while other work kept the host busy
+            host = HostLoad().start()
+            times = time_calls(run, x, int(spec["warmup"]), int(spec["calls"]))
+            contention = host.contention(threads)
+            limit = spec["max_contention"]
+            if contention is None or limit is None or contention <= limit:
+                break
+        out.append(statistics.median(times))
+        del run
+    return out
+
+
+def widths_for_latency(
+    model: nn.Module,
+    budget: LatencyBudget,
+    config: PruningConfig | None = None,
+    *,
+    example_inputs: torch.Tensor,
+    trials: dict[str, dict[str, Any]] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """A width per coupled group (``PruningConfig.group_widths``) that meets ``budget`` with the least
+    loss of importance (:func:`~pqv_lightning.pruning.allocation.allocate_widths`), and what was measured.
+
+    The latency model: every Linear layer's cost from :func:`layer_cost_tables` (measured on the target
+    runtime, cached per host), plus the rest of the network, calibrated on whole-network measurements
+    (the unpruned file and the uniform ``max_ratio`` one, :class:`LatencyProbe`). The allocation's file
+    is then measured; while it misses the budget (at most ``max_passes`` times), that measurement
+    recalibrates the model and the widths are allocated again. The result holds the prediction next to
+    the measurement of the final allocation. ``model`` is not changed; ``trials`` resume an interrupted
+    search (``on_trial`` is told of each new one).
+
+    Raises:
+        ConfigError: a budget not below the unpruned model, or below what the narrowest widths allowed
+            reach (the message says what they measure / are predicted to reach).
+    """
+    config = config or PruningConfig()
+    probe = LatencyProbe(model, budget, config, example_inputs=example_inputs, known=trials, on_trial=on_trial)
+    example = probe.example
+    trial_base = config.structure_trial(0.0)
+    shadow = StructuredPruner(copy.deepcopy(model), trial_base, example_inputs=example, measure=False)
+    groups = shadow.coupled_groups()
+    units = {g.name: g.n_units for g in groups}
+    sites = linear_sites(shadow.model, groups, example)
+    costs = removal_costs(groups)
+    levels = {g.name: group_levels(g, shadow.round_to, 1.0 - budget.max_ratio) for g in groups}
+    tables, table_info = layer_cost_tables(sites, budget, cache_dir=cache_dir, progress=progress)
+    model_cost = WidthCostModel(sites, units, {g.name: g.heads for g in groups}, tables)
+    with probe:
+        smallest = probe.measure(budget.max_ratio)
+        unpruned_ms = float(smallest["unpruned_ms"])
+        fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms
+        if fraction >= 1:
+            raise ConfigError(
+                f"target_latency {budget.describe()} is not below the unpruned model, which measures "
+                f"{unpruned_ms:.2f} ms on this host"
+            )
+        uniform = copy.deepcopy(model)
+        prune_once(uniform, config.structure_trial(budget.max_ratio), example_inputs=example)
+        uniform_units = {
+            g.name: g.n_units
+            for g in StructuredPruner(uniform, trial_base, example_inputs=example, measure=False).coupled_groups()
+        }
+        anchors = [(units, unpruned_ms), (uniform_units, float(smallest["ms"]))]
+        model_cost.calibrate(anchors)
+        target_ms = fraction * unpruned_ms
+        passes: list[dict[str, Any]] = []
+        for _ in range(budget.max_passes):
+            try:
+                kept = allocate_widths(levels, costs, model_cost.predict, target_ms)
+            except ValueError:
+                narrowest = {g: v[-1] for g, v in levels.items()}
+                raise ConfigError(
+                    f"target_latency {budget.describe()} cannot be met: the narrowest widths allowed "
+                    f"({budget.max_ratio:g} of each group's units removed) are predicted at "
+                    f"{model_cost.predict(narrowest):.2f} ms, the uniform {budget.max_ratio:g} measures "
+                    f"{smallest['ms']:.2f} ms, {smallest['fraction']:.2f} of the unpruned {unpruned_ms:.2f} ms on this host"
+                ) from None
+            predicted = model_cost.predict(kept)
+            widths = {g: k for g, k in kept.items() if k != units[g]}
+            key = "global:" + hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:12]
+            row = probe.measure_structure(
+                key,
+                dataclasses.replace(trial_base, pruning_ratio=None, group_widths=widths),
+                {"allocation": "global", "predicted_ms": predicted, "group_widths": widths},
+            )
+            passes.append(row)
+            if row["fraction"] <= fraction:
+                break
+            # recalibrate on what this allocation measured (as a share of this trial's unpruned median)
+            model_cost.calibrate([(units, unpruned_ms), (kept, row["fraction"] * unpruned_ms)])
+    met = passes[-1]["fraction"] <= fraction
+    best = passes[-1] if met else min(passes, key=lambda r: r["fraction"])
+    if not met and budget.strict:
+        raise ConfigError(f"target_latency {budget.describe()}: not met within max_passes={budget.max_passes}")
+    return dict(best["group_widths"]), {
+        "budget": dataclasses.asdict(budget),
+        "allocation": "global",
+        "budget_fraction": fraction,
+        "unpruned_ms": unpruned_ms,
+        "met": met,
+        "group_widths": best["group_widths"],
+        "predicted_ms": best["predicted_ms"],
+        "measured_ms": best["ms"],
+        "measured_fraction": best["fraction"],
+        "passes": len(passes),
+        "table": table_info,
+        "trials": probe.known,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_table_worker(json.loads(sys.stdin.read()))))

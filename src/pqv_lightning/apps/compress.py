@@ -104,6 +104,13 @@ def add_compress_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--latency-precision", default=None, choices=precisions, metavar="PRECISION", help="default: fp32"
     )
     prune.add_argument(
+        "--latency-allocation",
+        default=None,
+        choices=LazyChoices("pqv_lightning.latency_budget", "ALLOCATIONS"),
+        help="how --target-latency's widths are chosen: one ratio for every layer, or a width per group from "
+        "a per-layer latency table of the runtime (default: uniform)",
+    )
+    prune.add_argument(
         "--max-ratio", type=float, default=None, help="largest ratio the floor's search tries (default 0.9)"
     )
     prune.add_argument("--events", type=count_at_least(1), default=None, help="pruning events (default 1)")
@@ -314,12 +321,13 @@ def _configs(args, formats_default: list[str]):
                 ("precision", args.latency_precision),
                 ("threads", args.threads),
                 ("max_ratio", args.max_ratio),
+                ("allocation", args.latency_allocation),
             )
             if v is not None
         }
         top["target_latency"] = LatencyBudget(args.target_latency, **given)
-    elif args.latency_for or args.latency_precision:
-        raise ConfigError("--latency-for and --latency-precision go with --target-latency")
+    elif args.latency_for or args.latency_precision or args.latency_allocation:
+        raise ConfigError("--latency-for, --latency-precision and --latency-allocation go with --target-latency")
     try:
         return dataclasses.replace(
             base,

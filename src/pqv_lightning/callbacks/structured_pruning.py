@@ -24,7 +24,7 @@ from typing_extensions import override
 from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
 from ..export.targets import TARGETS
-from ..latency_budget import LatencyBudget, ratio_for_latency
+from ..latency_budget import LatencyBudget, ratio_for_latency, widths_for_latency
 from ..progress import progress_bar
 from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
@@ -122,6 +122,9 @@ class StructuredPruning(Callback):
             minutes for a small model); the run then prunes to that ratio. Needs ``widths_for``; not with
             ``pruning_ratio`` or a MAC / parameter budget. ``latency_search`` holds what was measured.
         latency_precision: the precision of that file (:class:`~pqv_lightning.latency_budget.LatencyBudget`).
+        latency_allocation: how the widths that meet ``target_latency`` are chosen: ``"uniform"`` (one channel
+            ratio) or ``"global"`` (a width per group from a per-layer latency table of the runtime,
+            :func:`~pqv_lightning.latency_budget.widths_for_latency`; it sets ``group_widths``).
 
     Example::
 
@@ -178,12 +181,15 @@ class StructuredPruning(Callback):
         widths_for: str | None = None,
         target_latency: float | None = None,
         latency_precision: str = LatencyBudget.precision,
+        latency_allocation: Literal["uniform", "global"] = LatencyBudget.allocation,  # type: ignore[assignment]
+        group_widths: dict[str, int] | None = _P.group_widths,
     ) -> None:
         super().__init__()
         if widths_for is not None:
             TARGETS.check(widths_for, "widths_for")
         #: a latency budget on ``widths_for``'s runtime (resolved to a channel ratio in ``setup``)
         self.target_latency, self.latency_precision = target_latency, latency_precision
+        self.latency_allocation = latency_allocation
         if target_latency is not None:
             if widths_for is None:
                 raise ConfigError(
@@ -196,6 +202,7 @@ class StructuredPruning(Callback):
                     ("pruning_ratio", pruning_ratio),
                     ("target_macs", target_macs),
                     ("target_params", target_params),
+                    ("group_widths", group_widths),
                 )
                 if v is not None
             }
@@ -208,7 +215,14 @@ class StructuredPruning(Callback):
                     f"target_latency={target_latency!r} is met with uniform allocation (every layer keeps the same "
                     "share of its channels); allowed: global_pruning=False"
                 )
-            LatencyBudget(target_latency, format=widths_for, precision=latency_precision).validate()
+            LatencyBudget(
+                target_latency, format=widths_for, precision=latency_precision, allocation=latency_allocation
+            ).validate()
+            if latency_allocation == "global" and prune_num_heads:
+                raise ConfigError(
+                    "latency_allocation='global' sets a width per group (head dims, not head counts); allowed: "
+                    "prune_num_heads=False"
+                )
         #: the export format whose runtime's width rule the pruning follows (None: the defaults)
         self.widths_for = widths_for
         rule = width_rule(
@@ -232,6 +246,7 @@ class StructuredPruning(Callback):
             reconstruct_ridge=reconstruct_ridge,
             target_macs=target_macs,
             target_params=target_params,
+            group_widths=group_widths,
             **rule,
         )
         self.config.validate()
@@ -271,7 +286,12 @@ class StructuredPruning(Callback):
         """The :class:`~pqv_lightning.latency_budget.LatencyBudget` of ``target_latency``, or None."""
         if self.target_latency is None or self.widths_for is None:
             return None
-        return LatencyBudget(self.target_latency, format=self.widths_for, precision=self.latency_precision)
+        return LatencyBudget(
+            self.target_latency,
+            format=self.widths_for,
+            precision=self.latency_precision,
+            allocation=self.latency_allocation,
+        )
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -283,6 +303,7 @@ class StructuredPruning(Callback):
                 model_attr=self.model_attr,
                 target_latency=self.target_latency,
                 widths_for=self.widths_for,
+                **({"latency_allocation": "global"} if self.latency_allocation == "global" else {}),
             )
         if self.config.budget:  # the ratio is derived in setup; the budget is what identifies the callback
             return self._generate_state_key(
@@ -358,22 +379,31 @@ class StructuredPruning(Callback):
         fit the checkpoint's event ratios replace the schedule (StructuredPruner.load_state_dict)."""
         budget = self.latency_budget
         assert budget is not None
-        found: tuple[float, dict[str, Any]] | None = None
+        found: tuple[Any, dict[str, Any]] | None = None
         if trainer.is_global_zero:
             reference = copy.deepcopy(model).float().cpu().eval()
             shape = tuple(example.shape) if example is not None else None
-            found = ratio_for_latency(
+            search_for = widths_for_latency if budget.allocation == "global" else ratio_for_latency
+            found = search_for(
                 reference,
                 budget,
                 self.config,
                 example_inputs=example_inputs_for(reference, adapter, shape),
             )
-        received: tuple[float, dict[str, Any]] = trainer.strategy.broadcast(found, src=0)  # type: ignore[assignment]
-        ratio, search = received
-        self.config = replace(self.config, pruning_ratio=ratio)
+        received: tuple[Any, dict[str, Any]] = trainer.strategy.broadcast(found, src=0)  # type: ignore[assignment]
+        decided, search = received
         self.latency_search = search
+        if budget.allocation == "global":
+            self.config = replace(self.config, pruning_ratio=None, group_widths=dict(decided))
+            rank_zero_info(
+                f"StructuredPruning: latency budget {budget.describe()} -> a width per group, predicted "
+                f"{search['predicted_ms']:.2f} ms, its file measured {search['measured_ms']:.2f} ms, "
+                f"{search['measured_fraction']:.3f} of the unpruned {search['unpruned_ms']:.2f} ms on this host"
+            )
+            return
+        self.config = replace(self.config, pruning_ratio=decided)
         rank_zero_info(
-            f"StructuredPruning: latency budget {budget.describe()} -> channel ratio {ratio:.4f} (its file measured "
+            f"StructuredPruning: latency budget {budget.describe()} -> channel ratio {decided:.4f} (its file measured "
             f"{search['predicted_ms']:.2f} ms, {search['predicted_fraction']:.3f} of the unpruned "
             f"{search['unpruned_ms']:.2f} ms on this host, {len(search['trials'])} trials)"
         )

@@ -365,7 +365,7 @@ class ExportFailedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def _versions() -> dict[str, str]:
+def runtime_versions() -> dict[str, str]:
     out = {"torch": torch.__version__, "pqv_lightning": __version__}
     for dist in ("executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf"):
         try:
@@ -439,7 +439,7 @@ def export_mobile(
 
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
+        "versions": runtime_versions(),
         "host": {
             "machine": platform.machine(),
             "threads": config.threads,

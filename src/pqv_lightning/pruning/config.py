@@ -95,6 +95,13 @@ class PruningConfig:
             ``"residual"``, 90.5 % / 90.0 % with ``"all"`` (unpruned 90.9 %;
             ``benchmarks/reconstruction_probe.py``).
         reconstruct_ridge: the ridge of that fit, relative to the mean diagonal of ``XᵀX``.
+        group_widths: a width per coupled group instead of one ratio for all: ``{group name: units kept
+            after the last event}`` (a group is named by its root layer and direction, e.g.
+            ``"blocks.0.mlp.fc1:out"``; an attention group's units are its head dims, kept equal in every
+            head; groups not named keep their width). Usually the result of a latency allocation
+            (:func:`pqv_lightning.latency_budget.widths_for_latency`); every event moves each group's
+            width the schedule's share of the way, removing its least important units by the criterion.
+            Not with ``pruning_ratio``, a budget, ``global_pruning`` or ``prune_num_heads``.
     """
 
     importance: str = "taylor"
@@ -114,9 +121,10 @@ class PruningConfig:
     reconstruct_ridge: float = 1e-3
     target_macs: float | None = None
     target_params: float | None = None
+    group_widths: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.pruning_ratio is None and not self.budget:
+        if self.pruning_ratio is None and not self.budget and self.group_widths is None:
             self.pruning_ratio = DEFAULT_PRUNING_RATIO
         for name, default in WIDTH_RULE_DEFAULTS.items():
             if getattr(self, name) is None:  # unset: the default (an export target's preference comes in
@@ -145,7 +153,9 @@ class PruningConfig:
                     f"a budget ({name}={value!r}) with global_pruning=True needs a deterministic "
                     f"criterion, not importance={self.importance!r}"
                 )
-        if not budget:
+        if self.group_widths is not None:
+            self._check_group_widths()
+        elif not budget:
             _check_ratio("pruning_ratio", self.pruning_ratio)
         if self.head_pruning_ratio is not None:
             _check_ratio("head_pruning_ratio", self.head_pruning_ratio)
@@ -171,6 +181,25 @@ class PruningConfig:
         check_choice("reconstruct_layers", self.reconstruct_layers, list(RECONSTRUCT_LAYERS))
         check_ridge(self.reconstruct_ridge, "reconstruct_ridge")
 
+    def _check_group_widths(self) -> None:
+        widths = self.group_widths
+        if not isinstance(widths, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in widths.items()
+        ):
+            raise ConfigError(
+                f"group_widths={widths!r} must be a dict of group name -> units kept (an int >= 1), e.g. "
+                "{'blocks.0.mlp.fc1:out': 512}"
+            )
+        given = {
+            "pruning_ratio": self.pruning_ratio,
+            **self.budget,
+            "global_pruning": self.global_pruning or None,
+            "prune_num_heads": self.prune_num_heads or None,
+        }
+        clash = {k: v for k, v in given.items() if v is not None}
+        if clash:
+            raise ConfigError(f"group_widths sets every group's width: give it or {clash}, not both")
+
     def layers_to_refit(self, adapter: Any, model: Any) -> list[str]:
         """The Linear layers ``reconstruct`` refits in ``model``, as its adapter names them
         (``reconstruct_layers``: :data:`RECONSTRUCT_LAYERS`)."""
@@ -186,6 +215,7 @@ class PruningConfig:
             pruning_ratio=ratio,
             target_macs=None,
             target_params=None,
+            group_widths=None,
             iterative_steps=1,
             importance="l2",
             global_pruning=False,

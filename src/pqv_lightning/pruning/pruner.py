@@ -166,7 +166,7 @@ class StructuredPruner:
                     model,
                     example_inputs.detach().clone().requires_grad_(True),
                     importance=self.importance,
-                    pruning_ratio=config.pruning_ratio,
+                    pruning_ratio=config.pruning_ratio or 0.0,  # group_widths: its nominal ratio, set below
                     iterative_steps=config.iterative_steps,
                     iterative_pruning_ratio_scheduler=RATIO_SCHEDULES[config.ratio_schedule],
                     ignored_layers=ignored_modules,
@@ -205,6 +205,8 @@ class StructuredPruner:
                 full = count_macs(model, self._example())
             self._budget_full = float(full)
             self.budget = {name: target * full if target < 1 else float(target)}
+        #: group name -> units it keeps after the last event (``config.group_widths``), checked
+        self.group_widths = self._check_group_widths() if config.group_widths is not None else None
         # the schedule's cumulative ratios before any event settles its own (global budgets)
         self._nominal_ratios = [float(r) for r in self._tp.per_step_pruning_ratio]
         if self.stats is not None:
@@ -354,6 +356,75 @@ class StructuredPruner:
             removed += len(idxs)
         return removed
 
+    def _check_group_widths(self) -> dict[str, int]:
+        """``config.group_widths`` against the groups of the model: known names, widths a group can
+        take (at most its width, a multiple of its step); sets the schedule to the nominal channel
+        ratio they amount to."""
+        assert self.config.group_widths is not None
+        groups = {g.name: g for g in self.coupled_groups()}
+        unknown = sorted(set(self.config.group_widths) - set(groups))
+        if unknown:
+            raise ConfigError(
+                f"group_widths names {unknown}, which are not coupled groups of {type(self.model).__name__}; "
+                f"its groups: {sorted(groups)}"
+            )
+        self._initial_units = {name: g.n_units for name, g in groups.items()}
+        self._initial_heads = {name: g.heads for name, g in groups.items()}
+        removed = 0
+        for name, kept in self.config.group_widths.items():
+            g = groups[name]
+            step = head_width_step(self.round_to or 1, g.heads)
+            if kept > g.n_units or (kept != g.n_units and kept % step):
+                raise ConfigError(
+                    f"group_widths[{name!r}]={kept}: allowed a width <= {g.n_units} that is a multiple of {step} "
+                    f"(round_to={self.round_to}, {g.heads} heads)"
+                )
+            removed += (g.n_units - kept) * g.heads
+        nominal = removed / max(1, self.prunable_channels())
+        schedule = RATIO_SCHEDULES[self.config.ratio_schedule]
+        self._tp.per_step_pruning_ratio = [float(r) for r in schedule(nominal, self.iterative_steps)]
+        return dict(self.config.group_widths)
+
+    def event_widths(self, event: int) -> dict[str, int]:
+        """Units every ``group_widths`` group keeps after ``event`` (1-based): the schedule's share of the
+        way from its width before the first event to its final width, in steps of its width rule."""
+        assert self.group_widths is not None
+        fractions = RATIO_SCHEDULES[self.config.ratio_schedule](1.0, self.iterative_steps)
+        out = {}
+        for name, kept in self.group_widths.items():
+            start = self._initial_units[name]
+            step = head_width_step(self.round_to or 1, self._initial_heads[name])
+            out[name] = start - int((start - kept) * fractions[event] + 1e-9) // step * step
+        out = {k: max(v, self.group_widths[k]) for k, v in out.items()}
+        return out
+
+    def unit_scores(self, group: CoupledGroup) -> torch.Tensor:
+        """The criterion's score of every unit of ``group`` (an attention group's head dims: the mean over
+        its heads, as Torch-Pruning ranks them)."""
+        dg = self._tp.DG
+        full = dg.get_pruning_group(group.root, group.handler, list(range(group.n_units * group.heads)))
+        scores = self.importance(full)
+        if scores is None:
+            return torch.zeros(group.n_units)
+        return scores.detach().float().cpu().view(group.heads, group.n_units).mean(0)
+
+    def _prune_to_widths(self, widths: dict[str, int]) -> int:
+        """Remove each named group's least important units down to ``widths``; returns the root channels
+        removed. Every group is scored before any is pruned (one consistent state, as in Torch-Pruning)."""
+        plan = []
+        for g in self.coupled_groups():
+            if g.name in widths and g.n_units > widths[g.name]:
+                order = torch.argsort(self.unit_scores(g), stable=True)
+                plan.append((g, order[: g.n_units - widths[g.name]]))
+        dg = self._tp.DG
+        removed = 0
+        for g, units in plan:
+            idxs = g.root_indices(units)
+            dg.get_pruning_group(g.root, g.handler, idxs).prune()
+            removed += len(idxs)
+        self._groups = None
+        return removed
+
     def event_budget(self, event: int) -> float:
         """The MACs / parameters a global-allocation budget allows after ``event`` (1-based): the
         budget's reduction shared out like the schedule's nominal ratios, so event ``k`` of ``n``
@@ -466,7 +537,11 @@ class StructuredPruner:
         removed_by_threshold = 0
         with record_parameter_replacements() as log, torch.enable_grad():
             with _timed(phases, "score_and_remove"):  # Torch-Pruning: scores every group, removes channels
-                self._tp.step()
+                if self.group_widths is not None:  # a width per group: this event's share of the way
+                    self._tp.current_step += 1
+                    self._prune_to_widths(self.event_widths(self.completed_events))
+                else:
+                    self._tp.step()
             with _timed(phases, "threshold"):
                 after_ratio = coupled_groups(self)
                 removed_by_ratio = channels_before - self.prunable_channels(after_ratio)
