@@ -51,9 +51,7 @@ def test_group_widths_remove_the_least_important_units():
         model.blocks[0].mlp.fc1.bias[:10] = 0
         model.blocks[0].mlp.fc2.weight[:, :10] = 0
         kept_rows = model.blocks[0].mlp.fc1.weight[10:].clone()
-    StructuredPruner(
-        model, PruningConfig(importance="l2", group_widths={FC1: 246}), example_inputs=EXAMPLE
-    ).step()
+    StructuredPruner(model, PruningConfig(importance="l2", group_widths={FC1: 246}), example_inputs=EXAMPLE).step()
     assert torch.equal(model.blocks[0].mlp.fc1.weight, kept_rows)
 
 

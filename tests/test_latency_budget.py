@@ -190,7 +190,9 @@ def test_global_allocation_meets_the_budget_with_a_width_per_group_and_caches_it
     # the widths differ between groups (not one ratio) and the pruner reaches them exactly
     pruned = tiny_vit()
     prune_once(pruned, PruningConfig(importance="l2", group_widths=widths), example_inputs=EXAMPLE)
-    reached = {g.name: g.n_units for g in StructuredPruner(pruned, PruningConfig(), example_inputs=EXAMPLE).coupled_groups()}
+    reached = {
+        g.name: g.n_units for g in StructuredPruner(pruned, PruningConfig(), example_inputs=EXAMPLE).coupled_groups()
+    }
     assert all(reached[name] == kept for name, kept in widths.items())
     assert len({kept / 256 if "fc1" in name else kept for name, kept in widths.items()}) > 1
     assert model.embed_dim == 64 and model.blocks[0].mlp.fc1.out_features == 256  # the model given is untouched
