@@ -151,3 +151,24 @@ def test_group_levels_are_multiples_of_the_width_rule_and_respect_the_floor():
     assert levels == sorted(levels, reverse=True) and len(levels) <= 33
     attn = group_levels(groups[ATTN], 8, 0.1)  # 4 heads: a head's width moves in steps of 2
     assert attn[0] == 16 and all(v % 2 == 0 for v in attn) and min(attn) == 2
+
+
+def test_fisher_costs_are_saliencies_comparable_across_groups_and_need_no_labels():
+    from pqv_lightning.pruning.allocation import fisher_diagonal
+
+    model = tiny_vit()
+    batches = [torch.randn(16, 1, 32, 32)]
+    fisher = fisher_diagonal(model, batches, micro_batch=4)
+    assert all(p.grad is None for p in model.parameters()) and model.training  # left as it was
+    assert all(torch.all(fisher[id(p)] >= 0) for p in model.parameters())
+    assert fisher_diagonal(model, batches, micro_batch=4)[id(model.head.weight)].equal(fisher[id(model.head.weight)])
+    groups = _groups(model)
+    costs = removal_costs(groups, fisher)
+    assert all(torch.all(c[1:] >= c[:-1]) and c.numel() == g.n_units for g, c in zip(groups, costs.values()))
+    # by hand for one unit: 1/2 sum F w^2 over the fc1 row, its bias and the fc2 column
+    fc1, fc2 = model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2
+    unit = 0.5 * sum(
+        float((fisher[id(p)] * p.detach().square())[index].sum())
+        for p, index in ((fc1.weight, (5,)), (fc1.bias, (5,)), (fc2.weight, (slice(None), 5)))
+    )
+    assert any(abs(float(c) - unit) < 1e-6 * max(1.0, unit) for c in costs[FC1])

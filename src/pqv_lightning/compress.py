@@ -529,10 +529,21 @@ def _latency_search(
             what = f"ratio {row['ratio']:.3f}" if "ratio" in row else "a width per group"
             progress(len(trials), len(trials), f"{what}: {row['ms']:.2f} ms")
 
-    search = widths_for_latency if budget.allocation == "global" else ratio_for_latency
-    decided, info = search(
-        reference, budget, config.pruning, example_inputs=images[:1], trials=trials, on_trial=on_trial
-    )
+    decided: float | dict[str, int]
+    if budget.allocation == "global":  # a unit's cost: its saliency under the Fisher on the calibration images
+        decided, info = widths_for_latency(
+            reference,
+            budget,
+            config.pruning,
+            example_inputs=images[:1],
+            trials=trials,
+            on_trial=on_trial,
+            calibration=list(images.split(config.batch_size)),
+        )
+    else:
+        decided, info = ratio_for_latency(
+            reference, budget, config.pruning, example_inputs=images[:1], trials=trials, on_trial=on_trial
+        )
     stages["latency"] = info
     _write_report(out, report)
     return decided

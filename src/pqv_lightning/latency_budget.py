@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from .pruning.allocation import (
     LinearSite,
     WidthCostModel,
     allocate_widths,
+    fisher_diagonal,
     group_levels,
     linear_sites,
     removal_costs,
@@ -450,6 +451,7 @@ def widths_for_latency(
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """A width per coupled group (``PruningConfig.group_widths``) that meets ``budget`` with the least
     loss of importance (:func:`~pqv_lightning.pruning.allocation.allocate_widths`), and what was measured.
@@ -459,7 +461,10 @@ def widths_for_latency(
     (the unpruned file and the uniform ``max_ratio`` one, :class:`LatencyProbe`). The allocation's file
     is then measured; while it misses the budget (at most ``max_passes`` times), that measurement
     recalibrates the model and the widths are allocated again. The result holds the prediction next to
-    the measurement of the final allocation. ``model`` is not changed; ``trials`` resume an interrupted
+    the measurement of the final allocation. What a unit's removal costs: its OBD saliency under the
+    label-free Fisher of the model on ``calibration`` batches of inputs when given
+    (:func:`~pqv_lightning.pruning.allocation.fisher_diagonal`), else its relative weight magnitude
+    (:func:`~pqv_lightning.pruning.allocation.removal_costs`). ``model`` is not changed; ``trials`` resume an interrupted
     search (``on_trial`` is told of each new one).
 
     Raises:
@@ -474,7 +479,8 @@ def widths_for_latency(
     groups = shadow.coupled_groups()
     units = {g.name: g.n_units for g in groups}
     sites = linear_sites(shadow.model, groups, example)
-    costs = removal_costs(groups)
+    fisher = fisher_diagonal(shadow.model, calibration) if calibration else None
+    costs = removal_costs(groups, fisher)
     levels = {g.name: group_levels(g, shadow.round_to, 1.0 - budget.max_ratio) for g in groups}
     tables, table_info = layer_cost_tables(sites, budget, cache_dir=cache_dir, progress=progress)
     model_cost = WidthCostModel(sites, units, {g.name: g.heads for g in groups}, tables)
@@ -493,14 +499,15 @@ def widths_for_latency(
             g.name: g.n_units
             for g in StructuredPruner(uniform, trial_base, example_inputs=example, measure=False).coupled_groups()
         }
-        anchors = [(units, unpruned_ms), (uniform_units, float(smallest["ms"]))]
-        model_cost.calibrate(anchors)
+        model_cost.calibrate([(units, unpruned_ms), (uniform_units, float(smallest["ms"]))])
         target_ms = fraction * unpruned_ms
         passes: list[dict[str, Any]] = []
         for _ in range(budget.max_passes):
             try:
                 kept = allocate_widths(levels, costs, model_cost.predict, target_ms)
             except ValueError:
+                if passes:  # recalibrated on a noisy measurement: keep what was measured
+                    break
                 narrowest = {g: v[-1] for g, v in levels.items()}
                 raise ConfigError(
                     f"target_latency {budget.describe()} cannot be met: the narrowest widths allowed "
@@ -519,7 +526,8 @@ def widths_for_latency(
             passes.append(row)
             if row["fraction"] <= fraction:
                 break
-            # recalibrate on what this allocation measured (as a share of this trial's unpruned median)
+            # recalibrate through the unpruned file and what this allocation measured (as a share of its
+            # trial's unpruned median): the line is then exact next to the budget
             model_cost.calibrate([(units, unpruned_ms), (kept, row["fraction"] * unpruned_ms)])
     met = passes[-1]["fraction"] <= fraction
     best = passes[-1] if met else min(passes, key=lambda r: r["fraction"])
@@ -536,6 +544,7 @@ def widths_for_latency(
         "measured_ms": best["ms"],
         "measured_fraction": best["fraction"],
         "passes": len(passes),
+        "costs": "fisher" if fisher is not None else "magnitude",
         "table": table_info,
         "trials": probe.known,
     }

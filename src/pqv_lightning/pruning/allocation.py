@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..outputs import main_tensor
 from ..widths import head_width_step
 from .sparsity import CoupledGroup, unit_norms
 
@@ -38,6 +39,7 @@ __all__ = [
     "LinearSite",
     "WidthCostModel",
     "allocate_widths",
+    "fisher_diagonal",
     "group_levels",
     "linear_sites",
     "removal_costs",
@@ -125,9 +127,64 @@ def linear_sites(model: nn.Module, groups: Sequence[CoupledGroup], example: torc
     return sites
 
 
+def fisher_diagonal(
+    model: nn.Module, batches: Sequence[torch.Tensor], *, micro_batch: int = 8, seed: int = 0
+) -> dict[int, torch.Tensor]:
+    """The diagonal of the Fisher information of ``model``'s predictive distribution on ``batches`` of
+    inputs, no labels needed: labels are drawn from the model's own softmax (a fixed ``seed``), and
+    the squared gradients of micro-batches of ``micro_batch`` inputs are averaged. ``{id(parameter):
+    tensor}``; the model's ``.grad`` and mode are left as they were (gradients cleared)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for batch in batches:
+            for x in batch.split(micro_batch):
+                model.zero_grad(set_to_none=True)
+                logits = main_tensor(model(x))
+                if logits is None:
+                    raise ValueError(f"fisher_diagonal: {type(model).__name__} returned no logits")
+                logits = logits.float()
+                with torch.no_grad():
+                    labels = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).squeeze(1)
+                torch.nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="sum").backward()
+                for p in params:
+                    if p.grad is not None:
+                        total[id(p)] += p.grad.detach().float().square() / len(x)
+                count += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {k: v / max(1, count) for k, v in total.items()}
+
+
 @torch.no_grad()
-def removal_costs(groups: Sequence[CoupledGroup]) -> dict[str, torch.Tensor]:
-    """Per group, the importance each unit's removal costs, weakest first (see the module docstring)."""
+def removal_costs(
+    groups: Sequence[CoupledGroup], fisher: Mapping[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per group, the importance each unit's removal costs, weakest first (see the module docstring).
+
+    With ``fisher`` (:func:`fisher_diagonal` of the same parameters), a unit costs its OBD saliency
+    ``1/2 sum F w^2`` over every coupled weight: the loss increase its removal is expected to cause,
+    in the same units for every group."""
+    if fisher is not None:
+        out = {}
+        for g in groups:
+            total = torch.zeros(g.n_units)
+            for s in g.slices:
+                f = fisher.get(id(s.param))
+                if f is None:
+                    continue
+                weighted = (f.to(s.param.device) * s.param.detach().float().square()).cpu()
+                part = weighted if s.whole else weighted.index_select(s.dim, s.idxs.cpu())
+                other = tuple(d for d in range(part.dim()) if d != s.dim)
+                entries = part.sum(other) if other else part
+                total.index_add_(0, s.units.cpu(), entries)
+            out[g.name] = torch.sort(total / 2).values
+        return out
     sizes = {g.name: sum(len(s.idxs) * (s.param.numel() // s.param.shape[s.dim]) for s in g.slices) for g in groups}
     per_unit = {g.name: sizes[g.name] / g.n_units for g in groups}
     mean_size = sum(sizes.values()) / max(1, sum(g.n_units for g in groups))
@@ -195,14 +252,16 @@ class WidthCostModel:
         return self.layers(kept) + a + b * self.kept_share(kept)
 
     def calibrate(self, measured: Sequence[tuple[Mapping[str, int], float]]) -> None:
-        """Fit ``rest`` so that the model predicts whole-network measurements ``(kept, ms)``: through
-        two of them exactly (a line in the kept share), or a constant offset from one."""
+        """Fit ``rest`` so that the model predicts whole-network measurements ``(kept, ms)``: a line in
+        the kept share by least squares (through two of them exactly), or a constant offset from one."""
         points = [(self.kept_share(k), ms - self.layers(k)) for k, ms in measured]
         if not points:
             raise ValueError("calibrate needs at least one measurement")
-        (f0, r0), (f1, r1) = points[0], points[-1]
-        b = (r1 - r0) / (f1 - f0) if len(points) > 1 and abs(f1 - f0) > 1e-9 else 0.0
-        self.rest = (r0 - b * f0, b)
+        mean_f = sum(f for f, _ in points) / len(points)
+        mean_r = sum(r for _, r in points) / len(points)
+        spread = sum((f - mean_f) ** 2 for f, _ in points)
+        b = sum((f - mean_f) * (r - mean_r) for f, r in points) / spread if spread > 1e-12 else 0.0
+        self.rest = (mean_r - b * mean_f, b)
 
 
 def _bilinear(xs: Sequence[float], ys: Sequence[float], zs: Sequence[Sequence[float]], x: float, y: float) -> float:
