@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="independent runs of the latency comparison")
     args = ap.parse_args(argv)
     cache = JsonCache(OUT / "latency_allocation.json")
     host = host_description()
@@ -109,24 +110,31 @@ def main(argv: list[str] | None = None) -> None:
             row = {"accuracy": accuracy, "prune_seconds": seconds, "params": count_params(pruned)}
             cache.put(key, {**row, "macs": count_macs(pruned, EXAMPLE)})
             print(f"{key}: {100 * accuracy:.2f} % ({seconds:.0f} s)", flush=True)
-    key = f"latency/{args.budget:g}/{args.format}/{args.precision}/" + ",".join(sorted(arms))
-    if cache.get(key) is None:  # every structure beside the unpruned file, in one run
-        budget = LatencyBudget(
-            args.budget, format=args.format, precision=args.precision, threads=args.threads, rounds=args.rounds
-        )
-        rows = {}
-        with LatencyProbe(model, budget, example_inputs=EXAMPLE) as probe:
-            for arm, (structure, _) in arms.items():
-                rows[arm] = probe.measure_structure(arm, structure, {})
-        cache.put(key, {"rows": rows, "host": host_label(host)})
+    for repeat in range(args.repeats):  # every structure beside the unpruned file, in one run per repeat
+        key = _latency_key(args, arms, repeat)
+        if cache.get(key) is None:
+            budget = LatencyBudget(
+                args.budget, format=args.format, precision=args.precision, threads=args.threads, rounds=args.rounds
+            )
+            rows = {}
+            with LatencyProbe(model, budget, example_inputs=EXAMPLE) as probe:
+                for arm, (structure, _) in arms.items():
+                    rows[arm] = probe.measure_structure(arm, structure, {})
+            cache.put(key, {"rows": rows, "host": host_label(host)})
+            print(f"latency repeat {repeat}: " + ", ".join(f"{a} {r['fraction']:.3f}" for a, r in rows.items()))
     report = _report(cache, args, arms, host)
     atomic_write_text(OUT / "latency_allocation.md", report)
     print(report)
 
 
+def _latency_key(args, arms, repeat: int) -> str:
+    suffix = "" if repeat == 0 else f"/{repeat}"
+    return f"latency/{args.budget:g}/{args.format}/{args.precision}/" + ",".join(sorted(arms)) + suffix
+
+
 def _report(cache: JsonCache, args, arms: dict[str, tuple[PruningConfig, str]], host: dict) -> str:
     unpruned = cache.get("unpruned")
-    latency = cache.get(f"latency/{args.budget:g}/{args.format}/{args.precision}/" + ",".join(sorted(arms)))["rows"]
+    runs = [cache.get(_latency_key(args, arms, r))["rows"] for r in range(args.repeats)]
     se = 100 * (unpruned["accuracy"] * (1 - unpruned["accuracy"]) / TEST_IMAGES) ** 0.5
     lines = [
         f"# Uniform vs global width allocation at a latency budget of {args.budget:g} ({args.format} {args.precision})",
@@ -135,9 +143,9 @@ def _report(cache: JsonCache, args, arms: dict[str, tuple[PruningConfig, str]], 
         f"(standard error of one accuracy on {TEST_IMAGES:,} images: {se:.2f} pt). Post-training (L2, one event, "
         f"least-squares refit on {args.calibration_images} training images per seed, seeds {args.seeds}). "
         "Latency: every structure's file vs the unpruned file, round-robin in fresh processes, one run "
-        f"({args.rounds} rounds).",
+        f"({args.rounds} rounds), repeated {args.repeats} times: the median of the repeats, and their range.",
         "",
-        "| allocation | search measured | this run: ms (x unpruned) | MACs | accuracy (mean ± std over seeds) |",
+        "| allocation | search measured | x unpruned (median, range of repeats) | MACs | accuracy (mean ± std over seeds) |",
         "|---|---|---|---|---|",
     ]
     for arm, (_, search_key) in arms.items():
@@ -146,9 +154,10 @@ def _report(cache: JsonCache, args, arms: dict[str, tuple[PruningConfig, str]], 
         accs = [100 * r["accuracy"] for r in rows]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         search = cache.get(search_key)
-        t = latency[arm]
+        fractions = sorted(run[arm]["fraction"] for run in runs)
         lines.append(
-            f"| {arm} | {search['measured_fraction']:.3f} | {t['ms']:.2f} ({t['fraction']:.3f}) | "
+            f"| {arm} | {search['measured_fraction']:.3f} | {statistics.median(fractions):.3f} "
+            f"({fractions[0]:.3f}–{fractions[-1]:.3f}) | "
             f"{rows[0]['macs'] / unpruned['macs']:.3f} | {statistics.fmean(accs):.2f}{spread} % (n={len(accs)}) |"
         )
     return "\n".join(lines) + "\n"
