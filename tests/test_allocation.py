@@ -172,3 +172,16 @@ def test_fisher_costs_are_saliencies_comparable_across_groups_and_need_no_labels
         for p, index in ((fc1.weight, (5,)), (fc1.bias, (5,)), (fc2.weight, (slice(None), 5)))
     )
     assert any(abs(float(c) - unit) < 1e-6 * max(1.0, unit) for c in costs[FC1])
+
+
+def test_a_resumed_pruner_keeps_the_widths_of_the_run_it_resumes():
+    first, resumed = tiny_vit(), tiny_vit()
+    config = PruningConfig(importance="l2", group_widths={FC1: 64}, iterative_steps=2)
+    pruner = StructuredPruner(first, config, example_inputs=EXAMPLE)
+    pruner.step()
+    other = PruningConfig(importance="l2", group_widths={FC1: 128}, iterative_steps=2)  # e.g. a new search
+    again = StructuredPruner(resumed, other, example_inputs=EXAMPLE)
+    again.load_state_dict(pruner.state_dict())
+    assert again.group_widths == {FC1: 64} and resumed.blocks[0].mlp.fc1.out_features == 160
+    again.step()
+    assert resumed.blocks[0].mlp.fc1.out_features == 64

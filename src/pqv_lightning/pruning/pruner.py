@@ -688,6 +688,9 @@ class StructuredPruner:
         self._tp.current_step = int(state["current_step"])
         if "ratios" in state and len(state["ratios"]) == len(self._tp.per_step_pruning_ratio):
             self._tp.per_step_pruning_ratio = [float(r) for r in state["ratios"]]  # the ratios events settled
+        saved_widths = state.get("config", {}).get("group_widths")
+        if self.group_widths is not None and saved_widths:  # the run's own widths (a latency search may differ)
+            self.group_widths = {str(k): int(v) for k, v in saved_widths.items()}
         self._groups = None
         self.adapter.sync_attributes(self.model, state["num_heads"])
         self.initial_params = int(state.get("initial_params", self.initial_params))
