@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..outputs import main_tensor
 from ..widths import head_width_step
+from .reconstruction import rows_per_input
 from .sparsity import CoupledGroup, unit_norms
 
 __all__ = [
@@ -85,22 +86,7 @@ class LinearSite:
 def linear_sites(model: nn.Module, groups: Sequence[CoupledGroup], example: torch.Tensor) -> list[LinearSite]:
     """Every Linear layer of ``model``, the rows it sees per call on ``example`` (batch 1) and the groups
     (of ``groups``, the model's current structure) that set its widths."""
-    rows: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-
-            def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-                rows[_name] = rows.get(_name, 0) + args[0].numel() // args[0].shape[-1]
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()(example[:1])
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    rows = rows_per_input(model, example)
     by_param: dict[tuple[int, int], tuple[str, int]] = {}  # (id(weight), dim) -> (group, features per unit)
     for g in groups:
         for s in g.slices:

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..progress import Progress
 
-__all__ = ["LayerFit", "check_ridge", "reconstruct_linears", "samples_needed"]
+__all__ = ["LayerFit", "check_ridge", "reconstruct_linears", "rows_per_input", "samples_needed"]
 
 
 @dataclass(frozen=True)
@@ -90,22 +90,21 @@ def _check(name: str, layer: nn.Module, ref_layer: nn.Module, keep: torch.Tensor
 
 
 @torch.no_grad()
-def samples_needed(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> tuple[int, str, int]:
-    """How many calibration inputs (images) the least-squares fit of ``layers`` needs at least:
-    each layer's system ``XᵀX`` is as wide as the layer's input, and is only determined by the data
-    (not by the ridge alone) when ``X`` has at least that many rows. One forward pass of
-    ``example`` (a batch of one input) counts the rows a single input gives each layer (a ViT's
-    ``qkv`` sees one per token, its head one per image). Returns ``(inputs, layer, width)`` of the
-    layer that needs the most."""
+def rows_per_input(model: nn.Module, example: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, int]:
+    """The rows each Linear layer of ``layers`` (default: every Linear of ``model``) sees in one forward
+    pass of ``example[:1]`` (one input): one per token for a ViT's blocks, one for its head. Layers the
+    pass does not reach are missing."""
+    if layers is None:
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     rows: dict[str, int] = {}
     hooks = []
     for name in layers:
         layer = model.get_submodule(name)
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
-            rows[name] = args[0].numel() // module.in_features
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
 
-        hooks.append(layer.register_forward_hook(hook))
+        hooks.append(layer.register_forward_pre_hook(hook))
     was_training = model.training
     try:
         model.eval()(example[:1])
@@ -113,6 +112,18 @@ def samples_needed(model: nn.Module, layers: Sequence[str], example: torch.Tenso
         model.train(was_training)
         for h in hooks:
             h.remove()
+    return rows
+
+
+@torch.no_grad()
+def samples_needed(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> tuple[int, str, int]:
+    """How many calibration inputs (images) the least-squares fit of ``layers`` needs at least:
+    each layer's system ``XᵀX`` is as wide as the layer's input, and is only determined by the data
+    (not by the ridge alone) when ``X`` has at least that many rows. One forward pass of
+    ``example`` (a batch of one input) counts the rows a single input gives each layer (a ViT's
+    ``qkv`` sees one per token, its head one per image). Returns ``(inputs, layer, width)`` of the
+    layer that needs the most."""
+    rows = rows_per_input(model, example, layers)
     worst = (0, "", 0)
     for name, per_input in rows.items():
         width = _linear(model, name).in_features
