@@ -13,9 +13,11 @@ round-robin, each in a process of its own (``LatencyProbe``), so the latencies c
 the same run.
 
 Rows are cached in ``benchmarks/results/latency_allocation.json`` (rerun to continue); the report goes
-to ``latency_allocation.md``.
+to ``latency_allocation.md``. With ``--model NAME`` a timm model with random weights at 224x224 is
+measured instead, latency only (``latency_allocation_NAME.json`` / ``.md``).
 
     python benchmarks/latency_allocation.py
+    python benchmarks/latency_allocation.py --model deit_base_patch16_224 --max-ratios 0.5
 """
 
 from __future__ import annotations
@@ -44,14 +46,14 @@ TEST_IMAGES = 10_000
 EXAMPLE = torch.zeros(1, 1, 32, 32)
 
 
-def _structures(cache: JsonCache, model, args, calibration) -> dict[str, tuple[PruningConfig, str]]:
+def _structures(cache: JsonCache, model, args, calibration, example) -> dict[str, tuple[PruningConfig, str]]:
     """Arm name -> the pruning structure its search chose (searched once, cached) and its search's key.
     ``fisher`` costs: the label-free Fisher on the first seed's calibration images."""
     arms = {}
     base = dict(format=args.format, precision=args.precision, threads=args.threads)
     key = f"search/uniform/{args.budget:g}"
     if cache.get(key) is None:
-        ratio, info = ratio_for_latency(model, LatencyBudget(args.budget, **base), example_inputs=EXAMPLE)
+        ratio, info = ratio_for_latency(model, LatencyBudget(args.budget, **base), example_inputs=example)
         cache.put(key, {"ratio": ratio, "measured_fraction": info["predicted_fraction"]})
     arms["uniform"] = (PruningConfig(importance="l2", pruning_ratio=cache.get(key)["ratio"]), key)
     for costs in args.costs:
@@ -60,7 +62,7 @@ def _structures(cache: JsonCache, model, args, calibration) -> dict[str, tuple[P
             if cache.get(key) is None:
                 budget = LatencyBudget(args.budget, allocation="global", max_ratio=max_ratio, **base)
                 widths, info = widths_for_latency(
-                    model, budget, example_inputs=EXAMPLE, calibration=calibration if costs == "fisher" else None
+                    model, budget, example_inputs=example, calibration=calibration if costs == "fisher" else None
                 )
                 info.pop("trials")
                 cache.put(key, info)
@@ -83,9 +85,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="independent runs of the latency comparison")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a timm model name, built with random weights at 224x224 (e.g. deit_base_patch16_224): latency only "
+        "(no accuracy), magnitude costs",
+    )
     args = ap.parse_args(argv)
-    cache = JsonCache(OUT / "latency_allocation.json")
     host = host_description()
+    if args.model is not None:
+        import timm
+
+        model = timm.create_model(args.model, pretrained=False).eval()
+        example = torch.zeros(1, 3, 224, 224)
+        cache = JsonCache(OUT / f"latency_allocation_{args.model}.json")
+        args.costs, args.seeds = ["magnitude"], []
+        arms = _structures(cache, model, args, None, example)
+        _latency_runs(cache, model, args, arms, host, example)
+        report = _report(cache, args, arms, host)
+        atomic_write_text(OUT / f"latency_allocation_{args.model}.md", report)
+        print(report)
+        return
+    cache = JsonCache(OUT / "latency_allocation.json")
     model, _ = load_vit_checkpoint(default_checkpoint())
     dm = FashionMNISTDataModule(batch_size=256, test_subset=TEST_IMAGES)
     dm.setup("test")
@@ -93,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch_threads(args.threads):
             cache.put("unpruned", {"accuracy": evaluate(model, dm), "macs": count_macs(model, EXAMPLE)})
     x, _ = fmnist_images(dm.data_dir, "train", args.calibration_images, args.seeds[0])
-    arms = _structures(cache, model, args, list(x.split(64)))
+    arms = _structures(cache, model, args, list(x.split(64)), EXAMPLE)
     for seed in args.seeds:
         x, _ = fmnist_images(dm.data_dir, "train", args.calibration_images, seed)
         calibration = list(x.split(64))
@@ -110,6 +131,14 @@ def main(argv: list[str] | None = None) -> None:
             row = {"accuracy": accuracy, "prune_seconds": seconds, "params": count_params(pruned)}
             cache.put(key, {**row, "macs": count_macs(pruned, EXAMPLE)})
             print(f"{key}: {100 * accuracy:.2f} % ({seconds:.0f} s)", flush=True)
+    _latency_runs(cache, model, args, arms, host, EXAMPLE)
+    report = _report(cache, args, arms, host)
+    atomic_write_text(OUT / "latency_allocation.md", report)
+    print(report)
+
+
+def _latency_runs(cache: JsonCache, model, args, arms, host: dict, example: torch.Tensor) -> None:
+    """Every structure's file beside the unpruned file, in one run per repeat (cached per repeat)."""
     for repeat in range(args.repeats):  # every structure beside the unpruned file, in one run per repeat
         key = _latency_key(args, arms, repeat)
         if cache.get(key) is None:
@@ -117,14 +146,11 @@ def main(argv: list[str] | None = None) -> None:
                 args.budget, format=args.format, precision=args.precision, threads=args.threads, rounds=args.rounds
             )
             rows = {}
-            with LatencyProbe(model, budget, example_inputs=EXAMPLE) as probe:
+            with LatencyProbe(model, budget, example_inputs=example) as probe:
                 for arm, (structure, _) in arms.items():
                     rows[arm] = probe.measure_structure(arm, structure, {})
             cache.put(key, {"rows": rows, "host": host_label(host)})
             print(f"latency repeat {repeat}: " + ", ".join(f"{a} {r['fraction']:.3f}" for a, r in rows.items()))
-    report = _report(cache, args, arms, host)
-    atomic_write_text(OUT / "latency_allocation.md", report)
-    print(report)
 
 
 def _latency_key(args, arms, repeat: int) -> str:
@@ -133,33 +159,54 @@ def _latency_key(args, arms, repeat: int) -> str:
 
 
 def _report(cache: JsonCache, args, arms: dict[str, tuple[PruningConfig, str]], host: dict) -> str:
-    unpruned = cache.get("unpruned")
     runs = [cache.get(_latency_key(args, arms, r))["rows"] for r in range(args.repeats)]
-    se = 100 * (unpruned["accuracy"] * (1 - unpruned["accuracy"]) / TEST_IMAGES) ** 0.5
+    timing = (
+        "Latency: every structure's file vs the unpruned file, round-robin in fresh processes, one run "
+        f"({args.rounds} rounds), repeated {args.repeats} times: the median of the repeats, and their range."
+    )
+    if args.model is not None:
+        head = f"{args.model}, random weights, 224x224, latency only (magnitude costs). {timing}"
+        columns = ["allocation", "search measured", "x unpruned (median, range of repeats)"]
+    else:
+        unpruned = cache.get("unpruned")
+        se = 100 * (unpruned["accuracy"] * (1 - unpruned["accuracy"]) / TEST_IMAGES) ** 0.5
+        head = (
+            f"Unpruned: {100 * unpruned['accuracy']:.2f} % (standard error of one accuracy on {TEST_IMAGES:,} "
+            f"images: {se:.2f} pt). Post-training (L2, one event, least-squares refit on {args.calibration_images} "
+            f"training images per seed, seeds {args.seeds}). {timing}"
+        )
+        columns = [
+            "allocation",
+            "search measured",
+            "x unpruned (median, range of repeats)",
+            "MACs",
+            "accuracy (mean ± std over seeds)",
+        ]
     lines = [
         f"# Uniform vs global width allocation at a latency budget of {args.budget:g} ({args.format} {args.precision})",
         "",
-        f"Host: {host_label(host)}, {args.threads} threads. Unpruned: {100 * unpruned['accuracy']:.2f} % "
-        f"(standard error of one accuracy on {TEST_IMAGES:,} images: {se:.2f} pt). Post-training (L2, one event, "
-        f"least-squares refit on {args.calibration_images} training images per seed, seeds {args.seeds}). "
-        "Latency: every structure's file vs the unpruned file, round-robin in fresh processes, one run "
-        f"({args.rounds} rounds), repeated {args.repeats} times: the median of the repeats, and their range.",
+        f"Host: {host_label(host)}, {args.threads} threads. {head}",
         "",
-        "| allocation | search measured | x unpruned (median, range of repeats) | MACs | accuracy (mean ± std over seeds) |",
-        "|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for arm, (_, search_key) in arms.items():
-        rows = [cache.get(f"acc/{args.budget:g}/{arm}/{s}") for s in args.seeds]
-        rows = [r for r in rows if r is not None]
-        accs = [100 * r["accuracy"] for r in rows]
-        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        search = cache.get(search_key)
         fractions = sorted(run[arm]["fraction"] for run in runs)
-        lines.append(
-            f"| {arm} | {search['measured_fraction']:.3f} | {statistics.median(fractions):.3f} "
-            f"({fractions[0]:.3f}–{fractions[-1]:.3f}) | "
-            f"{rows[0]['macs'] / unpruned['macs']:.3f} | {statistics.fmean(accs):.2f}{spread} % (n={len(accs)}) |"
-        )
+        cells = [
+            arm,
+            f"{cache.get(search_key)['measured_fraction']:.3f}",
+            f"{statistics.median(fractions):.3f} ({fractions[0]:.3f}–{fractions[-1]:.3f})",
+        ]
+        if args.model is None:
+            rows = [cache.get(f"acc/{args.budget:g}/{arm}/{s}") for s in args.seeds]
+            rows = [r for r in rows if r is not None]
+            accs = [100 * r["accuracy"] for r in rows]
+            spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            cells += [
+                f"{rows[0]['macs'] / cache.get('unpruned')['macs']:.3f}",
+                f"{statistics.fmean(accs):.2f}{spread} % (n={len(accs)})",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
