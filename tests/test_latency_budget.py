@@ -244,3 +244,26 @@ def test_compress_and_the_callback_prune_to_the_global_allocation(tmp_path, lit_
         from pqv_lightning import StructuredPruning
 
         StructuredPruning(target_latency=0.5, widths_for="onnx", latency_allocation="global", prune_num_heads=True)
+
+
+@pytest.mark.slow
+def test_a_real_global_allocation_builds_its_table_and_measures_its_file(tmp_path):
+    """Real layer table, exports and fresh-process timings on ONNX Runtime; only what holds on a busy host
+    is asserted (how close the prediction comes is a benchmark's business: benchmarks/latency_allocation.py)."""
+    pytest.importorskip("onnxruntime")
+    from pqv_lightning.pruning import StructuredPruner, prune_once
+
+    budget = LatencyBudget(0.8, threads=1, rounds=1, calls=5, max_passes=2, max_contention=None, allocation="global")
+    widths, info = widths_for_latency(
+        tiny_vit(), budget, example_inputs=EXAMPLE, cache_dir=tmp_path, calibration=[torch.randn(16, 1, 32, 32)]
+    )
+    assert info["costs"] == "fisher" and not info["table"]["cached"] and info["table"]["seconds"] > 0
+    table = next(tmp_path.glob("onnx-fp32-*.json"))
+    assert table.stat().st_size > 0 and not list(tmp_path.glob("*.tmp*"))
+    assert info["predicted_ms"] > 0 and info["measured_ms"] > 0 and 0 < info["measured_fraction"]
+    pruned = tiny_vit()
+    prune_once(pruned, PruningConfig(importance="l2", group_widths=widths), example_inputs=EXAMPLE)
+    groups = {
+        g.name: g.n_units for g in StructuredPruner(pruned, PruningConfig(), example_inputs=EXAMPLE).coupled_groups()
+    }
+    assert all(groups[name] == kept for name, kept in widths.items()) and pruned(EXAMPLE).shape == (1, 10)
