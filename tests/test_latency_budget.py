@@ -240,10 +240,16 @@ def test_compress_and_the_callback_prune_to_the_global_allocation(tmp_path, lit_
     assert callback.pruner.config.group_widths == search["group_widths"]
     final = {g.name: g.n_units for g in callback.pruner.coupled_groups()}
     assert all(final[name] == kept for name, kept in search["group_widths"].items())
-    with pytest.raises(ConfigError, match="prune_num_heads=False"):
-        from pqv_lightning import StructuredPruning
+    from pqv_lightning import StructuredPruning
 
+    with pytest.raises(ConfigError, match="but you asked for prune_num_heads=True; allowed: prune_num_heads=False"):
         StructuredPruning(target_latency=0.5, widths_for="onnx", latency_allocation="global", prune_num_heads=True)
+    with pytest.raises(ConfigError, match="widths_for='openvino''s width rule asked for prune_num_heads=True"):
+        StructuredPruning(target_latency=0.5, widths_for="openvino", latency_allocation="global")
+    with pytest.raises(ConfigError, match="allowed: prune_num_heads=False"):
+        CompressConfig(pruning=PruningConfig(prune_num_heads=True), target_latency=_global()).validate()
+    with pytest.raises(ConfigError, match="allowed: prune_num_heads=False"):
+        widths_for_latency(tiny_vit(), _global(), PruningConfig(prune_num_heads=True), example_inputs=EXAMPLE)
 
 
 @pytest.mark.slow

@@ -150,6 +150,11 @@ class CompressConfig:
             given = {k: v for k, v in others.items() if v is not None}
             if given:
                 raise ConfigError(f"give target_latency or {given}, not both: each decides the ratio")
+            if self.target_latency.allocation == "global" and self.pruning.prune_num_heads:
+                raise ConfigError(
+                    "target_latency with allocation='global' sets a width per group (head dims, not head counts); "
+                    "allowed: prune_num_heads=False"
+                )
             if self.pruning.global_pruning or self.pruning.group_widths is not None:
                 raise ConfigError(
                     "target_latency decides the widths (LatencyBudget.allocation: 'uniform' or 'global'); "

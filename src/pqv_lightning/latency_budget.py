@@ -472,6 +472,10 @@ def widths_for_latency(
             reach (the message says what they measure / are predicted to reach).
     """
     config = config or PruningConfig()
+    if config.prune_num_heads:
+        raise ConfigError(
+            "global allocation sets a width per group (head dims, not head counts); allowed: prune_num_heads=False"
+        )
     probe = LatencyProbe(model, budget, config, example_inputs=example_inputs, known=trials, on_trial=on_trial)
     example = probe.example
     trial_base = config.structure_trial(0.0)

@@ -218,11 +218,6 @@ class StructuredPruning(Callback):
             LatencyBudget(
                 target_latency, format=widths_for, precision=latency_precision, allocation=latency_allocation
             ).validate()
-            if latency_allocation == "global" and prune_num_heads:
-                raise ConfigError(
-                    "latency_allocation='global' sets a width per group (head dims, not head counts); allowed: "
-                    "prune_num_heads=False"
-                )
         #: the export format whose runtime's width rule the pruning follows (None: the defaults)
         self.widths_for = widths_for
         rule = width_rule(
@@ -230,6 +225,12 @@ class StructuredPruning(Callback):
             prune_num_heads=prune_num_heads,
             prune_head_dims=prune_head_dims,
         )
+        if target_latency is not None and latency_allocation == "global" and rule["prune_num_heads"]:
+            given = "you" if prune_num_heads else f"widths_for={widths_for!r}'s width rule"
+            raise ConfigError(
+                f"latency_allocation='global' sets a width per group (head dims, not head counts), but {given} "
+                "asked for prune_num_heads=True; allowed: prune_num_heads=False, prune_head_dims=True"
+            )
         self.config = PruningConfig(
             importance=importance,
             pruning_ratio=pruning_ratio,
