@@ -237,10 +237,21 @@ class LatencyProbe:
             self.on_trial(row)
         return row
 
-    def unpruned_ms(self) -> float:
-        """The unpruned file's median of the first trial (measures the uniform ``max_ratio`` copy if none ran)."""
-        first = next(iter(self.known.values()), None) or self.measure(self.budget.max_ratio)
-        return float(first["unpruned_ms"])
+
+def _budget_fraction(budget: LatencyBudget, trial: dict[str, Any]) -> tuple[float, float]:
+    """The unpruned file's latency (from a probe ``trial``) and the budget as a fraction of it.
+
+    Raises:
+        ConfigError: a budget not below the unpruned model.
+    """
+    unpruned_ms = float(trial["unpruned_ms"])
+    fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms
+    if fraction >= 1:
+        raise ConfigError(
+            f"target_latency {budget.describe()} is not below the unpruned model, which measures "
+            f"{unpruned_ms:.2f} ms on this host"
+        )
+    return unpruned_ms, fraction
 
 
 def ratio_for_latency(
@@ -268,13 +279,7 @@ def ratio_for_latency(
     with probe:
         measure = probe.measure
         smallest = measure(budget.max_ratio)
-        unpruned_ms = smallest["unpruned_ms"]
-        fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms
-        if fraction >= 1:
-            raise ConfigError(
-                f"target_latency {budget.describe()} is not below the unpruned model, which measures "
-                f"{unpruned_ms:.2f} ms on this host"
-            )
+        unpruned_ms, fraction = _budget_fraction(budget, smallest)
         if smallest["fraction"] > fraction:
             raise ConfigError(
                 f"target_latency {budget.describe()} cannot be met: the smallest model allowed ({budget.max_ratio:g} "
@@ -490,13 +495,7 @@ def widths_for_latency(
     model_cost = WidthCostModel(sites, units, {g.name: g.heads for g in groups}, tables)
     with probe:
         smallest = probe.measure(budget.max_ratio)
-        unpruned_ms = float(smallest["unpruned_ms"])
-        fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms
-        if fraction >= 1:
-            raise ConfigError(
-                f"target_latency {budget.describe()} is not below the unpruned model, which measures "
-                f"{unpruned_ms:.2f} ms on this host"
-            )
+        unpruned_ms, fraction = _budget_fraction(budget, smallest)
         uniform = copy.deepcopy(model)
         prune_once(uniform, config.structure_trial(budget.max_ratio), example_inputs=example)
         uniform_units = {
