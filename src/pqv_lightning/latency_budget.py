@@ -57,6 +57,7 @@ from .pruning.allocation import (
     removal_costs,
 )
 from .pruning.budget import ratio_resolution, search_ratio
+from .settings import set_executorch_threads
 
 __all__ = [
     "ALLOCATIONS",
@@ -429,7 +430,9 @@ def _time_sequentially(files: list[list[Any]], budget: LatencyBudget) -> list[fl
 def _table_worker(spec: dict[str, Any]) -> list[float]:
     """Time each file in turn, one loaded at a time (a runtime never idles beside the one timed)."""
     threads = int(spec["threads"])
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # this process exists to time these files: its settings are set for good
+    if any(str(path).endswith(".pte") for path, _ in spec["files"]):
+        set_executorch_threads(threads)
     out = []
     for path, shape in spec["files"]:
         run = load_runner(path, shape, threads, ort_spinning=True)
