@@ -56,7 +56,7 @@ from .export import MobileExportConfig, export_mobile
 from .export.benchmark import summarize, time_calls
 from .export.host import host_description, host_label
 from .fileio import atomic_write_text, load_tensors, staged
-from .latency_budget import LatencyBudget, ratio_for_latency, widths_for_latency
+from .latency_budget import LatencyBudget, check_global_heads, ratio_for_latency, widths_for_latency
 from .outputs import logits_of
 from .progress import Progress
 from .pruning import PruningConfig, StructuredPruner, restore_structure
@@ -150,11 +150,8 @@ class CompressConfig:
             given = {k: v for k, v in others.items() if v is not None}
             if given:
                 raise ConfigError(f"give target_latency or {given}, not both: each decides the ratio")
-            if self.target_latency.allocation == "global" and self.pruning.prune_num_heads:
-                raise ConfigError(
-                    "target_latency with allocation='global' sets a width per group (head dims, not head counts); "
-                    "allowed: prune_num_heads=False"
-                )
+            if self.target_latency.allocation == "global":
+                check_global_heads(bool(self.pruning.prune_num_heads))
             if self.pruning.global_pruning or self.pruning.group_widths is not None:
                 raise ConfigError(
                     "target_latency decides the widths (LatencyBudget.allocation: 'uniform' or 'global'); "

@@ -63,6 +63,7 @@ __all__ = [
     "ALLOCATIONS",
     "LatencyBudget",
     "LatencyProbe",
+    "check_global_heads",
     "layer_cost_tables",
     "ratio_for_latency",
     "widths_for_latency",
@@ -237,6 +238,15 @@ class LatencyProbe:
         if self.on_trial is not None:
             self.on_trial(row)
         return row
+
+
+def check_global_heads(prune_num_heads: bool, by: str = "the pruning config") -> None:
+    """Global allocation sets a width per group (head dims): whole-head pruning (asked for ``by``) is refused."""
+    if prune_num_heads:
+        raise ConfigError(
+            "global allocation sets a width per group (head dims, not head counts), but "
+            f"{by} asked for prune_num_heads=True; allowed: prune_num_heads=False, prune_head_dims=True"
+        )
 
 
 def _budget_fraction(budget: LatencyBudget, trial: dict[str, Any]) -> tuple[float, float]:
@@ -480,10 +490,7 @@ def widths_for_latency(
             reach (the message says what they measure / are predicted to reach).
     """
     config = config or PruningConfig()
-    if config.prune_num_heads:
-        raise ConfigError(
-            "global allocation sets a width per group (head dims, not head counts); allowed: prune_num_heads=False"
-        )
+    check_global_heads(bool(config.prune_num_heads))
     probe = LatencyProbe(model, budget, config, example_inputs=example_inputs, known=trials, on_trial=on_trial)
     example = probe.example
     trial_base = config.structure_trial(0.0)

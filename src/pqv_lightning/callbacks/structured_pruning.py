@@ -24,7 +24,7 @@ from typing_extensions import override
 from ..checks import check_forward, check_int, check_number, check_shape
 from ..errors import ConfigError
 from ..export.targets import TARGETS
-from ..latency_budget import LatencyBudget, ratio_for_latency, widths_for_latency
+from ..latency_budget import LatencyBudget, check_global_heads, ratio_for_latency, widths_for_latency
 from ..progress import progress_bar
 from ..pruning import EventSchedule, PruningConfig, PruningEvent, StructuredPruner
 from ..pruning.adapters import check_model_attr, example_inputs_for, locate_model
@@ -225,12 +225,9 @@ class StructuredPruning(Callback):
             prune_num_heads=prune_num_heads,
             prune_head_dims=prune_head_dims,
         )
-        if target_latency is not None and latency_allocation == "global" and rule["prune_num_heads"]:
-            given = "you" if prune_num_heads else f"widths_for={widths_for!r}'s width rule"
-            raise ConfigError(
-                f"latency_allocation='global' sets a width per group (head dims, not head counts), but {given} "
-                "asked for prune_num_heads=True; allowed: prune_num_heads=False, prune_head_dims=True"
-            )
+        if target_latency is not None and latency_allocation == "global":
+            by = "you" if prune_num_heads else f"widths_for={widths_for!r}'s width rule"
+            check_global_heads(bool(rule["prune_num_heads"]), by)
         self.config = PruningConfig(
             importance=importance,
             pruning_ratio=pruning_ratio,
