@@ -13,6 +13,7 @@ Grids (``--grid``):
   control with and without distillation.
 * ``distillation`` — iterative + distillation at 25 % and 50 % with stronger settings: the weight
   ``alpha`` (0.5, 0.9), the temperature ``tau`` (2, 4) and the teacher's precision (bf16, fp32).
+* ``budget`` — the demo's data budget (64 steps) against half of it (32 steps), with ``--recipe default``.
 * ``widths`` — the width rules that export runtimes run faster (results/fastest_artifact_heads.md):
   whole heads removed (every kept head keeps its 64 dims) instead of dimensions inside every head,
   with the whole default recipe (``--recipe default``). The proxy has 3 heads, so whole heads at
@@ -227,8 +228,25 @@ def widths_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, 
     return rows
 
 
+def budget_grid(recipe: dict[str, Any], ratios: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """``recipe`` at the demo's data budget (1 x 8,192 images: 64 steps, 4 events of 8-batch statistics
+    windows, the last at step 32) and at half of it (1 x 4,096 images: 32 steps, 4-batch windows, the
+    last event at step 16): what ``pqv demo``'s default budget buys."""
+    rows = []
+    for r in ratios:
+        for images, window in ((8192, 8), (4096, 4)):
+            rows.append(
+                (
+                    f"{r:g}, 1 x {images:,} images ({images // 128} steps), {window}-batch windows",
+                    {**recipe, "epochs": 1, "train_subset": images, "accumulate_batches": window, "pruning_ratio": r},
+                )
+            )
+    return rows
+
+
 GRIDS = {
     "recipe": lambda recipe, ratios: recipe_grid(recipe),
+    "budget": budget_grid,
     "methods": methods_grid,
     "distillation": distillation_grid,
     "combinations": combinations_grid,

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 
@@ -268,6 +269,69 @@ def test_files_built_in_worker_processes_equal_those_built_here(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
     assert seen[0] == (1, 3, "model_fp32.ptl") and sorted(s[0] for s in seen) == [1, 2, 3]
     assert model.training  # the user's model is untouched (export works on a copy)
+
+
+@pytest.mark.slow  # two worker processes start (~13 s)
+def test_auto_starts_the_workers_beside_a_slow_first_file_and_uses_them(tmp_path, monkeypatch):
+    """jobs="auto": a first file slower than START_WORKERS_AFTER_S has the workers start beside it;
+    slower than PARALLEL_AFTER_S, they build the rest (here both thresholds are made tiny)."""
+    monkeypatch.setattr(export_mod, "START_WORKERS_AFTER_S", 0.01)
+    monkeypatch.setattr(export_mod, "PARALLEL_AFTER_S", 0.0)
+    monkeypatch.setattr(export_mod, "usable_cpus", lambda: 2)
+    config = _config(tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86"], jobs="auto")
+    manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), config, validation_data=_data())
+    assert manifest["build"]["processes"] == 2 and manifest["build"]["workers_started_early"], manifest["build"]
+    assert [a["status"] for a in manifest["artifacts"]] == ["ok"] * 3
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+class _FakeWorker:
+    started: list = []
+
+    def __init__(self, module, args, label):
+        self.args, self.killed = args, False
+        _FakeWorker.started.append(self)
+
+    def kill(self):
+        self.killed = True
+
+
+def test_the_worker_pool_starts_on_its_timer_or_when_asked_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "LineWorker", _FakeWorker)
+    _FakeWorker.started = []
+    ctx = export_mod._BuildContext(
+        sources={},
+        precisions={},
+        example=torch.zeros(1),
+        calibration=[],
+        verify=[],
+        expected=[],
+        config=export_mod.MobileExportConfig(),
+        default_engine="x86",
+        out=str(tmp_path),
+    )
+    # asked before its timer fires: starts at once, the timer then starts nothing more
+    with export_mod._WorkerPool(ctx, 2, delay=60.0) as pool:
+        (work,) = [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]
+        assert (work / "context.pt").is_file() and not pool.started
+        workers = pool.workers()
+        assert len(workers) == 2 and workers[0].args[0] == str(work / "context.pt") and workers[0].args[1] == "1"
+    assert all(w.killed for w in workers) and not list(tmp_path.iterdir())
+    # its timer fires first
+    with export_mod._WorkerPool(ctx, 3, delay=0.01) as pool:
+        pool._timer.join(5)
+        assert pool.started and len(_FakeWorker.started) == 5
+    assert all(w.killed for w in _FakeWorker.started)
+    # left before the timer fires: no worker ever starts, nothing stays on disk
+    with export_mod._WorkerPool(ctx, 2, delay=60.0) as pool:
+        pass
+    assert len(_FakeWorker.started) == 5 and not list(tmp_path.iterdir())
+    # a context that cannot be saved: the error, and no folder left behind
+    bad = copy.copy(ctx)
+    bad.calibration = [lambda: None]
+    with pytest.raises(Exception, match="lambda"):
+        export_mod._WorkerPool(bad, 2, delay=0.0).__enter__()
+    assert not list(tmp_path.iterdir())
 
 
 class _LoadsOnlyHere:

@@ -143,6 +143,40 @@ def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
 
 
 @needs_et
+def test_shared_provenance_writes_the_same_program_and_puts_torch_back(monkeypatch):
+    """Lowering with provenance shared instead of deep-copied (a fifth of the lowering time) writes
+    the same bytes as torch's own copying, and leaves torch.fx.traceback as it found it."""
+    import contextlib
+
+    import torch.fx.traceback as fx_traceback
+
+    from pqv_lightning.export import executorch_target
+
+    model, x = tiny_vit(depth=1).eval(), torch.randn(1, 1, 32, 32)
+    seen = []
+    real = executorch_target.shared_provenance
+
+    @contextlib.contextmanager
+    def spy():
+        with real():
+            seen.append(type(fx_traceback.copy).__name__)
+            yield
+
+    monkeypatch.setattr(executorch_target, "shared_provenance", spy)
+    shared, _, _ = executorch_target.lower_to_executorch(model, x, "int8-dynamic")
+    assert seen == ["_ShareNodeSources"] and fx_traceback.copy is copy
+    monkeypatch.setattr(executorch_target, "shared_provenance", contextlib.nullcontext)
+    deep, _, _ = executorch_target.lower_to_executorch(model, x, "int8-dynamic")
+    assert shared == deep
+    # the stand-in copies a NodeSource list shallowly and everything else deeply
+    stand_in = executorch_target._ShareNodeSources(fx_traceback.NodeSource)
+    sources = [fx_traceback.NodeSource(None, "p")]
+    assert stand_in.deepcopy(sources) == sources and stand_in.deepcopy(sources) is not sources
+    nested = {"a": [1, [2]]}
+    assert stand_in.deepcopy(nested) == nested and stand_in.deepcopy(nested)["a"][1] is not nested["a"][1]
+
+
+@needs_et
 @pytest.mark.slow  # fast tier <= 5 min on 2 cores: a width-256 .pte lowering (~9 s)
 def test_pte_fp16_keeps_layernorm_fp32_at_width_256(tmp_path):
     """ExecuTorch 1.5.1 computes fp16 LayerNorm wrongly for widths >= 256 on x86; ours must be right."""

@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -290,11 +291,15 @@ def _write_manifest(path: Path, manifest: dict[str, Any], described: Sequence[Pa
 
 # ---------------------------------------------------------------------------------------------- checks
 @torch.no_grad()
-def _verify(run, reference: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, Any]:
+def _verify(
+    run, expected: Sequence[torch.Tensor], batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]
+) -> dict[str, Any]:
+    """``run``'s outputs on ``batches`` against ``expected``, the fp32 eager model's logits for the same
+    batches (computed once per export, not once per file)."""
     agree = total = 0
     max_err, cos_sum, correct_logits, labels = 0.0, 0.0, [], []
-    for x, y in batches:
-        ref, out = reference(x), run(x)
+    for ref, (x, y) in zip(expected, batches, strict=True):
+        out = run(x)
         agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         total += len(x)
         max_err = max(max_err, float((ref - out).abs().max()))
@@ -461,13 +466,15 @@ def export_mobile(
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
         manifest["baseline_fp32_eager"] = {"latency": baseline}
+        with torch.no_grad():
+            expected = [reference(x) for x, _ in verify]
         ctx = _BuildContext(
-            reference=reference,
             sources=sources,
             precisions={p.name: p for p in precisions},
             example=example,
             calibration=[x for x, _ in calibration],
             verify=verify,
+            expected=expected,
             config=config,
             default_engine=engines[0],
             out=str(out),
@@ -702,12 +709,12 @@ class _BuildContext:
     """What building a file needs besides its (format, precision, engine): sent once to each build
     worker (``torch.save``), so it holds only picklable values."""
 
-    reference: nn.Module
     sources: dict[str, tuple[nn.Module, dict[str, Any] | None]]  # per format: the model it exports, its padding
     precisions: dict[str, Precision]  # by name
     example: torch.Tensor
     calibration: list[torch.Tensor]
     verify: list[tuple[torch.Tensor, torch.Tensor | None]]
+    expected: list[torch.Tensor]  # the fp32 eager model's logits on the verify batches
     config: MobileExportConfig
     default_engine: str
     out: str
@@ -717,7 +724,7 @@ def _build_one(
     ctx: _BuildContext, fmt: str, precision_name: str, engine: str | None, threads: int, raise_on_failure: bool
 ) -> dict[str, Any]:
     """Write one file under a temporary name beside its final one, load it back and verify it (against
-    ``ctx.reference``), measure its memory: the manifest entry so far, with the temporary name in
+    ``ctx.expected``, the fp32 eager model's logits), measure its memory: the manifest entry so far, with the temporary name in
     ``"staged"`` (:func:`_finish_one` times it and gives it its name), or a ``skipped`` entry (its
     temporary files removed) saying at which stage it failed. Runs in this process or a build worker
     (:mod:`.build_worker`); ``raise_on_failure`` raises :class:`ExportFailedError` instead of skipping."""
@@ -743,7 +750,7 @@ def _build_one(
             )
             stage = "load and verify"
             run = target.load(tmp, ctx.example, threads)
-            checks = _verify(run, ctx.reference, ctx.verify)
+            checks = _verify(run, ctx.expected, ctx.verify)
             if built.quantized_reference is not None:
                 checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, ctx.verify)
             del run
@@ -787,6 +794,10 @@ def _build_one(
 #: least this long (starting a worker, importing torch and the runtimes and loading the model, takes
 #: ~15 s on 2 cores: below this a tiny model's files are built faster in this process)
 PARALLEL_AFTER_S = 20.0
+#: ``jobs="auto"`` starts the workers once the first file has been building this long, so that they
+#: start up beside it (its lowering is single-threaded Python: a core is free) and are ready when it
+#: is done; a first file that then ends before ``PARALLEL_AFTER_S`` stops them unused
+START_WORKERS_AFTER_S = 10.0
 #: at most this many build workers under ``jobs="auto"`` (each holds a copy of the model)
 MAX_AUTO_JOBS = 4
 
@@ -796,14 +807,21 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _build_processes(jobs: int | str, first_s: float, remaining: int) -> int:
-    """How many worker processes build the ``remaining`` files (1: none, this process builds them)."""
+def _worker_count(jobs: int | str, remaining: int) -> int:
+    """How many worker processes would build the ``remaining`` files if any do (1: none)."""
     if remaining < 2:
         return 1
     if jobs == "auto":
-        return min(MAX_AUTO_JOBS, usable_cpus(), remaining) if first_s >= PARALLEL_AFTER_S else 1
+        return min(MAX_AUTO_JOBS, usable_cpus(), remaining)
     assert isinstance(jobs, int), "MobileExportConfig.validate allows 'auto' or an int >= 1"
     return min(jobs, remaining)
+
+
+def _build_processes(jobs: int | str, first_s: float, remaining: int) -> int:
+    """How many worker processes build the ``remaining`` files (1: none, this process builds them)."""
+    if jobs == "auto" and first_s < PARALLEL_AFTER_S:
+        return 1
+    return _worker_count(jobs, remaining)
 
 
 def _build_all(
@@ -820,6 +838,66 @@ def _build_all(
         _discard_staged([e for e in builder.entries if e is not None])
         raise
     return [e for e in builder.entries if e is not None], builder.errors, how
+
+
+class _WorkerPool:
+    """Build workers (:mod:`.build_worker`) for one export, started ``delay`` seconds after the pool is
+    entered (by a timer thread; 0: at once) or when :meth:`workers` is first called, whichever comes
+    first. Leaving the pool stops the timer, kills the workers and removes the saved context."""
+
+    def __init__(self, ctx: _BuildContext, processes: int, delay: float) -> None:
+        self.ctx, self.processes, self.delay = ctx, processes, delay
+        self._workers: list[LineWorker] | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._work = ""
+
+    def __enter__(self) -> _WorkerPool:
+        self._work = tempfile.mkdtemp(prefix=".build-", dir=self.ctx.out)
+        try:
+            torch.save(self.ctx, Path(self._work) / "context.pt")
+        except BaseException:  # e.g. a class defined in a function cannot be pickled
+            shutil.rmtree(self._work, ignore_errors=True)
+            raise
+        if self.delay <= 0:
+            self._start()
+        else:
+            self._timer = threading.Timer(self.delay, self._start)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._workers is not None:
+                return
+            threads = max(1, usable_cpus() // self.processes)
+            args = [str(Path(self._work) / "context.pt"), str(threads), ",".join(target_modules()) or "-"]
+            self._workers = [
+                LineWorker("pqv_lightning.export.build_worker", args, f"build worker {k}")
+                for k in range(self.processes)
+            ]
+
+    @property
+    def started(self) -> bool:
+        return self._workers is not None
+
+    def workers(self) -> list[LineWorker]:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._start()
+        assert self._workers is not None
+        return self._workers
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        with self._lock:
+            for w in self._workers or []:
+                w.kill()
+            self._workers = self._workers or []  # a late timer starts nothing now
+        shutil.rmtree(self._work, ignore_errors=True)
 
 
 class _Builder:
@@ -856,26 +934,35 @@ class _Builder:
 
     def run(self) -> dict[str, Any]:
         config = self.ctx.config
-        started = time.perf_counter()
-        if self.variants:
-            self.build_here(0)
-        first_s = time.perf_counter() - started
         pending = list(range(1, len(self.variants)))
-        processes = 1 if self.stopped() else _build_processes(config.jobs, first_s, len(pending))
-        how: dict[str, Any] = {"processes": 1, "first_file_s": round(first_s, 1)}
-        if processes > 1:
-            local = [f for f in config.formats if type(TARGETS[f]).__module__ == "__main__"]
-            if local:
+        how: dict[str, Any] = {"processes": 1}
+        local = [f for f in config.formats if type(TARGETS[f]).__module__ == "__main__"]
+        ahead = _worker_count(config.jobs, len(pending))
+        with contextlib.ExitStack() as stack:
+            pool, pool_error = None, None
+            if ahead > 1 and not local:
+                try:  # started beside the first file: ready when it is done ("auto": if it is slow)
+                    delay = START_WORKERS_AFTER_S if config.jobs == "auto" else 0.0
+                    pool = stack.enter_context(_WorkerPool(self.ctx, ahead, delay))
+                except Exception as exc:  # noqa: BLE001 - said in the manifest if workers were wanted
+                    pool_error = exc
+            started = time.perf_counter()
+            if self.variants:
+                self.build_here(0)
+            first_s = time.perf_counter() - started
+            how["first_file_s"] = round(first_s, 1)
+            processes = 1 if self.stopped() else _build_processes(config.jobs, first_s, len(pending))
+            if processes > 1 and local:
                 how["note"] = f"built in this process: the targets of {local} are defined in __main__"
-            else:
+            elif processes > 1 and pool is None:
+                how["note"] = f"built in this process: the build workers failed ({_reason(pool_error)})"
+            elif processes > 1 and pool is not None:
+                how["workers_started_early"] = pool.started
                 try:
-                    _build_in_workers(self, pending, processes)
+                    _build_in_workers(self, pending, pool.workers())
                     how["processes"] = processes
                 except Exception as exc:  # noqa: BLE001 - the files are built here instead; the manifest says why
-                    how["note"] = (
-                        f"built in this process: the build workers failed ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})"
-                    )
+                    how["note"] = f"built in this process: the build workers failed ({_reason(exc)})"
         for i in pending:
             if self.entries[i] is None:  # not sent to a worker, or its worker died
                 if self.stopped():
@@ -885,53 +972,45 @@ class _Builder:
         return how
 
 
+def _reason(exc: BaseException | None) -> str:
+    """``Type: first line`` of an exception, for a manifest note."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _identity(fmt: str, precision: str, engine: str | None) -> dict[str, Any]:
     """The first keys of a manifest entry."""
     name = f"model_{precision}" + (f"_{engine}" if engine else "") + TARGETS[fmt].suffix
     return {"file": name, "format": TARGETS[fmt].format, "precision": precision, "engine": engine}
 
 
-def _build_in_workers(builder: _Builder, pending: list[int], processes: int) -> None:
-    """Build the ``pending`` variants in ``processes`` worker processes (:mod:`.build_worker`), each
-    given the next file as soon as it finished one. Raises when the context cannot be saved or no
-    worker starts; a file whose worker died is left unbuilt (the caller builds it here)."""
-    ctx, variants, record, stopped = builder.ctx, builder.variants, builder.record, builder.stopped
-    threads = max(1, usable_cpus() // processes)
-    modules = ",".join(target_modules()) or "-"
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=ctx.out) as work:
-        payload = Path(work) / "context.pt"
-        torch.save(ctx, payload)
-        workers = [
-            LineWorker("pqv_lightning.export.build_worker", [str(payload), str(threads), modules], f"build worker {k}")
-            for k in range(processes)
-        ]
+def _build_in_workers(builder: _Builder, pending: list[int], workers: list[LineWorker]) -> None:
+    """Build the ``pending`` variants in the started build ``workers``, each given the next file as
+    soon as it finished one. Raises when no worker starts; a file whose worker died is left unbuilt
+    (the caller builds it here)."""
+    variants, record, stopped = builder.variants, builder.record, builder.stopped
+    idle = []
+    for w in workers:
         try:
-            idle = []
-            for w in workers:
-                try:
-                    w.reply(timeout=WORKER_START_TIMEOUT_S)  # {"ready": true}
-                    idle.append(w)
-                except WorkerFailed:
-                    pass
-            if not idle:
-                raise WorkerFailed(f"no build worker started: {workers[0].last_error()}")
-            queue = list(pending)
-            busy: dict[LineWorker, int] = {}
-            while busy or (queue and idle and not stopped()):
-                while idle and queue and not stopped():
-                    w, i = idle.pop(), queue.pop(0)
-                    w.send(json.dumps(list(variants[i])))
-                    busy[w] = i
-                for w in wait_readable(list(busy)):
-                    i = busy.pop(w)
-                    try:
-                        record(i, w.reply())
-                        idle.append(w)
-                    except WorkerFailed:  # it died (out of memory, a crash in a runtime): built here later
-                        pass
-        finally:
-            for w in workers:
-                w.kill()
+            w.reply(timeout=WORKER_START_TIMEOUT_S)  # {"ready": true}
+            idle.append(w)
+        except WorkerFailed:
+            pass
+    if not idle:
+        raise WorkerFailed(f"no build worker started: {workers[0].last_error()}")
+    queue = list(pending)
+    busy: dict[LineWorker, int] = {}
+    while busy or (queue and idle and not stopped()):
+        while idle and queue and not stopped():
+            w, i = idle.pop(), queue.pop(0)
+            w.send(json.dumps(list(variants[i])))
+            busy[w] = i
+        for w in wait_readable(list(busy)):
+            i = busy.pop(w)
+            try:
+                record(i, w.reply())
+                idle.append(w)
+            except WorkerFailed:  # it died (out of memory, a crash in a runtime): built here later
+                pass
 
 
 def _discard_staged(entries: Sequence[dict[str, Any]]) -> None:
