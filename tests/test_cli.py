@@ -139,6 +139,45 @@ def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expecte
     assert seen[-1] == expected
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], None),  # recipes.DEMO_BUDGET
+        (
+            ["--train-subset", "8192", "--accumulate", "8", "--epochs", "2"],
+            {"epochs": 2, "train_subset": 8192, "accumulate_batches": 8},
+        ),
+    ],
+)
+def test_demo_budget_comes_from_demo_budget_unless_given(monkeypatch, capsys, argv, expected):
+    from pqv_lightning.apps import recipes
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def fake(checkpoint, *, label, pruning_ratio=None, **kwargs):
+        if pruning_ratio == 0.0:
+            return recipes.FinetuneResult(label, "-", 0.0, 0, 0, 0.9, 1, 1, 0.0)
+        seen.append({k: kwargs[k] for k in ("epochs", "train_subset", "accumulate_batches")})
+        raise Reached
+
+    monkeypatch.setattr(recipes, "finetune_with_pruning", fake)
+    with pytest.raises(Reached):
+        main(["demo", "--export-dir", "", "--plots-dir", "", *argv])
+    assert seen == [expected or recipes.DEMO_BUDGET]
+    with pytest.raises(SystemExit):  # --help states the values it defaults to
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, key in (
+        ("--epochs", "epochs"),
+        ("--train-subset", "train_subset"),
+        ("--accumulate", "accumulate_batches"),
+    ):
+        assert f"recipes.DEMO_BUDGET: {recipes.DEMO_BUDGET[key]})" in text.split(option + " ", 2)[-1], option
+
+
 def test_bad_file_type_and_empty_data_folder(tmp_path, capsys):
     (tmp_path / "model.tflite").write_bytes(b"x")
     _one_line_error(capsys, ["bench", str(tmp_path / "model.tflite")], "unsupported file type '.tflite'")

@@ -280,7 +280,8 @@ def test_auto_starts_the_workers_beside_a_slow_first_file_and_uses_them(tmp_path
     monkeypatch.setattr(export_mod, "usable_cpus", lambda: 2)
     config = _config(tmp_path, precisions=["fp32", "int8-dynamic", "int8-static"], engines=["x86"], jobs="auto")
     manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), config, validation_data=_data())
-    assert manifest["build"]["processes"] == 2 and manifest["build"]["workers_started_early"], manifest["build"]
+    build = manifest["build"]
+    assert build["processes"] == 2 and build["workers_started_early"] and build["sent_while_first_built"], build
     assert [a["status"] for a in manifest["artifacts"]] == ["ok"] * 3
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
@@ -332,6 +333,54 @@ def test_the_worker_pool_starts_on_its_timer_or_when_asked_and_cleans_up(tmp_pat
     with pytest.raises(Exception, match="lambda"):
         export_mod._WorkerPool(bad, 2, delay=0.0).__enter__()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_sender_sends_after_its_delay_or_when_told_and_never_after_a_cancel(monkeypatch):
+    import threading
+    import time
+
+    sent, released = [], threading.Event()
+
+    def fake_build_in_workers(builder, pending, workers):
+        sent.append(list(pending))
+        released.wait(10)  # a worker busy with a file until the pool is closed
+
+    class Pool:
+        closed = False
+
+        def workers(self):
+            return []
+
+        def close(self):
+            self.closed = True
+            released.set()
+
+    monkeypatch.setattr(export_mod, "_build_in_workers", fake_build_in_workers)
+    with export_mod._Sender(None, [1, 2], Pool(), delay=60.0) as sender:  # told to go
+        sender.go()
+        released.set()
+        sender.join()
+    assert sent == [[1, 2]] and sender.started
+    with export_mod._Sender(None, [3], Pool(), delay=60.0) as sender:  # cancelled before its delay
+        assert sender.cancel()
+    assert sent == [[1, 2]] and not sender.started
+    released.clear()
+    with export_mod._Sender(None, [4], Pool(), delay=0.0) as sender:  # its delay passed: cancel is too late
+        while not sender.started:
+            time.sleep(0.01)
+        assert not sender.cancel()
+        released.set()
+    assert sent[-1] == [4]
+    # an interruption while the first file builds: the pool is closed, so its thread ends at once
+    released.clear()
+    pool = Pool()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with export_mod._Sender(None, [5], pool, delay=0.0) as sender:
+            while not sender.started:
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+    assert pool.closed and time.perf_counter() - started < 5 and not sender._thread.is_alive()
 
 
 class _LoadsOnlyHere:

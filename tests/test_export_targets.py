@@ -132,6 +132,7 @@ def test_pte_round_trips_through_the_executorch_runtime(tmp_path, precision):
         assert v["cosine"] > 0.99
         # the .pte reproduces its in-Python pt2e model: the lowering itself is faithful
         assert v["quantized_reference_cosine"] > (0.9999 if precision == "int8-static" else 0.999)
+        assert v["quantized_reference_samples"] == 8  # the first of the three verify batches
     if precision != "fp16":  # the whole network is one XNNPACK partition after the cls-token pick
         assert entry["partitions"] <= 2
         assert set(entry["non_delegated_ops"]) <= ALLOWED_OUTSIDE_XNNPACK

@@ -83,7 +83,7 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--accumulate",
         type=int,
         default=None,
-        help="optimizer steps of statistics per event (default: EventSchedule's, 8)",
+        help="optimizer steps of statistics per event (default: the demo budget's, recipes.DEMO_BUDGET: 4)",
     )
     ap.add_argument(
         "--widths-for",
@@ -93,8 +93,18 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="prune with the width rule this export format runs fastest at equal MACs (openvino: whole "
         "heads instead of head dims, at an accuracy cost; StructuredPruning(widths_for=...))",
     )
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--train-subset", type=int, default=8192, help="training images per epoch (55000 = all)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the training subset (default: the demo budget's, recipes.DEMO_BUDGET: 1)",
+    )
+    ap.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="training images per epoch (55000 = all; default: the demo budget's, recipes.DEMO_BUDGET: 4096)",
+    )
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images (default all)")
     ap.add_argument("--threads", type=int, default=2)
@@ -169,6 +179,7 @@ def _run_demo(args) -> int:
     from ..callbacks import MobileExport
     from ..data import FashionMNISTDataModule
     from .recipes import (
+        DEMO_BUDGET,
         default_checkpoint,
         export_table,
         finetune_with_pruning,
@@ -236,24 +247,14 @@ def _run_demo(args) -> int:
     recipe.update(
         {k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule)) if v is not None}
     )
-    # options left unset keep their one default (PruningConfig's, EventSchedule's)
-    recipe.update(
-        {
-            k: v
-            for k, v in (
-                ("importance", args.importance),
-                ("pruning_ratio", args.ratio),
-                ("accumulate_batches", args.accumulate),
-            )
-            if v is not None
-        }
-    )
+    # options left unset keep their one default (PruningConfig's; the data budget's: DEMO_BUDGET)
+    recipe.update({k: v for k, v in (("importance", args.importance), ("pruning_ratio", args.ratio)) if v is not None})
+    given = {"epochs": args.epochs, "train_subset": args.train_subset, "accumulate_batches": args.accumulate}
+    recipe.update({k: v if v is not None else DEMO_BUDGET[k] for k, v in given.items()})
     rows.append(
         finetune_with_pruning(
             ckpt,
             label="pruned + fine-tuned",
-            train_subset=args.train_subset,
-            epochs=args.epochs,
             extra_callbacks=[export] if export else None,
             **recipe,
             **common,

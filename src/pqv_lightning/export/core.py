@@ -752,7 +752,10 @@ def _build_one(
             run = target.load(tmp, ctx.example, threads)
             checks = _verify(run, ctx.expected, ctx.verify)
             if built.quantized_reference is not None:
-                checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, ctx.verify)
+                # a check of the lowering alone (the file against its in-Python quantized model): the
+                # first verify batch is enough, and the in-Python model is slow (4-8 s for 512 images)
+                checks["quantized_reference_cosine"] = _cosine(run, built.quantized_reference, ctx.verify[:1])
+                checks["quantized_reference_samples"] = len(ctx.verify[0][0]) if ctx.verify else 0
             del run
             memory = (
                 _inference_memory(target.memory_probe, tmp, ctx.example.shape, config.threads, engine)
@@ -889,15 +892,71 @@ class _WorkerPool:
         assert self._workers is not None
         return self._workers
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop the timer and kill the workers (a late timer starts none); may be called again."""
         if self._timer is not None:
             self._timer.cancel()
-            self._timer.join()
+            if self._timer is not threading.current_thread():
+                self._timer.join()
         with self._lock:
             for w in self._workers or []:
                 w.kill()
-            self._workers = self._workers or []  # a late timer starts nothing now
+            self._workers = self._workers or []
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
         shutil.rmtree(self._work, ignore_errors=True)
+
+
+class _Sender:
+    """Sends the pending files to a pool's workers (:func:`_build_in_workers`) from a thread of its
+    own, while this process builds the first file: ``delay`` seconds after it is entered, or when
+    :meth:`go` is called, unless :meth:`cancel` came first. Left with an exception, it kills the
+    pool's workers so that its thread ends at once."""
+
+    def __init__(self, builder: _Builder, pending: list[int], pool: _WorkerPool, delay: float) -> None:
+        self.builder, self.pending, self.pool, self.delay = builder, pending, pool, delay
+        self.started = False
+        self.error: BaseException | None = None
+        self._cancelled = False
+        self._go = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="pqv-build-sender", daemon=True)
+
+    def __enter__(self) -> _Sender:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        self._go.wait(max(0.0, self.delay))
+        with self._lock:
+            if self._cancelled:
+                return
+            self.started = True
+        try:
+            _build_in_workers(self.builder, self.pending, self.pool.workers())
+        except BaseException as exc:  # noqa: BLE001 - the caller builds the rest here and says why
+            self.error = exc
+
+    def go(self) -> None:
+        self._go.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def cancel(self) -> bool:
+        """Cancel it if it has not started sending; False when it has (the files it sent are built)."""
+        with self._lock:
+            if not self.started:
+                self._cancelled = True
+        self._go.set()
+        return self._cancelled
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.cancel()
+            self.pool.close()
+        self._thread.join()
 
 
 class _Builder:
@@ -938,14 +997,16 @@ class _Builder:
         how: dict[str, Any] = {"processes": 1}
         local = [f for f in config.formats if type(TARGETS[f]).__module__ == "__main__"]
         ahead = _worker_count(config.jobs, len(pending))
+        auto = config.jobs == "auto"
         with contextlib.ExitStack() as stack:
-            pool, pool_error = None, None
+            pool, pool_error, sender = None, None, None
             if ahead > 1 and not local:
-                try:  # started beside the first file: ready when it is done ("auto": if it is slow)
-                    delay = START_WORKERS_AFTER_S if config.jobs == "auto" else 0.0
-                    pool = stack.enter_context(_WorkerPool(self.ctx, ahead, delay))
+                try:  # workers start beside the first file ("auto": once it has taken START_WORKERS_AFTER_S)
+                    pool = stack.enter_context(_WorkerPool(self.ctx, ahead, START_WORKERS_AFTER_S if auto else 0.0))
                 except Exception as exc:  # noqa: BLE001 - said in the manifest if workers were wanted
                     pool_error = exc
+                else:  # and take the other files while it builds ("auto": once it is known to be slow)
+                    sender = stack.enter_context(_Sender(self, pending, pool, PARALLEL_AFTER_S if auto else 0.0))
             started = time.perf_counter()
             if self.variants:
                 self.build_here(0)
@@ -956,13 +1017,18 @@ class _Builder:
                 how["note"] = f"built in this process: the targets of {local} are defined in __main__"
             elif processes > 1 and pool is None:
                 how["note"] = f"built in this process: the build workers failed ({_reason(pool_error)})"
-            elif processes > 1 and pool is not None:
+            if sender is not None and pool is not None:
                 how["workers_started_early"] = pool.started
-                try:
-                    _build_in_workers(self, pending, pool.workers())
-                    how["processes"] = processes
-                except Exception as exc:  # noqa: BLE001 - the files are built here instead; the manifest says why
-                    how["note"] = f"built in this process: the build workers failed ({_reason(exc)})"
+                how["sent_while_first_built"] = sender.started
+                if processes > 1:
+                    sender.go()
+                elif sender.cancel():  # the first file was quick: the workers stop unused
+                    del how["workers_started_early"], how["sent_while_first_built"]
+                sender.join()
+                if sender.started and sender.error is not None:
+                    how["note"] = f"built in this process: the build workers failed ({_reason(sender.error)})"
+                elif sender.started:
+                    how["processes"] = ahead
         for i in pending:
             if self.entries[i] is None:  # not sent to a worker, or its worker died
                 if self.stopped():
