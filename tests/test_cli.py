@@ -144,8 +144,8 @@ def test_demo_widths_for_reaches_the_pruning_callback(monkeypatch, argv, expecte
     [
         ([], None),  # recipes.DEMO_BUDGET
         (
-            ["--train-subset", "8192", "--accumulate", "8", "--epochs", "2"],
-            {"epochs": 2, "train_subset": 8192, "accumulate_batches": 8},
+            ["--train-subset", "8192", "--accumulate", "8", "--epochs", "2", "--events", "4"],
+            {"epochs": 2, "train_subset": 8192, "accumulate_batches": 8, "iterative_steps": 4},
         ),
     ],
 )
@@ -160,7 +160,7 @@ def test_demo_budget_comes_from_demo_budget_unless_given(monkeypatch, capsys, ar
     def fake(checkpoint, *, label, pruning_ratio=None, **kwargs):
         if pruning_ratio == 0.0:
             return recipes.FinetuneResult(label, "-", 0.0, 0, 0, 0.9, 1, 1, 0.0)
-        seen.append({k: kwargs[k] for k in ("epochs", "train_subset", "accumulate_batches")})
+        seen.append({k: kwargs[k] for k in ("epochs", "train_subset", "accumulate_batches", "iterative_steps")})
         raise Reached
 
     monkeypatch.setattr(recipes, "finetune_with_pruning", fake)

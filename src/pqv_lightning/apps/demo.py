@@ -71,7 +71,12 @@ def add_demo_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument(
         "--ratio", type=float, default=None, help="final channel pruning ratio (default: PruningConfig's, 0.25)"
     )
-    ap.add_argument("--events", type=int, default=None, help="number of pruning events (default: the recipe's)")
+    ap.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="number of pruning events (default: the demo budget's, recipes.DEMO_BUDGET: 2)",
+    )
     ap.add_argument(
         "--schedule",
         default=None,
@@ -244,12 +249,15 @@ def _run_demo(args) -> int:
     recipe = recipe_settings(args.recipe, budget=False)
     if args.widths_for is not None:
         recipe["pruning_kwargs"] = {**recipe.get("pruning_kwargs", {}), "widths_for": args.widths_for}
-    recipe.update(
-        {k: v for k, v in (("iterative_steps", args.events), ("ratio_schedule", args.schedule)) if v is not None}
-    )
+    recipe.update({k: v for k, v in (("ratio_schedule", args.schedule),) if v is not None})
     # options left unset keep their one default (PruningConfig's; the data budget's: DEMO_BUDGET)
     recipe.update({k: v for k, v in (("importance", args.importance), ("pruning_ratio", args.ratio)) if v is not None})
-    given = {"epochs": args.epochs, "train_subset": args.train_subset, "accumulate_batches": args.accumulate}
+    given = {
+        "epochs": args.epochs,
+        "train_subset": args.train_subset,
+        "accumulate_batches": args.accumulate,
+        "iterative_steps": args.events,
+    }
     recipe.update({k: v if v is not None else DEMO_BUDGET[k] for k, v in given.items()})
     rows.append(
         finetune_with_pruning(
