@@ -1,7 +1,7 @@
 """``pqv demo``: fine-tune the pretrained Fashion-MNIST ViT with Taylor structured pruning on the
 CPU, export the result with MobileExport, print the trade-off table and write plots.
 
-    pqv demo                                             # 9-15 minutes on a 2-core CPU
+    pqv demo                                             # ~5 minutes on a 2-core CPU (more on AVX2 only)
     pqv demo --ratio 0.5 --train-subset 55000 --epochs 2 # a fuller run
 
 The checkpoint is ``--checkpoint``, else ``$PQV_FMNIST_CHECKPOINT``, else the pretrained ViT bundled
