@@ -160,9 +160,11 @@ class MobileExportConfig:
             (a plain subprocess: a script is never re-run in it); the first file is always built in
             this process, and every file is timed here, one by one, after all are built.
             ``"auto"`` (default): as many workers as this process may use CPUs (at most
-            ``MAX_AUTO_JOBS``) when the first file took ``PARALLEL_AFTER_S`` (20 s) or longer, else
-            none (a worker's start-up, ~15 s, would cost a small model more than it saves); an
-            integer >= 1: that many (1: every file in this process). ExecuTorch's lowering is
+            ``MAX_AUTO_JOBS``) when the first file takes ``PARALLEL_AFTER_S`` (20 s) or longer, else
+            none (a worker's start-up, ~15 s, would cost a small model more than it saves): they
+            start once the first file has taken ``START_WORKERS_AFTER_S`` (10 s) and take the other
+            files from 20 s on, while this process still builds the first; an integer >= 1: that
+            many, started at once (1: every file in this process). ExecuTorch's lowering is
             single-threaded Python: the demo's 9 files take about half as long with 2 workers on 2
             cores. The manifest's ``build`` says how the files were built (and why not in workers,
             e.g. a model whose class is defined in ``__main__`` cannot be sent to one).
