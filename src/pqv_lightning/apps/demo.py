@@ -254,7 +254,8 @@ def _run_demo(args) -> int:
     recipe = recipe_settings(args.recipe, budget=False)
     if args.widths_for is not None:
         recipe["pruning_kwargs"] = {**recipe.get("pruning_kwargs", {}), "widths_for": args.widths_for}
-    recipe.update({k: v for k, v in (("ratio_schedule", args.schedule),) if v is not None})
+    if args.schedule is not None:
+        recipe["ratio_schedule"] = args.schedule
     # options left unset keep their one default (PruningConfig's; the data budget's: DEMO_BUDGET)
     recipe.update({k: v for k, v in (("importance", args.importance), ("pruning_ratio", args.ratio)) if v is not None})
     given = {

@@ -467,9 +467,8 @@ def export_mobile(
             settings.enter_context(executorch_threads(config.threads))
         with torch.no_grad():
             baseline = _latency(reference, example, config.warmup, config.repeats)
-        manifest["baseline_fp32_eager"] = {"latency": baseline}
-        with torch.no_grad():
             expected = [reference(x) for x, _ in verify]
+        manifest["baseline_fp32_eager"] = {"latency": baseline}
         ctx = _BuildContext(
             sources=sources,
             precisions={p.name: p for p in precisions},
@@ -1020,12 +1019,11 @@ class _Builder:
             elif processes > 1 and pool is None:
                 how["note"] = f"built in this process: the build workers failed ({_reason(pool_error)})"
             if sender is not None and pool is not None:
-                how["workers_started_early"] = pool.started
-                how["sent_while_first_built"] = sender.started
+                early = {"workers_started_early": pool.started, "sent_while_first_built": sender.started}
                 if processes > 1:
                     sender.go()
-                elif sender.cancel():  # the first file was quick: the workers stop unused
-                    del how["workers_started_early"], how["sent_while_first_built"]
+                if processes > 1 or not sender.cancel():  # a quick first file: the workers stop unused
+                    how.update(early)
                 sender.join()
                 if sender.started and sender.error is not None:
                     how["note"] = f"built in this process: the build workers failed ({_reason(sender.error)})"
