@@ -192,3 +192,53 @@ def test_a_format_registered_in_main_is_ranked_in_process_and_says_why(tmp_path)
         )
     finally:
         TARGETS.unregister("pickled-test")
+
+
+def _memory_config(out, **kw):
+    options = dict(precisions=["fp32"], formats=["ptl"], repeats=2, warmup=1, rank="round-robin", rank_rounds=2)
+    return MobileExportConfig(output_dir=str(out), measure_memory=True, rank_calls=2, **{**options, **kw})
+
+
+def test_round_robin_ranking_measures_memory_in_its_timing_processes_without_probes(tmp_path, monkeypatch):
+    import pqv_lightning.export.core as core
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a memory probe ran although the ranking's timing processes measure memory")
+
+    monkeypatch.setattr(core, "_inference_memory", no_probe)
+    manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), _memory_config(tmp_path / "out"))
+    (entry,) = manifest["artifacts"]
+    ranked = entry["latency_round_robin"]
+    assert manifest["best"]["method"].startswith("round-robin")
+    assert entry["memory"] == {
+        "peak_rss_mb": ranked["peak_rss_mb"],
+        "load_and_inference_mb": ranked["load_and_inference_mb"],
+        "measured_in": "round-robin timing process",
+    }
+    assert entry["memory"]["peak_rss_mb"] > entry["memory"]["load_and_inference_mb"] > 0
+    keys = list(entry)  # the manifest's key order is kept
+    assert keys.index("latency") < keys.index("memory") < keys.index("build_seconds")
+
+
+def test_memory_is_probed_when_the_round_robin_ranking_fails(tmp_path):
+    class Local(nn.Module):  # defined in a function: the ranking's worker processes cannot unpickle it
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_vit(depth=1)
+
+        def forward(self, x):
+            return self.vit(x)
+
+    with pytest.warns(UserWarning, match="round-robin ranking failed"):
+        manifest = export_mobile(Local(), torch.randn(1, 1, 32, 32), _memory_config(tmp_path / "out"))
+    (entry,) = manifest["artifacts"]
+    assert "latency_round_robin" not in entry
+    memory = entry["memory"]
+    assert memory["measured_in"] == "probe" and memory["peak_rss_mb"] > memory["load_and_inference_mb"] > 0
+
+
+def test_rank_in_process_probes_memory_while_building(tmp_path):
+    config = _memory_config(tmp_path / "out", rank="in-process")
+    manifest = export_mobile(tiny_vit(depth=1), torch.randn(1, 1, 32, 32), config)
+    (entry,) = manifest["artifacts"]
+    assert entry["memory"]["measured_in"] == "probe" and "latency_round_robin" not in entry

@@ -246,9 +246,6 @@ def _run_demo(args) -> int:
             # 256 images calibrate the int8-static activation ranges (the library's default is 8 batches):
             # the int8-static .pte's calibration is on the export's critical path
             calibration_batches=2,
-            # the memory probes start a fresh process per file (~30 CPU-seconds for the nine); the demo's
-            # table does not show memory, and `pqv bench` measures it per file
-            measure_memory=False,
             input_normalization={"mean": [0.2860], "std": [0.3530], "pad": 2},
         )
     recipe = recipe_settings(args.recipe, budget=False)

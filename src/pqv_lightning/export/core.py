@@ -145,9 +145,12 @@ class MobileExportConfig:
         threads: torch threads for verification and latency.
         warmup, repeats: latency measurement (batch of ``example_input``).
         verify_batches, calibration_batches: how many batches of the loaders to use.
-        measure_memory: peak resident memory of loading + 3 inferences, measured in a fresh
-            process per artifact (about 2 s each; an in-process number would include everything
-            else the process ever allocated).
+        measure_memory: peak resident memory of a fresh process that loads the artifact and runs it,
+            and how much of it loading + inference added over the started runtime (an in-process number
+            would include everything else the process ever allocated). With ``rank="round-robin"``
+            the ranking's timing processes (one per artifact) measure it, at no extra cost; otherwise
+            (and for an artifact the ranking did not time) a probe process per artifact that loads it
+            and runs 3 inferences (2-5 s each). ``memory["measured_in"]`` says which.
         pad_widths: grow the model's widths (embedding, heads x head dim, MLP hidden) to multiples
             of this before export, computing exactly the same function (:func:`.padding.pad_widths`;
             each width only when that grows it by at most 12.5 %; checked on ``example_input``,
@@ -323,11 +326,9 @@ def _verify(
     return result
 
 
-def _inference_memory(
-    probe: str, path: str, shape: Sequence[int], threads: int, engine: str | None
-) -> dict[str, float]:
+def _inference_memory(probe: str, path: str, shape: Sequence[int], threads: int, engine: str | None) -> dict[str, Any]:
     """Peak RSS of a fresh process while it loads ``path`` and runs 3 inferences (Linux /proc), and
-    how much of it the model added over the process with torch imported."""
+    how much of it the model added over the process with torch and the runtime imported."""
     proc = subprocess.run(
         [sys.executable, "-c", probe, path, ",".join(map(str, shape)), str(threads), engine or "-"],
         capture_output=True,
@@ -336,9 +337,9 @@ def _inference_memory(
     )
     if proc.returncode != 0:
         error = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        return {"error": error}  # type: ignore[dict-item]  # the manifest's memory entry holds the reason
+        return {"error": error}  # the manifest's memory entry holds the reason
     before, after = (int(v) for v in proc.stdout.split()[-2:])  # KiB
-    return {"peak_rss_mb": after / 1024, "load_and_inference_mb": (after - before) / 1024}
+    return {"peak_rss_mb": after / 1024, "load_and_inference_mb": (after - before) / 1024, "measured_in": "probe"}
 
 
 def _latency(run, example: torch.Tensor, warmup: int, repeats: int) -> dict[str, Any]:
@@ -479,6 +480,7 @@ def export_mobile(
             config=config,
             default_engine=engines[0],
             out=str(out),
+            memory_when_ranked=config.rank == "round-robin",
         )
         # every file to write, in order: format x precision (x engine, where the precision depends on one)
         variants = [
@@ -511,8 +513,30 @@ def export_mobile(
             _discard_staged(built)
         if config.rank != "none":
             manifest["best"] = rank_artifacts(manifest, out, reference, example, config, progress)
+        if config.measure_memory:
+            _memory_after_ranking(manifest, out, example.shape, config.threads)
     _write_manifest(manifest_path, manifest)
     return manifest
+
+
+def _memory_after_ranking(manifest: dict[str, Any], out: Path, shape: Sequence[int], threads: int) -> None:
+    """The memory of each written file not measured while it was built: the largest its round-robin
+    timing process reached (that process loaded the file alone and ran it, like a probe: no process
+    more), or a probe where the ranking did not time it (it failed verification, the ranking failed)."""
+    for entry in manifest["artifacts"]:
+        if entry["status"] in ("skipped", "not built") or entry.get("memory") is not None:
+            continue
+        target, ranked = TARGETS[entry["format"]], entry.get("latency_round_robin")
+        if ranked is not None:
+            entry["memory"] = {
+                "peak_rss_mb": ranked["peak_rss_mb"],
+                "load_and_inference_mb": ranked["load_and_inference_mb"],
+                "measured_in": "round-robin timing process",
+            }
+        elif target.memory_probe:
+            entry["memory"] = _inference_memory(
+                target.memory_probe, str(out / entry["file"]), shape, threads, entry["engine"]
+            )
 
 
 def _files_of(entry: dict[str, Any], target: ExportTarget, out: Path) -> list[Path]:
@@ -719,6 +743,8 @@ class _BuildContext:
     config: MobileExportConfig
     default_engine: str
     out: str
+    #: memory is taken from the round-robin ranking's timing processes, not probed while building
+    memory_when_ranked: bool = False
 
 
 def _build_one(
@@ -760,7 +786,7 @@ def _build_one(
             del run
             memory = (
                 _inference_memory(target.memory_probe, tmp, ctx.example.shape, config.threads, engine)
-                if config.measure_memory and target.memory_probe
+                if config.measure_memory and target.memory_probe and not ctx.memory_when_ranked
                 else None
             )
             digest = file_digest(tmp, 64)

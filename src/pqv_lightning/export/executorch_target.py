@@ -247,6 +247,9 @@ for _ in range(3):
         ]
         return Built(applied=applied, details=details, quantized_reference=quantized)
 
+    def start_runtime(self) -> None:
+        _runtime()
+
     def load(self, path, example, threads):
         program = _runtime().load_program(path)
         method = program.load_method("forward")

@@ -186,6 +186,9 @@ for _ in range(3):
         applied = ["torch.onnx.export(dynamo=True, external_data=False)", *details.pop("applied")]
         return Built(applied=applied, details=details)
 
+    def start_runtime(self) -> None:
+        import onnxruntime  # noqa: F401 - its import is the runtime's memory
+
     def load(self, path, example, threads):
         session = ort_session(path, threads)
         name = session.get_inputs()[0].name

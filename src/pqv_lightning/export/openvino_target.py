@@ -247,6 +247,9 @@ for _ in range(3):
             )
         return Built(applied=applied, details=details)
 
+    def start_runtime(self) -> None:
+        _core()
+
     def load(self, path, example, threads):
         # one static-shape compiled model per input shape met (see the module docstring), the
         # example's first; the last few are kept (verification meets a full and a last partial batch)

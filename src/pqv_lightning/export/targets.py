@@ -170,6 +170,11 @@ class ExportTarget:
     def load(self, path: str, example: torch.Tensor, threads: int) -> Runner:
         raise NotImplementedError
 
+    def start_runtime(self) -> None:
+        """Import and start what :meth:`load` uses (the runtime's modules, its process-wide objects), so
+        that memory measured from after this call to after inference is the file's own (the round-robin
+        timing processes measure it so, like :attr:`memory_probe`). Default: nothing to start."""
+
 
 #: format name -> :class:`ExportTarget`; what ``formats=[...]`` accepts everywhere.
 TARGETS: Registry[ExportTarget] = Registry(

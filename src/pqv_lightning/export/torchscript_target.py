@@ -117,6 +117,9 @@ with torch.no_grad():
             fh.write(program)
         return Built(applied=applied, skipped=skipped)
 
+    def start_runtime(self) -> None:
+        import torch.jit.mobile  # noqa: F401
+
     def load(self, path, example, threads):
         from torch.jit.mobile import _load_for_lite_interpreter
 
