@@ -273,3 +273,59 @@ def test_a_real_global_allocation_builds_its_table_and_measures_its_file(tmp_pat
         g.name: g.n_units for g in StructuredPruner(pruned, PruningConfig(), example_inputs=EXAMPLE).coupled_groups()
     }
     assert all(groups[name] == kept for name, kept in widths.items()) and pruned(EXAMPLE).shape == (1, 10)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_resumed_fit_takes_the_latency_decision_from_its_checkpoint(tmp_path, mac_timer, monkeypatch, allocation):
+    """The budget is measured once, in the first fit; resuming (or validating a checkpoint) under a new
+    callback takes the ratio / widths from the checkpoint and measures nothing, and the resumed run ends
+    in the uninterrupted run's structure."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pqv_lightning.classifier import ImageClassifier
+
+    from conftest import make_trainer, random_loader, step_pruning
+
+    monkeypatch.setenv("PQV_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(tag, ckpt_path=None, checkpoints=None):
+        import lightning.pytorch as pl
+
+        pl.seed_everything(0, verbose=False)
+        model = ImageClassifier("vit_test_tiny", lr=1e-3)
+        callback = step_pruning(
+            importance="l2", pruning_ratio=None, target_latency=0.5, widths_for="onnx", latency_allocation=allocation
+        )
+        extra = [checkpoints] if checkpoints else []
+        trainer = make_trainer(tmp_path / tag, [callback, *extra], max_epochs=1, enable_checkpointing=bool(extra))
+        return model, callback, trainer
+
+    model, first, trainer = run(
+        "first", checkpoints=ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    )
+    trainer.fit(model, random_loader(128, 16))  # 8 steps: events after steps 3 and 6, a checkpoint at step 4
+    measured = len(mac_timer)
+    assert measured > 0 and first.latency_search is not None and len(first.events) == 2
+    step4 = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+
+    resumed_model, resumed, trainer = run("resumed")
+    trainer.fit(resumed_model, random_loader(128, 16), ckpt_path=str(step4))
+    assert len(mac_timer) == measured  # nothing measured again
+    assert resumed.latency_search == first.latency_search
+    assert [e.index for e in resumed.pruner.events] == [2]  # the second event ran in the resumed fit
+    assert resumed.pruner.config.pruning_ratio == first.pruner.config.pruning_ratio
+    assert resumed.pruner.config.group_widths == first.pruner.config.group_widths
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in resumed_model.state_dict().items()} == shapes
+
+    checked_model, checked, trainer = run("validate")
+    trainer.validate(checked_model, random_loader(32, 16), ckpt_path=str(step4), verbose=False)
+    assert len(mac_timer) == measured and checked.pruner.completed_events == 1
+
+
+def test_validating_without_a_checkpoint_measures_no_latency_budget(tmp_path, lit_model, mac_timer):
+    from conftest import make_trainer, random_loader, step_pruning
+
+    callback = step_pruning(importance="l2", pruning_ratio=None, target_latency=0.5, widths_for="onnx")
+    make_trainer(tmp_path, [callback]).validate(lit_model, random_loader(32, 16), verbose=False)
+    assert mac_timer == [] and callback.pruner is None and callback.latency_search is None

@@ -116,11 +116,13 @@ class StructuredPruning(Callback):
             with AMX, at an accuracy cost (docs/pruning.md); the others change nothing.
         target_latency: a latency budget instead of a ratio: ms per batch-1 call, or below 1 a fraction of
             the unpruned model's latency, of the ``widths_for`` file at ``latency_precision`` on this host.
-            In ``setup`` (global rank 0, then sent to every rank) the smallest channel ratio that meets it
-            is found by exporting and timing copies of the unpruned network round-robin against its own
-            file (:func:`~pqv_lightning.latency_budget.ratio_for_latency`, uniform allocation; a few
-            minutes for a small model); the run then prunes to that ratio. Needs ``widths_for``; not with
-            ``pruning_ratio`` or a MAC / parameter budget. ``latency_search`` holds what was measured.
+            When ``fit`` starts (``on_fit_start``: global rank 0, then sent to every rank) the smallest
+            channel ratio that meets it is found by exporting and timing copies of the unpruned network
+            round-robin against its own file (:func:`~pqv_lightning.latency_budget.ratio_for_latency`,
+            uniform allocation; a few minutes for a small model); the run then prunes to that ratio. A fit
+            resumed from a checkpoint takes the ratio (or widths) from it and measures nothing. Needs
+            ``widths_for``; not with ``pruning_ratio`` or a MAC / parameter budget. ``latency_search``
+            holds what was measured.
         latency_precision: the precision of that file (:class:`~pqv_lightning.latency_budget.LatencyBudget`).
         latency_allocation: how the widths that meet ``target_latency`` are chosen: ``"uniform"`` (one channel
             ratio) or ``"global"`` (a width per group from a per-layer latency table of the runtime,
@@ -187,7 +189,7 @@ class StructuredPruning(Callback):
         super().__init__()
         if widths_for is not None:
             TARGETS.check(widths_for, "widths_for")
-        #: a latency budget on ``widths_for``'s runtime (resolved to a channel ratio in ``setup``)
+        #: a latency budget on ``widths_for``'s runtime (resolved to a channel ratio when ``fit`` starts)
         self.target_latency, self.latency_precision = target_latency, latency_precision
         self.latency_allocation = latency_allocation
         if target_latency is not None:
@@ -278,6 +280,9 @@ class StructuredPruning(Callback):
         self._capture_handle: Any = None
         #: what the latency budget's search measured (:func:`~pqv_lightning.latency_budget.ratio_for_latency`)
         self.latency_search: dict[str, Any] | None = None
+        #: (network, adapter, example) whose pruner waits for the latency budget's decision: from the checkpoint
+        #: of a resumed fit, else measured in ``on_fit_start``
+        self._pending: tuple[torch.nn.Module, Any, Any] | None = None
 
     @property
     def latency_budget(self) -> LatencyBudget | None:
@@ -295,7 +300,7 @@ class StructuredPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        if self.target_latency is not None:  # the ratio is measured in setup; the budget identifies the callback
+        if self.target_latency is not None:  # the ratio is measured at fit start; the budget identifies the callback
             return self._generate_state_key(
                 importance=self.config.importance,
                 model_attr=self.model_attr,
@@ -349,32 +354,75 @@ class StructuredPruning(Callback):
             if self.example_input_shape is not None:
                 example = example_inputs_for(model, adapter, tuple(self.example_input_shape))
                 check_forward("example_input_shape", model, example)
-            if self.target_latency is not None and self.latency_search is None:
-                self._resolve_latency(trainer, model, adapter, example)
-            # a budget's ratio is derived here, before training: an unreachable budget fails now
-            self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
-            if self.config.budget:
-                rank_zero_info(
-                    f"StructuredPruning: budget {self.config.budget} -> channel ratio "
-                    f"{self.pruner.config.pruning_ratio:.4f}"
-                )
             self._located_attr = attr
-            rank_zero_info(
-                f"StructuredPruning: pruning {type(model).__name__} at "
-                f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
-                f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
-                + "".join(
-                    f"; kept whole by its adapter: {count} layers ({why})"
-                    for why, count in Counter(self.pruner.kept_whole.values()).items()
-                )
-            )
+            if self.target_latency is not None and self.latency_search is None:
+                # decided after the checkpoint restore (Lightning restores after setup): a resumed fit's
+                # checkpoint holds the decision, so only a fresh fit measures (on_fit_start)
+                self.pruner, self._pending = None, (model, adapter, example)
+            else:
+                self._build_pruner(model, adapter, example)
         # validate/test/predict(ckpt_path=...) need the pruned shapes too
         self._install_module_hooks(pl_module)
 
+    def _build_pruner(self, model: torch.nn.Module, adapter: Any, example: Any) -> None:
+        # a budget's ratio is derived here, before training: an unreachable budget fails now
+        self.pruner = StructuredPruner(model, self.config, example_inputs=example, adapter=adapter)
+        self._pending = None
+        if self.config.budget:
+            rank_zero_info(
+                f"StructuredPruning: budget {self.config.budget} -> channel ratio {self.pruner.config.pruning_ratio:.4f}"
+            )
+        attr = self._located_attr
+        rank_zero_info(
+            f"StructuredPruning: pruning {type(model).__name__} at "
+            f"{'pl_module' + ('.' + attr if attr else '')}, {self.pruner.initial_params:,} params, "
+            f"{self.pruner.initial_macs / 1e6:.1f} MMACs; ignored layers {self.pruner.ignored_names}"
+            + "".join(
+                f"; kept whole by its adapter: {count} layers ({why})"
+                for why, count in Counter(self.pruner.kept_whole.values()).items()
+            )
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:  # a fresh fit under a latency budget (no checkpoint decided it): measure
+            model, adapter, example = self._pending
+            if example is not None:  # the network may have moved to its device since setup
+                example = example_inputs_for(model, adapter, tuple(example.shape))
+            self._resolve_latency(trainer, model, adapter, example)
+            self._build_pruner(model, adapter, example)
+
+    def _decide_from_checkpoint(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+        """Build the pending pruner with the decision of the run a checkpoint comes from (a resumed fit,
+        ``validate(ckpt_path=...)``): its structure state holds the ratio or the group widths the latency
+        budget was met with, so nothing is measured again; what that run measured comes along when the
+        checkpoint holds this callback's state. A structure without a decision is measured."""
+        assert self._pending is not None
+        model, adapter, example = self._pending
+        run = checkpoint[CHECKPOINT_KEY].get("config") or {}
+        widths, ratio = run.get("group_widths"), run.get("pruning_ratio")
+        if self.latency_allocation == "global" and widths:
+            self.config = replace(
+                self.config, pruning_ratio=None, group_widths={str(k): int(v) for k, v in widths.items()}
+            )
+        elif self.latency_allocation == "uniform" and ratio is not None and not widths:
+            self.config = replace(self.config, pruning_ratio=float(ratio))
+        else:
+            self._resolve_latency(trainer, model, adapter, example)
+            self._build_pruner(model, adapter, example)
+            return
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        self.latency_search = state.get("latency_search")
+        rank_zero_info(
+            f"StructuredPruning: latency budget {self.latency_budget and self.latency_budget.describe()} -> "
+            "the widths of the run the checkpoint comes from (not measured again)"
+        )
+        self._build_pruner(model, adapter, example)
+
     def _resolve_latency(self, trainer: pl.Trainer, model: torch.nn.Module, adapter: Any, example: Any) -> None:
         """The channel ratio that meets the latency budget, measured once (global rank 0, exporting and
-        timing copies of the unpruned network) and sent to every rank, so all prune alike. On a resumed
-        fit the checkpoint's event ratios replace the schedule (StructuredPruner.load_state_dict)."""
+        timing copies of the unpruned network) and sent to every rank, so all prune alike. A resumed fit
+        does not get here: it takes the decision of its checkpoint (:meth:`_decide_from_checkpoint`)."""
         budget = self.latency_budget
         assert budget is not None
         found: tuple[Any, dict[str, Any]] | None = None
@@ -389,7 +437,12 @@ class StructuredPruning(Callback):
                 example_inputs=example_inputs_for(reference, adapter, shape),
             )
         received: tuple[Any, dict[str, Any]] = trainer.strategy.broadcast(found, src=0)  # type: ignore[assignment]
-        decided, search = received
+        self._apply_latency(*received)
+
+    def _apply_latency(self, decided: Any, search: dict[str, Any]) -> None:
+        """Prune to the latency search's decision: a channel ratio, or (global allocation) a width per group."""
+        budget = self.latency_budget
+        assert budget is not None
         self.latency_search = search
         if budget.allocation == "global":
             self.config = replace(self.config, pruning_ratio=None, group_widths=dict(decided))
@@ -503,13 +556,16 @@ class StructuredPruning(Callback):
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             original_save(checkpoint)
-            checkpoint[CHECKPOINT_KEY] = self._structure()
+            if self.pruner is not None:  # None: a latency budget not decided yet, the network unpruned
+                checkpoint[CHECKPOINT_KEY] = self._structure()
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get(CHECKPOINT_KEY)
             if state is None:
                 check_checkpoint_shapes(pl_module, checkpoint)
             else:
+                if self._pending is not None:  # the latency decision of the run this checkpoint comes from
+                    self._decide_from_checkpoint(pl_module.trainer, checkpoint)
                 assert self.pruner is not None
                 if state.get("model_attr") != self._located_attr:
                     raise ConfigError(
