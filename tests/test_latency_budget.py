@@ -31,7 +31,8 @@ def mac_timer(monkeypatch):
     def fake_round_robin(candidates, shape, **kw):
         sizes = {c.label: __import__("os").path.getsize(c.path) for c in candidates}
         calls.append(kw)
-        return {label: {"median_ms": 0.1 + size / 1e5, "contention_max": 0.0} for label, size in sizes.items()}
+        ms = {label: 0.1 + size / 1e5 for label, size in sizes.items()}
+        return {label: {"median_ms": t, "round_medians_ms": [t], "contention_max": 0.0} for label, t in ms.items()}
 
     monkeypatch.setattr(mod, "round_robin", fake_round_robin)
 
@@ -329,3 +330,30 @@ def test_validating_without_a_checkpoint_measures_no_latency_budget(tmp_path, li
     callback = step_pruning(importance="l2", pruning_ratio=None, target_latency=0.5, widths_for="onnx")
     make_trainer(tmp_path, [callback]).validate(lit_model, random_loader(32, 16), verbose=False)
     assert mac_timer == [] and callback.pruner is None and callback.latency_search is None
+
+
+def test_a_trial_compares_the_budget_with_the_median_of_per_round_ratios(monkeypatch):
+    """A host whose speed halves for a while: the two files' overall medians come from different phases
+    (ratio 1.0), each round's pair from one phase (0.5): the trial's fraction is the paired one."""
+    from pqv_lightning.export.benchmark import paired_ratio
+
+    def write(model, example, budget, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.onnx").write_bytes(b"")
+        return folder / "model.onnx"
+
+    monkeypatch.setattr(mod, "_write", write)
+
+    def phases(candidates, shape, **kw):
+        return {
+            "unpruned": {"median_ms": 3.0, "round_medians_ms": [6.0, 6.0, 6.0, 3.0, 3.0], "contention_max": 0.0},
+            "pruned": {"median_ms": 3.0, "round_medians_ms": [3.0, 3.0, 3.0, 1.5, 1.5], "contention_max": 0.0},
+        }
+
+    monkeypatch.setattr(mod, "round_robin", phases)
+    with LatencyProbe(tiny_vit(), LatencyBudget(0.6), example_inputs=EXAMPLE) as probe:
+        row = probe.measure(0.5)
+    assert row["fraction"] == 0.5 and row["fraction_of_medians"] == 1.0
+    assert paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0
+    with pytest.raises(ValueError, match="as many rounds on each side, got 2 and 1"):
+        paired_ratio([1.0, 2.0], [1.0])

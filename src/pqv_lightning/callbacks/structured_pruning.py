@@ -388,7 +388,7 @@ class StructuredPruning(Callback):
         if self._pending is not None:  # a fresh fit under a latency budget (no checkpoint decided it): measure
             model, adapter, example = self._pending
             if example is not None:  # the network may have moved to its device since setup
-                example = example_inputs_for(model, adapter, tuple(example.shape))
+                example = example.to(next(model.parameters()).device)
             self._resolve_latency(trainer, model, adapter, example)
             self._build_pruner(model, adapter, example)
 
@@ -413,9 +413,11 @@ class StructuredPruning(Callback):
             return
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         self.latency_search = state.get("latency_search")
+        budget = self.latency_budget
+        assert budget is not None
         rank_zero_info(
-            f"StructuredPruning: latency budget {self.latency_budget and self.latency_budget.describe()} -> "
-            "the widths of the run the checkpoint comes from (not measured again)"
+            f"StructuredPruning: latency budget {budget.describe()} -> the widths of the run the checkpoint "
+            "comes from (not measured again)"
         )
         self._build_pruner(model, adapter, example)
 

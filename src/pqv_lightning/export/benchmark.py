@@ -277,6 +277,7 @@ def round_robin(
         c.label: {"peak_rss_mb": 0.0, "load_and_inference_mb": 0.0} for c in candidates
     }
     load: dict[str, dict[str, Any]] = {c.label: {"contention_max": None, "retaken": 0} for c in candidates}
+    per_round: dict[str, list[float]] = {c.label: [] for c in candidates}  # each round's median
     kept: dict[str, _Worker] = {}
 
     def measure(c: Candidate) -> dict[str, Any]:
@@ -306,6 +307,7 @@ def round_robin(
                         stacklevel=2,
                     )
                 times[c.label] += result["times_ms"]
+                per_round[c.label].append(statistics.median(result["times_ms"]))
                 for key in memory[c.label]:  # the worst round
                     memory[c.label][key] = max(memory[c.label][key], result[key])
                 if result.get("contention") is not None:
@@ -316,11 +318,27 @@ def round_robin(
     finally:
         for worker in kept.values():
             worker.close()
-    stats = {label: {**summarize(t), **memory[label], **load[label]} for label, t in times.items()}
+    stats = {
+        label: {**summarize(t), **memory[label], **load[label], "round_medians_ms": per_round[label]}
+        for label, t in times.items()
+    }
     if baseline is not None:
-        for s in stats.values():
+        for label, s in stats.items():
             s["speedup_vs_baseline"] = stats[baseline]["median_ms"] / s["median_ms"]
+            s["speedup_vs_baseline_paired"] = paired_ratio(per_round[baseline], per_round[label])
     return stats
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median over rounds of ``numerators[r] / denominators[r]``: two candidates measured one right
+    after the other in each round share the host's state of that moment (on a shared VM its speed can
+    change by 2x for seconds at a time), so their per-round ratio is steadier than the ratio of their
+    overall medians, whose calls may come from different phases."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(
+            f"paired_ratio needs as many rounds on each side, got {len(numerators)} and {len(denominators)}"
+        )
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def _too_busy(contention: float | None, limit: float | None) -> bool:
