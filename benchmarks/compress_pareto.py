@@ -45,15 +45,15 @@ from pathlib import Path
 import torch
 
 from pqv_lightning.apps.compress import fmnist_images
-from pqv_lightning.apps.recipes import default_checkpoint, evaluate
-from pqv_lightning.data import FashionMNISTDataModule
+from pqv_lightning.apps.recipes import evaluate
 from pqv_lightning.errors import ConfigError
 from pqv_lightning.export.host import host_description, host_label
 from pqv_lightning.fileio import JsonCache, atomic_write_text
 from pqv_lightning.latency_budget import LatencyBudget, LatencyProbe, ratio_for_latency, widths_for_latency
-from pqv_lightning.models import load_vit_checkpoint
 from pqv_lightning.pruning import PruningConfig, count_macs, count_params, prune_once, ratio_for_budget
 from pqv_lightning.settings import torch_threads
+
+from latency_allocation import bundled  # benchmarks/ is the script's directory: on sys.path
 
 OUT = Path(__file__).parent / "results"
 TEST_IMAGES = 10_000
@@ -312,14 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     args.not_met = []  # searches that could not meet their budget on this host, with the reason
     cache = JsonCache(OUT / "compress_pareto.json")
     host = host_label(host_description())
-    model, _ = load_vit_checkpoint(default_checkpoint())
-    dm = FashionMNISTDataModule(batch_size=256, test_subset=TEST_IMAGES)
-    dm.setup("test")
-    if cache.get("unpruned") is None:
-        with torch_threads(args.threads):
-            cache.put("unpruned", {"accuracy": evaluate(model, dm), "macs": count_macs(model, EXAMPLE)})
-    x, _ = fmnist_images(dm.data_dir, "train", args.calibration_images, args.seeds[0])
-    points = _points(cache, model, args, host, list(x.split(64)))
+    model, dm, calibration = bundled(cache, args.threads, args.calibration_images, args.seeds[0])
+    points = _points(cache, model, args, host, calibration)
     _accuracy(cache, model, dm, points, args)
     _latency(cache, model, points, args, host)
     rows = _summary(cache, points, args, host)

@@ -73,6 +73,20 @@ def _structures(cache: JsonCache, model, args, calibration, example) -> dict[str
     return arms
 
 
+def bundled(cache: JsonCache, threads: int, calibration_images: int, seed: int):
+    """The bundled ViT, its test data (all 10,000 images), its unpruned accuracy (kept in ``cache``) and
+    ``calibration_images`` training images drawn with ``seed`` in batches of 64: the set-up of the
+    post-training benchmarks (this one and ``compress_pareto.py``)."""
+    model, _ = load_vit_checkpoint(default_checkpoint())
+    dm = FashionMNISTDataModule(batch_size=256, test_subset=TEST_IMAGES)
+    dm.setup("test")
+    if cache.get("unpruned") is None:
+        with torch_threads(threads):
+            cache.put("unpruned", {"accuracy": evaluate(model, dm), "macs": count_macs(model, EXAMPLE)})
+    x, _ = fmnist_images(dm.data_dir, "train", calibration_images, seed)
+    return model, dm, list(x.split(64))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=0.5)
@@ -107,14 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         print(report)
         return
     cache = JsonCache(OUT / "latency_allocation.json")
-    model, _ = load_vit_checkpoint(default_checkpoint())
-    dm = FashionMNISTDataModule(batch_size=256, test_subset=TEST_IMAGES)
-    dm.setup("test")
-    if cache.get("unpruned") is None:
-        with torch_threads(args.threads):
-            cache.put("unpruned", {"accuracy": evaluate(model, dm), "macs": count_macs(model, EXAMPLE)})
-    x, _ = fmnist_images(dm.data_dir, "train", args.calibration_images, args.seeds[0])
-    arms = _structures(cache, model, args, list(x.split(64)), EXAMPLE)
+    model, dm, calibration = bundled(cache, args.threads, args.calibration_images, args.seeds[0])
+    arms = _structures(cache, model, args, calibration, EXAMPLE)
     for seed in args.seeds:
         x, _ = fmnist_images(dm.data_dir, "train", args.calibration_images, seed)
         calibration = list(x.split(64))
