@@ -69,7 +69,8 @@ def _synthetic_timer(out_dir: Path) -> None:
         assert os.environ.get("LOCAL_RANK", "0") == "0", "only global rank 0 measures the latency budget"
         with (out_dir / "timer_calls").open("a") as f:
             f.write("1\n")
-        return {c.label: {"median_ms": 0.1 + os.path.getsize(c.path) / 1e5, "contention_max": 0.0} for c in candidates}
+        ms = {c.label: 0.1 + os.path.getsize(c.path) / 1e5 for c in candidates}
+        return {label: {"median_ms": t, "round_medians_ms": [t], "contention_max": 0.0} for label, t in ms.items()}
 
     latency._write, latency.round_robin = write, timer
 
