@@ -234,6 +234,8 @@ def _report(cache: JsonCache, rows: list[dict], args, host: str) -> str:
         p = row["point"]
         std = f" ± {row['std']:.2f}" if row["std"] is not None else ""
         search = f"{p.search['measured_fraction']:.3f}" if p.search else ""
+        if p.search and p.search.get("met") is False:  # kept the fastest allocation measured, over the budget
+            search += " (budget not met)"
         lo, hi = row["range"]
         lines.append(
             f"| {p.kind}: {p.name} | {'★' if row['pareto'] else ''} | {row['accuracy']:.2f}{std} % | {row['n']} | "
