@@ -401,24 +401,19 @@ class StructuredPruning(Callback):
         model, adapter, example = self._pending
         run = checkpoint[CHECKPOINT_KEY].get("config") or {}
         widths, ratio = run.get("group_widths"), run.get("pruning_ratio")
-        if self.latency_allocation == "global" and widths:
-            self.config = replace(
-                self.config, pruning_ratio=None, group_widths={str(k): int(v) for k, v in widths.items()}
+        decided = widths if self.latency_allocation == "global" else (ratio if not widths else None)
+        if decided:
+            self._set_decision(decided)
+            state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+            self.latency_search = state.get("latency_search")
+            budget = self.latency_budget
+            assert budget is not None
+            rank_zero_info(
+                f"StructuredPruning: latency budget {budget.describe()} -> the widths of the run the checkpoint "
+                "comes from (not measured again)"
             )
-        elif self.latency_allocation == "uniform" and ratio is not None and not widths:
-            self.config = replace(self.config, pruning_ratio=float(ratio))
         else:
             self._resolve_latency(trainer, model, adapter, example)
-            self._build_pruner(model, adapter, example)
-            return
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        self.latency_search = state.get("latency_search")
-        budget = self.latency_budget
-        assert budget is not None
-        rank_zero_info(
-            f"StructuredPruning: latency budget {budget.describe()} -> the widths of the run the checkpoint "
-            "comes from (not measured again)"
-        )
         self._build_pruner(model, adapter, example)
 
     def _resolve_latency(self, trainer: pl.Trainer, model: torch.nn.Module, adapter: Any, example: Any) -> None:
@@ -446,20 +441,28 @@ class StructuredPruning(Callback):
         budget = self.latency_budget
         assert budget is not None
         self.latency_search = search
+        self._set_decision(decided)
         if budget.allocation == "global":
-            self.config = replace(self.config, pruning_ratio=None, group_widths=dict(decided))
             rank_zero_info(
                 f"StructuredPruning: latency budget {budget.describe()} -> a width per group, predicted "
                 f"{search['predicted_ms']:.2f} ms, its file measured {search['measured_ms']:.2f} ms, "
                 f"{search['measured_fraction']:.3f} of the unpruned {search['unpruned_ms']:.2f} ms on this host"
             )
             return
-        self.config = replace(self.config, pruning_ratio=decided)
         rank_zero_info(
             f"StructuredPruning: latency budget {budget.describe()} -> channel ratio {decided:.4f} (its file measured "
             f"{search['predicted_ms']:.2f} ms, {search['predicted_fraction']:.3f} of the unpruned "
             f"{search['unpruned_ms']:.2f} ms on this host, {len(search['trials'])} trials)"
         )
+
+    def _set_decision(self, decided: Any) -> None:
+        """Prune to a latency budget's decision: a width per group (global allocation) or a channel ratio."""
+        if self.latency_allocation == "global":
+            self.config = replace(
+                self.config, pruning_ratio=None, group_widths={str(k): int(v) for k, v in decided.items()}
+            )
+        else:
+            self.config = replace(self.config, pruning_ratio=float(decided))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

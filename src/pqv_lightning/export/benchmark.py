@@ -104,7 +104,6 @@ def load_runner(
     for ``.ptl`` int8) and ExecuTorch's thread pool are process-wide: set them around the calls
     (:mod:`pqv_lightning.settings`), as the benchmark worker does for its own process.
     """
-    from .targets import TARGETS
 
     suffix = Path(path).suffix
     if suffix == ".pt":
@@ -112,16 +111,15 @@ def load_runner(
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"{path!r} holds a {type(model).__name__}, not a whole nn.Module saved with torch.save")
         return model.eval()
-    by_suffix = {t.suffix: t for t in TARGETS.values()}
-    if suffix == ".onnx" and by_suffix[suffix].missing() is None:
+    target = _target_for(path)
+    if suffix == ".onnx" and target is not None and target.missing() is None:
         from .onnx_target import ort_session
 
         session = ort_session(path, threads, spinning=ort_spinning)
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.float().contiguous().numpy()})[0])
-    if suffix not in by_suffix:
+    if target is None:
         raise ConfigError(f"{path!r}: unsupported file type {suffix!r}; allowed: {list(known_suffixes())}")
-    target = by_suffix[suffix]
     reason = target.missing()
     if reason:
         raise ValueError(reason)
@@ -409,11 +407,16 @@ class HostLoad:
         return max(0.0, others - spare)
 
 
-def _start_runtime(path: str) -> None:
-    """Import and start the runtime that loads ``path`` (nothing for a whole ``.pt`` module)."""
+def _target_for(path: str):
+    """The registered export target that writes files like ``path`` (by suffix), or None."""
     from .targets import TARGETS
 
-    target = next((t for t in TARGETS.values() if t.suffix == Path(path).suffix), None)
+    return next((t for t in TARGETS.values() if t.suffix == Path(path).suffix), None)
+
+
+def _start_runtime(path: str) -> None:
+    """Import and start the runtime that loads ``path`` (nothing for a whole ``.pt`` module)."""
+    target = _target_for(path)
     if target is not None and target.missing() is None:
         target.start_runtime()
 

@@ -480,7 +480,6 @@ def export_mobile(
             config=config,
             default_engine=engines[0],
             out=str(out),
-            memory_when_ranked=config.rank == "round-robin",
         )
         # every file to write, in order: format x precision (x engine, where the precision depends on one)
         variants = [
@@ -743,8 +742,6 @@ class _BuildContext:
     config: MobileExportConfig
     default_engine: str
     out: str
-    #: memory is taken from the round-robin ranking's timing processes, not probed while building
-    memory_when_ranked: bool = False
 
 
 def _build_one(
@@ -786,7 +783,8 @@ def _build_one(
             del run
             memory = (
                 _inference_memory(target.memory_probe, tmp, ctx.example.shape, config.threads, engine)
-                if config.measure_memory and target.memory_probe and not ctx.memory_when_ranked
+                # with round-robin ranking, the ranking's timing processes measure it (_memory_after_ranking)
+                if config.measure_memory and target.memory_probe and config.rank != "round-robin"
                 else None
             )
             digest = file_digest(tmp, 64)
