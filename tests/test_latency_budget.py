@@ -381,3 +381,53 @@ def test_global_allocation_measured_far_under_its_budget_allocates_again(tmp_pat
     _, info = widths_for_latency(tiny_vit(), _global(), example_inputs=EXAMPLE, cache_dir=tmp_path)
     assert info["met"] and info["passes"] >= 2
     assert 0.5 - mod.GLOBAL_UNDERSHOOT <= info["measured_fraction"] <= 0.5
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_reference_timed_in_a_slow_phase_is_retaken(tmp_path, mac_timer, monkeypatch, allocation):
+    """The anchoring trial (the uniform max_ratio file against the unpruned one) lands two of its three
+    rounds in a phase where the host runs at half speed: its unpruned rounds disagree (6 / 6 / 3 ms), so it
+    is retaken, and the unpruned latency an absolute budget is divided by is the median over both takes,
+    not the slow median of the first."""
+    fake, calls = mod.round_robin, []
+
+    def slow_first_take(candidates, shape, **kw):
+        stats = fake(candidates, shape, **kw)
+        calls.append(1)
+        for label, row in stats.items():
+            t = row["median_ms"]
+            rounds = [2 * t, 2 * t, t] if len(calls) == 1 else [t, t, t]
+            stats[label] = {**row, "median_ms": sorted(rounds)[1], "round_medians_ms": rounds}
+        return stats
+
+    monkeypatch.setattr(mod, "round_robin", slow_first_take)
+    model = tiny_vit()
+    torch.save(model.state_dict(), tmp_path / "unpruned.pt")
+    true_unpruned = 0.1 + (tmp_path / "unpruned.pt").stat().st_size / 1e5  # the mac_timer's rule
+    budget = LatencyBudget(0.5 * true_unpruned, threads=1, allocation=allocation)
+    if allocation == "uniform":
+        _, info = ratio_for_latency(model, budget, example_inputs=EXAMPLE)
+    else:
+        _, info = widths_for_latency(model, budget, example_inputs=EXAMPLE, cache_dir=tmp_path)
+    reference = info["reference"]
+    assert reference["takes"] == 2 and reference["spread"] == 1.0
+    assert info["unpruned_ms"] == pytest.approx(true_unpruned, rel=0.02)  # the first take alone read 2x
+    assert info["budget_fraction"] == pytest.approx(0.5, rel=0.02)
+    retakes = [k for k in info["trials"] if k.endswith(":retake1")]
+    assert len(retakes) == 1 and info["trials"][retakes[0]]["retake_of"] == "0.900000"
+
+
+def test_a_reference_that_keeps_disagreeing_is_retaken_at_most_twice(mac_timer, monkeypatch):
+    fake = mod.round_robin
+
+    def always_noisy(candidates, shape, **kw):
+        stats = fake(candidates, shape, **kw)
+        for label, row in stats.items():
+            t = row["median_ms"]
+            stats[label] = {**row, "round_medians_ms": [2 * t, t, t]}
+        return stats
+
+    monkeypatch.setattr(mod, "round_robin", always_noisy)
+    _, info = ratio_for_latency(tiny_vit(), LatencyBudget(0.5, threads=1), example_inputs=EXAMPLE)
+    assert info["reference"]["takes"] == 1 + mod.REFERENCE_RETAKES
+    assert info["reference"]["fraction"] == pytest.approx(info["trials"]["0.900000"]["fraction"])
