@@ -279,6 +279,14 @@ def _spread(values: Sequence[float]) -> float:
     return max(values) / min(values) if values and min(values) > 0 else 1.0
 
 
+def _rounds(trial: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A trial's per-round medians (pruned, unpruned); a trial cached by an older version has only its
+    medians, which stand in as one round."""
+    unpruned = [float(v) for v in trial.get("unpruned_round_ms") or [trial["unpruned_ms"]]]
+    pruned = [float(v) for v in trial.get("round_ms") or [trial["fraction"] * trial["unpruned_ms"]]]
+    return pruned, unpruned
+
+
 def _reference(probe: LatencyProbe, budget: LatencyBudget) -> dict[str, Any]:
     """The trial every search is anchored on: the uniform ``max_ratio`` file against the unpruned one,
     retaken (at most :data:`REFERENCE_RETAKES` times) while the unpruned file's per-round medians differ
@@ -291,9 +299,9 @@ def _reference(probe: LatencyProbe, budget: LatencyBudget) -> dict[str, Any]:
     Raises:
         ConfigError: a budget not below the unpruned model.
     """
-    takes = [probe.measure(budget.max_ratio)]
+    takes: list[dict[str, Any]] = [probe.measure(budget.max_ratio)]
     ratio_key = f"{budget.max_ratio:.6f}"
-    while _spread(takes[-1].get("unpruned_round_ms", [])) > REFERENCE_SPREAD and len(takes) <= REFERENCE_RETAKES:
+    while _spread(_rounds(takes[-1])[1]) > REFERENCE_SPREAD and len(takes) <= REFERENCE_RETAKES:
         takes.append(
             probe.measure_structure(
                 f"{ratio_key}:retake{len(takes)}",
@@ -301,11 +309,11 @@ def _reference(probe: LatencyProbe, budget: LatencyBudget) -> dict[str, Any]:
                 {"ratio": budget.max_ratio, "retake_of": ratio_key},
             )
         )
-    unpruned: list[float] = []
     pruned: list[float] = []
-    for t in takes:  # trials cached by an older version lack the per-round medians: their medians stand in
-        unpruned += t.get("unpruned_round_ms") or [t["unpruned_ms"]]
-        pruned += t.get("round_ms") or [t["fraction"] * t["unpruned_ms"]]
+    unpruned: list[float] = []
+    for t in takes:
+        p, u = _rounds(t)
+        pruned, unpruned = pruned + p, unpruned + u
     unpruned_ms = statistics.median(unpruned)
     fraction = paired_ratio(pruned, unpruned) if len(takes) > 1 else float(takes[0]["fraction"])
     budget_fraction = budget.target if budget.target < 1 else budget.target / unpruned_ms
@@ -320,7 +328,7 @@ def _reference(probe: LatencyProbe, budget: LatencyBudget) -> dict[str, Any]:
         "unpruned_ms": unpruned_ms,
         "budget_fraction": budget_fraction,
         "takes": len(takes),
-        "spread": _spread(takes[-1].get("unpruned_round_ms", [])),
+        "spread": _spread(_rounds(takes[-1])[1]),
     }
 
 
