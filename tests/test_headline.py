@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pqv_lightning.apps.cli import main
+from pqv_lightning.errors import ConfigError
 from pqv_lightning.export import TARGETS
 from pqv_lightning.hostcpu import cpu_mhz, cpu_times, steal_fraction
 
@@ -66,6 +67,9 @@ def test_openvino_reports_the_kernel_of_every_gemm(tmp_path):
         (["--ratios", "1.5"], "pruning ratio 1.5: must be in (0, 1)"),
         (["--ratios"], "nothing to time: give --ratios and/or --heads-ratios"),
         (["--formats", "tflite"], "tflite"),
+        (["--formats", "pte", "--precisions", "int8-dynamic", "int4-weight"], "precision 'int4-weight': none of"),
+        (["--formats", "onnx", "--precisions", "int8-dynamic", "int8-dynamic-int4-weight"], "'onnx'"),
+        (["--precisions", "int3"], "'int3'"),
     ],
 )
 def test_bad_headline_options_end_with_one_line(argv, message, capsys, tmp_path):
@@ -76,6 +80,21 @@ def test_bad_headline_options_end_with_one_line(argv, message, capsys, tmp_path)
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pqv: error:") and message in err[0]
+
+
+def test_formats_that_write_other_int4_precisions_export_apart():
+    from pqv_lightning.apps.headline import _plan
+
+    both = ["int8-dynamic", "int8-dynamic-int4-weight", "int4-weight"]
+    assert _plan(["pte", "onnx", "openvino"], both) == [
+        (["pte"], ["int8-dynamic", "int8-dynamic-int4-weight"]),
+        (["onnx", "openvino"], ["int8-dynamic", "int4-weight"]),
+    ]
+    assert _plan(["onnx", "pte"], ["int8-dynamic", "int8-static"]) == [
+        (["onnx", "pte"], ["int8-dynamic", "int8-static"])
+    ]
+    with pytest.raises(ConfigError, match=r"format 'pte' can write none of --precisions \['int4-weight'\]"):
+        _plan(["onnx", "pte"], ["int4-weight"])
 
 
 @pytest.mark.slow
@@ -106,3 +125,36 @@ def test_pqv_headline_exports_times_and_reports_the_ratio_with_the_host_facts(tm
     before = (tmp_path / "headline.json").read_text()
     assert main([*argv, "--work", str(tmp_path)]) == 0
     assert (tmp_path / "headline.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_pqv_headline_times_int4_files_of_every_format_beside_int8(tmp_path, capsys, monkeypatch):
+    """int4 is 'int8-dynamic-int4-weight' in a .pte and 'int4-weight' in ONNX / OpenVINO: one headline
+    run exports each group apart and times all of them in one round-robin (a 64-wide ViT stands in for
+    DeiT-base: int4 groups of 32 divide its widths)."""
+    import pqv_lightning.models
+
+    formats = [f for f in ("pte", "onnx", "openvino") if TARGETS[f].missing() is None]
+    if "pte" not in formats or len(formats) < 2:
+        pytest.skip("needs the executorch extra and onnx or openvino")
+    from conftest import tiny_vit
+
+    monkeypatch.setattr(pqv_lightning.models, "paper_model", lambda name, ratio=0.0, **kw: tiny_vit())
+    argv = ["headline", "--ratios", "0.25", "--formats", *formats, "--work", str(tmp_path)]
+    argv += ["--precisions", "int8-dynamic", "int8-dynamic-int4-weight", "int4-weight"]
+    argv += ["--repeats", "1", "--rounds", "1", "--calls", "3", "--warmup", "1", "--max-contention", "none"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "headline.json").read_text())
+    others = "+".join(f for f in formats if f != "pte")
+    files = sorted(data["export/0.25"]["files"])
+    expected = ["pte/model_int8-dynamic.pte", "pte/model_int8-dynamic-int4-weight.pte"]
+    expected += [
+        f"{others}/model_{p}{TARGETS[f].suffix}" for f in formats if f != "pte" for p in ("int8-dynamic", "int4-weight")
+    ]
+    assert files == sorted(expected)
+    assert all((tmp_path / "25pct" / f).is_file() for f in files)
+    sizes = data["export/0.25"]["sizes"]
+    assert sizes["pte/model_int8-dynamic-int4-weight.pte"] < sizes["pte/model_int8-dynamic.pte"]
+    timed = {k.split(" | ", 1)[1] for k in data["repeat/0"]["stats"] if k.startswith("25% | ")}
+    assert timed == set(files)
+    assert "| 25 % | pte/model_int8-dynamic-int4-weight.pte |" in capsys.readouterr().out

@@ -91,28 +91,38 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
     shape = list(input_shape_for(model))
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, *shape[1:], generator=g) for _ in range(2)]
-    formats = [f for f in args.formats if TARGETS[f].missing() is None]
-    manifest = export_mobile(
-        model,
-        data[0][:1],
-        MobileExportConfig(
-            precisions=args.precisions,
-            formats=formats,
-            output_dir=str(folder),
-            overwrite=True,
-            threads=args.threads,
-            warmup=0,
-            repeats=1,
-            verify_batches=2,
-            calibration_batches=2,
-            measure_memory=False,
-            min_top1_agreement=0.0,
-            rank="none",
-        ),
-        validation_data=data,
-        calibration_data=data,
-    )
-    ok = [a for a in manifest["artifacts"] if a["status"] == "ok"]
+    ok: list[dict[str, Any]] = []
+    plan = _plan([f for f in args.formats if TARGETS[f].missing() is None], args.precisions)
+    for formats, precisions in plan:
+        # formats that write other precisions (int4: 'int8-dynamic-int4-weight' in .pte, 'int4-weight' in
+        # ONNX / OpenVINO) export apart, each group into a folder of its own (an export replaces the model
+        # files of its folder); one group, the default, writes straight into the variant's folder
+        sub = "+".join(formats) if len(plan) > 1 else ""
+        manifest = export_mobile(
+            model,
+            data[0][:1],
+            MobileExportConfig(
+                precisions=precisions,
+                formats=formats,
+                output_dir=str(folder / sub),
+                overwrite=True,
+                threads=args.threads,
+                warmup=0,
+                repeats=1,
+                verify_batches=2,
+                calibration_batches=2,
+                measure_memory=False,
+                min_top1_agreement=0.0,
+                rank="none",
+            ),
+            validation_data=data,
+            calibration_data=data,
+        )
+        ok += [
+            {**a, "file": f"{sub}/{a['file']}" if sub else a["file"]}
+            for a in manifest["artifacts"]
+            if a["status"] == "ok"
+        ]
     row = {
         "ratio": variant.ratio,
         "prune_heads": variant.heads,
@@ -126,6 +136,36 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
     }
     cache.put(key, row)
     return row
+
+
+def _plan(formats: list[str], precisions: list[str]) -> list[tuple[list[str], list[str]]]:
+    """The exports to make: formats grouped by which of ``precisions`` they can write (each group one
+    ``export_mobile`` call), in the order given.
+
+    Raises:
+        ConfigError: a precision none of ``formats`` can write, or a format that can write none of them.
+    """
+    from ..checks import check_choice
+    from ..export import PRECISIONS, TARGETS
+
+    for f in formats:
+        check_choice("format", f, TARGETS.names())
+    for p in precisions:
+        check_choice("precision", p, PRECISIONS.names())
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for f in formats:
+        can = tuple(p for p in precisions if TARGETS[f].supports(PRECISIONS[p]))
+        if not can:
+            raise ConfigError(f"format {f!r} can write none of --precisions {precisions}")
+        groups.setdefault(can, []).append(f)
+    written = {p for can in groups for p in can}
+    for p in precisions:
+        if p not in written:
+            raise ConfigError(
+                f"precision {p!r}: none of --formats {formats} can write it; formats that can: "
+                f"{[t for t in TARGETS.names() if TARGETS[t].supports(PRECISIONS[p])]}"
+            )
+    return [(fs, list(can)) for can, fs in groups.items()]
 
 
 def _openvino_kernels(folder: Path, files: list[str], shape: list[int], threads: int) -> dict[str, dict[str, int]]:
@@ -415,7 +455,8 @@ def _check(args) -> None:
             raise ConfigError(f"pruning ratio {r}: must be in (0, 1)")
     from ..export import MobileExportConfig
 
-    MobileExportConfig(formats=args.formats, precisions=args.precisions).validate()  # names the bad value
+    for formats, precisions in _plan(args.formats, args.precisions):  # each export's config names its bad value
+        MobileExportConfig(formats=formats, precisions=precisions).validate()
 
 
 def run_headline(args) -> int:
