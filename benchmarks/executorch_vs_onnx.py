@@ -45,20 +45,14 @@ def bench_model(name: str, args) -> list[dict]:
         manifest = export_mobile(
             model,
             x,
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                out,
                 precisions=["fp32", "int8-dynamic", "int8-static"],
                 formats=["ptl", "pte", "onnx"],
                 engines=args.engines,
-                output_dir=str(out),
-                overwrite=True,
                 threads=args.threads,
                 warmup=1,
                 repeats=2,
-                verify_batches=2,
-                calibration_batches=2,
-                min_top1_agreement=0.0,
-                measure_memory=False,
-                rank="none",
             ),
             validation_data=data,
             calibration_data=data,
@@ -67,18 +61,16 @@ def bench_model(name: str, args) -> list[dict]:
         plain = export_mobile(
             model,
             x,
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                out / "no_swaps",
                 precisions=["int8-dynamic"],
                 formats=["pte"],
                 delegation_friendly=False,
-                output_dir=str(out / "no_swaps"),
                 threads=args.threads,
                 warmup=1,
                 repeats=2,
-                verify_batches=2,
-                min_top1_agreement=0.0,
-                measure_memory=False,
-                rank="none",
+                overwrite=False,
+                calibration_batches=8,
             ),
             validation_data=data,
         )

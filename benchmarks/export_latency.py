@@ -57,18 +57,12 @@ def main() -> None:
                 manifest = export_mobile(
                     model,
                     data[0][:1],
-                    MobileExportConfig(
+                    MobileExportConfig.files_only(
+                        out,
                         precisions=args.precisions,
                         engines=args.engines,
-                        output_dir=str(out),
-                        overwrite=True,
                         threads=args.threads,
-                        warmup=0,
-                        repeats=1,
-                        verify_batches=2,
-                        calibration_batches=2,
-                        min_top1_agreement=0.0,
-                        rank="none",
+                        measure_memory=True,
                     ),
                     validation_data=data,
                     calibration_data=data,

@@ -61,19 +61,11 @@ def _export(name: str, args, cache: Cache) -> dict[str, Any]:
     manifest = export_mobile(
         model,
         x,
-        MobileExportConfig(
+        MobileExportConfig.files_only(
+            folder / "export",
             precisions=args.precisions,
             formats=formats,
-            output_dir=str(folder / "export"),
-            overwrite=True,
             threads=args.threads,
-            warmup=0,
-            repeats=1,
-            verify_batches=2,
-            calibration_batches=2,
-            measure_memory=False,
-            min_top1_agreement=0.0,
-            rank="none",
         ),
         validation_data=data,
         calibration_data=data,

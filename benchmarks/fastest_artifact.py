@@ -84,18 +84,15 @@ def _fidelity(model, batches, label: str, args) -> list[dict[str, Any]]:
         manifest = export_mobile(
             model,
             example,
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                out,
                 precisions=["int8-dynamic", "int8-dynamic-attention"],
                 formats=["onnx"],
-                output_dir=out,
-                overwrite=True,
                 threads=args.threads,
                 warmup=1,
                 repeats=3,
                 verify_batches=len(batches),
-                measure_memory=False,
-                min_top1_agreement=0.0,
-                rank="none",
+                calibration_batches=8,
             ),
             validation_data=batches,
         )
@@ -203,19 +200,11 @@ def _export_variant(
         manifest = export_mobile(
             model,
             example,
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                folder / fmt,
                 precisions=precisions,
                 formats=[fmt],
-                output_dir=str(folder / fmt),
-                overwrite=True,
                 threads=args.threads,
-                warmup=0,
-                repeats=1,
-                verify_batches=2,
-                calibration_batches=2,
-                measure_memory=False,
-                min_top1_agreement=0.0,
-                rank="none",
                 pad_widths=None,
             ),
             validation_data=data,

@@ -80,15 +80,15 @@ def _export(args, cache: JsonCache) -> list[str]:
     manifest = export_mobile(
         model,
         data[0][:1],
-        MobileExportConfig(
+        MobileExportConfig.files_only(
+            work,
             precisions=["int8-dynamic", "int8-static"],
             formats=["pte", "onnx", "openvino"],
-            output_dir=str(work),
-            overwrite=True,
             threads=args.threads,
-            measure_memory=False,
-            rank="none",
-            min_top1_agreement=0.0,
+            warmup=3,
+            repeats=20,
+            verify_batches=8,
+            calibration_batches=8,
         ),
         validation_data=data,
         calibration_data=data,

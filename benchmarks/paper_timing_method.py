@@ -68,19 +68,14 @@ def export(model_name: str, ratio: float, work: Path, threads: int) -> list[str]
         manifest = export_mobile(
             model,
             x,
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                out,
                 precisions=[precision],
                 formats=["ptl"],
                 engines=["x86"],
-                output_dir=str(out),
-                overwrite=True,
                 threads=threads,
-                repeats=1,
-                warmup=0,
                 verify_batches=1,
-                min_top1_agreement=0.0,
-                measure_memory=False,
-                rank="none",
+                calibration_batches=8,
             ),
             validation_data=[x],
         )

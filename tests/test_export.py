@@ -13,6 +13,7 @@ from pqv_lightning.export import (
     PRECISIONS,
     TARGETS,
     ExportFailedError,
+    MobileExportConfig,
     export_mobile,
     host_default_engine,
 )
@@ -446,3 +447,15 @@ def test_how_many_build_workers(jobs, first_s, remaining, expected):
 def test_bad_jobs_is_refused(tmp_path, jobs):
     with pytest.raises(ConfigError, match=rf"jobs={jobs!r}; allowed: 'auto' or an integer >= 1"):
         _config(tmp_path, jobs=jobs).validate()
+
+
+def test_a_files_only_config_writes_and_verifies_without_timing_or_ranking(tmp_path):
+    config = MobileExportConfig.files_only(tmp_path / "out", formats=["ptl"], precisions=["fp32"], repeats=3)
+    assert config.output_dir == str(tmp_path / "out") and config.repeats == 3  # a field given wins
+    assert (config.rank, config.warmup, config.measure_memory, config.overwrite) == ("none", 0, False, True)
+    assert (config.verify_batches, config.calibration_batches, config.min_top1_agreement) == (2, 2, 0.0)
+    config.validate()
+    manifest = export_mobile(tiny_vit(), torch.randn(1, 1, 32, 32), config, validation_data=[torch.randn(2, 1, 32, 32)])
+    (entry,) = manifest["artifacts"]
+    assert entry["status"] == "ok" and (tmp_path / "out" / entry["file"]).is_file()
+    assert entry.get("memory") is None and manifest.get("best") is None

@@ -144,21 +144,15 @@ class LatencyBudget:
 def _write(model: nn.Module, example: torch.Tensor, budget: LatencyBudget, folder: Path) -> Path:
     """The model's file at the budget's format and precision (verified on the example only: its
     latency is what matters here)."""
-    config = MobileExportConfig(
+    config = MobileExportConfig.files_only(
+        folder,
         formats=[budget.format],
         precisions=[budget.precision],
-        output_dir=str(folder),
-        overwrite=True,
         on_failure="raise",
         threads=budget.threads,
-        warmup=0,
-        repeats=1,
         verify_batches=1,
         calibration_batches=1,
-        measure_memory=False,
         jobs=1,
-        rank="none",
-        min_top1_agreement=0.0,
     )
     manifest = export_mobile(model, example, config, calibration_data=[example])
     return folder / manifest["artifacts"][0]["file"]

@@ -216,16 +216,13 @@ def check_family(family: Family, formats: list[str], out_dir: Path) -> dict[str,
         manifest = export_mobile(
             model,
             x[:1],
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                out_dir / "export",
                 precisions=["fp32", "int8-dynamic"],
                 formats=formats,
-                output_dir=str(out_dir / "export"),
-                overwrite=True,
                 repeats=2,
-                warmup=0,
-                measure_memory=False,
-                rank="none",
-                min_top1_agreement=0.0,
+                verify_batches=8,
+                calibration_batches=8,
             ),
             validation_data=[x],
         )

@@ -101,19 +101,11 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
         manifest = export_mobile(
             model,
             data[0][:1],
-            MobileExportConfig(
+            MobileExportConfig.files_only(
+                folder / sub,
                 precisions=precisions,
                 formats=formats,
-                output_dir=str(folder / sub),
-                overwrite=True,
                 threads=args.threads,
-                warmup=0,
-                repeats=1,
-                verify_batches=2,
-                calibration_batches=2,
-                measure_memory=False,
-                min_top1_agreement=0.0,
-                rank="none",
             ),
             validation_data=data,
             calibration_data=data,

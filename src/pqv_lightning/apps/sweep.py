@@ -160,20 +160,12 @@ def _latency_cell(
     manifest = export_mobile(
         model,
         data[0][:1],
-        MobileExportConfig(
+        MobileExportConfig.files_only(
+            out,
             precisions=precisions,
             formats=formats,
             engines=engines,
-            output_dir=str(out),
-            overwrite=True,
             threads=config.threads,
-            repeats=1,
-            warmup=0,
-            verify_batches=2,
-            calibration_batches=2,
-            min_top1_agreement=0.0,
-            measure_memory=False,
-            rank="none",
         ),
         validation_data=data,
     )

@@ -200,6 +200,29 @@ class MobileExportConfig:
     rank_rounds: int = 3
     rank_calls: int = 10
 
+    @classmethod
+    def files_only(cls, output_dir: str | os.PathLike[str], **fields: Any) -> MobileExportConfig:
+        """A config that writes and verifies the files and does nothing more, for code that times them
+        itself (the benchmarks, ``pqv headline``, the latency budgets): one call per file instead of a
+        timing (``warmup=0, repeats=1``), 2 verification and calibration batches, no memory probe, no
+        ranking, no agreement floor, and an earlier export in ``output_dir`` replaced. ``fields`` set any
+        field, these included.
+
+        >>> MobileExportConfig.files_only("out", formats=["onnx"]).rank
+        'none'
+        """
+        defaults: dict[str, Any] = {
+            "overwrite": True,
+            "warmup": 0,
+            "repeats": 1,
+            "verify_batches": 2,
+            "calibration_batches": 2,
+            "measure_memory": False,
+            "min_top1_agreement": 0.0,
+            "rank": "none",
+        }
+        return cls(output_dir=str(output_dir), **{**defaults, **fields})
+
     def validate(self) -> None:
         check_names("precisions", self.precisions, PRECISIONS.names)
         check_names("formats", self.formats, TARGETS.names)
