@@ -139,6 +139,7 @@ def _plan(formats: list[str], precisions: list[str]) -> list[tuple[list[str], li
     """
     from ..checks import check_choice
     from ..export import PRECISIONS, TARGETS
+    from ..export.targets import formats_writing
 
     for f in formats:
         check_choice("format", f, TARGETS.names())
@@ -155,7 +156,7 @@ def _plan(formats: list[str], precisions: list[str]) -> list[tuple[list[str], li
         if p not in written:
             raise ConfigError(
                 f"precision {p!r}: none of --formats {formats} can write it; formats that can: "
-                f"{[t for t in TARGETS.names() if TARGETS[t].supports(PRECISIONS[p])]}"
+                f"{formats_writing(PRECISIONS[p])}"
             )
     return [(fs, list(can)) for can, fs in groups.items()]
 

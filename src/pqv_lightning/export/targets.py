@@ -42,6 +42,7 @@ __all__ = [
     "Runner",
     "UnsupportedPrecisionError",
     "chunked",
+    "formats_writing",
     "register_target",
 ]
 
@@ -184,6 +185,11 @@ TARGETS: Registry[ExportTarget] = Registry(
         f"{__package__}.{m}" for m in ("executorch_target", "onnx_target", "torchscript_target", "openvino_target")
     ),
 )
+
+
+def formats_writing(precision: Precision) -> list[str]:
+    """The names of the formats in :data:`TARGETS` that can write ``precision``."""
+    return [name for name in TARGETS.names() if TARGETS[name].supports(precision)]
 
 
 def check_handler_signature(fn: Callable[..., Any]) -> None:
