@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pqv_lightning.export.host import host_description, host_label
+from pqv_lightning.export.host import cpu_count_text, host_description, host_label
 from pqv_lightning.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +74,7 @@ def main() -> None:
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps({"host": host, "rows": rows}, indent=1))
     lines = [
         "# pqv start-up: answers that need no work\n",
-        f"Host: {host_label(host)}, {host.get('logical_cpus')} logical CPUs; torch {host.get('torch')}; "
+        f"Host: {host_label(host)}, {cpu_count_text(host)}; torch {host.get('torch')}; "
         f"{args.repeats} fresh processes per command after one warm-up, alternating. "
         f"Command: `python benchmarks/cli_startup.py --repeats {args.repeats} --name {args.name}`.\n",
         "| command | median s | range s | peak RSS MiB |",

@@ -43,7 +43,7 @@ import torch
 
 from pqv_lightning.export import PRECISIONS, TARGETS, MobileExportConfig, export_mobile, pad_widths
 from pqv_lightning.export.benchmark import Candidate, round_robin
-from pqv_lightning.export.host import gemm_throughput, host_description
+from pqv_lightning.export.host import cpu_count_text, gemm_throughput, host_description
 from pqv_lightning.fileio import JsonCache, atomic_write_text
 from pqv_lightning.models import paper_model
 from pqv_lightning.pruning import count_macs, count_params
@@ -286,7 +286,7 @@ def _latency(args, cache: Cache) -> None:
 def _report(args, cache: Cache) -> str:
     host = host_description()
     lines = [
-        f"Host: {host['cpu']} ({platform.machine()}, {host['logical_cpus']} logical CPUs; "
+        f"Host: {host['cpu']} ({platform.machine()}, {cpu_count_text(host)}; "
         f"{', '.join(host['isa'])}), torch {torch.__version__}.",
         "",
     ]

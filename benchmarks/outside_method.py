@@ -15,11 +15,14 @@ alternating:
 * ``default-threads``: no ``set_num_threads`` (torch's own choice on this host);
 * ``1-thread``: ``torch.set_num_threads(1)``.
 
-The report is a side-by-side table with the host line (steal, clock, ISA); run it next to
-``pqv headline`` (or right after, on the same host) and compare their baselines and ratios.
+The report is a side-by-side table with the host line (steal, clock, ISA). ``--headline DIR`` (a
+pruned model's folder under a ``pqv headline --work`` folder, e.g. ``runs/headline/25pct``) puts
+that run's int8 files into the same round-robin, labelled ``pqv headline | ...``: both methods'
+files and the baseline measured in one run on one host.
 
     python benchmarks/outside_method.py                # ~25 min on 2 cores (export ~15 min)
-    python benchmarks/outside_method.py --report-only
+    python benchmarks/outside_method.py --headline runs/headline/25pct
+    python benchmarks/outside_method.py --report-only   # nothing timed (reads OpenVINO's kernels once)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from pqv_lightning.export import MobileExportConfig, export_mobile
 from pqv_lightning.export.benchmark import Candidate, round_robin
-from pqv_lightning.export.host import host_description, host_label
+from pqv_lightning.export.host import cpu_count_text, host_description, host_label
 from pqv_lightning.fileio import JsonCache, atomic_write_text
 from pqv_lightning.hostcpu import cpu_times, steal_fraction
 from pqv_lightning.models import create_vit
@@ -98,6 +101,37 @@ def _export(args, cache: JsonCache) -> list[str]:
     return files
 
 
+def _kernels(args, cache: JsonCache) -> dict[str, dict[str, int]]:
+    """The GEMM kernels OpenVINO's CPU plugin picks here for each IR of the outside method (AMX,
+    VNNI, AVX2: what the outside run did not record); read once (a compile per IR, nothing timed)."""
+    found = cache.get("openvino_kernels")
+    done = cache.get("export")
+    if found is None and done:
+        from pqv_lightning.export.openvino_target import compile_ir, gemm_kernels
+
+        xml = [f for f in done["files"] if f.endswith(".xml") and (Path(args.work) / f).is_file()]
+        found = {f: gemm_kernels(compile_ir(str(Path(args.work) / f), args.threads, [1, 3, 224, 224])) for f in xml}
+        cache.put("openvino_kernels", found)
+    return found or {}
+
+
+def _headline_files(folder: Path) -> list[Candidate]:
+    """The int8 files a ``pqv headline`` export wrote into ``folder`` (its manifests, one per subfolder)."""
+    manifests = sorted(folder.glob("*/manifest.json")) + sorted(folder.glob("manifest.json"))
+    if not manifests:
+        raise SystemExit(
+            f"--headline {folder}: no manifest.json in it or its subfolders (a pqv headline pruned folder, e.g. runs/headline/25pct)"
+        )
+    found = []
+    for manifest in manifests:
+        sub = manifest.parent.relative_to(folder)
+        for a in json.loads(manifest.read_text())["artifacts"]:
+            if a["status"] == "ok" and a["precision"].startswith("int8") and "int4" not in a["precision"]:
+                name = (sub / a["file"]).as_posix()
+                found.append(Candidate(f"pqv headline | {name}", str(manifest.parent / a["file"])))
+    return found
+
+
 def _baselines(args) -> dict[str, list[float]]:
     """Each setting's median ms, one fresh process per setting and round, settings alternating."""
     found: dict[str, list[float]] = {name: [] for name in SETTINGS}
@@ -120,13 +154,14 @@ def _report(args, cache: JsonCache) -> str:
         return "nothing measured yet"
     stats, base = run["stats"], run["baselines"]
     eager = stats["unpruned | fp32 eager"]["median_ms"]
+    command = "python benchmarks/outside_method.py" + (f" --headline {run['headline']}" if run.get("headline") else "")
     lines = [
-        f"`python benchmarks/outside_method.py` — {host_label(run['host'])}, torch ISA {run['host'].get('torch_isa')}, "
+        f"`{command}` — {host_label(run['host'])}, {cpu_count_text(run['host'])}, torch ISA {run['host'].get('torch_isa')}, "
         f"clock {run['host'].get('mhz', '-')} MHz, steal during the round-robin "
         + ("-" if run["steal"] is None else f"{100 * run['steal']:.1f} %")
-        + f"; {args.rounds} rounds x {args.calls} calls, batch 1, 224², {args.threads} threads.",
+        + f"; {run.get('rounds', args.rounds)} rounds x {run.get('calls', args.calls)} calls, batch 1, 224², {args.threads} threads.",
         "",
-        "| file (25 % pruned, `prune_once` l2, default pad) | median ms | x unpruned fp32 eager |",
+        "| file (25 % pruned; `25%`: `prune_once` l2, default pad; `pqv headline`: its files) | median ms | x unpruned fp32 eager |",
         "|---|---:|---:|",
         f"| unpruned fp32 eager (pqv worker) | {eager:.1f} | 1.00x |",
     ]
@@ -135,12 +170,21 @@ def _report(args, cache: JsonCache) -> str:
             lines.append(f"| {label} | {s['median_ms']:.1f} | {eager / s['median_ms']:.2f}x |")
     lines += [
         "",
-        "| fp32 eager baseline setting (fresh process each) | median ms over rounds | vs `pqv` |",
-        "|---|---:|---:|",
+        "| fp32 eager baseline setting (fresh process each) | median ms over rounds | range ms | vs `pqv` |",
+        "|---|---:|---:|---:|",
     ]
     ref = statistics.median(base["pqv"])
     for name, values in base.items():
-        lines.append(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ref:.2f}x |")
+        mid = statistics.median(values)
+        lines.append(f"| {name} | {mid:.1f} | {min(values):.1f}–{max(values):.1f} | {mid / ref:.2f}x |")
+    kernels = _kernels(args, cache)
+    if kernels:
+        lines += [
+            "",
+            "OpenVINO's GEMM kernels here (layers per IR): "
+            + "; ".join(f"{f}: " + ", ".join(f"{k} x{n}" for k, n in per.items()) for f, per in kernels.items())
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +197,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/outside_method")
     ap.add_argument("--name", default="outside_method")
+    ap.add_argument("--headline", type=Path, help="a pqv headline pruned folder whose int8 files join the round-robin")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     cache = JsonCache(OUT / f"{args.name}.json")
@@ -164,6 +209,7 @@ def main() -> None:
             torch.save(create_vit(args.model).eval(), eager)
         candidates = [Candidate("unpruned | fp32 eager", str(eager))]
         candidates += [Candidate(f"25% | {f}", str(Path(args.work) / f)) for f in files]
+        candidates += _headline_files(args.headline) if args.headline else []
         before = cpu_times()
         stats = round_robin(
             candidates,
@@ -175,7 +221,9 @@ def main() -> None:
             baseline="unpruned | fp32 eager",
         )
         steal = steal_fraction(before, cpu_times())
-        cache.put("run", {"stats": stats, "baselines": _baselines(args), "host": host_description(), "steal": steal})
+        headline = None if args.headline is None else args.headline.as_posix()
+        run = {"stats": stats, "baselines": _baselines(args), "host": host_description(), "steal": steal}
+        cache.put("run", {**run, "headline": headline, "rounds": args.rounds, "calls": args.calls})
     report = _report(args, cache)
     atomic_write_text(OUT / f"{args.name}.md", report)
     print(report)

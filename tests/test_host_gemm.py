@@ -55,6 +55,7 @@ def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path
     cpuinfo.write_text(
         "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
         "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\ncache size\t: 107520 KB\n"
+        "siblings\t: 2\ncpu cores\t: 1\n"
         "flags\t\t: avx2 avx512f amx_int8\n\nprocessor\t: 1\nmodel\t\t: 999\n"
     )
     monkeypatch.setattr(host, "cpu_info", lambda: hostcpu.cpu_info(cpuinfo))
@@ -63,3 +64,24 @@ def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path
     assert described["cpuid"] == "family 6 model 143 stepping 8" and described["cache_size"] == "107520 KB"
     assert host.host_label(described) == "Intel(R) Xeon(R) Processor (family 6 model 143 stepping 8, 107520 KB)"
     assert host.host_label({"cpu": "Apple M2"}) == "Apple M2"  # nothing else known: the name alone
+    # two logical CPUs that are the hyperthreads of one core: said wherever the host is printed
+    assert described["threads_per_core"] == 2
+    assert host.cpu_count_text({**described, "logical_cpus": 2}) == "2 logical CPUs, 2 per core"
+    assert host.cpu_count_text({"logical_cpus": 4}) == "4 logical CPUs"  # an older result: unknown
+
+
+@pytest.mark.parametrize(
+    "info, expected",
+    [
+        ({"siblings": "2", "cpu cores": "2"}, 1),
+        ({"siblings": "4", "cpu cores": "2"}, 2),
+        ({"siblings": "2"}, None),  # Arm and some VMs print neither
+        ({"siblings": "2", "cpu cores": "0"}, None),
+        ({"siblings": "1", "cpu cores": "2"}, None),  # inconsistent: not guessed
+        ({"siblings": "two", "cpu cores": "1"}, None),
+    ],
+)
+def test_threads_per_core_comes_from_siblings_over_cores(info, expected):
+    from pqv_lightning.hostcpu import threads_per_core
+
+    assert threads_per_core(info) == expected

@@ -20,6 +20,7 @@ __all__ = [
     "cpu_times",
     "has_any_feature",
     "steal_fraction",
+    "threads_per_core",
 ]
 
 #: CPU features with native bf16 arithmetic (x86 AVX-512 BF16 / AMX, Arm's BF16 extension).
@@ -53,6 +54,18 @@ def cpu_features(info: dict[str, str] | None = None) -> frozenset[str]:
 def has_any_feature(wanted: Iterable[str], info: dict[str, str] | None = None) -> bool:
     """Whether the CPU of ``info`` (default: this one) has any of the ``wanted`` features."""
     return not cpu_features(info).isdisjoint(wanted)
+
+
+def threads_per_core(info: dict[str, str] | None = None) -> int | None:
+    """How many logical CPUs share one core in ``info`` (default: this CPU's ``/proc/cpuinfo``):
+    ``siblings`` / ``cpu cores``. A VM with 2 logical CPUs that are the two hyperthreads of one core
+    runs a 2-thread GEMM at about the speed of one thread; None where the entries are missing."""
+    info = cpu_info() if info is None else info
+    try:
+        siblings, cores = int(info["siblings"]), int(info["cpu cores"])
+    except (KeyError, ValueError):
+        return None
+    return siblings // cores if cores > 0 and siblings >= cores else None
 
 
 #: the fields of ``/proc/stat``'s ``cpu`` line, in order (Linux ``proc(5)``)

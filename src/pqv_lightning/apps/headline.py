@@ -387,13 +387,15 @@ def _percent(value: float | None) -> str:
 
 def _host_details(host: dict[str, Any], cache: JsonCache, keys: list[str]) -> str:
     """What makes two hosts of the same name differ: the ISA, the clock, and the kernels OpenVINO chose."""
+    from ..export.host import cpu_count_text
+
     kernels: dict[str, int] = {}
     for k in keys:
         for per_file in (cache.get(f"export/{k}").get("openvino_kernels") or {}).values():
             for name, n in per_file.items():
                 kernels[name] = kernels.get(name, 0) + n
     return (
-        f"Host: {host.get('cpu')} ({host.get('cpuid', 'CPUID unknown')}), {host.get('logical_cpus')} logical CPUs, ISA "
+        f"Host: {host.get('cpu')} ({host.get('cpuid', 'CPUID unknown')}), {cpu_count_text(host)}, ISA "
         f"{', '.join(host.get('isa') or []) or '-'}; torch's CPU kernels: {host.get('torch_isa', '-')}; OpenVINO's "
         "GEMM kernels (layers over every IR): "
         + (", ".join(f"{name} x{n}" for name, n in kernels.items()) or "-")

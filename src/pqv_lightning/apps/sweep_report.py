@@ -246,13 +246,13 @@ def markdown_report(results: dict[str, list[dict[str, Any]]], config, plots: lis
 # ---------------------------------------------------------------------------------------------- summary
 def host_line(results: dict[str, list[dict[str, Any]]], config) -> str:
     """The measuring host (recorded with the GEMM cell; the current host for older caches)."""
-    from ..export.host import host_description, host_label
+    from ..export.host import cpu_count_text, host_description, host_label
 
     gemm = results["gemm"][0] if results["gemm"] else {}
     h = gemm.get("host") or host_description()
     isa = ", ".join(h["isa"]) or "no AVX2/AVX-512/NEON flags"
     return (
-        f"{host_label(h)} ({h['machine']}, {h['logical_cpus']} logical CPUs; {isa}), {config.threads} threads, "
+        f"{host_label(h)} ({h['machine']}, {cpu_count_text(h)}; {isa}), {config.threads} threads, "
         f"{h['system']}, Python {h['python']}, torch {h['torch']}"
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..hostcpu import cpu_features, cpu_info, cpu_mhz
+from ..hostcpu import cpu_features, cpu_info, cpu_mhz, threads_per_core
 from ..settings import torch_threads
 from .benchmark import summarize, time_calls
 from .onnx_target import ort_session
@@ -99,6 +99,8 @@ def host_description() -> dict[str, Any]:
         "cpu": cpu,
         "machine": platform.machine(),
         "logical_cpus": os.cpu_count(),
+        # 2 logical CPUs on one core (hyperthreads) time a 2-thread model nearly like 1 thread
+        "threads_per_core": threads_per_core(info),
         "isa": [f for f in _ISA_FLAGS if f in flags],
         "system": platform.system(),
         "python": platform.python_version(),
@@ -122,6 +124,13 @@ def host_label(host: dict[str, Any]) -> str:
     """``cpu`` plus, where known, its CPUID and cache size: one line that tells hosts apart."""
     extra = ", ".join(host[k] for k in ("cpuid", "cache_size") if host.get(k))
     return f"{host['cpu']} ({extra})" if extra else host["cpu"]
+
+
+def cpu_count_text(host: dict[str, Any]) -> str:
+    """``"2 logical CPUs, 1 per core"``: the logical CPUs of ``host`` and, where known, how many share a
+    core (two hyperthreads of one core are not two cores' worth of GEMM)."""
+    per_core = host.get("threads_per_core")
+    return f"{host.get('logical_cpus')} logical CPUs" + (f", {per_core} per core" if per_core else "")
 
 
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
