@@ -149,8 +149,10 @@ class Int4Weight(IntxWeights):
     two >= 16); ``openvino``: NNCF ``compress_weights(INT4_SYM)``, run with fp32 activations. Not
     ``.pte``: ExecuTorch 1.5.1 lowers torchao's ``IntxWeightOnlyConfig`` to XNNPACK into a file that
     is no smaller and disagrees with the torchao model (cosine 0.30-0.50 on a tiny ViT); use
-    ``int8-dynamic-int4-weight`` there. Saves file size and memory; at batch 1 a ViT's Linear layers
-    are not memory-bound, so it is not expected to be faster."""
+    ``int8-dynamic-int4-weight`` there. In ``.onnx`` a Linear the exporter writes as a ``Gemm`` node
+    (one with 2-D input: the classifier on the pooled token) stays fp32 whatever ``keep_float`` says:
+    ``MatMulNBits`` replaces ``MatMul`` nodes only. Saves file size and memory; at batch 1 a ViT's
+    Linear layers are not memory-bound, so it is not expected to be faster."""
 
     name: str = "int4-weight"
     group_size: int | None = 32
