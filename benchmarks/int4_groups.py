@@ -64,7 +64,7 @@ def _variants(base, groups: list[int]) -> list[tuple[str, Any]]:
 
 
 def _register(precision) -> None:
-    if precision.name not in PRECISIONS.names():
+    if precision.name not in PRECISIONS:
         PRECISIONS.register(precision.name, precision)
 
 
