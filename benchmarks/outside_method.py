@@ -22,7 +22,7 @@ files and the baseline measured in one run on one host.
 
     python benchmarks/outside_method.py                # ~25 min on 2 cores (export ~15 min)
     python benchmarks/outside_method.py --headline runs/headline/25pct
-    python benchmarks/outside_method.py --report-only   # nothing timed (reads OpenVINO's kernels once)
+    python benchmarks/outside_method.py --report-only
 """
 
 from __future__ import annotations
@@ -101,18 +101,13 @@ def _export(args, cache: JsonCache) -> list[str]:
     return files
 
 
-def _kernels(args, cache: JsonCache) -> dict[str, dict[str, int]]:
-    """The GEMM kernels OpenVINO's CPU plugin picks here for each IR of the outside method (AMX,
-    VNNI, AVX2: what the outside run did not record); read once (a compile per IR, nothing timed)."""
-    found = cache.get("openvino_kernels")
-    done = cache.get("export")
-    if found is None and done:
-        from pqv_lightning.export.openvino_target import compile_ir, gemm_kernels
+def _kernels(args, cache: JsonCache, files: list[str]) -> None:
+    """Caches the GEMM kernels OpenVINO's CPU plugin picks here for each IR of the outside method (AMX,
+    VNNI, AVX2: what the outside run did not record): a compile per IR, nothing timed."""
+    if cache.get("openvino_kernels") is None:
+        from pqv_lightning.export.openvino_target import ir_gemm_kernels
 
-        xml = [f for f in done["files"] if f.endswith(".xml") and (Path(args.work) / f).is_file()]
-        found = {f: gemm_kernels(compile_ir(str(Path(args.work) / f), args.threads, [1, 3, 224, 224])) for f in xml}
-        cache.put("openvino_kernels", found)
-    return found or {}
+        cache.put("openvino_kernels", ir_gemm_kernels(args.work, files, [1, 3, 224, 224], args.threads))
 
 
 def _headline_files(folder: Path) -> list[Candidate]:
@@ -177,7 +172,7 @@ def _report(args, cache: JsonCache) -> str:
     for name, values in base.items():
         mid = statistics.median(values)
         lines.append(f"| {name} | {mid:.1f} | {min(values):.1f}–{max(values):.1f} | {mid / ref:.2f}x |")
-    kernels = _kernels(args, cache)
+    kernels = cache.get("openvino_kernels")
     if kernels:
         lines += [
             "",
@@ -203,6 +198,7 @@ def main() -> None:
     cache = JsonCache(OUT / f"{args.name}.json")
     if not args.report_only:
         files = _export(args, cache)
+        _kernels(args, cache, files)
         eager = Path(args.work) / "unpruned.pt"  # the timing worker loads a torch.save'd module
         if not eager.is_file():
             torch.manual_seed(0)

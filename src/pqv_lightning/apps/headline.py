@@ -78,6 +78,7 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
     import torch
 
     from ..export import TARGETS, MobileExportConfig, export_mobile
+    from ..export.openvino_target import ir_gemm_kernels
     from ..models import paper_model
     from ..pruning import count_macs
     from ..pruning.adapters import input_shape_for
@@ -124,7 +125,7 @@ def _export(variant: Variant, args, cache: JsonCache) -> dict[str, Any]:
         "cosine": {a["file"]: a["verification"]["cosine"] for a in ok},
         "sizes": {a["file"]: a["size_bytes"] for a in ok},
         "width_padding": {a["file"]: a["width_padding"] for a in ok if a.get("width_padding")},
-        "openvino_kernels": _openvino_kernels(folder, [a["file"] for a in ok], shape, args.threads),
+        "openvino_kernels": ir_gemm_kernels(folder, [a["file"] for a in ok], shape, args.threads),
     }
     cache.put(key, row)
     return row
@@ -159,13 +160,6 @@ def _plan(formats: list[str], precisions: list[str]) -> list[tuple[list[str], li
                 f"{formats_writing(PRECISIONS[p])}"
             )
     return [(fs, list(can)) for can, fs in groups.items()]
-
-
-def _openvino_kernels(folder: Path, files: list[str], shape: list[int], threads: int) -> dict[str, dict[str, int]]:
-    """The CPU kernels OpenVINO runs each IR's GEMMs on here (AMX, VNNI, AVX2: what makes hosts differ)."""
-    from ..export.openvino_target import compile_ir, gemm_kernels
-
-    return {f: gemm_kernels(compile_ir(str(folder / f), threads, shape)) for f in files if f.endswith(".xml")}
 
 
 def _candidates(args, exports: dict[Variant, dict[str, Any]]) -> list[Candidate]:

@@ -130,6 +130,14 @@ def gemm_kernels(compiled) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def ir_gemm_kernels(
+    folder: str | Path, files: Sequence[str], shape: Sequence[int], threads: int
+) -> dict[str, dict[str, int]]:
+    """:func:`gemm_kernels` of every OpenVINO IR (``.xml``) among ``files`` in ``folder``, compiled at
+    ``shape`` with ``threads`` threads: the CPU kernels each IR's GEMMs run on here (AMX, VNNI, AVX2)."""
+    return {f: gemm_kernels(compile_ir(str(Path(folder) / f), threads, shape)) for f in files if f.endswith(".xml")}
+
+
 def dynamic_quantization_active(path: str, shape: Sequence[int], compiled=None) -> bool:
     """Whether the OpenVINO CPU plugin quantizes activations per call (its dynamic quantization) in
     the compressed-weight layers of the IR at ``path`` on this host, at its own settings.
