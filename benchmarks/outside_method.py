@@ -110,7 +110,7 @@ def _kernels(args, cache: JsonCache, files: list[str]) -> None:
         cache.put("openvino_kernels", ir_gemm_kernels(args.work, files, [1, 3, 224, 224], args.threads))
 
 
-def _headline_files(folder: Path) -> list[Candidate]:
+def headline_files(folder: Path) -> list[Candidate]:
     """The int8 files a ``pqv headline`` export wrote into ``folder`` (its manifests, one per subfolder)."""
     manifests = sorted(folder.glob("*/manifest.json")) + sorted(folder.glob("manifest.json"))
     if not manifests:
@@ -205,7 +205,7 @@ def main() -> None:
             torch.save(create_vit(args.model).eval(), eager)
         candidates = [Candidate("unpruned | fp32 eager", str(eager))]
         candidates += [Candidate(f"25% | {f}", str(Path(args.work) / f)) for f in files]
-        candidates += _headline_files(args.headline) if args.headline else []
+        candidates += headline_files(args.headline) if args.headline else []
         before = cpu_times()
         stats = round_robin(
             candidates,

@@ -68,6 +68,22 @@ def test_the_host_description_tells_alike_named_cpus_apart(monkeypatch, tmp_path
     assert described["threads_per_core"] == 2
     assert host.cpu_count_text({**described, "logical_cpus": 2}) == "2 logical CPUs, 2 per core"
     assert host.cpu_count_text({"logical_cpus": 4}) == "4 logical CPUs"  # an older result: unknown
+    # a process pinned to fewer CPUs than the machine has (taskset, a container's cpuset) says so
+    monkeypatch.setattr(host, "usable_cpus", lambda: 1)
+    pinned = {**host.host_description(), "logical_cpus": 2}
+    assert pinned["usable_cpus"] == 1
+    assert host.cpu_count_text(pinned) == "2 logical CPUs (1 usable by this process), 2 per core"
+    assert host.cpu_count_text({**pinned, "usable_cpus": 2}) == "2 logical CPUs, 2 per core"
+
+
+def test_usable_cpus_is_the_affinity_mask_not_the_machine(monkeypatch):
+    from pqv_lightning import hostcpu
+
+    monkeypatch.setattr(hostcpu.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(hostcpu.os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    assert hostcpu.usable_cpus() == 2
+    monkeypatch.delattr(hostcpu.os, "sched_getaffinity")  # macOS, Windows: no mask to read
+    assert hostcpu.usable_cpus() == 64
 
 
 @pytest.mark.parametrize(

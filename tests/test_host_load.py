@@ -3,6 +3,7 @@ from it (``contention``), and ``round_robin`` retakes a measurement taken on a b
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ def fake_clocks(monkeypatch):
     monkeypatch.setattr(HostLoad, "_own", staticmethod(lambda: clocks["own"]))
     monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clocks["wall"])
     monkeypatch.setattr(benchmark.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(benchmark, "usable_cpus", lambda: 2)
     return clocks
 
 
@@ -44,6 +46,28 @@ def test_contention_counts_other_processes_not_this_one(fake_clocks):
     load = HostLoad().start()
     _advance(fake_clocks, host=0.01, own=0.0, wall=0.1)  # shorter than the kernel's ticks can resolve
     assert load.contention(threads=2) is None
+
+
+def test_a_cpu_this_process_may_not_run_on_is_not_contention(fake_clocks, monkeypatch):
+    monkeypatch.setattr(benchmark, "usable_cpus", lambda: 1)  # pinned to one of the host's two CPUs
+    load = HostLoad().start()
+    _advance(fake_clocks, host=4.0, own=2.0, wall=2.0)  # another process kept the other CPU busy
+    assert load.contention(threads=2) == 0.0  # 2 threads on 1 CPU never use the other one
+    load = HostLoad().start()
+    _advance(fake_clocks, host=6.0, own=2.0, wall=2.0)  # two other CPUs' worth: one of them was ours
+    assert load.contention(threads=2) == pytest.approx(1.0)
+
+
+def test_more_threads_than_usable_cpus_is_timed_with_a_warning(two_files, monkeypatch):
+    fake, calls = _fake_worker({"a": [0.0], "b": [0.0]})
+    monkeypatch.setattr(benchmark, "_time_in_subprocess", fake)
+    monkeypatch.setattr(benchmark, "usable_cpus", lambda: 1)
+    with pytest.warns(UserWarning, match=r"threads=2, but this process may run on 1 CPU\(s\).*threads<=1"):
+        stats = round_robin(two_files, [1], threads=2, rounds=1, calls=1)
+    assert calls == {"a": 1, "b": 1} and stats["a"]["median_ms"] == 10.0  # still measured
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many threads as CPUs: nothing to say
+        round_robin(two_files, [1], threads=1, rounds=1, calls=1)
 
 
 def test_busy_seconds_counts_steal_but_not_idle():

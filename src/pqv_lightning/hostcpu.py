@@ -8,6 +8,7 @@ VNNI or AMX to keep full precision), and every benchmark writes them next to its
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "has_any_feature",
     "steal_fraction",
     "threads_per_core",
+    "usable_cpus",
 ]
 
 #: CPU features with native bf16 arithmetic (x86 AVX-512 BF16 / AMX, Arm's BF16 extension).
@@ -66,6 +68,14 @@ def threads_per_core(info: dict[str, str] | None = None) -> int | None:
     except (KeyError, ValueError):
         return None
     return siblings // cores if cores > 0 and siblings >= cores else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset), not the
+    machine's count. A runtime told to use more threads than this time-slices them on fewer CPUs:
+    DeiT-base's ONNX Runtime int8 files ran 3.5x slower with 2 threads on 1 CPU than on 2, XNNPACK's
+    2.1x, the fp32 eager model 1.75x (``benchmarks/host_conditions.py``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 #: the fields of ``/proc/stat``'s ``cpu`` line, in order (Linux ``proc(5)``)

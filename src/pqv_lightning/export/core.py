@@ -67,6 +67,7 @@ from ..checks import (
 )
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, commit_staged, file_digest, staged_name
+from ..hostcpu import usable_cpus
 from ..outputs import tensor_module
 from ..progress import Progress
 from ..settings import executorch_threads, quantized_engine, torch_threads
@@ -851,11 +852,6 @@ PARALLEL_AFTER_S = 20.0
 START_WORKERS_AFTER_S = 10.0
 #: at most this many build workers under ``jobs="auto"`` (each holds a copy of the model)
 MAX_AUTO_JOBS = 4
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _worker_count(jobs: int | str, remaining: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..hostcpu import cpu_features, cpu_info, cpu_mhz, threads_per_core
+from ..hostcpu import cpu_features, cpu_info, cpu_mhz, threads_per_core, usable_cpus
 from ..settings import torch_threads
 from .benchmark import summarize, time_calls
 from .onnx_target import ort_session
@@ -101,6 +101,8 @@ def host_description() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         # 2 logical CPUs on one core (hyperthreads) time a 2-thread model nearly like 1 thread
         "threads_per_core": threads_per_core(info),
+        # fewer when the process is pinned (taskset, a container's cpuset): its runtimes share those
+        "usable_cpus": usable_cpus(),
         "isa": [f for f in _ISA_FLAGS if f in flags],
         "system": platform.system(),
         "python": platform.python_version(),
@@ -127,10 +129,14 @@ def host_label(host: dict[str, Any]) -> str:
 
 
 def cpu_count_text(host: dict[str, Any]) -> str:
-    """``"2 logical CPUs, 1 per core"``: the logical CPUs of ``host`` and, where known, how many share a
-    core (two hyperthreads of one core are not two cores' worth of GEMM)."""
-    per_core = host.get("threads_per_core")
-    return f"{host.get('logical_cpus')} logical CPUs" + (f", {per_core} per core" if per_core else "")
+    """``"2 logical CPUs, 1 per core"``: the logical CPUs of ``host``, how many of them the process could
+    use where that is fewer (``"2 logical CPUs (1 usable by this process), 1 per core"``) and, where
+    known, how many share a core (two hyperthreads of one core are not two cores' worth of GEMM)."""
+    per_core, usable = host.get("threads_per_core"), host.get("usable_cpus")
+    text = f"{host.get('logical_cpus')} logical CPUs"
+    if usable is not None and usable != host.get("logical_cpus"):
+        text += f" ({usable} usable by this process)"
+    return text + (f", {per_core} per core" if per_core else "")
 
 
 def gemm_throughput(threads: int, size: int = 1024, calls: int = 10) -> dict[str, Any]:
