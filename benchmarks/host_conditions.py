@@ -152,9 +152,8 @@ def _measure(args, cache: JsonCache, todo: dict[str, Condition]) -> None:
             cache.put(key, {"stats": stats, "cpus": pinned, "threads": todo[name].threads, "steal": steal})
             print(f"repeat {repeat + 1}/{args.repeats}, {name}: baseline {stats[BASELINE]['median_ms']:.1f} ms")
     cache.put("host", host_description())
-    cache.put(
-        "settings", {"rounds": args.rounds, "calls": args.calls, "warmup": args.warmup, "headline": str(args.headline)}
-    )
+    settings = {"rounds": args.rounds, "calls": args.calls, "warmup": args.warmup, "headline": str(args.headline)}
+    cache.put("settings", {**settings, "isa_cap": args.isa_cap})
 
 
 def _rows(cache: JsonCache) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -189,7 +188,9 @@ def _report(cache: JsonCache) -> str:
         run["steal"] for key, run in cache.data.items() if key.partition("/")[0].isdigit() and run["steal"] is not None
     ]
     lines = [
-        f"`python benchmarks/host_conditions.py --headline {settings['headline']}` — {host_label(host)}, "
+        f"`python benchmarks/host_conditions.py --headline {settings['headline']}"
+        + ("" if settings.get("isa_cap", "auto") == "auto" else f" --isa-cap {settings['isa_cap']}")
+        + f"` — {host_label(host)}, "
         f"{cpu_count_text(host)}, torch ISA {host.get('torch_isa')}, clock {host.get('mhz', '-')} MHz, steal "
         + (f"{100 * max(steals):.1f} % at most" if steals else "-")
         + f"; each condition a round-robin of {settings['rounds']} rounds x {settings['calls']} calls per repeat "
