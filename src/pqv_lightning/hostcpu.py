@@ -74,7 +74,7 @@ def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset), not the
     machine's count. A runtime told to use more threads than this time-slices them on fewer CPUs:
     DeiT-base's ONNX Runtime int8 files ran 3.5x slower with 2 threads on 1 CPU than on 2, XNNPACK's
-    2.1x, the fp32 eager model 1.75x (``benchmarks/host_conditions.py``)."""
+    2.1x, the fp32 eager model 1.9x (``benchmarks/host_conditions.py``)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -274,7 +274,7 @@ def round_robin(
         warnings.warn(
             f"threads={threads}, but this process may run on {usable} CPU(s) (its affinity mask: taskset, a "
             f"container's cpuset): each runtime's threads will share them, which slows some far more than "
-            f"others (ONNX Runtime's int8 DeiT-base 3.5x, the fp32 eager model 1.75x); pass threads<={usable} "
+            f"others (ONNX Runtime's int8 DeiT-base 3.5x, the fp32 eager model 1.9x); pass threads<={usable} "
             "to time what this host can run",
             stacklevel=2,
         )
