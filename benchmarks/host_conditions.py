@@ -42,14 +42,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from outside_method import headline_files  # benchmarks/ is the script's directory: on sys.path
+from outside_method import headline_files, saved_unpruned  # benchmarks/ is the script's directory: on sys.path
 
 from pqv_lightning.export.benchmark import Candidate, paired_ratio, round_robin
 from pqv_lightning.export.host import cpu_count_text, host_description, host_label
 from pqv_lightning.fileio import JsonCache, atomic_write_text
 from pqv_lightning.hostcpu import cpu_times, steal_fraction
-from pqv_lightning.models import create_vit
 
 OUT = Path(__file__).parent / "results"
 BASELINE = "unpruned | fp32 eager"
@@ -99,29 +97,20 @@ def _kernels(folder: Path, condition: Condition) -> dict | str:
         "import json, sys\nfrom pqv_lightning.export.openvino_target import ir_gemm_kernels\n"
         "print(json.dumps(ir_gemm_kernels(sys.argv[1], json.loads(sys.argv[2]), [1, 3, 224, 224], int(sys.argv[3]))))"
     )
-    xml_dirs = sorted({p.parent for p in folder.rglob("*.xml")})
-    found: dict[str, dict] = {}
-    for d in xml_dirs:
-        names = sorted(p.name for p in d.glob("*.xml"))
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(d), json.dumps(names), str(condition.threads)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **condition.env},
-        )
-        if proc.returncode != 0:
-            return (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
-        found.update({(d.relative_to(folder) / k).as_posix(): v for k, v in json.loads(proc.stdout).items()})
-    return found
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.xml"))  # one process for all
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder), json.dumps(files), str(condition.threads)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **condition.env},
+    )
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    return json.loads(proc.stdout)
 
 
 def _candidates(args) -> list[Candidate]:
-    eager = Path(args.work) / "unpruned.pt"  # the timing worker loads a torch.save'd module
-    if not eager.is_file():
-        torch.manual_seed(0)
-        eager.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(create_vit(args.model).eval(), eager)
-    return [Candidate(BASELINE, str(eager)), *headline_files(args.headline)]
+    return [Candidate(BASELINE, str(saved_unpruned(args.work, args.model))), *headline_files(args.headline)]
 
 
 def _measure(args, cache: JsonCache, todo: dict[str, Condition]) -> None:

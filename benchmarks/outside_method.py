@@ -110,6 +110,17 @@ def _kernels(args, cache: JsonCache, files: list[str]) -> None:
         cache.put("openvino_kernels", ir_gemm_kernels(args.work, files, [1, 3, 224, 224], args.threads))
 
 
+def saved_unpruned(work: str | Path, model: str) -> Path:
+    """``work/unpruned.pt``: the unpruned fp32 model (random weights, seed 0) as the timing worker loads
+    it (a ``torch.save``'d module), written the first time."""
+    eager = Path(work) / "unpruned.pt"
+    if not eager.is_file():
+        torch.manual_seed(0)
+        eager.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(create_vit(model).eval(), eager)
+    return eager
+
+
 def headline_files(folder: Path) -> list[Candidate]:
     """The int8 files a ``pqv headline`` export wrote into ``folder`` (its manifests, one per subfolder)."""
     manifests = sorted(folder.glob("*/manifest.json")) + sorted(folder.glob("manifest.json"))
@@ -199,11 +210,7 @@ def main() -> None:
     if not args.report_only:
         files = _export(args, cache)
         _kernels(args, cache, files)
-        eager = Path(args.work) / "unpruned.pt"  # the timing worker loads a torch.save'd module
-        if not eager.is_file():
-            torch.manual_seed(0)
-            torch.save(create_vit(args.model).eval(), eager)
-        candidates = [Candidate("unpruned | fp32 eager", str(eager))]
+        candidates = [Candidate("unpruned | fp32 eager", str(saved_unpruned(args.work, args.model)))]
         candidates += [Candidate(f"25% | {f}", str(Path(args.work) / f)) for f in files]
         candidates += headline_files(args.headline) if args.headline else []
         before = cpu_times()
